@@ -1,0 +1,87 @@
+# kdpipe: set-up, data, tests and the published reproductions.
+#
+#   make all    set-up, Fashion-MNIST, then the Hinton et al. (2015) experiment
+#   make test   set-up, then the test suite (CPU only, a few minutes)
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+KDPIPE := $(BIN)/kdpipe
+# torch and torchvision must be a matching pair or `import timm` fails with
+# "operator torchvision::nms does not exist"; this pair runs on CPU and CUDA.
+TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
+DATA_ROOT ?= data
+RUNS ?= runs
+
+.PHONY: all install data test lint format hinton clean-runs
+
+all: install data hinton
+
+# The venv is created once; pip then only checks what is installed (seconds),
+# so a CI run on a machine that already has torch does not reinstall it.
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PAIR) -e '.[dev]'
+	$(BIN)/python -c "import timm, torch, zarr; print('kdpipe installed: torch', torch.__version__, '| timm', timm.__version__, '| zarr', zarr.__version__)"
+
+data: install
+	$(KDPIPE) fetch-data --dest $(DATA_ROOT)/fashion-mnist
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff format --check pipeline tests
+
+format: install
+	$(BIN)/ruff format pipeline tests
+	$(BIN)/ruff check --fix pipeline tests
+
+# --- Hinton, Vinyals & Dean (2015), the MNIST table, on Fashion-MNIST --------------------------
+# A teacher is trained once and cached once at T = 20; the 784-800-800-10
+# student is then trained from the cache (alpha = 0.1) and on hard labels
+# alone (alpha = 1, the same loop) with the same epochs and seeds.
+# Every step is a file target: an interrupted `make all` resumes where it stopped.
+
+H := $(RUNS)/hinton
+SEEDS ?= 0 1 2
+STUDENT_EPOCHS ?= 20
+TEACHER_EPOCHS ?= 12
+TEMPERATURE ?= 20
+ALPHA ?= 0.1
+COMMON := --data fashion-mnist --data-root $(DATA_ROOT) --overwrite
+STUDENT := --model kd_mlp_800x2 --epochs $(STUDENT_EPOCHS) --lr 0.05 $(COMMON)
+
+$(H)/teacher-cnn/model.json:
+	$(KDPIPE) train-teacher --model kd_cnn --epochs $(TEACHER_EPOCHS) --dropout 0.3 --out $(@D) $(COMMON)
+
+$(H)/teacher-mlp/model.json:
+	$(KDPIPE) train-teacher --model kd_mlp_1200x2 --epochs $(TEACHER_EPOCHS) --dropout 0.5 --jitter 2 --out $(@D) $(COMMON)
+
+# cache-teacher marks the store complete last; the stamp follows only a finished pass
+$(H)/%-T$(TEMPERATURE).done: $(H)/teacher-%/model.json
+	$(KDPIPE) cache-teacher --teacher $(H)/teacher-$* --temperature $(TEMPERATURE) --out $(H)/$*-T$(TEMPERATURE).zarr $(COMMON)
+	touch $@
+
+$(H)/student-hard-s%/model.json: $(H)/cnn-T$(TEMPERATURE).done
+	$(KDPIPE) train-student $(STUDENT) --cache $(H)/cnn-T$(TEMPERATURE).zarr --alpha 1 --seed $* --out $(@D)
+
+$(H)/student-from-cnn-s%/model.json: $(H)/cnn-T$(TEMPERATURE).done
+	$(KDPIPE) train-student $(STUDENT) --cache $(H)/cnn-T$(TEMPERATURE).zarr --alpha $(ALPHA) --seed $* --out $(@D)
+
+$(H)/student-from-mlp-s%/model.json: $(H)/mlp-T$(TEMPERATURE).done
+	$(KDPIPE) train-student $(STUDENT) --cache $(H)/mlp-T$(TEMPERATURE).zarr --alpha $(ALPHA) --seed $* --out $(@D)
+
+HINTON_RUNS := $(H)/teacher-cnn $(H)/teacher-mlp \
+	$(foreach s,$(SEEDS),$(H)/student-hard-s$(s) $(H)/student-from-cnn-s$(s) $(H)/student-from-mlp-s$(s))
+
+hinton: install data $(addsuffix /model.json,$(HINTON_RUNS))
+	$(KDPIPE) report $(HINTON_RUNS) --baseline student-hard --csv docs/results/hinton.csv \
+		--markdown docs/results.md --section hinton
+
+clean-runs:
+	rm -rf $(RUNS)

@@ -1,0 +1,5 @@
+"""``python -m pipeline`` is the ``kdpipe`` command."""
+
+from pipeline.cli import main
+
+main()

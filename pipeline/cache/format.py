@@ -1,0 +1,194 @@
+"""The cache format, apart from any I/O: the manifest and how its ids are derived.
+
+The manifest is a JSON object stored in the Zarr group's attributes under the
+key ``kdpipe``. It is parsed strictly: unknown keys, missing keys and values of
+the wrong type are errors that name the field. ``docs/cache-format.md`` is the
+human-readable version of this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from pipeline.errors import ManifestError
+
+FORMAT_VERSION = 1
+MANIFEST_KEY = "kdpipe"
+STATUS_WRITING = "writing"
+STATUS_COMPLETE = "complete"
+STATUSES = (STATUS_WRITING, STATUS_COMPLETE)
+COMBINE_RULES = ("mean-probs", "mean-logits")
+DTYPES = ("float16", "float32")
+VALUES = "log_softmax(logits / temperature)"
+PREPROCESSING = (
+    "uint8 pixels / 255, resized (bilinear) to the member's input_size when the dataset's "
+    "differs, then (x - mean) / std per channel"
+)
+
+
+def _digest(payload: Any) -> str:
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check(data: dict, name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if name not in data:
+        raise ManifestError(f"{where}: missing field {name!r}")
+    value = data[name]
+    # bool is an int in Python; a count or a temperature must not be True
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ManifestError(f"{where}: field {name!r} must be {kind}, not a boolean")
+    if not isinstance(value, kind):
+        raise ManifestError(f"{where}: field {name!r} has type {type(value).__name__}")
+    return value
+
+
+def _reject_unknown(data: dict, cls: type, where: str) -> None:
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ManifestError(f"{where}: unknown field(s) {', '.join(unknown)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherMember:
+    """One teacher network: enough to rebuild it and to check its weights."""
+
+    architecture: str
+    weights_sha256: str
+    param_count: int
+    model_kwargs: dict
+    num_classes: int
+    data_config: dict  # input_size, mean, std
+    run_dir: str  # where it was loaded from; a hint, the hash is the identity
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "teacher") -> TeacherMember:
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: expected an object")
+        _reject_unknown(data, cls, where)
+        return cls(
+            architecture=_check(data, "architecture", str, where),
+            weights_sha256=_check(data, "weights_sha256", str, where),
+            param_count=_check(data, "param_count", int, where),
+            model_kwargs=_check(data, "model_kwargs", dict, where),
+            num_classes=_check(data, "num_classes", int, where),
+            data_config=_check(data, "data_config", dict, where),
+            run_dir=_check(data, "run_dir", str, where),
+        )
+
+
+def derive_teacher_id(members: list[TeacherMember], combine: str) -> str:
+    """Stable id of a teacher: what each member computes and how they are combined.
+
+    Member order does not matter (both combine rules are symmetric); run_dir
+    and param_count are not part of it (a moved file is the same teacher).
+    """
+    identities = sorted(
+        _digest([m.architecture, m.weights_sha256, m.model_kwargs, m.data_config]) for m in members
+    )
+    return _digest({"members": identities, "combine": combine if len(members) > 1 else "single"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """Everything that produced a cache, and whether it is finished."""
+
+    format_version: int
+    status: str
+    cache_id: str
+    teacher_id: str
+    teachers: tuple[TeacherMember, ...]
+    combine: str
+    temperature: float
+    values: str
+    preprocessing: str
+    dataset: dict  # name, split, fingerprint {count, num_classes, classes, sha256}
+    num_samples: int
+    num_views: int
+    num_classes: int
+    dtype: str
+    chunk_size: int
+    teacher_accuracy: float | None
+    software: dict
+    created: str
+    completed: str | None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["teachers"] = [member.to_dict() for member in self.teachers]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "manifest") -> Manifest:
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: expected a JSON object")
+        version = _check(data, "format_version", int, where)
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"{where}: format_version {version} is not supported "
+                f"(this kdpipe reads version {FORMAT_VERSION})"
+            )
+        _reject_unknown(data, cls, where)
+        teachers = _check(data, "teachers", list, where)
+        if not teachers:
+            raise ManifestError(f"{where}: field 'teachers' is empty")
+        manifest = cls(
+            format_version=version,
+            status=_check(data, "status", str, where),
+            cache_id=_check(data, "cache_id", str, where),
+            teacher_id=_check(data, "teacher_id", str, where),
+            teachers=tuple(
+                TeacherMember.from_dict(t, f"{where}: teachers[{i}]")
+                for i, t in enumerate(teachers)
+            ),
+            combine=_check(data, "combine", str, where),
+            temperature=float(_check(data, "temperature", (int, float), where)),
+            values=_check(data, "values", str, where),
+            preprocessing=_check(data, "preprocessing", str, where),
+            dataset=_check(data, "dataset", dict, where),
+            num_samples=_check(data, "num_samples", int, where),
+            num_views=_check(data, "num_views", int, where),
+            num_classes=_check(data, "num_classes", int, where),
+            dtype=_check(data, "dtype", str, where),
+            chunk_size=_check(data, "chunk_size", int, where),
+            teacher_accuracy=_check(data, "teacher_accuracy", (int, float, type(None)), where),
+            software=_check(data, "software", dict, where),
+            created=_check(data, "created", str, where),
+            completed=_check(data, "completed", (str, type(None)), where),
+        )
+        for name, value, allowed in (
+            ("status", manifest.status, STATUSES),
+            ("combine", manifest.combine, COMBINE_RULES),
+            ("dtype", manifest.dtype, DTYPES),
+        ):
+            if value not in allowed:
+                raise ManifestError(f"{where}: {name} {value!r} is not one of {', '.join(allowed)}")
+        if manifest.temperature <= 0:
+            raise ManifestError(f"{where}: temperature must be > 0, not {manifest.temperature}")
+        for key in ("name", "split", "fingerprint"):
+            if key not in manifest.dataset:
+                raise ManifestError(f"{where}: dataset has no {key!r}")
+        return manifest
+
+    def identity(self) -> dict:
+        """The fields the ``cache_id`` is derived from: same inputs, same id."""
+        return {
+            "format_version": self.format_version,
+            "teacher_id": self.teacher_id,
+            "temperature": self.temperature,
+            "preprocessing": self.preprocessing,
+            "dataset_sha256": self.dataset["fingerprint"]["sha256"],
+            "split": self.dataset["split"],
+            "num_views": self.num_views,
+            "dtype": self.dtype,
+        }
+
+
+def derive_cache_id(manifest: Manifest) -> str:
+    return _digest(manifest.identity())

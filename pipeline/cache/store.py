@@ -1,0 +1,206 @@
+"""Writing and reading the Zarr store. Knows nothing about models.
+
+Layout (see ``docs/cache-format.md``): a Zarr v3 group with
+
+- ``logprobs``: float16 ``(N, V, C)``, ``log_softmax(z / T)`` per sample and view,
+- ``labels``: int64 ``(N,)``, the dataset's labels in canonical order,
+
+both chunked along the sample axis, zstd-compressed and crc32c-checksummed,
+and the manifest in the group attributes under ``kdpipe``. The manifest's
+``status`` becomes ``complete`` only after every chunk is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from pipeline.cache.format import (
+    MANIFEST_KEY,
+    STATUS_COMPLETE,
+    Manifest,
+)
+from pipeline.errors import (
+    CacheError,
+    CacheIncompleteError,
+    ManifestError,
+    NotACacheError,
+    OutputExistsError,
+)
+
+ARRAYS = ("logprobs", "labels")
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _codecs() -> dict:
+    # crc32c after zstd: the checksum covers the bytes on disk, so a flipped bit
+    # is caught before decompression (zstd alone does not always notice).
+    return {
+        "compressors": [ZstdCodec(level=3), Crc32cCodec()],
+        # an all-zero labels chunk equals the fill value and would otherwise be
+        # skipped, indistinguishable from a chunk that was never written
+        "config": {"write_empty_chunks": True},
+    }
+
+
+def check_output_path(path: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless ``--overwrite``; never delete anything here."""
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists: choose another path or pass --overwrite")
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+class CacheWriter:
+    """Creates the store, writes it chunk by chunk, and marks it complete last."""
+
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        n, v, c = manifest.num_samples, manifest.num_views, manifest.num_classes
+        self.group = zarr.open_group(str(self.path), mode="w")
+        self.group.attrs[MANIFEST_KEY] = manifest.to_dict()
+        self.logprobs = self.group.create_array(
+            "logprobs",
+            shape=(n, v, c),
+            chunks=(manifest.chunk_size, v, c),
+            dtype=manifest.dtype,
+            fill_value=0.0,
+            **_codecs(),
+        )
+        self.labels = self.group.create_array(
+            "labels",
+            shape=(n,),
+            chunks=(manifest.chunk_size,),
+            dtype="int64",
+            fill_value=-1,
+            **_codecs(),
+        )
+
+    def write(self, start: int, logprobs: np.ndarray, labels: np.ndarray) -> None:
+        """Write whole chunks starting at row ``start`` (a multiple of the chunk size)."""
+        if start % self.manifest.chunk_size:
+            raise ValueError(f"start {start} is not aligned to chunk size")
+        stop = start + len(logprobs)
+        self.logprobs[start:stop] = logprobs.astype(self.manifest.dtype, copy=False)
+        self.labels[start:stop] = labels
+
+    def finish(self, teacher_accuracy: float | None) -> Manifest:
+        """Mark the cache complete: the last write, after all data is on disk."""
+        self.manifest = replace(
+            self.manifest,
+            status=STATUS_COMPLETE,
+            teacher_accuracy=teacher_accuracy,
+            completed=utc_now(),
+        )
+        self.group.attrs[MANIFEST_KEY] = self.manifest.to_dict()
+        return self.manifest
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The manifest of a cache at ``path``; a clear error when it is not a kdpipe cache."""
+    path = Path(path)
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        raise NotACacheError(f"{path} is not a kdpipe cache (no zarr.json: not a Zarr v3 group)")
+    try:
+        attributes = json.loads(meta.read_text()).get("attributes", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ManifestError(f"{meta} is not valid JSON ({exc}): the cache is damaged") from None
+    if MANIFEST_KEY not in attributes:
+        raise NotACacheError(
+            f"{path} is a Zarr group but not a kdpipe cache (no '{MANIFEST_KEY}' manifest)"
+        )
+    return Manifest.from_dict(attributes[MANIFEST_KEY], where=f"{path}: manifest")
+
+
+def open_complete(path: Path) -> tuple[Manifest, zarr.Group]:
+    """Open a cache for reading; refuse one that is not complete."""
+    manifest = read_manifest(path)
+    if manifest.status != STATUS_COMPLETE:
+        raise CacheIncompleteError(
+            f"{path} is not complete (status {manifest.status!r}): the teacher pass did not "
+            "finish; run cache-teacher again"
+        )
+    group = zarr.open_group(str(path), mode="r")
+    for name in ARRAYS:
+        if name not in group:
+            raise CacheError(f"{path}: array {name!r} is missing")
+    return manifest, group
+
+
+@dataclass(frozen=True)
+class SoftLabels:
+    """A complete cache read into memory."""
+
+    path: Path
+    manifest: Manifest
+    logprobs: torch.Tensor  # (N, V, C), stored dtype
+    labels: torch.Tensor  # (N,) int64
+
+    def log_probs(self, temperature: float | None = None) -> torch.Tensor:
+        """float32 ``log_softmax(z / T)`` at ``temperature`` (default: the stored one)."""
+        values = self.logprobs.float()
+        if temperature is None or temperature == self.manifest.temperature:
+            return values
+        return retemper(values, self.manifest.temperature, temperature)
+
+
+def retemper(logprobs: torch.Tensor, stored: float, wanted: float) -> torch.Tensor:
+    """``log_softmax(z / wanted)`` from ``log_softmax(z / stored)``, exactly.
+
+    log_softmax(z/T1) = z/T1 - c, so (z/T1 - c) * T1/T2 = z/T2 - c*T1/T2 and the
+    constant vanishes in the next log_softmax.
+    """
+    return torch.log_softmax(logprobs * (stored / wanted), dim=-1)
+
+
+def _read_array(path: Path, array: zarr.Array, name: str) -> np.ndarray:
+    """Read chunk by chunk so that damage is reported with the chunk that holds it."""
+    out = np.empty(array.shape, dtype=array.dtype)
+    step = array.chunks[0]
+    for index, start in enumerate(range(0, array.shape[0], step)):
+        try:
+            out[start : start + step] = array[start : start + step]
+        except Exception as exc:  # zarr raises bare ValueErrors/RuntimeErrors for bad bytes
+            raise CacheError(
+                f"{path}: chunk {index} of {name!r} (rows {start}-"
+                f"{min(start + step, array.shape[0]) - 1}) is corrupt: {exc}"
+            ) from None
+    initialized = array.nchunks_initialized
+    if initialized != array.nchunks:
+        raise CacheError(
+            f"{path}: {array.nchunks - initialized} chunk(s) of {name!r} are missing on disk "
+            "(zarr would read them as fill values)"
+        )
+    return out
+
+
+def load_soft_labels(path: Path) -> SoftLabels:
+    """Read a complete cache into memory once (checksums verified on the way)."""
+    path = Path(path)
+    manifest, group = open_complete(path)
+    logprobs = _read_array(path, group["logprobs"], "logprobs")
+    labels = _read_array(path, group["labels"], "labels")
+    expected = (manifest.num_samples, manifest.num_views, manifest.num_classes)
+    if logprobs.shape != expected or labels.shape != (manifest.num_samples,):
+        raise CacheError(
+            f"{path}: array shapes {logprobs.shape} do not match the manifest {expected}"
+        )
+    return SoftLabels(path, manifest, torch.from_numpy(logprobs), torch.from_numpy(labels))

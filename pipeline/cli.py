@@ -1,0 +1,368 @@
+"""The ``kdpipe`` command line: parse options, call one library function, report errors.
+
+Only this module imports click. Library errors (:class:`KdpipeError`) become
+one-line click errors with a non-zero exit; option values click can check
+itself (ranges, choices) are rejected by click with exit status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import KdpipeError
+
+# a fixed width keeps --help identical on every terminal, so docs/cli.md can quote it
+CONTEXT = {
+    "help_option_names": ["-h", "--help"],
+    "show_default": True,
+    "terminal_width": 100,
+    "max_content_width": 100,
+}
+POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
+def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn kdpipe's own errors into ``Error: <message>`` and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except KdpipeError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def parse_sizes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple | None:
+    if value is None:
+        return None
+    try:
+        sizes = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"{value!r}: every hidden size must be >= 1")
+    return sizes
+
+
+def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--data",
+            required=True,
+            help="'fashion-mnist', 'synthetic', or an image folder with train/ and test/.",
+        ),
+        click.option(
+            "--data-root",
+            default="data",
+            type=click.Path(file_okay=False),
+            help="Where named datasets live (fashion-mnist in DATA_ROOT/fashion-mnist).",
+        ),
+        click.option(
+            "--image-size",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Image folders: resize to this size (default: the first image's).",
+        ),
+        click.option(
+            "--channels",
+            type=click.Choice(["1", "3"]),
+            default=None,
+            help="Image folders: 1 (grayscale) or 3 (RGB) (default: the first image's).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--model",
+            "model",
+            required=True,
+            help="A timm architecture (resnet18, kd_cnn, kd_mlp_800x2, ...).",
+        ),
+        click.option("--epochs", type=click.IntRange(min=1), required=True),
+        click.option("--out", type=click.Path(), required=True, help="Run directory to create."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=128),
+        click.option("--opt", default="sgd", help="Optimizer name for timm's create_optimizer_v2."),
+        click.option("--lr", type=POSITIVE, default=0.05, help="Peak learning rate."),
+        click.option("--momentum", type=float, default=0.9),
+        click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0),
+        click.option("--sched", default="cosine", help="Schedule for timm's create_scheduler_v2."),
+        click.option("--warmup-epochs", type=click.IntRange(min=0), default=0),
+        click.option("--seed", type=int, default=0),
+        click.option(
+            "--dropout",
+            "drop_rate",
+            type=click.FloatRange(0, 1, max_open=True),
+            default=0.0,
+            help="Dropout rate (timm's drop_rate).",
+        ),
+        click.option(
+            "--jitter",
+            type=click.IntRange(min=0),
+            default=0,
+            help="Random shifts of up to this many pixels (Hinton et al.'s input jitter).",
+        ),
+        click.option(
+            "--hidden-sizes",
+            callback=parse_sizes,
+            default=None,
+            help="kd_mlp only: hidden layer widths, e.g. 800,800.",
+        ),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto"),
+        click.option("--overwrite", is_flag=True, help="Replace --out if it exists."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return data_options(command)
+
+
+def _train_config(options: dict) -> Any:
+    from pipeline.train import TrainConfig
+
+    channels = options.pop("channels")
+    return TrainConfig(**options, channels=int(channels) if channels else None)
+
+
+def _echo(line: str) -> None:
+    click.echo(line, err=True)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="kdpipe")
+def main() -> None:
+    """kdpipe: offline knowledge distillation.
+
+    Train or bring a teacher, cache its soft labels once (cache-teacher), then
+    train students from the cache (train-student) without loading the teacher.
+    """
+
+
+@main.command("fetch-data", context_settings=CONTEXT)
+@click.option(
+    "--dest",
+    type=click.Path(file_okay=False),
+    default="data/fashion-mnist",
+    help="Folder for the four gzipped IDX files.",
+)
+@reports_errors
+def fetch_data(dest: str) -> None:
+    """Fetch Fashion-MNIST (Debian package or official URLs) and verify its checksums."""
+    from pipeline.fetch import fetch_fashion_mnist
+
+    fetch_fashion_mnist(Path(dest), log=_echo)
+
+
+@main.command("train-teacher", context_settings=CONTEXT)
+@training_options
+@reports_errors
+def train_teacher_command(**options: Any) -> None:
+    """Train a model on hard labels; write a teacher run directory.
+
+    The run directory holds model.safetensors, model.json (architecture, data
+    config, weights hash: the teacher version), config.json and metrics.csv.
+    """
+    from pipeline.train import train_teacher
+
+    card = train_teacher(_train_config(options), log=_echo)
+    click.echo(f"{options['out']}: teacher {card.architecture}, weights {card.weights_sha256[:16]}")
+
+
+@main.command("cache-teacher", context_settings=CONTEXT)
+@click.option(
+    "--teacher",
+    "teachers",
+    multiple=True,
+    required=True,
+    type=click.Path(),
+    help="Teacher run directory; repeat for an ensemble.",
+)
+@data_options
+@click.option("--split", type=click.Choice(["train", "test"]), default="train")
+@click.option("--temperature", type=POSITIVE, required=True, help="Softmax temperature T.")
+@click.option("--out", type=click.Path(), required=True, help="Cache (Zarr store) to create.")
+@click.option(
+    "--combine",
+    type=click.Choice(["mean-probs", "mean-logits"]),
+    default="mean-probs",
+    help="How ensemble members are combined.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=512)
+@click.option(
+    "--chunk-size", type=click.IntRange(min=1), default=4096, help="Samples per Zarr chunk."
+)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@reports_errors
+def cache_teacher_command(
+    data: str,
+    data_root: str,
+    image_size: int | None,
+    channels: str | None,
+    split: str,
+    **options: Any,
+) -> None:
+    """Run the teacher(s) once over a dataset split; store log_softmax(z/T) in a Zarr cache."""
+    from pipeline.data import load_dataset
+    from pipeline.teach import CacheConfig, cache_teacher
+
+    config = CacheConfig(**{**options, "teachers": tuple(options["teachers"])})
+    config.validate()
+    dataset = load_dataset(
+        data,
+        split,
+        data_root=Path(data_root),
+        image_size=image_size,
+        channels=int(channels) if channels else None,
+    )
+    cache_teacher(config, dataset, log=click.echo)
+
+
+@main.command("train-student", context_settings=CONTEXT)
+@click.option("--cache", type=click.Path(), required=True, help="Cache written by cache-teacher.")
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1),
+    required=True,
+    help="Weight of the hard-label CE term; 1 trains on hard labels alone (baseline).",
+)
+@click.option(
+    "--temperature",
+    type=POSITIVE,
+    default=None,
+    help="Distillation temperature [default: the cache's]; re-tempered exactly.",
+)
+@training_options
+@reports_errors
+def train_student_command(**options: Any) -> None:
+    """Train a student from a cache: α·CE + (1−α)·T²·KL(p_teacher ‖ p_student)."""
+    from pipeline.train import train_student
+
+    card = train_student(_train_config(options), log=_echo)
+    lineage = card.lineage or {}
+    click.echo(
+        f"{options['out']}: student {card.architecture} from cache {lineage.get('cache_id')} "
+        f"(teacher {lineage.get('teacher_id')})"
+    )
+
+
+@main.command("evaluate", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path())
+@data_options
+@click.option("--split", type=click.Choice(["train", "test"]), default="test")
+@click.option(
+    "--teacher",
+    "teachers",
+    multiple=True,
+    type=click.Path(),
+    help="Teacher run directory (repeat for an ensemble), for agreement.",
+)
+@click.option(
+    "--cache",
+    type=click.Path(),
+    default=None,
+    help="A cache of the same split, for agreement with its teacher.",
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the report to this file instead of the screen.",
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@reports_errors
+def evaluate_command(
+    run_dir: str,
+    data: str,
+    data_root: str,
+    image_size: int | None,
+    channels: str | None,
+    split: str,
+    teachers: tuple[str, ...],
+    cache: str | None,
+    fmt: str,
+    output: str | None,
+    device: str,
+) -> None:
+    """Accuracy, agreement with the teacher, calibration (ECE), size and CPU speed of a run."""
+    from pipeline.data import load_dataset
+    from pipeline.evaluate import evaluate_run, render
+
+    dataset = load_dataset(
+        data,
+        split,
+        data_root=Path(data_root),
+        image_size=image_size,
+        channels=int(channels) if channels else None,
+    )
+    frame = evaluate_run(
+        Path(run_dir),
+        dataset,
+        teachers=[Path(t) for t in teachers],
+        cache=Path(cache) if cache else None,
+        device=device,
+    )
+    text = render(frame, fmt)
+    if output:
+        Path(output).write_text(text if text.endswith("\n") else text + "\n")
+    else:
+        click.echo(text)
+
+
+@main.command("report", context_settings=CONTEXT)
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--baseline",
+    default=None,
+    help="Group of the student trained from scratch, for the gap-recovery column.",
+)
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write one row per run here.",
+)
+@click.option(
+    "--markdown",
+    "markdown_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Replace this section of a Markdown file (or append it).",
+)
+@click.option("--section", default="results", help="Name of the section's markers.")
+@reports_errors
+def report_command(
+    run_dirs: tuple[str, ...],
+    baseline: str | None,
+    csv_path: str | None,
+    markdown_path: str | None,
+    section: str,
+) -> None:
+    """Summarise runs (mean ± std over seeds) from their own metrics.csv and model.json.
+
+    Runs whose directory names differ only by a trailing -s<seed> form one group.
+    """
+    from pipeline.report import report, to_markdown
+
+    table = report(
+        [Path(p) for p in run_dirs],
+        baseline=baseline,
+        csv_path=Path(csv_path) if csv_path else None,
+        markdown_path=Path(markdown_path) if markdown_path else None,
+        section=section,
+    )
+    click.echo(to_markdown(table))

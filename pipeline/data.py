@@ -1,0 +1,290 @@
+"""Datasets in their canonical order, with fingerprints.
+
+Every dataset kdpipe reads becomes an :class:`ImageSet`: uint8 images
+``(N, C, H, W)`` and int64 labels ``(N,)`` in a *canonical order* that never
+depends on the file system, the number of workers or the machine. Row *i* of a
+cache is sample *i* of this order, and the fingerprint (count, classes and a
+digest over labels and pixels) is how a reader proves it is looking at the
+same samples.
+
+Sources: Fashion-MNIST from its four gzipped IDX files, a deterministic
+synthetic set for tests, and image folders (``root/train/<class>/*.png``)
+read through timm's dataset factory.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.errors import DatasetError
+
+SPLITS = ("train", "test")
+DEFAULT_DATA_ROOT = Path("data")
+
+FASHION_MNIST_CLASSES = (
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A labelled image dataset held in memory in canonical order."""
+
+    name: str
+    split: str
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    classes: tuple[str, ...]
+    _fingerprint: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
+
+    def fingerprint(self) -> dict:
+        """Count, classes and a SHA-256 over shape, labels and pixels (computed once)."""
+        if not self._fingerprint:
+            self._fingerprint.update(fingerprint(self.images, self.labels, self.classes))
+        return dict(self._fingerprint)
+
+    def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std of pixels scaled to [0, 1]: the normalisation a model
+        trained on this set uses (stored in its data config, not recomputed later)."""
+        x = self.images.to(torch.float64) / 255.0
+        mean = x.mean(dim=(0, 2, 3))
+        std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
+def fingerprint(images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict:
+    """The identity of a dataset: what a cache row is aligned to.
+
+    The digest covers the image shape, every label and every pixel in
+    canonical order, so reordering, relabelling or editing one pixel changes it.
+    """
+    digest = hashlib.sha256()
+    digest.update(repr(tuple(images.shape)).encode())
+    digest.update(np.ascontiguousarray(labels.numpy().astype("<i8")).tobytes())
+    digest.update(np.ascontiguousarray(images.numpy()).data)
+    return {
+        "count": int(images.shape[0]),
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "sha256": digest.hexdigest(),
+    }
+
+
+def load_dataset(
+    spec: str,
+    split: str,
+    *,
+    data_root: Path = DEFAULT_DATA_ROOT,
+    image_size: int | None = None,
+    channels: int | None = None,
+) -> ImageSet:
+    """Load ``fashion-mnist``, ``synthetic`` or an image folder path, one split."""
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    if spec == "fashion-mnist":
+        return load_fashion_mnist(Path(data_root) / "fashion-mnist", split)
+    if spec == "synthetic":
+        return make_synthetic(split)
+    path = Path(spec)
+    if path.is_dir():
+        return load_image_folder(path, split, image_size=image_size, channels=channels)
+    raise DatasetError(
+        f"unknown dataset {spec!r}: use 'fashion-mnist', 'synthetic' or the path of an image "
+        "folder (with train/ and test/ inside, one subfolder per class)"
+    )
+
+
+# --- Fashion-MNIST -----------------------------------------------------------------------------
+
+
+def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DatasetError(
+            f"{path} is missing: run 'make data' (or 'kdpipe fetch-data') first"
+        ) from None
+    except (OSError, EOFError) as exc:
+        raise DatasetError(f"{path} is not a readable gzip file ({exc})") from None
+    header = np.frombuffer(raw[: 4 * (ndim + 1)], dtype=">u4")
+    if len(header) != ndim + 1 or int(header[0]) != magic:
+        raise DatasetError(f"{path} is not an IDX file (bad magic number)")
+    shape = tuple(int(d) for d in header[1:])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 * (ndim + 1))
+    if data.size != int(np.prod(shape)):
+        raise DatasetError(f"{path} is truncated: {data.size} bytes of data for shape {shape}")
+    return data.reshape(shape)
+
+
+def load_fashion_mnist(folder: Path, split: str) -> ImageSet:
+    """Fashion-MNIST from its gzipped IDX files; the file order is the canonical order."""
+    image_file, label_file = FASHION_MNIST_FILES[split]
+    images = _read_idx(folder / image_file, 0x803, 3)
+    labels = _read_idx(folder / label_file, 0x801, 1)
+    if len(images) != len(labels):
+        raise DatasetError(f"{folder}: {len(images)} images but {len(labels)} labels ({split})")
+    return ImageSet(
+        name="fashion-mnist",
+        split=split,
+        images=torch.from_numpy(images.copy()).unsqueeze(1),
+        labels=torch.from_numpy(labels.astype(np.int64)),
+        classes=FASHION_MNIST_CLASSES,
+    )
+
+
+# --- synthetic ---------------------------------------------------------------------------------
+
+SYNTHETIC_SIZES = {"train": 600, "test": 200}
+SYNTHETIC_SHAPE = (1, 12, 12)
+SYNTHETIC_CLASSES = ("a", "b", "c", "d", "e")
+
+
+def make_synthetic(split: str) -> ImageSet:
+    """A tiny deterministic, learnable dataset: one noisy prototype image per class.
+
+    Same bytes on every machine (numpy's PCG64 with fixed seeds), so tests can
+    pin fingerprints and expect a small model to beat chance quickly.
+    """
+    prototypes = np.random.default_rng(1234).uniform(
+        0, 255, (len(SYNTHETIC_CLASSES), *SYNTHETIC_SHAPE)
+    )
+    rng = np.random.default_rng({"train": 1, "test": 2}[split])
+    n = SYNTHETIC_SIZES[split]
+    labels = rng.integers(0, len(SYNTHETIC_CLASSES), n)
+    noise = rng.normal(0, 70, (n, *SYNTHETIC_SHAPE))
+    images = np.clip(prototypes[labels] + noise, 0, 255).astype(np.uint8)
+    return ImageSet(
+        name="synthetic",
+        split=split,
+        images=torch.from_numpy(images),
+        labels=torch.from_numpy(labels.astype(np.int64)),
+        classes=SYNTHETIC_CLASSES,
+    )
+
+
+# --- image folders -----------------------------------------------------------------------------
+
+
+def _class_names(root: Path) -> tuple[str, ...]:
+    """Classes come from ``train/`` when it exists, so every split shares one class index."""
+    source = root / "train" if (root / "train").is_dir() else root
+    names = tuple(sorted(p.name for p in source.iterdir() if p.is_dir()))
+    if not names:
+        raise DatasetError(f"{source} has no class subfolders")
+    return names
+
+
+def load_image_folder(
+    root: Path, split: str, *, image_size: int | None = None, channels: int | None = None
+) -> ImageSet:
+    """An image folder through timm's dataset factory, in canonical order.
+
+    Canonical order: by class name, then by path relative to the split folder.
+    Channels and size come from the first image unless given; every image is
+    converted to that mode and resized to that size.
+    """
+    from PIL import Image
+    from timm.data import create_dataset
+    from timm.data.readers.img_extensions import get_img_extensions
+
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DatasetError(f"{root} has no {split}/ folder (expected {split_dir})")
+    classes = _class_names(root)
+    extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classes)
+    if extra:
+        raise DatasetError(f"{split_dir} has classes not in {root / 'train'}: {', '.join(extra)}")
+    class_map = {name: index for index, name in enumerate(classes)}
+    dataset = create_dataset("", root=str(split_dir), class_map=class_map, search_split=False)
+    reader = dataset.reader
+    if not reader.samples:
+        raise DatasetError(f"{split_dir} holds no images")
+    # timm labels an image by its leaf folder and drops labels outside the class
+    # map: an image in a nested folder or at the top would vanish without a word
+    kept = {Path(path) for path, _ in reader.samples}
+    extensions = set(get_img_extensions(as_set=True))
+    dropped = sorted(
+        p for p in split_dir.rglob("*") if p.suffix.lower() in extensions and p not in kept
+    )
+    if dropped:
+        raise DatasetError(
+            f"{split_dir}: {len(dropped)} image(s) outside a class folder, e.g. {dropped[0]} "
+            "(expected exactly one level: <split>/<class>/<image>)"
+        )
+    reader.samples = sorted(
+        reader.samples, key=lambda s: (s[1], Path(s[0]).relative_to(split_dir).as_posix())
+    )
+    with Image.open(reader.samples[0][0]) as first:
+        if channels is None:
+            channels = 1 if first.mode in ("L", "1", "I;16", "I", "F") else 3
+        size = (image_size, image_size) if image_size else (first.height, first.width)
+    if channels not in (1, 3):
+        raise DatasetError(f"--channels must be 1 or 3, not {channels}")
+    # Decode each file here rather than through dataset[i]: timm's ImageDataset
+    # silently substitutes the next sample for an unreadable one, which would
+    # shift every later row of a cache.
+    mode = "L" if channels == 1 else "RGB"
+    images = np.empty((len(reader.samples), channels, *size), dtype=np.uint8)
+    labels = np.empty(len(reader.samples), dtype=np.int64)
+    for index, (path, label) in enumerate(
+        tqdm(reader.samples, desc=f"reading {split_dir}", disable=None)
+    ):
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert(mode)
+        except OSError as exc:
+            raise DatasetError(f"cannot read image {path}: {exc}") from None
+        if (image.height, image.width) != size:
+            image = image.resize((size[1], size[0]), Image.BILINEAR)
+        pixels = np.asarray(image, dtype=np.uint8)
+        images[index] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+        labels[index] = label
+    return ImageSet(
+        name=str(root),
+        split=split,
+        images=torch.from_numpy(images),
+        labels=torch.from_numpy(labels),
+        classes=classes,
+    )
+
+
+def describe_mismatch(expected: dict, actual: dict) -> str:
+    """One line naming each fingerprint field that differs, with both values."""
+    parts = []
+    for key in ("count", "num_classes", "sha256", "classes"):
+        if expected.get(key) != actual.get(key):
+            parts.append(f"{key} {expected.get(key)} (cache) != {actual.get(key)} (data)")
+    return "; ".join(parts) or "fingerprints differ"

@@ -1,0 +1,150 @@
+"""Metrics and reports for a trained run: quality, agreement, calibration, size, speed."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from pipeline.cache import load_soft_labels
+from pipeline.data import ImageSet, describe_mismatch
+from pipeline.errors import CacheMismatchError, UsageError
+from pipeline.runs import load_model
+from pipeline.runtime import check_channels, predict_logits, prepare_input, resolve_device
+from pipeline.teach import combine_members
+
+FORMATS = ("table", "csv", "json")
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): confidence-vs-accuracy gap, averaged over equal-width
+    confidence bins weighted by how many samples fall in each."""
+    confidence, predicted = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = torch.zeros(())
+    for low, high in itertools.pairwise(edges):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            gap = (confidence[inside].mean() - correct[inside].mean()).abs()
+            ece += gap * inside.float().mean()
+    return float(ece)
+
+
+@torch.inference_mode()
+def cpu_speed(
+    model: torch.nn.Module, dataset: ImageSet, data_config, batch_size: int = 256
+) -> dict:
+    """Median latency of one image and throughput of full batches, on the CPU."""
+    model = model.cpu().eval().to(memory_format=torch.channels_last)
+    device = torch.device("cpu")
+    single = prepare_input(dataset.images[:1], data_config, device)
+    batch = prepare_input(dataset.images[:batch_size], data_config, device)
+    for _ in range(5):  # warm-up: first calls allocate and pick kernels
+        model(single)
+    latencies = []
+    for _ in range(50):
+        started = time.perf_counter()
+        model(single)
+        latencies.append(time.perf_counter() - started)
+    model(batch)
+    started, rounds = time.perf_counter(), 5
+    for _ in range(rounds):
+        model(batch)
+    elapsed = time.perf_counter() - started
+    return {
+        "latency_ms": round(statistics.median(latencies) * 1000, 4),
+        "throughput_img_s": int(rounds * len(batch) / elapsed),
+    }
+
+
+def evaluate_run(
+    run_dir: Path,
+    dataset: ImageSet,
+    *,
+    teachers: Sequence[Path] = (),
+    cache: Path | None = None,
+    device: str = "auto",
+) -> pd.DataFrame:
+    """One row of metrics for ``run_dir`` on ``dataset``.
+
+    Agreement with the teacher needs the teacher's predictions on the same
+    split: from a cache of that split (``cache``), or by running ``teachers``.
+    """
+    if teachers and cache is not None:
+        raise UsageError(
+            "give the teacher either as --teacher run directories or as --cache, not both"
+        )
+    torch_device = resolve_device(device)
+    model, card = load_model(run_dir, torch_device)
+    check_channels(str(run_dir), card.data, dataset.images)
+    if card.num_classes != dataset.num_classes:
+        raise CacheMismatchError(
+            f"{run_dir} predicts {card.num_classes} classes but {dataset.name} has "
+            f"{dataset.num_classes}"
+        )
+    logits = predict_logits(model, dataset.images, card.data, device=torch_device)
+    predicted = logits.argmax(-1)
+    labels = dataset.labels
+    teacher_predicted = _teacher_predictions(dataset, teachers, cache, torch_device)
+    row = {
+        "run": str(run_dir),
+        "kind": card.kind,
+        "architecture": card.architecture,
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "samples": len(dataset),
+        "accuracy": round(float((predicted == labels).float().mean()), 6),
+        "errors": int((predicted != labels).sum()),
+        "teacher_agreement": (
+            round(float((predicted == teacher_predicted).float().mean()), 6)
+            if teacher_predicted is not None
+            else None
+        ),
+        "ece": round(expected_calibration_error(logits, labels), 6),
+        "params": card.param_count,
+        **cpu_speed(model, dataset, card.data),
+        "cache_id": (card.lineage or {}).get("cache_id"),
+        "teacher_id": (card.lineage or {}).get("teacher_id"),
+    }
+    return pd.DataFrame([row])
+
+
+def _teacher_predictions(
+    dataset: ImageSet, teachers: Sequence[Path], cache: Path | None, device: torch.device
+) -> torch.Tensor | None:
+    if cache is not None:
+        soft_labels = load_soft_labels(cache)
+        expected = soft_labels.manifest.dataset["fingerprint"]
+        if expected != dataset.fingerprint():
+            raise CacheMismatchError(
+                f"{cache} was made from another dataset than {dataset.name} {dataset.split}: "
+                + describe_mismatch(expected, dataset.fingerprint())
+            )
+        return soft_labels.logprobs[:, 0, :].float().argmax(-1)
+    if not teachers:
+        return None
+    member_logits = []
+    for run_dir in teachers:
+        model, card = load_model(run_dir, device)
+        check_channels(f"teacher {run_dir}", card.data, dataset.images)
+        member_logits.append(predict_logits(model, dataset.images, card.data, device=device))
+    return combine_members(member_logits, 1.0, "mean-probs").argmax(-1)
+
+
+def render(frame: pd.DataFrame, fmt: str) -> str:
+    """The report as a screen table, CSV or JSON."""
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    if fmt == "json":
+        # through pandas' JSON (NaN -> null), re-dumped so paths keep their plain slashes
+        return json.dumps(json.loads(frame.to_json(orient="records")), indent=2)
+    if fmt == "table":
+        return frame.T.to_string(header=False)
+    raise UsageError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")

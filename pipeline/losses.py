@@ -1,0 +1,43 @@
+"""Distillation losses: pure functions, no I/O."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logprobs: torch.Tensor | None,
+    *,
+    alpha: float,
+    temperature: float,
+) -> dict[str, torch.Tensor]:
+    r"""Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural Network".
+
+    .. math::
+
+        L = \alpha \, \mathrm{CE}(y, \mathrm{softmax}(z_s))
+            + (1 - \alpha) \, T^2 \, \mathrm{KL}(p_t \,\|\, \mathrm{softmax}(z_s / T))
+
+    with ``p_t = exp(teacher_logprobs)`` the teacher's distribution at
+    temperature ``T`` (the cache stores ``log_softmax(z_t / T)``). The
+    :math:`T^2` factor keeps the soft term's gradients the same size as the
+    hard term's when T changes (they scale as :math:`1/T^2`). KL is summed over
+    classes and averaged over the batch (``reduction="batchmean"``), the
+    per-sample mean of the true KL divergence.
+
+    ``alpha = 1`` is plain cross-entropy (the baseline); ``teacher_logprobs``
+    may then be None. Returns ``loss`` (to backpropagate) and its terms
+    ``hard`` (CE) and ``soft`` (KL, before the T² and 1 − α weights).
+    """
+    hard = F.cross_entropy(student_logits, labels)
+    if teacher_logprobs is None:
+        if alpha != 1.0:
+            raise ValueError("teacher_logprobs are required when alpha < 1")
+        return {"loss": hard, "hard": hard}
+    student_logprobs = F.log_softmax(student_logits / temperature, dim=-1)
+    soft = F.kl_div(student_logprobs, teacher_logprobs, reduction="batchmean", log_target=True)
+    loss = alpha * hard + (1.0 - alpha) * temperature**2 * soft
+    return {"loss": loss, "hard": hard, "soft": soft}

@@ -1,0 +1,246 @@
+"""Models: kdpipe's small networks in timm's registry, creation, and weight hashing.
+
+Every model, teacher or student, comes from ``timm.create_model``. kdpipe adds
+the networks of Hinton et al. (2015) (ReLU MLPs with chosen hidden sizes and
+dropout) and a small two-convolution CNN, registered the way timm registers
+its own: a tiny ``@register_model`` function that builds a kwargs dict and
+calls one private builder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import timm
+import torch
+from timm.layers import to_2tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from pipeline.errors import ModelError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What a model expects as input: the dataset's shape and normalisation."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DataConfig:
+        return cls(
+            input_size=tuple(int(v) for v in data["input_size"]),
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+        )
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(N, C, H, W)`` to the float input the model was trained on."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+
+class MLP(nn.Module):
+    """A ReLU multilayer perceptron on flattened pixels (Hinton et al. 2015, MNIST)."""
+
+    def __init__(
+        self,
+        hidden_sizes: Sequence[int] = (800, 800),
+        num_classes: int = 10,
+        in_chans: int = 1,
+        img_size: int | Sequence[int] = 28,
+        drop_rate: float = 0.0,
+        **_: object,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        height, width = to_2tuple(img_size)
+        layers: list[nn.Module] = [nn.Flatten()]
+        width_in = in_chans * height * width
+        for width_out in hidden_sizes:
+            layers += [nn.Linear(width_in, width_out), nn.ReLU(inplace=True)]
+            if drop_rate > 0:
+                layers.append(nn.Dropout(drop_rate))
+            width_in = width_out
+        self.features = nn.Sequential(*layers)
+        self.num_features = width_in
+        self.head = nn.Linear(width_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 convolutions with max pooling, then one hidden fully connected layer."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 1,
+        img_size: int | Sequence[int] = 28,
+        channels: Sequence[int] = (32, 64),
+        hidden: int = 128,
+        drop_rate: float = 0.0,
+        **_: object,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        height, width = to_2tuple(img_size)
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, c1, 3, padding=1),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(c2 * (height // 4) * (width // 4), hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(drop_rate),
+        )
+        self.num_features = hidden
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _cfg(**kwargs: object) -> dict:
+    # Defaults for 28x28 grayscale (Fashion-MNIST statistics); kdpipe overrides
+    # them with the dataset's own shape and statistics at creation.
+    return {
+        "num_classes": 10,
+        "input_size": (1, 28, 28),
+        "mean": (0.286,),
+        "std": (0.353,),
+        "classifier": "head",
+        "first_conv": "",
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "url": "",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "kd_mlp.untrained": _cfg(),
+        "kd_mlp_1200x2.untrained": _cfg(),
+        "kd_mlp_800x2.untrained": _cfg(),
+        "kd_mlp_30x2.untrained": _cfg(),
+        "kd_cnn.untrained": _cfg(first_conv="features.0"),
+    }
+)
+
+
+def _create(cls: type[nn.Module], variant: str, pretrained: bool, **kwargs: object) -> nn.Module:
+    return build_model_with_cfg(cls, variant, pretrained, **kwargs)
+
+
+@register_model
+def kd_mlp(pretrained: bool = False, **kwargs: object) -> MLP:
+    """ReLU MLP; choose the layers with ``hidden_sizes`` (default 800-800)."""
+    return _create(MLP, "kd_mlp", pretrained, **kwargs)
+
+
+@register_model
+def kd_mlp_1200x2(pretrained: bool = False, **kwargs: object) -> MLP:
+    """Hinton et al.'s MNIST teacher body: 784-1200-1200-10."""
+    return _create(MLP, "kd_mlp_1200x2", pretrained, **{"hidden_sizes": (1200, 1200), **kwargs})
+
+
+@register_model
+def kd_mlp_800x2(pretrained: bool = False, **kwargs: object) -> MLP:
+    """Hinton et al.'s MNIST student: 784-800-800-10."""
+    return _create(MLP, "kd_mlp_800x2", pretrained, **{"hidden_sizes": (800, 800), **kwargs})
+
+
+@register_model
+def kd_mlp_30x2(pretrained: bool = False, **kwargs: object) -> MLP:
+    """The 30-units-per-layer student of Hinton et al.'s temperature study."""
+    return _create(MLP, "kd_mlp_30x2", pretrained, **{"hidden_sizes": (30, 30), **kwargs})
+
+
+@register_model
+def kd_cnn(pretrained: bool = False, **kwargs: object) -> SmallCNN:
+    """Small CNN: conv32-pool-conv64-pool-fc128 (about 420K parameters at 28x28)."""
+    return _create(SmallCNN, "kd_cnn", pretrained, **kwargs)
+
+
+def resolve_model_kwargs(
+    architecture: str, data_config: DataConfig, model_kwargs: dict | None = None
+) -> dict:
+    """The constructor arguments that, with num_classes and in_chans, rebuild a model.
+
+    kdpipe's own networks size their first dense layer from the image size, so
+    it is recorded; timm's own architectures adapt to the input by themselves.
+    """
+    kwargs = dict(model_kwargs or {})
+    if architecture.startswith("kd_"):
+        kwargs.setdefault("img_size", list(data_config.input_size[1:]))
+    return kwargs
+
+
+def create_model(
+    architecture: str,
+    *,
+    num_classes: int,
+    data_config: DataConfig,
+    drop_rate: float | None = None,
+    model_kwargs: dict | None = None,
+) -> nn.Module:
+    """Build any timm architecture for a dataset's class count, channels and size.
+
+    The model's ``pretrained_cfg`` is set to the dataset's data config so that
+    ``timm.data.resolve_data_config(model=model)`` reports it, not ImageNet's.
+    """
+    if not timm.is_model(architecture):
+        close = timm.list_models(f"*{architecture}*")[:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ModelError(f"unknown architecture {architecture!r}: not in timm's registry{hint}")
+    kwargs = resolve_model_kwargs(architecture, data_config, model_kwargs)
+    if drop_rate is not None:
+        kwargs["drop_rate"] = drop_rate
+    try:
+        model = timm.create_model(
+            architecture, num_classes=num_classes, in_chans=data_config.input_size[0], **kwargs
+        )
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"cannot build {architecture!r}: {exc}") from None
+    model.pretrained_cfg = {
+        **getattr(model, "pretrained_cfg", {}),
+        "input_size": data_config.input_size,
+        "mean": data_config.mean,
+        "std": data_config.std,
+        "num_classes": num_classes,
+    }
+    return model
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A content hash of the weights: every tensor's name, dtype, shape and bytes.
+
+    It identifies a teacher version independently of file names and of how
+    safetensors lays a file out, so a renamed or re-saved file keeps its hash.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

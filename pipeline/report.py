@@ -1,0 +1,223 @@
+"""Result tables built only from what runs wrote: metrics.csv, model.json, config.json.
+
+Nothing here is typed in by hand: every number in a generated table is read
+from a run directory, and the commands shown are rebuilt from each run's saved
+configuration. Runs whose directory names differ only by a trailing
+``-s<seed>`` form one group, summarised as mean ± standard deviation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from dataclasses import fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.errors import RunDirError, UsageError
+from pipeline.runs import CONFIG_FILE, METRICS_FILE, read_card
+from pipeline.train import TrainConfig
+
+SEED_SUFFIX = re.compile(r"-s(\d+)$")
+FLAG_NAMES = {"drop_rate": "dropout"}
+
+
+def _group_name(run_dir: Path) -> str:
+    return SEED_SUFFIX.sub("", run_dir.name)
+
+
+def _final_metrics(run_dir: Path) -> pd.Series:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} has no {METRICS_FILE}")
+    metrics = pd.read_csv(path)
+    if metrics.empty:
+        raise RunDirError(f"{path} has no epochs")
+    return metrics.iloc[-1]
+
+
+def command_line(config: dict) -> str:
+    """The kdpipe command that reproduces a run, rebuilt from its config.json."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    command = "train-student" if config.get("kind") == "student" else "train-teacher"
+    parts = [f"kdpipe {command}"]
+    for name, default in defaults.items():
+        value = config.get(name, default)
+        if name == "overwrite" or value == default or value is None:
+            continue
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        parts.append(f"--{FLAG_NAMES.get(name, name).replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
+def collect(run_dirs: list[Path]) -> pd.DataFrame:
+    """One row per run: what it is and its final-epoch test result."""
+    rows = []
+    for run_dir in run_dirs:
+        card = read_card(run_dir)
+        config = json.loads((run_dir / CONFIG_FILE).read_text())
+        final = _final_metrics(run_dir)
+        lineage = card.lineage or {}
+        teachers = [Path(p).name for p in lineage.get("teacher_runs", [])]
+        rows.append(
+            {
+                "run": run_dir.name,
+                "group": _group_name(run_dir),
+                "kind": card.kind,
+                "architecture": card.architecture,
+                "teacher": "+".join(teachers) if teachers else "",
+                "alpha": lineage.get("alpha") if card.kind == "student" else None,
+                "temperature": lineage.get("temperature"),
+                "seed": config["seed"],
+                "epochs": int(final["epoch"]),
+                "test_accuracy": float(final["test_accuracy"]),
+                "test_errors": int(final["test_errors"]),
+                "seconds": float(pd.read_csv(run_dir / METRICS_FILE)["seconds"].sum()),
+                "command": command_line(config),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
+    """Mean ± std per group and, against ``baseline``, Hinton's gap-recovery share:
+    (baseline errors − student errors) / (baseline errors − teacher errors)."""
+    groups = []
+    for name, group in runs.groupby("group", sort=False):
+        first = group.iloc[0]
+        groups.append(
+            {
+                "group": name,
+                "kind": first["kind"],
+                "architecture": first["architecture"],
+                "teacher": first["teacher"],
+                "alpha": first["alpha"],
+                "T": first["temperature"],
+                "seeds": " ".join(str(s) for s in sorted(group["seed"])),
+                "epochs": int(first["epochs"]),
+                "test_errors_mean": group["test_errors"].mean(),
+                "test_errors_std": group["test_errors"].std(ddof=1) if len(group) > 1 else 0.0,
+                "test_accuracy_mean": group["test_accuracy"].mean(),
+                "minutes_per_run": group["seconds"].mean() / 60,
+            }
+        )
+    table = pd.DataFrame(groups)
+    if baseline is not None:
+        if baseline not in set(table["group"]):
+            raise UsageError(
+                f"--baseline {baseline!r} is not one of the groups: " + ", ".join(table["group"])
+            )
+        scratch = float(table.loc[table["group"] == baseline, "test_errors_mean"].iloc[0])
+        errors_of = dict(zip(runs["run"], runs["test_errors"], strict=True))
+
+        def recovery(row: pd.Series) -> float | None:
+            teacher_errors = errors_of.get(row["teacher"])
+            if row["kind"] != "student" or row["group"] == baseline or teacher_errors is None:
+                return None
+            if scratch == teacher_errors:
+                return None
+            return (scratch - row["test_errors_mean"]) / (scratch - teacher_errors)
+
+        table["gap_recovered"] = table.apply(recovery, axis=1)
+    return table
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    shown = pd.DataFrame(
+        {
+            "group": table["group"],
+            "model": table["architecture"],
+            "teacher": table["teacher"].replace("", "—"),
+            "α": table["alpha"].map(lambda v: "—" if pd.isna(v) else f"{v:g}"),
+            "T": table["T"].map(lambda v: "—" if pd.isna(v) else f"{v:g}"),
+            "seeds": table["seeds"],
+            "epochs": table["epochs"],
+            "test errors (of 10,000)": [
+                f"{m:.1f} ± {s:.1f}"
+                for m, s in zip(table["test_errors_mean"], table["test_errors_std"], strict=True)
+            ],
+            "test accuracy": table["test_accuracy_mean"].map(lambda v: f"{v:.4f}"),
+            "minutes / run": table["minutes_per_run"].map(lambda v: f"{v:.1f}"),
+        }
+    )
+    if "gap_recovered" in table:
+        shown["gap recovered"] = table["gap_recovered"].map(
+            lambda v: "—" if v is None or pd.isna(v) else f"{v:.0%}"
+        )
+    return shown.to_markdown(index=False)
+
+
+def machine_line() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores ({cpu}), "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
+    )
+
+
+def section_text(runs: pd.DataFrame, table: pd.DataFrame) -> str:
+    commands = [
+        runs[runs["group"] == group]
+        .iloc[0]["command"]
+        .replace(f"--seed {runs[runs['group'] == group].iloc[0]['seed']}", "--seed SEED")
+        for group in table["group"]
+    ]
+    lines = [
+        f"Generated by `kdpipe report` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from the runs' "
+        "own metrics.csv and model.json (final epoch, test split).",
+        f"Machine: {machine_line()}.",
+        "",
+        to_markdown(table),
+        "",
+        "Commands (rebuilt from each run's config.json; `SEED` takes the seeds listed):",
+        "",
+        "```",
+        *dict.fromkeys(commands),
+        "```",
+    ]
+    return "\n".join(lines)
+
+
+def replace_section(path: Path, section: str, text: str) -> None:
+    """Replace the text between this section's markers in ``path`` (or append it),
+    leaving everything a person wrote around it untouched."""
+    begin, end = f"<!-- kdpipe:{section}:begin -->", f"<!-- kdpipe:{section}:end -->"
+    block = f"{begin}\n{text}\n{end}"
+    current = path.read_text() if path.exists() else ""
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        updated = head + block + tail
+    else:
+        updated = current + ("\n" if current and not current.endswith("\n") else "") + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(updated)
+
+
+def report(
+    run_dirs: list[Path],
+    *,
+    baseline: str | None = None,
+    csv_path: Path | None = None,
+    markdown_path: Path | None = None,
+    section: str = "results",
+) -> pd.DataFrame:
+    """Collect runs, summarise them, and write the CSV and the Markdown section."""
+    if not run_dirs:
+        raise UsageError("give at least one run directory")
+    runs = collect([Path(p) for p in run_dirs])
+    table = summarize(runs, baseline)
+    if csv_path is not None:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        runs.to_csv(csv_path, index=False)
+    if markdown_path is not None:
+        replace_section(markdown_path, section, section_text(runs, table))
+    return table

@@ -1,0 +1,92 @@
+"""Small shared pieces: devices, software versions, batched inference, output folders."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import OutputExistsError, UsageError
+from pipeline.models import DataConfig
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+    if name not in DEVICES:
+        raise UsageError(f"unknown device {name!r}: choose one of {', '.join(DEVICES)}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def software_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in ("kdpipe", "torch", "timm", "zarr", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+def prepare_output(path: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless ``--overwrite``; call only once inputs are validated,
+    so that a bad input never costs the user what is already there."""
+    if path.exists():
+        if not overwrite:
+            raise OutputExistsError(
+                f"{path} already exists: choose another path or pass --overwrite"
+            )
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def prepare_input(
+    images: torch.Tensor, data_config: DataConfig, device: torch.device
+) -> torch.Tensor:
+    """uint8 images to the normalised float input a model expects, resized if need be."""
+    x = images.to(device, non_blocking=True)
+    height, width = data_config.input_size[1:]
+    x = data_config.normalize(x)
+    if x.shape[-2:] != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+    # channels_last: on CPU, convolutions ran 2.3x faster with it here (kd_cnn,
+    # batch 256); it changes nothing for MLPs. Models are converted to match.
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    data_config: DataConfig,
+    *,
+    device: torch.device,
+    batch_size: int = 512,
+) -> torch.Tensor:
+    """float32 logits ``(N, C)`` on the CPU, the model in eval mode."""
+    model.eval()
+    outputs = [
+        model(prepare_input(images[start : start + batch_size], data_config, device)).float().cpu()
+        for start in range(0, len(images), batch_size)
+    ]
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def check_channels(model_name: str, data_config: DataConfig, images: torch.Tensor) -> None:
+    if int(images.shape[1]) != data_config.input_size[0]:
+        raise UsageError(
+            f"{model_name} takes {data_config.input_size[0]}-channel input but the dataset has "
+            f"{int(images.shape[1])} channel(s)"
+        )
