@@ -139,7 +139,7 @@ def _echo(line: str) -> None:
     click.echo(line, err=True)
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(name="kdpipe", context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="kdpipe")
 def main() -> None:
     """kdpipe: offline knowledge distillation.

@@ -40,14 +40,22 @@ def _final_metrics(run_dir: Path) -> pd.Series:
     return metrics.iloc[-1]
 
 
-def command_line(config: dict) -> str:
-    """The kdpipe command that reproduces a run, rebuilt from its config.json."""
+def command_line(config: dict, *, seed_placeholder: bool = False) -> str:
+    """The kdpipe command that reproduces a run, rebuilt from its config.json.
+
+    With ``seed_placeholder`` the seed reads ``SEED`` (and a ``-s<seed>`` suffix
+    of ``--out`` reads ``-sSEED``): one line for every seed of a group.
+    """
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     command = "train-student" if config.get("kind") == "student" else "train-teacher"
     parts = [f"kdpipe {command}"]
     for name, default in defaults.items():
         value = config.get(name, default)
-        if name == "overwrite" or value == default or value is None:
+        if seed_placeholder and name == "seed":
+            value = "SEED"
+        elif seed_placeholder and name == "out":
+            value = SEED_SUFFIX.sub("-sSEED", str(value))
+        elif name == "overwrite" or value == default or value is None:
             continue
         if isinstance(value, list):
             value = ",".join(str(v) for v in value)
@@ -78,7 +86,9 @@ def collect(run_dirs: list[Path]) -> pd.DataFrame:
                 "test_accuracy": float(final["test_accuracy"]),
                 "test_errors": int(final["test_errors"]),
                 "seconds": float(pd.read_csv(run_dir / METRICS_FILE)["seconds"].sum()),
-                "command": command_line(config),
+                "command": command_line(
+                    config, seed_placeholder=bool(SEED_SUFFIX.search(run_dir.name))
+                ),
             }
         )
     return pd.DataFrame(rows)

@@ -370,13 +370,15 @@ def test_nan_teacher_outputs_stop_the_pass(teacher_run: Path, tmp_path: Path) ->
 
 
 def test_every_command_has_help_and_is_documented() -> None:
+    """docs/cli.md quotes each --help verbatim: an option added, renamed or with a
+    new default fails here until the reference says so too."""
     reference = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
     runner = CliRunner()
+    assert runner.invoke(main, ["--help"]).output.rstrip() in reference
     for name, command in main.commands.items():
         result = runner.invoke(main, [name, "--help"])
         assert result.exit_code == 0 and command.help, name
         assert f"## kdpipe {name}" in reference, f"docs/cli.md does not document {name}"
-        for param in command.params:
-            for flag in param.opts:
-                if flag.startswith("--") and flag != "--help":
-                    assert flag in reference, f"docs/cli.md: {name} lacks {flag}"
+        assert result.output.rstrip() in reference, (
+            f"docs/cli.md: the --help block of {name} differs from the program's:\n{result.output}"
+        )

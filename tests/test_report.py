@@ -1,0 +1,80 @@
+"""Result tables come from the runs' own files, and docs sections are replaced in place."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import invoke
+
+from pipeline.errors import UsageError
+from pipeline.report import command_line, replace_section, report
+
+
+@pytest.fixture(scope="module")
+def runs(teacher_run: Path, train_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> list:
+    root = tmp_path_factory.mktemp("runs")
+    dirs = []
+    for group, alpha in (("hard", "1"), ("kd", "0.3")):
+        for seed in ("0", "1"):
+            out = root / f"{group}-s{seed}"
+            result = invoke(
+                "train-student", "--model", "kd_mlp_30x2", "--data", "synthetic", "--cache",
+                train_cache, "--alpha", alpha, "--seed", seed, "--epochs", "1", "--out", out,
+            )
+            assert result.exit_code == 0, result.output
+            dirs.append(out)
+    return [teacher_run, *dirs]
+
+
+def test_table_is_read_from_the_runs(runs: list, tmp_path: Path) -> None:
+    markdown = tmp_path / "results.md"
+    markdown.write_text("# Results\n\nWritten by a person.\n")
+    table = report(runs, baseline="hard", csv_path=tmp_path / "runs.csv", markdown_path=markdown)
+    assert list(table["group"]) == ["run", "hard", "kd"]
+    per_run = pd.read_csv(tmp_path / "runs.csv")
+    errors = {r: pd.read_csv(Path(d) / "metrics.csv")["test_errors"].iloc[-1]
+              for r, d in zip(per_run["run"], runs, strict=True)}
+    assert dict(zip(per_run["run"], per_run["test_errors"], strict=True)) == errors
+    hard = table.set_index("group").loc["hard"]
+    assert hard["test_errors_mean"] == (errors["hard-s0"] + errors["hard-s1"]) / 2
+    kd = table.set_index("group").loc["kd"]
+    teacher = errors["run"]
+    if hard["test_errors_mean"] != teacher:
+        expected = (hard["test_errors_mean"] - kd["test_errors_mean"]) / (
+            hard["test_errors_mean"] - teacher
+        )
+        assert kd["gap_recovered"] == pytest.approx(expected)
+    text = markdown.read_text()
+    assert text.startswith("# Results\n\nWritten by a person.\n")
+    assert "kdpipe train-student --model kd_mlp_30x2 --data synthetic" in text
+    assert "--seed SEED" in text
+
+    # edit one run's metrics: the regenerated table follows the file, not a copy
+    metrics = pd.read_csv(runs[1] / "metrics.csv")
+    metrics.loc[metrics.index[-1], "test_errors"] = 123
+    metrics.to_csv(runs[1] / "metrics.csv", index=False)
+    again = report(runs, baseline="hard", markdown_path=markdown)
+    assert again.set_index("group").loc["hard", "test_errors_mean"] == (123 + errors["hard-s1"]) / 2
+    assert markdown.read_text().count("<!-- kdpipe:results:begin -->") == 1
+
+
+def test_unknown_baseline(runs: list) -> None:
+    with pytest.raises(UsageError, match="--baseline 'nope' is not one of the groups"):
+        report(runs, baseline="nope")
+
+
+def test_replace_section_keeps_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "doc.md"
+    path.write_text("before\n<!-- kdpipe:x:begin -->\nold\n<!-- kdpipe:x:end -->\nafter\n")
+    replace_section(path, "x", "new")
+    assert path.read_text() == "before\n<!-- kdpipe:x:begin -->\nnew\n<!-- kdpipe:x:end -->\nafter\n"
+
+
+def test_command_line_shows_only_what_differs_from_defaults() -> None:
+    line = command_line({"kind": "student", "model": "kd_cnn", "data": "synthetic", "out": "o",
+                         "epochs": 3, "alpha": 0.1, "lr": 0.05, "drop_rate": 0.5,
+                         "hidden_sizes": [8, 4], "overwrite": True})
+    assert line == (
+        "kdpipe train-student --model kd_cnn --data synthetic --out o --epochs 3 "
+        "--dropout 0.5 --hidden-sizes 8,4 --alpha 0.1"
+    )
