@@ -18,8 +18,21 @@ def runs(teacher_run: Path, train_cache: Path, tmp_path_factory: pytest.TempPath
         for seed in ("0", "1"):
             out = root / f"{group}-s{seed}"
             result = invoke(
-                "train-student", "--model", "kd_mlp_30x2", "--data", "synthetic", "--cache",
-                train_cache, "--alpha", alpha, "--seed", seed, "--epochs", "1", "--out", out,
+                "train-student",
+                "--model",
+                "kd_mlp_30x2",
+                "--data",
+                "synthetic",
+                "--cache",
+                train_cache,
+                "--alpha",
+                alpha,
+                "--seed",
+                seed,
+                "--epochs",
+                "1",
+                "--out",
+                out,
             )
             assert result.exit_code == 0, result.output
             dirs.append(out)
@@ -32,8 +45,10 @@ def test_table_is_read_from_the_runs(runs: list, tmp_path: Path) -> None:
     table = report(runs, baseline="hard", csv_path=tmp_path / "runs.csv", markdown_path=markdown)
     assert list(table["group"]) == ["run", "hard", "kd"]
     per_run = pd.read_csv(tmp_path / "runs.csv")
-    errors = {r: pd.read_csv(Path(d) / "metrics.csv")["test_errors"].iloc[-1]
-              for r, d in zip(per_run["run"], runs, strict=True)}
+    errors = {
+        r: pd.read_csv(Path(d) / "metrics.csv")["test_errors"].iloc[-1]
+        for r, d in zip(per_run["run"], runs, strict=True)
+    }
     assert dict(zip(per_run["run"], per_run["test_errors"], strict=True)) == errors
     hard = table.set_index("group").loc["hard"]
     assert hard["test_errors_mean"] == (errors["hard-s0"] + errors["hard-s1"]) / 2
@@ -67,13 +82,25 @@ def test_replace_section_keeps_the_rest(tmp_path: Path) -> None:
     path = tmp_path / "doc.md"
     path.write_text("before\n<!-- kdpipe:x:begin -->\nold\n<!-- kdpipe:x:end -->\nafter\n")
     replace_section(path, "x", "new")
-    assert path.read_text() == "before\n<!-- kdpipe:x:begin -->\nnew\n<!-- kdpipe:x:end -->\nafter\n"
+    expected = "before\n<!-- kdpipe:x:begin -->\nnew\n<!-- kdpipe:x:end -->\nafter\n"
+    assert path.read_text() == expected
 
 
 def test_command_line_shows_only_what_differs_from_defaults() -> None:
-    line = command_line({"kind": "student", "model": "kd_cnn", "data": "synthetic", "out": "o",
-                         "epochs": 3, "alpha": 0.1, "lr": 0.05, "drop_rate": 0.5,
-                         "hidden_sizes": [8, 4], "overwrite": True})
+    line = command_line(
+        {
+            "kind": "student",
+            "model": "kd_cnn",
+            "data": "synthetic",
+            "out": "o",
+            "epochs": 3,
+            "alpha": 0.1,
+            "lr": 0.05,
+            "drop_rate": 0.5,
+            "hidden_sizes": [8, 4],
+            "overwrite": True,
+        }
+    )
     assert line == (
         "kdpipe train-student --model kd_cnn --data synthetic --out o --epochs 3 "
         "--dropout 0.5 --hidden-sizes 8,4 --alpha 0.1"
