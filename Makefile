@@ -23,7 +23,6 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PAIR) -e '.[dev]'
 	$(BIN)/python -c "import timm, torch, zarr; print('kdpipe installed: torch', torch.__version__, '| timm', timm.__version__, '| zarr', zarr.__version__)"
 
