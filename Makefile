@@ -44,6 +44,8 @@ format: install
 # A teacher is trained once and cached once at T = 20; the 784-800-800-10
 # student is then trained from the cache (alpha = 0.1) and on hard labels
 # alone (alpha = 1, the same loop) with the same epochs and seeds.
+# Both student arms share one learning rate; 0.05 made the T = 20 soft term
+# diverge (its gradient is T·(p_s − p_t), up to 20x that of the CE term).
 # Every step is a file target: an interrupted `make all` resumes where it stopped.
 
 H := $(RUNS)/hinton
@@ -53,7 +55,8 @@ TEACHER_EPOCHS ?= 12
 TEMPERATURE ?= 20
 ALPHA ?= 0.1
 COMMON := --data fashion-mnist --data-root $(DATA_ROOT) --overwrite
-STUDENT := --model kd_mlp_800x2 --epochs $(STUDENT_EPOCHS) --lr 0.05 $(COMMON)
+STUDENT_LR ?= 0.02
+STUDENT := --model kd_mlp_800x2 --epochs $(STUDENT_EPOCHS) --lr $(STUDENT_LR) $(COMMON)
 
 $(H)/teacher-cnn/model.json:
 	$(KDPIPE) train-teacher --model kd_cnn --epochs $(TEACHER_EPOCHS) --dropout 0.3 --out $(@D) $(COMMON)

@@ -30,6 +30,10 @@ class RunDirError(KdpipeError, FileNotFoundError):
     """A run directory that is missing, incomplete or not kdpipe's."""
 
 
+class TrainingDivergedError(KdpipeError, ArithmeticError):
+    """The training loss became NaN or infinite."""
+
+
 class CacheError(KdpipeError):
     """Base for problems with a soft-label cache."""
 

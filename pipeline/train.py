@@ -7,6 +7,7 @@ into memory once, indexed by the same sample ids as the images.
 from __future__ import annotations
 
 import csv
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from pipeline.cache import SoftLabels, load_soft_labels
 from pipeline.cache.store import utc_now
 from pipeline.data import ImageSet, describe_mismatch, load_dataset
-from pipeline.errors import CacheMismatchError, DatasetError, UsageError
+from pipeline.errors import CacheMismatchError, DatasetError, TrainingDivergedError, UsageError
 from pipeline.losses import distillation_loss
 from pipeline.models import (
     DataConfig,
@@ -217,7 +218,15 @@ def fit(
             optimizer.step()
             # .item() syncs with the device; once per batch is cheap next to the step
             size = len(index)
-            sums["loss"] += terms["loss"].item() * size
+            loss_value = terms["loss"].item()
+            if not math.isfinite(loss_value):
+                # stop at once: every later step would only spread the NaN, and a
+                # run directory without model.json stays marked unfinished
+                raise TrainingDivergedError(
+                    f"training diverged in epoch {epoch}, batch {start // config.batch_size + 1}: "
+                    f"the loss is {loss_value}; lower --lr (now {config.lr:g})"
+                )
+            sums["loss"] += loss_value * size
             sums["hard"] += terms["hard"].item() * size
             sums["soft"] += terms["soft"].item() * size if "soft" in terms else float("nan")
             sums["correct"] += (logits.argmax(-1) == labels).sum().item()

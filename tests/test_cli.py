@@ -382,3 +382,9 @@ def test_every_command_has_help_and_is_documented() -> None:
         assert result.output.rstrip() in reference, (
             f"docs/cli.md: the --help block of {name} differs from the program's:\n{result.output}"
         )
+
+
+def test_divergence_stops_training_with_advice(train_cache: Path, tmp_path: Path) -> None:
+    result = student(train_cache, tmp_path / "s", "--alpha", "0.1", "--lr", "1e6")
+    fails(result, r"training diverged in epoch 1, batch \d+: the loss is (nan|inf); lower --lr")
+    assert not (tmp_path / "s" / "model.json").exists()
