@@ -219,7 +219,6 @@ def cache_teacher_command(
     from pipeline.teach import CacheConfig, cache_teacher
 
     config = CacheConfig(**{**options, "teachers": tuple(options["teachers"])})
-    config.validate()
     dataset = load_dataset(
         data,
         split,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -129,7 +129,7 @@ def cache_teacher(
         created=utc_now(),
         completed=None,
     )
-    manifest = Manifest(**{**manifest.__dict__, "cache_id": derive_cache_id(manifest)})
+    manifest = replace(manifest, cache_id=derive_cache_id(manifest))
 
     prepare_output(out, config.overwrite)  # inputs are valid: only now touch the output
     writer = CacheWriter(out, manifest)

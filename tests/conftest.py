@@ -2,35 +2,41 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from pipeline.cli import main
 
 
-def invoke(*args: str) -> object:
-    """Run the kdpipe CLI in-process; returns click's Result."""
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+def invoke(*parts: str | Path) -> Result:
+    """Run the kdpipe CLI in-process. Strings are split like a shell line; paths stay whole."""
+    args = [a for p in parts for a in (shlex.split(p) if isinstance(p, str) else [str(p)])]
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def cache(teacher: Path, out: Path, options: str = "--temperature 2") -> Result:
+    """cache-teacher on the synthetic dataset (train split unless options say otherwise)."""
+    return invoke("cache-teacher --data synthetic --teacher", teacher, "--out", out, options)
+
+
+def student(soft_labels: Path, out: Path, options: str = "--alpha 0.5") -> Result:
+    """A two-epoch kd_mlp_30x2 student on the synthetic dataset."""
+    return invoke(
+        "train-student --model kd_mlp_30x2 --data synthetic --epochs 2 --cache",
+        soft_labels,
+        "--out",
+        out,
+        options,
+    )
 
 
 @pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("teacher") / "run"
-    result = invoke(
-        "train-teacher",
-        "--model",
-        "kd_cnn",
-        "--data",
-        "synthetic",
-        "--epochs",
-        "2",
-        "--seed",
-        "0",
-        "--out",
-        out,
-    )
+    result = invoke("train-teacher --model kd_cnn --data synthetic --epochs 2 --seed 0 --out", out)
     assert result.exit_code == 0, result.output
     return out
 
@@ -38,20 +44,6 @@ def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def train_cache(teacher_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cache") / "train.zarr"
-    result = invoke(
-        "cache-teacher",
-        "--teacher",
-        teacher_run,
-        "--data",
-        "synthetic",
-        "--split",
-        "train",
-        "--temperature",
-        "4",
-        "--chunk-size",
-        "128",
-        "--out",
-        out,
-    )
+    result = cache(teacher_run, out, "--split train --temperature 4 --chunk-size 128")
     assert result.exit_code == 0, result.output
     return out

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -127,5 +128,5 @@ def test_cache_id_depends_on_what_produced_the_values(train_cache: Path) -> None
 
     manifest = read_manifest(train_cache)
     assert derive_cache_id(manifest) == manifest.cache_id
-    hotter = Manifest(**{**manifest.__dict__, "temperature": 8.0})
+    hotter = replace(manifest, temperature=8.0)
     assert derive_cache_id(hotter) != manifest.cache_id

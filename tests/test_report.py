@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import invoke
+from conftest import student
 
 from pipeline.errors import UsageError
 from pipeline.report import command_line, replace_section, report
@@ -17,23 +17,7 @@ def runs(teacher_run: Path, train_cache: Path, tmp_path_factory: pytest.TempPath
     for group, alpha in (("hard", "1"), ("kd", "0.3")):
         for seed in ("0", "1"):
             out = root / f"{group}-s{seed}"
-            result = invoke(
-                "train-student",
-                "--model",
-                "kd_mlp_30x2",
-                "--data",
-                "synthetic",
-                "--cache",
-                train_cache,
-                "--alpha",
-                alpha,
-                "--seed",
-                seed,
-                "--epochs",
-                "1",
-                "--out",
-                out,
-            )
+            result = student(train_cache, out, f"--alpha {alpha} --seed {seed} --epochs 1")
             assert result.exit_code == 0, result.output
             dirs.append(out)
     return [teacher_run, *dirs]
@@ -87,20 +71,9 @@ def test_replace_section_keeps_the_rest(tmp_path: Path) -> None:
 
 
 def test_command_line_shows_only_what_differs_from_defaults() -> None:
-    line = command_line(
-        {
-            "kind": "student",
-            "model": "kd_cnn",
-            "data": "synthetic",
-            "out": "o",
-            "epochs": 3,
-            "alpha": 0.1,
-            "lr": 0.05,
-            "drop_rate": 0.5,
-            "hidden_sizes": [8, 4],
-            "overwrite": True,
-        }
-    )
+    config = {"kind": "student", "model": "kd_cnn", "data": "synthetic", "out": "o", "epochs": 3}
+    config |= {"alpha": 0.1, "lr": 0.05, "drop_rate": 0.5, "hidden_sizes": [8, 4]}
+    line = command_line({**config, "overwrite": True})
     assert line == (
         "kdpipe train-student --model kd_cnn --data synthetic --out o --epochs 3 "
         "--dropout 0.5 --hidden-sizes 8,4 --alpha 0.1"

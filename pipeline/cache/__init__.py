@@ -10,7 +10,6 @@ from pipeline.cache.format import (
 from pipeline.cache.store import (
     CacheWriter,
     SoftLabels,
-    check_output_path,
     load_soft_labels,
     open_complete,
     read_manifest,
@@ -23,7 +22,6 @@ __all__ = [
     "Manifest",
     "SoftLabels",
     "TeacherMember",
-    "check_output_path",
     "derive_cache_id",
     "derive_teacher_id",
     "load_soft_labels",

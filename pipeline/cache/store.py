@@ -13,7 +13,6 @@ and the manifest in the group attributes under ``kdpipe``. The manifest's
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +32,6 @@ from pipeline.errors import (
     CacheIncompleteError,
     ManifestError,
     NotACacheError,
-    OutputExistsError,
 )
 
 ARRAYS = ("logprobs", "labels")
@@ -52,19 +50,6 @@ def _codecs() -> dict:
         # skipped, indistinguishable from a chunk that was never written
         "config": {"write_empty_chunks": True},
     }
-
-
-def check_output_path(path: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless ``--overwrite``; never delete anything here."""
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} already exists: choose another path or pass --overwrite")
-
-
-def remove_path(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 class CacheWriter:
