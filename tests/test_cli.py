@@ -260,3 +260,34 @@ def test_every_command_has_help_and_is_documented() -> None:
         assert result.output.rstrip() in reference, (
             f"docs/cli.md: the --help block of {name} differs from the program's:\n{result.output}"
         )
+
+
+def test_image_folder_end_to_end(tmp_path: Path) -> None:
+    """A user's RGB image folder through every stage, channels and size from the images."""
+    root = tmp_path / "imgs"
+    for split, count in (("train", 8), ("test", 4)):
+        for label, color in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+            (root / split / label).mkdir(parents=True)
+            for index in range(count):
+                shade = tuple(max(0, c - 5 * index) for c in color)
+                Image.new("RGB", (10, 10), shade).save(root / split / label / f"{index}.png")
+    teacher, store, pupil = tmp_path / "t", tmp_path / "c.zarr", tmp_path / "s"
+    trained = invoke("train-teacher --model kd_cnn --epochs 2 --data", root, "--out", teacher)
+    assert trained.exit_code == 0, trained.output
+    assert read_card(teacher).data_config["input_size"] == [3, 10, 10]
+    cached = invoke(
+        "cache-teacher --temperature 3 --teacher", teacher, "--data", root, "--out", store
+    )
+    assert cached.exit_code == 0, cached.output
+    assert manifest_of(store)["dataset"]["fingerprint"]["classes"] == ["blue", "red"]
+    distilled = invoke(
+        "train-student --model kd_mlp_30x2 --alpha 0.5 --epochs 2 --data",
+        root,
+        "--cache",
+        store,
+        "--out",
+        pupil,
+    )
+    assert distilled.exit_code == 0, distilled.output
+    evaluated = invoke("evaluate", pupil, "--format json --data", root, "--teacher", teacher)
+    assert json.loads(evaluated.output)[0]["samples"] == 8
