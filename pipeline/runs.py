@@ -43,6 +43,7 @@ class ModelCard:
     architecture: str
     model_kwargs: dict
     num_classes: int
+    in_chans: int
     classes: list
     data_config: dict
     weights_sha256: str
@@ -76,6 +77,7 @@ class ModelCard:
             ("architecture", str),
             ("weights_sha256", str),
             ("num_classes", int),
+            ("in_chans", int),
             ("model_kwargs", dict),
             ("data_config", dict),
             ("dataset", dict),

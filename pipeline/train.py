@@ -329,6 +329,7 @@ def _run(
         architecture=config.model,
         model_kwargs=resolve_model_kwargs(config.model, data_config, config.model_kwargs()),
         num_classes=train_set.num_classes,
+        in_chans=data_config.input_size[0],
         classes=list(train_set.classes),
         data_config=data_config.to_dict(),
         weights_sha256=weights_sha256(model),
