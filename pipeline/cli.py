@@ -365,3 +365,63 @@ def report_command(
         section=section,
     )
     click.echo(to_markdown(table))
+
+
+@main.command("verify", context_settings=CONTEXT)
+@click.argument("cache_path", metavar="CACHE", type=click.Path())
+@click.option(
+    "--data", default=None, help="Also check the fingerprint and labels against this dataset."
+)
+@click.option("--data-root", default="data", type=click.Path(file_okay=False))
+@click.option("--image-size", type=click.IntRange(min=1), default=None)
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None)
+@click.option(
+    "--recompute",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Re-run the teacher on this many random samples and compare (needs --teacher).",
+)
+@click.option(
+    "--teacher",
+    "teachers",
+    multiple=True,
+    type=click.Path(),
+    help="The cache's teacher run directories, for --recompute.",
+)
+@click.option("--seed", type=int, default=0, help="Chooses the samples to recompute.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@reports_errors
+def verify_command(
+    cache_path: str, data: str | None, data_root: str, image_size: int | None,
+    channels: str | None, recompute: int, teachers: tuple[str, ...], seed: int, device: str,
+) -> None:  # fmt: skip
+    """Check a cache: manifest, completion, every chunk's checksum and values, labels.
+
+    Exits with status 1, naming the chunk or sample at fault, when a check fails.
+    """
+    from pipeline.data import load_dataset
+    from pipeline.verify import verify_cache
+
+    dataset = None
+    if data is not None:
+        manifest_split = _cache_split(Path(cache_path))
+        dataset = load_dataset(
+            data, manifest_split, data_root=Path(data_root), image_size=image_size,
+            channels=int(channels) if channels else None,
+        )  # fmt: skip
+    report = verify_cache(
+        Path(cache_path), dataset=dataset, recompute=recompute,
+        teachers=[Path(t) for t in teachers], device=device, seed=seed,
+    )  # fmt: skip
+    click.echo(report.frame().to_string(index=False))
+    if not report.ok:
+        raise click.ClickException(
+            f"{cache_path} failed verification: " + "; ".join(report.failures())
+        )
+
+
+def _cache_split(path: Path) -> str:
+    """The split a cache was made from, so --data loads the same one."""
+    from pipeline.cache import read_manifest
+
+    return read_manifest(path).dataset["split"]

@@ -15,17 +15,33 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.cache import CacheWriter, Manifest, TeacherMember, derive_cache_id, derive_teacher_id
+from pipeline.cache import (
+    CacheWriter,
+    Manifest,
+    TeacherMember,
+    derive_cache_id,
+    derive_teacher_id,
+    read_manifest,
+)
 from pipeline.cache.format import (
     COMBINE_RULES,
     FORMAT_VERSION,
     PREPROCESSING,
+    STATUS_COMPLETE,
     STATUS_WRITING,
     VALUES,
+    describe_differences,
 )
 from pipeline.cache.store import utc_now
 from pipeline.data import ImageSet
-from pipeline.errors import CacheMismatchError, TeacherOutputError, UsageError
+from pipeline.errors import (
+    CacheMismatchError,
+    ManifestError,
+    NotACacheError,
+    OutputExistsError,
+    TeacherOutputError,
+    UsageError,
+)
 from pipeline.runs import load_model
 from pipeline.runtime import (
     check_channels,
@@ -131,13 +147,19 @@ def cache_teacher(
     )
     manifest = replace(manifest, cache_id=derive_cache_id(manifest))
 
-    prepare_output(out, config.overwrite)  # inputs are valid: only now touch the output
-    writer = CacheWriter(out, manifest)
-    correct = 0
+    writer = open_writer(out, manifest, overwrite=config.overwrite, log=log)
+    if writer.manifest.status == STATUS_COMPLETE:
+        return writer.manifest
+    finished = writer.finished_chunks()
+    if finished:
+        log(f"{out}: resuming, {len(finished)} of {writer.num_chunks} chunks already written")
     progress = tqdm(total=len(dataset), desc="teacher pass", unit="img", disable=None)
-    for start in range(0, len(dataset), manifest.chunk_size):
+    for index in range(writer.num_chunks):
+        start = index * manifest.chunk_size
         images = dataset.images[start : start + manifest.chunk_size]
-        labels = dataset.labels[start : start + manifest.chunk_size]
+        if index in finished:
+            progress.update(len(images))
+            continue
         member_logits = [
             predict_logits(model, images, card.data, device=device, batch_size=config.batch_size)
             for model, card in members
@@ -151,14 +173,64 @@ def cache_teacher(
                 f"the teacher produced NaN or Inf for sample(s) {rows}{more}; "
                 f"{out} is left incomplete"
             )
-        correct += int((logprobs.argmax(-1) == labels).sum())
-        writer.write(start, logprobs.unsqueeze(1).numpy(), labels.numpy())
+        writer.write(
+            index,
+            logprobs.unsqueeze(1).numpy(),
+            dataset.labels[start : start + len(images)].numpy(),
+        )
         progress.update(len(images))
     progress.close()
-    manifest = writer.finish(teacher_accuracy=correct / len(dataset) if len(dataset) else None)
+    manifest = writer.finish(teacher_accuracy=teacher_accuracy(writer, dataset))
     log(
         f"{out}: {manifest.num_samples} samples x {manifest.num_classes} classes at "
         f"T={manifest.temperature:g}, teacher accuracy {manifest.teacher_accuracy:.4f}, "
         f"cache_id {manifest.cache_id}, teacher_id {manifest.teacher_id}"
     )
     return manifest
+
+
+def open_writer(
+    out: Path, manifest: Manifest, *, overwrite: bool, log: Callable[[str], None]
+) -> CacheWriter:
+    """A writer for ``out``: new, or resuming a partial cache made with the same arguments.
+
+    A complete cache with the same arguments is left as it is (its writer's
+    manifest says ``complete``); anything else at ``out`` is refused unless
+    ``overwrite``, naming what differs.
+    """
+    if out.exists() and not overwrite:
+        try:
+            existing = read_manifest(out)
+        except (NotACacheError, ManifestError) as exc:
+            raise OutputExistsError(
+                f"{out} already exists and is not a kdpipe cache to resume ({exc}): "
+                "choose another path or pass --overwrite"
+            ) from None
+        differences = describe_differences(existing, manifest)
+        if differences:
+            raise CacheMismatchError(
+                f"{out} holds a cache made with other arguments ({'; '.join(differences)}): "
+                "choose another path or pass --overwrite to replace it"
+            )
+        if existing.status == STATUS_COMPLETE:
+            log(f"{out}: already complete (cache_id {existing.cache_id}), nothing to do")
+        try:
+            return CacheWriter(out, existing, resume=True)
+        except KeyError:
+            # killed before its arrays were created: no chunk was flagged, start again
+            overwrite = True
+    prepare_output(out, overwrite)  # inputs are valid: only now touch the output
+    return CacheWriter(out, manifest)
+
+
+def teacher_accuracy(writer: CacheWriter, dataset: ImageSet) -> float | None:
+    """Top-1 accuracy of the stored (combined) teacher, read back from the store, so that a
+    resumed pass reports the same figure as an uninterrupted one."""
+    if not len(dataset):
+        return None
+    step = writer.manifest.chunk_size
+    correct = 0
+    for start in range(0, len(dataset), step):
+        stored = torch.from_numpy(writer.arrays["logprobs"][start : start + step, 0, :])
+        correct += int((stored.float().argmax(-1) == dataset.labels[start : start + step]).sum())
+    return correct / len(dataset)

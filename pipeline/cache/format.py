@@ -192,3 +192,29 @@ class Manifest:
 
 def derive_cache_id(manifest: Manifest) -> str:
     return _digest(manifest.identity())
+
+
+def describe_differences(existing: Manifest, wanted: Manifest) -> list[str]:
+    """What makes ``existing`` another cache than the one ``wanted`` describes, field by field.
+
+    An empty list means the same cache: a partial one can be resumed.
+    """
+    differences = []
+    existing_members = [(m.architecture, m.weights_sha256[:12]) for m in existing.teachers]
+    wanted_members = [(m.architecture, m.weights_sha256[:12]) for m in wanted.teachers]
+    if existing.teacher_id != wanted.teacher_id:
+        differences.append(f"teacher {existing_members} != {wanted_members}")
+    old_data, new_data = existing.dataset, wanted.dataset
+    if (old_data["name"], old_data["split"]) != (new_data["name"], new_data["split"]):
+        differences.append(
+            f"data {old_data['name']} {old_data['split']} != {new_data['name']} {new_data['split']}"
+        )
+    elif old_data["fingerprint"] != new_data["fingerprint"]:
+        differences.append("data fingerprint differs (same name and split, other content)")
+    for name in ("temperature", "combine", "num_views", "dtype", "chunk_size", "preprocessing"):
+        old, new = getattr(existing, name), getattr(wanted, name)
+        if old != new:
+            differences.append(f"{name} {old} != {new}")
+    if not differences and existing.format_version != wanted.format_version:
+        differences.append(f"format_version {existing.format_version} != {wanted.format_version}")
+    return differences

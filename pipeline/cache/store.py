@@ -13,6 +13,7 @@ and the manifest in the group attributes under ``kdpipe``. The manifest's
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +36,7 @@ from pipeline.errors import (
 )
 
 ARRAYS = ("logprobs", "labels")
+PROGRESS = "progress"
 
 
 def utc_now() -> str:
@@ -52,39 +54,81 @@ def _codecs() -> dict:
     }
 
 
-class CacheWriter:
-    """Creates the store, writes it chunk by chunk, and marks it complete last."""
+def chunk_key(array: zarr.Array, index: int) -> str:
+    """The store key of chunk ``index`` along the sample axis (zarr's default encoding)."""
+    return "/".join(["c", str(index)] + ["0"] * (array.ndim - 1))
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
+
+def _fsync(path: Path) -> None:
+    """Flush a file, then its folder (a new file's name is data too), to the disk."""
+    for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | os.O_DIRECTORY)):
+        descriptor = os.open(target, flags)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+class CacheWriter:
+    """Creates (or reopens) the store, writes it chunk by chunk, marks it complete last.
+
+    Chunk *k* counts as done only when ``progress[k] == 1``, and that flag is
+    written after chunk *k* of every data array has been flushed to disk: a
+    kill or a power cut at any moment leaves flags only for durable chunks.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, *, resume: bool = False) -> None:
         self.path = Path(path)
         self.manifest = manifest
+        if resume:  # KeyError when an array was never created
+            self.group = zarr.open_group(str(self.path), mode="r+")
+            self.arrays = {name: self.group[name] for name in (*ARRAYS, PROGRESS)}
+            return
         n, v, c = manifest.num_samples, manifest.num_views, manifest.num_classes
         self.group = zarr.open_group(str(self.path), mode="w")
         self.group.attrs[MANIFEST_KEY] = manifest.to_dict()
-        self.logprobs = self.group.create_array(
-            "logprobs",
-            shape=(n, v, c),
-            chunks=(manifest.chunk_size, v, c),
-            dtype=manifest.dtype,
-            fill_value=0.0,
-            **_codecs(),
-        )
-        self.labels = self.group.create_array(
-            "labels",
-            shape=(n,),
-            chunks=(manifest.chunk_size,),
-            dtype="int64",
-            fill_value=-1,
-            **_codecs(),
+        chunk = manifest.chunk_size
+        self.arrays = {
+            "logprobs": self.group.create_array(
+                "logprobs", shape=(n, v, c), chunks=(chunk, v, c), dtype=manifest.dtype,
+                fill_value=0.0, **_codecs(),
+            ),
+            "labels": self.group.create_array(
+                "labels", shape=(n,), chunks=(chunk,), dtype="int64", fill_value=-1, **_codecs()
+            ),
+            PROGRESS: self.group.create_array(
+                PROGRESS, shape=(self.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
+                **_codecs(),
+            ),
+        }  # fmt: skip
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.manifest.num_samples // self.manifest.chunk_size)
+
+    def finished_chunks(self) -> set[int]:
+        """Chunks flagged done whose data files are all still there."""
+        return {index for index in range(self.num_chunks) if self._is_finished(index)}
+
+    def _is_finished(self, index: int) -> bool:
+        try:
+            flagged = int(self.arrays[PROGRESS][index]) == 1
+        except Exception:  # a damaged flag only means: compute this chunk again
+            return False
+        return flagged and all(
+            (self.path / name / chunk_key(self.arrays[name], index)).is_file() for name in ARRAYS
         )
 
-    def write(self, start: int, logprobs: np.ndarray, labels: np.ndarray) -> None:
-        """Write whole chunks starting at row ``start`` (a multiple of the chunk size)."""
-        if start % self.manifest.chunk_size:
-            raise ValueError(f"start {start} is not aligned to chunk size")
+    def write(self, index: int, logprobs: np.ndarray, labels: np.ndarray) -> None:
+        """Write chunk ``index`` of every array, flush it, then flag it done."""
+        start = index * self.manifest.chunk_size
         stop = start + len(logprobs)
-        self.logprobs[start:stop] = logprobs.astype(self.manifest.dtype, copy=False)
-        self.labels[start:stop] = labels
+        self.arrays["logprobs"][start:stop] = logprobs.astype(self.manifest.dtype, copy=False)
+        self.arrays["labels"][start:stop] = labels
+        for name in ARRAYS:
+            _fsync(self.path / name / chunk_key(self.arrays[name], index))
+        self.arrays[PROGRESS][index] = 1
+        _fsync(self.path / PROGRESS / chunk_key(self.arrays[PROGRESS], index))
 
     def finish(self, teacher_accuracy: float | None) -> Manifest:
         """Mark the cache complete: the last write, after all data is on disk."""
@@ -95,6 +139,7 @@ class CacheWriter:
             completed=utc_now(),
         )
         self.group.attrs[MANIFEST_KEY] = self.manifest.to_dict()
+        _fsync(self.path / "zarr.json")
         return self.manifest
 
 

@@ -1,0 +1,117 @@
+"""kdpipe verify: each kind of damage is found and named, by verify and by train-student."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import invoke, student
+
+from pipeline.data import make_synthetic
+from pipeline.verify import verify_cache
+
+
+@pytest.fixture
+def copy(train_cache: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy.zarr"
+    shutil.copytree(train_cache, target)
+    return target
+
+
+def run_verify(cache: Path, *options: str | Path) -> object:
+    return invoke("verify", cache, *options)
+
+
+def test_a_sound_cache_passes_every_check(copy: Path, teacher_run: Path) -> None:
+    result = run_verify(copy, "--data synthetic --recompute 40 --teacher", teacher_run)
+    assert result.exit_code == 0, result.output
+    for check in ("manifest", "status", "arrays", "chunks", "dataset", "labels", "recompute"):
+        assert check in result.output
+    assert "FAIL" not in result.output
+
+
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2 if offset is None else offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_flipped_byte(copy: Path, tmp_path: Path) -> None:
+    flip_byte(copy / "logprobs" / "c" / "1" / "0" / "0")
+    result = run_verify(copy)
+    assert result.exit_code == 1
+    assert "chunk 1 (rows 128-255): unreadable, checksum or compression error" in result.output
+    trained = student(copy, tmp_path / "s")
+    assert (
+        trained.exit_code == 1
+        and "chunk 1 of 'logprobs' (rows 128-255) is corrupt" in trained.output
+    )
+
+
+def test_deleted_chunk(copy: Path, tmp_path: Path) -> None:
+    (copy / "labels" / "c" / "2").unlink()
+    result = run_verify(copy)
+    assert result.exit_code == 1
+    assert "chunk 2 (rows 256-383): missing file(s) of labels" in result.output
+    trained = student(copy, tmp_path / "s")
+    assert trained.exit_code == 1 and "1 chunk(s) of 'labels' are missing" in trained.output
+
+
+def test_truncated_manifest(copy: Path, tmp_path: Path) -> None:
+    meta = copy / "zarr.json"
+    meta.write_text(meta.read_text()[:200])
+    result = run_verify(copy)
+    assert result.exit_code == 1 and "is not valid JSON" in result.output
+    trained = student(copy, tmp_path / "s")
+    assert trained.exit_code == 1 and "is not valid JSON" in trained.output
+
+
+def test_unknown_format_version(copy: Path) -> None:
+    meta = json.loads((copy / "zarr.json").read_text())
+    meta["attributes"]["kdpipe"]["format_version"] = 7
+    (copy / "zarr.json").write_text(json.dumps(meta))
+    result = run_verify(copy)
+    assert result.exit_code == 1 and "format_version 7 is not supported" in result.output
+
+
+def test_values_that_are_not_distributions(copy: Path) -> None:
+    import zarr
+
+    array = zarr.open_array(str(copy / "logprobs"), mode="r+")
+    block = array[130:132]
+    block[0, 0, 0] = float("nan")
+    block[1, 0, :] += 1.0  # shifted: sums to e, not 1
+    array[130:132] = block
+    result = run_verify(copy)
+    assert result.exit_code == 1
+    assert "chunk 1 (rows 128-255): NaN or Inf at sample(s) 130" in result.output
+    block[0, 0, 0] = -1.0  # finite again, but row 130 no longer sums to 1 either
+    array[130:132] = block
+    result = run_verify(copy)
+    assert "not a distribution (|logsumexp| up to 1) at sample(s) 130, 131" in result.output
+
+
+def test_labels_and_recompute_mismatch(copy: Path, teacher_run: Path) -> None:
+    import zarr
+
+    labels = zarr.open_array(str(copy / "labels"), mode="r+")
+    labels[7] = (int(labels[7]) + 1) % 5
+    logprobs = zarr.open_array(str(copy / "logprobs"), mode="r+")
+    row = logprobs[300:301]
+    logprobs[300:301] = row[:, :, ::-1]  # a valid distribution, but not the teacher's
+    report = verify_cache(copy, dataset=make_synthetic("train"), recompute=600,
+                          teachers=[teacher_run])  # fmt: skip
+    failures = "\n".join(report.failures())
+    assert "labels: differ at sample(s) 7" in failures
+    assert "recompute: " in failures and "differ at sample(s) 300" in failures
+
+
+def test_incomplete_cache_is_reported(copy: Path) -> None:
+    meta = json.loads((copy / "zarr.json").read_text())
+    meta["attributes"]["kdpipe"]["status"] = "writing"
+    (copy / "zarr.json").write_text(json.dumps(meta))
+    (copy / "progress" / "c" / "4").unlink()
+    result = run_verify(copy)
+    assert result.exit_code == 1
+    assert "status 'writing': the teacher pass did not finish" in result.output
+    assert "chunk 4 (rows 512-599): missing file(s) of progress" in result.output
