@@ -425,3 +425,39 @@ def _cache_split(path: Path) -> str:
     from pipeline.cache import read_manifest
 
     return read_manifest(path).dataset["split"]
+
+
+@main.command("caches", context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@reports_errors
+def caches_command(paths: tuple[str, ...], fmt: str) -> None:
+    """List the kdpipe caches under PATHS (default: the current folder) and what made each."""
+    from pipeline.catalog import catalog
+    from pipeline.evaluate import render_rows
+
+    frame = catalog([Path(p) for p in paths] or [Path(".")])
+    if frame.empty:
+        click.echo("no kdpipe caches found", err=True)
+        return
+    click.echo(render_rows(frame, fmt))
+
+
+@main.command("lineage", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path())
+@click.option("--data-root", default="data", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@reports_errors
+def lineage_command(run_dir: str, data_root: str, fmt: str) -> None:
+    """The chain run -> cache -> teacher(s) -> dataset, each link verified or missing.
+
+    Hashes are recomputed wherever the files are present; exits with status 1
+    when a file is present but does not match its record (MISMATCH).
+    """
+    from pipeline.catalog import lineage
+    from pipeline.evaluate import render_rows
+
+    frame = lineage(Path(run_dir), data_root=Path(data_root))
+    click.echo(render_rows(frame, fmt))
+    if (frame["status"] == "MISMATCH").any():
+        raise click.ClickException(f"{run_dir}: a link of its lineage does not match its record")

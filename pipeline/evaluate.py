@@ -139,12 +139,19 @@ def _teacher_predictions(
 
 
 def render(frame: pd.DataFrame, fmt: str) -> str:
-    """The report as a screen table, CSV or JSON."""
+    """One evaluation as a screen table (one field per line), CSV or JSON."""
+    if fmt == "table":
+        return frame.T.to_string(header=False)
+    return render_rows(frame, fmt)
+
+
+def render_rows(frame: pd.DataFrame, fmt: str) -> str:
+    """Rows as a screen table, CSV or JSON."""
     if fmt == "csv":
         return frame.to_csv(index=False)
     if fmt == "json":
         # through pandas' JSON (NaN -> null), re-dumped so paths keep their plain slashes
         return json.dumps(json.loads(frame.to_json(orient="records")), indent=2)
     if fmt == "table":
-        return frame.T.to_string(header=False)
+        return frame.to_string(index=False)
     raise UsageError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")

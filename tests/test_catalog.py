@@ -1,0 +1,78 @@
+"""kdpipe caches and kdpipe lineage: which teacher version made which cache and student."""
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+from conftest import cache, invoke, student
+
+from pipeline.runs import read_card
+
+
+def test_three_caches_from_two_teacher_versions(teacher_run: Path, tmp_path: Path) -> None:
+    other = tmp_path / "teacher-v2"
+    trained = invoke(
+        "train-teacher --model kd_cnn --data synthetic --epochs 1 --seed 7 --out", other
+    )
+    assert trained.exit_code == 0
+    folder = tmp_path / "caches"
+    for name, teacher, temperature in (("a-T2", teacher_run, 2), ("a-T4", teacher_run, 4),
+                                       ("b-T2", other, 2)):  # fmt: skip
+        made = cache(teacher, folder / "nested" / f"{name}.zarr", f"--temperature {temperature}")
+        assert made.exit_code == 0, made.output
+    (folder / "not-a-cache").mkdir()
+    result = invoke("caches", folder, "--format csv")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(io.StringIO(result.output)).set_index("path")
+    table.index = [Path(p).name for p in table.index]
+    assert sorted(table.index) == ["a-T2.zarr", "a-T4.zarr", "b-T2.zarr"]
+    version_a = read_card(teacher_run).weights_sha256[:8]
+    version_b = read_card(other).weights_sha256[:8]
+    assert table.loc["a-T2.zarr", "teachers"] == f"kd_cnn@{version_a}"
+    assert table.loc["a-T4.zarr", "teachers"] == f"kd_cnn@{version_a}"
+    assert table.loc["b-T2.zarr", "teachers"] == f"kd_cnn@{version_b}"
+    assert table.loc["a-T2.zarr", "teacher_id"] == table.loc["a-T4.zarr", "teacher_id"]
+    assert table.loc["a-T2.zarr", "teacher_id"] != table.loc["b-T2.zarr", "teacher_id"]
+    assert table.loc["a-T2.zarr", "cache_id"] != table.loc["a-T4.zarr", "cache_id"]
+    assert set(table["temperature"]) == {2.0, 4.0} and set(table["status"]) == {"complete"}
+    assert (table["size_mb"] > 0).all()
+
+
+def test_a_damaged_cache_is_listed_as_unreadable(train_cache: Path, tmp_path: Path) -> None:
+    shutil.copytree(train_cache, tmp_path / "bad.zarr")
+    (tmp_path / "bad.zarr" / "zarr.json").write_text('{"attributes": {"kdpipe": {')
+    result = invoke("caches", tmp_path, "--format json")
+    (row,) = json.loads(result.output)
+    assert row["status"].startswith("unreadable") and "not valid JSON" in row["status"]
+
+
+def test_lineage_links_student_cache_teacher_dataset(
+    teacher_run: Path, train_cache: Path, tmp_path: Path
+) -> None:
+    assert student(train_cache, tmp_path / "s").exit_code == 0
+    result = invoke("lineage", tmp_path / "s", "--format json")
+    assert result.exit_code == 0, result.output
+    chain = json.loads(result.output)
+    assert [row["link"] for row in chain] == ["student", "cache", "teacher", "dataset"]
+    assert {row["status"] for row in chain} == {"verified"}
+    assert chain[1]["id"] == read_card(tmp_path / "s").lineage["cache_id"]
+
+    # the cache moved away: the chain says where it broke, and exits 0 (nothing contradicts)
+    moved = tmp_path / "moved.zarr"
+    shutil.copytree(train_cache, moved)
+    card = json.loads((tmp_path / "s" / "model.json").read_text())
+    card["lineage"]["cache_path"] = str(tmp_path / "gone.zarr")
+    (tmp_path / "s" / "model.json").write_text(json.dumps(card))
+    result = invoke("lineage", tmp_path / "s", "--format json")
+    statuses = {row["link"]: row["status"] for row in json.loads(result.output)}
+    assert result.exit_code == 0 and statuses["cache"] == "missing"
+
+    # a cache with another id at the recorded path is a mismatch
+    card["lineage"]["cache_id"] = "0" * 16
+    card["lineage"]["cache_path"] = str(moved)
+    (tmp_path / "s" / "model.json").write_text(json.dumps(card))
+    result = invoke("lineage", tmp_path / "s")
+    assert result.exit_code == 1 and "MISMATCH" in result.output
+    assert "does not match its record" in result.output
