@@ -13,7 +13,7 @@ TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 DATA_ROOT ?= data
 RUNS ?= runs
 
-.PHONY: all install data test lint format hinton clean-runs
+.PHONY: all install data test lint format hinton clean-runs cli-docs
 
 all: install data hinton
 
@@ -87,3 +87,6 @@ hinton: install data $(addsuffix /model.json,$(HINTON_RUNS))
 
 clean-runs:
 	rm -rf $(RUNS)
+
+cli-docs: install
+	$(BIN)/python -m pipeline.clidoc > docs/cli.md

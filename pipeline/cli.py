@@ -52,11 +52,11 @@ def parse_sizes(_ctx: click.Context, _param: click.Parameter, value: str | None)
     return sizes
 
 
-def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
+def data_options(command: Callable[..., Any], required: bool = True) -> Callable[..., Any]:
     options = [
         click.option(
             "--data",
-            required=True,
+            required=required,
             help="'fashion-mnist', 'synthetic', or an image folder with train/ and test/.",
         ),
         click.option(
@@ -88,11 +88,10 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--model",
             "model",
-            required=True,
             help="A timm architecture (resnet18, kd_cnn, kd_mlp_800x2, ...).",
         ),
-        click.option("--epochs", type=click.IntRange(min=1), required=True),
-        click.option("--out", type=click.Path(), required=True, help="Run directory to create."),
+        click.option("--epochs", type=click.IntRange(min=1), help="Required to start a run."),
+        click.option("--out", type=click.Path(), help="Run directory to create (required)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=128),
         click.option("--opt", default="sgd", help="Optimizer name for timm's create_optimizer_v2."),
         click.option("--lr", type=POSITIVE, default=0.05, help="Peak learning rate."),
@@ -122,17 +121,47 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto"),
         click.option("--overwrite", is_flag=True, help="Replace --out if it exists."),
+        click.option(
+            "--resume",
+            type=click.Path(),
+            default=None,
+            help="Continue the unfinished run in this directory from its last epoch checkpoint, "
+            "with its saved configuration (give no other option).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
-    return data_options(command)
+    return data_options(command, required=False)
 
 
-def _train_config(options: dict) -> Any:
-    from pipeline.train import TrainConfig
+REQUIRED_TO_START = {
+    "train-teacher": ("model", "data", "epochs", "out"),
+    "train-student": ("model", "data", "epochs", "out", "cache", "alpha"),
+}
 
+
+def _start_or_resume(command: str, options: dict, log: Callable[[str], None]) -> Any:
+    """A new run from the options, or with --resume RUN_DIR alone, the unfinished run there."""
+    from click.core import ParameterSource
+
+    from pipeline.train import TrainConfig, resume_training, train_student, train_teacher
+
+    context = click.get_current_context()
+    resume = options.pop("resume")
+    if resume is not None:
+        given = [name for name in options
+                 if context.get_parameter_source(name) == ParameterSource.COMMANDLINE]  # fmt: skip
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise click.UsageError(f"--resume continues with RUN_DIR/config.json; drop {flags}")
+        return resume_training(Path(resume), log=log)
+    for name in REQUIRED_TO_START[command]:
+        if options[name] is None:
+            raise click.UsageError(f"Missing option '--{name}' (required unless --resume).")
     channels = options.pop("channels")
-    return TrainConfig(**options, channels=int(channels) if channels else None)
+    config = TrainConfig(**options, channels=int(channels) if channels else None)
+    train = train_student if command == "train-student" else train_teacher
+    return train(config, log=log)
 
 
 def _echo(line: str) -> None:
@@ -173,10 +202,8 @@ def train_teacher_command(**options: Any) -> None:
     The run directory holds model.safetensors, model.json (architecture, data
     config, weights hash: the teacher version), config.json and metrics.csv.
     """
-    from pipeline.train import train_teacher
-
-    card = train_teacher(_train_config(options), log=_echo)
-    click.echo(f"{options['out']}: teacher {card.architecture}, weights {card.weights_sha256[:16]}")
+    card = _start_or_resume("train-teacher", options, _echo)
+    click.echo(f"teacher {card.architecture}, weights {card.weights_sha256[:16]}")
 
 
 @main.command("cache-teacher", context_settings=CONTEXT)
@@ -230,12 +257,11 @@ def cache_teacher_command(
 
 
 @main.command("train-student", context_settings=CONTEXT)
-@click.option("--cache", type=click.Path(), required=True, help="Cache written by cache-teacher.")
+@click.option("--cache", type=click.Path(), help="Cache written by cache-teacher (required).")
 @click.option(
     "--alpha",
     type=click.FloatRange(0, 1),
-    required=True,
-    help="Weight of the hard-label CE term; 1 trains on hard labels alone (baseline).",
+    help="Weight of the hard-label CE term; 1 trains on hard labels alone (baseline). Required.",
 )
 @click.option(
     "--temperature",
@@ -247,12 +273,10 @@ def cache_teacher_command(
 @reports_errors
 def train_student_command(**options: Any) -> None:
     """Train a student from a cache: α·CE + (1−α)·T²·KL(p_teacher ‖ p_student)."""
-    from pipeline.train import train_student
-
-    card = train_student(_train_config(options), log=_echo)
+    card = _start_or_resume("train-student", options, _echo)
     lineage = card.lineage or {}
     click.echo(
-        f"{options['out']}: student {card.architecture} from cache {lineage.get('cache_id')} "
+        f"student {card.architecture} from cache {lineage.get('cache_id')} "
         f"(teacher {lineage.get('teacher_id')})"
     )
 

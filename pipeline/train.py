@@ -7,10 +7,11 @@ into memory once, indexed by the same sample ids as the images.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -21,8 +22,16 @@ from tqdm.auto import tqdm
 
 from pipeline.cache import SoftLabels, load_soft_labels
 from pipeline.cache.store import utc_now
+from pipeline.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from pipeline.data import ImageSet, describe_mismatch, load_dataset
-from pipeline.errors import CacheMismatchError, DatasetError, TrainingDivergedError, UsageError
+from pipeline.errors import (
+    CacheMismatchError,
+    DatasetError,
+    ManifestError,
+    RunDirError,
+    TrainingDivergedError,
+    UsageError,
+)
 from pipeline.losses import distillation_loss
 from pipeline.models import (
     DataConfig,
@@ -32,6 +41,7 @@ from pipeline.models import (
     weights_sha256,
 )
 from pipeline.runs import (
+    CARD_FILE,
     CONFIG_FILE,
     METRICS_FILE,
     RUN_FORMAT_VERSION,
@@ -166,15 +176,18 @@ def fit(
     test_set: ImageSet | None,
     data_config: DataConfig,
     device: torch.device,
-    metrics_path: Path,
+    run_dir: Path,
     soft_targets: torch.Tensor | None = None,
     temperature: float = 1.0,
     log: Callable[[str], None] = _quiet,
+    resume: bool = False,
 ) -> list[dict]:
-    """Train ``model`` in place; append one row per epoch to ``metrics_path``.
+    """Train ``model`` in place; one metrics row and one checkpoint per epoch in ``run_dir``.
 
     ``soft_targets`` are float32 log-probabilities ``(N, C)`` aligned with
-    ``train_set`` (row i is sample i), or None for hard labels only.
+    ``train_set`` (row i is sample i), or None for hard labels only. With
+    ``resume``, training continues after the last checkpoint and ends exactly
+    where an uninterrupted run would.
     """
     model.to(device).to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(
@@ -193,10 +206,15 @@ def fit(
     )
     generator = torch.Generator().manual_seed(config.seed)
     alpha = config.alpha if soft_targets is not None else 1.0
-    rows: list[dict] = []
-    with metrics_path.open("w", newline="") as f:
-        csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writeheader()
-    for epoch in range(1, config.epochs + 1):
+    done, rows = load_checkpoint(run_dir, model, optimizer, generator) if resume else (0, [])
+    metrics_path = run_dir / METRICS_FILE
+    with metrics_path.open("w", newline="") as f:  # rewritten: rows past the checkpoint go
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    if done:
+        log(f"{run_dir}: resuming after epoch {done}")
+    for epoch in range(done + 1, config.epochs + 1):
         started = time.perf_counter()
         model.train()
         order = torch.randperm(len(train_set), generator=generator)
@@ -251,6 +269,7 @@ def fit(
         rows.append(row)
         with metrics_path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow(row)
+        save_checkpoint(run_dir, epoch, model, optimizer, generator, rows)
         log(
             f"epoch {epoch}/{config.epochs}: loss {row['loss']:.4f}  "
             f"train acc {row['train_accuracy']:.4f}  test acc {test_accuracy:.4f}  "
@@ -260,9 +279,13 @@ def fit(
 
 
 def _run(
-    config: TrainConfig, kind: str, soft_labels: SoftLabels | None, log: Callable[[str], None]
+    config: TrainConfig,
+    kind: str,
+    soft_labels: SoftLabels | None,
+    log: Callable[[str], None],
+    resume: bool = False,
 ) -> ModelCard:
-    """Shared body of train_teacher and train_student, after their own checks."""
+    """Shared body of train_teacher, train_student and resume, after their own checks."""
     out = Path(config.out)
     device = resolve_device(config.device)
     train_set = config.load("train")
@@ -298,15 +321,11 @@ def _run(
         model_kwargs=config.model_kwargs(),
     )
 
-    prepare_output(out, config.overwrite)  # inputs are valid: only now touch the output
-    out.mkdir(parents=True)
-    resolved = {
-        **asdict(config),
-        "kind": kind,
-        "resolved_device": str(device),
-        "resolved_temperature": temperature,
-    }
-    write_json(out / CONFIG_FILE, resolved)
+    if not resume:
+        prepare_output(out, config.overwrite)  # inputs are valid: only now touch the output
+        out.mkdir(parents=True)
+        resolved = {"device": str(device), "temperature": temperature}
+        write_json(out / CONFIG_FILE, {**asdict(config), "kind": kind, "resolved": resolved})
     soft_targets = None
     if soft_labels is not None:
         soft_targets = soft_labels.log_probs(temperature)[:, 0, :]  # view 0: V = 1 for now
@@ -317,10 +336,11 @@ def _run(
         test_set,
         data_config,
         device,
-        out / METRICS_FILE,
+        out,
         soft_targets=soft_targets,
         temperature=temperature,
         log=log,
+        resume=resume,
     )
     model = model.cpu().to(memory_format=torch.contiguous_format)
     card = ModelCard(
@@ -340,6 +360,7 @@ def _run(
         software=software_versions(),
     )
     save_model(out, model, card)
+    remove_checkpoint(out)
     return card
 
 
@@ -358,3 +379,27 @@ def train_student(config: TrainConfig, log: Callable[[str], None] = _quiet) -> M
         raise UsageError("train-student needs --cache (a cache written by cache-teacher)")
     soft_labels = load_soft_labels(Path(config.cache))
     return _run(config, "student", soft_labels, log)
+
+
+def resume_training(run_dir: Path, log: Callable[[str], None] = _quiet) -> ModelCard:
+    """Continue an unfinished run from its last epoch checkpoint, with its saved config."""
+    run_dir = Path(run_dir)
+    if (run_dir / CARD_FILE).is_file():
+        raise UsageError(f"{run_dir} is finished (it has {CARD_FILE}): nothing to resume")
+    try:
+        saved = json.loads((run_dir / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise RunDirError(f"{run_dir} is not a kdpipe run directory (no {CONFIG_FILE})") from None
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{run_dir / CONFIG_FILE} is not valid JSON ({exc})") from None
+    kind = saved.pop("kind", None)
+    saved.pop("resolved", None)
+    names = {f.name for f in fields(TrainConfig)}
+    if kind not in ("teacher", "student") or set(saved) != names:
+        raise ManifestError(f"{run_dir / CONFIG_FILE} is not a kdpipe training configuration")
+    if isinstance(saved["hidden_sizes"], list):
+        saved["hidden_sizes"] = tuple(saved["hidden_sizes"])
+    config = TrainConfig(**saved)
+    config.validate()
+    soft_labels = load_soft_labels(Path(config.cache)) if kind == "student" else None
+    return _run(config, kind, soft_labels, log, resume=True)

@@ -1,0 +1,121 @@
+"""Writes docs/cli.md: a short introduction per command and its --help, verbatim.
+
+``make cli-docs`` runs it; ``tests/test_cli.py`` fails when the file and the
+program's --help disagree, so the reference cannot drift.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from click.testing import CliRunner
+
+from pipeline.cli import main
+
+HEADER = (
+    "Every command below is `kdpipe COMMAND` (or `python -m pipeline COMMAND`). Each block is "
+    "the command's `--help` output, verbatim; `tests/test_cli.py` fails when a block here "
+    "differs from the program's (regenerate with `make cli-docs`). Errors print one line "
+    "(`Error: ...`) and exit with status 1; option values that can never work (T ≤ 0, α "
+    "outside [0, 1], unknown choices) are rejected by click with status 2. Nothing already "
+    "written is changed before the inputs have been checked; an existing output is replaced "
+    "only with `--overwrite`."
+)
+
+INTRODUCTIONS = {
+    "fetch-data": (
+        "Puts Fashion-MNIST's four gzipped IDX files into `--dest` from Debian's "
+        "`dataset-fashion-mnist` package (`apt-get download` + `dpkg-deb -x`, no root), or from "
+        "the official URLs, and verifies the SHA-256 of each file's decompressed content. A "
+        "no-op when the files are already there and verified. `make data` runs it."
+    ),
+    "train-teacher": (
+        "Trains any timm architecture on hard labels and writes a run directory: "
+        "`model.safetensors`, `model.json` (architecture, data config, weights hash: the "
+        "*teacher version*), `config.json`, `metrics.csv`. `--dropout` and `--jitter` are the "
+        "regularisers of Hinton et al.'s MNIST teacher. Optimizers and schedules come from "
+        "timm's `create_optimizer_v2` / `create_scheduler_v2` (`--opt adamw`, `--sched step`, "
+        "...). A checkpoint is kept after every epoch until the run finishes: "
+        "`--resume RUN_DIR` continues a killed run and ends with the same weights and metrics "
+        "as an uninterrupted one."
+    ),
+    "cache-teacher": (
+        "Stage one. Runs the teacher (several `--teacher` = an ensemble) once over a dataset "
+        "split, in eval mode without gradients, on the GPU when there is one (`--device auto`), "
+        "and writes `log_softmax(z / T)` into a Zarr v3 store (format: "
+        "[cache-format.md](cache-format.md)). Each chunk is flagged done only after its data is "
+        "flushed to disk, and the manifest's status becomes `complete` only after every chunk. "
+        "Killed at any moment and run again with the same arguments, it resumes from the last "
+        "durable chunk and ends byte-identical to an uninterrupted run; run again with other "
+        "arguments against a partial store, it refuses and names what differs (unless "
+        "`--overwrite`). NaN or Inf teacher outputs stop the pass with the sample indices; the "
+        "store then stays `writing`."
+    ),
+    "train-student": (
+        "Stage two. Trains a student from a cache with "
+        "`α·CE + (1−α)·T²·KL(p_teacher ‖ p_student)`, never loading the teacher. The dataset "
+        "must match the cache's fingerprint. `--alpha 1` is the hard-label baseline through "
+        "the same loop. `--temperature` re-tempers the stored values exactly (default: the "
+        "cache's T). The run directory's `model.json` records the `cache_id` and `teacher_id` "
+        "(lineage). `--resume RUN_DIR` continues a killed run from its last epoch checkpoint."
+    ),
+    "evaluate": (
+        "Test accuracy and errors, top-1 agreement with the teacher (from `--teacher` run "
+        "directories, or from `--cache`, a cache of the same split), expected calibration "
+        "error (15 bins), parameter count, and CPU latency (batch 1, median of 50) and "
+        "throughput (batch 256). A table on screen, or `--format csv|json`, optionally into "
+        "`--output`."
+    ),
+    "report": (
+        "Builds a table from run directories' own `metrics.csv`, `model.json` and "
+        "`config.json` (final epoch). Runs whose folder names differ only by a trailing "
+        "`-s<seed>` form one group (mean ± std). With `--baseline`, each distilled group gets "
+        "Hinton's gap-recovery share `(baseline − student) / (baseline − teacher)` in test "
+        "errors. `--markdown` replaces the text between `<!-- kdpipe:SECTION:begin/end -->` "
+        "markers of a file (appending them when absent), leaving the rest as written; the "
+        "section also lists the commands rebuilt from each group's `config.json`, the date "
+        "and the machine."
+    ),
+    "verify": (
+        "Checks a cache: the manifest (strict schema, known `format_version`), completion "
+        "(status and every chunk's progress flag), every chunk's files and crc32c checksum, "
+        "no NaN or Inf, every row a distribution (|logsumexp| ≤ 2e-2 for float16, 1e-4 for "
+        "float32), labels in range; with `--data`, the dataset's fingerprint and labels; "
+        "with `--recompute N --teacher RUN_DIR ...`, a fresh teacher pass on N random "
+        "samples against the stored values. Prints one line per check; exits with status 1 "
+        "naming each chunk or sample at fault."
+    ),
+    "caches": (
+        "Lists every kdpipe cache at or below the given paths with what produced it: "
+        "`cache_id`, status, `teacher_id`, each teacher as `architecture@weights-hash`, "
+        "dataset, split, samples, views, classes, T, storage kind, dtype, size on disk and "
+        "creation time. A cache whose manifest cannot be read is listed as `unreadable`."
+    ),
+    "lineage": (
+        "Follows a run back: student → cache → teacher(s) → dataset. Each link is "
+        "`verified` (the file is where the record says and its hash, recomputed, matches), "
+        "`missing` (not found) or `MISMATCH` (found, but with other content; exit status 1)."
+    ),
+}
+
+
+def reference() -> str:
+    runner = CliRunner()
+    lines = [
+        "# kdpipe command-line reference",
+        "",
+        HEADER,
+        "",
+        "```",
+        runner.invoke(main, ["--help"]).output.rstrip(),
+        "```",
+        "",
+    ]
+    for name in main.commands:
+        help_text = runner.invoke(main, [name, "--help"]).output.rstrip()
+        lines += [f"## kdpipe {name}", "", INTRODUCTIONS[name], "", "```", help_text, "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference())
