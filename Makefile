@@ -14,6 +14,9 @@ DATA_ROOT ?= data
 RUNS ?= runs
 
 .PHONY: all install data test lint format hinton clean-runs cli-docs
+# keep every file target, including those made by pattern rules (make would
+# otherwise delete the cache stamps as "intermediate" files when it exits)
+.SECONDARY:
 
 all: install data hinton
 

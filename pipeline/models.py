@@ -66,9 +66,9 @@ class MLP(nn.Module):
         layers: list[nn.Module] = [nn.Flatten()]
         width_in = in_chans * height * width
         for width_out in hidden_sizes:
-            layers += [nn.Linear(width_in, width_out), nn.ReLU(inplace=True)]
-            if drop_rate > 0:
-                layers.append(nn.Dropout(drop_rate))
+            # Dropout is always there (p = 0 is the identity) so that the state-dict
+            # layout does not depend on a training-only setting
+            layers += [nn.Linear(width_in, width_out), nn.ReLU(inplace=True), nn.Dropout(drop_rate)]
             width_in = width_out
         self.features = nn.Sequential(*layers)
         self.num_features = width_in

@@ -291,3 +291,15 @@ def test_image_folder_end_to_end(tmp_path: Path) -> None:
     assert distilled.exit_code == 0, distilled.output
     evaluated = invoke("evaluate", pupil, "--format json --data", root, "--teacher", teacher)
     assert json.loads(evaluated.output)[0]["samples"] == 8
+
+
+def test_a_teacher_trained_with_dropout_and_jitter_can_be_cached(tmp_path: Path) -> None:
+    teacher = tmp_path / "mlp"
+    trained = invoke(
+        "train-teacher --model kd_mlp_30x2 --data synthetic --epochs 1 --dropout 0.5 --jitter 2",
+        "--out",
+        teacher,
+    )
+    assert trained.exit_code == 0, trained.output
+    result = cache(teacher, tmp_path / "c.zarr")
+    assert result.exit_code == 0, result.output
