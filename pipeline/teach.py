@@ -140,6 +140,7 @@ def cache_teacher(
         num_classes=dataset.num_classes,
         dtype=config.dtype,
         chunk_size=min(config.chunk_size, max(len(dataset), 1)),
+        array_metadata_sha256={},
         teacher_accuracy=None,
         software=software_versions(),
         created=utc_now(),

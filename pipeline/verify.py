@@ -20,7 +20,13 @@ import torch
 import zarr
 
 from pipeline.cache.format import STATUS_COMPLETE, Manifest
-from pipeline.cache.store import ARRAYS, PROGRESS, chunk_key, read_manifest
+from pipeline.cache.store import (
+    ARRAYS,
+    PROGRESS,
+    check_array_metadata,
+    chunk_key,
+    read_manifest,
+)
 from pipeline.data import ImageSet, describe_mismatch
 from pipeline.errors import KdpipeError
 from pipeline.runs import load_model
@@ -116,8 +122,12 @@ def _open_arrays(path: Path, manifest: Manifest, report: VerifyReport) -> dict |
             problems.append(f"{name} is {array.shape} {array.dtype}, expected {shape} {dtype}")
         if "crc32c" not in codecs:
             problems.append(f"{name} has no crc32c checksum codec ({', '.join(codecs)})")
+    try:
+        check_array_metadata(path, manifest)
+    except KdpipeError as exc:
+        problems.append(str(exc))
     report.add(
-        "arrays", not problems, "; ".join(problems) or "shapes, dtypes and codecs as declared"
+        "arrays", not problems, "; ".join(problems) or "metadata checksums, shapes, dtypes, codecs"
     )
     return None if problems else arrays
 

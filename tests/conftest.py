@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
+from pipeline.cache.format import CHECKSUM_KEY, MANIFEST_KEY, manifest_checksum
 from pipeline.cli import main
+
+
+def edit_manifest(store: Path, **changes: object) -> None:
+    """Change manifest fields the way a tool would, updating the checksum beside it."""
+    meta = json.loads((store / "zarr.json").read_text())
+    data = meta["attributes"][MANIFEST_KEY]
+    data.update(changes)
+    meta["attributes"][CHECKSUM_KEY] = manifest_checksum(data)
+    (store / "zarr.json").write_text(json.dumps(meta))
 
 
 def invoke(*parts: str | Path) -> Result:

@@ -1,6 +1,5 @@
 """The cache contract: values, manifest, ids, re-tempering, and damage detection."""
 
-import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -8,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import zarr
+from conftest import edit_manifest
 
 from pipeline.cache import load_soft_labels, read_manifest, retemper
 from pipeline.cache.format import Manifest
@@ -108,9 +108,7 @@ def test_a_deleted_chunk_is_detected(train_cache: Path, tmp_path: Path) -> None:
 
 def test_incomplete_and_foreign_stores_are_refused(train_cache: Path, tmp_path: Path) -> None:
     cache = copy_cache(train_cache, tmp_path)
-    meta = json.loads((cache / "zarr.json").read_text())
-    meta["attributes"]["kdpipe"]["status"] = "writing"
-    (cache / "zarr.json").write_text(json.dumps(meta))
+    edit_manifest(cache, status="writing")
     with pytest.raises(CacheIncompleteError, match="is not complete \\(status 'writing'\\)"):
         load_soft_labels(cache)
     (cache / "zarr.json").write_text('{"attributes": {"kdpipe": {"format_')

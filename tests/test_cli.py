@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from click.testing import CliRunner, Result
-from conftest import cache, invoke, student
+from conftest import cache, edit_manifest, invoke, student
 from PIL import Image
 
 from pipeline.cli import main
@@ -210,9 +210,7 @@ def test_not_a_cache_and_incomplete_cache(train_cache: Path, tmp_path: Path) -> 
     fails(student(tmp_path, tmp_path / "s"), "is not a kdpipe cache")
     partial = tmp_path / "partial.zarr"
     shutil.copytree(train_cache, partial)
-    meta = json.loads((partial / "zarr.json").read_text())
-    meta["attributes"]["kdpipe"]["status"] = "writing"
-    (partial / "zarr.json").write_text(json.dumps(meta))
+    edit_manifest(partial, status="writing")
     fails(student(partial, tmp_path / "s"), "is not complete")
     assert not (tmp_path / "s").exists()
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from conftest import cache
+from conftest import cache, edit_manifest
 
-from pipeline.cache import load_soft_labels
+from pipeline.cache import load_soft_labels, read_manifest
 
 
 def command(teacher: Path, out: Path) -> list[str]:
@@ -107,11 +107,9 @@ def test_sigkill_at_random_points_then_resume(teacher_run: Path, tmp_path: Path)
 def test_partial_store_with_other_arguments_is_refused(train_cache: Path, tmp_path: Path) -> None:
     partial = tmp_path / "partial.zarr"
     shutil.copytree(train_cache, partial)
-    meta = json.loads((partial / "zarr.json").read_text())
-    meta["attributes"]["kdpipe"]["status"] = "writing"
-    (partial / "zarr.json").write_text(json.dumps(meta))
+    edit_manifest(partial, status="writing")
     before = chunk_files(partial)
-    teacher = Path(meta["attributes"]["kdpipe"]["teachers"][0]["run_dir"])
+    teacher = Path(read_manifest(partial).teachers[0].run_dir)
     result = cache(teacher, partial, "--split train --temperature 3 --chunk-size 128")
     assert result.exit_code == 1
     assert "holds a cache made with other arguments (temperature 4.0 != 3.0)" in result.output
@@ -138,12 +136,10 @@ def test_complete_cache_with_same_arguments_is_left_alone(
 def test_a_deleted_finished_chunk_is_written_again(train_cache: Path, tmp_path: Path) -> None:
     partial = tmp_path / "partial.zarr"
     shutil.copytree(train_cache, partial)
-    meta = json.loads((partial / "zarr.json").read_text())
-    meta["attributes"]["kdpipe"]["status"] = "writing"
-    (partial / "zarr.json").write_text(json.dumps(meta))
+    edit_manifest(partial, status="writing")
     reference = chunk_files(train_cache)
     (partial / "logprobs" / "c" / "3" / "0" / "0").unlink()
-    teacher = Path(meta["attributes"]["kdpipe"]["teachers"][0]["run_dir"])
+    teacher = Path(read_manifest(partial).teachers[0].run_dir)
     result = cache(teacher, partial, "--split train --temperature 4 --chunk-size 128")
     assert result.exit_code == 0, result.output
     assert "resuming, 4 of 5 chunks already written" in result.output

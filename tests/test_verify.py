@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import invoke, student
+from conftest import edit_manifest, invoke, student
 
 from pipeline.data import make_synthetic
 from pipeline.verify import verify_cache
@@ -67,9 +67,7 @@ def test_truncated_manifest(copy: Path, tmp_path: Path) -> None:
 
 
 def test_unknown_format_version(copy: Path) -> None:
-    meta = json.loads((copy / "zarr.json").read_text())
-    meta["attributes"]["kdpipe"]["format_version"] = 7
-    (copy / "zarr.json").write_text(json.dumps(meta))
+    edit_manifest(copy, format_version=7)
     result = run_verify(copy)
     assert result.exit_code == 1 and "format_version 7 is not supported" in result.output
 
@@ -107,11 +105,27 @@ def test_labels_and_recompute_mismatch(copy: Path, teacher_run: Path) -> None:
 
 
 def test_incomplete_cache_is_reported(copy: Path) -> None:
-    meta = json.loads((copy / "zarr.json").read_text())
-    meta["attributes"]["kdpipe"]["status"] = "writing"
-    (copy / "zarr.json").write_text(json.dumps(meta))
+    edit_manifest(copy, status="writing")
     (copy / "progress" / "c" / "4").unlink()
     result = run_verify(copy)
     assert result.exit_code == 1
     assert "status 'writing': the teacher pass did not finish" in result.output
     assert "chunk 4 (rows 512-599): missing file(s) of progress" in result.output
+
+
+def test_edited_manifest_and_array_metadata_are_detected(copy: Path, tmp_path: Path) -> None:
+    meta = json.loads((copy / "zarr.json").read_text())
+    meta["attributes"]["kdpipe"]["temperature"] = 5.0  # edited by hand, checksum not updated
+    (copy / "zarr.json").write_text(json.dumps(meta))
+    result = run_verify(copy)
+    assert result.exit_code == 1 and "the manifest does not match its checksum" in result.output
+    trained = student(copy, tmp_path / "s")
+    assert trained.exit_code == 1 and "does not match its checksum" in trained.output
+    edit_manifest(copy, temperature=4.0)
+    array_meta = copy / "labels" / "zarr.json"
+    array_meta.write_text(array_meta.read_text().replace('"fill_value": -1', '"fill_value": -2'))
+    result = run_verify(copy)
+    assert result.exit_code == 1
+    assert "labels/zarr.json does not match its checksum in the manifest" in result.output
+    trained = student(copy, tmp_path / "s")
+    assert trained.exit_code == 1 and "labels/zarr.json does not match" in trained.output

@@ -17,6 +17,7 @@ from pipeline.errors import ManifestError
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "kdpipe"
+CHECKSUM_KEY = "kdpipe_sha256"  # beside the manifest: SHA-256 of its canonical JSON
 STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"
 STATUSES = (STATUS_WRITING, STATUS_COMPLETE)
@@ -114,6 +115,7 @@ class Manifest:
     num_classes: int
     dtype: str
     chunk_size: int
+    array_metadata_sha256: dict  # array name -> SHA-256 of its zarr.json
     teacher_accuracy: float | None
     software: dict
     created: str
@@ -157,6 +159,7 @@ class Manifest:
             num_classes=_check(data, "num_classes", int, where),
             dtype=_check(data, "dtype", str, where),
             chunk_size=_check(data, "chunk_size", int, where),
+            array_metadata_sha256=_check(data, "array_metadata_sha256", dict, where),
             teacher_accuracy=_check(data, "teacher_accuracy", (int, float, type(None)), where),
             software=_check(data, "software", dict, where),
             created=_check(data, "created", str, where),
@@ -188,6 +191,12 @@ class Manifest:
             "num_views": self.num_views,
             "dtype": self.dtype,
         }
+
+
+def manifest_checksum(data: dict) -> str:
+    """SHA-256 of a manifest's canonical JSON: any edited or flipped byte changes it."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def derive_cache_id(manifest: Manifest) -> str:

@@ -12,6 +12,7 @@ and the manifest in the group attributes under ``kdpipe``. The manifest's
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, replace
@@ -24,9 +25,11 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from pipeline.cache.format import (
+    CHECKSUM_KEY,
     MANIFEST_KEY,
     STATUS_COMPLETE,
     Manifest,
+    manifest_checksum,
 )
 from pipeline.errors import (
     CacheError,
@@ -86,7 +89,7 @@ class CacheWriter:
             return
         n, v, c = manifest.num_samples, manifest.num_views, manifest.num_classes
         self.group = zarr.open_group(str(self.path), mode="w")
-        self.group.attrs[MANIFEST_KEY] = manifest.to_dict()
+        write_manifest(self.group, manifest)
         chunk = manifest.chunk_size
         self.arrays = {
             "logprobs": self.group.create_array(
@@ -101,6 +104,8 @@ class CacheWriter:
                 **_codecs(),
             ),
         }  # fmt: skip
+        self.manifest = replace(manifest, array_metadata_sha256=array_metadata_sha256(self.path))
+        write_manifest(self.group, self.manifest)
 
     @property
     def num_chunks(self) -> int:
@@ -138,9 +143,24 @@ class CacheWriter:
             teacher_accuracy=teacher_accuracy,
             completed=utc_now(),
         )
-        self.group.attrs[MANIFEST_KEY] = self.manifest.to_dict()
+        write_manifest(self.group, self.manifest)
         _fsync(self.path / "zarr.json")
         return self.manifest
+
+
+def write_manifest(group: zarr.Group, manifest: Manifest) -> None:
+    """Manifest and checksum in one attribute update: one atomic write of zarr.json."""
+    data = manifest.to_dict()
+    group.attrs.update({MANIFEST_KEY: data, CHECKSUM_KEY: manifest_checksum(data)})
+
+
+def array_metadata_sha256(path: Path) -> dict:
+    """SHA-256 of each array's zarr.json, so that damaged array metadata is noticed too."""
+    return {
+        name: hashlib.sha256((path / name / "zarr.json").read_bytes()).hexdigest()
+        for name in (*ARRAYS, PROGRESS)
+        if (path / name / "zarr.json").is_file()
+    }
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -157,7 +177,13 @@ def read_manifest(path: Path) -> Manifest:
         raise NotACacheError(
             f"{path} is a Zarr group but not a kdpipe cache (no '{MANIFEST_KEY}' manifest)"
         )
-    return Manifest.from_dict(attributes[MANIFEST_KEY], where=f"{path}: manifest")
+    data = attributes[MANIFEST_KEY]
+    if attributes.get(CHECKSUM_KEY) != manifest_checksum(data):
+        raise ManifestError(
+            f"{meta}: the manifest does not match its checksum ({CHECKSUM_KEY}): it was edited "
+            "or damaged"
+        )
+    return Manifest.from_dict(data, where=f"{path}: manifest")
 
 
 def open_complete(path: Path) -> tuple[Manifest, zarr.Group]:
@@ -172,7 +198,17 @@ def open_complete(path: Path) -> tuple[Manifest, zarr.Group]:
     for name in ARRAYS:
         if name not in group:
             raise CacheError(f"{path}: array {name!r} is missing")
+    check_array_metadata(path, manifest)
     return manifest, group
+
+
+def check_array_metadata(path: Path, manifest: Manifest) -> None:
+    actual = array_metadata_sha256(path)
+    for name, digest in manifest.array_metadata_sha256.items():
+        if actual.get(name) != digest:
+            raise CacheError(
+                f"{path}: {name}/zarr.json does not match its checksum in the manifest"
+            )
 
 
 @dataclass(frozen=True)
