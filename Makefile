@@ -13,7 +13,7 @@ TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 DATA_ROOT ?= data
 RUNS ?= runs
 
-.PHONY: all install data test lint format hinton clean-runs cli-docs
+.PHONY: all install data test lint format hinton clean-runs cli-docs faults
 # keep every file target, including those made by pattern rules (make would
 # otherwise delete the cache stamps as "intermediate" files when it exits)
 .SECONDARY:
@@ -93,3 +93,10 @@ clean-runs:
 
 cli-docs: install
 	$(BIN)/python -m pipeline.clidoc > docs/cli.md
+
+# --- fault campaign (issue: crash-safe, verifiable caches) -------------------------------------
+# 20 random SIGKILLs of cache-teacher on a Fashion-MNIST cache, each resumed, and 200 random
+# single-bit flips, each to be caught by `kdpipe verify` and by the training reader.
+faults: install data $(H)/teacher-cnn/model.json
+	$(BIN)/python tests/fault_campaign.py --teacher $(H)/teacher-cnn --data-root $(DATA_ROOT) \
+		--work $(RUNS)/faults --markdown docs/reliability.md

@@ -144,3 +144,104 @@ def test_a_deleted_finished_chunk_is_written_again(train_cache: Path, tmp_path: 
     assert result.exit_code == 0, result.output
     assert "resuming, 4 of 5 chunks already written" in result.output
     assert chunk_files(partial) == reference
+
+
+def student_command(cache_path: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train-student",
+        "--model",
+        "kd_cnn",
+        "--data",
+        "synthetic",
+        "--cache",
+        str(cache_path),
+        "--alpha",
+        "0.5",
+        "--epochs",
+        "30",
+        "--seed",
+        "5",
+        "--dropout",
+        "0.3",
+        "--jitter",
+        "1",
+        "--batch-size",
+        "64",
+    ]
+
+
+def checkpoint_epoch(run: Path) -> int:
+    try:
+        return json.loads((run / "checkpoint.json").read_text())["epoch"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def test_train_student_killed_then_resumed_matches_uninterrupted(
+    train_cache: Path, tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    from pipeline.runs import read_card
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(
+        [*student_command(train_cache), "--out", str(reference)], check=True, capture_output=True
+    )
+    target = random.Random(7).randint(2, 12)
+    process = subprocess.Popen(
+        [*student_command(train_cache), "--out", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while process.poll() is None and checkpoint_epoch(killed) < target:
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model.json").exists(), "training finished before the kill"
+    resumed = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train-student", "--resume", str(killed)],
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stderr
+    assert read_card(killed).weights_sha256 == read_card(reference).weights_sha256
+    ours, theirs = (
+        pd.read_csv(r / "metrics.csv").drop(columns="seconds") for r in (killed, reference)
+    )
+    pd.testing.assert_frame_equal(ours, theirs)
+    assert not list(killed.glob("checkpoint*"))
+
+
+def test_resume_errors(train_cache: Path, tmp_path: Path) -> None:
+    from conftest import invoke, student
+
+    assert student(train_cache, tmp_path / "done").exit_code == 0
+    result = invoke("train-student --resume", tmp_path / "done")
+    assert (
+        result.exit_code == 1
+        and "is finished (it has model.json): nothing to resume" in result.output
+    )
+    result = invoke("train-student --epochs 3 --resume", tmp_path / "done")
+    assert (
+        result.exit_code == 2
+        and "--resume continues with RUN_DIR/config.json; drop --epochs" in result.output
+    )
+    (tmp_path / "early").mkdir()
+    config = json.loads((tmp_path / "done" / "config.json").read_text())
+    (tmp_path / "early" / "config.json").write_text(json.dumps(config))
+    result = invoke("train-student --resume", tmp_path / "early")
+    assert result.exit_code == 1 and "stopped before its first epoch ended" in result.output
+    result = invoke(
+        "train-student --model kd_cnn --data synthetic --epochs 1 --alpha 0.5 --out", tmp_path / "x"
+    )
+    assert (
+        result.exit_code == 2
+        and "Missing option '--cache' (required unless --resume)" in result.output
+    )

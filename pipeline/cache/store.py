@@ -93,17 +93,25 @@ class CacheWriter:
         chunk = manifest.chunk_size
         self.arrays = {
             "logprobs": self.group.create_array(
-                "logprobs", shape=(n, v, c), chunks=(chunk, v, c), dtype=manifest.dtype,
-                fill_value=0.0, **_codecs(),
+                "logprobs",
+                shape=(n, v, c),
+                chunks=(chunk, v, c),
+                dtype=manifest.dtype,
+                fill_value=0.0,
+                **_codecs(),
             ),
             "labels": self.group.create_array(
                 "labels", shape=(n,), chunks=(chunk,), dtype="int64", fill_value=-1, **_codecs()
             ),
             PROGRESS: self.group.create_array(
-                PROGRESS, shape=(self.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
+                PROGRESS,
+                shape=(self.num_chunks,),
+                chunks=(1,),
+                dtype="uint8",
+                fill_value=0,
                 **_codecs(),
             ),
-        }  # fmt: skip
+        }
         self.manifest = replace(manifest, array_metadata_sha256=array_metadata_sha256(self.path))
         write_manifest(self.group, self.manifest)
 
@@ -170,9 +178,19 @@ def read_manifest(path: Path) -> Manifest:
     if not meta.is_file():
         raise NotACacheError(f"{path} is not a kdpipe cache (no zarr.json: not a Zarr v3 group)")
     try:
-        attributes = json.loads(meta.read_text()).get("attributes", {})
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        document = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{meta} is not valid JSON ({exc}): the cache is damaged") from None
+    if (
+        not isinstance(document, dict)
+        or set(document) - {"attributes", "consolidated_metadata"} != {"zarr_format", "node_type"}
+        or document["zarr_format"] != 3
+        or document["node_type"] != "group"
+    ):
+        raise ManifestError(f"{meta} is not the metadata of a Zarr v3 group: the cache is damaged")
+    attributes = document.get("attributes", {})
+    if not isinstance(attributes, dict):
+        raise ManifestError(f"{meta}: 'attributes' is not an object: the cache is damaged")
     if MANIFEST_KEY not in attributes:
         raise NotACacheError(
             f"{path} is a Zarr group but not a kdpipe cache (no '{MANIFEST_KEY}' manifest)"
@@ -186,20 +204,21 @@ def read_manifest(path: Path) -> Manifest:
     return Manifest.from_dict(data, where=f"{path}: manifest")
 
 
-def open_complete(path: Path) -> tuple[Manifest, zarr.Group]:
-    """Open a cache for reading; refuse one that is not complete."""
+def open_complete(path: Path) -> tuple[Manifest, dict[str, zarr.Array]]:
+    """Open a cache's arrays for reading; refuse one that is not complete or is damaged."""
     manifest = read_manifest(path)
     if manifest.status != STATUS_COMPLETE:
         raise CacheIncompleteError(
             f"{path} is not complete (status {manifest.status!r}): the teacher pass did not "
             "finish; run cache-teacher again"
         )
-    group = zarr.open_group(str(path), mode="r")
-    for name in ARRAYS:
-        if name not in group:
-            raise CacheError(f"{path}: array {name!r} is missing")
-    check_array_metadata(path, manifest)
-    return manifest, group
+    check_array_metadata(path, manifest)  # before zarr parses it: zarr's errors are not ours
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        arrays = {name: group[name] for name in (*ARRAYS, PROGRESS)}
+    except Exception as exc:
+        raise CacheError(f"{path}: the arrays cannot be opened ({exc!r})") from None
+    return manifest, arrays
 
 
 def check_array_metadata(path: Path, manifest: Manifest) -> None:
@@ -261,9 +280,15 @@ def _read_array(path: Path, array: zarr.Array, name: str) -> np.ndarray:
 def load_soft_labels(path: Path) -> SoftLabels:
     """Read a complete cache into memory once (checksums verified on the way)."""
     path = Path(path)
-    manifest, group = open_complete(path)
-    logprobs = _read_array(path, group["logprobs"], "logprobs")
-    labels = _read_array(path, group["labels"], "labels")
+    manifest, arrays = open_complete(path)
+    logprobs = _read_array(path, arrays["logprobs"], "logprobs")
+    labels = _read_array(path, arrays["labels"], "labels")
+    unflagged = np.flatnonzero(_read_array(path, arrays[PROGRESS], PROGRESS) != 1)
+    if len(unflagged):
+        raise CacheError(
+            f"{path}: chunk(s) {', '.join(map(str, unflagged[:10]))} are not flagged "
+            "as written, although the manifest says complete"
+        )
     expected = (manifest.num_samples, manifest.num_views, manifest.num_classes)
     if logprobs.shape != expected or labels.shape != (manifest.num_samples,):
         raise CacheError(
