@@ -393,12 +393,7 @@ def report_command(
 
 @main.command("verify", context_settings=CONTEXT)
 @click.argument("cache_path", metavar="CACHE", type=click.Path())
-@click.option(
-    "--data", default=None, help="Also check the fingerprint and labels against this dataset."
-)
-@click.option("--data-root", default="data", type=click.Path(file_okay=False))
-@click.option("--image-size", type=click.IntRange(min=1), default=None)
-@click.option("--channels", type=click.Choice(["1", "3"]), default=None)
+@functools.partial(data_options, required=False)
 @click.option(
     "--recompute",
     type=click.IntRange(min=0),
@@ -421,6 +416,7 @@ def verify_command(
 ) -> None:  # fmt: skip
     """Check a cache: manifest, completion, every chunk's checksum and values, labels.
 
+    With --data, also the dataset's fingerprint and labels (the cache's split is used).
     Exits with status 1, naming the chunk or sample at fault, when a check fails.
     """
     from pipeline.data import load_dataset
