@@ -72,7 +72,7 @@ def test_unknown_format_version(copy: Path) -> None:
     assert result.exit_code == 1 and "format_version 7 is not supported" in result.output
 
 
-def test_values_that_are_not_distributions(copy: Path) -> None:
+def test_values_that_are_not_distributions(copy: Path, tmp_path: Path) -> None:
     import zarr
 
     array = zarr.open_array(str(copy / "logprobs"), mode="r+")
@@ -83,6 +83,8 @@ def test_values_that_are_not_distributions(copy: Path) -> None:
     result = run_verify(copy)
     assert result.exit_code == 1
     assert "chunk 1 (rows 128-255): NaN or Inf at sample(s) 130" in result.output
+    trained = student(copy, tmp_path / "s")
+    assert trained.exit_code == 1 and "NaN or Inf soft labels at sample(s) 130" in trained.output
     block[0, 0, 0] = -1.0  # finite again, but row 130 no longer sums to 1 either
     array[130:132] = block
     result = run_verify(copy)

@@ -283,6 +283,11 @@ def load_soft_labels(path: Path) -> SoftLabels:
     manifest, arrays = open_complete(path)
     logprobs = _read_array(path, arrays["logprobs"], "logprobs")
     labels = _read_array(path, arrays["labels"], "labels")
+    not_finite = np.flatnonzero(~np.isfinite(logprobs).all(axis=(1, 2)))
+    if len(not_finite):
+        raise CacheError(
+            f"{path}: NaN or Inf soft labels at sample(s) {', '.join(map(str, not_finite[:10]))}"
+        )
     unflagged = np.flatnonzero(_read_array(path, arrays[PROGRESS], PROGRESS) != 1)
     if len(unflagged):
         raise CacheError(
