@@ -71,7 +71,9 @@ def collect(run_dirs: list[Path]) -> pd.DataFrame:
         config = json.loads((run_dir / CONFIG_FILE).read_text())
         final = _final_metrics(run_dir)
         lineage = card.lineage or {}
-        teachers = [Path(p).name for p in lineage.get("teacher_runs", [])]
+        # with alpha = 1 no soft target is used: the cache only serves as lineage
+        soft = card.kind == "student" and lineage.get("alpha", 1.0) < 1.0
+        teachers = [Path(p).name for p in lineage.get("teacher_runs", [])] if soft else []
         rows.append(
             {
                 "run": run_dir.name,
@@ -80,7 +82,7 @@ def collect(run_dirs: list[Path]) -> pd.DataFrame:
                 "architecture": card.architecture,
                 "teacher": "+".join(teachers) if teachers else "",
                 "alpha": lineage.get("alpha") if card.kind == "student" else None,
-                "temperature": lineage.get("temperature"),
+                "temperature": lineage.get("temperature") if soft else None,
                 "seed": config["seed"],
                 "epochs": int(final["epoch"]),
                 "test_accuracy": float(final["test_accuracy"]),
@@ -96,7 +98,8 @@ def collect(run_dirs: list[Path]) -> pd.DataFrame:
 
 def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
     """Mean ± std per group and, against ``baseline``, Hinton's gap-recovery share:
-    (baseline errors − student errors) / (baseline errors − teacher errors)."""
+    (baseline errors − student errors) / (baseline errors − teacher errors), left empty
+    where the teacher makes as many errors as the baseline or more (no gap to recover)."""
     groups = []
     for name, group in runs.groupby("group", sort=False):
         first = group.iloc[0]
@@ -129,7 +132,7 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             teacher_errors = errors_of.get(row["teacher"])
             if row["kind"] != "student" or row["group"] == baseline or teacher_errors is None:
                 return None
-            if scratch == teacher_errors:
+            if teacher_errors >= scratch:  # no gap to recover: the teacher is not better
                 return None
             return (scratch - row["test_errors_mean"]) / (scratch - teacher_errors)
 
