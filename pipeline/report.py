@@ -151,8 +151,10 @@ def to_markdown(table: pd.DataFrame) -> str:
             "seeds": table["seeds"],
             "epochs": table["epochs"],
             "test errors (of 10,000)": [
-                f"{m:.1f} ± {s:.1f}"
-                for m, s in zip(table["test_errors_mean"], table["test_errors_std"], strict=True)
+                f"{m:.1f} ± {sd:.1f}" if len(seeds.split()) > 1 else f"{m:.0f}"
+                for m, sd, seeds in zip(
+                    table["test_errors_mean"], table["test_errors_std"], table["seeds"], strict=True
+                )
             ],
             "test accuracy": table["test_accuracy_mean"].map(lambda v: f"{v:.4f}"),
             "minutes / run": table["minutes_per_run"].map(lambda v: f"{v:.1f}"),
