@@ -131,3 +131,12 @@ def test_edited_manifest_and_array_metadata_are_detected(copy: Path, tmp_path: P
     assert "labels/zarr.json does not match its checksum in the manifest" in result.output
     trained = student(copy, tmp_path / "s")
     assert trained.exit_code == 1 and "labels/zarr.json does not match" in trained.output
+
+
+def test_a_flipped_progress_flag_is_detected(copy: Path, tmp_path: Path) -> None:
+    flip_byte(copy / "progress" / "c" / "3", offset=-1)  # inside the crc32c of the flag
+    result = run_verify(copy)
+    assert result.exit_code == 1
+    assert "chunk 3 (rows 384-511): unreadable, checksum or compression error" in result.output
+    trained = student(copy, tmp_path / "s")
+    assert trained.exit_code == 1 and "chunk 3 of 'progress'" in trained.output
