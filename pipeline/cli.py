@@ -90,8 +90,8 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "model",
             help="A timm architecture (resnet18, kd_cnn, kd_mlp_800x2, ...).",
         ),
-        click.option("--epochs", type=click.IntRange(min=1), help="Required to start a run."),
-        click.option("--out", type=click.Path(), help="Run directory to create (required)."),
+        click.option("--epochs", type=click.IntRange(min=1), help="Number of epochs."),
+        click.option("--out", type=click.Path(), help="Run directory to create."),
         click.option("--batch-size", type=click.IntRange(min=1), default=128),
         click.option("--opt", default="sgd", help="Optimizer name for timm's create_optimizer_v2."),
         click.option("--lr", type=POSITIVE, default=0.05, help="Peak learning rate."),
@@ -201,6 +201,7 @@ def train_teacher_command(**options: Any) -> None:
 
     The run directory holds model.safetensors, model.json (architecture, data
     config, weights hash: the teacher version), config.json and metrics.csv.
+    --model, --data, --epochs and --out are required, unless --resume RUN_DIR.
     """
     card = _start_or_resume("train-teacher", options, _echo)
     click.echo(f"teacher {card.architecture}, weights {card.weights_sha256[:16]}")
@@ -257,11 +258,11 @@ def cache_teacher_command(
 
 
 @main.command("train-student", context_settings=CONTEXT)
-@click.option("--cache", type=click.Path(), help="Cache written by cache-teacher (required).")
+@click.option("--cache", type=click.Path(), help="Cache written by cache-teacher.")
 @click.option(
     "--alpha",
     type=click.FloatRange(0, 1),
-    help="Weight of the hard-label CE term; 1 trains on hard labels alone (baseline). Required.",
+    help="Weight of the hard-label CE term; 1 trains on hard labels alone (baseline).",
 )
 @click.option(
     "--temperature",
@@ -272,7 +273,11 @@ def cache_teacher_command(
 @training_options
 @reports_errors
 def train_student_command(**options: Any) -> None:
-    """Train a student from a cache: α·CE + (1−α)·T²·KL(p_teacher ‖ p_student)."""
+    """Train a student from a cache: α·CE + (1−α)·T²·KL(p_teacher ‖ p_student).
+
+    --model, --data, --cache, --alpha, --epochs and --out are required, unless
+    --resume RUN_DIR continues an unfinished run.
+    """
     card = _start_or_resume("train-student", options, _echo)
     lineage = card.lineage or {}
     click.echo(
