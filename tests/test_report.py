@@ -47,6 +47,8 @@ def test_table_is_read_from_the_runs(runs: list, tmp_path: Path) -> None:
     assert text.startswith("# Results\n\nWritten by a person.\n")
     assert "kdpipe train-student --model kd_mlp_30x2 --data synthetic" in text
     assert "--seed SEED" in text
+    assert "--alpha 1.0 " in text or text.count("--alpha 1.0\n") == 1  # the baseline says so
+    assert "kdpipe cache-teacher --teacher" in text and "--split train --temperature 4" in text
 
     # edit one run's metrics: the regenerated table follows the file, not a copy
     metrics = pd.read_csv(runs[1] / "metrics.csv")
