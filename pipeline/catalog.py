@@ -97,7 +97,13 @@ def catalog(paths: Iterable[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CATALOG_COLUMNS)
 
 
-def lineage(run_dir: Path, *, data_root: Path = Path("data")) -> pd.DataFrame:
+def lineage(
+    run_dir: Path,
+    *,
+    data_root: Path = Path("data"),
+    image_size: int | None = None,
+    channels: int | None = None,
+) -> pd.DataFrame:
     """The chain run → cache → teacher(s) → dataset, each link checked where its files are.
 
     ``verified``: the file is there and its hash was recomputed and matches;
@@ -111,6 +117,7 @@ def lineage(run_dir: Path, *, data_root: Path = Path("data")) -> pd.DataFrame:
             {"link": kind, "path": name, "id": identity, "status": status, "detail": detail}
         )
 
+    load = {"data_root": data_root, "image_size": image_size, "channels": channels}
     card = read_card(run_dir)
     try:
         load_model(run_dir)  # recomputes the weights hash
@@ -120,14 +127,14 @@ def lineage(run_dir: Path, *, data_root: Path = Path("data")) -> pd.DataFrame:
     except RunDirError as exc:
         link(card.kind, str(run_dir), card.weights_sha256[:16], "MISMATCH", str(exc))
     if card.lineage is None:  # a teacher: trained on labels, its dataset ends the chain
-        _dataset_link(link, card.dataset, data_root)
+        _dataset_link(link, card.dataset, load)
         return pd.DataFrame(rows)
     cache_path = Path(card.lineage["cache_path"])
     try:
         manifest = read_manifest(cache_path)
     except KdpipeError as exc:
         link("cache", str(cache_path), card.lineage["cache_id"], "missing", str(exc))
-        _dataset_link(link, card.dataset, data_root)
+        _dataset_link(link, card.dataset, load)
         return pd.DataFrame(rows)
     same = manifest.cache_id == card.lineage["cache_id"]
     link(
@@ -157,15 +164,15 @@ def lineage(run_dir: Path, *, data_root: Path = Path("data")) -> pd.DataFrame:
             else f"the cache was made by weights {member.weights_sha256[:16]}, these are "
             f"{teacher.weights_sha256[:16]}",
         )
-    _dataset_link(link, manifest.dataset, data_root)
+    _dataset_link(link, manifest.dataset, load)
     return pd.DataFrame(rows)
 
 
-def _dataset_link(link, record: dict, data_root: Path) -> None:
+def _dataset_link(link, record: dict, load: dict) -> None:
     name = f"{record['name']} ({record['split']})"
     expected = record["fingerprint"]
     try:
-        dataset = load_dataset(record["name"], record["split"], data_root=data_root)
+        dataset = load_dataset(record["name"], record["split"], **load)
     except KdpipeError as exc:
         link("dataset", name, expected["sha256"][:16], "missing", str(exc))
         return

@@ -149,8 +149,11 @@ def _start_or_resume(command: str, options: dict, log: Callable[[str], None]) ->
     context = click.get_current_context()
     resume = options.pop("resume")
     if resume is not None:
-        given = [name for name in options
-                 if context.get_parameter_source(name) == ParameterSource.COMMANDLINE]  # fmt: skip
+        given = [
+            name
+            for name in options
+            if context.get_parameter_source(name) == ParameterSource.COMMANDLINE
+        ]
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise click.UsageError(f"--resume continues with RUN_DIR/config.json; drop {flags}")
@@ -416,9 +419,16 @@ def report_command(
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @reports_errors
 def verify_command(
-    cache_path: str, data: str | None, data_root: str, image_size: int | None,
-    channels: str | None, recompute: int, teachers: tuple[str, ...], seed: int, device: str,
-) -> None:  # fmt: skip
+    cache_path: str,
+    data: str | None,
+    data_root: str,
+    image_size: int | None,
+    channels: str | None,
+    recompute: int,
+    teachers: tuple[str, ...],
+    seed: int,
+    device: str,
+) -> None:
     """Check a cache: manifest, completion, every chunk's checksum and values, labels.
 
     With --data, also the dataset's fingerprint and labels (the cache's split is used).
@@ -431,13 +441,20 @@ def verify_command(
     if data is not None:
         manifest_split = _cache_split(Path(cache_path))
         dataset = load_dataset(
-            data, manifest_split, data_root=Path(data_root), image_size=image_size,
+            data,
+            manifest_split,
+            data_root=Path(data_root),
+            image_size=image_size,
             channels=int(channels) if channels else None,
-        )  # fmt: skip
+        )
     report = verify_cache(
-        Path(cache_path), dataset=dataset, recompute=recompute,
-        teachers=[Path(t) for t in teachers], device=device, seed=seed,
-    )  # fmt: skip
+        Path(cache_path),
+        dataset=dataset,
+        recompute=recompute,
+        teachers=[Path(t) for t in teachers],
+        device=device,
+        seed=seed,
+    )
     click.echo(report.frame().to_string(index=False))
     if not report.ok:
         raise click.ClickException(
@@ -471,9 +488,23 @@ def caches_command(paths: tuple[str, ...], fmt: str) -> None:
 @main.command("lineage", context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path())
 @click.option("--data-root", default="data", type=click.Path(file_okay=False))
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Image folders: the size the cache was made with, if not the images' own.",
+)
+@click.option(
+    "--channels",
+    type=click.Choice(["1", "3"]),
+    default=None,
+    help="Image folders: the channels the cache was made with, if not the images'.",
+)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
 @reports_errors
-def lineage_command(run_dir: str, data_root: str, fmt: str) -> None:
+def lineage_command(
+    run_dir: str, data_root: str, image_size: int | None, channels: str | None, fmt: str
+) -> None:
     """The chain run -> cache -> teacher(s) -> dataset, each link verified or missing.
 
     Hashes are recomputed wherever the files are present; exits with status 1
@@ -482,7 +513,12 @@ def lineage_command(run_dir: str, data_root: str, fmt: str) -> None:
     from pipeline.catalog import lineage
     from pipeline.evaluate import render_rows
 
-    frame = lineage(Path(run_dir), data_root=Path(data_root))
+    frame = lineage(
+        Path(run_dir),
+        data_root=Path(data_root),
+        image_size=image_size,
+        channels=int(channels) if channels else None,
+    )
     click.echo(render_rows(frame, fmt))
     if (frame["status"] == "MISMATCH").any():
         raise click.ClickException(f"{run_dir}: a link of its lineage does not match its record")

@@ -18,8 +18,11 @@ def test_three_caches_from_two_teacher_versions(teacher_run: Path, tmp_path: Pat
     )
     assert trained.exit_code == 0
     folder = tmp_path / "caches"
-    for name, teacher, temperature in (("a-T2", teacher_run, 2), ("a-T4", teacher_run, 4),
-                                       ("b-T2", other, 2)):  # fmt: skip
+    for name, teacher, temperature in (
+        ("a-T2", teacher_run, 2),
+        ("a-T4", teacher_run, 4),
+        ("b-T2", other, 2),
+    ):
         made = cache(teacher, folder / "nested" / f"{name}.zarr", f"--temperature {temperature}")
         assert made.exit_code == 0, made.output
     (folder / "not-a-cache").mkdir()
@@ -76,3 +79,39 @@ def test_lineage_links_student_cache_teacher_dataset(
     result = invoke("lineage", tmp_path / "s")
     assert result.exit_code == 1 and "MISMATCH" in result.output
     assert "does not match its record" in result.output
+
+
+def test_lineage_of_a_resized_image_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for split in ("train", "test"):
+        for index, label in enumerate(("a", "b")):
+            (root / split / label).mkdir(parents=True)
+            Image.new("L", (10, 10), 40 + 100 * index).save(root / split / label / "0.png")
+    teacher, store, pupil = tmp_path / "t", tmp_path / "c.zarr", tmp_path / "s"
+    sized = "--image-size 8 --data"
+    assert (
+        invoke(f"train-teacher --model kd_cnn --epochs 1 {sized}", root, "--out", teacher).exit_code
+        == 0
+    )
+    assert (
+        invoke(
+            f"cache-teacher --temperature 2 {sized}", root, "--teacher", teacher, "--out", store
+        ).exit_code
+        == 0
+    )
+    trained = invoke(
+        f"train-student --model kd_mlp_30x2 --alpha 0.5 --epochs 1 {sized}",
+        root,
+        "--cache",
+        store,
+        "--out",
+        pupil,
+    )
+    assert trained.exit_code == 0, trained.output
+    result = invoke("lineage", pupil, "--image-size 8 --format json")
+    assert result.exit_code == 0, result.output
+    assert {row["status"] for row in json.loads(result.output)} == {"verified"}
+    unsized = invoke("lineage", pupil, "--format json")  # other pixels: the data link says so
+    assert unsized.exit_code == 1 and "the data on disk has another fingerprint" in unsized.output
