@@ -167,6 +167,21 @@ def _start_or_resume(command: str, options: dict, log: Callable[[str], None]) ->
     return train(config, log=log)
 
 
+def _load_data(
+    data: str, split: str, data_root: str, image_size: int | None, channels: str | None
+) -> Any:
+    """The dataset that --data and its companion options name."""
+    from pipeline.data import load_dataset
+
+    return load_dataset(
+        data,
+        split,
+        data_root=Path(data_root),
+        image_size=image_size,
+        channels=int(channels) if channels else None,
+    )
+
+
 def _echo(line: str) -> None:
     click.echo(line, err=True)
 
@@ -246,17 +261,10 @@ def cache_teacher_command(
     **options: Any,
 ) -> None:
     """Run the teacher(s) once over a dataset split; store log_softmax(z/T) in a Zarr cache."""
-    from pipeline.data import load_dataset
     from pipeline.teach import CacheConfig, cache_teacher
 
     config = CacheConfig(**{**options, "teachers": tuple(options["teachers"])})
-    dataset = load_dataset(
-        data,
-        split,
-        data_root=Path(data_root),
-        image_size=image_size,
-        channels=int(channels) if channels else None,
-    )
+    dataset = _load_data(data, split, data_root, image_size, channels)
     cache_teacher(config, dataset, log=click.echo)
 
 
@@ -329,16 +337,9 @@ def evaluate_command(
     device: str,
 ) -> None:
     """Accuracy, agreement with the teacher, calibration (ECE), size and CPU speed of a run."""
-    from pipeline.data import load_dataset
     from pipeline.evaluate import evaluate_run, render
 
-    dataset = load_dataset(
-        data,
-        split,
-        data_root=Path(data_root),
-        image_size=image_size,
-        channels=int(channels) if channels else None,
-    )
+    dataset = _load_data(data, split, data_root, image_size, channels)
     frame = evaluate_run(
         Path(run_dir),
         dataset,
@@ -434,19 +435,12 @@ def verify_command(
     With --data, also the dataset's fingerprint and labels (the cache's split is used).
     Exits with status 1, naming the chunk or sample at fault, when a check fails.
     """
-    from pipeline.data import load_dataset
     from pipeline.verify import verify_cache
 
     dataset = None
     if data is not None:
         manifest_split = _cache_split(Path(cache_path))
-        dataset = load_dataset(
-            data,
-            manifest_split,
-            data_root=Path(data_root),
-            image_size=image_size,
-            channels=int(channels) if channels else None,
-        )
+        dataset = _load_data(data, manifest_split, data_root, image_size, channels)
     report = verify_cache(
         Path(cache_path),
         dataset=dataset,

@@ -30,6 +30,14 @@ def test_a_sound_cache_passes_every_check(copy: Path, teacher_run: Path) -> None
     assert "FAIL" not in result.output
 
 
+def refused_by_both(cache: Path, tmp_path: Path, by_verify: str, by_reader: str) -> None:
+    """verify fails naming the damage, and so does train-student's reader."""
+    result = run_verify(cache)
+    assert result.exit_code == 1 and by_verify in result.output, result.output
+    trained = student(cache, tmp_path / "s")
+    assert trained.exit_code == 1 and by_reader in trained.output, trained.output
+
+
 def flip_byte(path: Path, offset: int | None = None) -> None:
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2 if offset is None else offset] ^= 0x01
@@ -38,32 +46,28 @@ def flip_byte(path: Path, offset: int | None = None) -> None:
 
 def test_flipped_byte(copy: Path, tmp_path: Path) -> None:
     flip_byte(copy / "logprobs" / "c" / "1" / "0" / "0")
-    result = run_verify(copy)
-    assert result.exit_code == 1
-    assert "chunk 1 (rows 128-255): unreadable, checksum or compression error" in result.output
-    trained = student(copy, tmp_path / "s")
-    assert (
-        trained.exit_code == 1
-        and "chunk 1 of 'logprobs' (rows 128-255) is corrupt" in trained.output
+    refused_by_both(
+        copy,
+        tmp_path,
+        "chunk 1 (rows 128-255): unreadable, checksum or compression error",
+        "chunk 1 of 'logprobs' (rows 128-255) is corrupt",
     )
 
 
 def test_deleted_chunk(copy: Path, tmp_path: Path) -> None:
     (copy / "labels" / "c" / "2").unlink()
-    result = run_verify(copy)
-    assert result.exit_code == 1
-    assert "chunk 2 (rows 256-383): missing file(s) of labels" in result.output
-    trained = student(copy, tmp_path / "s")
-    assert trained.exit_code == 1 and "1 chunk(s) of 'labels' are missing" in trained.output
+    refused_by_both(
+        copy,
+        tmp_path,
+        "chunk 2 (rows 256-383): missing file(s) of labels",
+        "1 chunk(s) of 'labels' are missing",
+    )
 
 
 def test_truncated_manifest(copy: Path, tmp_path: Path) -> None:
     meta = copy / "zarr.json"
     meta.write_text(meta.read_text()[:200])
-    result = run_verify(copy)
-    assert result.exit_code == 1 and "is not valid JSON" in result.output
-    trained = student(copy, tmp_path / "s")
-    assert trained.exit_code == 1 and "is not valid JSON" in trained.output
+    refused_by_both(copy, tmp_path, "is not valid JSON", "is not valid JSON")
 
 
 def test_unknown_format_version(copy: Path) -> None:
@@ -119,24 +123,25 @@ def test_edited_manifest_and_array_metadata_are_detected(copy: Path, tmp_path: P
     meta = json.loads((copy / "zarr.json").read_text())
     meta["attributes"]["kdpipe"]["temperature"] = 5.0  # edited by hand, checksum not updated
     (copy / "zarr.json").write_text(json.dumps(meta))
-    result = run_verify(copy)
-    assert result.exit_code == 1 and "the manifest does not match its checksum" in result.output
-    trained = student(copy, tmp_path / "s")
-    assert trained.exit_code == 1 and "does not match its checksum" in trained.output
+    refused_by_both(
+        copy, tmp_path, "the manifest does not match its checksum", "does not match its checksum"
+    )
     edit_manifest(copy, temperature=4.0)
     array_meta = copy / "labels" / "zarr.json"
     array_meta.write_text(array_meta.read_text().replace('"fill_value": -1', '"fill_value": -2'))
-    result = run_verify(copy)
-    assert result.exit_code == 1
-    assert "labels/zarr.json does not match its checksum in the manifest" in result.output
-    trained = student(copy, tmp_path / "s")
-    assert trained.exit_code == 1 and "labels/zarr.json does not match" in trained.output
+    refused_by_both(
+        copy,
+        tmp_path,
+        "labels/zarr.json does not match its checksum in the manifest",
+        "labels/zarr.json does not match",
+    )
 
 
 def test_a_flipped_progress_flag_is_detected(copy: Path, tmp_path: Path) -> None:
     flip_byte(copy / "progress" / "c" / "3", offset=-1)  # inside the crc32c of the flag
-    result = run_verify(copy)
-    assert result.exit_code == 1
-    assert "chunk 3 (rows 384-511): unreadable, checksum or compression error" in result.output
-    trained = student(copy, tmp_path / "s")
-    assert trained.exit_code == 1 and "chunk 3 of 'progress'" in trained.output
+    refused_by_both(
+        copy,
+        tmp_path,
+        "chunk 3 (rows 384-511): unreadable, checksum or compression error",
+        "chunk 3 of 'progress'",
+    )
