@@ -31,14 +31,14 @@ def _group_name(run_dir: Path) -> str:
     return SEED_SUFFIX.sub("", run_dir.name)
 
 
-def _final_metrics(run_dir: Path) -> pd.Series:
+def _read_metrics(run_dir: Path) -> pd.DataFrame:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise RunDirError(f"{run_dir} has no {METRICS_FILE}")
     metrics = pd.read_csv(path)
     if metrics.empty:
         raise RunDirError(f"{path} has no epochs")
-    return metrics.iloc[-1]
+    return metrics
 
 
 def command_line(config: dict, *, seed_placeholder: bool = False) -> str:
@@ -71,7 +71,8 @@ def collect(run_dirs: list[Path]) -> pd.DataFrame:
     for run_dir in run_dirs:
         card = read_card(run_dir)
         config = json.loads((run_dir / CONFIG_FILE).read_text())
-        final = _final_metrics(run_dir)
+        metrics = _read_metrics(run_dir)
+        final = metrics.iloc[-1]
         lineage = card.lineage or {}
         # with alpha = 1 no soft target is used: the cache only serves as lineage
         soft = card.kind == "student" and lineage.get("alpha", 1.0) < 1.0
@@ -89,7 +90,7 @@ def collect(run_dirs: list[Path]) -> pd.DataFrame:
                 "epochs": int(final["epoch"]),
                 "test_accuracy": float(final["test_accuracy"]),
                 "test_errors": int(final["test_errors"]),
-                "seconds": float(pd.read_csv(run_dir / METRICS_FILE)["seconds"].sum()),
+                "seconds": float(metrics["seconds"].sum()),
                 "cache": lineage.get("cache_path", ""),
                 "command": command_line(
                     config, seed_placeholder=bool(SEED_SUFFIX.search(run_dir.name))
