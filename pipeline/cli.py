@@ -52,6 +52,42 @@ def parse_sizes(_ctx: click.Context, _param: click.Parameter, value: str | None)
     return sizes
 
 
+def parse_classes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple:
+    if not value:
+        return ()
+    try:
+        return tuple(sorted({int(part) for part in value.split(",")}))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of class ids") from None
+
+
+def view_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--augment",
+            type=click.Choice(["none", "flip", "shift-flip", "crop-flip"]),
+            default="none",
+            help="Augmentation of each view: flips, whole-pixel shifts up to 1/8 of the side, "
+            "or random-resized crops (area 25-100 %), each with a random left-right flip.",
+        ),
+        click.option(
+            "--mix",
+            type=click.Choice(["none", "mixup", "cutmix"]),
+            default="none",
+            help="Mix each view with a random partner sample.",
+        ),
+        click.option(
+            "--mix-alpha",
+            type=POSITIVE,
+            default=1.0,
+            help="The mixing weight is drawn from Beta(MIX_ALPHA, MIX_ALPHA).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def data_options(command: Callable[..., Any], required: bool = True) -> Callable[..., Any]:
     options = [
         click.option(
@@ -131,12 +167,13 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for option in reversed(options):
         command = option(command)
-    return data_options(command, required=False)
+    return data_options(view_options(command), required=False)
 
 
 REQUIRED_TO_START = {
     "train-teacher": ("model", "data", "epochs", "out"),
     "train-student": ("model", "data", "epochs", "out", "cache", "alpha"),
+    "distill-online": ("model", "data", "epochs", "out", "teacher", "alpha", "temperature"),
 }
 
 
@@ -144,7 +181,13 @@ def _start_or_resume(command: str, options: dict, log: Callable[[str], None]) ->
     """A new run from the options, or with --resume RUN_DIR alone, the unfinished run there."""
     from click.core import ParameterSource
 
-    from pipeline.train import TrainConfig, resume_training, train_student, train_teacher
+    from pipeline.train import (
+        TrainConfig,
+        distill_online,
+        resume_training,
+        train_student,
+        train_teacher,
+    )
 
     context = click.get_current_context()
     resume = options.pop("resume")
@@ -163,7 +206,11 @@ def _start_or_resume(command: str, options: dict, log: Callable[[str], None]) ->
             raise click.UsageError(f"Missing option '--{name}' (required unless --resume).")
     channels = options.pop("channels")
     config = TrainConfig(**options, channels=int(channels) if channels else None)
-    train = train_student if command == "train-student" else train_teacher
+    train = {
+        "train-teacher": train_teacher,
+        "train-student": train_student,
+        "distill-online": distill_online,
+    }[command]
     return train(config, log=log)
 
 
@@ -249,6 +296,37 @@ def train_teacher_command(**options: Any) -> None:
     "--chunk-size", type=click.IntRange(min=1), default=4096, help="Samples per Zarr chunk."
 )
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16")
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Store only the K largest log-probabilities and their classes [default: all].",
+)
+@click.option(
+    "--views",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Augmented views per sample, each with its parameters stored.",
+)
+@view_options
+@click.option("--seed", type=int, default=0, help="Draws the views and the --subset.")
+@click.option(
+    "--subset",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Cache a random fraction of the samples (the transfer set) [default: all].",
+)
+@click.option(
+    "--exclude-classes",
+    callback=parse_classes,
+    default=None,
+    help="Leave these class ids out of the transfer set, e.g. 3 or 3,5.",
+)
+@click.option(
+    "--ignore-labels",
+    is_flag=True,
+    help="Store no labels: students learn from the teacher alone (alpha 0).",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @reports_errors
@@ -258,12 +336,24 @@ def cache_teacher_command(
     image_size: int | None,
     channels: str | None,
     split: str,
+    augment: str,
+    mix: str,
+    mix_alpha: float,
     **options: Any,
 ) -> None:
-    """Run the teacher(s) once over a dataset split; store log_softmax(z/T) in a Zarr cache."""
-    from pipeline.teach import CacheConfig, cache_teacher
+    """Run the teacher(s) once over a dataset split; store log_softmax(z/T) in a Zarr cache.
 
-    config = CacheConfig(**{**options, "teachers": tuple(options["teachers"])})
+    With --views V, each sample gets V augmented views (--augment, --mix): the
+    teacher labels each, and their parameters are stored so that students
+    replay exactly the images the teacher saw.
+    """
+    from pipeline.teach import CacheConfig, cache_teacher
+    from pipeline.views import ViewPolicy
+
+    config = CacheConfig(
+        **{**options, "teachers": tuple(options["teachers"])},
+        policy=ViewPolicy(augment, mix, mix_alpha),
+    )
     dataset = _load_data(data, split, data_root, image_size, channels)
     cache_teacher(config, dataset, log=click.echo)
 
@@ -295,6 +385,27 @@ def train_student_command(**options: Any) -> None:
         f"student {card.architecture} from cache {lineage.get('cache_id')} "
         f"(teacher {lineage.get('teacher_id')})"
     )
+
+
+@main.command("distill-online", context_settings=CONTEXT)
+@click.option("--teacher", type=click.Path(), help="Teacher run directory, run on every batch.")
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1),
+    help="Weight of the hard-label term (timm's task_loss_weight).",
+)
+@click.option("--temperature", type=POSITIVE, default=None, help="Distillation temperature.")
+@training_options
+@reports_errors
+def distill_online_command(**options: Any) -> None:
+    """Online distillation with timm's LogitDistillationTask: the reference for a cache.
+
+    The teacher runs on every training batch (fresh --augment/--mix views),
+    which is what a cache avoids paying for. --model, --data, --teacher,
+    --alpha, --temperature, --epochs and --out are required, unless --resume.
+    """
+    card = _start_or_resume("distill-online", options, _echo)
+    click.echo(f"student {card.architecture} distilled online from {options['teacher']}")
 
 
 @main.command("evaluate", context_settings=CONTEXT)

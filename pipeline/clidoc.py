@@ -49,7 +49,11 @@ INTRODUCTIONS = {
         "durable chunk and ends byte-identical to an uninterrupted run; run again with other "
         "arguments against a partial store, it refuses and names what differs (unless "
         "`--overwrite`). NaN or Inf teacher outputs stop the pass with the sample indices; the "
-        "store then stays `writing`."
+        "store then stays `writing`. With `--views V --augment … [--mix …]` each row gets V "
+        "augmented views whose parameters (crop box, flip, mix partner and weight) are stored "
+        "beside the outputs; `--subset` and `--exclude-classes` choose the transfer set (the "
+        "dataset index of every row is stored); `--top-k K` stores the K largest "
+        "log-probabilities and their classes; `--ignore-labels` caches no labels."
     ),
     "train-student": (
         "Stage two. Trains a student from a cache with "
@@ -57,7 +61,17 @@ INTRODUCTIONS = {
         "must match the cache's fingerprint. `--alpha 1` is the hard-label baseline through "
         "the same loop. `--temperature` re-tempers the stored values exactly (default: the "
         "cache's T). The run directory's `model.json` records the `cache_id` and `teacher_id` "
-        "(lineage). `--resume RUN_DIR` continues a killed run from its last epoch checkpoint."
+        "(lineage). `--resume RUN_DIR` continues a killed run from its last epoch checkpoint. "
+        "From a cache with views, each row uses one of its V views per epoch (all V over any V "
+        "consecutive epochs), rendered from the stored parameters at the student's input size: "
+        "the image the teacher labelled. A cache without labels forces `--alpha 0`."
+    ),
+    "distill-online": (
+        "The reference that a cache is measured against: online distillation through timm's "
+        "own `timm.task.LogitDistillationTask`, the teacher run on every batch, with fresh "
+        "`--augment`/`--mix` views each step. `--alpha` is timm's `task_loss_weight` (the "
+        "distillation term gets 1 − α). Same run directory, metrics and `--resume` as the "
+        "other training commands."
     ),
     "evaluate": (
         "Test accuracy and errors, top-1 agreement with the teacher (from `--teacher` run "

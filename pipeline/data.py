@@ -65,6 +65,11 @@ class ImageSet:
         return len(self.classes)
 
     @property
+    def labeled(self) -> bool:
+        """False for an unlabeled split (a flat image folder): every label is -1."""
+        return bool(self.classes) and bool((self.labels >= 0).all())
+
+    @property
     def input_size(self) -> tuple[int, int, int]:
         c, h, w = self.images.shape[1:]
         return int(c), int(h), int(w)
@@ -216,13 +221,14 @@ def load_image_folder(
     Channels and size come from the first image unless given; every image is
     converted to that mode and resized to that size.
     """
-    from PIL import Image
     from timm.data import create_dataset
     from timm.data.readers.img_extensions import get_img_extensions
 
     split_dir = root / split
     if not split_dir.is_dir():
         raise DatasetError(f"{root} has no {split}/ folder (expected {split_dir})")
+    if not any(p.is_dir() for p in split_dir.iterdir()):
+        return _decode(root, split, _unlabeled_samples(split_dir), (), image_size, channels)
     classes = _class_names(root)
     extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classes)
     if extra:
@@ -244,10 +250,35 @@ def load_image_folder(
             f"{split_dir}: {len(dropped)} image(s) outside a class folder, e.g. {dropped[0]} "
             "(expected exactly one level: <split>/<class>/<image>)"
         )
-    reader.samples = sorted(
+    samples = sorted(
         reader.samples, key=lambda s: (s[1], Path(s[0]).relative_to(split_dir).as_posix())
     )
-    with Image.open(reader.samples[0][0]) as first:
+    return _decode(root, split, samples, classes, image_size, channels)
+
+
+def _unlabeled_samples(split_dir: Path) -> list[tuple[str, int]]:
+    """A flat folder of images is an unlabeled split: label -1, order by file name."""
+    from timm.data.readers.img_extensions import get_img_extensions
+
+    extensions = set(get_img_extensions(as_set=True))
+    paths = sorted(p for p in split_dir.iterdir() if p.suffix.lower() in extensions)
+    if not paths:
+        raise DatasetError(f"{split_dir} holds no images")
+    return [(str(p), -1) for p in paths]
+
+
+def _decode(
+    root: Path,
+    split: str,
+    samples: list[tuple[str, int]],
+    classes: tuple[str, ...],
+    image_size: int | None,
+    channels: int | None,
+) -> ImageSet:
+    from PIL import Image
+
+    split_dir = root / split
+    with Image.open(samples[0][0]) as first:
         if channels is None:
             channels = 1 if first.mode in ("L", "1", "I;16", "I", "F") else 3
         size = (image_size, image_size) if image_size else (first.height, first.width)
@@ -257,11 +288,9 @@ def load_image_folder(
     # silently substitutes the next sample for an unreadable one, which would
     # shift every later row of a cache.
     mode = "L" if channels == 1 else "RGB"
-    images = np.empty((len(reader.samples), channels, *size), dtype=np.uint8)
-    labels = np.empty(len(reader.samples), dtype=np.int64)
-    for index, (path, label) in enumerate(
-        tqdm(reader.samples, desc=f"reading {split_dir}", disable=None)
-    ):
+    images = np.empty((len(samples), channels, *size), dtype=np.uint8)
+    labels = np.empty(len(samples), dtype=np.int64)
+    for index, (path, label) in enumerate(tqdm(samples, desc=f"reading {split_dir}", disable=None)):
         try:
             with Image.open(path) as opened:
                 image = opened.convert(mode)
@@ -279,6 +308,38 @@ def load_image_folder(
         labels=torch.from_numpy(labels),
         classes=classes,
     )
+
+
+def select_rows(
+    labels: torch.Tensor,
+    *,
+    subset: float | None = None,
+    exclude_classes: tuple[int, ...] = (),
+    num_classes: int,
+    seed: int = 0,
+) -> np.ndarray:
+    """The dataset indices of a transfer set, ascending: every sample, minus the excluded
+    classes, then a random ``subset`` fraction of what is left (drawn with ``seed``)."""
+    indices = np.arange(len(labels))
+    if exclude_classes:
+        bad = [c for c in exclude_classes if not 0 <= c < num_classes]
+        if bad:
+            raise DatasetError(
+                f"--exclude-classes {', '.join(map(str, bad))}: class ids are 0..{num_classes - 1}"
+            )
+        if bool((labels < 0).any()):
+            raise DatasetError("--exclude-classes needs labels, and this dataset has none")
+        keep = ~np.isin(labels.numpy(), np.asarray(exclude_classes))
+        indices = indices[keep]
+    if subset is not None:
+        if not 0.0 < subset <= 1.0:
+            raise DatasetError(f"--subset must be in (0, 1], not {subset}")
+        count = round(subset * len(indices))
+        picked = np.random.default_rng(seed).permutation(len(indices))[:count]
+        indices = np.sort(indices[picked])
+    if not len(indices):
+        raise DatasetError("the transfer set is empty: --subset or --exclude-classes left no rows")
+    return indices
 
 
 def describe_mismatch(expected: dict, actual: dict) -> str:

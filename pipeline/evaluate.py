@@ -127,7 +127,14 @@ def _teacher_predictions(
                 f"{cache} was made from another dataset than {dataset.name} {dataset.split}: "
                 + describe_mismatch(expected, dataset.fingerprint())
             )
-        return soft_labels.logprobs[:, 0, :].float().argmax(-1)
+        manifest = soft_labels.manifest
+        if manifest.num_samples != len(dataset) or soft_labels.has_views:
+            raise UsageError(
+                f"{cache} holds {manifest.num_samples} row(s) with views "
+                f"{manifest.views['augment']}/{manifest.views['mix']}: agreement needs a cache "
+                f"of every plain image of {dataset.name} {dataset.split} (no --subset or --augment)"
+            )
+        return soft_labels.log_probs()[:, 0, :].argmax(-1)
     if not teachers:
         return None
     member_logits = []

@@ -13,6 +13,8 @@ def distillation_loss(
     *,
     alpha: float,
     temperature: float,
+    partner_labels: torch.Tensor | None = None,
+    lam: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     r"""Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural Network".
 
@@ -29,15 +31,30 @@ def distillation_loss(
     per-sample mean of the true KL divergence.
 
     ``alpha = 1`` is plain cross-entropy (the baseline); ``teacher_logprobs``
-    may then be None. Returns ``loss`` (to backpropagate) and its terms
-    ``hard`` (CE) and ``soft`` (KL, before the T² and 1 − α weights).
+    may then be None. ``alpha = 0`` needs no labels (a transfer set without
+    them). For a mixed input (mixup, cutmix) the hard term is
+    ``lam * CE(y) + (1 - lam) * CE(y_partner)`` per sample (Zhang et al. 2018),
+    while the teacher's term needs nothing special: the teacher labelled the
+    same mixed image. Returns ``loss`` (to backpropagate) and its terms
+    ``hard`` (CE, when alpha > 0) and ``soft`` (KL, before the T² and 1 − α weights).
     """
-    hard = F.cross_entropy(student_logits, labels)
+    terms: dict[str, torch.Tensor] = {}
+    if alpha > 0 or bool((labels >= 0).all()):  # the CE is reported whenever labels exist
+        hard = F.cross_entropy(student_logits, labels, reduction="none")
+        if partner_labels is not None and lam is not None:
+            mixed = lam < 1
+            partner_ce = F.cross_entropy(
+                student_logits, torch.where(mixed, partner_labels, labels), reduction="none"
+            )
+            hard = lam * hard + (1 - lam) * partner_ce
+        terms["hard"] = hard.mean()
     if teacher_logprobs is None:
         if alpha != 1.0:
             raise ValueError("teacher_logprobs are required when alpha < 1")
-        return {"loss": hard, "hard": hard}
+        return {"loss": terms["hard"], **terms}
     student_logprobs = F.log_softmax(student_logits / temperature, dim=-1)
     soft = F.kl_div(student_logprobs, teacher_logprobs, reduction="batchmean", log_target=True)
-    loss = alpha * hard + (1.0 - alpha) * temperature**2 * soft
-    return {"loss": loss, "hard": hard, "soft": soft}
+    loss = (1.0 - alpha) * temperature**2 * soft
+    if alpha > 0:
+        loss = alpha * terms["hard"] + loss
+    return {"loss": loss, **terms, "soft": soft}

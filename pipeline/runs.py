@@ -31,7 +31,7 @@ CARD_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
-KINDS = ("teacher", "student")
+KINDS = ("teacher", "student", "online-student")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.cache import (
@@ -33,7 +35,7 @@ from pipeline.cache.format import (
     describe_differences,
 )
 from pipeline.cache.store import utc_now
-from pipeline.data import ImageSet
+from pipeline.data import ImageSet, select_rows
 from pipeline.errors import (
     CacheMismatchError,
     ManifestError,
@@ -42,14 +44,15 @@ from pipeline.errors import (
     TeacherOutputError,
     UsageError,
 )
+from pipeline.models import DataConfig
 from pipeline.runs import load_model
 from pipeline.runtime import (
     check_channels,
-    predict_logits,
     prepare_output,
     resolve_device,
     software_versions,
 )
+from pipeline.views import PLAIN, ViewPolicy, sample_views, view_input
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,10 +68,28 @@ class CacheConfig:
     dtype: str = "float16"
     device: str = "auto"
     overwrite: bool = False
+    # views and the transfer set (issue: consistent teaching)
+    views: int = 1
+    policy: ViewPolicy = PLAIN
+    seed: int = 0
+    top_k: int | None = None
+    subset: float | None = None
+    exclude_classes: tuple[int, ...] = ()
+    ignore_labels: bool = False
 
     def validate(self) -> None:
         if not self.teachers:
             raise UsageError("at least one --teacher run directory is needed")
+        if self.views < 1:
+            raise UsageError(f"--views must be >= 1, not {self.views}")
+        if self.views > 1 and self.policy.is_identity:
+            raise UsageError(
+                f"--views {self.views} without --augment or --mix would store {self.views} "
+                "identical copies: choose an --augment policy or --mix"
+            )
+        self.policy.validate()
+        if self.top_k is not None and self.top_k < 1:
+            raise UsageError(f"--top-k must be >= 1, not {self.top_k}")
         if not self.temperature > 0:
             raise UsageError(f"--temperature must be > 0, not {self.temperature}")
         if self.combine not in COMBINE_RULES:
@@ -96,18 +117,36 @@ def combine_members(
 def cache_teacher(
     config: CacheConfig, dataset: ImageSet, log: Callable[[str], None] = print
 ) -> Manifest:
-    """Run the teacher(s) over ``dataset`` once and write the cache at ``config.out``."""
+    """Run the teacher(s) over the transfer set's views once and write the cache."""
     config.validate()
     out = Path(config.out)
     device = resolve_device(config.device)
     members = [load_model(Path(run_dir), device) for run_dir in config.teachers]
+    labeled = dataset.labeled and not config.ignore_labels
+    classes = list(members[0][1].classes)
     for run_dir, (_, card) in zip(config.teachers, members, strict=True):
-        if card.num_classes != dataset.num_classes:
+        if dataset.labeled and card.num_classes != dataset.num_classes:
             raise CacheMismatchError(
                 f"teacher {run_dir} has {card.num_classes} classes but {dataset.name} has "
                 f"{dataset.num_classes}"
             )
+        if card.num_classes != len(classes):
+            raise CacheMismatchError(
+                f"teacher {run_dir} has {card.num_classes} classes, {config.teachers[0]} has "
+                f"{len(classes)}: ensemble members must share their classes"
+            )
         check_channels(f"teacher {run_dir}", card.data, dataset.images)
+    if config.top_k is not None and config.top_k > len(classes):
+        raise UsageError(f"--top-k {config.top_k} is more than the {len(classes)} classes")
+    if config.exclude_classes and not labeled:
+        raise UsageError("--exclude-classes needs labels (not --ignore-labels or unlabeled data)")
+    rows = select_rows(
+        dataset.labels,
+        subset=config.subset,
+        exclude_classes=config.exclude_classes,
+        num_classes=len(classes),
+        seed=config.seed,
+    )
     teacher_members = [
         TeacherMember(
             architecture=card.architecture,
@@ -135,11 +174,21 @@ def cache_teacher(
             "split": dataset.split,
             "fingerprint": dataset.fingerprint(),
         },
-        num_samples=len(dataset),
-        num_views=1,
-        num_classes=dataset.num_classes,
+        classes=classes,
+        transfer={
+            "dataset_samples": len(dataset),
+            "subset": config.subset,
+            "exclude_classes": sorted(config.exclude_classes),
+            "labeled": labeled,
+        },
+        seed=config.seed,
+        views=config.policy.to_dict(),
+        storage={"kind": "dense" if config.top_k is None else "top-k", "k": config.top_k},
+        num_samples=len(rows),
+        num_views=config.views,
+        num_classes=len(classes),
         dtype=config.dtype,
-        chunk_size=min(config.chunk_size, max(len(dataset), 1)),
+        chunk_size=min(config.chunk_size, len(rows)),
         array_metadata_sha256={},
         teacher_accuracy=None,
         software=software_versions(),
@@ -151,43 +200,110 @@ def cache_teacher(
     writer = open_writer(out, manifest, overwrite=config.overwrite, log=log)
     if writer.manifest.status == STATUS_COMPLETE:
         return writer.manifest
+    params, partners = sample_views(
+        len(rows),
+        config.views,
+        config.policy,
+        image_size=tuple(dataset.images.shape[-2:]),
+        partner_pool=rows,
+        seed=config.seed,
+    )
+    labels = dataset.labels[torch.from_numpy(rows)] if labeled else torch.full((len(rows),), -1)
     finished = writer.finished_chunks()
     if finished:
         log(f"{out}: resuming, {len(finished)} of {writer.num_chunks} chunks already written")
-    progress = tqdm(total=len(dataset), desc="teacher pass", unit="img", disable=None)
+    progress = tqdm(total=len(rows) * config.views, desc="teacher pass", unit="view", disable=None)
+    step = manifest.chunk_size
     for index in range(writer.num_chunks):
-        start = index * manifest.chunk_size
-        images = dataset.images[start : start + manifest.chunk_size]
+        chunk_rows = rows[index * step : (index + 1) * step]
         if index in finished:
-            progress.update(len(images))
+            progress.update(len(chunk_rows) * config.views)
             continue
-        member_logits = [
-            predict_logits(model, images, card.data, device=device, batch_size=config.batch_size)
-            for model, card in members
-        ]
-        logprobs = combine_members(member_logits, config.temperature, config.combine)
-        bad = (~torch.isfinite(logprobs).all(dim=-1)).nonzero().flatten()
+        chunk_params = params[index * step : (index + 1) * step]
+        chunk_partners = partners[index * step : (index + 1) * step]
+        values = torch.empty(len(chunk_rows), config.views, len(classes))
+        for view in range(config.views):
+            member_logits = [
+                predict_views(
+                    model,
+                    card.data,
+                    dataset.images,
+                    chunk_rows,
+                    None if config.policy.is_identity else chunk_params[:, view],
+                    chunk_partners[:, view],
+                    device=device,
+                    batch_size=config.batch_size,
+                )
+                for model, card in members
+            ]
+            values[:, view] = combine_members(member_logits, config.temperature, config.combine)
+            progress.update(len(chunk_rows))
+        bad = (~torch.isfinite(values).all(dim=-1).all(dim=-1)).nonzero().flatten()
         if len(bad):
-            rows = ", ".join(str(start + int(i)) for i in bad[:10])
+            samples = ", ".join(str(int(chunk_rows[int(i)])) for i in bad[:10])
             more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
             raise TeacherOutputError(
-                f"the teacher produced NaN or Inf for sample(s) {rows}{more}; "
+                f"the teacher produced NaN or Inf for sample(s) {samples}{more}; "
                 f"{out} is left incomplete"
             )
-        writer.write(
-            index,
-            logprobs.unsqueeze(1).numpy(),
-            dataset.labels[start : start + len(images)].numpy(),
-        )
-        progress.update(len(images))
+        chunk = {
+            "labels": labels[index * step : (index + 1) * step].numpy(),
+            "indices": chunk_rows,
+            "views": chunk_params,
+            "partners": chunk_partners,
+        }
+        if config.top_k is None:
+            chunk["logprobs"] = values.numpy()
+        else:
+            top = values.topk(config.top_k, dim=-1)  # sorted: index 0 is the argmax
+            chunk["topk_logprobs"] = top.values.numpy()
+            chunk["topk_indices"] = top.indices.numpy()
+        writer.write(index, chunk)
     progress.close()
-    manifest = writer.finish(teacher_accuracy=teacher_accuracy(writer, dataset))
+    manifest = writer.finish(teacher_accuracy=teacher_accuracy(writer) if labeled else None)
+    accuracy = (
+        f"teacher accuracy {manifest.teacher_accuracy:.4f}"
+        if manifest.teacher_accuracy is not None
+        else "no labels"
+    )
     log(
-        f"{out}: {manifest.num_samples} samples x {manifest.num_classes} classes at "
-        f"T={manifest.temperature:g}, teacher accuracy {manifest.teacher_accuracy:.4f}, "
+        f"{out}: {manifest.num_samples} rows x {manifest.num_views} view(s) x "
+        f"{manifest.num_classes} classes at T={manifest.temperature:g}, {accuracy}, "
         f"cache_id {manifest.cache_id}, teacher_id {manifest.teacher_id}"
     )
     return manifest
+
+
+@torch.inference_mode()
+def predict_views(
+    model: nn.Module,
+    data_config: DataConfig,
+    images: torch.Tensor,
+    rows: np.ndarray,
+    params: np.ndarray | None,
+    partners: np.ndarray,
+    *,
+    device: torch.device,
+    batch_size: int = 512,
+) -> torch.Tensor:
+    """float32 logits ``(len(rows), C)`` of one view per row (``params`` None: plain images).
+
+    The input of each view comes from :func:`pipeline.views.view_input`, the
+    function the student's training loop calls with the same parameters.
+    """
+    model.eval()
+    outputs = []
+    for start in range(0, len(rows), batch_size):
+        batch = torch.from_numpy(rows[start : start + batch_size])
+        view_params = partner_images = None
+        if params is not None:
+            view_params = torch.from_numpy(params[start : start + batch_size])
+            partner_index = torch.from_numpy(partners[start : start + batch_size])
+            if bool((partner_index >= 0).any()):
+                partner_images = images[partner_index.clamp_min(0)]
+        inputs = view_input(images[batch], view_params, partner_images, data_config, device)
+        outputs.append(model(inputs).float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0)
 
 
 def open_writer(
@@ -224,14 +340,32 @@ def open_writer(
     return CacheWriter(out, manifest)
 
 
-def teacher_accuracy(writer: CacheWriter, dataset: ImageSet) -> float | None:
-    """Top-1 accuracy of the stored (combined) teacher, read back from the store, so that a
-    resumed pass reports the same figure as an uninterrupted one."""
-    if not len(dataset):
-        return None
-    step = writer.manifest.chunk_size
-    correct = 0
-    for start in range(0, len(dataset), step):
-        stored = torch.from_numpy(writer.arrays["logprobs"][start : start + step, 0, :])
-        correct += int((stored.float().argmax(-1) == dataset.labels[start : start + step]).sum())
-    return correct / len(dataset)
+def teacher_accuracy(writer: CacheWriter) -> float | None:
+    """Top-1 accuracy of the stored (combined) teacher over every view, read back from the
+    store, so that a resumed pass reports the same figure as an uninterrupted one.
+
+    A mixed view counts as right when the teacher's top class is the label of the
+    sample with the larger share of the mix.
+    """
+    manifest = writer.manifest
+    arrays = writer.arrays
+    step = manifest.chunk_size
+    indices = arrays["indices"][:]
+    labels = arrays["labels"][:]
+    label_of = np.full(manifest.transfer["dataset_samples"], -1, dtype=np.int64)
+    label_of[indices] = labels
+    correct = total = 0
+    for start in range(0, manifest.num_samples, step):
+        if manifest.top_k is None:
+            top = arrays["logprobs"][start : start + step].argmax(-1)
+        else:
+            top = arrays["topk_indices"][start : start + step][..., 0]
+        lam = arrays["views"][start : start + step][..., 5]
+        partners = arrays["partners"][start : start + step]
+        own = labels[start : start + step, None]
+        # a partner outside the labeled rows (never, for kdpipe's own caches) counts as -1
+        partner_labels = np.where(partners >= 0, label_of[np.clip(partners, 0, None)], -1)
+        target = np.where(lam >= 0.5, np.broadcast_to(own, top.shape), partner_labels)
+        correct += int((top == target).sum())
+        total += top.size
+    return correct / total if total else None

@@ -11,7 +11,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -46,16 +46,17 @@ from pipeline.runs import (
     METRICS_FILE,
     RUN_FORMAT_VERSION,
     ModelCard,
+    load_model,
     save_model,
     write_json,
 )
 from pipeline.runtime import (
     predict_logits,
-    prepare_input,
     prepare_output,
     resolve_device,
     software_versions,
 )
+from pipeline.views import PLAIN, ViewPolicy, sample_views, view_input, view_schedule
 
 METRIC_COLUMNS = (
     "epoch",
@@ -92,10 +93,14 @@ class TrainConfig:
     drop_rate: float = 0.0
     jitter: int = 0
     hidden_sizes: tuple[int, ...] | None = None
+    augment: str = "none"  # fresh random views each step (not from a cache)
+    mix: str = "none"
+    mix_alpha: float = 1.0
     device: str = "auto"
     overwrite: bool = False
-    # distillation (train-student only)
+    # distillation: from a cache (train-student) or online from a teacher (distill-online)
     cache: str | None = None
+    teacher: str | None = None
     alpha: float = 1.0
     temperature: float | None = None
 
@@ -116,6 +121,13 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        self.policy.validate()
+        if self.jitter and not self.policy.is_identity:
+            raise UsageError("--jitter and --augment/--mix both augment: choose one")
+
+    @property
+    def policy(self) -> ViewPolicy:
+        return ViewPolicy(self.augment, self.mix, self.mix_alpha)
 
     def load(self, split: str) -> ImageSet:
         return load_dataset(
@@ -156,38 +168,120 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(-1) == labels).float().mean()) if len(labels) else float("nan")
 
 
-def _load_test_set(config: TrainConfig, train_set: ImageSet) -> ImageSet | None:
-    """The test split to report on each epoch; an image folder may have none."""
+def _load_test_set(config: TrainConfig, classes: tuple[str, ...]) -> ImageSet | None:
+    """The test split to report on each epoch; an image folder may have none, or none
+    with labels (then there is nothing to score)."""
     try:
         test_set = config.load("test")
     except DatasetError:
         if config.data in ("fashion-mnist", "synthetic"):
             raise
         return None
-    if test_set.classes != train_set.classes:
-        raise DatasetError(f"{config.data}: train and test splits have different classes")
+    if not test_set.labeled:
+        return None
+    if test_set.classes != tuple(classes):
+        raise DatasetError(
+            f"{config.data}: the test split's classes differ from the model's "
+            f"({', '.join(test_set.classes)} != {', '.join(classes)})"
+        )
     return test_set
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """What one epoch iterates over: rows of a dataset, with their soft targets and views.
+
+    Row ``r`` is dataset sample ``rows[r]``. With stored ``views`` (a cache's),
+    row r uses view ``view_schedule(...)[r]`` in each epoch, its soft target is
+    the teacher's output for exactly that view; without them, ``policy`` draws
+    fresh views for every batch (or none, for the plain images).
+    """
+
+    images: torch.Tensor  # uint8 (N, C, H, W): the whole dataset
+    dataset_labels: torch.Tensor  # (N,): partners' labels come from here
+    rows: torch.Tensor  # (R,) int64 dataset indices
+    labels: torch.Tensor  # (R,) int64, -1 where unknown
+    targets: torch.Tensor | None = None  # (R, V, C) float32 teacher log-probabilities
+    views: torch.Tensor | None = None  # (R, V, 10) stored view parameters
+    partners: torch.Tensor | None = None  # (R, V) dataset indices, -1: no mix
+    policy: ViewPolicy = PLAIN
+
+    @classmethod
+    def plain(cls, dataset: ImageSet, policy: ViewPolicy = PLAIN) -> TrainData:
+        rows = torch.arange(len(dataset))
+        return cls(dataset.images, dataset.labels, rows, dataset.labels, policy=policy)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(
+        self,
+        positions: torch.Tensor,
+        epoch: int,
+        batch_index: int,
+        seed: int,
+        data_config: DataConfig,
+        device: torch.device,
+    ) -> dict[str, torch.Tensor | None]:
+        """Model input, labels, mix and soft targets for training rows ``positions``.
+
+        Everything is a function of (seed, epoch, rows): the same call returns
+        the same batch in another process, after a resume, at any worker count.
+        """
+        params = partners = targets = None
+        if self.views is not None:
+            chosen = view_schedule(len(self), self.views.shape[1], seed, epoch)[positions]
+            params = self.views[positions, chosen]
+            partners = self.partners[positions, chosen]
+            if self.targets is not None:
+                targets = self.targets[positions, chosen]
+        else:
+            if self.targets is not None:
+                targets = self.targets[positions, 0]
+            if not self.policy.is_identity:
+                fresh, fresh_partners = sample_views(
+                    len(positions),
+                    1,
+                    self.policy,
+                    image_size=tuple(self.images.shape[-2:]),
+                    partner_pool=self.rows.numpy(),
+                    seed=[seed, epoch, batch_index],
+                )
+                params = torch.from_numpy(fresh[:, 0])
+                partners = torch.from_numpy(fresh_partners[:, 0])
+        mixed = partners is not None and bool((partners >= 0).any())
+        partner_images = self.images[partners.clamp_min(0)] if mixed else None
+        images = self.images[self.rows[positions]]
+        return {
+            "inputs": view_input(images, params, partner_images, data_config, device),
+            "labels": self.labels[positions].to(device),
+            "partner_labels": (
+                self.dataset_labels[partners.clamp_min(0)].to(device) if mixed else None
+            ),
+            "lam": params[:, 5].to(device) if mixed else None,
+            "targets": None if targets is None else targets.to(device),
+        }
 
 
 def fit(
     model: nn.Module,
     config: TrainConfig,
-    train_set: ImageSet,
+    data: TrainData,
     test_set: ImageSet | None,
     data_config: DataConfig,
     device: torch.device,
     run_dir: Path,
-    soft_targets: torch.Tensor | None = None,
     temperature: float = 1.0,
     log: Callable[[str], None] = _quiet,
     resume: bool = False,
+    online_teacher: nn.Module | None = None,
 ) -> list[dict]:
     """Train ``model`` in place; one metrics row and one checkpoint per epoch in ``run_dir``.
 
-    ``soft_targets`` are float32 log-probabilities ``(N, C)`` aligned with
-    ``train_set`` (row i is sample i), or None for hard labels only. With
-    ``resume``, training continues after the last checkpoint and ends exactly
-    where an uninterrupted run would.
+    Soft targets come from ``data.targets`` (a cache), from ``online_teacher``
+    through timm's ``LogitDistillationTask`` (the online reference), or not at
+    all (hard labels). With ``resume``, training continues after the last
+    checkpoint and ends exactly where an uninterrupted run would.
     """
     model.to(device).to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(
@@ -205,7 +299,10 @@ def fit(
         warmup_lr=config.lr * 0.01,
     )
     generator = torch.Generator().manual_seed(config.seed)
-    alpha = config.alpha if soft_targets is not None else 1.0
+    alpha = config.alpha if data.targets is not None or online_teacher is not None else 1.0
+    task = None
+    if online_teacher is not None:
+        task = _online_task(model, online_teacher, alpha, temperature, device)
     done, rows = load_checkpoint(run_dir, model, optimizer, generator) if resume else (0, [])
     metrics_path = run_dir / METRICS_FILE
     with metrics_path.open("w", newline="") as f:  # rewritten: rows past the checkpoint go
@@ -217,51 +314,71 @@ def fit(
     for epoch in range(done + 1, config.epochs + 1):
         started = time.perf_counter()
         model.train()
-        order = torch.randperm(len(train_set), generator=generator)
-        sums = {"loss": 0.0, "hard": 0.0, "soft": 0.0, "correct": 0.0}
+        if task is not None:
+            task.train()
+        order = torch.randperm(len(data), generator=generator)
+        sums = {"loss": 0.0, "hard": 0.0, "soft": 0.0, "correct": 0.0, "labeled": 0}
         lr = optimizer.param_groups[0]["lr"]
         batches = range(0, len(order), config.batch_size)
         for start in tqdm(
             batches, desc=f"epoch {epoch}/{config.epochs}", disable=None, leave=False
         ):
-            index = order[start : start + config.batch_size]
-            images = random_shift(train_set.images[index], config.jitter, generator)
-            inputs = prepare_input(images, data_config, device)
-            labels = train_set.labels[index].to(device, non_blocking=True)
-            targets = soft_targets[index].to(device) if soft_targets is not None else None
-            logits = model(inputs)
-            terms = distillation_loss(logits, labels, targets, alpha=alpha, temperature=temperature)
+            positions = order[start : start + config.batch_size]
+            batch_index = start // config.batch_size
+            batch = data.batch(positions, epoch, batch_index, config.seed, data_config, device)
+            labels = batch["labels"]
+            if config.jitter:
+                images = random_shift(data.images[data.rows[positions]], config.jitter, generator)
+                batch["inputs"] = view_input(images, None, None, data_config, device)
+            if task is not None:
+                output = task(batch["inputs"], _soft_one_hot(batch, model.num_classes))
+                logits = output["output"]
+                terms = {"loss": output["loss"], "hard": output["task_loss"],
+                         "soft": output["kd_loss"] / temperature**2}  # fmt: skip
+            else:
+                logits = model(batch["inputs"])
+                terms = distillation_loss(
+                    logits,
+                    labels,
+                    batch["targets"],
+                    alpha=alpha,
+                    temperature=temperature,
+                    partner_labels=batch["partner_labels"],
+                    lam=batch["lam"],
+                )
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             optimizer.step()
             # .item() syncs with the device; once per batch is cheap next to the step
-            size = len(index)
+            size = len(positions)
             loss_value = terms["loss"].item()
             if not math.isfinite(loss_value):
                 # stop at once: every later step would only spread the NaN, and a
                 # run directory without model.json stays marked unfinished
                 raise TrainingDivergedError(
-                    f"training diverged in epoch {epoch}, batch {start // config.batch_size + 1}: "
+                    f"training diverged in epoch {epoch}, batch {batch_index + 1}: "
                     f"the loss is {loss_value}; lower --lr (now {config.lr:g})"
                 )
             sums["loss"] += loss_value * size
-            sums["hard"] += terms["hard"].item() * size
-            sums["soft"] += terms["soft"].item() * size if "soft" in terms else float("nan")
-            sums["correct"] += (logits.argmax(-1) == labels).sum().item()
+            sums["hard"] += terms["hard"].item() * size if "hard" in terms else math.nan
+            sums["soft"] += terms["soft"].item() * size if "soft" in terms else math.nan
+            known = labels >= 0
+            sums["correct"] += (logits.argmax(-1) == labels)[known].sum().item()
+            sums["labeled"] += int(known.sum())
         scheduler.step(epoch)
         test_accuracy, test_errors = float("nan"), None
         if test_set is not None:
             logits = predict_logits(model, test_set.images, data_config, device=device)
             test_accuracy = accuracy(logits, test_set.labels)
             test_errors = int((logits.argmax(-1) != test_set.labels).sum())
-        n = len(train_set)
+        n = len(data)
         row = {
             "epoch": epoch,
             "lr": lr,
             "loss": sums["loss"] / n,
             "hard_loss": sums["hard"] / n,
             "soft_loss": sums["soft"] / n,
-            "train_accuracy": sums["correct"] / n,
+            "train_accuracy": sums["correct"] / sums["labeled"] if sums["labeled"] else math.nan,
             "test_accuracy": test_accuracy,
             "test_errors": test_errors,
             "seconds": round(time.perf_counter() - started, 3),
@@ -278,6 +395,35 @@ def fit(
     return rows
 
 
+def _online_task(
+    student: nn.Module, teacher: nn.Module, alpha: float, temperature: float, device: torch.device
+) -> nn.Module:
+    """timm's own online distillation (``timm.task.LogitDistillationTask``): the reference
+    that cached distillation is measured against. Hard targets go in as (mixed) one-hot
+    distributions, so one criterion serves plain and mixed batches."""
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.task import LogitDistillationTask
+
+    return LogitDistillationTask(
+        student,
+        teacher,
+        criterion=SoftTargetCrossEntropy(),
+        task_loss_weight=alpha,
+        temperature=temperature,
+        device=device,
+        verbose=False,
+    )
+
+
+def _soft_one_hot(batch: dict, num_classes: int) -> torch.Tensor:
+    target = torch.nn.functional.one_hot(batch["labels"], num_classes).float()
+    if batch["lam"] is None:
+        return target
+    lam = batch["lam"][:, None]
+    partner = torch.nn.functional.one_hot(batch["partner_labels"], num_classes).float()
+    return lam * target + (1 - lam) * partner
+
+
 def _run(
     config: TrainConfig,
     kind: str,
@@ -285,20 +431,19 @@ def _run(
     log: Callable[[str], None],
     resume: bool = False,
 ) -> ModelCard:
-    """Shared body of train_teacher, train_student and resume, after their own checks."""
+    """Shared body of train_teacher, train_student, distill_online and resume."""
     out = Path(config.out)
     device = resolve_device(config.device)
     train_set = config.load("train")
-    temperature = 1.0
+    temperature = config.temperature or 1.0
     lineage = None
+    classes = train_set.classes
+    data = TrainData.plain(train_set, config.policy)
+    online_teacher = None
+    alpha = config.alpha
     if soft_labels is not None:
+        data, classes, alpha = _cache_data(config, soft_labels, train_set, log)
         manifest = soft_labels.manifest
-        expected = manifest.dataset["fingerprint"]
-        if expected != train_set.fingerprint() or manifest.dataset["split"] != "train":
-            raise CacheMismatchError(
-                f"{soft_labels.path} was made from another dataset than {config.data} train: "
-                + describe_mismatch(expected, train_set.fingerprint())
-            )
         temperature = config.temperature or manifest.temperature
         lineage = {
             "cache_id": manifest.cache_id,
@@ -307,40 +452,60 @@ def _run(
             "teacher_runs": [member.run_dir for member in manifest.teachers],
             "cache_temperature": manifest.temperature,
             "temperature": temperature,
-            "alpha": config.alpha,
+            "alpha": alpha,
+            "views": manifest.num_views,
+            "rows": manifest.num_samples,
         }
-    test_set = _load_test_set(config, train_set)
+    elif config.teacher is not None:
+        online_teacher, teacher_card = load_model(Path(config.teacher), device)
+        if teacher_card.classes != list(train_set.classes):
+            raise CacheMismatchError(
+                f"teacher {config.teacher} was trained on other classes than {config.data}"
+            )
+        if not train_set.labeled:
+            raise UsageError("distill-online needs labels (timm's task always has a CE term)")
+        lineage = {
+            "online_teacher": config.teacher,
+            "teacher_weights_sha256": teacher_card.weights_sha256,
+            "temperature": temperature,
+            "alpha": alpha,
+        }
+    elif not train_set.labeled:
+        raise DatasetError(f"{config.data} train has no labels: a teacher needs labels to learn")
+    test_set = _load_test_set(config, classes)
     mean, std = train_set.pixel_stats()
     data_config = DataConfig(input_size=train_set.input_size, mean=mean, std=std)
     torch.manual_seed(config.seed)
     model = create_model(
         config.model,
-        num_classes=train_set.num_classes,
+        num_classes=len(classes),
         data_config=data_config,
         drop_rate=config.drop_rate,
         model_kwargs=config.model_kwargs(),
     )
+    if online_teacher is not None and teacher_card.data.input_size != data_config.input_size:
+        raise UsageError(
+            f"timm's LogitDistillationTask feeds the teacher the student's input: the teacher "
+            f"takes {teacher_card.data.input_size}, the data is {data_config.input_size}"
+        )
 
     if not resume:
         prepare_output(out, config.overwrite)  # inputs are valid: only now touch the output
         out.mkdir(parents=True)
-        resolved = {"device": str(device), "temperature": temperature}
+        resolved = {"device": str(device), "temperature": temperature, "alpha": alpha}
         write_json(out / CONFIG_FILE, {**asdict(config), "kind": kind, "resolved": resolved})
-    soft_targets = None
-    if soft_labels is not None:
-        soft_targets = soft_labels.log_probs(temperature)[:, 0, :]  # view 0: V = 1 for now
     fit(
         model,
-        config,
-        train_set,
+        replace(config, alpha=alpha),
+        data,
         test_set,
         data_config,
         device,
         out,
-        soft_targets=soft_targets,
         temperature=temperature,
         log=log,
         resume=resume,
+        online_teacher=online_teacher,
     )
     model = model.cpu().to(memory_format=torch.contiguous_format)
     card = ModelCard(
@@ -348,9 +513,9 @@ def _run(
         kind=kind,
         architecture=config.model,
         model_kwargs=resolve_model_kwargs(config.model, data_config, config.model_kwargs()),
-        num_classes=train_set.num_classes,
+        num_classes=len(classes),
         in_chans=data_config.input_size[0],
-        classes=list(train_set.classes),
+        classes=list(classes),
         data_config=data_config.to_dict(),
         weights_sha256=weights_sha256(model),
         param_count=param_count(model),
@@ -364,10 +529,56 @@ def _run(
     return card
 
 
+def _cache_data(
+    config: TrainConfig, soft: SoftLabels, train_set: ImageSet, log: Callable[[str], None]
+) -> tuple[TrainData, tuple[str, ...], float]:
+    """The training rows of a cache, checked against the dataset: (data, classes, alpha)."""
+    manifest = soft.manifest
+    expected = manifest.dataset["fingerprint"]
+    if expected != train_set.fingerprint() or manifest.dataset["split"] != "train":
+        raise CacheMismatchError(
+            f"{soft.path} was made from another dataset than {config.data} train: "
+            + describe_mismatch(expected, train_set.fingerprint())
+        )
+    indices = soft.indices
+    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= len(train_set)):
+        raise CacheMismatchError(
+            f"{soft.path}: row indices outside the dataset's 0..{len(train_set) - 1}"
+        )
+    if manifest.labeled and not torch.equal(soft.labels, train_set.labels[indices]):
+        raise CacheMismatchError(
+            f"{soft.path}: stored labels differ from the dataset's at its rows"
+        )
+    if soft.has_views and (not config.policy.is_identity or config.jitter):
+        raise UsageError(
+            f"{soft.path} holds augmented views ({manifest.views['augment']}, mix "
+            f"{manifest.views['mix']}): the student replays them, so --augment, --mix and "
+            "--jitter must stay off"
+        )
+    alpha = config.alpha
+    if not manifest.labeled and alpha != 0.0:
+        log(
+            f"note: {soft.path} has no labels (an unlabeled transfer set): --alpha {alpha:g} "
+            "becomes 0, the student learns from the teacher alone"
+        )
+        alpha = 0.0
+    data = TrainData(
+        images=train_set.images,
+        dataset_labels=train_set.labels,
+        rows=indices,
+        labels=soft.labels,
+        targets=soft.log_probs(config.temperature) if alpha < 1 else None,
+        views=soft.views if soft.has_views else None,
+        partners=soft.partners if soft.has_views else None,
+        policy=config.policy,
+    )
+    return data, tuple(manifest.classes), alpha
+
+
 def train_teacher(config: TrainConfig, log: Callable[[str], None] = _quiet) -> ModelCard:
     """Train a model on hard labels and save it as a teacher run directory."""
     config.validate()
-    if config.cache is not None:
+    if config.cache is not None or config.teacher is not None:
         raise UsageError("train-teacher learns from labels; --cache is for train-student")
     return _run(config, "teacher", None, log)
 
@@ -379,6 +590,15 @@ def train_student(config: TrainConfig, log: Callable[[str], None] = _quiet) -> M
         raise UsageError("train-student needs --cache (a cache written by cache-teacher)")
     soft_labels = load_soft_labels(Path(config.cache))
     return _run(config, "student", soft_labels, log)
+
+
+def distill_online(config: TrainConfig, log: Callable[[str], None] = _quiet) -> ModelCard:
+    """Online distillation through timm's ``LogitDistillationTask``: the teacher runs on
+    every batch. The reference that a cache is compared with, not kdpipe's way."""
+    config.validate()
+    if config.teacher is None or config.cache is not None:
+        raise UsageError("distill-online needs --teacher (a run directory) and no --cache")
+    return _run(config, "online-student", None, log)
 
 
 def resume_training(run_dir: Path, log: Callable[[str], None] = _quiet) -> ModelCard:
@@ -395,7 +615,7 @@ def resume_training(run_dir: Path, log: Callable[[str], None] = _quiet) -> Model
     kind = saved.pop("kind", None)
     saved.pop("resolved", None)
     names = {f.name for f in fields(TrainConfig)}
-    if kind not in ("teacher", "student") or set(saved) != names:
+    if kind not in ("teacher", "student", "online-student") or set(saved) != names:
         raise ManifestError(f"{run_dir / CONFIG_FILE} is not a kdpipe training configuration")
     if isinstance(saved["hidden_sizes"], list):
         saved["hidden_sizes"] = tuple(saved["hidden_sizes"])

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 import zarr
 
-from pipeline.cache.format import STATUS_COMPLETE, Manifest
+from pipeline.cache.format import STATUS_COMPLETE, Manifest, array_specs
 from pipeline.cache.store import (
-    ARRAYS,
     PROGRESS,
     check_array_metadata,
     chunk_key,
@@ -30,7 +28,7 @@ from pipeline.cache.store import (
 from pipeline.data import ImageSet, describe_mismatch
 from pipeline.errors import KdpipeError
 from pipeline.runs import load_model
-from pipeline.runtime import predict_logits, resolve_device
+from pipeline.runtime import resolve_device
 
 # float16 keeps 11 significant bits: a row's logsumexp drifts by up to ~1e-3 per
 # term near 0; 2e-2 leaves room for 10+ classes without hiding real damage.
@@ -86,28 +84,20 @@ def verify_cache(
     arrays = _open_arrays(path, manifest, report)
     if arrays is None:
         return report
-    labels = _check_chunks(path, manifest, arrays, report)
-    if dataset is not None and labels is not None:
-        _check_dataset(manifest, labels, dataset, report)
+    rows = _check_chunks(path, manifest, arrays, report)
+    if dataset is not None and rows is not None:
+        _check_dataset(manifest, rows, dataset, report)
     if recompute:
         if dataset is None or not teachers:
             report.add("recompute", False, "--recompute needs --data and --teacher")
         else:
-            _recompute(
-                manifest, arrays["logprobs"], dataset, teachers, recompute, device, seed, report
-            )
+            _recompute(manifest, arrays, dataset, teachers, recompute, device, seed, report)
     return report
 
 
 def _open_arrays(path: Path, manifest: Manifest, report: VerifyReport) -> dict | None:
-    expected = {
-        "logprobs": (
-            (manifest.num_samples, manifest.num_views, manifest.num_classes),
-            manifest.dtype,
-        ),
-        "labels": ((manifest.num_samples,), "int64"),
-        PROGRESS: ((-(-manifest.num_samples // manifest.chunk_size),), "uint8"),
-    }
+    expected = {name: (shape, dtype) for name, (shape, dtype, _) in array_specs(manifest).items()}
+    expected[PROGRESS] = ((-(-manifest.num_samples // manifest.chunk_size),), "uint8")
     try:
         group = zarr.open_group(str(path), mode="r")
         arrays = {name: group[name] for name in expected}
@@ -134,57 +124,99 @@ def _open_arrays(path: Path, manifest: Manifest, report: VerifyReport) -> dict |
 
 def _check_chunks(
     path: Path, manifest: Manifest, arrays: dict, report: VerifyReport
-) -> np.ndarray | None:
-    """Every chunk: flag, files, checksum, values. Returns the labels if all were readable."""
+) -> dict[str, np.ndarray] | None:
+    """Every chunk: flag, files, checksum, values. Returns labels and row indices if all
+    chunks were readable."""
     step = manifest.chunk_size
     tolerance = LOGSUMEXP_TOLERANCE[manifest.dtype]
-    labels = np.empty(manifest.num_samples, dtype=np.int64)
+    names = tuple(array_specs(manifest))
+    values_name = "logprobs" if manifest.top_k is None else "topk_logprobs"
+    rows = {
+        "labels": np.empty(manifest.num_samples, dtype=np.int64),
+        "indices": np.empty(manifest.num_samples, dtype=np.int64),
+    }
     failures: list[str] = []
     num_chunks = arrays[PROGRESS].shape[0]
     for index in range(num_chunks):
         start, stop = index * step, min((index + 1) * step, manifest.num_samples)
         where = f"chunk {index} (rows {start}-{stop - 1})"
-        missing = [n for n in (*ARRAYS, PROGRESS)
+        missing = [n for n in (*names, PROGRESS)
                    if not (path / n / chunk_key(arrays[n], index)).is_file()]  # fmt: skip
         if missing:
             failures.append(f"{where}: missing file(s) of {', '.join(missing)}")
             continue
         try:
             flag = int(arrays[PROGRESS][index])
-            values = arrays["logprobs"][start:stop].astype(np.float32)
-            labels[start:stop] = arrays["labels"][start:stop]
+            chunk = {name: arrays[name][start:stop] for name in names}
         except Exception as exc:
             failures.append(f"{where}: unreadable, checksum or compression error ({exc})")
             continue
+        rows["labels"][start:stop] = chunk["labels"]
+        rows["indices"][start:stop] = chunk["indices"]
         if flag != 1:
             failures.append(f"{where}: not flagged as written")
-        finite = np.isfinite(values).all(axis=-1)
-        if not finite.all():
-            rows = start + np.flatnonzero(~finite.all(axis=-1))
-            failures.append(f"{where}: NaN or Inf at sample(s) {_first(rows)}")
-            continue
-        drift = np.abs(_logsumexp(values))
-        if (drift > tolerance).any():
-            rows = start + np.flatnonzero((drift > tolerance).any(axis=-1))
-            failures.append(
-                f"{where}: not a distribution (|logsumexp| up to {drift.max():.3g}) at "
-                f"sample(s) {_first(rows)}"
-            )
-        bad_labels = (labels[start:stop] < 0) | (labels[start:stop] >= manifest.num_classes)
-        if bad_labels.any():
-            failures.append(f"{where}: labels out of range at sample(s) "
-                            f"{_first(start + np.flatnonzero(bad_labels))}")  # fmt: skip
+        failures += [f"{where}: {problem}" for problem in _chunk_problems(
+            manifest, chunk, chunk[values_name].astype(np.float32), start, tolerance
+        )]  # fmt: skip
+    indices = rows["indices"]
+    if len(indices) > 1 and not (np.diff(indices) > 0).all():
+        failures.append("row indices are not strictly increasing (each sample once, in order)")
     report.add(
         "chunks",
         not failures,
         "; ".join(failures) or f"{num_chunks} chunk(s): flags, files, checksums, values ok",
     )
     readable = not any("missing" in f or "unreadable" in f for f in failures)
-    return labels if readable else None
+    return rows if readable else None
+
+
+def _chunk_problems(
+    manifest: Manifest, chunk: dict, values: np.ndarray, start: int, tolerance: float
+) -> list[str]:
+    """What is wrong with the values of one readable chunk (an empty list: nothing)."""
+    problems = []
+    finite = np.isfinite(values).all(axis=-1)
+    if not finite.all():
+        bad = start + np.flatnonzero(~finite.all(axis=-1))
+        return [f"NaN or Inf at row(s) {_first(bad)}"]
+    mass = _logsumexp(values)
+    # dense rows sum to 1; the top-K of a row sum to at most 1
+    drift = np.abs(mass) if manifest.top_k is None else np.clip(mass, 0, None)
+    if (drift > tolerance).any():
+        bad = start + np.flatnonzero((drift > tolerance).any(axis=-1))
+        problems.append(
+            f"not a distribution (logsumexp off by up to {drift.max():.3g}) at row(s) {_first(bad)}"
+        )
+    if manifest.top_k is not None:
+        top = chunk["topk_indices"].astype(np.int64)
+        ordered = (np.diff(values, axis=-1) <= 0).all(axis=-1)
+        distinct = (np.diff(np.sort(top, axis=-1), axis=-1) > 0).all(axis=-1)
+        valid = ((top >= 0) & (top < manifest.num_classes)).all(axis=-1) & ordered & distinct
+        if not valid.all():
+            bad = start + np.flatnonzero(~valid.all(axis=-1))
+            problems.append(f"top-k classes out of range, repeated or unsorted at row(s) "
+                            f"{_first(bad)}")  # fmt: skip
+    labels = chunk["labels"]
+    lowest = 0 if manifest.labeled else -1
+    highest = manifest.num_classes - 1 if manifest.labeled else -1
+    bad_labels = (labels < lowest) | (labels > highest)
+    if bad_labels.any():
+        problems.append(
+            f"labels out of range at row(s) {_first(start + np.flatnonzero(bad_labels))}"
+        )
+    size = manifest.transfer["dataset_samples"]
+    bad_rows = (chunk["indices"] < 0) | (chunk["indices"] >= size)
+    partners = chunk["partners"]
+    bad_rows |= ((partners < -1) | (partners >= size)).any(axis=-1)
+    bad_rows |= ~np.isfinite(chunk["views"]).all(axis=(1, 2))
+    if bad_rows.any():
+        problems.append(f"dataset indices, partners or view parameters out of range at row(s) "
+                        f"{_first(start + np.flatnonzero(bad_rows))}")  # fmt: skip
+    return problems
 
 
 def _check_dataset(
-    manifest: Manifest, labels: np.ndarray, dataset: ImageSet, report: VerifyReport
+    manifest: Manifest, rows: dict[str, np.ndarray], dataset: ImageSet, report: VerifyReport
 ) -> None:
     expected = manifest.dataset["fingerprint"]
     actual = dataset.fingerprint()
@@ -193,17 +225,16 @@ def _check_dataset(
         expected == actual,
         "fingerprint matches" if expected == actual else describe_mismatch(expected, actual),
     )
-    if len(labels) == len(dataset):
-        wrong = np.flatnonzero(labels != dataset.labels.numpy())
-        detail = (
-            "equal to the dataset's" if not len(wrong) else f"differ at sample(s) {_first(wrong)}"
-        )
+    indices = rows["indices"]
+    if manifest.labeled and expected == actual and len(indices):
+        wrong = np.flatnonzero(rows["labels"] != dataset.labels.numpy()[indices])
+        detail = "equal to the dataset's" if not len(wrong) else f"differ at row(s) {_first(wrong)}"
         report.add("labels", not len(wrong), detail)
 
 
 def _recompute(
     manifest: Manifest,
-    logprobs: zarr.Array,
+    arrays: dict,
     dataset: ImageSet,
     teachers: Sequence[Path],
     count: int,
@@ -211,7 +242,8 @@ def _recompute(
     seed: int,
     report: VerifyReport,
 ) -> None:
-    from pipeline.teach import combine_members
+    """A fresh teacher pass over every view of ``count`` random rows, against the store."""
+    from pipeline.teach import combine_members, predict_views
 
     torch_device = resolve_device(device)
     members = [load_model(Path(run_dir), torch_device) for run_dir in teachers]
@@ -219,25 +251,45 @@ def _recompute(
     if hashes != sorted(m.weights_sha256 for m in manifest.teachers):
         report.add("recompute", False, "the --teacher weights are not the cache's teachers")
         return
-    rows = np.sort(np.random.default_rng(seed).choice(len(dataset), min(count, len(dataset)),
-                                                      replace=False))  # fmt: skip
-    images = dataset.images[torch.from_numpy(rows)]
-    fresh = combine_members(
-        [predict_logits(model, images, card.data, device=torch_device) for model, card in members],
-        manifest.temperature,
-        manifest.combine,
-    ).numpy()
-    stored = logprobs.get_orthogonal_selection((rows, slice(0, 1), slice(None)))[:, 0].astype(
-        np.float32
-    )
-    error = np.abs(stored - fresh).max(axis=-1)
+    if dataset.fingerprint() != manifest.dataset["fingerprint"]:
+        report.add("recompute", False, "--data is not the cache's dataset")
+        return
+    picked = np.sort(np.random.default_rng(seed).choice(
+        manifest.num_samples, min(count, manifest.num_samples), replace=False
+    ))  # fmt: skip
+    indices = arrays["indices"].get_orthogonal_selection(picked)
+    params = arrays["views"].get_orthogonal_selection((picked, slice(None), slice(None)))
+    partners = arrays["partners"].get_orthogonal_selection((picked, slice(None)))
+    plain = manifest.views["augment"] == "none" and manifest.views["mix"] == "none"
+    fresh = np.stack([
+        combine_members(
+            [
+                predict_views(model, card.data, dataset.images, indices,
+                              None if plain else params[:, view], partners[:, view],
+                              device=torch_device)
+                for model, card in members
+            ],
+            manifest.temperature,
+            manifest.combine,
+        ).numpy()
+        for view in range(manifest.num_views)
+    ], axis=1)  # fmt: skip
+    if manifest.top_k is None:
+        stored = arrays["logprobs"].get_orthogonal_selection((picked, slice(None), slice(None)))
+    else:
+        stored = arrays["topk_logprobs"].get_orthogonal_selection(
+            (picked, slice(None), slice(None))
+        )
+        top = arrays["topk_indices"].get_orthogonal_selection((picked, slice(None), slice(None)))
+        fresh = np.take_along_axis(fresh, top.astype(np.int64), axis=-1)
+    error = np.abs(stored.astype(np.float32) - fresh).max(axis=(1, 2))
     tolerance = RECOMPUTE_TOLERANCE[manifest.dtype]
-    wrong = rows[error > tolerance]
+    wrong = picked[error > tolerance]
     report.add(
         "recompute",
         not len(wrong),
-        f"{len(rows)} random sample(s) recomputed, max |difference| {error.max():.3g}"
-        + (f"; differ at sample(s) {_first(wrong)}" if len(wrong) else ""),
+        f"{len(picked)} random row(s) x {manifest.num_views} view(s) recomputed, max |difference| "
+        f"{error.max():.3g}" + (f"; differ at row(s) {_first(wrong)}" if len(wrong) else ""),
     )
 
 

@@ -26,10 +26,10 @@ def test_stored_values_are_the_teachers_log_softmax_at_t(
     model, card = load_model(teacher_run)
     logits = predict_logits(model, data.images, card.data, device=torch.device("cpu"))
     expected = torch.log_softmax(logits / 4.0, dim=-1)
-    assert soft.logprobs.dtype == torch.float16 and soft.logprobs.shape == (600, 1, 5)
-    assert torch.allclose(soft.logprobs[:, 0].float(), expected, atol=2e-2)
+    assert soft.values.dtype == torch.float16 and soft.values.shape == (600, 1, 5)
+    assert torch.allclose(soft.values[:, 0].float(), expected, atol=2e-2)
     assert torch.equal(soft.labels, data.labels)
-    sums = torch.logsumexp(soft.logprobs[:, 0].float(), dim=-1)
+    sums = torch.logsumexp(soft.values[:, 0].float(), dim=-1)
     assert sums.abs().max() < 1e-2
 
 

@@ -86,13 +86,13 @@ def test_values_that_are_not_distributions(copy: Path, tmp_path: Path) -> None:
     array[130:132] = block
     result = run_verify(copy)
     assert result.exit_code == 1
-    assert "chunk 1 (rows 128-255): NaN or Inf at sample(s) 130" in result.output
+    assert "chunk 1 (rows 128-255): NaN or Inf at row(s) 130" in result.output
     trained = student(copy, tmp_path / "s")
-    assert trained.exit_code == 1 and "NaN or Inf soft labels at sample(s) 130" in trained.output
+    assert trained.exit_code == 1 and "NaN or Inf soft labels at row(s) 130" in trained.output
     block[0, 0, 0] = -1.0  # finite again, but row 130 no longer sums to 1 either
     array[130:132] = block
     result = run_verify(copy)
-    assert "not a distribution (|logsumexp| up to 1) at sample(s) 130, 131" in result.output
+    assert "not a distribution (logsumexp off by up to 1) at row(s) 130, 131" in result.output
 
 
 def test_labels_and_recompute_mismatch(copy: Path, teacher_run: Path) -> None:
@@ -106,8 +106,8 @@ def test_labels_and_recompute_mismatch(copy: Path, teacher_run: Path) -> None:
     report = verify_cache(copy, dataset=make_synthetic("train"), recompute=600,
                           teachers=[teacher_run])  # fmt: skip
     failures = "\n".join(report.failures())
-    assert "labels: differ at sample(s) 7" in failures
-    assert "recompute: " in failures and "differ at sample(s) 300" in failures
+    assert "labels: differ at row(s) 7" in failures
+    assert "recompute: " in failures and "differ at row(s) 300" in failures
 
 
 def test_incomplete_cache_is_reported(copy: Path) -> None:

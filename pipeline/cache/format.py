@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.errors import ManifestError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: views, transfer-set rows, top-k storage
 MANIFEST_KEY = "kdpipe"
 CHECKSUM_KEY = "kdpipe_sha256"  # beside the manifest: SHA-256 of its canonical JSON
 STATUS_WRITING = "writing"
@@ -23,6 +23,19 @@ STATUS_COMPLETE = "complete"
 STATUSES = (STATUS_WRITING, STATUS_COMPLETE)
 COMBINE_RULES = ("mean-probs", "mean-logits")
 DTYPES = ("float16", "float32")
+STORAGE_KINDS = ("dense", "top-k")
+VIEW_ARRAY_FIELDS = (
+    "top",
+    "left",
+    "height",
+    "width",
+    "flip",
+    "lam",
+    "box_top",
+    "box_left",
+    "box_height",
+    "box_width",
+)  # fmt: skip  (the columns of the ``views`` array; pipeline.views.VIEW_FIELDS)
 VALUES = "log_softmax(logits / temperature)"
 PREPROCESSING = (
     "uint8 pixels / 255, resized (bilinear) to the member's input_size when the dataset's "
@@ -110,7 +123,12 @@ class Manifest:
     values: str
     preprocessing: str
     dataset: dict  # name, split, fingerprint {count, num_classes, classes, sha256}
-    num_samples: int
+    classes: list  # the teacher's class names, index = class id
+    transfer: dict  # which dataset rows: dataset_samples, subset, exclude_classes, labeled
+    seed: int  # drew the transfer subset and the views
+    views: dict  # augment, mix, mix_alpha: how the view parameters were drawn
+    storage: dict  # kind "dense" or "top-k", k
+    num_samples: int  # rows: the transfer set
     num_views: int
     num_classes: int
     dtype: str
@@ -154,6 +172,11 @@ class Manifest:
             values=_check(data, "values", str, where),
             preprocessing=_check(data, "preprocessing", str, where),
             dataset=_check(data, "dataset", dict, where),
+            classes=_check(data, "classes", list, where),
+            transfer=_check(data, "transfer", dict, where),
+            seed=_check(data, "seed", int, where),
+            views=_check(data, "views", dict, where),
+            storage=_check(data, "storage", dict, where),
             num_samples=_check(data, "num_samples", int, where),
             num_views=_check(data, "num_views", int, where),
             num_classes=_check(data, "num_classes", int, where),
@@ -177,7 +200,33 @@ class Manifest:
         for key in ("name", "split", "fingerprint"):
             if key not in manifest.dataset:
                 raise ManifestError(f"{where}: dataset has no {key!r}")
+        for name, keys in (
+            ("transfer", ("dataset_samples", "subset", "exclude_classes", "labeled")),
+            ("views", ("augment", "mix", "mix_alpha")),
+            ("storage", ("kind", "k")),
+        ):
+            missing = [key for key in keys if key not in getattr(manifest, name)]
+            if missing:
+                raise ManifestError(f"{where}: {name} has no {', '.join(map(repr, missing))}")
+        kind, k = manifest.storage["kind"], manifest.storage["k"]
+        if kind not in STORAGE_KINDS:
+            raise ManifestError(f"{where}: storage kind {kind!r} is not one of dense, top-k")
+        if kind == "top-k" and not (isinstance(k, int) and 1 <= k <= manifest.num_classes):
+            raise ManifestError(f"{where}: storage k {k!r} is not in 1..{manifest.num_classes}")
+        if len(manifest.classes) != manifest.num_classes:
+            raise ManifestError(
+                f"{where}: {len(manifest.classes)} class names for {manifest.num_classes} classes"
+            )
         return manifest
+
+    @property
+    def top_k(self) -> int | None:
+        """K for a top-k cache, None for a dense one."""
+        return self.storage["k"] if self.storage["kind"] == "top-k" else None
+
+    @property
+    def labeled(self) -> bool:
+        return bool(self.transfer["labeled"])
 
     def identity(self) -> dict:
         """The fields the ``cache_id`` is derived from: same inputs, same id."""
@@ -190,6 +239,10 @@ class Manifest:
             "split": self.dataset["split"],
             "num_views": self.num_views,
             "dtype": self.dtype,
+            "seed": self.seed,
+            "views": self.views,
+            "transfer": self.transfer,
+            "storage": self.storage,
         }
 
 
@@ -220,10 +273,51 @@ def describe_differences(existing: Manifest, wanted: Manifest) -> list[str]:
         )
     elif old_data["fingerprint"] != new_data["fingerprint"]:
         differences.append("data fingerprint differs (same name and split, other content)")
-    for name in ("temperature", "combine", "num_views", "dtype", "chunk_size", "preprocessing"):
+    # dataset_samples follows from the fingerprint: a data difference is already named
+    old_transfer = {k: v for k, v in existing.transfer.items() if k != "dataset_samples"}
+    new_transfer = {k: v for k, v in wanted.transfer.items() if k != "dataset_samples"}
+    if old_transfer != new_transfer:
+        differences.append(f"transfer set {old_transfer} != {new_transfer}")
+    for name in (
+        "temperature",
+        "combine",
+        "num_views",
+        "views",
+        "seed",
+        "storage",
+        "dtype",
+        "chunk_size",
+        "preprocessing",
+    ):
         old, new = getattr(existing, name), getattr(wanted, name)
         if old != new:
             differences.append(f"{name} {old} != {new}")
     if not differences and existing.format_version != wanted.format_version:
         differences.append(f"format_version {existing.format_version} != {wanted.format_version}")
     return differences
+
+
+def array_specs(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], str, int | float]]:
+    """Every data array of a cache: name -> (shape, dtype, fill value).
+
+    All are chunked along the first (row) axis by ``chunk_size``; the writer,
+    the reader and ``kdpipe verify`` all take the layout from here.
+    """
+    n, v, c = manifest.num_samples, manifest.num_views, manifest.num_classes
+    specs: dict[str, tuple[tuple[int, ...], str, int | float]] = {}
+    if manifest.top_k is None:
+        specs["logprobs"] = ((n, v, c), manifest.dtype, 0.0)
+    else:
+        k = manifest.top_k
+        specs["topk_logprobs"] = ((n, v, k), manifest.dtype, 0.0)
+        specs["topk_indices"] = ((n, v, k), index_dtype(c), -1)
+    specs["labels"] = ((n,), "int64", -1)
+    specs["indices"] = ((n,), "int64", -1)
+    specs["views"] = ((n, v, len(VIEW_ARRAY_FIELDS)), "float32", 0.0)
+    specs["partners"] = ((n, v), "int64", -1)
+    return specs
+
+
+def index_dtype(num_classes: int) -> str:
+    """int16 class indices where they fit (C <= 32767), int32 beyond."""
+    return "int16" if num_classes <= 32767 else "int32"

@@ -1,12 +1,17 @@
 """Writing and reading the Zarr store. Knows nothing about models.
 
-Layout (see ``docs/cache-format.md``): a Zarr v3 group with
+Layout (see ``docs/cache-format.md`` and ``format.array_specs``): a Zarr v3
+group with
 
-- ``logprobs``: float16 ``(N, V, C)``, ``log_softmax(z / T)`` per sample and view,
-- ``labels``: int64 ``(N,)``, the dataset's labels in canonical order,
+- ``logprobs``: float16 ``(N, V, C)``, ``log_softmax(z / T)`` per row and view
+  (or ``topk_logprobs`` and ``topk_indices``, ``(N, V, K)``, for a top-k cache),
+- ``labels`` and ``indices``: int64 ``(N,)``, each row's label and its index
+  in the dataset's canonical order,
+- ``views``: float32 ``(N, V, 10)`` view parameters, ``partners``: int64
+  ``(N, V)`` the dataset index mixed in (-1: none),
 
-both chunked along the sample axis, zstd-compressed and crc32c-checksummed,
-and the manifest in the group attributes under ``kdpipe``. The manifest's
+all chunked along the row axis, zstd-compressed and crc32c-checksummed, and
+the manifest in the group attributes under ``kdpipe``. The manifest's
 ``status`` becomes ``complete`` only after every chunk is written.
 """
 
@@ -29,6 +34,7 @@ from pipeline.cache.format import (
     MANIFEST_KEY,
     STATUS_COMPLETE,
     Manifest,
+    array_specs,
     manifest_checksum,
 )
 from pipeline.errors import (
@@ -38,7 +44,6 @@ from pipeline.errors import (
     NotACacheError,
 )
 
-ARRAYS = ("logprobs", "labels")
 PROGRESS = "progress"
 
 
@@ -83,35 +88,33 @@ class CacheWriter:
     def __init__(self, path: Path, manifest: Manifest, *, resume: bool = False) -> None:
         self.path = Path(path)
         self.manifest = manifest
+        self.names = tuple(array_specs(manifest))
         if resume:  # KeyError when an array was never created
             self.group = zarr.open_group(str(self.path), mode="r+")
-            self.arrays = {name: self.group[name] for name in (*ARRAYS, PROGRESS)}
+            # write_empty_chunks is a runtime setting, not stored: set it again, or an
+            # all-fill chunk (partners of unmixed views are all -1) would never be written
+            self.arrays = {
+                name: self.group[name].with_config({"write_empty_chunks": True})
+                for name in (*self.names, PROGRESS)
+            }
             return
-        n, v, c = manifest.num_samples, manifest.num_views, manifest.num_classes
         self.group = zarr.open_group(str(self.path), mode="w")
         write_manifest(self.group, manifest)
-        chunk = manifest.chunk_size
         self.arrays = {
-            "logprobs": self.group.create_array(
-                "logprobs",
-                shape=(n, v, c),
-                chunks=(chunk, v, c),
-                dtype=manifest.dtype,
-                fill_value=0.0,
+            name: self.group.create_array(
+                name,
+                shape=shape,
+                chunks=(manifest.chunk_size, *shape[1:]),
+                dtype=dtype,
+                fill_value=fill,
                 **_codecs(),
-            ),
-            "labels": self.group.create_array(
-                "labels", shape=(n,), chunks=(chunk,), dtype="int64", fill_value=-1, **_codecs()
-            ),
-            PROGRESS: self.group.create_array(
-                PROGRESS,
-                shape=(self.num_chunks,),
-                chunks=(1,),
-                dtype="uint8",
-                fill_value=0,
-                **_codecs(),
-            ),
+            )
+            for name, (shape, dtype, fill) in array_specs(manifest).items()
         }
+        self.arrays[PROGRESS] = self.group.create_array(
+            PROGRESS, shape=(self.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
+            **_codecs(),
+        )  # fmt: skip
         self.manifest = replace(manifest, array_metadata_sha256=array_metadata_sha256(self.path))
         write_manifest(self.group, self.manifest)
 
@@ -129,16 +132,19 @@ class CacheWriter:
         except Exception:  # a damaged flag only means: compute this chunk again
             return False
         return flagged and all(
-            (self.path / name / chunk_key(self.arrays[name], index)).is_file() for name in ARRAYS
+            (self.path / name / chunk_key(self.arrays[name], index)).is_file()
+            for name in self.names
         )
 
-    def write(self, index: int, logprobs: np.ndarray, labels: np.ndarray) -> None:
-        """Write chunk ``index`` of every array, flush it, then flag it done."""
+    def write(self, index: int, chunk: dict[str, np.ndarray]) -> None:
+        """Write chunk ``index`` of every data array, flush it, then flag it done."""
+        if set(chunk) != set(self.names):
+            raise ValueError(f"chunk has arrays {sorted(chunk)}, the cache {sorted(self.names)}")
         start = index * self.manifest.chunk_size
-        stop = start + len(logprobs)
-        self.arrays["logprobs"][start:stop] = logprobs.astype(self.manifest.dtype, copy=False)
-        self.arrays["labels"][start:stop] = labels
-        for name in ARRAYS:
+        for name, values in chunk.items():
+            array = self.arrays[name]
+            array[start : start + len(values)] = values.astype(array.dtype, copy=False)
+        for name in self.names:
             _fsync(self.path / name / chunk_key(self.arrays[name], index))
         self.arrays[PROGRESS][index] = 1
         _fsync(self.path / PROGRESS / chunk_key(self.arrays[PROGRESS], index))
@@ -165,9 +171,9 @@ def write_manifest(group: zarr.Group, manifest: Manifest) -> None:
 def array_metadata_sha256(path: Path) -> dict:
     """SHA-256 of each array's zarr.json, so that damaged array metadata is noticed too."""
     return {
-        name: hashlib.sha256((path / name / "zarr.json").read_bytes()).hexdigest()
-        for name in (*ARRAYS, PROGRESS)
-        if (path / name / "zarr.json").is_file()
+        folder.name: hashlib.sha256((folder / "zarr.json").read_bytes()).hexdigest()
+        for folder in sorted(Path(path).iterdir())
+        if (folder / "zarr.json").is_file()
     }
 
 
@@ -215,7 +221,7 @@ def open_complete(path: Path) -> tuple[Manifest, dict[str, zarr.Array]]:
     check_array_metadata(path, manifest)  # before zarr parses it: zarr's errors are not ours
     try:
         group = zarr.open_group(str(path), mode="r")
-        arrays = {name: group[name] for name in (*ARRAYS, PROGRESS)}
+        arrays = {name: group[name] for name in (*array_specs(manifest), PROGRESS)}
     except Exception as exc:
         raise CacheError(f"{path}: the arrays cannot be opened ({exc!r})") from None
     return manifest, arrays
@@ -223,7 +229,10 @@ def open_complete(path: Path) -> tuple[Manifest, dict[str, zarr.Array]]:
 
 def check_array_metadata(path: Path, manifest: Manifest) -> None:
     actual = array_metadata_sha256(path)
-    for name, digest in manifest.array_metadata_sha256.items():
+    expected = manifest.array_metadata_sha256
+    if set(expected) != {*array_specs(manifest), PROGRESS}:
+        raise CacheError(f"{path}: the manifest lists arrays {sorted(expected)}, not this layout")
+    for name, digest in expected.items():
         if actual.get(name) != digest:
             raise CacheError(
                 f"{path}: {name}/zarr.json does not match its checksum in the manifest"
@@ -232,19 +241,65 @@ def check_array_metadata(path: Path, manifest: Manifest) -> None:
 
 @dataclass(frozen=True)
 class SoftLabels:
-    """A complete cache read into memory."""
+    """A complete cache read into memory: soft labels, rows and views."""
 
     path: Path
     manifest: Manifest
-    logprobs: torch.Tensor  # (N, V, C), stored dtype
-    labels: torch.Tensor  # (N,) int64
+    values: torch.Tensor  # (N, V, C) dense, or (N, V, K) top-k; stored dtype
+    top_indices: torch.Tensor | None  # (N, V, K) int64 for a top-k cache
+    labels: torch.Tensor  # (N,) int64, -1 for an unlabeled transfer set
+    indices: torch.Tensor  # (N,) int64: the dataset index of each row
+    views: torch.Tensor  # (N, V, 10) float32 view parameters
+    partners: torch.Tensor  # (N, V) int64 dataset index mixed in, -1 for none
 
     def log_probs(self, temperature: float | None = None) -> torch.Tensor:
-        """float32 ``log_softmax(z / T)`` at ``temperature`` (default: the stored one)."""
-        values = self.logprobs.float()
-        if temperature is None or temperature == self.manifest.temperature:
+        """float32 ``log_softmax(z / T)`` ``(N, V, C)`` at ``temperature`` (default: stored).
+
+        A top-k cache is reconstructed first (:func:`reconstruct_top_k`); it
+        cannot be re-tempered exactly, so another temperature is refused.
+        """
+        stored = self.manifest.temperature
+        if self.top_indices is not None:
+            if temperature is not None and temperature != stored:
+                raise CacheError(
+                    f"{self.path} is a top-{self.manifest.top_k} cache at T={stored:g}: it "
+                    f"cannot be re-tempered to T={temperature:g} exactly; use T={stored:g} or "
+                    "a dense cache"
+                )
+            return reconstruct_top_k(
+                self.values.float(), self.top_indices, self.manifest.num_classes
+            )
+        values = self.values.float()
+        if temperature is None or temperature == stored:
             return values
-        return retemper(values, self.manifest.temperature, temperature)
+        return retemper(values, stored, temperature)
+
+    @property
+    def has_views(self) -> bool:
+        """True unless every view is the plain image (then training needs no rendering)."""
+        return not (
+            self.manifest.views["augment"] == "none" and self.manifest.views["mix"] == "none"
+        )
+
+
+def reconstruct_top_k(
+    top_logprobs: torch.Tensor, top_indices: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """Dense log-probabilities from the K largest: the leftover mass ``1 - sum(p_topk)``
+    spread uniformly over the other ``C - K`` classes (the FKD / TinyViT rule).
+
+    With K = C the stored distribution comes back as it is. The leftover is
+    floored at a tiny positive mass, so that every class keeps a finite
+    log-probability (float16 rounding can make the top-K sum exceed 1).
+    """
+    k = top_logprobs.shape[-1]
+    if k == num_classes:
+        dense = torch.empty(*top_logprobs.shape[:-1], num_classes)
+        return dense.scatter_(-1, top_indices.long(), top_logprobs)
+    leftover = (1.0 - top_logprobs.exp().sum(-1, keepdim=True)).clamp_min(1e-8)
+    fill = torch.log(leftover / (num_classes - k))
+    dense = fill.expand(*top_logprobs.shape[:-1], num_classes).clone()
+    return dense.scatter_(-1, top_indices.long(), top_logprobs)
 
 
 def retemper(logprobs: torch.Tensor, stored: float, wanted: float) -> torch.Tensor:
@@ -281,12 +336,12 @@ def load_soft_labels(path: Path) -> SoftLabels:
     """Read a complete cache into memory once (checksums verified on the way)."""
     path = Path(path)
     manifest, arrays = open_complete(path)
-    logprobs = _read_array(path, arrays["logprobs"], "logprobs")
-    labels = _read_array(path, arrays["labels"], "labels")
-    not_finite = np.flatnonzero(~np.isfinite(logprobs).all(axis=(1, 2)))
+    data = {name: _read_array(path, arrays[name], name) for name in array_specs(manifest)}
+    values = data["topk_logprobs" if manifest.top_k else "logprobs"]
+    not_finite = np.flatnonzero(~np.isfinite(values).all(axis=(1, 2)))
     if len(not_finite):
         raise CacheError(
-            f"{path}: NaN or Inf soft labels at sample(s) {', '.join(map(str, not_finite[:10]))}"
+            f"{path}: NaN or Inf soft labels at row(s) {', '.join(map(str, not_finite[:10]))}"
         )
     unflagged = np.flatnonzero(_read_array(path, arrays[PROGRESS], PROGRESS) != 1)
     if len(unflagged):
@@ -294,9 +349,19 @@ def load_soft_labels(path: Path) -> SoftLabels:
             f"{path}: chunk(s) {', '.join(map(str, unflagged[:10]))} are not flagged "
             "as written, although the manifest says complete"
         )
-    expected = (manifest.num_samples, manifest.num_views, manifest.num_classes)
-    if logprobs.shape != expected or labels.shape != (manifest.num_samples,):
-        raise CacheError(
-            f"{path}: array shapes {logprobs.shape} do not match the manifest {expected}"
-        )
-    return SoftLabels(path, manifest, torch.from_numpy(logprobs), torch.from_numpy(labels))
+    for name, (shape, _, _) in array_specs(manifest).items():
+        if data[name].shape != shape:
+            raise CacheError(
+                f"{path}: array {name} has shape {data[name].shape}, the manifest says {shape}"
+            )
+    top_indices = data.get("topk_indices")
+    return SoftLabels(
+        path,
+        manifest,
+        torch.from_numpy(values),
+        None if top_indices is None else torch.from_numpy(top_indices.astype(np.int64)),
+        torch.from_numpy(data["labels"]),
+        torch.from_numpy(data["indices"]),
+        torch.from_numpy(data["views"]),
+        torch.from_numpy(data["partners"]),
+    )
