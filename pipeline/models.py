@@ -62,6 +62,7 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.in_chans = in_chans  # timm models carry it; timm.task reads it
         height, width = to_2tuple(img_size)
         layers: list[nn.Module] = [nn.Flatten()]
         width_in = in_chans * height * width
@@ -93,6 +94,7 @@ class SmallCNN(nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.in_chans = in_chans  # timm models carry it; timm.task reads it
         height, width = to_2tuple(img_size)
         c1, c2 = channels
         self.features = nn.Sequential(

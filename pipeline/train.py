@@ -403,10 +403,11 @@ def _online_task(
     distributions, so one criterion serves plain and mixed batches."""
     from timm.loss import SoftTargetCrossEntropy
     from timm.task import LogitDistillationTask
+    from timm.task.distillation import DistillationTeacher
 
     return LogitDistillationTask(
         student,
-        teacher,
+        DistillationTeacher(teacher, device=device),
         criterion=SoftTargetCrossEntropy(),
         task_loss_weight=alpha,
         temperature=temperature,
