@@ -13,12 +13,12 @@ TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 DATA_ROOT ?= data
 RUNS ?= runs
 
-.PHONY: all install data test lint format hinton clean-runs cli-docs faults
+.PHONY: all install data test lint format hinton consistency clean-runs cli-docs faults
 # keep every file target, including those made by pattern rules (make would
 # otherwise delete the cache stamps as "intermediate" files when it exits)
 .SECONDARY:
 
-all: install data hinton
+all: install data hinton consistency
 
 # The venv is created once; pip then only checks what is installed (seconds),
 # so a CI run on a machine that already has torch does not reinstall it.
@@ -87,6 +87,63 @@ HINTON_RUNS := $(H)/teacher-cnn $(H)/teacher-mlp \
 hinton: install data $(addsuffix /model.json,$(HINTON_RUNS))
 	$(KDPIPE) report $(HINTON_RUNS) --baseline student-hard --csv docs/results/hinton.csv \
 		--markdown docs/results.md --section hinton
+
+# --- Consistent teaching (Beyer et al. 2022): views in the cache, on a 10 % transfer set ----------
+# A timm resnet10t teacher (1 input channel) is trained on all of Fashion-MNIST
+# and labels a random 10 % transfer set (6,000 images) three ways: one fixed
+# plain view, 8 crop-flip views, 8 crop-flip views mixed with mixup. The kd_cnn
+# student trains for the same epochs and seeds from each, on hard labels, and
+# online through timm's LogitDistillationTask with fresh crop-flip views.
+
+K := $(RUNS)/consistency
+K_SEEDS ?= 0 1
+K_EPOCHS ?= 30
+K_T ?= 4
+K_ALPHA ?= 0.1
+K_SUBSET ?= 0.1
+K_VIEWS ?= 8
+K_CACHE := --temperature $(K_T) --subset $(K_SUBSET) $(COMMON)
+K_STUDENT := --model kd_cnn --epochs $(K_EPOCHS) --lr 0.05 $(COMMON)
+
+$(K)/teacher-r10t/model.json:
+	$(KDPIPE) train-teacher --model resnet10t --epochs 6 --lr 0.05 --jitter 2 --out $(@D) $(COMMON)
+
+$(K)/fixed.done: $(K)/teacher-r10t/model.json
+	$(KDPIPE) cache-teacher --teacher $(K)/teacher-r10t --out $(K)/fixed.zarr $(K_CACHE)
+	touch $@
+
+$(K)/views.done: $(K)/teacher-r10t/model.json
+	$(KDPIPE) cache-teacher --teacher $(K)/teacher-r10t --views $(K_VIEWS) --augment crop-flip --out $(K)/views.zarr $(K_CACHE)
+	touch $@
+
+$(K)/mixup.done: $(K)/teacher-r10t/model.json
+	$(KDPIPE) cache-teacher --teacher $(K)/teacher-r10t --views $(K_VIEWS) --augment crop-flip --mix mixup --out $(K)/mixup.zarr $(K_CACHE)
+	touch $@
+
+$(K)/a-hard-s%/model.json: $(K)/fixed.done
+	$(KDPIPE) train-student $(K_STUDENT) --cache $(K)/fixed.zarr --alpha 1 --seed $* --out $(@D)
+
+$(K)/a-hard-views-s%/model.json: $(K)/views.done
+	$(KDPIPE) train-student $(K_STUDENT) --cache $(K)/views.zarr --alpha 1 --seed $* --out $(@D)
+
+$(K)/b-fixed-s%/model.json: $(K)/fixed.done
+	$(KDPIPE) train-student $(K_STUDENT) --cache $(K)/fixed.zarr --alpha $(K_ALPHA) --seed $* --out $(@D)
+
+$(K)/c-views-s%/model.json: $(K)/views.done
+	$(KDPIPE) train-student $(K_STUDENT) --cache $(K)/views.zarr --alpha $(K_ALPHA) --seed $* --out $(@D)
+
+$(K)/d-mixup-s%/model.json: $(K)/mixup.done
+	$(KDPIPE) train-student $(K_STUDENT) --cache $(K)/mixup.zarr --alpha $(K_ALPHA) --seed $* --out $(@D)
+
+$(K)/e-online-s%/model.json: $(K)/teacher-r10t/model.json
+	$(KDPIPE) distill-online $(K_STUDENT) --teacher $(K)/teacher-r10t --alpha $(K_ALPHA) --temperature $(K_T) --augment crop-flip --subset $(K_SUBSET) --seed $* --out $(@D)
+
+CONSISTENCY_RUNS := $(K)/teacher-r10t \
+	$(foreach s,$(K_SEEDS),$(K)/a-hard-s$(s) $(K)/a-hard-views-s$(s) $(K)/b-fixed-s$(s) $(K)/c-views-s$(s) $(K)/d-mixup-s$(s) $(K)/e-online-s$(s))
+
+consistency: install data $(addsuffix /model.json,$(CONSISTENCY_RUNS))
+	$(KDPIPE) report $(CONSISTENCY_RUNS) --baseline a-hard --csv docs/results/consistency.csv \
+		--markdown docs/results.md --section consistency
 
 clean-runs:
 	rm -rf $(RUNS)

@@ -150,6 +150,14 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="Random shifts of up to this many pixels (Hinton et al.'s input jitter).",
         ),
         click.option(
+            "--subset",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=None,
+            help="Train on a random fraction of the samples, the rows cache-teacher --subset "
+            "picks with the same --subset-seed (not with --cache: the cache holds its rows).",
+        ),
+        click.option("--subset-seed", type=int, default=0, help="Draws the --subset."),
+        click.option(
             "--hidden-sizes",
             callback=parse_sizes,
             default=None,

@@ -25,6 +25,12 @@ from pipeline.train import TrainConfig
 
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
 FLAG_NAMES = {"drop_rate": "dropout"}
+COMMANDS = {
+    "teacher": "train-teacher",
+    "student": "train-student",
+    "online-student": "distill-online",
+}
+REQUIRED = {"train-student": {"alpha", "cache"}, "distill-online": {"alpha", "teacher"}}
 
 
 def _group_name(run_dir: Path) -> str:
@@ -48,9 +54,9 @@ def command_line(config: dict, *, seed_placeholder: bool = False) -> str:
     of ``--out`` reads ``-sSEED``): one line for every seed of a group.
     """
     defaults = {f.name: f.default for f in fields(TrainConfig)}
-    command = "train-student" if config.get("kind") == "student" else "train-teacher"
+    command = COMMANDS.get(config.get("kind"), "train-teacher")
     parts = [f"kdpipe {command}"]
-    required = {"alpha", "cache"} if command == "train-student" else set()  # shown even at default
+    required = REQUIRED.get(command, set())  # shown even at their defaults
     for name, default in defaults.items():
         value = config.get(name, default)
         if seed_placeholder and name == "seed":
@@ -75,8 +81,10 @@ def collect(run_dirs: list[Path]) -> pd.DataFrame:
         final = metrics.iloc[-1]
         lineage = card.lineage or {}
         # with alpha = 1 no soft target is used: the cache only serves as lineage
-        soft = card.kind == "student" and lineage.get("alpha", 1.0) < 1.0
-        teachers = [Path(p).name for p in lineage.get("teacher_runs", [])] if soft else []
+        student = card.kind in ("student", "online-student")
+        soft = student and lineage.get("alpha", 1.0) < 1.0
+        runs = lineage.get("teacher_runs", [lineage.get("online_teacher")])
+        teachers = [Path(p).name for p in runs if p] if soft else []
         rows.append(
             {
                 "run": run_dir.name,
@@ -84,7 +92,8 @@ def collect(run_dirs: list[Path]) -> pd.DataFrame:
                 "kind": card.kind,
                 "architecture": card.architecture,
                 "teacher": "+".join(teachers) if teachers else "",
-                "alpha": lineage.get("alpha") if card.kind == "student" else None,
+                "alpha": lineage.get("alpha") if student else None,
+                "soft_labels": _soft_label_source(lineage, config) if soft else "",
                 "temperature": lineage.get("temperature") if soft else None,
                 "seed": config["seed"],
                 "epochs": int(final["epoch"]),
@@ -100,6 +109,26 @@ def collect(run_dirs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _soft_label_source(lineage: dict, config: dict) -> str:
+    """Where a student's soft targets came from, in a few words for a table."""
+    if "online_teacher" in lineage:
+        views = config.get("augment", "none")
+        if config.get("mix", "none") != "none":
+            views += f" + {config['mix']}"
+        return f"online, fresh {views} views"
+    try:
+        manifest = read_manifest(Path(lineage.get("cache_path", "")))
+    except KdpipeError:
+        return "cache (not found)"
+    views = manifest.views["augment"]
+    if manifest.views["mix"] != "none":
+        views += f" + {manifest.views['mix']}"
+    if views == "none":
+        return "cache, fixed (1 plain view)"
+    storage = "" if manifest.top_k is None else f", top-{manifest.top_k}"
+    return f"cache, {manifest.num_views} {views} views{storage}"
+
+
 def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
     """Mean ± std per group and, against ``baseline``, Hinton's gap-recovery share:
     (baseline errors − student errors) / (baseline errors − teacher errors), left empty
@@ -113,6 +142,7 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
                 "kind": first["kind"],
                 "architecture": first["architecture"],
                 "teacher": first["teacher"],
+                "soft_labels": first["soft_labels"],
                 "alpha": first["alpha"],
                 "T": first["temperature"],
                 "seeds": " ".join(str(s) for s in sorted(group["seed"])),
@@ -134,7 +164,7 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
 
         def recovery(row: pd.Series) -> float | None:
             teacher_errors = errors_of.get(row["teacher"])
-            if row["kind"] != "student" or row["group"] == baseline or teacher_errors is None:
+            if row["kind"] == "teacher" or row["group"] == baseline or teacher_errors is None:
                 return None
             if teacher_errors >= scratch:  # no gap to recover: the teacher is not better
                 return None
@@ -150,6 +180,7 @@ def to_markdown(table: pd.DataFrame) -> str:
             "group": table["group"],
             "model": table["architecture"],
             "teacher": table["teacher"].replace("", "—"),
+            "soft labels": table["soft_labels"].replace("", "—"),
             "α": table["alpha"].map(lambda v: "—" if pd.isna(v) else f"{v:g}"),
             "T": table["T"].map(lambda v: "—" if pd.isna(v) else f"{v:g}"),
             "seeds": table["seeds"],
@@ -194,11 +225,42 @@ def cache_command(path: Path) -> str | None:
         f"--data {manifest.dataset['name']}",
         f"--split {manifest.dataset['split']}",
         f"--temperature {manifest.temperature:g}",
-        f"--out {path}",
     ]
     if len(manifest.teachers) > 1:
         parts.append(f"--combine {manifest.combine}")
+    views, transfer = manifest.views, manifest.transfer
+    if manifest.num_views > 1:
+        parts.append(f"--views {manifest.num_views}")
+    if views["augment"] != "none":
+        parts.append(f"--augment {views['augment']}")
+    if views["mix"] != "none":
+        parts.append(f"--mix {views['mix']} --mix-alpha {views['mix_alpha']:g}")
+    if transfer["subset"] is not None:
+        parts.append(f"--subset {transfer['subset']:g}")
+    if transfer["exclude_classes"]:
+        parts.append(f"--exclude-classes {','.join(map(str, transfer['exclude_classes']))}")
+    if not transfer["labeled"]:
+        parts.append("--ignore-labels")
+    if manifest.seed:
+        parts.append(f"--seed {manifest.seed}")
+    if manifest.top_k is not None:
+        parts.append(f"--top-k {manifest.top_k}")
+    parts.append(f"--out {path}")
     return " ".join(parts)
+
+
+def cache_seconds(path: Path) -> float | None:
+    """How long a cache's teacher pass took, from its manifest's timestamps (whole seconds;
+    a resumed pass counts from its first start)."""
+    try:
+        manifest = read_manifest(path)
+    except KdpipeError:
+        return None
+    if manifest.completed is None:
+        return None
+    return (
+        datetime.fromisoformat(manifest.completed) - datetime.fromisoformat(manifest.created)
+    ).total_seconds()
 
 
 def section_text(runs: pd.DataFrame, table: pd.DataFrame) -> str:
@@ -207,6 +269,11 @@ def section_text(runs: pd.DataFrame, table: pd.DataFrame) -> str:
     caches = [cache_command(Path(p)) for p in dict.fromkeys(runs["cache"]) if p]
     students = [c for c in rebuilt if not c.startswith("kdpipe train-teacher")]
     commands = [*teachers, *(c for c in caches if c), *students]
+    passes = [
+        f"`{Path(p).name}` {seconds:.0f} s"
+        for p in dict.fromkeys(runs["cache"])
+        if p and (seconds := cache_seconds(Path(p))) is not None
+    ]
     lines = [
         f"Generated by `kdpipe report` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from the runs' "
         "own metrics.csv and model.json (final epoch, test split).",
@@ -214,6 +281,16 @@ def section_text(runs: pd.DataFrame, table: pd.DataFrame) -> str:
         "",
         to_markdown(table),
         "",
+        *(
+            [
+                "Teacher passes (paid once per cache, not in the minutes above): "
+                + ", ".join(passes)
+                + ".",
+                "",
+            ]
+            if passes
+            else []
+        ),
         "Commands (rebuilt from each run's config.json and each cache's manifest; `SEED` "
         "takes the seeds listed):",
         "",

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from pipeline.cache import SoftLabels, load_soft_labels
 from pipeline.cache.store import utc_now
 from pipeline.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
-from pipeline.data import ImageSet, describe_mismatch, load_dataset
+from pipeline.data import ImageSet, describe_mismatch, load_dataset, select_rows
 from pipeline.errors import (
     CacheMismatchError,
     DatasetError,
@@ -93,6 +93,8 @@ class TrainConfig:
     drop_rate: float = 0.0
     jitter: int = 0
     hidden_sizes: tuple[int, ...] | None = None
+    subset: float | None = None  # train on these rows (select_rows), not with a cache
+    subset_seed: int = 0
     augment: str = "none"  # fresh random views each step (not from a cache)
     mix: str = "none"
     mix_alpha: float = 1.0
@@ -440,6 +442,21 @@ def _run(
     lineage = None
     classes = train_set.classes
     data = TrainData.plain(train_set, config.policy)
+    if config.subset is not None:
+        if soft_labels is not None:
+            raise UsageError(
+                f"{soft_labels.path} defines the training rows: --subset is for training "
+                "without a cache (cache-teacher --subset picks a cache's rows)"
+            )
+        rows = torch.from_numpy(
+            select_rows(
+                train_set.labels,
+                subset=config.subset,
+                num_classes=train_set.num_classes,
+                seed=config.subset_seed,
+            )
+        )
+        data = replace(data, rows=rows, labels=train_set.labels[rows])
     online_teacher = None
     alpha = config.alpha
     if soft_labels is not None:
