@@ -519,6 +519,46 @@ def report_command(
     click.echo(to_markdown(table))
 
 
+@main.command("storage", context_settings=CONTEXT)
+@click.argument("cache_path", metavar="CACHE", type=click.Path())
+@click.option(
+    "--top-k",
+    "ks",
+    callback=parse_sizes,
+    default="1,2,3,5",
+    help="The K values to measure, comma-separated.",
+)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None)
+@click.option(
+    "--markdown",
+    "markdown_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Replace this section of a Markdown file (or append it).",
+)
+@click.option("--section", default="storage", help="Name of the section's markers.")
+@reports_errors
+def storage_command(
+    cache_path: str,
+    ks: tuple[int, ...],
+    csv_path: str | None,
+    markdown_path: str | None,
+    section: str,
+) -> None:
+    """Bytes per sample-view of a dense cache as float32, float16 and top-k, and what top-k
+    loses (mean KL to the reconstruction)."""
+    from pipeline.storage import storage_report, to_markdown
+
+    table = storage_report(
+        Path(cache_path),
+        ks,
+        csv_path=Path(csv_path) if csv_path else None,
+        markdown_path=Path(markdown_path) if markdown_path else None,
+        section=section,
+    )
+    click.echo(to_markdown(table))
+
+
 @main.command("verify", context_settings=CONTEXT)
 @click.argument("cache_path", metavar="CACHE", type=click.Path())
 @functools.partial(data_options, required=False)

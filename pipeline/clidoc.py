@@ -66,6 +66,14 @@ INTRODUCTIONS = {
         "consecutive epochs), rendered from the stored parameters at the student's input size: "
         "the image the teacher labelled. A cache without labels forces `--alpha 0`."
     ),
+    "storage": (
+        "Measures what a dense cache costs as float32, float16 and top-K (for each `--top-k` "
+        "value): raw bytes per sample-view and the bytes actually stored, each layout written "
+        "with the cache's codecs and chunking; and what top-K loses, the mean KL divergence "
+        "from the cache's distribution to its reconstruction (leftover mass spread uniformly), "
+        "and the share of views whose top-1 class is kept. Measure from a `--dtype float32` "
+        "cache to see float16's loss too."
+    ),
     "distill-online": (
         "The reference that a cache is measured against: online distillation through timm's "
         "own `timm.task.LogitDistillationTask`, the teacher run on every batch, with fresh "

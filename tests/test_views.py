@@ -337,3 +337,27 @@ def test_online_distillation_runs_timms_task(teacher_run: Path, tmp_path: Path) 
     result = invoke("distill-online --model kd_mlp --data synthetic --epochs 1 --alpha 0.5 "
                     "--temperature 2 --out", tmp_path / "p")  # fmt: skip
     assert result.exit_code == 2 and "Missing option '--teacher'" in result.output
+
+
+def test_storage_table_measures_bytes_and_top_k_loss(train_cache: Path, tmp_path: Path) -> None:
+    doc = tmp_path / "results.md"
+    result = invoke("storage", train_cache, "--top-k 1,2 --markdown", doc, "--csv",
+                    tmp_path / "s.csv")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "s.csv").set_index("storage")
+    assert table.loc["dense float16", "raw_bytes_per_view"] == 2 * 5
+    assert table.loc["top-2 float16", "raw_bytes_per_view"] == 2 * 2 + 2 * 2  # int16 classes
+    # the top-1 loss, recomputed from the definition: leftover spread over 4 classes
+    dense = load_soft_labels(train_cache).values.float()[:, 0]
+    top = dense.max(-1).values
+    rest = torch.log((1 - top.exp()).clamp_min(1e-8) / 4)
+    probs = dense.exp()
+    rebuilt = torch.where(dense == top[:, None], top[:, None], rest[:, None])
+    expected = float((probs * (dense - rebuilt)).sum(-1).mean())
+    assert table.loc["top-1 float16", "mean_kl"] == pytest.approx(expected, rel=1e-3)
+    assert table.loc["top-2 float16", "mean_kl"] < table.loc["top-1 float16", "mean_kl"]
+    assert 0 < table.loc["top-1 float16", "stored_bytes_per_view"] < 10
+    assert "<!-- kdpipe:storage:begin -->" in doc.read_text()
+    assert "K must be in 1..4" in invoke("storage", train_cache, "--top-k 5").output
