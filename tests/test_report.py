@@ -92,3 +92,36 @@ def test_command_line_shows_only_what_differs_from_defaults() -> None:
         "kdpipe train-student --model kd_cnn --data synthetic --out o --epochs 3 "
         "--dropout 0.5 --hidden-sizes 8,4 --alpha 0.1"
     )
+
+
+def test_views_caches_and_online_runs_are_reported_with_their_commands(
+    teacher_run: Path, tmp_path: Path
+) -> None:
+    from conftest import cache, invoke
+
+    store = tmp_path / "views.zarr"
+    options = "--temperature 2 --views 2 --augment flip --mix cutmix --subset 0.5 --seed 3"
+    assert cache(teacher_run, store, options).exit_code == 0
+    cached = tmp_path / "views-s0"
+    assert student(store, cached, "--alpha 0.5 --epochs 1").exit_code == 0
+    online = tmp_path / "online-s0"
+    result = invoke("distill-online --model kd_mlp_30x2 --data synthetic --epochs 1 --teacher",
+                    teacher_run, "--alpha 0.5 --temperature 2 --augment flip --subset 0.5 "
+                    "--out", online)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    markdown = tmp_path / "r.md"
+    table = report([cached, online], markdown_path=markdown)
+    sources = dict(zip(table["group"], table["soft_labels"], strict=True))
+    assert sources == {
+        "views": "cache, 2 flip + cutmix views",
+        "online": "online, fresh flip views",
+    }
+    text = markdown.read_text()
+    assert (
+        f"kdpipe cache-teacher --teacher {teacher_run} --data synthetic --split train "
+        f"--temperature 2 --views 2 --augment flip --mix cutmix --mix-alpha 1 --subset 0.5 "
+        f"--seed 3 --out {store}"
+    ) in text
+    assert "kdpipe distill-online --model kd_mlp_30x2 --data synthetic" in text
+    assert "--subset 0.5" in text and f"--teacher {teacher_run}" in text
+    assert "Teacher passes (paid once per cache, not in the minutes above): `views.zarr`" in text

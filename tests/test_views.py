@@ -361,3 +361,16 @@ def test_storage_table_measures_bytes_and_top_k_loss(train_cache: Path, tmp_path
     assert 0 < table.loc["top-1 float16", "stored_bytes_per_view"] < 10
     assert "<!-- kdpipe:storage:begin -->" in doc.read_text()
     assert "K must be in 1..4" in invoke("storage", train_cache, "--top-k 5").output
+
+
+def test_training_subsets_are_the_cache_subsets(train_cache: Path, tmp_path: Path) -> None:
+    from pipeline.data import select_rows
+
+    store = tmp_path / "subset.zarr"
+    teacher = Path(load_soft_labels(train_cache).manifest.teachers[0].run_dir)
+    assert cache(teacher, store, "--temperature 2 --subset 0.3 --seed 4").exit_code == 0
+    rows = select_rows(DATA.labels, subset=0.3, num_classes=5, seed=4)
+    assert np.array_equal(load_soft_labels(store).indices.numpy(), rows)
+    result = student(store, tmp_path / "s", "--alpha 0.5 --subset 0.3")
+    assert result.exit_code == 1
+    assert "defines the training rows: --subset is for training without a cache" in result.output
