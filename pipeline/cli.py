@@ -129,6 +129,12 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--epochs", type=click.IntRange(min=1), help="Number of epochs."),
         click.option("--out", type=click.Path(), help="Run directory to create."),
         click.option("--batch-size", type=click.IntRange(min=1), default=128),
+        click.option(
+            "--eval-every",
+            type=click.IntRange(min=1),
+            default=1,
+            help="Score the test split every N epochs (always after the last).",
+        ),
         click.option("--opt", default="sgd", help="Optimizer name for timm's create_optimizer_v2."),
         click.option("--lr", type=POSITIVE, default=0.05, help="Peak learning rate."),
         click.option("--momentum", type=float, default=0.9),

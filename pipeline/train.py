@@ -83,6 +83,7 @@ class TrainConfig:
     image_size: int | None = None
     channels: int | None = None
     batch_size: int = 128
+    eval_every: int = 1  # test-set evaluation every N epochs (and after the last)
     opt: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
@@ -110,6 +111,7 @@ class TrainConfig:
         checks = (
             (self.epochs >= 1, f"--epochs must be >= 1, not {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, not {self.batch_size}"),
+            (self.eval_every >= 1, f"--eval-every must be >= 1, not {self.eval_every}"),
             (self.lr > 0, f"--lr must be > 0, not {self.lr}"),
             (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], not {self.alpha}"),
             (
@@ -369,7 +371,8 @@ def fit(
             sums["labeled"] += int(known.sum())
         scheduler.step(epoch)
         test_accuracy, test_errors = float("nan"), None
-        if test_set is not None:
+        scored = epoch % config.eval_every == 0 or epoch == config.epochs
+        if test_set is not None and scored:
             logits = predict_logits(model, test_set.images, data_config, device=device)
             test_accuracy = accuracy(logits, test_set.labels)
             test_errors = int((logits.argmax(-1) != test_set.labels).sum())
@@ -572,6 +575,12 @@ def _cache_data(
             f"{soft.path} holds augmented views ({manifest.views['augment']}, mix "
             f"{manifest.views['mix']}): the student replays them, so --augment, --mix and "
             "--jitter must stay off"
+        )
+    if not soft.has_views and not config.policy.is_identity and config.alpha < 1:
+        log(
+            f"note: {soft.path} holds the teacher's outputs for the plain images: with --augment "
+            "or --mix the student sees views the teacher never labelled (inconsistent teaching, "
+            "Beyer et al. 2022); cache-teacher --views N --augment ... makes consistent ones"
         )
     alpha = config.alpha
     if not manifest.labeled and alpha != 0.0:

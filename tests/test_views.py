@@ -374,3 +374,11 @@ def test_training_subsets_are_the_cache_subsets(train_cache: Path, tmp_path: Pat
     result = student(store, tmp_path / "s", "--alpha 0.5 --subset 0.3")
     assert result.exit_code == 1
     assert "defines the training rows: --subset is for training without a cache" in result.output
+
+
+def test_augmenting_over_a_fixed_teacher_is_allowed_with_a_note(
+    train_cache: Path, tmp_path: Path
+) -> None:
+    result = student(train_cache, tmp_path / "s", "--alpha 0.5 --augment flip")
+    assert result.exit_code == 0, result.output
+    assert "views the teacher never labelled (inconsistent teaching" in result.output
