@@ -88,6 +88,30 @@ def view_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def table_options(*, csv_help: str, section: str) -> Callable[..., Any]:
+    """--csv, --markdown and --section: where a generated table goes."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        options = [
+            click.option(
+                "--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help=csv_help
+            ),
+            click.option(
+                "--markdown",
+                "markdown_path",
+                type=click.Path(dir_okay=False),
+                default=None,
+                help="Replace this section of a Markdown file (or append it).",
+            ),
+            click.option("--section", default=section, help="Name of the section's markers."),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 def data_options(command: Callable[..., Any], required: bool = True) -> Callable[..., Any]:
     options = [
         click.option(
@@ -486,21 +510,7 @@ def evaluate_command(
     default=None,
     help="Group of the student trained from scratch, for the gap-recovery column.",
 )
-@click.option(
-    "--csv",
-    "csv_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Write one row per run here.",
-)
-@click.option(
-    "--markdown",
-    "markdown_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Replace this section of a Markdown file (or append it).",
-)
-@click.option("--section", default="results", help="Name of the section's markers.")
+@table_options(csv_help="Write one row per run here.", section="results")
 @reports_errors
 def report_command(
     run_dirs: tuple[str, ...],
@@ -534,15 +544,7 @@ def report_command(
     default="1,2,3,5",
     help="The K values to measure, comma-separated.",
 )
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None)
-@click.option(
-    "--markdown",
-    "markdown_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Replace this section of a Markdown file (or append it).",
-)
-@click.option("--section", default="storage", help="Name of the section's markers.")
+@table_options(csv_help="Write one row per layout here.", section="storage")
 @reports_errors
 def storage_command(
     cache_path: str,

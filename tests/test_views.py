@@ -48,6 +48,16 @@ def pixels(inputs: torch.Tensor, teacher: Path) -> torch.Tensor:
     return (inputs * std + mean) * 255
 
 
+def shifted(image: torch.Tensor, dy: int, dx: int, flip: bool) -> np.ndarray:
+    """An independent shift and flip: the crop box starts (dy, dx) pixels from the corner,
+    zeros outside the image, then a left-right mirror."""
+    _, height, width = image.shape
+    padded = np.zeros((image.shape[0], height + 16, width + 16))
+    padded[:, 8 : 8 + height, 8 : 8 + width] = image.numpy()
+    view = padded[:, 8 + dy : 8 + dy + height, 8 + dx : 8 + dx + width]
+    return view[:, :, ::-1] if flip else view
+
+
 def test_view_fields_are_the_documented_columns() -> None:
     assert VIEW_FIELDS == VIEW_ARRAY_FIELDS
 
@@ -86,11 +96,7 @@ def test_rendering_matches_an_independent_shift_and_flip() -> None:
         params[i, 0], params[i, 1], params[i, 4] = dy / 12, dx / 12, i % 2
     out = render(images, params, None, (12, 12)) * 255
     for i, (dy, dx) in enumerate(shifts):
-        padded = np.zeros((1, 12 + 8, 12 + 8))
-        padded[:, 4:16, 4:16] = images[i].numpy()
-        expected = padded[:, 4 + dy : 16 + dy, 4 + dx : 16 + dx]  # the box starts at (dy, dx)
-        if i % 2:
-            expected = expected[:, :, ::-1]
+        expected = shifted(images[i], dy, dx, bool(i % 2))
         assert np.allclose(out[i].numpy(), expected, atol=1e-3), i
 
 
@@ -109,11 +115,8 @@ def test_student_replays_the_view_the_teacher_labelled(teacher_run: Path, tmp_pa
         got = pixels(batch["inputs"], teacher_run)
         for j, row in enumerate(rows.tolist()):
             dy, dx = round(float(params[j, 0]) * 12), round(float(params[j, 1]) * 12)
-            padded = np.zeros((1, 28, 28))
-            padded[:, 8:20, 8:20] = DATA.images[int(soft.indices[row])].numpy()
-            expected = padded[:, 8 + dy : 20 + dy, 8 + dx : 20 + dx]
-            if params[j, 4]:
-                expected = expected[:, :, ::-1]
+            image = DATA.images[int(soft.indices[row])]
+            expected = shifted(image, dy, dx, bool(params[j, 4]))
             assert np.allclose(got[j].numpy(), expected, atol=1e-3)
         # and the teacher's stored output for that view is the teacher on those pixels
         fresh = teacher_logprobs(teacher_run, batch["inputs"], 3.0)
