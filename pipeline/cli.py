@@ -94,12 +94,16 @@ def table_options(*, csv_help: str, section: str) -> Callable[..., Any]:
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         options = [
             click.option(
-                "--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help=csv_help
+                "--csv",
+                "csv_path",
+                type=click.Path(dir_okay=False, path_type=Path),
+                default=None,
+                help=csv_help,
             ),
             click.option(
                 "--markdown",
                 "markdown_path",
-                type=click.Path(dir_okay=False),
+                type=click.Path(dir_okay=False, path_type=Path),
                 default=None,
                 help="Replace this section of a Markdown file (or append it).",
             ),
@@ -515,8 +519,8 @@ def evaluate_command(
 def report_command(
     run_dirs: tuple[str, ...],
     baseline: str | None,
-    csv_path: str | None,
-    markdown_path: str | None,
+    csv_path: Path | None,
+    markdown_path: Path | None,
     section: str,
 ) -> None:
     """Summarise runs (mean ± std over seeds) from their own metrics.csv and model.json.
@@ -528,8 +532,8 @@ def report_command(
     table = report(
         [Path(p) for p in run_dirs],
         baseline=baseline,
-        csv_path=Path(csv_path) if csv_path else None,
-        markdown_path=Path(markdown_path) if markdown_path else None,
+        csv_path=csv_path,
+        markdown_path=markdown_path,
         section=section,
     )
     click.echo(to_markdown(table))
@@ -549,8 +553,8 @@ def report_command(
 def storage_command(
     cache_path: str,
     ks: tuple[int, ...],
-    csv_path: str | None,
-    markdown_path: str | None,
+    csv_path: Path | None,
+    markdown_path: Path | None,
     section: str,
 ) -> None:
     """Bytes per sample-view of a dense cache as float32, float16 and top-k, and what top-k
@@ -560,8 +564,8 @@ def storage_command(
     table = storage_report(
         Path(cache_path),
         ks,
-        csv_path=Path(csv_path) if csv_path else None,
-        markdown_path=Path(markdown_path) if markdown_path else None,
+        csv_path=csv_path,
+        markdown_path=markdown_path,
         section=section,
     )
     click.echo(to_markdown(table))

@@ -19,7 +19,7 @@ import torch
 import zarr
 
 from pipeline.cache.format import index_dtype
-from pipeline.cache.store import _codecs, load_soft_labels, reconstruct_top_k
+from pipeline.cache.store import array_codecs, load_soft_labels, reconstruct_top_k
 from pipeline.errors import UsageError
 
 
@@ -34,7 +34,7 @@ def _stored_bytes(arrays: dict[str, np.ndarray], chunk_rows: int) -> int:
                 chunks=(chunk_rows, *values.shape[1:]),
                 dtype=values.dtype,
                 fill_value=0,
-                **_codecs(),
+                **array_codecs(),
             )
             array[...] = values
         return sum(

@@ -226,11 +226,15 @@ class TrainData:
         seed: int,
         data_config: DataConfig,
         device: torch.device,
+        jitter: int = 0,
+        generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Model input, labels, mix and soft targets for training rows ``positions``.
 
         Everything is a function of (seed, epoch, rows): the same call returns
         the same batch in another process, after a resume, at any worker count.
+        ``jitter`` (plain images only) shifts them with ``generator``, the
+        training loop's, as Hinton et al.'s input jitter.
         """
         params = partners = targets = None
         if self.views is not None:
@@ -256,6 +260,8 @@ class TrainData:
         mixed = partners is not None and bool((partners >= 0).any())
         partner_images = self.images[partners.clamp_min(0)] if mixed else None
         images = self.images[self.rows[positions]]
+        if jitter and params is None:
+            images = random_shift(images, jitter, generator)
         return {
             "inputs": view_input(images, params, partner_images, data_config, device),
             "labels": self.labels[positions].to(device),
@@ -329,11 +335,17 @@ def fit(
         ):
             positions = order[start : start + config.batch_size]
             batch_index = start // config.batch_size
-            batch = data.batch(positions, epoch, batch_index, config.seed, data_config, device)
+            batch = data.batch(
+                positions,
+                epoch,
+                batch_index,
+                config.seed,
+                data_config,
+                device,
+                jitter=config.jitter,
+                generator=generator,
+            )
             labels = batch["labels"]
-            if config.jitter:
-                images = random_shift(data.images[data.rows[positions]], config.jitter, generator)
-                batch["inputs"] = view_input(images, None, None, data_config, device)
             if task is not None:
                 output = task(batch["inputs"], _soft_one_hot(batch, model.num_classes))
                 logits = output["output"]

@@ -260,12 +260,11 @@ def _recompute(
     indices = arrays["indices"].get_orthogonal_selection(picked)
     params = arrays["views"].get_orthogonal_selection((picked, slice(None), slice(None)))
     partners = arrays["partners"].get_orthogonal_selection((picked, slice(None)))
-    plain = manifest.views["augment"] == "none" and manifest.views["mix"] == "none"
     fresh = np.stack([
         combine_members(
             [
                 predict_views(model, card.data, dataset.images, indices,
-                              None if plain else params[:, view], partners[:, view],
+                              params[:, view] if manifest.has_views else None, partners[:, view],
                               device=torch_device)
                 for model, card in members
             ],

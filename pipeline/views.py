@@ -13,6 +13,7 @@ One view is a row of :data:`VIEW_FIELDS` (float32) plus a partner index
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -224,7 +225,12 @@ def view_input(
 def view_schedule(num_rows: int, num_views: int, seed: int, epoch: int) -> torch.Tensor:
     """Which view each row uses in ``epoch`` (1-based): a per-row random offset plus the
     epoch, so any ``num_views`` consecutive epochs use every view of every row once."""
-    offsets = torch.randint(
+    return (_view_offsets(num_rows, num_views, seed) + epoch - 1) % num_views
+
+
+@functools.lru_cache(maxsize=4)
+def _view_offsets(num_rows: int, num_views: int, seed: int) -> torch.Tensor:
+    """Drawn once per training run (the schedule asks for it on every batch)."""
+    return torch.randint(
         0, num_views, (num_rows,), generator=torch.Generator().manual_seed(seed + 7919)
     )
-    return (offsets + epoch - 1) % num_views

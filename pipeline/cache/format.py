@@ -225,6 +225,11 @@ class Manifest:
         return self.storage["k"] if self.storage["kind"] == "top-k" else None
 
     @property
+    def has_views(self) -> bool:
+        """False when every view is the plain image (no augmentation, no mixing)."""
+        return not (self.views["augment"] == "none" and self.views["mix"] == "none")
+
+    @property
     def labeled(self) -> bool:
         return bool(self.transfer["labeled"])
 

@@ -51,7 +51,7 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _codecs() -> dict:
+def array_codecs() -> dict:
     # crc32c after zstd: the checksum covers the bytes on disk, so a flipped bit
     # is caught before decompression (zstd alone does not always notice).
     return {
@@ -107,13 +107,13 @@ class CacheWriter:
                 chunks=(manifest.chunk_size, *shape[1:]),
                 dtype=dtype,
                 fill_value=fill,
-                **_codecs(),
+                **array_codecs(),
             )
             for name, (shape, dtype, fill) in array_specs(manifest).items()
         }
         self.arrays[PROGRESS] = self.group.create_array(
             PROGRESS, shape=(self.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
-            **_codecs(),
+            **array_codecs(),
         )  # fmt: skip
         self.manifest = replace(manifest, array_metadata_sha256=array_metadata_sha256(self.path))
         write_manifest(self.group, self.manifest)
@@ -277,9 +277,7 @@ class SoftLabels:
     @property
     def has_views(self) -> bool:
         """True unless every view is the plain image (then training needs no rendering)."""
-        return not (
-            self.manifest.views["augment"] == "none" and self.manifest.views["mix"] == "none"
-        )
+        return self.manifest.has_views
 
 
 def reconstruct_top_k(
