@@ -1,7 +1,9 @@
 # kdpipe: set-up, data, tests and the published reproductions.
 #
-#   make all    set-up, Fashion-MNIST, then the Hinton et al. (2015) experiment
-#   make test   set-up, then the test suite (CPU only, a few minutes)
+#   make all           set-up, Fashion-MNIST, then the five Hinton et al. (2015) experiments
+#   make all QUICK=1   the same, one epoch per run, into runs-quick/ (a smoke run)
+#   make test          set-up, then the test suite (CPU only, a few minutes)
+#   make consistency   the consistent-teaching experiment (Beyer et al. 2022), not in `all`
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,15 +13,20 @@ KDPIPE := $(BIN)/kdpipe
 # "operator torchvision::nms does not exist"; this pair runs on CPU and CUDA.
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 DATA_ROOT ?= data
+ifeq ($(QUICK),1)
+RUNS ?= runs-quick
+else
 RUNS ?= runs
+endif
 
-.PHONY: all install data test lint format hinton consistency consistency-tables clean-runs \
+.PHONY: all install data test lint format hinton hinton-tables consistency consistency-tables \
+	clean-runs \
 	cli-docs faults
 # keep every file target, including those made by pattern rules (make would
 # otherwise delete the cache stamps as "intermediate" files when it exits)
 .SECONDARY:
 
-all: install data hinton consistency
+all: install data hinton
 
 # The venv is created once; pip then only checks what is installed (seconds),
 # so a CI run on a machine that already has torch does not reinstall it.
@@ -44,23 +51,54 @@ format: install
 	$(BIN)/ruff format pipeline tests
 	$(BIN)/ruff check --fix pipeline tests
 
-# --- Hinton, Vinyals & Dean (2015), the MNIST table, on Fashion-MNIST --------------------------
-# A teacher is trained once and cached once at T = 20; the 784-800-800-10
-# student is then trained from the cache (alpha = 0.1) and on hard labels
-# alone (alpha = 1, the same loop) with the same epochs and seeds.
+# --- Hinton, Vinyals & Dean (2015) on Fashion-MNIST: five experiments --------------------------
+# 1 hinton-table        the MNIST table: two teachers cached once at T = 20; the 784-800-800-10
+#                       student from each cache (alpha = 0.1) and on hard labels (alpha = 1, the
+#                       same loop) with the same epochs and seeds
+# 2 hinton-temperature  one cache, re-tempered by every student: T in 1 2 4 8 20 for 800-800
+#                       and 30-30 students, a table and a plot
+# 3 hinton-3pct         a 3 % transfer set: hard labels with early stopping on the validation
+#                       rows, soft targets from the teacher trained on all the data
+# 4 hinton-omitted      a transfer set without class 3, then a class-3 logit bias chosen on
+#                       the validation rows (tune-bias)
+# 5 hinton-ensemble     the three hard-label 800-800 students of table 1 as an ensemble, cached
+#                       once; one 800-800 student distilled from it
 # Both student arms share one learning rate; 0.05 made the T = 20 soft term
 # diverge (its gradient is T·(p_s − p_t), up to 20x that of the CE term).
 # Every step is a file target: an interrupted `make all` resumes where it stopped.
+# QUICK=1: one epoch per run, fewer seeds, runs in runs-quick/ and tables in runs-quick/docs/
+# (a smoke run of every step, not results).
 
 H := $(RUNS)/hinton
-SEEDS ?= 0 1 2
-STUDENT_EPOCHS ?= 20
-TEACHER_EPOCHS ?= 12
 TEMPERATURE ?= 20
 ALPHA ?= 0.1
-COMMON := --data fashion-mnist --data-root $(DATA_ROOT) --overwrite
 STUDENT_LR ?= 0.02
+TEMPERATURES ?= 1 2 4 8 20
+OMIT ?= 3
+VAL ?= 0.1
+ifeq ($(QUICK),1)
+SEEDS ?= 0 1
+SWEEP_SEEDS ?= 0
+STUDENT_EPOCHS ?= 1
+TEACHER_EPOCHS ?= 1
+PCT_EPOCHS ?= 4
+PCT_PATIENCE ?= 1
+RESULTS ?= $(RUNS)/docs
+else
+SEEDS ?= 0 1 2
+SWEEP_SEEDS ?= 0
+STUDENT_EPOCHS ?= 20
+TEACHER_EPOCHS ?= 12
+PCT_EPOCHS ?= 300
+PCT_PATIENCE ?= 10
+RESULTS ?= docs
+endif
+COMMON := --data fashion-mnist --data-root $(DATA_ROOT) --overwrite
 STUDENT := --model kd_mlp_800x2 --epochs $(STUDENT_EPOCHS) --lr $(STUDENT_LR) $(COMMON)
+SMALL := --model kd_mlp_30x2 --epochs $(STUDENT_EPOCHS) --lr $(STUDENT_LR) $(COMMON)
+PCT := --model kd_mlp_800x2 --epochs $(PCT_EPOCHS) --eval-every 5 --lr $(STUDENT_LR) \
+	--val-fraction $(VAL) $(COMMON)
+REPORT_TO = --csv $(RESULTS)/results/$(1).csv --markdown $(RESULTS)/results.md --section $(1)
 
 $(H)/teacher-cnn/model.json:
 	$(KDPIPE) train-teacher --model kd_cnn --epochs $(TEACHER_EPOCHS) --dropout 0.3 --out $(@D) $(COMMON)
@@ -82,12 +120,83 @@ $(H)/student-from-cnn-s%/model.json: $(H)/cnn-T$(TEMPERATURE).done
 $(H)/student-from-mlp-s%/model.json: $(H)/mlp-T$(TEMPERATURE).done
 	$(KDPIPE) train-student $(STUDENT) --cache $(H)/mlp-T$(TEMPERATURE).zarr --alpha $(ALPHA) --seed $* --out $(@D)
 
-HINTON_RUNS := $(H)/teacher-cnn $(H)/teacher-mlp \
+TABLE_RUNS := $(H)/teacher-cnn $(H)/teacher-mlp \
 	$(foreach s,$(SEEDS),$(H)/student-hard-s$(s) $(H)/student-from-cnn-s$(s) $(H)/student-from-mlp-s$(s))
 
-hinton: install data $(addsuffix /model.json,$(HINTON_RUNS))
-	$(KDPIPE) report $(HINTON_RUNS) --baseline student-hard --csv docs/results/hinton.csv \
-		--markdown docs/results.md --section hinton
+# 2: the CNN teacher's T = 20 cache, re-tempered (train-student --temperature) to each T
+$(H)/sweep30-hard-s%/model.json: $(H)/cnn-T$(TEMPERATURE).done
+	$(KDPIPE) train-student $(SMALL) --cache $(H)/cnn-T$(TEMPERATURE).zarr --alpha 1 --seed $* --out $(@D)
+
+define SWEEP_RULES
+$(H)/sweep800-T$(1)-s%/model.json: $(H)/cnn-T$(TEMPERATURE).done
+	$(KDPIPE) train-student $(STUDENT) --cache $(H)/cnn-T$(TEMPERATURE).zarr --alpha $(ALPHA) --temperature $(1) --seed $$* --out $$(@D)
+
+$(H)/sweep30-T$(1)-s%/model.json: $(H)/cnn-T$(TEMPERATURE).done
+	$(KDPIPE) train-student $(SMALL) --cache $(H)/cnn-T$(TEMPERATURE).zarr --alpha $(ALPHA) --temperature $(1) --seed $$* --out $$(@D)
+endef
+$(foreach t,$(TEMPERATURES),$(eval $(call SWEEP_RULES,$(t))))
+
+# (the 800-800 student's hard-label and T = 20 runs are table 1's, seed for seed)
+SWEEP_RUNS := $(foreach s,$(SWEEP_SEEDS),$(H)/student-hard-s$(s) $(H)/student-from-cnn-s$(s) \
+		$(foreach t,$(filter-out $(TEMPERATURE),$(TEMPERATURES)),$(H)/sweep800-T$(t)-s$(s))) \
+	$(foreach s,$(SEEDS),$(H)/sweep30-hard-s$(s) $(foreach t,$(TEMPERATURES),$(H)/sweep30-T$(t)-s$(s)))
+
+# 3: the CNN teacher (trained on all the data) labels a random 3 % of the training split
+$(H)/cnn-3pct.done: $(H)/teacher-cnn/model.json
+	$(KDPIPE) cache-teacher --teacher $(H)/teacher-cnn --temperature $(TEMPERATURE) --subset 0.03 --out $(H)/cnn-3pct.zarr $(COMMON)
+	touch $@
+
+$(H)/pct3-hard-s%/model.json: $(H)/cnn-3pct.done
+	$(KDPIPE) train-student $(PCT) --cache $(H)/cnn-3pct.zarr --alpha 1 --early-stopping $(PCT_PATIENCE) --seed $* --out $(@D)
+
+$(H)/pct3-soft-s%/model.json: $(H)/cnn-3pct.done
+	$(KDPIPE) train-student $(PCT) --cache $(H)/cnn-3pct.zarr --alpha $(ALPHA) --seed $* --out $(@D)
+
+PCT_RUNS := $(foreach s,$(SEEDS),$(H)/pct3-hard-s$(s) $(H)/pct3-soft-s$(s) $(H)/student-hard-s$(s))
+
+# 4: no class $(OMIT) in the transfer set; the bias is chosen on the validation rows
+$(H)/cnn-no$(OMIT).done: $(H)/teacher-cnn/model.json
+	$(KDPIPE) cache-teacher --teacher $(H)/teacher-cnn --temperature $(TEMPERATURE) --exclude-classes $(OMIT) --out $(H)/cnn-no$(OMIT).zarr $(COMMON)
+	touch $@
+
+$(H)/omit$(OMIT)-s%/model.json: $(H)/cnn-no$(OMIT).done
+	$(KDPIPE) train-student $(STUDENT) --cache $(H)/cnn-no$(OMIT).zarr --alpha $(ALPHA) --val-fraction $(VAL) --seed $* --out $(@D)
+
+$(H)/%/bias.json: $(H)/%/model.json
+	$(KDPIPE) tune-bias $(H)/$* --classes $(OMIT) --data fashion-mnist --data-root $(DATA_ROOT)
+
+OMIT_RUNS := $(foreach s,$(SEEDS),$(H)/omit$(OMIT)-s$(s))
+
+# 5: the hard-label students of table 1 as one ensemble (Hinton's arithmetic mean of their
+# distributions); the test-split cache measures the ensemble itself
+MEMBERS := $(foreach s,$(SEEDS),$(H)/student-hard-s$(s))
+$(H)/ensemble.done: $(addsuffix /model.json,$(MEMBERS))
+	$(KDPIPE) cache-teacher $(addprefix --teacher ,$(MEMBERS)) --temperature $(TEMPERATURE) --out $(H)/ensemble.zarr $(COMMON)
+	touch $@
+
+$(H)/ensemble-test.done: $(addsuffix /model.json,$(MEMBERS))
+	$(KDPIPE) cache-teacher $(addprefix --teacher ,$(MEMBERS)) --temperature 1 --split test --out $(H)/ensemble-test.zarr $(COMMON)
+	touch $@
+
+$(H)/student-from-ensemble-s%/model.json: $(H)/ensemble.done
+	$(KDPIPE) train-student $(STUDENT) --cache $(H)/ensemble.zarr --alpha $(ALPHA) --seed $* --out $(@D)
+
+ENSEMBLE_RUNS := $(MEMBERS) $(H)/ensemble-test.zarr $(foreach s,$(SEEDS),$(H)/student-from-ensemble-s$(s))
+
+hinton-tables: $(addsuffix /model.json,$(TABLE_RUNS) $(SWEEP_RUNS) $(PCT_RUNS)) \
+		$(addsuffix /bias.json,$(OMIT_RUNS)) $(H)/ensemble-test.done \
+		$(addsuffix /model.json,$(filter-out %.zarr,$(ENSEMBLE_RUNS)))
+	$(KDPIPE) report $(TABLE_RUNS) --baseline student-hard $(call REPORT_TO,hinton)
+	$(KDPIPE) report $(SWEEP_RUNS) $(call REPORT_TO,hinton-temperature) \
+		--temperature-plot $(RESULTS)/results/temperature.png
+	$(KDPIPE) report $(PCT_RUNS) $(call REPORT_TO,hinton-3pct)
+	$(KDPIPE) report $(OMIT_RUNS) $(call REPORT_TO,hinton-omitted)
+	$(KDPIPE) report $(ENSEMBLE_RUNS) --baseline student-hard $(call REPORT_TO,hinton-ensemble)
+
+# The two teachers train side by side, then everything else two at a time, each with one
+# thread (more work done per second on 2 cores than one job with two threads).
+hinton: install data
+	OMP_NUM_THREADS=1 $(MAKE) -j2 hinton-tables
 
 # --- Consistent teaching (Beyer et al. 2022): views in the cache, on a 1 % transfer set -----------
 # A timm resnet10t teacher (1 input channel) is trained on all of Fashion-MNIST

@@ -20,6 +20,7 @@ from pipeline.errors import ManifestError, RunDirError
 from pipeline.runs import write_json
 
 STATE_FILE = "checkpoint.json"
+BEST_FILE = "best.safetensors"  # early stopping: the best epoch's weights so far
 
 
 def save_checkpoint(
@@ -93,7 +94,28 @@ def load_checkpoint(
     return int(state["epoch"]), list(state["metrics"])
 
 
+def save_best(run_dir: Path, model: nn.Module) -> None:
+    """Keep the weights early stopping may return to (through a rename, like a checkpoint)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    partial = run_dir / f".{BEST_FILE}.partial"
+    safetensors.torch.save_file(tensors, str(partial))
+    partial.replace(run_dir / BEST_FILE)
+
+
+def load_best(run_dir: Path, model: nn.Module) -> None:
+    path = run_dir / BEST_FILE
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+    except (OSError, safetensors.SafetensorError) as exc:
+        raise RunDirError(f"{path}: the best epoch's weights cannot be read ({exc!r})") from None
+    model.load_state_dict(tensors)
+
+
 def remove_checkpoint(run_dir: Path) -> None:
     """A finished run keeps its model, not its resume state."""
-    for path in (run_dir / STATE_FILE, *run_dir.glob("checkpoint-e*.safetensors")):
+    for path in (
+        run_dir / STATE_FILE,
+        run_dir / BEST_FILE,
+        *run_dir.glob("checkpoint-e*.safetensors"),
+    ):
         path.unlink(missing_ok=True)

@@ -163,6 +163,20 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
             default=1,
             help="Score the test split every N epochs (always after the last).",
         ),
+        click.option(
+            "--val-fraction",
+            type=click.FloatRange(0, 1, min_open=True, max_open=True),
+            default=None,
+            help="Hold out this fraction of the training split (one fixed split, the same for "
+            "every run) and score it with the test split; its rows are never trained on.",
+        ),
+        click.option(
+            "--early-stopping",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Stop after N evaluations in a row without fewer validation errors and keep "
+            "the best epoch's weights (needs --val-fraction).",
+        ),
         click.option("--opt", default="sgd", help="Optimizer name for timm's create_optimizer_v2."),
         click.option("--lr", type=POSITIVE, default=0.05, help="Peak learning rate."),
         click.option("--momentum", type=float, default=0.9),
@@ -507,6 +521,62 @@ def evaluate_command(
         click.echo(text)
 
 
+@main.command("tune-bias", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path())
+@data_options
+@click.option(
+    "--classes",
+    callback=parse_classes,
+    required=True,
+    help="Comma-separated class ids that get the one bias (e.g. the class a transfer set "
+    "left out).",
+)
+@click.option(
+    "--max-bias",
+    type=POSITIVE,
+    default=10.0,
+    help="Search biases from -MAX to +MAX on the validation rows.",
+)
+@click.option("--step", type=POSITIVE, default=0.1, help="Spacing of the searched biases.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@reports_errors
+def tune_bias_command(
+    run_dir: str,
+    data: str,
+    data_root: str,
+    image_size: int | None,
+    channels: str | None,
+    classes: tuple[int, ...],
+    max_bias: float,
+    step: float,
+    device: str,
+) -> None:
+    """Choose a logit bias for CLASSES on the run's validation rows; score the test split.
+
+    The run must have been trained with --val-fraction: its held-out rows choose
+    the bias, never the test set. Writes RUN_DIR/bias.json.
+    """
+    from pipeline.bias import tune_bias
+
+    result = tune_bias(
+        Path(run_dir),
+        classes,
+        _load_data(data, "train", data_root, image_size, channels),
+        _load_data(data, "test", data_root, image_size, channels),
+        limit=max_bias,
+        step=step,
+        device=device,
+    )
+    before, after = result["test"]["before"], result["test"]["after"]
+    click.echo(
+        f"bias {result['bias']:+g} for class(es) {', '.join(result['class_names'])} "
+        f"(chosen on {result['chosen_on']['rows']} validation rows)\n"
+        f"test errors {before['errors']} -> {after['errors']}; those classes right "
+        f"{before['class_accuracy']:.4f} -> {after['class_accuracy']:.4f}\n"
+        f"wrote {Path(run_dir) / 'bias.json'}"
+    )
+
+
 @main.command("report", context_settings=CONTEXT)
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option(
@@ -515,6 +585,14 @@ def evaluate_command(
     help="Group of the student trained from scratch, for the gap-recovery column.",
 )
 @table_options(csv_help="Write one row per run here.", section="results")
+@click.option(
+    "--temperature-plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also draw test errors against T per student architecture into this PNG (linked "
+    "from the --markdown section).",
+)
 @reports_errors
 def report_command(
     run_dirs: tuple[str, ...],
@@ -522,10 +600,12 @@ def report_command(
     csv_path: Path | None,
     markdown_path: Path | None,
     section: str,
+    plot_path: Path | None,
 ) -> None:
     """Summarise runs (mean ± std over seeds) from their own metrics.csv and model.json.
 
-    Runs whose directory names differ only by a trailing -s<seed> form one group.
+    Runs whose directory names differ only by a trailing -s<seed> form one group. A
+    cache of a labelled test split is a row too: its teacher's (or ensemble's) result.
     """
     from pipeline.report import report, to_markdown
 
@@ -535,6 +615,7 @@ def report_command(
         csv_path=csv_path,
         markdown_path=markdown_path,
         section=section,
+        plot_path=plot_path,
     )
     click.echo(to_markdown(table))
 

@@ -37,7 +37,11 @@ INTRODUCTIONS = {
         "timm's `create_optimizer_v2` / `create_scheduler_v2` (`--opt adamw`, `--sched step`, "
         "...). A checkpoint is kept after every epoch until the run finishes: "
         "`--resume RUN_DIR` continues a killed run and ends with the same weights and metrics "
-        "as an uninterrupted one."
+        "as an uninterrupted one. `--val-fraction F` holds out one fixed random share of the "
+        "training split (the same rows in every run, whatever its seed or transfer set), "
+        "scores it with the test split, and `--early-stopping N` stops after N evaluations "
+        "without fewer validation errors, keeping the best epoch's weights (`model.json` "
+        "records which epoch as `selection`)."
     ),
     "cache-teacher": (
         "Stage one. Runs the teacher (several `--teacher` = an ensemble) once over a dataset "
@@ -87,6 +91,13 @@ INTRODUCTIONS = {
         "error (15 bins), parameter count, and CPU latency (batch 1, median of 50) and "
         "throughput (batch 256). A table on screen, or `--format csv|json`, optionally into "
         "`--output`."
+    ),
+    "tune-bias": (
+        "Hinton et al.'s fix for a class the transfer set left out: one bias added to those "
+        "classes' logits, chosen on the run's validation rows (the `--val-fraction` it held "
+        "out of training; a run without one is refused) as the grid value with the fewest "
+        "validation errors, the smallest change on ties. The test split is scored before and "
+        "after, overall and on those classes, into `RUN_DIR/bias.json`, which `report` shows."
     ),
     "report": (
         "Builds a table from run directories' own `metrics.csv`, `model.json` and "

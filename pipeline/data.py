@@ -342,6 +342,25 @@ def select_rows(
     return indices
 
 
+VALIDATION_SEED = 2015  # one fixed split: every run with the same fraction holds out the same rows
+
+
+def validation_rows(num_samples: int, fraction: float) -> np.ndarray:
+    """The dataset indices held out for validation, ascending: ``round(fraction * n)`` rows of
+    a permutation drawn with :data:`VALIDATION_SEED`.
+
+    The split depends only on the training split's size and the fraction, never on a
+    run's seed or transfer set, so training (early stopping) and ``tune-bias`` (choosing
+    a logit bias) hold out the same rows, and every arm of an experiment trains without them.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DatasetError(f"--val-fraction must be in (0, 1), not {fraction}")
+    count = round(fraction * num_samples)
+    if count == 0:
+        raise DatasetError(f"--val-fraction {fraction} of {num_samples} samples holds out no rows")
+    return np.sort(np.random.default_rng(VALIDATION_SEED).permutation(num_samples)[:count])
+
+
 def describe_mismatch(expected: dict, actual: dict) -> str:
     """One line naming each fingerprint field that differs, with both values."""
     parts = []

@@ -9,6 +9,7 @@ configuration. Runs whose directory names differ only by a trailing
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.bias import BIAS_FILE
 from pipeline.cache import read_manifest
 from pipeline.errors import KdpipeError, RunDirError, UsageError
 from pipeline.runs import CONFIG_FILE, METRICS_FILE, read_card
@@ -72,13 +74,21 @@ def command_line(config: dict, *, seed_placeholder: bool = False) -> str:
 
 
 def collect(run_dirs: list[Path]) -> pd.DataFrame:
-    """One row per run: what it is and its final-epoch test result."""
+    """One row per run: what it is and the test result of the weights it kept (the last
+    epoch's, or with early stopping the chosen epoch's). A cache of a labelled test split
+    is a row too: its teacher's, or ensemble's, test result, as its pass measured it."""
     rows = []
     for run_dir in run_dirs:
+        if (run_dir / "zarr.json").is_file():
+            rows.append(_cache_row(run_dir))
+            continue
         card = read_card(run_dir)
         config = json.loads((run_dir / CONFIG_FILE).read_text())
         metrics = _read_metrics(run_dir)
         final = metrics.iloc[-1]
+        selection = card.selection or {}
+        if selection.get("kept_epoch") is not None:
+            final = metrics[metrics["epoch"] == selection["kept_epoch"]].iloc[0]
         lineage = card.lineage or {}
         # with alpha = 1 no soft target is used: the cache only serves as lineage
         student = card.kind in ("student", "online-student")
@@ -97,16 +107,77 @@ def collect(run_dirs: list[Path]) -> pd.DataFrame:
                 "temperature": lineage.get("temperature") if soft else None,
                 "seed": config["seed"],
                 "epochs": int(final["epoch"]),
+                "epochs_run": int(metrics["epoch"].iloc[-1]),
+                "train_rows": card.dataset.get("rows"),
                 "test_accuracy": float(final["test_accuracy"]),
                 "test_errors": int(final["test_errors"]),
                 "seconds": float(metrics["seconds"].sum()),
                 "cache": lineage.get("cache_path", ""),
+                "members": "",
+                **_bias_columns(run_dir),
                 "command": command_line(
                     config, seed_placeholder=bool(SEED_SUFFIX.search(run_dir.name))
                 ),
             }
         )
     return pd.DataFrame(rows)
+
+
+def _bias_columns(run_dir: Path) -> dict:
+    """What ``tune-bias`` wrote: the bias and the test split before and after it."""
+    path = run_dir / BIAS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        result = json.loads(path.read_text())
+        before, after = result["test"]["before"], result["test"]["after"]
+        return {
+            "bias_classes": ",".join(map(str, result["classes"])),
+            "bias": float(result["bias"]),
+            "class_accuracy_before": before["class_accuracy"],
+            "class_accuracy_after": after["class_accuracy"],
+            "test_errors_after_bias": int(after["errors"]),
+        }
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise RunDirError(f"{path} is not a tune-bias result ({exc!r})") from None
+
+
+def _cache_row(path: Path) -> dict:
+    """A test-split cache as a table row: the accuracy its teacher pass measured."""
+    manifest = read_manifest(path)
+    if (
+        manifest.dataset["split"] != "test"
+        or manifest.teacher_accuracy is None
+        or manifest.num_views != 1
+        or manifest.transfer["subset"] is not None
+        or manifest.transfer["exclude_classes"]
+    ):
+        raise UsageError(
+            f"{path} is a cache, and a report shows a cache only as its teacher's test "
+            "result: a cache of every plain image of a labelled test split"
+        )
+    members = [Path(member.run_dir).name for member in manifest.teachers]
+    errors = round((1.0 - manifest.teacher_accuracy) * manifest.num_samples)
+    return {
+        "run": path.name,
+        "group": path.name.removesuffix(".zarr"),
+        "kind": "ensemble" if len(members) > 1 else "teacher",
+        "architecture": "+".join(dict.fromkeys(m.architecture for m in manifest.teachers)),
+        "teacher": "",
+        "alpha": None,
+        "soft_labels": "",
+        "temperature": None,
+        "seed": None,
+        "epochs": None,
+        "epochs_run": None,
+        "train_rows": None,
+        "test_accuracy": manifest.teacher_accuracy,
+        "test_errors": errors,
+        "seconds": cache_seconds(path) or math.nan,
+        "cache": "",
+        "members": "+".join(members),
+        "command": cache_command(path) or "",
+    }
 
 
 def _soft_label_source(lineage: dict, config: dict) -> str:
@@ -136,23 +207,37 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
     groups = []
     for name, group in runs.groupby("group", sort=False):
         first = group.iloc[0]
-        groups.append(
-            {
-                "group": name,
-                "kind": first["kind"],
-                "architecture": first["architecture"],
-                "teacher": first["teacher"],
-                "soft_labels": first["soft_labels"],
-                "alpha": first["alpha"],
-                "T": first["temperature"],
-                "seeds": " ".join(str(s) for s in sorted(group["seed"])),
-                "epochs": int(first["epochs"]),
-                "test_errors_mean": group["test_errors"].mean(),
-                "test_errors_std": group["test_errors"].std(ddof=1) if len(group) > 1 else 0.0,
-                "test_accuracy_mean": group["test_accuracy"].mean(),
-                "minutes_per_run": group["seconds"].mean() / 60,
-            }
-        )
+        stopped = group["epochs"].notna() & (group["epochs"] != group["epochs_run"])
+        summary = {
+            "group": name,
+            "kind": first["kind"],
+            "architecture": first["architecture"],
+            "teacher": first["teacher"],
+            "soft_labels": first["soft_labels"],
+            "alpha": first["alpha"],
+            "T": first["temperature"],
+            "seeds": " ".join(str(int(s)) for s in sorted(group["seed"]) if pd.notna(s)),
+            # early stopping: the epoch each seed kept, otherwise the epochs trained
+            "epochs": (
+                "kept " + " ".join(str(int(e)) for e in group.sort_values("seed")["epochs"])
+                if stopped.any()
+                else ("" if pd.isna(first["epochs"]) else str(int(first["epochs"])))
+            ),
+            "train_rows": first["train_rows"],
+            "test_errors_mean": group["test_errors"].mean(),
+            "test_errors_std": group["test_errors"].std(ddof=1) if len(group) > 1 else 0.0,
+            "test_accuracy_mean": group["test_accuracy"].mean(),
+            "minutes_per_run": group["seconds"].mean() / 60,
+        }
+        if "bias" in group and group["bias"].notna().any():
+            summary.update(
+                bias_classes=first["bias_classes"],
+                bias_mean=group["bias"].mean(),
+                class_accuracy_before=group["class_accuracy_before"].mean(),
+                class_accuracy_after=group["class_accuracy_after"].mean(),
+                test_errors_after_bias=group["test_errors_after_bias"].mean(),
+            )
+        groups.append(summary)
     table = pd.DataFrame(groups)
     if baseline is not None:
         if baseline not in set(table["group"]):
@@ -161,6 +246,12 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             )
         scratch = float(table.loc[table["group"] == baseline, "test_errors_mean"].iloc[0])
         errors_of = dict(zip(runs["run"], runs["test_errors"], strict=True))
+        # an ensemble's test result is a cache row, named by its members
+        errors_of.update(
+            (members, errors)
+            for members, errors in zip(runs["members"], runs["test_errors"], strict=True)
+            if members
+        )
 
         def recovery(row: pd.Series) -> float | None:
             teacher_errors = errors_of.get(row["teacher"])
@@ -183,8 +274,9 @@ def to_markdown(table: pd.DataFrame) -> str:
             "soft labels": table["soft_labels"].replace("", "—"),
             "α": table["alpha"].map(lambda v: "—" if pd.isna(v) else f"{v:g}"),
             "T": table["T"].map(lambda v: "—" if pd.isna(v) else f"{v:g}"),
-            "seeds": table["seeds"],
-            "epochs": table["epochs"],
+            "seeds": table["seeds"].replace("", "—"),
+            "epochs": table["epochs"].replace("", "—"),
+            "train rows": table["train_rows"].map(lambda v: "—" if pd.isna(v) else f"{v:,.0f}"),
             "test errors (of 10,000)": [
                 f"{m:.1f} ± {sd:.1f}" if len(seeds.split()) > 1 else f"{m:.0f}"
                 for m, sd, seeds in zip(
@@ -192,14 +284,75 @@ def to_markdown(table: pd.DataFrame) -> str:
                 )
             ],
             "test accuracy": table["test_accuracy_mean"].map(lambda v: f"{v:.4f}"),
-            "minutes / run": table["minutes_per_run"].map(lambda v: f"{v:.1f}"),
+            "minutes / run": table["minutes_per_run"].map(
+                lambda v: "—" if pd.isna(v) else f"{v:.1f}"
+            ),
         }
     )
+    if "bias_mean" in table:
+        biased = table["bias_mean"].notna()
+        shown["class"] = table["bias_classes"].where(biased, "—")
+        shown["class right, before bias"] = _percent(table["class_accuracy_before"], biased)
+        shown["bias (on validation)"] = table["bias_mean"].map(
+            lambda v: "—" if pd.isna(v) else f"{v:+.2f}"
+        )
+        shown["class right, after bias"] = _percent(table["class_accuracy_after"], biased)
+        shown["test errors after bias"] = table["test_errors_after_bias"].map(
+            lambda v: "—" if pd.isna(v) else f"{v:.1f}"
+        )
     if "gap_recovered" in table:
         shown["gap recovered"] = table["gap_recovered"].map(
             lambda v: "—" if v is None or pd.isna(v) else f"{v:.0%}"
         )
     return shown.to_markdown(index=False)
+
+
+def temperature_plot(table: pd.DataFrame, path: Path) -> None:
+    """Test errors against the distillation temperature, one line per student architecture
+    (mean ± std over seeds), its hard-label group dashed in the same colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    students = table[table["kind"].isin(["student", "online-student"])]
+    distilled = students[students["T"].notna()]
+    if distilled.empty:
+        raise UsageError("--temperature-plot needs distilled runs (alpha < 1) at some T")
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    for index, (architecture, runs) in enumerate(distilled.groupby("architecture", sort=False)):
+        colour = f"C{index}"
+        runs = runs.sort_values("T")
+        axes.errorbar(
+            runs["T"],
+            runs["test_errors_mean"],
+            yerr=runs["test_errors_std"],
+            marker="o",
+            capsize=3,
+            color=colour,
+            label=f"{architecture}, soft targets",
+        )
+        hard = students[(students["architecture"] == architecture) & students["T"].isna()]
+        for _, row in hard.iterrows():
+            axes.axhline(row["test_errors_mean"], color=colour, linestyle="--",
+                         label=f"{architecture}, hard labels")  # fmt: skip
+    axes.set_xscale("log")
+    temperatures = sorted(distilled["T"].unique())
+    axes.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
+    axes.set_xlabel("temperature T (log scale)")
+    axes.set_ylabel("test errors (of 10,000)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _percent(values: pd.Series, shown: pd.Series) -> pd.Series:
+    return pd.Series(
+        [f"{v:.1%}" if ok else "—" for v, ok in zip(values, shown, strict=True)], index=values.index
+    )
 
 
 def machine_line() -> str:
@@ -263,7 +416,7 @@ def cache_seconds(path: Path) -> float | None:
     ).total_seconds()
 
 
-def section_text(runs: pd.DataFrame, table: pd.DataFrame) -> str:
+def section_text(runs: pd.DataFrame, table: pd.DataFrame, figure: str | None = None) -> str:
     rebuilt = [runs[runs["group"] == group].iloc[0]["command"] for group in table["group"]]
     teachers = [c for c in rebuilt if c.startswith("kdpipe train-teacher")]
     caches = [cache_command(Path(p)) for p in dict.fromkeys(runs["cache"]) if p]
@@ -276,11 +429,13 @@ def section_text(runs: pd.DataFrame, table: pd.DataFrame) -> str:
     ]
     lines = [
         f"Generated by `kdpipe report` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from the runs' "
-        "own metrics.csv and model.json (final epoch, test split).",
+        "own metrics.csv and model.json (test split, at the epoch each run kept: its last, or "
+        "the one early stopping chose on the validation rows).",
         f"Machine: {machine_line()}.",
         "",
         to_markdown(table),
         "",
+        *([f"![test errors against the temperature T]({figure})", ""] if figure else []),
         *(
             [
                 "Teacher passes (paid once per cache, not in the minutes above): "
@@ -324,8 +479,9 @@ def report(
     csv_path: Path | None = None,
     markdown_path: Path | None = None,
     section: str = "results",
+    plot_path: Path | None = None,
 ) -> pd.DataFrame:
-    """Collect runs, summarise them, and write the CSV and the Markdown section."""
+    """Collect runs, summarise them, and write the CSV, the Markdown section and the plot."""
     if not run_dirs:
         raise UsageError("give at least one run directory")
     runs = collect([Path(p) for p in run_dirs])
@@ -333,6 +489,9 @@ def report(
     if csv_path is not None:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         runs.to_csv(csv_path, index=False)
+    if plot_path is not None:
+        temperature_plot(table, plot_path)
     if markdown_path is not None:
-        replace_section(markdown_path, section, section_text(runs, table))
+        figure = None if plot_path is None else os.path.relpath(plot_path, markdown_path.parent)
+        replace_section(markdown_path, section, section_text(runs, table, figure))
     return table

@@ -15,7 +15,7 @@ No pickle anywhere: weights are safetensors, metadata is JSON.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class ModelCard:
     lineage: dict | None  # students: cache_id, teacher_id, cache path
     created: str
     software: dict
+    selection: dict | None = None  # early stopping: kept_epoch, epochs_run, stopped_early
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +63,8 @@ class ModelCard:
             raise ManifestError(f"{where}: expected a JSON object")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
-        missing = sorted(names - set(data))
+        optional = {f.name for f in fields(cls) if f.default is not MISSING}
+        missing = sorted(names - set(data) - optional)
         if unknown or missing:
             problems = [f"unknown field(s) {', '.join(unknown)}"] if unknown else []
             problems += [f"missing field(s) {', '.join(missing)}"] if missing else []

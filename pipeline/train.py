@@ -22,8 +22,20 @@ from tqdm.auto import tqdm
 
 from pipeline.cache import SoftLabels, load_soft_labels
 from pipeline.cache.store import utc_now
-from pipeline.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
-from pipeline.data import ImageSet, describe_mismatch, load_dataset, select_rows
+from pipeline.checkpoint import (
+    load_best,
+    load_checkpoint,
+    remove_checkpoint,
+    save_best,
+    save_checkpoint,
+)
+from pipeline.data import (
+    ImageSet,
+    describe_mismatch,
+    load_dataset,
+    select_rows,
+    validation_rows,
+)
 from pipeline.errors import (
     CacheMismatchError,
     DatasetError,
@@ -67,6 +79,8 @@ METRIC_COLUMNS = (
     "train_accuracy",
     "test_accuracy",
     "test_errors",
+    "val_accuracy",
+    "val_errors",
     "seconds",
 )
 
@@ -84,6 +98,8 @@ class TrainConfig:
     channels: int | None = None
     batch_size: int = 128
     eval_every: int = 1  # test-set evaluation every N epochs (and after the last)
+    val_fraction: float | None = None  # hold out these rows of train (validation_rows)
+    early_stopping: int | None = None  # stop after N evaluations without a better val score
     opt: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
@@ -121,6 +137,18 @@ class TrainConfig:
             (0.0 <= self.drop_rate < 1.0, f"--dropout must be in [0, 1), not {self.drop_rate}"),
             (self.jitter >= 0, f"--jitter must be >= 0, not {self.jitter}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, not {self.warmup_epochs}"),
+            (
+                self.val_fraction is None or 0.0 < self.val_fraction < 1.0,
+                f"--val-fraction must be in (0, 1), not {self.val_fraction}",
+            ),
+            (
+                self.early_stopping is None or self.early_stopping >= 1,
+                f"--early-stopping must be >= 1, not {self.early_stopping}",
+            ),
+            (
+                self.early_stopping is None or self.val_fraction is not None,
+                "--early-stopping watches the validation rows: give --val-fraction too",
+            ),
         )
         for ok, message in checks:
             if not ok:
@@ -218,6 +246,22 @@ class TrainData:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def without(self, held_out: torch.Tensor) -> TrainData:
+        """These rows minus the dataset indices ``held_out`` (a validation split)."""
+        keep = ~torch.isin(self.rows, held_out)
+
+        def kept(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values[keep]
+
+        return replace(
+            self,
+            rows=self.rows[keep],
+            labels=self.labels[keep],
+            targets=kept(self.targets),
+            views=kept(self.views),
+            partners=kept(self.partners),
+        )
+
     def batch(
         self,
         positions: torch.Tensor,
@@ -285,13 +329,17 @@ def fit(
     log: Callable[[str], None] = _quiet,
     resume: bool = False,
     online_teacher: nn.Module | None = None,
+    validation: ImageSet | None = None,
 ) -> list[dict]:
     """Train ``model`` in place; one metrics row and one checkpoint per epoch in ``run_dir``.
 
     Soft targets come from ``data.targets`` (a cache), from ``online_teacher``
     through timm's ``LogitDistillationTask`` (the online reference), or not at
-    all (hard labels). With ``resume``, training continues after the last
-    checkpoint and ends exactly where an uninterrupted run would.
+    all (hard labels). ``validation`` rows are scored with the test set; with
+    ``config.early_stopping`` training stops once that many evaluations in a row
+    did not beat the best, and ``model`` ends with the best epoch's weights.
+    With ``resume``, training continues after the last checkpoint and ends
+    exactly where an uninterrupted run would.
     """
     model.to(device).to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(
@@ -321,7 +369,10 @@ def fit(
         writer.writerows(rows)
     if done:
         log(f"{run_dir}: resuming after epoch {done}")
+    patience = config.early_stopping
     for epoch in range(done + 1, config.epochs + 1):
+        if patience is not None and early_stop(rows, patience)[1]:
+            break  # a resumed run that had already stopped
         started = time.perf_counter()
         model.train()
         if task is not None:
@@ -385,9 +436,10 @@ def fit(
         test_accuracy, test_errors = float("nan"), None
         scored = epoch % config.eval_every == 0 or epoch == config.epochs
         if test_set is not None and scored:
-            logits = predict_logits(model, test_set.images, data_config, device=device)
-            test_accuracy = accuracy(logits, test_set.labels)
-            test_errors = int((logits.argmax(-1) != test_set.labels).sum())
+            test_accuracy, test_errors = _score(model, test_set, data_config, device)
+        val_accuracy, val_errors = float("nan"), None
+        if validation is not None and scored:
+            val_accuracy, val_errors = _score(model, validation, data_config, device)
         n = len(data)
         row = {
             "epoch": epoch,
@@ -398,18 +450,53 @@ def fit(
             "train_accuracy": sums["correct"] / sums["labeled"] if sums["labeled"] else math.nan,
             "test_accuracy": test_accuracy,
             "test_errors": test_errors,
+            "val_accuracy": val_accuracy,
+            "val_errors": val_errors,
             "seconds": round(time.perf_counter() - started, 3),
         }
         rows.append(row)
         with metrics_path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow(row)
+        best_epoch, stop = early_stop(rows, patience) if patience else (None, False)
+        if best_epoch == epoch:
+            save_best(run_dir, model)  # before the checkpoint that counts on it
         save_checkpoint(run_dir, epoch, model, optimizer, generator, rows)
+        validated = f"  val acc {val_accuracy:.4f}" if validation is not None else ""
         log(
             f"epoch {epoch}/{config.epochs}: loss {row['loss']:.4f}  "
-            f"train acc {row['train_accuracy']:.4f}  test acc {test_accuracy:.4f}  "
+            f"train acc {row['train_accuracy']:.4f}  test acc {test_accuracy:.4f}{validated}  "
             f"({row['seconds']:.1f}s)"
         )
+        if stop and epoch < config.epochs:
+            log(f"early stopping after epoch {epoch}: the best validation score was epoch "
+                f"{best_epoch}'s, {patience} evaluation(s) ago or more")  # fmt: skip
+            break
+    if patience is not None:
+        load_best(run_dir, model)
     return rows
+
+
+def early_stop(rows: list[dict], patience: int) -> tuple[int | None, bool]:
+    """Replay the early-stopping rule over metrics rows: (the epoch with the fewest
+    validation errors, first one on ties; whether ``patience`` later evaluations in a row
+    failed to beat it). One rule, used live and on resume."""
+    best_epoch, best, waited = None, math.inf, 0
+    for row in rows:
+        errors = row.get("val_errors")
+        if errors is None or errors == "" or (isinstance(errors, float) and math.isnan(errors)):
+            continue
+        if int(errors) < best:
+            best_epoch, best, waited = int(row["epoch"]), int(errors), 0
+        else:
+            waited += 1
+    return best_epoch, waited >= patience
+
+
+def _score(
+    model: nn.Module, split: ImageSet, data_config: DataConfig, device: torch.device
+) -> tuple[float, int]:
+    logits = predict_logits(model, split.images, data_config, device=device)
+    return accuracy(logits, split.labels), int((logits.argmax(-1) != split.labels).sum())
 
 
 def _online_task(
@@ -505,6 +592,9 @@ def _run(
         }
     elif not train_set.labeled:
         raise DatasetError(f"{config.data} train has no labels: a teacher needs labels to learn")
+    validation = None
+    if config.val_fraction is not None:
+        data, validation = _hold_out(data, train_set, config, soft_labels)
     test_set = _load_test_set(config, classes)
     mean, std = train_set.pixel_stats()
     data_config = DataConfig(input_size=train_set.input_size, mean=mean, std=std)
@@ -527,7 +617,7 @@ def _run(
         out.mkdir(parents=True)
         resolved = {"device": str(device), "temperature": temperature, "alpha": alpha}
         write_json(out / CONFIG_FILE, {**asdict(config), "kind": kind, "resolved": resolved})
-    fit(
+    rows = fit(
         model,
         replace(config, alpha=alpha),
         data,
@@ -539,7 +629,17 @@ def _run(
         log=log,
         resume=resume,
         online_teacher=online_teacher,
+        validation=validation,
     )
+    selection = None
+    if config.early_stopping is not None:
+        kept, stopped = early_stop(rows, config.early_stopping)
+        selection = {
+            "rule": "fewest validation errors",
+            "kept_epoch": kept,
+            "epochs_run": int(rows[-1]["epoch"]),
+            "stopped_early": stopped,
+        }
     model = model.cpu().to(memory_format=torch.contiguous_format)
     card = ModelCard(
         format_version=RUN_FORMAT_VERSION,
@@ -552,14 +652,45 @@ def _run(
         data_config=data_config.to_dict(),
         weights_sha256=weights_sha256(model),
         param_count=param_count(model),
-        dataset={"name": train_set.name, "split": "train", "fingerprint": train_set.fingerprint()},
+        dataset={
+            "name": train_set.name,
+            "split": "train",
+            "fingerprint": train_set.fingerprint(),
+            "rows": len(data),
+            "validation_rows": 0 if validation is None else len(validation),
+        },
         lineage=lineage,
+        selection=selection,
         created=utc_now(),
         software=software_versions(),
     )
     save_model(out, model, card)
     remove_checkpoint(out)
     return card
+
+
+def _hold_out(
+    data: TrainData, train_set: ImageSet, config: TrainConfig, soft: SoftLabels | None
+) -> tuple[TrainData, ImageSet]:
+    """Training rows without the validation split, and the split itself (with its labels)."""
+    if not train_set.labeled or (soft is not None and not soft.manifest.labeled):
+        raise UsageError("--val-fraction scores held-out rows against their labels: "
+                         "this transfer set has none")  # fmt: skip
+    held_out = torch.from_numpy(validation_rows(len(train_set), config.val_fraction))
+    kept = data.without(held_out)
+    if not len(kept):
+        raise UsageError(
+            f"--val-fraction {config.val_fraction} holds out every training row of this "
+            "transfer set"
+        )
+    validation = ImageSet(
+        train_set.name,
+        "validation",
+        train_set.images[held_out],
+        train_set.labels[held_out],
+        train_set.classes,
+    )
+    return kept, validation
 
 
 def _cache_data(
