@@ -11,7 +11,6 @@ run directory.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import numpy as np
 import torch
 
 from pipeline.data import ImageSet, describe_mismatch, validation_rows
-from pipeline.errors import CacheMismatchError, ManifestError, RunDirError, UsageError
-from pipeline.runs import CONFIG_FILE, load_model, write_json
+from pipeline.errors import CacheMismatchError, UsageError
+from pipeline.runs import load_model, read_config, write_json
 from pipeline.runtime import check_channels, predict_logits, resolve_device
 
 BIAS_FILE = "bias.json"
@@ -81,13 +80,7 @@ def tune_bias(
         raise UsageError(
             f"--classes {','.join(map(str, bad))}: {run_dir} has classes 0..{card.num_classes - 1}"
         )
-    try:
-        config = json.loads((run_dir / CONFIG_FILE).read_text())
-    except FileNotFoundError:
-        raise RunDirError(f"{run_dir} has no {CONFIG_FILE}") from None
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{run_dir / CONFIG_FILE} is not valid JSON ({exc})") from None
-    fraction = config.get("val_fraction")
+    fraction = read_config(run_dir).get("val_fraction")
     if fraction is None:
         raise UsageError(
             f"{run_dir} trained on every training row: a bias chosen on rows it learned from "

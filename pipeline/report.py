@@ -22,7 +22,7 @@ import pandas as pd
 from pipeline.bias import BIAS_FILE
 from pipeline.cache import read_manifest
 from pipeline.errors import KdpipeError, RunDirError, UsageError
-from pipeline.runs import CONFIG_FILE, METRICS_FILE, read_card
+from pipeline.runs import METRICS_FILE, read_card, read_config
 from pipeline.train import TrainConfig
 
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
@@ -83,7 +83,7 @@ def collect(run_dirs: list[Path]) -> pd.DataFrame:
             rows.append(_cache_row(run_dir))
             continue
         card = read_card(run_dir)
-        config = json.loads((run_dir / CONFIG_FILE).read_text())
+        config = read_config(run_dir)
         metrics = _read_metrics(run_dir)
         final = metrics.iloc[-1]
         selection = card.selection or {}
@@ -304,7 +304,7 @@ def to_markdown(table: pd.DataFrame) -> str:
         shown["gap recovered"] = table["gap_recovered"].map(
             lambda v: "—" if v is None or pd.isna(v) else f"{v:.0%}"
         )
-    return shown.to_markdown(index=False)
+    return shown.to_markdown(index=False, disable_numparse=True)  # cells are formatted
 
 
 def temperature_plot(table: pd.DataFrame, path: Path) -> None:

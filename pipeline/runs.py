@@ -111,6 +111,16 @@ def save_model(run_dir: Path, model: nn.Module, card: ModelCard) -> None:
     write_json(run_dir / CARD_FILE, card.to_dict())
 
 
+def read_config(run_dir: Path) -> dict:
+    """A run's ``config.json``: the configuration it was started with."""
+    try:
+        return json.loads((Path(run_dir) / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise RunDirError(f"{run_dir} is not a kdpipe run directory (no {CONFIG_FILE})") from None
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{Path(run_dir) / CONFIG_FILE} is not valid JSON ({exc})") from None
+
+
 def read_card(run_dir: Path) -> ModelCard:
     """The model card of a finished run, or a clear error naming what is wrong."""
     run_dir = Path(run_dir)

@@ -7,7 +7,6 @@ into memory once, indexed by the same sample ids as the images.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from collections.abc import Callable
@@ -40,7 +39,6 @@ from pipeline.errors import (
     CacheMismatchError,
     DatasetError,
     ManifestError,
-    RunDirError,
     TrainingDivergedError,
     UsageError,
 )
@@ -59,6 +57,7 @@ from pipeline.runs import (
     RUN_FORMAT_VERSION,
     ModelCard,
     load_model,
+    read_config,
     save_model,
     write_json,
 )
@@ -776,12 +775,7 @@ def resume_training(run_dir: Path, log: Callable[[str], None] = _quiet) -> Model
     run_dir = Path(run_dir)
     if (run_dir / CARD_FILE).is_file():
         raise UsageError(f"{run_dir} is finished (it has {CARD_FILE}): nothing to resume")
-    try:
-        saved = json.loads((run_dir / CONFIG_FILE).read_text())
-    except FileNotFoundError:
-        raise RunDirError(f"{run_dir} is not a kdpipe run directory (no {CONFIG_FILE})") from None
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{run_dir / CONFIG_FILE} is not valid JSON ({exc})") from None
+    saved = read_config(run_dir)
     kind = saved.pop("kind", None)
     saved.pop("resolved", None)
     names = {f.name for f in fields(TrainConfig)}
