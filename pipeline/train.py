@@ -632,12 +632,12 @@ def _run(
     )
     selection = None
     if config.early_stopping is not None:
-        kept, stopped = early_stop(rows, config.early_stopping)
+        epochs_run = int(rows[-1]["epoch"])
         selection = {
             "rule": "fewest validation errors",
-            "kept_epoch": kept,
-            "epochs_run": int(rows[-1]["epoch"]),
-            "stopped_early": stopped,
+            "kept_epoch": early_stop(rows, config.early_stopping)[0],
+            "epochs_run": epochs_run,
+            "stopped_early": epochs_run < config.epochs,
         }
     model = model.cpu().to(memory_format=torch.contiguous_format)
     card = ModelCard(

@@ -219,8 +219,10 @@ SECTION = re.compile(r"<!-- kdpipe:(?P<name>[\w-]+):begin -->(?P<body>.*?)<!-- k
 
 
 @pytest.mark.parametrize(
-    "section", ["hinton", "hinton-temperature", "hinton-3pct", "hinton-omitted", "hinton-ensemble"]
-)
+    "section",
+    ["hinton", "hinton-temperature", "hinton-3pct", "hinton-omitted", "hinton-ensemble",
+     "consistency"],
+)  # fmt: skip
 def test_committed_tables_agree_with_the_runs_files(section: str) -> None:
     """Each results.md table is generated from its runs: its errors column is the mean and
     std, per group, of the per-run CSV that the same report call wrote (not typed in)."""
