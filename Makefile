@@ -181,7 +181,12 @@ $(H)/ensemble-test.done: $(addsuffix /model.json,$(MEMBERS))
 $(H)/student-from-ensemble-s%/model.json: $(H)/ensemble.done
 	$(KDPIPE) train-student $(STUDENT) --cache $(H)/ensemble.zarr --alpha $(ALPHA) --seed $* --out $(@D)
 
-ENSEMBLE_RUNS := $(MEMBERS) $(H)/ensemble-test.zarr $(foreach s,$(SEEDS),$(H)/student-from-ensemble-s$(s))
+# the same cache re-tempered to T = 4 (the members fit their training set: see results.md)
+$(H)/student-from-ensemble-T4-s%/model.json: $(H)/ensemble.done
+	$(KDPIPE) train-student $(STUDENT) --cache $(H)/ensemble.zarr --alpha $(ALPHA) --temperature 4 --seed $* --out $(@D)
+
+ENSEMBLE_RUNS := $(MEMBERS) $(H)/ensemble-test.zarr \
+	$(foreach s,$(SEEDS),$(H)/student-from-ensemble-s$(s) $(H)/student-from-ensemble-T4-s$(s))
 
 hinton-tables: $(addsuffix /model.json,$(TABLE_RUNS) $(SWEEP_RUNS) $(PCT_RUNS)) \
 		$(addsuffix /bias.json,$(OMIT_RUNS)) $(H)/ensemble-test.done \

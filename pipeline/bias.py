@@ -41,7 +41,7 @@ def best_bias(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]
     shift[list(classes)] = 1.0
     errors = [int(((logits + b * shift).argmax(-1) != labels).sum()) for b in grid]
     order = sorted(range(len(grid)), key=lambda i: (errors[i], abs(grid[i])))
-    return float(grid[order[0]]), errors[order[0]]
+    return round(float(grid[order[0]]), 9), errors[order[0]]  # 2.3, not 2.3000000000000003
 
 
 def _scores(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]) -> dict:
