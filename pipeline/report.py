@@ -8,6 +8,7 @@ configuration. Runs whose directory names differ only by a trailing
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -458,18 +459,29 @@ def section_text(runs: pd.DataFrame, table: pd.DataFrame, figure: str | None = N
 
 def replace_section(path: Path, section: str, text: str) -> None:
     """Replace the text between this section's markers in ``path`` (or append it),
-    leaving everything a person wrote around it untouched."""
+    leaving everything a person wrote around it untouched.
+
+    The read-modify-write holds an exclusive lock on the file, so reports that
+    run at once (``make -j2``) each keep their section instead of the last
+    writer's copy erasing the others'.
+    """
     begin, end = f"<!-- kdpipe:{section}:begin -->", f"<!-- kdpipe:{section}:end -->"
     block = f"{begin}\n{text}\n{end}"
-    current = path.read_text() if path.exists() else ""
-    if begin in current and end in current:
-        head, rest = current.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        updated = head + block + tail
-    else:
-        updated = current + ("\n" if current and not current.endswith("\n") else "") + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(updated)
+    with path.open("a+", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        f.seek(0)
+        current = f.read()
+        if begin in current and end in current:
+            head, rest = current.split(begin, 1)
+            _, tail = rest.split(end, 1)
+            updated = head + block + tail
+        else:
+            separator = "\n" if current and not current.endswith("\n") else ""
+            updated = current + separator + block + "\n"
+        f.seek(0)
+        f.truncate()
+        f.write(updated)
 
 
 def report(

@@ -125,3 +125,29 @@ def test_views_caches_and_online_runs_are_reported_with_their_commands(
     assert "kdpipe distill-online --model kd_mlp_30x2 --data synthetic" in text
     assert "--subset 0.5" in text and f"--teacher {teacher_run}" in text
     assert "Teacher passes (paid once per cache, not in the minutes above): `views.zarr`" in text
+
+
+def _write_sections(path: Path, name: str, rounds: int) -> None:
+    for i in range(rounds):
+        replace_section(path, name, f"{name} round {i}")
+
+
+def test_reports_writing_one_file_at_once_keep_every_section(tmp_path: Path) -> None:
+    """make -j2 runs two reports into results.md together: neither may erase the other's."""
+    import multiprocessing
+
+    path = tmp_path / "results.md"
+    path.write_text("# Results\n")
+    context = multiprocessing.get_context("fork")
+    names = [f"s{i}" for i in range(4)]
+    workers = [context.Process(target=_write_sections, args=(path, n, 40)) for n in names]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+        assert worker.exitcode == 0
+    text = path.read_text()
+    assert text.startswith("# Results\n")
+    for name in names:
+        assert text.count(f"<!-- kdpipe:{name}:begin -->") == 1
+        assert f"{name} round 39" in text
