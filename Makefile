@@ -218,8 +218,8 @@ hinton: install data
 # --- Consistent teaching (Beyer et al. 2022): views in the cache, on a 1 % transfer set -----------
 # A timm resnet10t teacher (1 input channel) is trained on all of Fashion-MNIST
 # with the augmentation it will label (shifts up to 4 px and left-right flips)
-# and labels a random 1 % transfer set (600 images) three ways: one fixed
-# plain view, 8 shift-flip views, 8 shift-flip views mixed with mixup. The
+# and labels a random 1 % transfer set (600 images) four ways: one fixed
+# plain view, 8 and 32 shift-flip views, 8 shift-flip views mixed with mixup. The
 # kd_cnn student trains for the same 200 epochs and seeds from each, on hard
 # labels, and online through timm's LogitDistillationTask with fresh shift-flip
 # views. (On a 10 % transfer set for 40 epochs, 8 views did not beat the fixed
@@ -234,6 +234,7 @@ K_T ?= 4
 K_ALPHA ?= 0.1
 K_SUBSET ?= 0.01
 K_VIEWS ?= 8
+K_MANY_VIEWS ?= 32
 K_AUGMENT ?= shift-flip
 K_CACHE := --temperature $(K_T) --subset $(K_SUBSET) $(COMMON)
 K_STUDENT := --model kd_cnn --epochs $(K_EPOCHS) --eval-every 50 --lr 0.05 --warmup-epochs 10 $(COMMON)
@@ -247,6 +248,10 @@ $(K)/fixed.done: $(K)/teacher-r10t/model.json
 
 $(K)/views.done: $(K)/teacher-r10t/model.json
 	$(KDPIPE) cache-teacher --teacher $(K)/teacher-r10t --views $(K_VIEWS) --augment $(K_AUGMENT) --out $(K)/views.zarr $(K_CACHE)
+	touch $@
+
+$(K)/views$(K_MANY_VIEWS).done: $(K)/teacher-r10t/model.json
+	$(KDPIPE) cache-teacher --teacher $(K)/teacher-r10t --views $(K_MANY_VIEWS) --augment $(K_AUGMENT) --out $(K)/views$(K_MANY_VIEWS).zarr $(K_CACHE)
 	touch $@
 
 $(K)/mixup.done: $(K)/teacher-r10t/model.json
@@ -265,6 +270,9 @@ $(K)/b-fixed-s%/model.json: $(K)/fixed.done
 $(K)/c-views-s%/model.json: $(K)/views.done
 	$(KDPIPE) train-student $(K_STUDENT) --cache $(K)/views.zarr --alpha $(K_ALPHA) --seed $* --out $(@D)
 
+$(K)/c-views$(K_MANY_VIEWS)-s%/model.json: $(K)/views$(K_MANY_VIEWS).done
+	$(KDPIPE) train-student $(K_STUDENT) --cache $(K)/views$(K_MANY_VIEWS).zarr --alpha $(K_ALPHA) --seed $* --out $(@D)
+
 $(K)/d-mixup-s%/model.json: $(K)/mixup.done
 	$(KDPIPE) train-student $(K_STUDENT) --cache $(K)/mixup.zarr --alpha $(K_ALPHA) --seed $* --out $(@D)
 
@@ -272,7 +280,8 @@ $(K)/e-online-s%/model.json: $(K)/teacher-r10t/model.json
 	$(KDPIPE) distill-online $(K_STUDENT) --teacher $(K)/teacher-r10t --alpha $(K_ALPHA) --temperature $(K_T) --augment $(K_AUGMENT) --subset $(K_SUBSET) --seed $* --out $(@D)
 
 CONSISTENCY_RUNS := $(K)/teacher-r10t \
-	$(foreach s,$(K_SEEDS),$(K)/a-hard-s$(s) $(K)/a-hard-views-s$(s) $(K)/b-fixed-s$(s) $(K)/c-views-s$(s) $(K)/d-mixup-s$(s) $(K)/e-online-s$(s))
+	$(foreach s,$(K_SEEDS),$(K)/a-hard-s$(s) $(K)/a-hard-views-s$(s) $(K)/b-fixed-s$(s) $(K)/c-views-s$(s) \
+		$(K)/c-views$(K_MANY_VIEWS)-s$(s) $(K)/d-mixup-s$(s) $(K)/e-online-s$(s))
 
 # the storage table: the views cache again in float32, measured as float32, float16 and top-k
 $(K)/views-f32.done: $(K)/teacher-r10t/model.json
