@@ -10,7 +10,7 @@ import csv
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -779,7 +779,13 @@ def resume_training(run_dir: Path, log: Callable[[str], None] = _quiet) -> Model
     kind = saved.pop("kind", None)
     saved.pop("resolved", None)
     names = {f.name for f in fields(TrainConfig)}
-    if kind not in ("teacher", "student", "online-student") or set(saved) != names:
+    # a run started before an option existed resumes with that option's default
+    optional = {f.name for f in fields(TrainConfig) if f.default is not MISSING}
+    if (
+        kind not in ("teacher", "student", "online-student")
+        or set(saved) - names
+        or names - set(saved) - optional
+    ):
         raise ManifestError(f"{run_dir / CONFIG_FILE} is not a kdpipe training configuration")
     if isinstance(saved["hidden_sizes"], list):
         saved["hidden_sizes"] = tuple(saved["hidden_sizes"])

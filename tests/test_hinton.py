@@ -15,7 +15,7 @@ import torch
 from conftest import cache, invoke, student
 
 from pipeline.data import load_dataset, validation_rows
-from pipeline.errors import DatasetError, UsageError
+from pipeline.errors import DatasetError, ManifestError, UsageError
 from pipeline.report import report
 from pipeline.runs import load_model
 from pipeline.runtime import predict_logits
@@ -239,3 +239,33 @@ def test_committed_tables_agree_with_the_runs_files(section: str) -> None:
         text = f"{errors.mean():.1f} ± {errors.std(ddof=1):.1f}" if len(errors) > 1 else (
             f"{errors.mean():.0f}")  # fmt: skip
         assert shown[group] == text, group
+
+
+def test_a_run_started_before_the_validation_options_still_resumes(
+    train_cache: Path, tmp_path: Path
+) -> None:
+    config = TrainConfig(model="kd_mlp_30x2", data="synthetic", out=str(tmp_path / "r"),
+                         epochs=3, cache=str(train_cache), alpha=0.5)  # fmt: skip
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_epoch_1(line: str) -> None:
+        if line.startswith("epoch 1/"):
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_student(config, log=kill_after_epoch_1)
+    saved_path = tmp_path / "r" / "config.json"
+    saved = json.loads(saved_path.read_text())
+    del saved["val_fraction"], saved["early_stopping"]  # as an older kdpipe wrote it
+    saved_path.write_text(json.dumps(saved))
+    assert resume_training(tmp_path / "r").selection is None
+    # a field kdpipe does not know is still refused
+    with pytest.raises(Killed):
+        train_student(TrainConfig(**{**config.__dict__, "out": str(tmp_path / "s")}),
+                      log=kill_after_epoch_1)  # fmt: skip
+    saved_path = tmp_path / "s" / "config.json"
+    saved_path.write_text(json.dumps({**json.loads(saved_path.read_text()), "bogus": 1}))
+    with pytest.raises(ManifestError, match="is not a kdpipe training configuration"):
+        resume_training(tmp_path / "s")
