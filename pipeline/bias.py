@@ -99,8 +99,8 @@ def tune_bias(
     held_out = torch.from_numpy(validation_rows(len(train_set), fraction))
     val_labels = train_set.labels[held_out]
     val_logits = predict_logits(model, train_set.images[held_out], card.data, device=torch_device)
-    test_logits = predict_logits(model, test_set.images, card.data, device=torch_device)
-    bias, _ = best_bias(val_logits.cpu(), val_labels, classes, grid)
+    test_logits = predict_logits(model, test_set.images, card.data, device=torch_device)  # on CPU
+    bias, _ = best_bias(val_logits, val_labels, classes, grid)
     shift = torch.zeros(card.num_classes)
     shift[list(classes)] = bias
     result = {
@@ -110,12 +110,12 @@ def tune_bias(
         "grid": {"min": float(grid[0]), "max": float(grid[-1]), "step": step},
         "chosen_on": {"split": "validation", "val_fraction": fraction, "rows": len(held_out)},
         "validation": {
-            "before": _scores(val_logits.cpu(), val_labels, classes),
-            "after": _scores(val_logits.cpu() + shift, val_labels, classes),
+            "before": _scores(val_logits, val_labels, classes),
+            "after": _scores(val_logits + shift, val_labels, classes),
         },
         "test": {
-            "before": _scores(test_logits.cpu(), test_set.labels, classes),
-            "after": _scores(test_logits.cpu() + shift, test_set.labels, classes),
+            "before": _scores(test_logits, test_set.labels, classes),
+            "after": _scores(test_logits + shift, test_set.labels, classes),
         },
     }
     write_json(run_dir / BIAS_FILE, result)
