@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ManifestError, RunDirError
-from pipeline.runs import write_json
+from pipeline.runs import cpu_state, write_json, write_safetensors
 
 STATE_FILE = "checkpoint.json"
 BEST_FILE = "best.safetensors"  # early stopping: the best epoch's weights so far
@@ -31,7 +31,7 @@ def save_checkpoint(
     generator: torch.Generator,
     rows: list[dict],
 ) -> None:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in cpu_state(model).items()}
     optimizer_state = optimizer.state_dict()
     scalars = {}
     for param_id, entry in optimizer_state["state"].items():
@@ -43,9 +43,7 @@ def save_checkpoint(
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     weights = f"checkpoint-e{epoch}.safetensors"
-    partial = run_dir / f".{weights}.partial"
-    safetensors.torch.save_file(tensors, str(partial))
-    partial.replace(run_dir / weights)
+    write_safetensors(run_dir / weights, tensors)
     write_json(
         run_dir / STATE_FILE,
         {
@@ -96,10 +94,7 @@ def load_checkpoint(
 
 def save_best(run_dir: Path, model: nn.Module) -> None:
     """Keep the weights early stopping may return to (through a rename, like a checkpoint)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    partial = run_dir / f".{BEST_FILE}.partial"
-    safetensors.torch.save_file(tensors, str(partial))
-    partial.replace(run_dir / BEST_FILE)
+    write_safetensors(run_dir / BEST_FILE, cpu_state(model))
 
 
 def load_best(run_dir: Path, model: nn.Module) -> None:

@@ -100,14 +100,24 @@ def write_json(path: Path, payload: dict) -> None:
     partial.replace(path)
 
 
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights as contiguous CPU tensors, the form safetensors stores."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write tensors through a temporary file and a rename, as write_json does JSON."""
+    partial = path.with_name(f".{path.name}.partial")
+    safetensors.torch.save_file(tensors, str(partial), metadata=metadata)
+    partial.replace(path)
+
+
 def save_model(run_dir: Path, model: nn.Module, card: ModelCard) -> None:
     """Weights first, then the card that marks the run complete."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    partial = run_dir / f".{WEIGHTS_FILE}.partial"
-    safetensors.torch.save_file(
-        state, str(partial), metadata={"weights_sha256": card.weights_sha256}
-    )
-    partial.replace(run_dir / WEIGHTS_FILE)
+    metadata = {"weights_sha256": card.weights_sha256}
+    write_safetensors(run_dir / WEIGHTS_FILE, cpu_state(model), metadata)
     write_json(run_dir / CARD_FILE, card.to_dict())
 
 

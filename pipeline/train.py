@@ -370,8 +370,12 @@ def fit(
         log(f"{run_dir}: resuming after epoch {done}")
     patience = config.early_stopping
     for epoch in range(done + 1, config.epochs + 1):
-        if patience is not None and early_stop(rows, patience)[1]:
-            break  # a resumed run that had already stopped
+        if patience is not None:  # also stops a resumed run that had already stopped
+            best_epoch, stop = early_stop(rows, patience)
+            if stop:
+                log(f"early stopping after epoch {epoch - 1}: the best validation score was "
+                    f"epoch {best_epoch}'s, {patience} evaluation(s) ago or more")  # fmt: skip
+                break
         started = time.perf_counter()
         model.train()
         if task is not None:
@@ -456,8 +460,7 @@ def fit(
         rows.append(row)
         with metrics_path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow(row)
-        best_epoch, stop = early_stop(rows, patience) if patience else (None, False)
-        if best_epoch == epoch:
+        if patience is not None and early_stop(rows, patience)[0] == epoch:
             save_best(run_dir, model)  # before the checkpoint that counts on it
         save_checkpoint(run_dir, epoch, model, optimizer, generator, rows)
         validated = f"  val acc {val_accuracy:.4f}" if validation is not None else ""
@@ -466,10 +469,6 @@ def fit(
             f"train acc {row['train_accuracy']:.4f}  test acc {test_accuracy:.4f}{validated}  "
             f"({row['seconds']:.1f}s)"
         )
-        if stop and epoch < config.epochs:
-            log(f"early stopping after epoch {epoch}: the best validation score was epoch "
-                f"{best_epoch}'s, {patience} evaluation(s) ago or more")  # fmt: skip
-            break
     if patience is not None:
         load_best(run_dir, model)
     return rows
