@@ -8,6 +8,7 @@ itself (ranges, choices) are rejected by click with exit status 2.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,12 @@ def _echo(line: str) -> None:
     click.echo(line, err=True)
 
 
+def _say(line: str) -> None:
+    """A command's closing line, printed once under torchrun (by rank 0)."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(line)
+
+
 @click.group(name="kdpipe", context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="kdpipe")
 def main() -> None:
@@ -325,7 +332,7 @@ def train_teacher_command(**options: Any) -> None:
     --model, --data, --epochs and --out are required, unless --resume RUN_DIR.
     """
     card = _start_or_resume("train-teacher", options, _echo)
-    click.echo(f"teacher {card.architecture}, weights {card.weights_sha256[:16]}")
+    _say(f"teacher {card.architecture}, weights {card.weights_sha256[:16]}")
 
 
 @main.command("cache-teacher", context_settings=CONTEXT)
@@ -437,7 +444,7 @@ def train_student_command(**options: Any) -> None:
     """
     card = _start_or_resume("train-student", options, _echo)
     lineage = card.lineage or {}
-    click.echo(
+    _say(
         f"student {card.architecture} from cache {lineage.get('cache_id')} "
         f"(teacher {lineage.get('teacher_id')})"
     )

@@ -36,6 +36,7 @@ from pipeline.cache.format import (
 )
 from pipeline.cache.store import utc_now
 from pipeline.data import ImageSet, select_rows
+from pipeline.distributed import current_world
 from pipeline.errors import (
     CacheMismatchError,
     ManifestError,
@@ -119,6 +120,9 @@ def cache_teacher(
 ) -> Manifest:
     """Run the teacher(s) over the transfer set's views once and write the cache."""
     config.validate()
+    world = current_world()
+    if not world.is_main:
+        log = _quiet
     out = Path(config.out)
     device = resolve_device(config.device)
     members = [load_model(Path(run_dir), device) for run_dir in config.teachers]
@@ -197,9 +201,13 @@ def cache_teacher(
     )
     manifest = replace(manifest, cache_id=derive_cache_id(manifest))
 
-    writer = open_writer(out, manifest, overwrite=config.overwrite, log=log)
-    if writer.manifest.status == STATUS_COMPLETE:
-        return writer.manifest
+    # rank 0 creates (or checks) the store; the others open what it made
+    opened = world.on_main(
+        lambda: open_writer(out, manifest, overwrite=config.overwrite, log=log).manifest
+    )
+    if opened.status == STATUS_COMPLETE:
+        return opened
+    writer = CacheWriter(out, read_manifest(out), resume=True)
     params, partners = sample_views(
         len(rows),
         config.views,
@@ -212,13 +220,19 @@ def cache_teacher(
     finished = writer.finished_chunks()
     if finished:
         log(f"{out}: resuming, {len(finished)} of {writer.num_chunks} chunks already written")
-    progress = tqdm(total=len(rows) * config.views, desc="teacher pass", unit="view", disable=None)
+    # each rank writes whole chunks of its own (a chunk is one object per array; zarr
+    # loses data when two processes write parts of one), so any world size, and any
+    # world size on resume, writes the same bytes
+    mine = world.shares([i for i in range(writer.num_chunks) if i not in finished])
     step = manifest.chunk_size
-    for index in range(writer.num_chunks):
+    progress = tqdm(
+        total=sum(len(rows[i * step : (i + 1) * step]) for i in mine) * config.views,
+        desc="teacher pass" if not world.active else f"teacher pass, rank {world.rank}",
+        unit="view",
+        disable=None if world.is_main else True,
+    )
+    for index in mine:
         chunk_rows = rows[index * step : (index + 1) * step]
-        if index in finished:
-            progress.update(len(chunk_rows) * config.views)
-            continue
         chunk_params = params[index * step : (index + 1) * step]
         chunk_partners = partners[index * step : (index + 1) * step]
         values = torch.empty(len(chunk_rows), config.views, len(classes))
@@ -260,7 +274,10 @@ def cache_teacher(
             chunk["topk_indices"] = top.indices.numpy()
         writer.write(index, chunk)
     progress.close()
-    manifest = writer.finish(teacher_accuracy=teacher_accuracy(writer) if labeled else None)
+    world.barrier()  # every rank's chunks are flagged: only now may the cache be complete
+    manifest = world.on_main(
+        lambda: writer.finish(teacher_accuracy=teacher_accuracy(writer) if labeled else None)
+    )
     accuracy = (
         f"teacher accuracy {manifest.teacher_accuracy:.4f}"
         if manifest.teacher_accuracy is not None
@@ -272,6 +289,10 @@ def cache_teacher(
         f"cache_id {manifest.cache_id}, teacher_id {manifest.teacher_id}"
     )
     return manifest
+
+
+def _quiet(line: str) -> None:
+    """The log of ranks other than 0: one process speaks for all."""
 
 
 @torch.inference_mode()

@@ -17,6 +17,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pipeline.cache import SoftLabels, load_soft_labels
@@ -35,6 +36,7 @@ from pipeline.data import (
     select_rows,
     validation_rows,
 )
+from pipeline.distributed import SINGLE, World, current_world
 from pipeline.errors import (
     CacheMismatchError,
     DatasetError,
@@ -271,13 +273,16 @@ class TrainData:
         device: torch.device,
         jitter: int = 0,
         generator: torch.Generator | None = None,
+        share: slice = slice(None),
     ) -> dict[str, torch.Tensor | None]:
         """Model input, labels, mix and soft targets for training rows ``positions``.
 
         Everything is a function of (seed, epoch, rows): the same call returns
         the same batch in another process, after a resume, at any worker count.
         ``jitter`` (plain images only) shifts them with ``generator``, the
-        training loop's, as Hinton et al.'s input jitter.
+        training loop's, as Hinton et al.'s input jitter. ``share`` picks this
+        process's rows of the batch (under torchrun); jitter is drawn for the
+        whole batch first, so that every process's generator stays in step.
         """
         params = partners = targets = None
         if self.views is not None:
@@ -301,10 +306,16 @@ class TrainData:
                 params = torch.from_numpy(fresh[:, 0])
                 partners = torch.from_numpy(fresh_partners[:, 0])
         mixed = partners is not None and bool((partners >= 0).any())
-        partner_images = self.images[partners.clamp_min(0)] if mixed else None
         images = self.images[self.rows[positions]]
         if jitter and params is None:
             images = random_shift(images, jitter, generator)
+        if share != slice(None):
+            positions, images = positions[share], images[share]
+            params = None if params is None else params[share]
+            partners = None if partners is None else partners[share]
+            targets = None if targets is None else targets[share]
+            mixed = partners is not None and bool((partners >= 0).any())
+        partner_images = self.images[partners.clamp_min(0)] if mixed else None
         return {
             "inputs": view_input(images, params, partner_images, data_config, device),
             "labels": self.labels[positions].to(device),
@@ -329,6 +340,7 @@ def fit(
     resume: bool = False,
     online_teacher: nn.Module | None = None,
     validation: ImageSet | None = None,
+    world: World = SINGLE,
 ) -> list[dict]:
     """Train ``model`` in place; one metrics row and one checkpoint per epoch in ``run_dir``.
 
@@ -339,6 +351,14 @@ def fit(
     did not beat the best, and ``model`` ends with the best epoch's weights.
     With ``resume``, training continues after the last checkpoint and ends
     exactly where an uninterrupted run would.
+
+    Under torchrun (``world``), the model is wrapped in DistributedDataParallel
+    and kdpipe's own sampler shares out each batch: every rank draws the same
+    permutation (one seed), takes every ``world.size``-th row of each batch of
+    ``config.batch_size``, and weights its loss by its share, so the averaged
+    gradient is the whole batch's. Order, views and batches are then those of a
+    single process; only batch statistics (BatchNorm) and dropout masks differ.
+    Rank 0 evaluates and writes every file.
     """
     model.to(device).to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(
@@ -361,81 +381,23 @@ def fit(
     if online_teacher is not None:
         task = _online_task(model, online_teacher, alpha, temperature, device)
     done, rows = load_checkpoint(run_dir, model, optimizer, generator) if resume else (0, [])
+    trainer = model
+    if world.active:
+        trainer = DistributedDataParallel(
+            model, device_ids=[device.index or 0] if device.type == "cuda" else None
+        )
     metrics_path = run_dir / METRICS_FILE
-    with metrics_path.open("w", newline="") as f:  # rewritten: rows past the checkpoint go
-        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    if world.is_main:
+        with metrics_path.open("w", newline="") as f:  # rewritten: rows past the checkpoint go
+            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
     if done:
         log(f"{run_dir}: resuming after epoch {done}")
-    patience = config.early_stopping
-    for epoch in range(done + 1, config.epochs + 1):
-        if patience is not None:  # also stops a resumed run that had already stopped
-            best_epoch, stop = early_stop(rows, patience)
-            if stop:
-                log(f"early stopping after epoch {epoch - 1}: the best validation score was "
-                    f"epoch {best_epoch}'s, {patience} evaluation(s) ago or more")  # fmt: skip
-                break
-        started = time.perf_counter()
-        model.train()
-        if task is not None:
-            task.train()
-        order = torch.randperm(len(data), generator=generator)
-        sums = {"loss": 0.0, "hard": 0.0, "soft": 0.0, "correct": 0.0, "labeled": 0}
-        lr = optimizer.param_groups[0]["lr"]
-        batches = range(0, len(order), config.batch_size)
-        for start in tqdm(
-            batches, desc=f"epoch {epoch}/{config.epochs}", disable=None, leave=False
-        ):
-            positions = order[start : start + config.batch_size]
-            batch_index = start // config.batch_size
-            batch = data.batch(
-                positions,
-                epoch,
-                batch_index,
-                config.seed,
-                data_config,
-                device,
-                jitter=config.jitter,
-                generator=generator,
-            )
-            labels = batch["labels"]
-            if task is not None:
-                output = task(batch["inputs"], _soft_one_hot(batch, model.num_classes))
-                logits = output["output"]
-                terms = {"loss": output["loss"], "hard": output["task_loss"],
-                         "soft": output["kd_loss"] / temperature**2}  # fmt: skip
-            else:
-                logits = model(batch["inputs"])
-                terms = distillation_loss(
-                    logits,
-                    labels,
-                    batch["targets"],
-                    alpha=alpha,
-                    temperature=temperature,
-                    partner_labels=batch["partner_labels"],
-                    lam=batch["lam"],
-                )
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
-            # .item() syncs with the device; once per batch is cheap next to the step
-            size = len(positions)
-            loss_value = terms["loss"].item()
-            if not math.isfinite(loss_value):
-                # stop at once: every later step would only spread the NaN, and a
-                # run directory without model.json stays marked unfinished
-                raise TrainingDivergedError(
-                    f"training diverged in epoch {epoch}, batch {batch_index + 1}: "
-                    f"the loss is {loss_value}; lower --lr (now {config.lr:g})"
-                )
-            sums["loss"] += loss_value * size
-            sums["hard"] += terms["hard"].item() * size if "hard" in terms else math.nan
-            sums["soft"] += terms["soft"].item() * size if "soft" in terms else math.nan
-            known = labels >= 0
-            sums["correct"] += (logits.argmax(-1) == labels)[known].sum().item()
-            sums["labeled"] += int(known.sum())
-        scheduler.step(epoch)
+
+    def end_epoch(epoch: int, lr: float, sums: dict, started: float) -> dict:
+        """Score the epoch, append its metrics row, save the checkpoint (rank 0's work)."""
+        patience = config.early_stopping
         test_accuracy, test_errors = float("nan"), None
         scored = epoch % config.eval_every == 0 or epoch == config.epochs
         if test_set is not None and scored:
@@ -458,7 +420,7 @@ def fit(
             "seconds": round(time.perf_counter() - started, 3),
         }
         rows.append(row)
-        with metrics_path.open("a", newline="") as f:
+        with (run_dir / METRICS_FILE).open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow(row)
         if patience is not None and early_stop(rows, patience)[0] == epoch:
             save_best(run_dir, model)  # before the checkpoint that counts on it
@@ -469,9 +431,106 @@ def fit(
             f"train acc {row['train_accuracy']:.4f}  test acc {test_accuracy:.4f}{validated}  "
             f"({row['seconds']:.1f}s)"
         )
-    if patience is not None:
+        return row
+
+    patience = config.early_stopping
+    for epoch in range(done + 1, config.epochs + 1):
+        if patience is not None:  # also stops a resumed run that had already stopped
+            best_epoch, stop = early_stop(rows, patience)
+            if stop:
+                log(f"early stopping after epoch {epoch - 1}: the best validation score was "
+                    f"epoch {best_epoch}'s, {patience} evaluation(s) ago or more")  # fmt: skip
+                break
+        started = time.perf_counter()
+        model.train()
+        if task is not None:
+            task.train()
+        order = torch.randperm(len(data), generator=generator)
+        sums = {"loss": 0.0, "hard": 0.0, "soft": 0.0, "correct": 0.0, "labeled": 0}
+        lr = optimizer.param_groups[0]["lr"]
+        batches = range(0, len(order), config.batch_size)
+        for start in tqdm(
+            batches,
+            desc=f"epoch {epoch}/{config.epochs}",
+            disable=None if world.is_main else True,
+            leave=False,
+        ):
+            positions = order[start : start + config.batch_size]
+            batch_index = start // config.batch_size
+            share, weight = _share(len(positions), world)
+            batch = data.batch(
+                positions,
+                epoch,
+                batch_index,
+                config.seed,
+                data_config,
+                device,
+                jitter=config.jitter,
+                generator=generator,
+                share=share,
+            )
+            labels = batch["labels"]
+            if task is not None:
+                output = task(batch["inputs"], _soft_one_hot(batch, model.num_classes))
+                logits = output["output"]
+                terms = {"loss": output["loss"], "hard": output["task_loss"],
+                         "soft": output["kd_loss"] / temperature**2}  # fmt: skip
+            else:
+                logits = trainer(batch["inputs"])
+                terms = distillation_loss(
+                    logits,
+                    labels,
+                    batch["targets"],
+                    alpha=alpha,
+                    temperature=temperature,
+                    partner_labels=batch["partner_labels"],
+                    lam=batch["lam"],
+                )
+            optimizer.zero_grad(set_to_none=True)
+            (terms["loss"] * weight if world.active else terms["loss"]).backward()
+            optimizer.step()
+            # .item() syncs with the device; once per batch is cheap next to the step
+            size = len(labels) if weight else 0
+            loss_value = terms["loss"].item()
+            if not math.isfinite(loss_value):
+                # stop at once: every later step would only spread the NaN, and a
+                # run directory without model.json stays marked unfinished
+                raise TrainingDivergedError(
+                    f"training diverged in epoch {epoch}, batch {batch_index + 1}: "
+                    f"the loss is {loss_value}; lower --lr (now {config.lr:g})"
+                )
+            sums["loss"] += loss_value * size
+            sums["hard"] += terms["hard"].item() * size if "hard" in terms else math.nan
+            sums["soft"] += terms["soft"].item() * size if "soft" in terms else math.nan
+            known = (labels >= 0) & (weight > 0)
+            sums["correct"] += (logits.argmax(-1) == labels)[known].sum().item()
+            sums["labeled"] += int(known.sum())
+        scheduler.step(epoch)
+        if world.active:
+            totals = world.all_sum(torch.tensor([sums[k] for k in SUM_KEYS])).tolist()
+            sums = dict(zip(SUM_KEYS, totals, strict=True))
+            world.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, as evaluated
+        row = world.on_main(end_epoch, epoch, lr, sums, started)
+        if not world.is_main:
+            rows.append(row)
+    if patience is not None and world.is_main:
         load_best(run_dir, model)
     return rows
+
+
+SUM_KEYS = ("loss", "hard", "soft", "correct", "labeled")
+
+
+def _share(size: int, world: World) -> tuple[slice, float]:
+    """This rank's rows of a batch of ``size`` and the weight of its mean loss, so that
+    the gradient averaged over ranks is the whole batch's mean. A rank left without a
+    row (a last batch smaller than the world) steps on one row at weight 0."""
+    if not world.active:
+        return slice(None), 1.0
+    mine = len(range(world.rank, size, world.size))
+    if not mine:
+        return slice(0, 1), 0.0
+    return slice(world.rank, None, world.size), mine * world.size / size
 
 
 def early_stop(rows: list[dict], patience: int) -> tuple[int | None, bool]:
@@ -535,6 +594,12 @@ def _run(
     resume: bool = False,
 ) -> ModelCard:
     """Shared body of train_teacher, train_student, distill_online and resume."""
+    world = current_world()
+    if not world.is_main:
+        log = _quiet
+    if world.active and config.teacher is not None:
+        raise UsageError("distill-online runs in one process (it is the reference, not a "
+                         "scaled path); start it without torchrun")  # fmt: skip
     out = Path(config.out)
     device = resolve_device(config.device)
     train_set = config.load("train")
@@ -611,10 +676,15 @@ def _run(
         )
 
     if not resume:
-        prepare_output(out, config.overwrite)  # inputs are valid: only now touch the output
-        out.mkdir(parents=True)
-        resolved = {"device": str(device), "temperature": temperature, "alpha": alpha}
-        write_json(out / CONFIG_FILE, {**asdict(config), "kind": kind, "resolved": resolved})
+
+        def start() -> None:
+            prepare_output(out, config.overwrite)  # inputs are valid: only now touch the output
+            out.mkdir(parents=True)
+            resolved = {"device": str(device), "temperature": temperature, "alpha": alpha,
+                        "processes": world.size}  # fmt: skip
+            write_json(out / CONFIG_FILE, {**asdict(config), "kind": kind, "resolved": resolved})
+
+        world.on_main(start)
     rows = fit(
         model,
         replace(config, alpha=alpha),
@@ -628,7 +698,28 @@ def _run(
         resume=resume,
         online_teacher=online_teacher,
         validation=validation,
+        world=world,
     )
+    return world.on_main(
+        _finish, out, model, config, kind, rows, classes, data_config, train_set, data,
+        validation, lineage,
+    )  # fmt: skip
+
+
+def _finish(
+    out: Path,
+    model: nn.Module,
+    config: TrainConfig,
+    kind: str,
+    rows: list[dict],
+    classes: tuple[str, ...],
+    data_config: DataConfig,
+    train_set: ImageSet,
+    data: TrainData,
+    validation: ImageSet | None,
+    lineage: dict | None,
+) -> ModelCard:
+    """The model card and weights that mark a run complete; its resume state goes."""
     selection = None
     if config.early_stopping is not None:
         epochs_run = int(rows[-1]["epoch"])

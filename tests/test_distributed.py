@@ -1,0 +1,101 @@
+"""Both stages under torchrun with two CPU processes (gloo), against one process."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+from conftest import edit_manifest
+from test_resume import chunk_files
+
+from pipeline.cache import load_soft_labels, read_manifest
+
+
+def kdpipe(*args: str | Path, processes: int = 1) -> subprocess.CompletedProcess:
+    """kdpipe in a subprocess; with ``processes`` > 1, started by torchrun."""
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone",
+                     f"--nproc_per_node={processes}"]  # fmt: skip
+    result = subprocess.run(
+        [*launcher, "-m", "pipeline", *map(str, args)], capture_output=True, text=True
+    )
+    return result
+
+
+def cache_args(teacher: Path, out: Path) -> list[str | Path]:
+    return ["cache-teacher", "--data", "synthetic", "--teacher", teacher, "--temperature", "3",
+            "--views", "2", "--augment", "shift-flip", "--chunk-size", "64",
+            "--out", out]  # fmt: skip
+
+
+def test_two_processes_write_the_single_process_cache(teacher_run: Path, tmp_path: Path) -> None:
+    one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
+    assert kdpipe(*cache_args(teacher_run, one)).returncode == 0
+    result = kdpipe(*cache_args(teacher_run, two), processes=2)
+    assert result.returncode == 0, result.stderr
+    assert chunk_files(two) == chunk_files(one)  # byte-identical chunks
+    a, b = load_soft_labels(one), load_soft_labels(two)
+    assert a.manifest.cache_id == b.manifest.cache_id
+    assert a.manifest.teacher_accuracy == b.manifest.teacher_accuracy
+    assert torch.equal(a.views, b.views) and torch.equal(a.values, b.values)
+    # one closing line, from rank 0
+    assert result.stdout.count("cache_id") == 1, result.stdout
+
+
+def test_resume_with_another_number_of_processes(teacher_run: Path, tmp_path: Path) -> None:
+    """A pass stopped with chunks 1, 4, 5 and 8 missing, resumed by two processes."""
+    one = tmp_path / "one.zarr"
+    assert kdpipe(*cache_args(teacher_run, one)).returncode == 0
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(one, partial)
+    edit_manifest(partial, status="writing", teacher_accuracy=None, completed=None)
+    for index in (1, 4, 5, 8):
+        (partial / "logprobs" / "c" / str(index) / "0" / "0").unlink()
+    result = kdpipe(*cache_args(teacher_run, partial), processes=2)
+    assert result.returncode == 0, result.stderr
+    assert "resuming, 6 of 10 chunks already written" in result.stdout + result.stderr
+    assert chunk_files(partial) == chunk_files(one)
+    assert read_manifest(partial).status == "complete"
+    assert read_manifest(partial).teacher_accuracy == read_manifest(one).teacher_accuracy
+
+
+def student_args(cache: Path, out: Path) -> list[str | Path]:
+    # batch 7: 600 rows end in a batch of 5, shared 3 + 2 between the two processes
+    return ["train-student", "--model", "kd_mlp_30x2", "--data", "synthetic", "--cache", cache,
+            "--alpha", "0.5", "--epochs", "2", "--batch-size", "7", "--seed", "3",
+            "--out", out]  # fmt: skip
+
+
+def test_ddp_student_matches_one_process(train_cache: Path, tmp_path: Path) -> None:
+    """Without BatchNorm or dropout, the order, the batches and the gradients are those of
+    one process: the weights agree up to the order of float additions."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert kdpipe(*student_args(train_cache, one)).returncode == 0
+    result = kdpipe(*student_args(train_cache, two), processes=2)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("student kd_mlp_30x2 from cache") == 1
+    a = safetensors.torch.load_file(str(one / "model.safetensors"))
+    b = safetensors.torch.load_file(str(two / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+    rows_one = np.genfromtxt(one / "metrics.csv", delimiter=",", names=True)
+    rows_two = np.genfromtxt(two / "metrics.csv", delimiter=",", names=True)
+    np.testing.assert_allclose(rows_two["loss"], rows_one["loss"], rtol=1e-4)
+    assert list(rows_two["train_accuracy"]) == list(rows_one["train_accuracy"])
+    assert not (two / "checkpoint.json").exists()  # a finished run keeps no resume state
+
+
+def test_online_distillation_refuses_torchrun(teacher_run: Path, tmp_path: Path) -> None:
+    result = kdpipe("distill-online", "--model", "kd_mlp_30x2", "--data", "synthetic",
+                    "--teacher", teacher_run, "--alpha", "0.5", "--temperature", "2",
+                    "--epochs", "1", "--out", tmp_path / "run", processes=2)  # fmt: skip
+    assert result.returncode != 0
+    assert "distill-online runs in one process" in result.stderr
+    assert not (tmp_path / "run").exists()
