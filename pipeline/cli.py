@@ -148,6 +148,14 @@ def data_options(command: Callable[..., Any], required: bool = True) -> Callable
     return command
 
 
+PRECISION_OPTION = click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    help="Forward passes in bf16 autocast or float32; auto: bf16 on CUDA, float32 on the CPU.",
+)
+
+
 def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
@@ -213,6 +221,14 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="kd_mlp only: hidden layer widths, e.g. 800,800.",
         ),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto"),
+        PRECISION_OPTION,
+        click.option(
+            "--workers",
+            type=click.IntRange(min=0),
+            default=0,
+            help="DataLoader worker processes that build batches ahead of the step "
+            "(pinned for non-blocking copies on CUDA).",
+        ),
         click.option("--overwrite", is_flag=True, help="Replace --out if it exists."),
         click.option(
             "--resume",
@@ -391,6 +407,7 @@ def train_teacher_command(**options: Any) -> None:
     help="Store no labels: students learn from the teacher alone (alpha 0).",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@PRECISION_OPTION
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @reports_errors
 def cache_teacher_command(

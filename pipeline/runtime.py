@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import shutil
 from importlib import metadata
@@ -15,6 +16,7 @@ from pipeline.errors import OutputExistsError, UsageError
 from pipeline.models import DataConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,6 +28,24 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is available")
     return torch.device(name)
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``auto`` is bfloat16 on CUDA (tensor cores, no loss scaling) and float32 on the CPU,
+    where bf16 matmuls are emulated and slower."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return "bfloat16"
+    return "float32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for forward passes, or nothing for float32. Losses and soft labels are
+    computed from ``.float()`` outputs either way."""
+    if resolve_precision(device, precision) == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def software_versions() -> dict:

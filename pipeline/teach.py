@@ -48,9 +48,11 @@ from pipeline.errors import (
 from pipeline.models import DataConfig
 from pipeline.runs import load_model
 from pipeline.runtime import (
+    autocast,
     check_channels,
     prepare_output,
     resolve_device,
+    resolve_precision,
     software_versions,
 )
 from pipeline.views import PLAIN, ViewPolicy, sample_views, view_input
@@ -68,6 +70,7 @@ class CacheConfig:
     chunk_size: int = 4096
     dtype: str = "float16"
     device: str = "auto"
+    precision: str = "auto"  # bf16 autocast on CUDA, float32 on the CPU
     overwrite: bool = False
     # views and the transfer set (issue: consistent teaching)
     views: int = 1
@@ -198,6 +201,7 @@ def cache_teacher(
         software=software_versions(),
         created=utc_now(),
         completed=None,
+        precision=resolve_precision(device, config.precision),
     )
     manifest = replace(manifest, cache_id=derive_cache_id(manifest))
 
@@ -247,6 +251,7 @@ def cache_teacher(
                     chunk_partners[:, view],
                     device=device,
                     batch_size=config.batch_size,
+                    precision=manifest.precision,
                 )
                 for model, card in members
             ]
@@ -291,6 +296,13 @@ def cache_teacher(
     return manifest
 
 
+def _to_host(values: torch.Tensor) -> torch.Tensor:
+    if values.device.type != "cuda":
+        return values.cpu()
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    return host.copy_(values, non_blocking=True)
+
+
 def _quiet(line: str) -> None:
     """The log of ranks other than 0: one process speaks for all."""
 
@@ -306,6 +318,7 @@ def predict_views(
     *,
     device: torch.device,
     batch_size: int = 512,
+    precision: str = "float32",
 ) -> torch.Tensor:
     """float32 logits ``(len(rows), C)`` of one view per row (``params`` None: plain images).
 
@@ -323,7 +336,12 @@ def predict_views(
             if bool((partner_index >= 0).any()):
                 partner_images = images[partner_index.clamp_min(0)]
         inputs = view_input(images[batch], view_params, partner_images, data_config, device)
-        outputs.append(model(inputs).float().cpu())
+        with autocast(device, "bf16" if precision == "bfloat16" else "fp32"):
+            logits = model(inputs)
+        # to the CPU without a sync per batch: pinned memory, non-blocking copy
+        outputs.append(_to_host(logits.float()))
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # the copies above have landed
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 

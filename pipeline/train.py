@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -64,6 +64,8 @@ from pipeline.runs import (
     write_json,
 )
 from pipeline.runtime import (
+    PRECISIONS,
+    autocast,
     predict_logits,
     prepare_output,
     resolve_device,
@@ -117,6 +119,8 @@ class TrainConfig:
     mix: str = "none"
     mix_alpha: float = 1.0
     device: str = "auto"
+    precision: str = "auto"  # bf16 autocast on CUDA, float32 on the CPU (runtime.autocast)
+    workers: int = 0  # DataLoader worker processes that build batches ahead
     overwrite: bool = False
     # distillation: from a cache (train-student) or online from a teacher (distill-online)
     cache: str | None = None
@@ -137,6 +141,11 @@ class TrainConfig:
             ),
             (0.0 <= self.drop_rate < 1.0, f"--dropout must be in [0, 1), not {self.drop_rate}"),
             (self.jitter >= 0, f"--jitter must be >= 0, not {self.jitter}"),
+            (self.workers >= 0, f"--workers must be >= 0, not {self.workers}"),
+            (
+                self.precision in PRECISIONS,
+                f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}",
+            ),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, not {self.warmup_epochs}"),
             (
                 self.val_fraction is None or 0.0 < self.val_fraction < 1.0,
@@ -175,18 +184,28 @@ class TrainConfig:
         return {"hidden_sizes": list(self.hidden_sizes)} if self.hidden_sizes else {}
 
 
-def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+def random_shift(
+    images: torch.Tensor,
+    max_shift: int,
+    generator: torch.Generator,
+    *,
+    size: int | None = None,
+    share: slice = slice(None),
+) -> torch.Tensor:
     """Translate each image by up to ±max_shift pixels, filling with zeros.
 
     Hinton et al. (2015) trained their MNIST teacher with input jitter of up
     to two pixels; this is that augmentation, on uint8 images before normalising.
+    ``images`` may be the ``share`` of a batch of ``size``: shifts are drawn for
+    all ``size`` images and the share's are applied.
     """
     if max_shift == 0:
         return images
     n, _, height, width = images.shape
+    size = n if size is None else size
     padded = torch.nn.functional.pad(images, (max_shift,) * 4)
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * max_shift + 1, (size,), generator=generator)[share]
+    dx = torch.randint(0, 2 * max_shift + 1, (size,), generator=generator)[share]
     rows = (dy[:, None] + torch.arange(height))[:, :, None]  # (n, H, 1)
     cols = (dx[:, None] + torch.arange(width))[:, None, :]  # (n, 1, W)
     shifted = padded[torch.arange(n)[:, None, None], :, rows, cols]  # (n, H, W, C)
@@ -275,14 +294,25 @@ class TrainData:
         generator: torch.Generator | None = None,
         share: slice = slice(None),
     ) -> dict[str, torch.Tensor | None]:
-        """Model input, labels, mix and soft targets for training rows ``positions``.
+        """Model input, labels, mix and soft targets for training rows ``positions``:
+        :meth:`gather`, then :meth:`to_model`."""
+        gathered = self.gather(positions, epoch, batch_index, seed, share)
+        return self.to_model(gathered, data_config, device, jitter, generator)
+
+    def gather(
+        self,
+        positions: torch.Tensor,
+        epoch: int,
+        batch_index: int,
+        seed: int,
+        share: slice = slice(None),
+    ) -> dict[str, torch.Tensor | None]:
+        """CPU tensors of one batch: uint8 images, view parameters, partners, labels, soft
+        targets; ``share`` picks this process's rows of it (under torchrun).
 
         Everything is a function of (seed, epoch, rows): the same call returns
-        the same batch in another process, after a resume, at any worker count.
-        ``jitter`` (plain images only) shifts them with ``generator``, the
-        training loop's, as Hinton et al.'s input jitter. ``share`` picks this
-        process's rows of the batch (under torchrun); jitter is drawn for the
-        whole batch first, so that every process's generator stays in step.
+        the same batch in another process, after a resume, in a DataLoader
+        worker, so workers can build batches ahead of the training step.
         """
         params = partners = targets = None
         if self.views is not None:
@@ -305,25 +335,57 @@ class TrainData:
                 )
                 params = torch.from_numpy(fresh[:, 0])
                 partners = torch.from_numpy(fresh_partners[:, 0])
+        size = len(positions)
+        positions = positions[share]
+        params = None if params is None else params[share]
+        partners = None if partners is None else partners[share]
         mixed = partners is not None and bool((partners >= 0).any())
-        images = self.images[self.rows[positions]]
-        if jitter and params is None:
-            images = random_shift(images, jitter, generator)
-        if share != slice(None):
-            positions, images = positions[share], images[share]
-            params = None if params is None else params[share]
-            partners = None if partners is None else partners[share]
-            targets = None if targets is None else targets[share]
-            mixed = partners is not None and bool((partners >= 0).any())
-        partner_images = self.images[partners.clamp_min(0)] if mixed else None
         return {
-            "inputs": view_input(images, params, partner_images, data_config, device),
-            "labels": self.labels[positions].to(device),
-            "partner_labels": (
-                self.dataset_labels[partners.clamp_min(0)].to(device) if mixed else None
-            ),
-            "lam": params[:, 5].to(device) if mixed else None,
-            "targets": None if targets is None else targets.to(device),
+            "images": self.images[self.rows[positions]],
+            "params": params,
+            "partner_images": self.images[partners.clamp_min(0)] if mixed else None,
+            "labels": self.labels[positions],
+            "partner_labels": self.dataset_labels[partners.clamp_min(0)] if mixed else None,
+            "lam": params[:, 5].contiguous() if mixed else None,
+            "targets": None if targets is None else targets[share],
+            "size": torch.tensor(size),  # the whole batch's: jitter is drawn for all of it
+            "share": torch.tensor([share.start or 0, share.step or 1]),
+        }
+
+    @staticmethod
+    def to_model(
+        gathered: dict[str, torch.Tensor | None],
+        data_config: DataConfig,
+        device: torch.device,
+        jitter: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """The model's input and the loss's tensors on ``device`` (non-blocking copies, from
+        pinned memory when a DataLoader pinned them). ``jitter`` (plain images only)
+        shifts the images with ``generator``, the training loop's, as Hinton et al.'s
+        input jitter: drawn for the whole batch, so that every process's generator
+        stays in step."""
+        images, params = gathered["images"], gathered["params"]
+        if jitter and params is None:
+            start, step = (int(v) for v in gathered["share"])
+            images = random_shift(
+                images,
+                jitter,
+                generator,
+                size=int(gathered["size"]),
+                share=slice(start, None, step),
+            )
+
+        def moved(name: str) -> torch.Tensor | None:
+            value = gathered[name]
+            return None if value is None else value.to(device, non_blocking=True)
+
+        return {
+            "inputs": view_input(images, params, gathered["partner_images"], data_config, device),
+            "labels": moved("labels"),
+            "partner_labels": moved("partner_labels"),
+            "lam": moved("lam"),
+            "targets": moved("targets"),
         }
 
 
@@ -376,6 +438,7 @@ def fit(
         warmup_lr=config.lr * 0.01,
     )
     generator = torch.Generator().manual_seed(config.seed)
+    amp = autocast(device, config.precision)
     alpha = config.alpha if data.targets is not None or online_teacher is not None else 1.0
     task = None
     if online_teacher is not None:
@@ -448,35 +511,29 @@ def fit(
         order = torch.randperm(len(data), generator=generator)
         sums = {"loss": 0.0, "hard": 0.0, "soft": 0.0, "correct": 0.0, "labeled": 0}
         lr = optimizer.param_groups[0]["lr"]
-        batches = range(0, len(order), config.batch_size)
-        for start in tqdm(
-            batches,
-            desc=f"epoch {epoch}/{config.epochs}",
-            disable=None if world.is_main else True,
-            leave=False,
-        ):
-            positions = order[start : start + config.batch_size]
-            batch_index = start // config.batch_size
-            share, weight = _share(len(positions), world)
-            batch = data.batch(
-                positions,
-                epoch,
-                batch_index,
-                config.seed,
-                data_config,
-                device,
-                jitter=config.jitter,
-                generator=generator,
-                share=share,
+        batches = EpochBatches(data, order, config.batch_size, epoch, config.seed, world)
+        for batch_index, gathered in enumerate(
+            tqdm(
+                batches.load(config.workers, pin_memory=device.type == "cuda"),
+                total=len(batches),
+                desc=f"epoch {epoch}/{config.epochs}",
+                disable=None if world.is_main else True,
+                leave=False,
             )
+        ):
+            weight = float(gathered["weight"])
+            batch = data.to_model(gathered, data_config, device, config.jitter, generator)
             labels = batch["labels"]
             if task is not None:
-                output = task(batch["inputs"], _soft_one_hot(batch, model.num_classes))
-                logits = output["output"]
-                terms = {"loss": output["loss"], "hard": output["task_loss"],
-                         "soft": output["kd_loss"] / temperature**2}  # fmt: skip
+                with amp:
+                    output = task(batch["inputs"], _soft_one_hot(batch, model.num_classes))
+                logits = output["output"].float()
+                terms = {"loss": output["loss"].float(), "hard": output["task_loss"].float(),
+                         "soft": output["kd_loss"].float() / temperature**2}  # fmt: skip
             else:
-                logits = trainer(batch["inputs"])
+                with amp:
+                    logits = trainer(batch["inputs"])
+                logits = logits.float()  # the loss in float32, whatever the forward's precision
                 terms = distillation_loss(
                     logits,
                     labels,
@@ -519,6 +576,49 @@ def fit(
 
 
 SUM_KEYS = ("loss", "hard", "soft", "correct", "labeled")
+
+
+class EpochBatches(torch.utils.data.Dataset):
+    """One epoch's batches, in order: batch ``i`` is rows ``order[i*B:(i+1)*B]`` (this
+    process's share of them, and the weight of its loss), gathered on the CPU.
+
+    A map-style dataset of whole batches, so that DataLoader workers can build
+    them ahead of the training step (``TrainData.gather`` is a pure function of
+    its arguments) and its pin-memory thread can pin them for non-blocking copies.
+    """
+
+    def __init__(
+        self,
+        data: TrainData,
+        order: torch.Tensor,
+        batch_size: int,
+        epoch: int,
+        seed: int,
+        world: World,
+    ) -> None:
+        self.data, self.order, self.batch_size = data, order, batch_size
+        self.epoch, self.seed, self.world = epoch, seed, world
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | None]:
+        positions = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        share, weight = _share(len(positions), self.world)
+        gathered = self.data.gather(positions, self.epoch, index, self.seed, share)
+        gathered["weight"] = torch.tensor(weight)
+        return gathered
+
+    def load(self, workers: int, pin_memory: bool) -> Iterable[dict[str, torch.Tensor | None]]:
+        if workers == 0 and not pin_memory:
+            return (self[index] for index in range(len(self)))
+        return torch.utils.data.DataLoader(
+            self,
+            batch_size=None,  # items are batches already
+            num_workers=workers,
+            pin_memory=pin_memory,
+            prefetch_factor=4 if workers else None,
+        )
 
 
 def _share(size: int, world: World) -> tuple[slice, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.torch
 import torch
-from conftest import edit_manifest
+from conftest import cache, edit_manifest, invoke
 from test_resume import chunk_files
 
 from pipeline.cache import load_soft_labels, read_manifest
@@ -99,3 +100,35 @@ def test_online_distillation_refuses_torchrun(teacher_run: Path, tmp_path: Path)
     assert result.returncode != 0
     assert "distill-online runs in one process" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_dataloader_workers_build_the_same_batches(train_cache: Path, tmp_path: Path) -> None:
+    """Batches built ahead by two worker processes are the ones the loop builds itself:
+    the same run, to the bit (jitter is drawn in the loop, from its generator)."""
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"workers{workers}"
+        result = invoke("train-student --model kd_cnn --data synthetic --epochs 2 --alpha 0.5 "
+                        f"--jitter 1 --batch-size 64 --workers {workers} --cache", train_cache,
+                        "--out", out)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        runs[workers] = json.loads((out / "model.json").read_text())["weights_sha256"]
+    assert runs[0] == runs[2]
+
+
+def test_bf16_teacher_pass(teacher_run: Path, train_cache: Path, tmp_path: Path) -> None:
+    """--precision bf16 is recorded, changes the cache's identity, stays close to float32,
+    and a float32 pass cannot resume a bf16 one."""
+    out = tmp_path / "bf16.zarr"
+    options = "--split train --temperature 4 --chunk-size 128"
+    result = cache(teacher_run, out, f"{options} --precision bf16")
+    assert result.exit_code == 0, result.output
+    bf16, fp32 = load_soft_labels(out), load_soft_labels(train_cache)
+    assert (bf16.manifest.precision, fp32.manifest.precision) == ("bfloat16", "float32")
+    assert bf16.manifest.cache_id != fp32.manifest.cache_id
+    difference = (bf16.values.float().exp() - fp32.values.float().exp()).abs()
+    assert 0 < float(difference.max()) < 0.05
+    edit_manifest(out, status="writing")
+    result = cache(teacher_run, out, options)
+    assert result.exit_code == 1
+    assert "precision bfloat16 != float32" in result.output

@@ -23,6 +23,7 @@ STATUS_COMPLETE = "complete"
 STATUSES = (STATUS_WRITING, STATUS_COMPLETE)
 COMBINE_RULES = ("mean-probs", "mean-logits")
 DTYPES = ("float16", "float32")
+PRECISIONS = ("float32", "bfloat16")
 STORAGE_KINDS = ("dense", "top-k")
 VIEW_ARRAY_FIELDS = (
     "top",
@@ -138,6 +139,9 @@ class Manifest:
     software: dict
     created: str
     completed: str | None
+    # the teacher's forward precision: "float32", or "bfloat16" (autocast, on CUDA by
+    # default); a cache written before this field existed was float32
+    precision: str = "float32"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -187,11 +191,13 @@ class Manifest:
             software=_check(data, "software", dict, where),
             created=_check(data, "created", str, where),
             completed=_check(data, "completed", (str, type(None)), where),
+            precision=_check(data, "precision", str, where) if "precision" in data else "float32",
         )
         for name, value, allowed in (
             ("status", manifest.status, STATUSES),
             ("combine", manifest.combine, COMBINE_RULES),
             ("dtype", manifest.dtype, DTYPES),
+            ("precision", manifest.precision, PRECISIONS),
         ):
             if value not in allowed:
                 raise ManifestError(f"{where}: {name} {value!r} is not one of {', '.join(allowed)}")
@@ -248,6 +254,8 @@ class Manifest:
             "views": self.views,
             "transfer": self.transfer,
             "storage": self.storage,
+            # only when not float32, so that the ids of float32 caches stay what they were
+            **({"precision": self.precision} if self.precision != "float32" else {}),
         }
 
 
@@ -293,6 +301,7 @@ def describe_differences(existing: Manifest, wanted: Manifest) -> list[str]:
         "dtype",
         "chunk_size",
         "preprocessing",
+        "precision",
     ):
         old, new = getattr(existing, name), getattr(wanted, name)
         if old != new:
