@@ -53,6 +53,24 @@ def parse_sizes(_ctx: click.Context, _param: click.Parameter, value: str | None)
     return sizes
 
 
+UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_bytes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    """``1048576``, ``512K``, ``64M``, ``2G`` (binary units; a trailing B or iB is allowed)."""
+    if value is None:
+        return None
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (text[:-1], text[-1]) if text[-1:] in UNITS else (text, "")
+    try:
+        size = int(float(number) * UNITS[unit])
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size such as 512M or 2G") from None
+    if size <= 0:
+        raise click.BadParameter(f"{value!r}: the budget must be more than 0 bytes")
+    return size
+
+
 def parse_classes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple:
     if not value:
         return ()
@@ -450,6 +468,14 @@ def cache_teacher_command(
     type=POSITIVE,
     default=None,
     help="Distillation temperature [default: the cache's]; re-tempered exactly.",
+)
+@click.option(
+    "--cache-memory",
+    callback=parse_bytes,
+    metavar="SIZE",
+    help="Memory budget for the cache (e.g. 512M, 2G): a cache larger than this, decoded, is "
+    "streamed: chunks in a shuffled order, rows shuffled within windows of chunks  "
+    "[default: read it whole].",
 )
 @training_options
 @reports_errors

@@ -20,8 +20,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from pipeline.cache import SoftLabels, load_soft_labels
+from pipeline.cache import SoftLabels
 from pipeline.cache.store import utc_now
+from pipeline.cache.stream import (
+    StreamedRows,
+    StreamedSoftLabels,
+    open_soft_labels,
+    windowed_order,
+)
 from pipeline.checkpoint import (
     load_best,
     load_checkpoint,
@@ -124,6 +130,7 @@ class TrainConfig:
     overwrite: bool = False
     # distillation: from a cache (train-student) or online from a teacher (distill-online)
     cache: str | None = None
+    cache_memory: int | None = None  # bytes: a larger cache is streamed (cache.stream)
     teacher: str | None = None
     alpha: float = 1.0
     temperature: float | None = None
@@ -142,6 +149,10 @@ class TrainConfig:
             (0.0 <= self.drop_rate < 1.0, f"--dropout must be in [0, 1), not {self.drop_rate}"),
             (self.jitter >= 0, f"--jitter must be >= 0, not {self.jitter}"),
             (self.workers >= 0, f"--workers must be >= 0, not {self.workers}"),
+            (
+                self.cache_memory is None or self.cache_memory > 0,
+                f"--cache-memory must be > 0, not {self.cache_memory}",
+            ),
             (
                 self.precision in PRECISIONS,
                 f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}",
@@ -253,9 +264,10 @@ class TrainData:
     dataset_labels: torch.Tensor  # (N,): partners' labels come from here
     rows: torch.Tensor  # (R,) int64 dataset indices
     labels: torch.Tensor  # (R,) int64, -1 where unknown
-    targets: torch.Tensor | None = None  # (R, V, C) float32 teacher log-probabilities
-    views: torch.Tensor | None = None  # (R, V, 10) stored view parameters
-    partners: torch.Tensor | None = None  # (R, V) dataset indices, -1: no mix
+    # per-view arrays: tensors, or StreamedRows read chunk by chunk from a large cache
+    targets: torch.Tensor | StreamedRows | None = None  # (R, V, C) teacher log-probabilities
+    views: torch.Tensor | StreamedRows | None = None  # (R, V, 10) stored view parameters
+    partners: torch.Tensor | StreamedRows | None = None  # (R, V) dataset indices, -1: no mix
     policy: ViewPolicy = PLAIN
 
     @classmethod
@@ -265,6 +277,18 @@ class TrainData:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def epoch_order(self, generator: torch.Generator, seed: int, epoch: int) -> torch.Tensor:
+        """The order of the epoch's rows: a permutation drawn from the loop's generator, or,
+        for a streamed cache, chunks in a random order and rows shuffled within windows
+        of chunks (:func:`windowed_order`), so that reads stay whole chunks."""
+        streamed = next(
+            (a for a in (self.targets, self.views) if isinstance(a, StreamedRows)), None
+        )
+        if streamed is None:
+            return torch.randperm(len(self), generator=generator)
+        reader = streamed.reader
+        return windowed_order(streamed.rows, reader.chunk_size, reader.window, seed, epoch)
 
     def without(self, held_out: torch.Tensor) -> TrainData:
         """These rows minus the dataset indices ``held_out`` (a validation split)."""
@@ -508,7 +532,7 @@ def fit(
         model.train()
         if task is not None:
             task.train()
-        order = torch.randperm(len(data), generator=generator)
+        order = data.epoch_order(generator, config.seed, epoch)
         sums = {"loss": 0.0, "hard": 0.0, "soft": 0.0, "correct": 0.0, "labeled": 0}
         lr = optimizer.param_groups[0]["lr"]
         batches = EpochBatches(data, order, config.batch_size, epoch, config.seed, world)
@@ -689,7 +713,7 @@ def _soft_one_hot(batch: dict, num_classes: int) -> torch.Tensor:
 def _run(
     config: TrainConfig,
     kind: str,
-    soft_labels: SoftLabels | None,
+    soft_labels: SoftLabels | StreamedSoftLabels | None,
     log: Callable[[str], None],
     resume: bool = False,
 ) -> ModelCard:
@@ -883,7 +907,10 @@ def _hold_out(
 
 
 def _cache_data(
-    config: TrainConfig, soft: SoftLabels, train_set: ImageSet, log: Callable[[str], None]
+    config: TrainConfig,
+    soft: SoftLabels | StreamedSoftLabels,
+    train_set: ImageSet,
+    log: Callable[[str], None],
 ) -> tuple[TrainData, tuple[str, ...], float]:
     """The training rows of a cache, checked against the dataset: (data, classes, alpha)."""
     manifest = soft.manifest
@@ -947,7 +974,7 @@ def train_student(config: TrainConfig, log: Callable[[str], None] = _quiet) -> M
     config.validate()
     if config.cache is None:
         raise UsageError("train-student needs --cache (a cache written by cache-teacher)")
-    soft_labels = load_soft_labels(Path(config.cache))
+    soft_labels = open_soft_labels(Path(config.cache), config.cache_memory, log)
     return _run(config, "student", soft_labels, log)
 
 
@@ -981,5 +1008,9 @@ def resume_training(run_dir: Path, log: Callable[[str], None] = _quiet) -> Model
         saved["hidden_sizes"] = tuple(saved["hidden_sizes"])
     config = TrainConfig(**saved)
     config.validate()
-    soft_labels = load_soft_labels(Path(config.cache)) if kind == "student" else None
+    soft_labels = (
+        open_soft_labels(Path(config.cache), config.cache_memory, log)
+        if kind == "student"
+        else None
+    )
     return _run(config, kind, soft_labels, log, resume=True)

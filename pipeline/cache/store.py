@@ -253,31 +253,46 @@ class SoftLabels:
     partners: torch.Tensor  # (N, V) int64 dataset index mixed in, -1 for none
 
     def log_probs(self, temperature: float | None = None) -> torch.Tensor:
-        """float32 ``log_softmax(z / T)`` ``(N, V, C)`` at ``temperature`` (default: stored).
-
-        A top-k cache is reconstructed first (:func:`reconstruct_top_k`); it
-        cannot be re-tempered exactly, so another temperature is refused.
-        """
-        stored = self.manifest.temperature
-        if self.top_indices is not None:
-            if temperature is not None and temperature != stored:
-                raise CacheError(
-                    f"{self.path} is a top-{self.manifest.top_k} cache at T={stored:g}: it "
-                    f"cannot be re-tempered to T={temperature:g} exactly; use T={stored:g} or "
-                    "a dense cache"
-                )
-            return reconstruct_top_k(
-                self.values.float(), self.top_indices, self.manifest.num_classes
-            )
-        values = self.values.float()
-        if temperature is None or temperature == stored:
-            return values
-        return retemper(values, stored, temperature)
+        """float32 ``log_softmax(z / T)`` ``(N, V, C)`` at ``temperature`` (default: stored)."""
+        return to_log_probs(self.values, self.top_indices, self.manifest, temperature, self.path)
 
     @property
     def has_views(self) -> bool:
         """True unless every view is the plain image (then training needs no rendering)."""
         return self.manifest.has_views
+
+
+def check_temperature(manifest: Manifest, temperature: float | None, path: Path) -> None:
+    """Refuse to re-temper a top-k cache: its reconstruction holds only T's top K."""
+    stored = manifest.temperature
+    if manifest.top_k is not None and temperature is not None and temperature != stored:
+        raise CacheError(
+            f"{path} is a top-{manifest.top_k} cache at T={stored:g}: it cannot be "
+            f"re-tempered to T={temperature:g} exactly; use T={stored:g} or a dense cache"
+        )
+
+
+def to_log_probs(
+    values: torch.Tensor,
+    top_indices: torch.Tensor | None,
+    manifest: Manifest,
+    temperature: float | None,
+    path: Path,
+) -> torch.Tensor:
+    """Stored values (dense, or top-k with ``top_indices``) as float32 log-probabilities at
+    ``temperature`` (default: the stored one).
+
+    A top-k cache is reconstructed first (:func:`reconstruct_top_k`); it
+    cannot be re-tempered exactly, so another temperature is refused.
+    """
+    check_temperature(manifest, temperature, path)
+    stored = manifest.temperature
+    if top_indices is not None:
+        return reconstruct_top_k(values.float(), top_indices, manifest.num_classes)
+    values = values.float()
+    if temperature is None or temperature == stored:
+        return values
+    return retemper(values, stored, temperature)
 
 
 def reconstruct_top_k(

@@ -1,0 +1,250 @@
+"""Training from a cache larger than memory: whole chunks read on demand, in windows.
+
+A cache whose decoded size exceeds ``--cache-memory`` is not read whole. Its
+per-row arrays (labels, dataset indices: 16 bytes a row) are; its per-view
+arrays (soft labels, view parameters, partners) are read a chunk at a time,
+the chunk being the unit zarr stores, checksums and decompresses. An epoch
+visits the chunks in a shuffled order, a window of ``W`` chunks at a time, and
+the rows of a window in a shuffled order (:func:`windowed_order`): every row
+once per epoch, and never more than two windows of chunks in memory. ``W`` is
+the largest window for which two fit in the budget.
+
+Random-row reads would cost about a full read per epoch *per window*; whole
+chunks in a shuffled order cost one full read per epoch, sequential within a
+chunk.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline.cache.format import Manifest, array_specs
+from pipeline.cache.store import (
+    PROGRESS,
+    SoftLabels,
+    _read_array,
+    check_temperature,
+    load_soft_labels,
+    open_complete,
+    read_manifest,
+    to_log_probs,
+)
+from pipeline.errors import CacheError, UsageError
+
+PER_VIEW = ("targets", "views", "partners")
+
+
+def decoded_bytes_per_row(manifest: Manifest) -> int:
+    """Memory one row takes once read for training: float32 log-probabilities for every
+    class, the view parameters (10 float32) and the partner (int64) of each view."""
+    return manifest.num_views * (manifest.num_classes * 4 + 10 * 4 + 8)
+
+
+def human_bytes(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def decoded_bytes(manifest: Manifest) -> int:
+    return manifest.num_samples * (decoded_bytes_per_row(manifest) + 16)
+
+
+class ChunkReader:
+    """Reads whole chunks of a complete cache's per-view arrays, verified, keeping the most
+    recently used ones up to ``capacity`` chunks."""
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: Manifest,
+        arrays: dict[str, zarr.Array],
+        window: int,
+        temperature: float | None,
+    ) -> None:
+        self.path, self.manifest, self.arrays = path, manifest, arrays
+        self.window, self.capacity = window, 2 * window
+        self.temperature = temperature
+        self.resident: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self.resident_bytes = self.peak_bytes = self.chunks_read = 0
+
+    @property
+    def chunk_size(self) -> int:
+        return self.manifest.chunk_size
+
+    def chunk(self, index: int) -> dict[str, torch.Tensor]:
+        if index in self.resident:
+            self.resident.move_to_end(index)
+            return self.resident[index]
+        loaded = self._read(index)
+        size = sum(t.element_size() * t.nelement() for t in loaded.values())
+        while len(self.resident) >= self.capacity:
+            _, dropped = self.resident.popitem(last=False)
+            self.resident_bytes -= sum(t.element_size() * t.nelement() for t in dropped.values())
+        self.resident[index] = loaded
+        self.resident_bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
+        self.chunks_read += 1
+        return loaded
+
+    def _read(self, index: int) -> dict[str, torch.Tensor]:
+        manifest, step = self.manifest, self.manifest.chunk_size
+        start, stop = index * step, min((index + 1) * step, manifest.num_samples)
+        raw = {}
+        for name in array_specs(manifest):
+            if name in ("labels", "indices"):
+                continue
+            try:
+                raw[name] = self.arrays[name][start:stop]
+            except Exception as exc:  # zarr raises bare ValueErrors for bad bytes
+                raise CacheError(
+                    f"{self.path}: chunk {index} of {name!r} (rows {start}-{stop - 1}) is "
+                    f"corrupt: {exc}"
+                ) from None
+        values = raw["topk_logprobs" if manifest.top_k else "logprobs"]
+        if not np.isfinite(values).all():
+            raise CacheError(f"{self.path}: NaN or Inf soft labels in chunk {index}")
+        top = raw.get("topk_indices")
+        targets = to_log_probs(
+            torch.from_numpy(values),
+            None if top is None else torch.from_numpy(top.astype(np.int64)),
+            manifest,
+            self.temperature,
+            self.path,
+        )
+        return {
+            "targets": targets,
+            "views": torch.from_numpy(raw["views"]),
+            "partners": torch.from_numpy(raw["partners"]),
+        }
+
+
+class StreamedRows:
+    """One per-view array of a cache (``targets``, ``views`` or ``partners``) at the rows
+    ``rows``, indexed like the tensor it stands for: ``a[positions, views]`` reads the
+    chunks it needs, ``a[mask]`` keeps some rows."""
+
+    def __init__(self, reader: ChunkReader, name: str, rows: torch.Tensor) -> None:
+        if name not in PER_VIEW:
+            raise ValueError(f"{name!r} is not one of {PER_VIEW}")
+        self.reader, self.name, self.rows = reader, name, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        manifest = self.reader.manifest
+        tail = {"targets": (manifest.num_classes,), "views": (10,), "partners": ()}[self.name]
+        return (len(self.rows), manifest.num_views, *tail)
+
+    def __getitem__(self, key: object) -> StreamedRows | torch.Tensor:
+        if isinstance(key, torch.Tensor) and key.dtype == torch.bool:
+            return StreamedRows(self.reader, self.name, self.rows[key])
+        if not isinstance(key, tuple) or len(key) != 2:
+            raise TypeError("index a streamed cache array as [positions, views] or [mask]")
+        positions, views = key
+        rows = self.rows[positions]
+        views = torch.as_tensor(views).expand(len(rows))
+        step = self.reader.chunk_size
+        chunks = rows // step
+        out = None
+        for index in chunks.unique().tolist():
+            where = (chunks == index).nonzero().flatten()
+            values = self.reader.chunk(index)[self.name]
+            picked = values[rows[where] - index * step, views[where]]
+            if out is None:
+                out = torch.empty((len(rows), *picked.shape[1:]), dtype=picked.dtype)
+            out[where] = picked
+        if out is None:
+            return torch.empty((0, *self.shape[2:]))
+        return out
+
+
+def windowed_order(
+    rows: torch.Tensor, chunk_size: int, window: int, seed: int, epoch: int
+) -> torch.Tensor:
+    """A permutation of ``range(len(rows))``: chunks in a random order, ``window`` at a time,
+    the positions of a window's rows in a random order. ``rows[p]`` is the cache row of
+    training position ``p``; the draws depend on (seed, epoch) alone."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    chunks = rows // chunk_size
+    num_chunks = int(chunks.max()) + 1 if len(rows) else 0
+    rank = torch.empty(num_chunks, dtype=torch.long)
+    rank[torch.randperm(num_chunks, generator=generator)] = torch.arange(num_chunks)
+    windows = (rank[chunks] // window).double()
+    return torch.argsort(windows + torch.rand(len(rows), generator=generator, dtype=torch.float64))
+
+
+class StreamedSoftLabels:
+    """A complete cache opened for streaming: what :class:`SoftLabels` offers to training,
+    with the per-view arrays read chunk by chunk."""
+
+    def __init__(self, path: Path, memory: int) -> None:
+        self.path = Path(path)
+        self.manifest, self.arrays = open_complete(self.path)
+        manifest = self.manifest
+        chunk_bytes = manifest.chunk_size * decoded_bytes_per_row(manifest)
+        window = memory // (2 * chunk_bytes)
+        if window < 1:
+            raise UsageError(
+                f"--cache-memory {memory} bytes is less than two chunks of {self.path} "
+                f"({2 * chunk_bytes} bytes decoded): raise it, or cache again with a smaller "
+                "--chunk-size"
+            )
+        self.window = window
+        self.labels = torch.from_numpy(_read_array(self.path, self.arrays["labels"], "labels"))
+        self.indices = torch.from_numpy(_read_array(self.path, self.arrays["indices"], "indices"))
+        unflagged = np.flatnonzero(self.arrays[PROGRESS][:] != 1)
+        if len(unflagged):
+            raise CacheError(
+                f"{self.path}: chunk(s) {', '.join(map(str, unflagged[:10]))} are not flagged "
+                "as written, although the manifest says complete"
+            )
+        for name in array_specs(manifest):
+            array = self.arrays[name]
+            if array.nchunks_initialized != array.nchunks:
+                raise CacheError(
+                    f"{self.path}: {array.nchunks - array.nchunks_initialized} chunk(s) of "
+                    f"{name!r} are missing on disk (zarr would read them as fill values)"
+                )
+        self.reader = ChunkReader(self.path, manifest, self.arrays, window, None)
+        every = torch.arange(manifest.num_samples)
+        self.views = StreamedRows(self.reader, "views", every)
+        self.partners = StreamedRows(self.reader, "partners", every)
+
+    @property
+    def has_views(self) -> bool:
+        return self.manifest.has_views
+
+    def log_probs(self, temperature: float | None = None) -> StreamedRows:
+        """Soft labels at ``temperature``, converted chunk by chunk as they are read."""
+        check_temperature(self.manifest, temperature, self.path)  # before training starts
+        self.reader.temperature = temperature
+        return StreamedRows(self.reader, "targets", torch.arange(self.manifest.num_samples))
+
+
+def open_soft_labels(
+    path: Path, memory: int | None, log: Callable[[str], None]
+) -> SoftLabels | StreamedSoftLabels:
+    """The cache read whole when it fits ``memory`` bytes decoded (or no budget is set),
+    else opened for streaming."""
+    if memory is None:
+        return load_soft_labels(path)
+    size = decoded_bytes(read_manifest(path))
+    if size <= memory:
+        return load_soft_labels(path)
+    streamed = StreamedSoftLabels(path, memory)
+    log(
+        f"{path}: {human_bytes(size)} decoded is more than --cache-memory "
+        f"{human_bytes(memory)}: streaming it, {streamed.window} chunk(s) of "
+        f"{streamed.manifest.chunk_size} rows per shuffle window"
+    )
+    return streamed
