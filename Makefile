@@ -4,6 +4,7 @@
 #   make all QUICK=1   the same, one epoch per run, into runs-quick/ (a smoke run)
 #   make test          set-up, then the test suite (CPU only, a few minutes)
 #   make consistency   the consistent-teaching experiment (Beyer et al. 2022), not in `all`
+#   make bench         P1-P5: what the offline pipeline costs, as ratios (docs/benchmarks.md)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,7 +22,7 @@ endif
 
 .PHONY: all install data test lint format hinton hinton-table hinton-temperature hinton-3pct \
 	hinton-omitted hinton-ensemble consistency consistency-tables \
-	clean-runs \
+	clean-runs bench \
 	cli-docs faults
 # keep every file target, including those made by pattern rules (make would
 # otherwise delete the cache stamps as "intermediate" files when it exits)
@@ -43,6 +44,14 @@ data: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Ratios measured side by side in one process (pipeline/bench.py); the section written is
+# bench-cpu or bench-cuda, after the device it ran on. BENCH_OPTIONS=--workers 4 ...
+BENCH_OPTIONS ?=
+bench: install data
+	$(KDPIPE) bench --out $(RUNS)/bench --data-root $(DATA_ROOT) $(BENCH_OPTIONS) \
+		--markdown docs/benchmarks.md --csv docs/results/bench-$$($(BIN)/python -c \
+		"import torch; print('cuda' if torch.cuda.is_available() else 'cpu')").csv
 
 lint: install
 	$(BIN)/ruff check pipeline tests

@@ -741,10 +741,10 @@ def verify_command(
 
     dataset = None
     if data is not None:
-        manifest_split = _cache_split(Path(cache_path))
+        manifest_split = _cache_split(cache_path)
         dataset = _load_data(data, manifest_split, data_root, image_size, channels)
     report = verify_cache(
-        Path(cache_path),
+        cache_path,  # a folder or an fsspec URL
         dataset=dataset,
         recompute=recompute,
         teachers=[Path(t) for t in teachers],
@@ -758,7 +758,7 @@ def verify_command(
         )
 
 
-def _cache_split(path: Path) -> str:
+def _cache_split(path: str) -> str:
     """The split a cache was made from, so --data loads the same one."""
     from pipeline.cache import read_manifest
 
@@ -818,3 +818,57 @@ def lineage_command(
     click.echo(render_rows(frame, fmt))
     if (frame["status"] == "MISMATCH").any():
         raise click.ClickException(f"{run_dir}: a link of its lineage does not match its record")
+
+
+@main.command("bench", context_settings=CONTEXT)
+@click.option("--out", type=click.Path(), required=True, help="Work folder (replaced).")
+@click.option("--data", default="fashion-mnist", help="Dataset to time on.")
+@click.option("--data-root", type=click.Path(), default="data")
+@click.option(
+    "--fraction",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=1 / 6,
+    help="Share of the training split used as the transfer set.",
+)
+@click.option("--teacher", default="resnet18", help="Teacher architecture (timm).")
+@click.option("--student", default="kd_cnn", help="Student architecture (timm).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=3),
+    default=6,
+    help="Epochs per student run; the first (warm-up) and the last (evaluated) are not timed.",
+)
+@click.option("--chunk-size", type=click.IntRange(min=1), default=1024)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=2,
+    help="Rounds of every timed arm, alternated; the fastest counts (the machine is noisy).",
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@PRECISION_OPTION
+@click.option("--workers", type=click.IntRange(min=0), default=0)
+@click.option(
+    "--markdown",
+    type=click.Path(dir_okay=False),
+    help="Write the table into this file's bench-<device> section.",
+)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the rows here.")
+@reports_errors
+def bench_command(markdown: str | None, csv_path: str | None, **options: Any) -> None:
+    """Time the pipeline: P1-P5 of docs/benchmarks.md, as ratios measured side by side.
+
+    P1 teacher pass / bare teacher loop; P2 cached student epoch / hard-label
+    epoch; P3 online distillation epoch / cached epoch; P4 soft-label read rate
+    (memory, streamed) / student training rate; P5 bytes per sample-view and the
+    cost of S students offline against online.
+    """
+    from pipeline.bench import BenchConfig, bench_report
+
+    bench_report(
+        BenchConfig(**options),
+        Path(markdown) if markdown else None,
+        Path(csv_path) if csv_path else None,
+        log=_echo,
+    )

@@ -57,7 +57,12 @@ INTRODUCTIONS = {
         "augmented views whose parameters (crop box, flip, mix partner and weight) are stored "
         "beside the outputs; `--subset` and `--exclude-classes` choose the transfer set (the "
         "dataset index of every row is stored); `--top-k K` stores the K largest "
-        "log-probabilities and their classes; `--ignore-labels` caches no labels."
+        "log-probabilities and their classes; `--ignore-labels` caches no labels. Under "
+        "`torchrun --nproc_per_node N -m pipeline cache-teacher …` each process writes whole "
+        "chunks of its own; the store is byte-identical to a one-process run, and a partial "
+        "store resumes with any number of processes. `--precision auto` runs the teacher in "
+        "bf16 autocast on CUDA (recorded in the manifest as `precision`; it is part of the "
+        "`cache_id`) and in float32 on the CPU."
     ),
     "train-student": (
         "Stage two. Trains a student from a cache with "
@@ -68,7 +73,16 @@ INTRODUCTIONS = {
         "(lineage). `--resume RUN_DIR` continues a killed run from its last epoch checkpoint. "
         "From a cache with views, each row uses one of its V views per epoch (all V over any V "
         "consecutive epochs), rendered from the stored parameters at the student's input size: "
-        "the image the teacher labelled. A cache without labels forces `--alpha 0`."
+        "the image the teacher labelled. A cache without labels forces `--alpha 0`. A cache "
+        "larger than `--cache-memory` (decoded) is streamed: whole chunks, in a shuffled order, "
+        "rows shuffled within windows of chunks, at most two windows in memory (per process "
+        "and DataLoader worker). Under `torchrun --nproc_per_node N -m pipeline "
+        "train-student …` the model is wrapped in DistributedDataParallel and each process "
+        "takes every N-th row of each batch of `--batch-size` rows (the global batch), its loss "
+        "weighted by its share: the same order, views and gradients as one process, apart "
+        "from BatchNorm statistics and dropout masks. Rank 0 evaluates and writes the run "
+        "directory. `--workers N` builds batches ahead in N DataLoader processes (pinned for "
+        "non-blocking copies on CUDA); `--precision auto` is bf16 autocast on CUDA."
     ),
     "storage": (
         "Measures what a dense cache costs as float32, float16 and top-K (for each `--top-k` "
@@ -84,6 +98,17 @@ INTRODUCTIONS = {
         "`--augment`/`--mix` views each step. `--alpha` is timm's `task_loss_weight` (the "
         "distillation term gets 1 − α). Same run directory, metrics and `--resume` as the "
         "other training commands."
+    ),
+    "bench": (
+        "Times the pipeline in one process, so that its ratios compare runs under the same "
+        "load: P1 the teacher pass (writing the store) against a bare inference loop of the "
+        "same teacher; P2 a cached student epoch against the same student's hard-label epoch; "
+        "P3 an online distillation epoch (timm's `LogitDistillationTask`) against the cached "
+        "one, beside the ideal ratio (teacher forward + student step) / student step; P4 how "
+        "fast batches of soft labels are read, from memory and streamed, as a multiple of the "
+        "student's training rate; P5 bytes per sample-view of each storage layout and the "
+        "cost of S students offline against online. `make bench` writes "
+        "[benchmarks.md](benchmarks.md)."
     ),
     "evaluate": (
         "Test accuracy and errors, top-1 agreement with the teacher (from `--teacher` run "

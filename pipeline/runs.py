@@ -174,4 +174,6 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Mo
             f"{weights} does not match {CARD_FILE}: weights hash {actual[:16]}… "
             f"!= {card.weights_sha256[:16]}…"
         )
-    return model.to(device).eval(), card
+    # channels_last as the inputs (runtime.prepare_input): a convolution given NCHW weights
+    # and NHWC inputs converts one of them on every call; MLPs are not affected
+    return model.to(device).to(memory_format=torch.channels_last).eval(), card

@@ -34,6 +34,7 @@ from pipeline.cache.format import (
     VALUES,
     describe_differences,
 )
+from pipeline.cache.location import Location
 from pipeline.cache.store import utc_now
 from pipeline.data import ImageSet, select_rows
 from pipeline.distributed import current_world
@@ -50,7 +51,6 @@ from pipeline.runs import load_model
 from pipeline.runtime import (
     autocast,
     check_channels,
-    prepare_output,
     resolve_device,
     resolve_precision,
     software_versions,
@@ -126,7 +126,7 @@ def cache_teacher(
     world = current_world()
     if not world.is_main:
         log = _quiet
-    out = Path(config.out)
+    out = Location(config.out)  # a folder or an fsspec URL (s3://...)
     device = resolve_device(config.device)
     members = [load_model(Path(run_dir), device) for run_dir in config.teachers]
     labeled = dataset.labeled and not config.ignore_labels
@@ -346,7 +346,7 @@ def predict_views(
 
 
 def open_writer(
-    out: Path, manifest: Manifest, *, overwrite: bool, log: Callable[[str], None]
+    out: Location, manifest: Manifest, *, overwrite: bool, log: Callable[[str], None]
 ) -> CacheWriter:
     """A writer for ``out``: new, or resuming a partial cache made with the same arguments.
 
@@ -375,7 +375,12 @@ def open_writer(
         except KeyError:
             # killed before its arrays were created: no chunk was flagged, start again
             overwrite = True
-    prepare_output(out, overwrite)  # inputs are valid: only now touch the output
+    if out.exists():  # inputs are valid: only now touch the output
+        if not overwrite:
+            raise OutputExistsError(
+                f"{out} already exists: choose another path or pass --overwrite"
+            )
+        out.remove()
     return CacheWriter(out, manifest)
 
 

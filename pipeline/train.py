@@ -974,7 +974,7 @@ def train_student(config: TrainConfig, log: Callable[[str], None] = _quiet) -> M
     config.validate()
     if config.cache is None:
         raise UsageError("train-student needs --cache (a cache written by cache-teacher)")
-    soft_labels = open_soft_labels(Path(config.cache), config.cache_memory, log)
+    soft_labels = open_soft_labels(config.cache, config.cache_memory, log)
     return _run(config, "student", soft_labels, log)
 
 
@@ -1009,8 +1009,6 @@ def resume_training(run_dir: Path, log: Callable[[str], None] = _quiet) -> Model
     config = TrainConfig(**saved)
     config.validate()
     soft_labels = (
-        open_soft_labels(Path(config.cache), config.cache_memory, log)
-        if kind == "student"
-        else None
+        open_soft_labels(config.cache, config.cache_memory, log) if kind == "student" else None
     )
     return _run(config, kind, soft_labels, log, resume=True)

@@ -19,6 +19,7 @@ import pandas as pd
 import zarr
 
 from pipeline.cache.format import STATUS_COMPLETE, Manifest, array_specs
+from pipeline.cache.location import Location
 from pipeline.cache.store import (
     PROGRESS,
     check_array_metadata,
@@ -40,7 +41,7 @@ RECOMPUTE_TOLERANCE = {"float16": 2e-2, "float32": 1e-3}
 class VerifyReport:
     """One row per check; ``ok`` is False when any check failed."""
 
-    path: Path
+    path: Location
     rows: list[dict] = field(default_factory=list)
 
     def add(self, check: str, ok: bool, detail: str) -> None:
@@ -58,7 +59,7 @@ class VerifyReport:
 
 
 def verify_cache(
-    path: Path,
+    path: str | Path | Location,
     *,
     dataset: ImageSet | None = None,
     recompute: int = 0,
@@ -66,8 +67,9 @@ def verify_cache(
     device: str = "auto",
     seed: int = 0,
 ) -> VerifyReport:
-    """Run every check on the cache at ``path``; never raises for damage it can name."""
-    path = Path(path)
+    """Run every check on the cache at ``path`` (a folder or an fsspec URL); never raises for
+    damage it can name."""
+    path = Location(path)
     report = VerifyReport(path)
     try:
         manifest = read_manifest(path)
@@ -95,11 +97,11 @@ def verify_cache(
     return report
 
 
-def _open_arrays(path: Path, manifest: Manifest, report: VerifyReport) -> dict | None:
+def _open_arrays(path: Location, manifest: Manifest, report: VerifyReport) -> dict | None:
     expected = {name: (shape, dtype) for name, (shape, dtype, _) in array_specs(manifest).items()}
     expected[PROGRESS] = ((-(-manifest.num_samples // manifest.chunk_size),), "uint8")
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = zarr.open_group(path.zarr_path, mode="r")
         arrays = {name: group[name] for name in expected}
     except Exception as exc:  # zarr raises KeyError or its own errors for a missing node
         report.add("arrays", False, f"cannot open the arrays: {exc!r}")
@@ -123,7 +125,7 @@ def _open_arrays(path: Path, manifest: Manifest, report: VerifyReport) -> dict |
 
 
 def _check_chunks(
-    path: Path, manifest: Manifest, arrays: dict, report: VerifyReport
+    path: Location, manifest: Manifest, arrays: dict, report: VerifyReport
 ) -> dict[str, np.ndarray] | None:
     """Every chunk: flag, files, checksum, values. Returns labels and row indices if all
     chunks were readable."""
@@ -141,7 +143,7 @@ def _check_chunks(
         start, stop = index * step, min((index + 1) * step, manifest.num_samples)
         where = f"chunk {index} (rows {start}-{stop - 1})"
         missing = [n for n in (*names, PROGRESS)
-                   if not (path / n / chunk_key(arrays[n], index)).is_file()]  # fmt: skip
+                   if not path.is_file(n, chunk_key(arrays[n], index))]  # fmt: skip
         if missing:
             failures.append(f"{where}: missing file(s) of {', '.join(missing)}")
             continue

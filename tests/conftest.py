@@ -28,12 +28,12 @@ def invoke(*parts: str | Path) -> Result:
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
-def cache(teacher: Path, out: Path, options: str = "--temperature 2") -> Result:
+def cache(teacher: Path, out: Path | str, options: str = "--temperature 2") -> Result:
     """cache-teacher on the synthetic dataset (train split unless options say otherwise)."""
     return invoke("cache-teacher --data synthetic --teacher", teacher, "--out", out, options)
 
 
-def student(soft_labels: Path, out: Path, options: str = "--alpha 0.5") -> Result:
+def student(soft_labels: Path | str, out: Path, options: str = "--alpha 0.5") -> Result:
     """A two-epoch kd_mlp_30x2 student on the synthetic dataset."""
     return invoke(
         "train-student --model kd_mlp_30x2 --data synthetic --epochs 2 --cache",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +36,7 @@ from pipeline.cache.format import (
     array_specs,
     manifest_checksum,
 )
+from pipeline.cache.location import Location
 from pipeline.errors import (
     CacheError,
     CacheIncompleteError,
@@ -67,16 +67,6 @@ def chunk_key(array: zarr.Array, index: int) -> str:
     return "/".join(["c", str(index)] + ["0"] * (array.ndim - 1))
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file, then its folder (a new file's name is data too), to the disk."""
-    for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | os.O_DIRECTORY)):
-        descriptor = os.open(target, flags)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
 class CacheWriter:
     """Creates (or reopens) the store, writes it chunk by chunk, marks it complete last.
 
@@ -85,12 +75,15 @@ class CacheWriter:
     kill or a power cut at any moment leaves flags only for durable chunks.
     """
 
-    def __init__(self, path: Path, manifest: Manifest, *, resume: bool = False) -> None:
-        self.path = Path(path)
+    def __init__(
+        self, path: str | Path | Location, manifest: Manifest, *, resume: bool = False
+    ) -> None:
+        self.location = Location(path)
+        self.path = self.location  # for messages: the path or URL as given
         self.manifest = manifest
         self.names = tuple(array_specs(manifest))
         if resume:  # KeyError when an array was never created
-            self.group = zarr.open_group(str(self.path), mode="r+")
+            self.group = zarr.open_group(self.location.zarr_path, mode="r+")
             # write_empty_chunks is a runtime setting, not stored: set it again, or an
             # all-fill chunk (partners of unmixed views are all -1) would never be written
             self.arrays = {
@@ -98,7 +91,7 @@ class CacheWriter:
                 for name in (*self.names, PROGRESS)
             }
             return
-        self.group = zarr.open_group(str(self.path), mode="w")
+        self.group = zarr.open_group(self.location.zarr_path, mode="w")
         write_manifest(self.group, manifest)
         self.arrays = {
             name: self.group.create_array(
@@ -115,7 +108,9 @@ class CacheWriter:
             PROGRESS, shape=(self.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
             **array_codecs(),
         )  # fmt: skip
-        self.manifest = replace(manifest, array_metadata_sha256=array_metadata_sha256(self.path))
+        self.manifest = replace(
+            manifest, array_metadata_sha256=array_metadata_sha256(self.location)
+        )
         write_manifest(self.group, self.manifest)
 
     @property
@@ -132,8 +127,7 @@ class CacheWriter:
         except Exception:  # a damaged flag only means: compute this chunk again
             return False
         return flagged and all(
-            (self.path / name / chunk_key(self.arrays[name], index)).is_file()
-            for name in self.names
+            self.location.is_file(name, chunk_key(self.arrays[name], index)) for name in self.names
         )
 
     def write(self, index: int, chunk: dict[str, np.ndarray]) -> None:
@@ -145,9 +139,9 @@ class CacheWriter:
             array = self.arrays[name]
             array[start : start + len(values)] = values.astype(array.dtype, copy=False)
         for name in self.names:
-            _fsync(self.path / name / chunk_key(self.arrays[name], index))
+            self.location.sync(name, chunk_key(self.arrays[name], index))
         self.arrays[PROGRESS][index] = 1
-        _fsync(self.path / PROGRESS / chunk_key(self.arrays[PROGRESS], index))
+        self.location.sync(PROGRESS, chunk_key(self.arrays[PROGRESS], index))
 
     def finish(self, teacher_accuracy: float | None) -> Manifest:
         """Mark the cache complete: the last write, after all data is on disk."""
@@ -158,7 +152,7 @@ class CacheWriter:
             completed=utc_now(),
         )
         write_manifest(self.group, self.manifest)
-        _fsync(self.path / "zarr.json")
+        self.location.sync("zarr.json")
         return self.manifest
 
 
@@ -168,23 +162,33 @@ def write_manifest(group: zarr.Group, manifest: Manifest) -> None:
     group.attrs.update({MANIFEST_KEY: data, CHECKSUM_KEY: manifest_checksum(data)})
 
 
-def array_metadata_sha256(path: Path) -> dict:
+def array_metadata_sha256(path: str | Path | Location) -> dict:
     """SHA-256 of each array's zarr.json, so that damaged array metadata is noticed too."""
-    return {
-        folder.name: hashlib.sha256((folder / "zarr.json").read_bytes()).hexdigest()
-        for folder in sorted(Path(path).iterdir())
-        if (folder / "zarr.json").is_file()
-    }
+    location = Location(path)
+    digests = {}
+    for name in location.children():
+        if name == "zarr.json":
+            continue
+        try:
+            digests[name] = hashlib.sha256(location.read_bytes(name, "zarr.json")).hexdigest()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            continue
+    return digests
 
 
-def read_manifest(path: Path) -> Manifest:
-    """The manifest of a cache at ``path``; a clear error when it is not a kdpipe cache."""
-    path = Path(path)
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        raise NotACacheError(f"{path} is not a kdpipe cache (no zarr.json: not a Zarr v3 group)")
+def read_manifest(path: str | Path | Location) -> Manifest:
+    """The manifest of a cache at ``path`` (a folder or an fsspec URL); a clear error when
+    it is not a kdpipe cache."""
+    path = Location(path)
+    meta = f"{path}/zarr.json"
     try:
-        document = json.loads(meta.read_text())
+        raw = path.read_bytes("zarr.json")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise NotACacheError(
+            f"{path} is not a kdpipe cache (no zarr.json: not a Zarr v3 group)"
+        ) from None
+    try:
+        document = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{meta} is not valid JSON ({exc}): the cache is damaged") from None
     if (
@@ -210,7 +214,7 @@ def read_manifest(path: Path) -> Manifest:
     return Manifest.from_dict(data, where=f"{path}: manifest")
 
 
-def open_complete(path: Path) -> tuple[Manifest, dict[str, zarr.Array]]:
+def open_complete(path: str | Path | Location) -> tuple[Manifest, dict[str, zarr.Array]]:
     """Open a cache's arrays for reading; refuse one that is not complete or is damaged."""
     manifest = read_manifest(path)
     if manifest.status != STATUS_COMPLETE:
@@ -220,14 +224,14 @@ def open_complete(path: Path) -> tuple[Manifest, dict[str, zarr.Array]]:
         )
     check_array_metadata(path, manifest)  # before zarr parses it: zarr's errors are not ours
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = zarr.open_group(Location(path).zarr_path, mode="r")
         arrays = {name: group[name] for name in (*array_specs(manifest), PROGRESS)}
     except Exception as exc:
         raise CacheError(f"{path}: the arrays cannot be opened ({exc!r})") from None
     return manifest, arrays
 
 
-def check_array_metadata(path: Path, manifest: Manifest) -> None:
+def check_array_metadata(path: str | Path | Location, manifest: Manifest) -> None:
     actual = array_metadata_sha256(path)
     expected = manifest.array_metadata_sha256
     if set(expected) != {*array_specs(manifest), PROGRESS}:
@@ -243,7 +247,7 @@ def check_array_metadata(path: Path, manifest: Manifest) -> None:
 class SoftLabels:
     """A complete cache read into memory: soft labels, rows and views."""
 
-    path: Path
+    path: Location  # str() is the path or URL as given
     manifest: Manifest
     values: torch.Tensor  # (N, V, C) dense, or (N, V, K) top-k; stored dtype
     top_indices: torch.Tensor | None  # (N, V, K) int64 for a top-k cache
@@ -262,7 +266,9 @@ class SoftLabels:
         return self.manifest.has_views
 
 
-def check_temperature(manifest: Manifest, temperature: float | None, path: Path) -> None:
+def check_temperature(
+    manifest: Manifest, temperature: float | None, path: str | Path | Location
+) -> None:
     """Refuse to re-temper a top-k cache: its reconstruction holds only T's top K."""
     stored = manifest.temperature
     if manifest.top_k is not None and temperature is not None and temperature != stored:
@@ -277,7 +283,7 @@ def to_log_probs(
     top_indices: torch.Tensor | None,
     manifest: Manifest,
     temperature: float | None,
-    path: Path,
+    path: str | Path | Location,
 ) -> torch.Tensor:
     """Stored values (dense, or top-k with ``top_indices``) as float32 log-probabilities at
     ``temperature`` (default: the stored one).
@@ -324,7 +330,7 @@ def retemper(logprobs: torch.Tensor, stored: float, wanted: float) -> torch.Tens
     return torch.log_softmax(logprobs * (stored / wanted), dim=-1)
 
 
-def _read_array(path: Path, array: zarr.Array, name: str) -> np.ndarray:
+def _read_array(path: str | Path | Location, array: zarr.Array, name: str) -> np.ndarray:
     """Read chunk by chunk so that damage is reported with the chunk that holds it."""
     out = np.empty(array.shape, dtype=array.dtype)
     step = array.chunks[0]
@@ -345,9 +351,10 @@ def _read_array(path: Path, array: zarr.Array, name: str) -> np.ndarray:
     return out
 
 
-def load_soft_labels(path: Path) -> SoftLabels:
-    """Read a complete cache into memory once (checksums verified on the way)."""
-    path = Path(path)
+def load_soft_labels(path: str | Path | Location) -> SoftLabels:
+    """Read a complete cache (a folder or an fsspec URL) into memory once, checksums
+    verified on the way."""
+    path = Location(path)
     manifest, arrays = open_complete(path)
     data = {name: _read_array(path, arrays[name], name) for name in array_specs(manifest)}
     values = data["topk_logprobs" if manifest.top_k else "logprobs"]

@@ -25,6 +25,7 @@ import torch
 import zarr
 
 from pipeline.cache.format import Manifest, array_specs
+from pipeline.cache.location import Location
 from pipeline.cache.store import (
     PROGRESS,
     SoftLabels,
@@ -63,7 +64,7 @@ class ChunkReader:
 
     def __init__(
         self,
-        path: Path,
+        path: Location,
         manifest: Manifest,
         arrays: dict[str, zarr.Array],
         window: int,
@@ -187,8 +188,8 @@ class StreamedSoftLabels:
     """A complete cache opened for streaming: what :class:`SoftLabels` offers to training,
     with the per-view arrays read chunk by chunk."""
 
-    def __init__(self, path: Path, memory: int) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | Location, memory: int) -> None:
+        self.path = Location(path)
         self.manifest, self.arrays = open_complete(self.path)
         manifest = self.manifest
         chunk_bytes = manifest.chunk_size * decoded_bytes_per_row(manifest)
@@ -232,7 +233,7 @@ class StreamedSoftLabels:
 
 
 def open_soft_labels(
-    path: Path, memory: int | None, log: Callable[[str], None]
+    path: str | Path | Location, memory: int | None, log: Callable[[str], None]
 ) -> SoftLabels | StreamedSoftLabels:
     """The cache read whole when it fits ``memory`` bytes decoded (or no budget is set),
     else opened for streaming."""

@@ -1,0 +1,292 @@
+"""``kdpipe bench``: what the offline pipeline costs, as ratios measured side by side.
+
+Every figure comes from one process on one machine, measured in the order
+listed, so that the ratios compare runs under the same load:
+
+- P1 the teacher pass (``cache_teacher``, writing the store) / a bare inference
+  loop of the same teacher over the same rows, batch size and precision;
+- P2 a student epoch from the cache / the same student's hard-label epoch;
+- P3 an online distillation epoch (timm's ``LogitDistillationTask``) / the
+  cached epoch, beside the ideal (teacher forward + student step) / student step;
+- P4 how fast batches of soft labels are read, from memory and streamed from
+  disk (shuffled windows of chunks), as a multiple of the student's rows/s;
+- P5 bytes per sample-view of each storage layout, and the cost of S students
+  of E epochs offline (one teacher pass) against online.
+
+The teacher's weights are whatever one short epoch gives: timing needs its
+architecture, not its accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from pipeline.cache import load_soft_labels
+from pipeline.cache.stream import decoded_bytes, decoded_bytes_per_row, open_soft_labels
+from pipeline.data import load_dataset, select_rows
+from pipeline.distributed import SINGLE
+from pipeline.errors import UsageError
+from pipeline.runs import load_model, read_config
+from pipeline.runtime import autocast, prepare_input, resolve_device, resolve_precision
+from pipeline.storage import storage_table
+from pipeline.teach import CacheConfig, cache_teacher
+from pipeline.train import (
+    EpochBatches,
+    TrainConfig,
+    TrainData,
+    distill_online,
+    train_student,
+)
+from pipeline.train import train_teacher as train_model
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    out: str  # a work folder, replaced
+    data: str = "fashion-mnist"
+    data_root: str = "data"
+    fraction: float = 1 / 6  # of the training split: the transfer set
+    teacher: str = "resnet18"
+    student: str = "kd_cnn"
+    batch_size: int = 256
+    epochs: int = 6  # per student run; the first and the last (evaluated) are not timed
+    chunk_size: int = 1024
+    repeats: int = 2  # rounds of every timed arm, alternated; the fastest counts
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = 0
+    students: tuple[int, ...] = (1, 4, 16)
+    student_epochs: int = 30  # E in P5's cost of S students x E epochs
+    top_k: tuple[int, ...] = (1, 2, 3, 5)
+
+    def command(self, markdown: Path | None, csv_path: Path | None) -> str:
+        """The kdpipe bench command line for this configuration (defaults left out)."""
+        parts = ["kdpipe bench", f"--out {self.out}"]
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name in ("out", "students", "student_epochs", "top_k"):
+                continue
+            if value != item.default:
+                parts.append(f"--{item.name.replace('_', '-')} {value}")
+        parts += [f"--markdown {markdown}"] if markdown else []
+        parts += [f"--csv {csv_path}"] if csv_path else []
+        return " ".join(parts)
+
+    def validate(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise UsageError(f"--fraction must be in (0, 1], not {self.fraction}")
+        if self.epochs < 3:
+            raise UsageError(f"--epochs must be >= 3 (one warm-up, one timed, one evaluated), "
+                             f"not {self.epochs}")  # fmt: skip
+        if self.repeats < 1:
+            raise UsageError(f"--repeats must be >= 1, not {self.repeats}")
+
+
+def _timed(step: Callable[[], object]) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def _epoch_seconds(run_dir: Path) -> list[float]:
+    """Seconds of the epochs between the first (warm-up) and the last (evaluated)."""
+    rows = pd.read_csv(run_dir / "metrics.csv")
+    return [float(v) for v in rows["seconds"].iloc[1:-1]]
+
+
+@torch.inference_mode()
+def bare_teacher_loop(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    data_config: object,
+    device: torch.device,
+    batch_size: int,
+    precision: str,
+) -> None:
+    """The least a teacher pass can cost: batches in, logits out to the host, nothing kept."""
+    model.eval()
+    for start in range(0, len(images), batch_size):
+        inputs = prepare_input(images[start : start + batch_size], data_config, device)
+        with autocast(device, precision):
+            logits = model(inputs)
+        logits.float().cpu()
+
+
+def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Run P1-P5; one row per measured quantity (name, value, unit, what it is)."""
+    config.validate()
+    out = Path(config.out)
+    device = resolve_device(config.device)
+    precision = resolve_precision(device, config.precision)
+    common = {"data": config.data, "data_root": config.data_root, "device": config.device,
+              "precision": config.precision, "batch_size": config.batch_size,
+              "workers": config.workers, "overwrite": True}  # fmt: skip
+    timed = {"epochs": config.epochs, "eval_every": config.epochs}
+    train_set = load_dataset(config.data, "train", data_root=Path(config.data_root))
+    rows = select_rows(
+        train_set.labels, subset=config.fraction, num_classes=train_set.num_classes, seed=0
+    )
+    rows_t = torch.from_numpy(rows)
+    results: list[dict] = []
+
+    def record(name: str, value: float, unit: str, what: str) -> None:
+        results.append({"name": name, "value": value, "unit": unit, "what": what})
+        log(f"{name}: {value:.4g} {unit}  ({what})")
+
+    log(f"bench: {len(rows)} rows of {config.data} train, teacher {config.teacher}, "
+        f"student {config.student}, batch {config.batch_size}, {device}, {precision}")  # fmt: skip
+    teacher_dir = out / "teacher"
+    train_model(TrainConfig(model=config.teacher, out=str(teacher_dir), epochs=1,
+                            subset=min(config.fraction, 0.05), **common))  # fmt: skip
+    teacher, card = load_model(teacher_dir, device)
+    images = train_set.images[rows_t]
+
+    # P1: the teacher pass against a bare inference loop, alternated, fastest of each
+    def bare() -> None:
+        bare_teacher_loop(teacher, images, card.data, device, config.batch_size, config.precision)
+
+    bare_teacher_loop(
+        teacher,
+        images[: config.batch_size * 2],
+        card.data,
+        device,
+        config.batch_size,
+        config.precision,
+    )  # fmt: skip  (warm-up)
+    cache_path = out / "cache.zarr"
+    cache_config = CacheConfig(
+        teachers=(str(teacher_dir),), out=str(cache_path), temperature=4.0,
+        batch_size=config.batch_size, chunk_size=config.chunk_size, device=config.device,
+        precision=config.precision, overwrite=True, subset=config.fraction,
+    )  # fmt: skip
+    bare_times, pass_times = [], []
+    for _ in range(config.repeats):
+        bare_times.append(_timed(bare))
+        pass_times.append(
+            _timed(lambda: cache_teacher(cache_config, train_set, log=lambda line: None))
+        )
+    teacher_pass, bare_best = min(pass_times), min(bare_times)
+    record("teacher_pass_s", teacher_pass, "s", "cache-teacher, writing the store "
+           f"(fastest of {config.repeats})")  # fmt: skip
+    record("bare_teacher_s", bare_best, "s", f"bare inference loop (fastest of {config.repeats})")
+    record("P1", teacher_pass / bare_best, "ratio", "teacher pass / bare loop (target <= 1.05)")
+
+    # P2, P3: one student from the cache, on hard labels, and online; same rows and epochs,
+    # the three runs alternated, each epoch time the fastest of its timed epochs
+    student = {"model": config.student, **common, **timed}
+    arms = {
+        "cached": lambda out: train_student(
+            TrainConfig(out=out, cache=str(cache_path), alpha=0.5, **student)
+        ),
+        "hard": lambda out: train_model(
+            TrainConfig(out=out, subset=config.fraction, subset_seed=0, **student)
+        ),
+        "online": lambda out: distill_online(
+            TrainConfig(
+                out=out,
+                teacher=str(teacher_dir),
+                alpha=0.5,
+                temperature=4.0,
+                subset=config.fraction,
+                subset_seed=0,
+                **student,
+            )
+        ),
+    }
+    epoch_times: dict[str, list[float]] = {name: [] for name in arms}
+    for round_index in range(config.repeats):
+        for name, run in arms.items():
+            run_dir = out / f"{name}-{round_index}"
+            run(str(run_dir))
+            epoch_times[name] += _epoch_seconds(run_dir)
+    cached, hard, online = (min(epoch_times[name]) for name in ("cached", "hard", "online"))
+    forward = bare_best  # the teacher's forward over one epoch's rows, at the same batch size
+    timed_epochs = len(epoch_times["hard"])
+    record("cached_epoch_s", cached, "s", f"student epoch from the cache (fastest of "
+           f"{timed_epochs})")  # fmt: skip
+    record("hard_epoch_s", hard, "s", "the same student on hard labels")
+    record("online_epoch_s", online, "s", "online distillation epoch (LogitDistillationTask)")
+    record("P2", cached / hard, "ratio", "cached epoch / hard-label epoch (target <= 1.05)")
+    record("P3", online / cached, "ratio", "online epoch / cached epoch")
+    record("P3_ideal", (forward + hard) / hard, "ratio",
+           "(teacher forward + student step) / student step")  # fmt: skip
+
+    # P4: reading batches of soft labels (with their images), in memory and streamed
+    student_rate = len(rows) / cached
+    soft = load_soft_labels(cache_path)
+    chunk_bytes = soft.manifest.chunk_size * decoded_bytes_per_row(soft.manifest)
+    budget = max(decoded_bytes(soft.manifest) // 4, 2 * chunk_bytes)  # a quarter, or 2 chunks
+    for label, opened in (
+        ("memory", soft),
+        ("streamed", open_soft_labels(cache_path, budget, log=lambda line: None)),
+    ):
+        data = TrainData(images=train_set.images, dataset_labels=train_set.labels,
+                         rows=opened.indices, labels=opened.labels,
+                         targets=opened.log_probs())  # fmt: skip
+        order = data.epoch_order(torch.Generator().manual_seed(0), seed=0, epoch=1)
+        batches = EpochBatches(data, order, config.batch_size, 1, 0, SINGLE)
+        seconds = _timed(lambda b=batches: [None for _ in b.load(workers=0, pin_memory=False)])
+        record(f"P4_{label}", len(rows) / seconds / student_rate, "x",
+               f"rows/s reading soft labels {label} / the student's training rows/s "
+               "(target >= 20)")  # fmt: skip
+
+    # P5: storage, and S students x E epochs offline against online
+    ks = [k for k in config.top_k if k < soft.manifest.num_classes]
+    for _, layout in storage_table(cache_path, ks).iterrows():
+        record(f"P5_bytes_{layout['storage'].replace(' ', '_')}",
+               layout["stored_bytes_per_view"], "bytes", f"{layout['storage']} per sample-view, "
+               f"stored; raw {layout['raw_bytes_per_view']:.0f}")  # fmt: skip
+    epochs = config.student_epochs
+    for count in config.students:
+        offline = teacher_pass + count * epochs * cached
+        online_cost = count * epochs * online
+        record(f"P5_cost_S{count}", online_cost / offline, "ratio",
+               f"online / offline for {count} student(s) x {epochs} epochs "
+               f"({online_cost:.0f} s / {offline:.0f} s)")  # fmt: skip
+    table = pd.DataFrame(results)
+    table.attrs.update(
+        {"config": asdict(config), "rows": len(rows), "device": str(device),
+         "precision": precision, "teacher_config": read_config(teacher_dir)}
+    )  # fmt: skip
+    return table
+
+
+def bench_report(
+    config: BenchConfig, markdown_path: Path | None, csv_path: Path | None,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:  # fmt: skip
+    """Run the benchmark, then write its CSV and its section of ``markdown_path``."""
+    from pipeline.report import machine_line, replace_section
+
+    table = run_bench(config, log)
+    if csv_path is not None:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(csv_path, index=False)
+    if markdown_path is not None:
+        attrs = table.attrs
+        shown = table.assign(value=table["value"].map(lambda v: f"{v:.3g}"))
+        text = "\n".join([
+            f"Generated by `{config.command(markdown_path, csv_path)}` on "
+            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC: "
+            f"{attrs['rows']} rows of {config.data} train, teacher {config.teacher}, student "
+            f"{config.student}, batch {config.batch_size}, {attrs['device']}, "
+            f"{attrs['precision']}, {config.epochs} epochs per student run "
+            "(the first and the evaluated last are not timed), every timed arm run "
+            f"{config.repeats} times, alternated, the fastest counted.",
+            f"Machine: {machine_line()}.",
+            "",
+            shown.to_markdown(index=False),
+        ])  # fmt: skip
+        replace_section(markdown_path, f"bench-{torch.device(attrs['device']).type}", text)
+    return table
