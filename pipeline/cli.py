@@ -839,7 +839,7 @@ def lineage_command(
     default=6,
     help="Epochs per student run; the first (warm-up) and the last (evaluated) are not timed.",
 )
-@click.option("--chunk-size", type=click.IntRange(min=1), default=1024)
+@click.option("--chunk-size", type=click.IntRange(min=1), default=4096)
 @click.option(
     "--repeats",
     type=click.IntRange(min=1),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -235,7 +236,9 @@ def cache_teacher(
         unit="view",
         disable=None if world.is_main else True,
     )
-    for index in mine:
+
+    def compute(index: int) -> dict[str, np.ndarray]:
+        """Chunk ``index``: the teacher's outputs for every view of its rows, checked."""
         chunk_rows = rows[index * step : (index + 1) * step]
         chunk_params = params[index * step : (index + 1) * step]
         chunk_partners = partners[index * step : (index + 1) * step]
@@ -277,7 +280,19 @@ def cache_teacher(
             top = values.topk(config.top_k, dim=-1)  # sorted: index 0 is the argmax
             chunk["topk_logprobs"] = top.values.numpy()
             chunk["topk_indices"] = top.indices.numpy()
-        writer.write(index, chunk)
+        return chunk
+
+    # chunk k is written (compressed, checksummed, flushed) by a thread while the teacher
+    # computes chunk k+1: the store's I/O hides behind the teacher instead of adding to it
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdpipe-writer") as pool:
+        pending: Future | None = None
+        for index in mine:
+            chunk = compute(index)
+            if pending is not None:
+                pending.result()  # one chunk in flight at most: memory stays bounded
+            pending = pool.submit(writer.write, index, chunk)
+        if pending is not None:
+            pending.result()
     progress.close()
     world.barrier()  # every rank's chunks are flagged: only now may the cache be complete
     manifest = world.on_main(

@@ -290,6 +290,42 @@ class TrainData:
         reader = streamed.reader
         return windowed_order(streamed.rows, reader.chunk_size, reader.window, seed, epoch)
 
+    def on_device(self, device: torch.device, jitter: int) -> TrainData | None:
+        """This data moved whole onto a GPU, or None where that does not pay or cannot be.
+
+        On CUDA a small model's step is bound by the host: per-batch gathers, pinning
+        and copies cost more than the step itself. Plain images and their soft targets
+        (a fixed-teacher cache, hard labels) are then moved once and gathered on the
+        GPU. Stored or fresh views and jitter are drawn and rendered from host-side
+        parameters and keep the host path (pinned, non-blocking copies), as do caches
+        that are streamed or would take more than a quarter of the free GPU memory.
+        """
+        tensors = (self.images, self.dataset_labels, self.rows, self.labels, self.targets)
+        if (
+            device.type != "cuda"
+            or self.views is not None
+            or not self.policy.is_identity
+            or jitter
+            or not all(t is None or isinstance(t, torch.Tensor) for t in tensors)
+        ):
+            return None
+        size = sum(t.element_size() * t.nelement() for t in tensors if t is not None)
+        free, _ = torch.cuda.mem_get_info(device)
+        if size > free // 4:
+            return None
+
+        def moved(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values.to(device)
+
+        return replace(
+            self,
+            images=moved(self.images),
+            dataset_labels=moved(self.dataset_labels),
+            rows=moved(self.rows),
+            labels=moved(self.labels),
+            targets=moved(self.targets),
+        )
+
     def without(self, held_out: torch.Tensor) -> TrainData:
         """These rows minus the dataset indices ``held_out`` (a validation split)."""
         keep = ~torch.isin(self.rows, held_out)
@@ -463,6 +499,7 @@ def fit(
     )
     generator = torch.Generator().manual_seed(config.seed)
     amp = autocast(device, config.precision)
+    resident = data.on_device(device, config.jitter)
     alpha = config.alpha if data.targets is not None or online_teacher is not None else 1.0
     task = None
     if online_teacher is not None:
@@ -533,12 +570,21 @@ def fit(
         if task is not None:
             task.train()
         order = data.epoch_order(generator, config.seed, epoch)
-        sums = {"loss": 0.0, "hard": 0.0, "soft": 0.0, "correct": 0.0, "labeled": 0}
+        sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64, device=device)
+        nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
+        first_bad = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=device)
         lr = optimizer.param_groups[0]["lr"]
-        batches = EpochBatches(data, order, config.batch_size, epoch, config.seed, world)
+        if resident is not None:
+            order = order.to(device)  # batches are then sliced and gathered on the GPU
+        batches = EpochBatches(
+            resident or data, order, config.batch_size, epoch, config.seed, world
+        )
         for batch_index, gathered in enumerate(
             tqdm(
-                batches.load(config.workers, pin_memory=device.type == "cuda"),
+                batches.load(
+                    config.workers if resident is None else 0,
+                    pin_memory=device.type == "cuda" and resident is None,
+                ),
                 total=len(batches),
                 desc=f"epoch {epoch}/{config.epochs}",
                 disable=None if world.is_main else True,
@@ -570,22 +616,31 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             (terms["loss"] * weight if world.active else terms["loss"]).backward()
             optimizer.step()
-            # .item() syncs with the device; once per batch is cheap next to the step
+            # accounted on the device, read once per epoch: a .item() per step would make
+            # the host wait for every step before it prepares the next batch
             size = len(labels) if weight else 0
-            loss_value = terms["loss"].item()
-            if not math.isfinite(loss_value):
-                # stop at once: every later step would only spread the NaN, and a
-                # run directory without model.json stays marked unfinished
-                raise TrainingDivergedError(
-                    f"training diverged in epoch {epoch}, batch {batch_index + 1}: "
-                    f"the loss is {loss_value}; lower --lr (now {config.lr:g})"
-                )
-            sums["loss"] += loss_value * size
-            sums["hard"] += terms["hard"].item() * size if "hard" in terms else math.nan
-            sums["soft"] += terms["soft"].item() * size if "soft" in terms else math.nan
             known = (labels >= 0) & (weight > 0)
-            sums["correct"] += (logits.argmax(-1) == labels)[known].sum().item()
-            sums["labeled"] += int(known.sum())
+            sums += torch.stack([
+                terms["loss"].detach().double() * size,
+                terms["hard"].detach().double() * size if "hard" in terms else nan,
+                terms["soft"].detach().double() * size if "soft" in terms else nan,
+                ((logits.argmax(-1) == labels) & known).sum().double(),
+                known.sum().double(),
+            ])  # fmt: skip
+            loss = terms["loss"].detach().double()
+            first_bad = torch.where(  # the first batch whose loss is not finite, and that loss
+                (first_bad[0] < 0) & ~torch.isfinite(loss),
+                torch.stack([torch.zeros_like(loss) + batch_index, loss]),
+                first_bad,
+            )
+        bad_batch, bad_loss = first_bad.tolist()
+        if bad_batch >= 0:
+            # a run directory without model.json stays marked unfinished
+            raise TrainingDivergedError(
+                f"training diverged in epoch {epoch}, batch {int(bad_batch) + 1}: "
+                f"the loss is {bad_loss}; lower --lr (now {config.lr:g})"
+            )
+        sums = dict(zip(SUM_KEYS, sums.tolist(), strict=True))
         scheduler.step(epoch)
         if world.active:
             totals = world.all_sum(torch.tensor([sums[k] for k in SUM_KEYS])).tolist()

@@ -1,6 +1,16 @@
-"""Shared fixtures: a tiny teacher and its cache on the synthetic dataset, made once."""
+"""Shared fixtures: a tiny teacher and its cache on the synthetic dataset, made once.
+
+The suite is CPU-only by design, also on a machine with GPUs: they are hidden
+before anything touches CUDA (here and in every subprocess a test starts), so
+that `--device auto` means the CPU, float32 and bit-exact reruns. The CUDA
+paths (bf16 autocast, pinned copies) are checked by `make bench` on a GPU.
+"""
 
 from __future__ import annotations
+
+import os
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import json
 import shlex

@@ -59,8 +59,9 @@ def decoded_bytes(manifest: Manifest) -> int:
 
 
 class ChunkReader:
-    """Reads whole chunks of a complete cache's per-view arrays, verified, keeping the most
-    recently used ones up to ``capacity`` chunks."""
+    """Reads whole chunks of a complete cache's per-view arrays, verified, on demand: an
+    array no one asks for (the view parameters of a cache without views) is never read.
+    Keeps the most recently used ``capacity`` chunks of each array."""
 
     def __init__(
         self,
@@ -73,58 +74,58 @@ class ChunkReader:
         self.path, self.manifest, self.arrays = path, manifest, arrays
         self.window, self.capacity = window, 2 * window
         self.temperature = temperature
-        self.resident: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self.resident: dict[str, OrderedDict[int, torch.Tensor]] = {
+            name: OrderedDict() for name in PER_VIEW
+        }
         self.resident_bytes = self.peak_bytes = self.chunks_read = 0
 
     @property
     def chunk_size(self) -> int:
         return self.manifest.chunk_size
 
-    def chunk(self, index: int) -> dict[str, torch.Tensor]:
-        if index in self.resident:
-            self.resident.move_to_end(index)
-            return self.resident[index]
-        loaded = self._read(index)
-        size = sum(t.element_size() * t.nelement() for t in loaded.values())
-        while len(self.resident) >= self.capacity:
-            _, dropped = self.resident.popitem(last=False)
-            self.resident_bytes -= sum(t.element_size() * t.nelement() for t in dropped.values())
-        self.resident[index] = loaded
-        self.resident_bytes += size
+    def chunk(self, name: str, index: int) -> torch.Tensor:
+        """Chunk ``index`` of ``name`` (targets: float32 log-probabilities at the reader's
+        temperature; views; partners)."""
+        resident = self.resident[name]
+        if index in resident:
+            resident.move_to_end(index)
+            return resident[index]
+        loaded = self._read(name, index)
+        while len(resident) >= self.capacity:
+            _, dropped = resident.popitem(last=False)
+            self.resident_bytes -= dropped.element_size() * dropped.nelement()
+        resident[index] = loaded
+        self.resident_bytes += loaded.element_size() * loaded.nelement()
         self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
         self.chunks_read += 1
         return loaded
 
-    def _read(self, index: int) -> dict[str, torch.Tensor]:
-        manifest, step = self.manifest, self.manifest.chunk_size
-        start, stop = index * step, min((index + 1) * step, manifest.num_samples)
-        raw = {}
-        for name in array_specs(manifest):
-            if name in ("labels", "indices"):
-                continue
-            try:
-                raw[name] = self.arrays[name][start:stop]
-            except Exception as exc:  # zarr raises bare ValueErrors for bad bytes
-                raise CacheError(
-                    f"{self.path}: chunk {index} of {name!r} (rows {start}-{stop - 1}) is "
-                    f"corrupt: {exc}"
-                ) from None
-        values = raw["topk_logprobs" if manifest.top_k else "logprobs"]
+    def _array(self, name: str, index: int) -> np.ndarray:
+        step = self.manifest.chunk_size
+        start, stop = index * step, min((index + 1) * step, self.manifest.num_samples)
+        try:
+            return self.arrays[name][start:stop]
+        except Exception as exc:  # zarr raises bare ValueErrors for bad bytes
+            raise CacheError(
+                f"{self.path}: chunk {index} of {name!r} (rows {start}-{stop - 1}) is "
+                f"corrupt: {exc}"
+            ) from None
+
+    def _read(self, name: str, index: int) -> torch.Tensor:
+        if name != "targets":
+            return torch.from_numpy(self._array(name, index))
+        manifest = self.manifest
+        values = self._array("topk_logprobs" if manifest.top_k else "logprobs", index)
         if not np.isfinite(values).all():
             raise CacheError(f"{self.path}: NaN or Inf soft labels in chunk {index}")
-        top = raw.get("topk_indices")
-        targets = to_log_probs(
+        top = self._array("topk_indices", index) if manifest.top_k else None
+        return to_log_probs(
             torch.from_numpy(values),
             None if top is None else torch.from_numpy(top.astype(np.int64)),
             manifest,
             self.temperature,
             self.path,
         )
-        return {
-            "targets": targets,
-            "views": torch.from_numpy(raw["views"]),
-            "partners": torch.from_numpy(raw["partners"]),
-        }
 
 
 class StreamedRows:
@@ -159,7 +160,7 @@ class StreamedRows:
         out = None
         for index in chunks.unique().tolist():
             where = (chunks == index).nonzero().flatten()
-            values = self.reader.chunk(index)[self.name]
+            values = self.reader.chunk(self.name, index)
             picked = values[rows[where] - index * step, views[where]]
             if out is None:
                 out = torch.empty((len(rows), *picked.shape[1:]), dtype=picked.dtype)
