@@ -264,7 +264,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.Dat
 
 def bench_report(
     config: BenchConfig, markdown_path: Path | None, csv_path: Path | None,
-    log: Callable[[str], None] = print,
+    section: str | None = None, log: Callable[[str], None] = print,
 ) -> pd.DataFrame:  # fmt: skip
     """Run the benchmark, then write its CSV and its section of ``markdown_path``."""
     from pipeline.report import machine_line, replace_section
@@ -288,5 +288,6 @@ def bench_report(
             "",
             shown.to_markdown(index=False),
         ])  # fmt: skip
-        replace_section(markdown_path, f"bench-{torch.device(attrs['device']).type}", text)
+        name = section or f"bench-{torch.device(attrs['device']).type}"
+        replace_section(markdown_path, name, text)
     return table

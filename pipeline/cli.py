@@ -855,8 +855,11 @@ def lineage_command(
     help="Write the table into this file's bench-<device> section.",
 )
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the rows here.")
+@click.option("--section", help="Section name in --markdown  [default: bench-<device>]")
 @reports_errors
-def bench_command(markdown: str | None, csv_path: str | None, **options: Any) -> None:
+def bench_command(
+    markdown: str | None, csv_path: str | None, section: str | None, **options: Any
+) -> None:
     """Time the pipeline: P1-P5 of docs/benchmarks.md, as ratios measured side by side.
 
     P1 teacher pass / bare teacher loop; P2 cached student epoch / hard-label
@@ -870,5 +873,6 @@ def bench_command(markdown: str | None, csv_path: str | None, **options: Any) ->
         BenchConfig(**options),
         Path(markdown) if markdown else None,
         Path(csv_path) if csv_path else None,
+        section=section,
         log=_echo,
     )

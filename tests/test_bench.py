@@ -33,3 +33,23 @@ def test_bench_writes_every_ratio(tmp_path: Path) -> None:
     assert text.startswith("# Benchmarks\n\nwritten by hand\n")
     assert "<!-- kdpipe:bench-cpu:begin -->" in text and "| P4_streamed" in text
     assert "kdpipe bench --out " in text and "--data synthetic --fraction 1.0" in text
+
+
+def test_committed_benchmarks_match_their_csvs() -> None:
+    """Every figure in docs/benchmarks.md's generated sections is its CSV's, as measured."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "benchmarks.md").read_text()
+    for section, csv_name in (("bench-cpu", "bench-cpu.csv"), ("bench-cuda", "bench-cuda.csv"),
+                              ("bench-cuda-b1024", "bench-cuda-b1024.csv")):  # fmt: skip
+        begin, end = f"<!-- kdpipe:{section}:begin -->", f"<!-- kdpipe:{section}:end -->"
+        body = text[text.index(begin) : text.index(end)]
+        shown = {}
+        for line in body.splitlines():
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            header = cells[0] in ("name", "") or set(cells[0]) <= set(":-")
+            if line.startswith("|") and len(cells) == 4 and not header:
+                shown[cells[0]] = cells[1]
+        table = pd.read_csv(root / "docs" / "results" / csv_name)
+        assert set(shown) == set(table["name"]), section
+        for name, value in zip(table["name"], table["value"], strict=True):
+            assert shown[name] == f"{value:.3g}", (section, name)
