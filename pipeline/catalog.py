@@ -129,7 +129,7 @@ def lineage(
     if card.lineage is None:  # a teacher: trained on labels, its dataset ends the chain
         _dataset_link(link, card.dataset, load)
         return pd.DataFrame(rows)
-    cache_path = Path(card.lineage["cache_path"])
+    cache_path = card.lineage["cache_path"]  # a folder or an fsspec URL
     try:
         manifest = read_manifest(cache_path)
     except KdpipeError as exc:

@@ -561,7 +561,7 @@ def evaluate_command(
         Path(run_dir),
         dataset,
         teachers=[Path(t) for t in teachers],
-        cache=Path(cache) if cache else None,
+        cache=cache,  # a folder or an fsspec URL
         device=device,
     )
     text = render(frame, fmt)
@@ -693,7 +693,7 @@ def storage_command(
     from pipeline.storage import storage_report, to_markdown
 
     table = storage_report(
-        Path(cache_path),
+        cache_path,  # a folder or an fsspec URL
         ks,
         csv_path=csv_path,
         markdown_path=markdown_path,

@@ -69,7 +69,7 @@ def evaluate_run(
     dataset: ImageSet,
     *,
     teachers: Sequence[Path] = (),
-    cache: Path | None = None,
+    cache: str | Path | None = None,
     device: str = "auto",
 ) -> pd.DataFrame:
     """One row of metrics for ``run_dir`` on ``dataset``.
@@ -117,7 +117,7 @@ def evaluate_run(
 
 
 def _teacher_predictions(
-    dataset: ImageSet, teachers: Sequence[Path], cache: Path | None, device: torch.device
+    dataset: ImageSet, teachers: Sequence[Path], cache: str | Path | None, device: torch.device
 ) -> torch.Tensor | None:
     if cache is not None:
         soft_labels = load_soft_labels(cache)

@@ -42,10 +42,10 @@ def _stored_bytes(arrays: dict[str, np.ndarray], chunk_rows: int) -> int:
         )
 
 
-def storage_table(cache: Path, ks: Sequence[int]) -> pd.DataFrame:
+def storage_table(cache: str | Path, ks: Sequence[int]) -> pd.DataFrame:
     """One row per layout: bytes per sample-view (raw and stored), and the mean KL from
     the cache's distribution (best a float32 cache) to what each layout keeps."""
-    soft = load_soft_labels(Path(cache))
+    soft = load_soft_labels(cache)
     manifest = soft.manifest
     if manifest.top_k is not None:
         raise UsageError(f"{cache} is a top-{manifest.top_k} cache: the table needs a dense one")
@@ -116,7 +116,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def storage_report(
-    cache: Path,
+    cache: str | Path,
     ks: Sequence[int],
     *,
     csv_path: Path | None = None,

@@ -79,6 +79,13 @@ def test_write_verify_and_train_from_s3(
         cards[where] = json.loads((run / "model.json").read_text())
     assert cards["s3"]["weights_sha256"] == cards["local"]["weights_sha256"]
     assert cards["s3"]["lineage"]["cache_path"] == url
+    # the commands that read a cache take the URL too
+    result = invoke("storage", url, "--top-k 1,2")
+    assert result.exit_code == 0, result.output
+    assert "top-2 float16" in result.output
+    result = invoke("lineage", tmp_path / "s3")
+    assert result.exit_code == 0, result.output
+    assert url in result.output and "cache_id matches" in result.output
     # and streamed from the bucket, chunk by chunk
     result = student(url, tmp_path / "streamed", "--alpha 0.5 --cache-memory 40K")
     assert result.exit_code == 0, result.output
