@@ -507,9 +507,10 @@ def fit(
     done, rows = load_checkpoint(run_dir, model, optimizer, generator) if resume else (0, [])
     trainer = model
     if world.active:
-        trainer = DistributedDataParallel(
-            model, device_ids=[device.index or 0] if device.type == "cuda" else None
-        )
+        device_ids = None
+        if device.type == "cuda":  # "cuda" is this rank's GPU: current_world made it current
+            device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+        trainer = DistributedDataParallel(model, device_ids=device_ids)
     metrics_path = run_dir / METRICS_FILE
     if world.is_main:
         with metrics_path.open("w", newline="") as f:  # rewritten: rows past the checkpoint go
