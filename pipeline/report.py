@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import re
+from collections.abc import Callable
 from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -457,6 +458,23 @@ def section_text(runs: pd.DataFrame, table: pd.DataFrame, figure: str | None = N
     return "\n".join(lines)
 
 
+def publish(
+    table: pd.DataFrame,
+    *,
+    csv_path: Path | None,
+    markdown_path: Path | None,
+    section: str,
+    text: Callable[[], str],
+) -> None:
+    """The rows as CSV, and ``text()`` (the table with its command, date and machine) as a
+    section of a Markdown file: what every measuring command writes."""
+    if csv_path is not None:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(csv_path, index=False)
+    if markdown_path is not None:
+        replace_section(markdown_path, section, text())
+
+
 def replace_section(path: Path, section: str, text: str) -> None:
     """Replace the text between this section's markers in ``path`` (or append it),
     leaving everything a person wrote around it untouched.
@@ -498,12 +516,11 @@ def report(
         raise UsageError("give at least one run directory")
     runs = collect([Path(p) for p in run_dirs])
     table = summarize(runs, baseline)
-    if csv_path is not None:
-        csv_path.parent.mkdir(parents=True, exist_ok=True)
-        runs.to_csv(csv_path, index=False)
     if plot_path is not None:
         temperature_plot(table, plot_path)
-    if markdown_path is not None:
-        figure = None if plot_path is None else os.path.relpath(plot_path, markdown_path.parent)
-        replace_section(markdown_path, section, section_text(runs, table, figure))
+    figure = None
+    if plot_path is not None and markdown_path is not None:
+        figure = os.path.relpath(plot_path, markdown_path.parent)
+    publish(runs, csv_path=csv_path, markdown_path=markdown_path, section=section,
+            text=lambda: section_text(runs, table, figure))  # fmt: skip
     return table
