@@ -28,8 +28,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline.cache import load_soft_labels
-from pipeline.cache.stream import decoded_bytes, decoded_bytes_per_row, open_soft_labels
+from pipeline.cache import load_soft_labels, read_manifest
+from pipeline.cache.stream import StreamedSoftLabels, decoded_bytes, decoded_bytes_per_row
 from pipeline.data import load_dataset, select_rows
 from pipeline.distributed import SINGLE
 from pipeline.errors import UsageError
@@ -185,9 +185,16 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.Dat
     # P2, P3: one student from the cache, on hard labels, and online; same rows and epochs,
     # the three runs alternated, each epoch time the fastest of its timed epochs
     student = {"model": config.student, **common, **timed}
+    manifest = read_manifest(cache_path)
+    chunk_bytes = manifest.chunk_size * decoded_bytes_per_row(manifest)
+    budget = max(decoded_bytes(manifest) // 4, 3 * chunk_bytes)  # a quarter, or 3 chunks
     arms = {
         "cached": lambda out: train_student(
             TrainConfig(out=out, cache=str(cache_path), alpha=0.5, **student)
+        ),
+        # the same, streamed from disk (when the budget is below the cache's size)
+        "streamed": lambda out: train_student(
+            TrainConfig(out=out, cache=str(cache_path), alpha=0.5, cache_memory=budget, **student)
         ),
         "hard": lambda out: train_model(
             TrainConfig(out=out, subset=config.fraction, subset_seed=0, **student)
@@ -204,6 +211,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.Dat
             )
         ),
     }
+    if budget >= decoded_bytes(manifest):
+        del arms["streamed"]  # a cache this small is read whole whatever the budget
     epoch_times: dict[str, list[float]] = {name: [] for name in arms}
     for round_index in range(config.repeats):
         for name, run in arms.items():
@@ -218,6 +227,10 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.Dat
     record("hard_epoch_s", hard, "s", "the same student on hard labels")
     record("online_epoch_s", online, "s", "online distillation epoch (LogitDistillationTask)")
     record("P2", cached / hard, "ratio", "cached epoch / hard-label epoch (target <= 1.05)")
+    if "streamed" in arms:
+        record("P4_train_streamed", min(epoch_times["streamed"]) / cached, "ratio",
+               "cached epoch streamed from disk (--cache-memory a quarter of the cache) / "
+               "read from memory")  # fmt: skip
     record("P3", online / cached, "ratio", "online epoch / cached epoch")
     record("P3_ideal", (forward + hard) / hard, "ratio",
            "(teacher forward + student step) / student step")  # fmt: skip
@@ -225,11 +238,9 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.Dat
     # P4: reading batches of soft labels (with their images), in memory and streamed
     student_rate = len(rows) / cached
     soft = load_soft_labels(cache_path)
-    chunk_bytes = soft.manifest.chunk_size * decoded_bytes_per_row(soft.manifest)
-    budget = max(decoded_bytes(soft.manifest) // 4, 2 * chunk_bytes)  # a quarter, or 2 chunks
     for label, opened in (
         ("memory", soft),
-        ("streamed", open_soft_labels(cache_path, budget, log=lambda line: None)),
+        ("streamed", StreamedSoftLabels(cache_path, budget)),  # streamed even if it would fit
     ):
         data = TrainData(images=train_set.images, dataset_labels=train_set.labels,
                          rows=opened.indices, labels=opened.labels,

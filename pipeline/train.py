@@ -25,6 +25,7 @@ from pipeline.cache.store import utc_now
 from pipeline.cache.stream import (
     StreamedRows,
     StreamedSoftLabels,
+    chunk_plan,
     open_soft_labels,
     windowed_order,
 )
@@ -288,7 +289,9 @@ class TrainData:
         if streamed is None:
             return torch.randperm(len(self), generator=generator)
         reader = streamed.reader
-        return windowed_order(streamed.rows, reader.chunk_size, reader.window, seed, epoch)
+        order = windowed_order(streamed.rows, reader.chunk_size, reader.window, seed, epoch)
+        reader.plan = chunk_plan(streamed.rows, order, reader.chunk_size)  # read ahead in it
+        return order
 
     def on_device(self, device: torch.device, jitter: int) -> TrainData | None:
         """This data moved whole onto a GPU, or None where that does not pay or cannot be.

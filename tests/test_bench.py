@@ -17,7 +17,7 @@ def test_bench_writes_every_ratio(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     table = pd.read_csv(csv)
     names = set(table["name"])
-    for name in ("P1", "P2", "P3", "P3_ideal", "P4_memory", "P4_streamed",
+    for name in ("P1", "P2", "P3", "P3_ideal", "P4_memory", "P4_streamed", "P4_train_streamed",
                  "P5_bytes_dense_float32", "P5_bytes_dense_float16", "P5_bytes_top-1_float16",
                  "P5_cost_S1", "P5_cost_S4", "P5_cost_S16"):  # fmt: skip
         assert name in names, name

@@ -16,8 +16,10 @@ chunk.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +61,16 @@ def decoded_bytes(manifest: Manifest) -> int:
 
 
 class ChunkReader:
-    """Reads whole chunks of a complete cache's per-view arrays, verified, on demand: an
-    array no one asks for (the view parameters of a cache without views) is never read.
-    Keeps the most recently used ``capacity`` chunks of each array."""
+    """Reads whole chunks of a complete cache's per-view arrays, verified, on demand, and
+    reads the next window ahead in a thread while the current one is trained on.
+
+    An array no one asks for (the view parameters of a cache without views) is never
+    read. Each array read has a buffer of ``2 * window`` chunk slots (the window being
+    trained on and the one before or after it), filled least recently used first, so
+    that a batch is one gather from the buffer whatever chunks its rows live in; the
+    window read ahead waits outside the buffer. Memory: at most three windows of
+    chunks per array read, which is what the budget is divided by.
+    """
 
     def __init__(
         self,
@@ -74,31 +83,87 @@ class ChunkReader:
         self.path, self.manifest, self.arrays = path, manifest, arrays
         self.window, self.capacity = window, 2 * window
         self.temperature = temperature
-        self.resident: dict[str, OrderedDict[int, torch.Tensor]] = {
-            name: OrderedDict() for name in PER_VIEW
-        }
-        self.resident_bytes = self.peak_bytes = self.chunks_read = 0
+        num_chunks = -(-manifest.num_samples // manifest.chunk_size)
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.slot_of = {name: torch.full((num_chunks,), -1) for name in PER_VIEW}
+        self.used: dict[str, OrderedDict[int, int]] = {n: OrderedDict() for n in PER_VIEW}
+        self.ahead: dict[str, dict[int, Future]] = {name: {} for name in PER_VIEW}
+        self.plan: list[int] = []  # the epoch's chunks in the order it reaches them
+        self.chunks_read = self.chunks_ahead = self.peak_bytes = 0  # chunks_ahead: read ahead
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
 
     @property
     def chunk_size(self) -> int:
         return self.manifest.chunk_size
 
-    def chunk(self, name: str, index: int) -> torch.Tensor:
-        """Chunk ``index`` of ``name`` (targets: float32 log-probabilities at the reader's
-        temperature; views; partners)."""
-        resident = self.resident[name]
-        if index in resident:
-            resident.move_to_end(index)
-            return resident[index]
-        loaded = self._read(name, index)
-        while len(resident) >= self.capacity:
-            _, dropped = resident.popitem(last=False)
-            self.resident_bytes -= dropped.element_size() * dropped.nelement()
-        resident[index] = loaded
-        self.resident_bytes += loaded.element_size() * loaded.nelement()
-        self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
-        self.chunks_read += 1
-        return loaded
+    def gather(self, name: str, rows: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        """``array[rows, views]`` for cache rows ``rows``: their chunks made resident (read
+        ahead if they were planned), then one gather from the slots."""
+        step = self.chunk_size
+        chunks = rows // step
+        needed = chunks.unique().tolist()
+        slot_of = self.slot_of[name]
+        for index in needed:
+            if int(slot_of[index]) < 0:
+                self._load(name, index, keep=needed)
+            self.used[name].move_to_end(index)
+        buffer = self.buffers[name]
+        return buffer[slot_of[chunks] * step + rows - chunks * step, views]
+
+    def _load(self, name: str, index: int, keep: list[int]) -> None:
+        pending = self.ahead[name].pop(index, None)
+        self.chunks_ahead += pending is not None
+        values = pending.result() if pending is not None else self._read(name, index)
+        if name not in self.buffers:
+            self.buffers[name] = torch.empty(
+                (self.capacity * self.chunk_size, *values.shape[1:]), dtype=values.dtype
+            )
+        used, slot_of = self.used[name], self.slot_of[name]
+        victim = next((chunk for chunk in used if chunk not in keep), None)
+        if len(used) < self.buffers[name].shape[0] // self.chunk_size:
+            slot = len(used)
+        elif victim is not None:  # the least recently used chunk this batch does not need
+            slot = used.pop(victim)
+            slot_of[victim] = -1
+        else:  # one batch spans more chunks than two windows: one more slot, over budget
+            buffer = self.buffers[name]
+            self.buffers[name] = torch.cat([buffer, torch.empty_like(buffer[: self.chunk_size])])
+            slot = len(used)
+        start = slot * self.chunk_size
+        self.buffers[name][start : start + len(values)] = values
+        used[index] = slot
+        slot_of[index] = slot
+        self._read_ahead(name, index)
+
+    def _read_ahead(self, name: str, index: int) -> None:
+        """Start reading the window that follows chunk ``index`` in the plan."""
+        if index not in self.plan:
+            return
+        position = self.plan.index(index)
+        upcoming = self.plan[position + 1 : position + 1 + self.window]
+        pool = self._executor()
+        for chunk in upcoming:
+            if int(self.slot_of[name][chunk]) < 0 and chunk not in self.ahead[name]:
+                self.ahead[name][chunk] = pool.submit(self._read, name, chunk)
+        self._account()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        # one per process: a DataLoader worker forked from this one has no threads
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdpipe-reader")
+            self._pool_pid = os.getpid()
+            self.ahead = {name: {} for name in PER_VIEW}
+        return self._pool
+
+    def _account(self) -> None:
+        row_bytes = {
+            name: b[0].element_size() * b[0].nelement() for name, b in self.buffers.items()
+        }
+        total = sum(b.element_size() * b.nelement() for b in self.buffers.values())
+        total += sum(len(self.ahead[name]) * self.chunk_size * size
+                     for name, size in row_bytes.items())  # fmt: skip
+        self.peak_bytes = max(self.peak_bytes, total)
 
     def _array(self, name: str, index: int) -> np.ndarray:
         step = self.manifest.chunk_size
@@ -112,6 +177,7 @@ class ChunkReader:
             ) from None
 
     def _read(self, name: str, index: int) -> torch.Tensor:
+        self.chunks_read += 1
         if name != "targets":
             return torch.from_numpy(self._array(name, index))
         manifest = self.manifest
@@ -154,20 +220,9 @@ class StreamedRows:
             raise TypeError("index a streamed cache array as [positions, views] or [mask]")
         positions, views = key
         rows = self.rows[positions]
-        views = torch.as_tensor(views).expand(len(rows))
-        step = self.reader.chunk_size
-        chunks = rows // step
-        out = None
-        for index in chunks.unique().tolist():
-            where = (chunks == index).nonzero().flatten()
-            values = self.reader.chunk(self.name, index)
-            picked = values[rows[where] - index * step, views[where]]
-            if out is None:
-                out = torch.empty((len(rows), *picked.shape[1:]), dtype=picked.dtype)
-            out[where] = picked
-        if out is None:
+        if not len(rows):
             return torch.empty((0, *self.shape[2:]))
-        return out
+        return self.reader.gather(self.name, rows, torch.as_tensor(views).expand(len(rows)))
 
 
 def windowed_order(
@@ -185,6 +240,15 @@ def windowed_order(
     return torch.argsort(windows + torch.rand(len(rows), generator=generator, dtype=torch.float64))
 
 
+def chunk_plan(rows: torch.Tensor, order: torch.Tensor, chunk_size: int) -> list[int]:
+    """The chunks of an epoch in the order its rows first reach them."""
+    chunks = rows[order] // chunk_size
+    first = torch.full((int(chunks.max()) + 1,), len(chunks), dtype=torch.long)
+    first.scatter_reduce_(0, chunks, torch.arange(len(chunks)), reduce="amin")
+    reached = first < len(chunks)
+    return torch.arange(len(first))[reached][torch.argsort(first[reached])].tolist()
+
+
 class StreamedSoftLabels:
     """A complete cache opened for streaming: what :class:`SoftLabels` offers to training,
     with the per-view arrays read chunk by chunk."""
@@ -194,11 +258,11 @@ class StreamedSoftLabels:
         self.manifest, self.arrays = open_complete(self.path)
         manifest = self.manifest
         chunk_bytes = manifest.chunk_size * decoded_bytes_per_row(manifest)
-        window = memory // (2 * chunk_bytes)
+        window = memory // (3 * chunk_bytes)  # two resident windows and one read ahead
         if window < 1:
             raise UsageError(
-                f"--cache-memory {memory} bytes is less than two chunks of {self.path} "
-                f"({2 * chunk_bytes} bytes decoded): raise it, or cache again with a smaller "
+                f"--cache-memory {memory} bytes is less than three chunks of {self.path} "
+                f"({3 * chunk_bytes} bytes decoded): raise it, or cache again with a smaller "
                 "--chunk-size"
             )
         self.window = window
