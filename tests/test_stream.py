@@ -125,3 +125,20 @@ def test_streamed_top_k_cache_is_not_retempered(teacher_run: Path, tmp_path: Pat
     assert result.exit_code == 0, result.output
     with pytest.raises(CacheError, match="cannot be re-tempered to T=2"):
         StreamedSoftLabels(out, 20_000).log_probs(2.0)
+
+
+def test_dataloader_workers_stream_the_same_batches(train_cache: Path) -> None:
+    """Workers forked while the parent reads ahead read for themselves, and agree with it."""
+    soft = StreamedSoftLabels(train_cache, 30_000)
+    data = TrainData(
+        images=torch.zeros(600, 1, 4, 4, dtype=torch.uint8),
+        dataset_labels=soft.labels,
+        rows=soft.indices,
+        labels=soft.labels,
+        targets=soft.log_probs(),
+    )
+    batches = EpochBatches(data, data.epoch_order(torch.Generator(), 0, 1), 50, 1, 0, SINGLE)
+    inline = [b["targets"] for b in batches.load(workers=0, pin_memory=False)]
+    forked = [b["targets"] for b in batches.load(workers=2, pin_memory=False)]
+    assert len(forked) == 12
+    assert all(torch.equal(a, b) for a, b in zip(inline, forked, strict=True))

@@ -112,6 +112,7 @@ class ChunkReader:
         return buffer[slot_of[chunks] * step + rows - chunks * step, views]
 
     def _load(self, name: str, index: int, keep: list[int]) -> None:
+        self._executor()  # in a forked DataLoader worker: drop the parent's reads in flight
         pending = self.ahead[name].pop(index, None)
         self.chunks_ahead += pending is not None
         values = pending.result() if pending is not None else self._read(name, index)
