@@ -581,7 +581,12 @@ def fit(
         if resident is not None:
             order = order.to(device)  # batches are then sliced and gathered on the GPU
         batches = EpochBatches(
-            resident or data, order, config.batch_size, epoch, config.seed, world
+            resident if resident is not None else data,
+            order,
+            config.batch_size,
+            epoch,
+            config.seed,
+            world,
         )
         for batch_index, gathered in enumerate(
             tqdm(
