@@ -6,12 +6,13 @@ arrays (soft labels, view parameters, partners) are read a chunk at a time,
 the chunk being the unit zarr stores, checksums and decompresses. An epoch
 visits the chunks in a shuffled order, a window of ``W`` chunks at a time, and
 the rows of a window in a shuffled order (:func:`windowed_order`): every row
-once per epoch, and never more than two windows of chunks in memory. ``W`` is
-the largest window for which two fit in the budget.
+once per epoch. Two windows are held in slot buffers and the next one is read
+ahead in a thread, so ``W`` is the largest window for which three fit in the
+budget.
 
-Random-row reads would cost about a full read per epoch *per window*; whole
-chunks in a shuffled order cost one full read per epoch, sequential within a
-chunk.
+Rows drawn at random from the whole cache would decode a whole chunk for a
+few rows each, about a full read of the cache per batch; whole chunks in a
+shuffled order cost one full read per epoch.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class ChunkReader:
         elif victim is not None:  # the least recently used chunk this batch does not need
             slot = used.pop(victim)
             slot_of[victim] = -1
-        else:  # one batch spans more chunks than two windows: one more slot, over budget
+        else:  # one batch spans more chunks than the slots: one more slot, over budget
             buffer = self.buffers[name]
             self.buffers[name] = torch.cat([buffer, torch.empty_like(buffer[: self.chunk_size])])
             slot = len(used)
