@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from pipeline.cache import load_soft_labels, read_manifest
-from pipeline.cache.stream import StreamedSoftLabels, decoded_bytes, decoded_bytes_per_row
+from pipeline.cache.stream import StreamedSoftLabels, decoded_bytes, smallest_budget
 from pipeline.data import load_dataset, select_rows
 from pipeline.distributed import SINGLE
 from pipeline.errors import UsageError
@@ -186,8 +186,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.Dat
     # the three runs alternated, each epoch time the fastest of its timed epochs
     student = {"model": config.student, **common, **timed}
     manifest = read_manifest(cache_path)
-    chunk_bytes = manifest.chunk_size * decoded_bytes_per_row(manifest)
-    budget = max(decoded_bytes(manifest) // 4, 3 * chunk_bytes)  # a quarter, or 3 chunks
+    budget = max(decoded_bytes(manifest) // 4, smallest_budget(manifest))  # a quarter at most
     arms = {
         "cached": lambda out: train_student(
             TrainConfig(out=out, cache=str(cache_path), alpha=0.5, **student)

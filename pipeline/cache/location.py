@@ -41,12 +41,6 @@ class Location:
     def __repr__(self) -> str:
         return f"Location({self.url!r})"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Location) and self.url == other.url
-
-    def __hash__(self) -> int:
-        return hash(self.url)
-
     @property
     def zarr_path(self) -> str:
         """What ``zarr.open_group`` takes: the local path, or the URL."""

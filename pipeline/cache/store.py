@@ -79,7 +79,6 @@ class CacheWriter:
         self, path: str | Path | Location, manifest: Manifest, *, resume: bool = False
     ) -> None:
         self.location = Location(path)
-        self.path = self.location  # for messages: the path or URL as given
         self.manifest = manifest
         self.names = tuple(array_specs(manifest))
         if resume:  # KeyError when an array was never created
@@ -330,24 +329,45 @@ def retemper(logprobs: torch.Tensor, stored: float, wanted: float) -> torch.Tens
     return torch.log_softmax(logprobs * (stored / wanted), dim=-1)
 
 
-def _read_array(path: str | Path | Location, array: zarr.Array, name: str) -> np.ndarray:
-    """Read chunk by chunk so that damage is reported with the chunk that holds it."""
-    out = np.empty(array.shape, dtype=array.dtype)
+def read_chunk(path: str | Path | Location, array: zarr.Array, name: str, index: int) -> np.ndarray:
+    """Chunk ``index`` of ``array`` along the rows; damage is reported with that chunk."""
     step = array.chunks[0]
-    for index, start in enumerate(range(0, array.shape[0], step)):
-        try:
-            out[start : start + step] = array[start : start + step]
-        except Exception as exc:  # zarr raises bare ValueErrors/RuntimeErrors for bad bytes
-            raise CacheError(
-                f"{path}: chunk {index} of {name!r} (rows {start}-"
-                f"{min(start + step, array.shape[0]) - 1}) is corrupt: {exc}"
-            ) from None
+    start, stop = index * step, min((index + 1) * step, array.shape[0])
+    try:
+        return array[start:stop]
+    except Exception as exc:  # zarr raises bare ValueErrors/RuntimeErrors for bad bytes
+        raise CacheError(
+            f"{path}: chunk {index} of {name!r} (rows {start}-{stop - 1}) is corrupt: {exc}"
+        ) from None
+
+
+def check_present(path: str | Path | Location, array: zarr.Array, name: str) -> None:
+    """Every chunk of ``array`` exists: zarr reads a missing one as fill values, silently."""
     initialized = array.nchunks_initialized
     if initialized != array.nchunks:
         raise CacheError(
             f"{path}: {array.nchunks - initialized} chunk(s) of {name!r} are missing on disk "
             "(zarr would read them as fill values)"
         )
+
+
+def check_flagged(path: str | Path | Location, arrays: dict[str, zarr.Array]) -> None:
+    """Every chunk's progress flag is set, as the manifest's ``complete`` promises."""
+    unflagged = np.flatnonzero(_read_array(path, arrays[PROGRESS], PROGRESS) != 1)
+    if len(unflagged):
+        raise CacheError(
+            f"{path}: chunk(s) {', '.join(map(str, unflagged[:10]))} are not flagged "
+            "as written, although the manifest says complete"
+        )
+
+
+def _read_array(path: str | Path | Location, array: zarr.Array, name: str) -> np.ndarray:
+    """Read chunk by chunk so that damage is reported with the chunk that holds it."""
+    out = np.empty(array.shape, dtype=array.dtype)
+    step = array.chunks[0]
+    for index, start in enumerate(range(0, array.shape[0], step)):
+        out[start : start + step] = read_chunk(path, array, name, index)
+    check_present(path, array, name)
     return out
 
 
@@ -363,12 +383,7 @@ def load_soft_labels(path: str | Path | Location) -> SoftLabels:
         raise CacheError(
             f"{path}: NaN or Inf soft labels at row(s) {', '.join(map(str, not_finite[:10]))}"
         )
-    unflagged = np.flatnonzero(_read_array(path, arrays[PROGRESS], PROGRESS) != 1)
-    if len(unflagged):
-        raise CacheError(
-            f"{path}: chunk(s) {', '.join(map(str, unflagged[:10]))} are not flagged "
-            "as written, although the manifest says complete"
-        )
+    check_flagged(path, arrays)
     for name, (shape, _, _) in array_specs(manifest).items():
         if data[name].shape != shape:
             raise CacheError(

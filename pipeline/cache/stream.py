@@ -30,12 +30,14 @@ import zarr
 from pipeline.cache.format import Manifest, array_specs
 from pipeline.cache.location import Location
 from pipeline.cache.store import (
-    PROGRESS,
     SoftLabels,
     _read_array,
+    check_flagged,
+    check_present,
     check_temperature,
     load_soft_labels,
     open_complete,
+    read_chunk,
     read_manifest,
     to_log_probs,
 )
@@ -55,6 +57,12 @@ def human_bytes(size: int) -> str:
         if size >= scale:
             return f"{size / scale:.1f} {unit}"
     return f"{size} bytes"
+
+
+def smallest_budget(manifest: Manifest) -> int:
+    """The least ``--cache-memory`` that streams: three chunks decoded (the window being
+    trained on, the one before it and the one read ahead, of one chunk each)."""
+    return 3 * manifest.chunk_size * decoded_bytes_per_row(manifest)
 
 
 def decoded_bytes(manifest: Manifest) -> int:
@@ -168,15 +176,7 @@ class ChunkReader:
         self.peak_bytes = max(self.peak_bytes, total)
 
     def _array(self, name: str, index: int) -> np.ndarray:
-        step = self.manifest.chunk_size
-        start, stop = index * step, min((index + 1) * step, self.manifest.num_samples)
-        try:
-            return self.arrays[name][start:stop]
-        except Exception as exc:  # zarr raises bare ValueErrors for bad bytes
-            raise CacheError(
-                f"{self.path}: chunk {index} of {name!r} (rows {start}-{stop - 1}) is "
-                f"corrupt: {exc}"
-            ) from None
+        return read_chunk(self.path, self.arrays[name], name, index)
 
     def _read(self, name: str, index: int) -> torch.Tensor:
         self.chunks_read += 1
@@ -259,30 +259,20 @@ class StreamedSoftLabels:
         self.path = Location(path)
         self.manifest, self.arrays = open_complete(self.path)
         manifest = self.manifest
-        chunk_bytes = manifest.chunk_size * decoded_bytes_per_row(manifest)
-        window = memory // (3 * chunk_bytes)  # two resident windows and one read ahead
-        if window < 1:
+        smallest = smallest_budget(manifest)
+        if memory < smallest:
             raise UsageError(
                 f"--cache-memory {memory} bytes is less than three chunks of {self.path} "
-                f"({3 * chunk_bytes} bytes decoded): raise it, or cache again with a smaller "
+                f"({smallest} bytes decoded): raise it, or cache again with a smaller "
                 "--chunk-size"
             )
+        window = memory // smallest  # two resident windows and one read ahead
         self.window = window
         self.labels = torch.from_numpy(_read_array(self.path, self.arrays["labels"], "labels"))
         self.indices = torch.from_numpy(_read_array(self.path, self.arrays["indices"], "indices"))
-        unflagged = np.flatnonzero(self.arrays[PROGRESS][:] != 1)
-        if len(unflagged):
-            raise CacheError(
-                f"{self.path}: chunk(s) {', '.join(map(str, unflagged[:10]))} are not flagged "
-                "as written, although the manifest says complete"
-            )
+        check_flagged(self.path, self.arrays)
         for name in array_specs(manifest):
-            array = self.arrays[name]
-            if array.nchunks_initialized != array.nchunks:
-                raise CacheError(
-                    f"{self.path}: {array.nchunks - array.nchunks_initialized} chunk(s) of "
-                    f"{name!r} are missing on disk (zarr would read them as fill values)"
-                )
+            check_present(self.path, self.arrays[name], name)
         self.reader = ChunkReader(self.path, manifest, self.arrays, window, None)
         every = torch.arange(manifest.num_samples)
         self.views = StreamedRows(self.reader, "views", every)
