@@ -523,9 +523,10 @@ def fit(
     if done:
         log(f"{run_dir}: resuming after epoch {done}")
 
+    patience = config.early_stopping
+
     def end_epoch(epoch: int, lr: float, sums: dict, started: float) -> dict:
         """Score the epoch, append its metrics row, save the checkpoint (rank 0's work)."""
-        patience = config.early_stopping
         test_accuracy, test_errors = float("nan"), None
         scored = epoch % config.eval_every == 0 or epoch == config.epochs
         if test_set is not None and scored:
@@ -561,7 +562,6 @@ def fit(
         )
         return row
 
-    patience = config.early_stopping
     for epoch in range(done + 1, config.epochs + 1):
         if patience is not None:  # also stops a resumed run that had already stopped
             best_epoch, stop = early_stop(rows, patience)
@@ -629,14 +629,14 @@ def fit(
             # the host wait for every step before it prepares the next batch
             size = len(labels) if weight else 0
             known = (labels >= 0) & (weight > 0)
+            loss = terms["loss"].detach().double()
             sums += torch.stack([
-                terms["loss"].detach().double() * size,
+                loss * size,
                 terms["hard"].detach().double() * size if "hard" in terms else nan,
                 terms["soft"].detach().double() * size if "soft" in terms else nan,
                 ((logits.argmax(-1) == labels) & known).sum().double(),
                 known.sum().double(),
             ])  # fmt: skip
-            loss = terms["loss"].detach().double()
             first_bad = torch.where(  # the first batch whose loss is not finite, and that loss
                 (first_bad[0] < 0) & ~torch.isfinite(loss),
                 torch.stack([torch.zeros_like(loss) + batch_index, loss]),
@@ -649,12 +649,9 @@ def fit(
                 f"training diverged in epoch {epoch}, batch {int(bad_batch) + 1}: "
                 f"the loss is {bad_loss}; lower --lr (now {config.lr:g})"
             )
-        sums = dict(zip(SUM_KEYS, sums.tolist(), strict=True))
+        sums = dict(zip(SUM_KEYS, world.all_sum(sums).tolist(), strict=True))
         scheduler.step(epoch)
-        if world.active:
-            totals = world.all_sum(torch.tensor([sums[k] for k in SUM_KEYS])).tolist()
-            sums = dict(zip(SUM_KEYS, totals, strict=True))
-            world.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, as evaluated
+        world.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, as evaluated
         row = world.on_main(end_epoch, epoch, lr, sums, started)
         if not world.is_main:
             rows.append(row)
