@@ -34,7 +34,7 @@ from pipeline.data import load_dataset, select_rows
 from pipeline.distributed import SINGLE
 from pipeline.errors import UsageError
 from pipeline.runs import load_model, read_config
-from pipeline.runtime import autocast, prepare_input, resolve_device, resolve_precision
+from pipeline.runtime import predict_logits, resolve_device, resolve_precision
 from pipeline.storage import storage_table
 from pipeline.teach import CacheConfig, cache_teacher
 from pipeline.train import (
@@ -105,24 +105,6 @@ def _epoch_seconds(run_dir: Path) -> list[float]:
     return [float(v) for v in rows["seconds"].iloc[1:-1]]
 
 
-@torch.inference_mode()
-def bare_teacher_loop(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    data_config: object,
-    device: torch.device,
-    batch_size: int,
-    precision: str,
-) -> None:
-    """The least a teacher pass can cost: batches in, logits out to the host, nothing kept."""
-    model.eval()
-    for start in range(0, len(images), batch_size):
-        inputs = prepare_input(images[start : start + batch_size], data_config, device)
-        with autocast(device, precision):
-            logits = model(inputs)
-        logits.float().cpu()
-
-
 def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.DataFrame:
     """Run P1-P5; one row per measured quantity (name, value, unit, what it is)."""
     config.validate()
@@ -152,18 +134,13 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.Dat
     teacher, card = load_model(teacher_dir, device)
     images = train_set.images[rows_t]
 
-    # P1: the teacher pass against a bare inference loop, alternated, fastest of each
-    def bare() -> None:
-        bare_teacher_loop(teacher, images, card.data, device, config.batch_size, config.precision)
+    # P1: the teacher pass against a bare inference loop (batches in, logits out to the
+    # host, nothing else), alternated, fastest of each
+    def bare(batch_images: torch.Tensor) -> None:
+        predict_logits(teacher, batch_images, card.data, device=device,
+                       batch_size=config.batch_size, precision=config.precision)  # fmt: skip
 
-    bare_teacher_loop(
-        teacher,
-        images[: config.batch_size * 2],
-        card.data,
-        device,
-        config.batch_size,
-        config.precision,
-    )  # fmt: skip  (warm-up)
+    bare(images[: config.batch_size * 2])  # warm-up
     cache_path = out / "cache.zarr"
     cache_config = CacheConfig(
         teachers=(str(teacher_dir),), out=str(cache_path), temperature=4.0,
@@ -172,7 +149,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.Dat
     )  # fmt: skip
     bare_times, pass_times = [], []
     for _ in range(config.repeats):
-        bare_times.append(_timed(bare))
+        bare_times.append(_timed(lambda: bare(images)))
         pass_times.append(
             _timed(lambda: cache_teacher(cache_config, train_set, log=lambda line: None))
         )

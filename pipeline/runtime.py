@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import platform
-import shutil
 from importlib import metadata
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.cache.location import Location
 from pipeline.errors import OutputExistsError, UsageError
 from pipeline.models import DataConfig
 
@@ -58,18 +58,17 @@ def software_versions() -> dict:
     return versions
 
 
-def prepare_output(path: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless ``--overwrite``; call only once inputs are validated,
-    so that a bad input never costs the user what is already there."""
-    if path.exists():
+def prepare_output(path: str | Path | Location, overwrite: bool) -> None:
+    """Refuse an existing output (a folder, a file, or a cache at an fsspec URL) unless
+    ``--overwrite``; call only once inputs are validated, so that a bad input never costs
+    the user what is already there."""
+    location = Location(path)
+    if location.exists():
         if not overwrite:
             raise OutputExistsError(
-                f"{path} already exists: choose another path or pass --overwrite"
+                f"{location} already exists: choose another path or pass --overwrite"
             )
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        location.remove()
 
 
 def prepare_input(
@@ -94,13 +93,16 @@ def predict_logits(
     *,
     device: torch.device,
     batch_size: int = 512,
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """float32 logits ``(N, C)`` on the CPU, the model in eval mode."""
+    """float32 logits ``(N, C)`` on the CPU, the model in eval mode, its forward passes in
+    ``precision`` (:func:`autocast`)."""
     model.eval()
-    outputs = [
-        model(prepare_input(images[start : start + batch_size], data_config, device)).float().cpu()
-        for start in range(0, len(images), batch_size)
-    ]
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        with autocast(device, precision):
+            logits = model(prepare_input(images[start : start + batch_size], data_config, device))
+        outputs.append(logits.float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 

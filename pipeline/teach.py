@@ -52,6 +52,7 @@ from pipeline.runs import load_model
 from pipeline.runtime import (
     autocast,
     check_channels,
+    prepare_output,
     resolve_device,
     resolve_precision,
     software_versions,
@@ -390,12 +391,7 @@ def open_writer(
         except KeyError:
             # killed before its arrays were created: no chunk was flagged, start again
             overwrite = True
-    if out.exists():  # inputs are valid: only now touch the output
-        if not overwrite:
-            raise OutputExistsError(
-                f"{out} already exists: choose another path or pass --overwrite"
-            )
-        out.remove()
+    prepare_output(out, overwrite)  # inputs are valid: only now touch the output
     return CacheWriter(out, manifest)
 
 
