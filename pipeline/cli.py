@@ -107,7 +107,9 @@ def view_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def table_options(*, csv_help: str, section: str) -> Callable[..., Any]:
+def table_options(
+    *, csv_help: str, section: str | None, section_help: str = "Name of the section's markers."
+) -> Callable[..., Any]:
     """--csv, --markdown and --section: where a generated table goes."""
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -126,7 +128,7 @@ def table_options(*, csv_help: str, section: str) -> Callable[..., Any]:
                 default=None,
                 help="Replace this section of a Markdown file (or append it).",
             ),
-            click.option("--section", default=section, help="Name of the section's markers."),
+            click.option("--section", default=section, help=section_help),
         ]
         for option in reversed(options):
             command = option(command)
@@ -166,6 +168,14 @@ def data_options(command: Callable[..., Any], required: bool = True) -> Callable
     return command
 
 
+DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+WORKERS_OPTION = click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    help="DataLoader worker processes that build batches ahead of the step "
+    "(pinned for non-blocking copies on CUDA).",
+)
 PRECISION_OPTION = click.option(
     "--precision",
     type=click.Choice(["auto", "fp32", "bf16"]),
@@ -238,15 +248,9 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="kd_mlp only: hidden layer widths, e.g. 800,800.",
         ),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto"),
+        DEVICE_OPTION,
         PRECISION_OPTION,
-        click.option(
-            "--workers",
-            type=click.IntRange(min=0),
-            default=0,
-            help="DataLoader worker processes that build batches ahead of the step "
-            "(pinned for non-blocking copies on CUDA).",
-        ),
+        WORKERS_OPTION,
         click.option("--overwrite", is_flag=True, help="Replace --out if it exists."),
         click.option(
             "--resume",
@@ -424,7 +428,7 @@ def train_teacher_command(**options: Any) -> None:
     is_flag=True,
     help="Store no labels: students learn from the teacher alone (alpha 0).",
 )
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@DEVICE_OPTION
 @PRECISION_OPTION
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @reports_errors
@@ -538,7 +542,7 @@ def distill_online_command(**options: Any) -> None:
     default=None,
     help="Write the report to this file instead of the screen.",
 )
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@DEVICE_OPTION
 @reports_errors
 def evaluate_command(
     run_dir: str,
@@ -588,7 +592,7 @@ def evaluate_command(
     help="Search biases from -MAX to +MAX on the validation rows.",
 )
 @click.option("--step", type=POSITIVE, default=0.1, help="Spacing of the searched biases.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@DEVICE_OPTION
 @reports_errors
 def tune_bias_command(
     run_dir: str,
@@ -606,7 +610,7 @@ def tune_bias_command(
     The run must have been trained with --val-fraction: its held-out rows choose
     the bias, never the test set. Writes RUN_DIR/bias.json.
     """
-    from pipeline.bias import tune_bias
+    from pipeline.bias import BIAS_FILE, tune_bias
 
     result = tune_bias(
         Path(run_dir),
@@ -623,7 +627,7 @@ def tune_bias_command(
         f"(chosen on {result['chosen_on']['rows']} validation rows)\n"
         f"test errors {before['errors']} -> {after['errors']}; those classes right "
         f"{before['class_accuracy']:.4f} -> {after['class_accuracy']:.4f}\n"
-        f"wrote {Path(run_dir) / 'bias.json'}"
+        f"wrote {Path(run_dir) / BIAS_FILE}"
     )
 
 
@@ -719,7 +723,7 @@ def storage_command(
     help="The cache's teacher run directories, for --recompute.",
 )
 @click.option("--seed", type=int, default=0, help="Chooses the samples to recompute.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@DEVICE_OPTION
 @reports_errors
 def verify_command(
     cache_path: str,
@@ -846,19 +850,17 @@ def lineage_command(
     default=2,
     help="Rounds of every timed arm, alternated; the fastest counts (the machine is noisy).",
 )
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@DEVICE_OPTION
 @PRECISION_OPTION
-@click.option("--workers", type=click.IntRange(min=0), default=0)
-@click.option(
-    "--markdown",
-    type=click.Path(dir_okay=False),
-    help="Write the table into this file's bench-<device> section.",
+@WORKERS_OPTION
+@table_options(
+    csv_help="Write the rows here.",
+    section=None,
+    section_help="Name of the section's markers  [default: bench-<device>]",
 )
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the rows here.")
-@click.option("--section", help="Section name in --markdown  [default: bench-<device>]")
 @reports_errors
 def bench_command(
-    markdown: str | None, csv_path: str | None, section: str | None, **options: Any
+    markdown_path: Path | None, csv_path: Path | None, section: str | None, **options: Any
 ) -> None:
     """Time the pipeline: P1-P5 of docs/benchmarks.md, as ratios measured side by side.
 
@@ -869,10 +871,4 @@ def bench_command(
     """
     from pipeline.bench import BenchConfig, bench_report
 
-    bench_report(
-        BenchConfig(**options),
-        Path(markdown) if markdown else None,
-        Path(csv_path) if csv_path else None,
-        section=section,
-        log=_echo,
-    )
+    bench_report(BenchConfig(**options), markdown_path, csv_path, section=section, log=_echo)
