@@ -274,11 +274,11 @@ def to_markdown(table: pd.DataFrame) -> str:
             "model": table["architecture"],
             "teacher": table["teacher"].replace("", "—"),
             "soft labels": table["soft_labels"].replace("", "—"),
-            "α": table["alpha"].map(lambda v: "—" if pd.isna(v) else f"{v:g}"),
-            "T": table["T"].map(lambda v: "—" if pd.isna(v) else f"{v:g}"),
+            "α": _cells(table["alpha"], "{:g}"),
+            "T": _cells(table["T"], "{:g}"),
             "seeds": table["seeds"].replace("", "—"),
             "epochs": table["epochs"].replace("", "—"),
-            "train rows": table["train_rows"].map(lambda v: "—" if pd.isna(v) else f"{v:,.0f}"),
+            "train rows": _cells(table["train_rows"], "{:,.0f}"),
             "test errors (of 10,000)": [
                 f"{m:.1f} ± {sd:.1f}" if len(seeds.split()) > 1 else f"{m:.0f}"
                 for m, sd, seeds in zip(
@@ -286,26 +286,18 @@ def to_markdown(table: pd.DataFrame) -> str:
                 )
             ],
             "test accuracy": table["test_accuracy_mean"].map(lambda v: f"{v:.4f}"),
-            "minutes / run": table["minutes_per_run"].map(
-                lambda v: "—" if pd.isna(v) else f"{v:.1f}"
-            ),
+            "minutes / run": _cells(table["minutes_per_run"], "{:.1f}"),
         }
     )
     if "bias_mean" in table:
         biased = table["bias_mean"].notna()
         shown["class"] = table["bias_classes"].where(biased, "—")
         shown["class right, before bias"] = _percent(table["class_accuracy_before"], biased)
-        shown["bias (on validation)"] = table["bias_mean"].map(
-            lambda v: "—" if pd.isna(v) else f"{v:+.2f}"
-        )
+        shown["bias (on validation)"] = _cells(table["bias_mean"], "{:+.2f}")
         shown["class right, after bias"] = _percent(table["class_accuracy_after"], biased)
-        shown["test errors after bias"] = table["test_errors_after_bias"].map(
-            lambda v: "—" if pd.isna(v) else f"{v:.1f}"
-        )
+        shown["test errors after bias"] = _cells(table["test_errors_after_bias"], "{:.1f}")
     if "gap_recovered" in table:
-        shown["gap recovered"] = table["gap_recovered"].map(
-            lambda v: "—" if v is None or pd.isna(v) else f"{v:.0%}"
-        )
+        shown["gap recovered"] = _cells(table["gap_recovered"], "{:.0%}")
     return shown.to_markdown(index=False, disable_numparse=True)  # cells are formatted
 
 
@@ -349,6 +341,11 @@ def temperature_plot(table: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _cells(values: pd.Series, fmt: str) -> pd.Series:
+    """Each value formatted with ``fmt``, or a dash where there is none."""
+    return values.map(lambda v: "—" if v is None or pd.isna(v) else fmt.format(v))
 
 
 def _percent(values: pd.Series, shown: pd.Series) -> pd.Series:
