@@ -87,7 +87,16 @@ def view_options(command: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Choice(["none", "flip", "shift-flip", "crop-flip"]),
             default="none",
             help="Augmentation of each view: flips, whole-pixel shifts up to 1/8 of the side, "
-            "or random-resized crops (area 25-100 %), each with a random left-right flip.",
+            "or random-resized crops (area in --crop-scale), each with a random left-right flip.",
+        ),
+        click.option(
+            "--crop-scale",
+            type=click.FloatRange(0, 1, min_open=True),
+            nargs=2,
+            default=(0.25, 1.0),  # views.CROP_SCALE (not imported here: it imports torch)
+            show_default=True,
+            metavar="MIN MAX",
+            help="crop-flip: each crop covers a random share of the image's area in this range.",
         ),
         click.option(
             "--mix",
@@ -441,6 +450,7 @@ def cache_teacher_command(
     augment: str,
     mix: str,
     mix_alpha: float,
+    crop_scale: tuple[float, float],
     **options: Any,
 ) -> None:
     """Run the teacher(s) once over a dataset split; store log_softmax(z/T) in a Zarr cache.
@@ -454,7 +464,7 @@ def cache_teacher_command(
 
     config = CacheConfig(
         **{**options, "teachers": tuple(options["teachers"])},
-        policy=ViewPolicy(augment, mix, mix_alpha),
+        policy=ViewPolicy(augment, mix, mix_alpha, crop_scale),
     )
     dataset = _load_data(data, split, data_root, image_size, channels)
     cache_teacher(config, dataset, log=click.echo)

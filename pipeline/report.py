@@ -63,14 +63,16 @@ def command_line(config: dict, *, seed_placeholder: bool = False) -> str:
     required = REQUIRED.get(command, set())  # shown even at their defaults
     for name, default in defaults.items():
         value = config.get(name, default)
+        if isinstance(value, list):  # JSON has no tuples
+            value = tuple(value)
         if seed_placeholder and name == "seed":
             value = "SEED"
         elif seed_placeholder and name == "out":
             value = SEED_SUFFIX.sub("-sSEED", str(value))
         elif name == "overwrite" or value is None or (value == default and name not in required):
             continue
-        if isinstance(value, list):
-            value = ",".join(str(v) for v in value)
+        if isinstance(value, tuple):  # --crop-scale MIN MAX; --hidden-sizes 256,128
+            value = (" " if name == "crop_scale" else ",").join(f"{v:g}" for v in value)
         parts.append(f"--{FLAG_NAMES.get(name, name).replace('_', '-')} {value}")
     return " ".join(parts)
 
@@ -385,6 +387,8 @@ def cache_command(path: Path) -> str | None:
         parts.append(f"--views {manifest.num_views}")
     if views["augment"] != "none":
         parts.append(f"--augment {views['augment']}")
+    if "crop_scale" in views:
+        parts.append("--crop-scale {:g} {:g}".format(*views["crop_scale"]))
     if views["mix"] != "none":
         parts.append(f"--mix {views['mix']} --mix-alpha {views['mix_alpha']:g}")
     if transfer["subset"] is not None:

@@ -78,7 +78,14 @@ from pipeline.runtime import (
     resolve_device,
     software_versions,
 )
-from pipeline.views import PLAIN, ViewPolicy, sample_views, view_input, view_schedule
+from pipeline.views import (
+    CROP_SCALE,
+    PLAIN,
+    ViewPolicy,
+    sample_views,
+    view_input,
+    view_schedule,
+)
 
 METRIC_COLUMNS = (
     "epoch",
@@ -125,6 +132,7 @@ class TrainConfig:
     augment: str = "none"  # fresh random views each step (not from a cache)
     mix: str = "none"
     mix_alpha: float = 1.0
+    crop_scale: tuple[float, float] = CROP_SCALE
     device: str = "auto"
     precision: str = "auto"  # bf16 autocast on CUDA, float32 on the CPU (runtime.autocast)
     workers: int = 0  # DataLoader worker processes that build batches ahead
@@ -181,7 +189,7 @@ class TrainConfig:
 
     @property
     def policy(self) -> ViewPolicy:
-        return ViewPolicy(self.augment, self.mix, self.mix_alpha)
+        return ViewPolicy(self.augment, self.mix, self.mix_alpha, tuple(self.crop_scale))
 
     def load(self, split: str) -> ImageSet:
         return load_dataset(

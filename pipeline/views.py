@@ -51,6 +51,7 @@ class ViewPolicy:
     augment: str = "none"
     mix: str = "none"
     mix_alpha: float = 1.0
+    crop_scale: tuple[float, float] = CROP_SCALE  # crop-flip: range of the crop's area
 
     def validate(self) -> None:
         if self.augment not in AUGMENTS:
@@ -61,13 +62,27 @@ class ViewPolicy:
             raise UsageError(f"--mix must be one of {', '.join(MIXES)}, not {self.mix!r}")
         if not self.mix_alpha > 0:
             raise UsageError(f"--mix-alpha must be > 0, not {self.mix_alpha}")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise UsageError(
+                f"--crop-scale must be two area fractions 0 < MIN <= MAX <= 1, not {low:g} {high:g}"
+            )
+        if self.crop_scale != CROP_SCALE and self.augment != "crop-flip":
+            raise UsageError(
+                f"--crop-scale sets the crops of --augment crop-flip, not of {self.augment!r}"
+            )
 
     @property
     def is_identity(self) -> bool:
         return self.augment == "none" and self.mix == "none"
 
     def to_dict(self) -> dict:
-        return {"augment": self.augment, "mix": self.mix, "mix_alpha": self.mix_alpha}
+        """The manifest's ``views``; ``crop_scale`` only when not the default, so that the
+        ``cache_id`` of every cache made before the option existed stays the same."""
+        data: dict = {"augment": self.augment, "mix": self.mix, "mix_alpha": self.mix_alpha}
+        if self.crop_scale != CROP_SCALE:
+            data["crop_scale"] = list(self.crop_scale)
+        return data
 
 
 PLAIN = ViewPolicy()  # plain images: no augmentation, no mixing
@@ -99,7 +114,7 @@ def sample_views(
             limit = max(1, round(SHIFT_FRACTION * side))
             params[..., axis] = rng.integers(-limit, limit + 1, shape) / side
     elif policy.augment == "crop-flip":
-        params[..., :4] = _random_resized_crops(rng, shape)
+        params[..., :4] = _random_resized_crops(rng, shape, policy.crop_scale)
     if policy.augment in ("flip", "shift-flip", "crop-flip"):
         params[..., 4] = rng.random(shape) < 0.5
     partners = np.full(shape, -1, dtype=np.int64)
@@ -122,14 +137,16 @@ def sample_views(
     return params.astype(np.float32), partners
 
 
-def _random_resized_crops(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+def _random_resized_crops(
+    rng: np.random.Generator, shape: tuple[int, int], scale: tuple[float, float]
+) -> np.ndarray:
     """Boxes (top, left, height, width) like torchvision's RandomResizedCrop, vectorised:
     10 tries per view of an area and a log-uniform aspect ratio, else the whole image."""
     boxes = np.broadcast_to(np.asarray([0.0, 0.0, 1.0, 1.0]), (*shape, 4)).copy()
     pending = np.ones(shape, dtype=bool)
     log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
     for _ in range(10):
-        area = rng.uniform(*CROP_SCALE, shape)
+        area = rng.uniform(*scale, shape)
         ratio = np.exp(rng.uniform(*log_ratio, shape))
         width = np.sqrt(area * ratio)
         height = np.sqrt(area / ratio)

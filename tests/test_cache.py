@@ -63,6 +63,9 @@ def test_manifest_parsing_is_strict(train_cache: Path) -> None:
         Manifest.from_dict({**data, "format_version": 99})
     with pytest.raises(ManifestError, match="temperature must be > 0"):
         Manifest.from_dict({**data, "temperature": 0})
+    bad_scale = {**data["views"], "crop_scale": [0.9, 0.5]}
+    with pytest.raises(ManifestError, match=r"views crop_scale \[0.9, 0.5\] is not \[MIN, MAX\]"):
+        Manifest.from_dict({**data, "views": bad_scale})
 
 
 def test_retemper_is_exact() -> None:

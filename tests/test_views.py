@@ -9,12 +9,13 @@ import pytest
 import torch
 from conftest import cache, invoke, student
 
-from pipeline.cache import load_soft_labels
+from pipeline.cache import load_soft_labels, read_manifest
 from pipeline.cache.format import VIEW_ARRAY_FIELDS
 from pipeline.cache.store import reconstruct_top_k
 from pipeline.data import make_synthetic
 from pipeline.errors import CacheError
-from pipeline.runs import load_model
+from pipeline.report import cache_command, command_line
+from pipeline.runs import load_model, read_config
 from pipeline.runtime import predict_logits
 from pipeline.train import TrainConfig, TrainData, _cache_data
 from pipeline.views import VIEW_FIELDS, ViewPolicy, render, sample_views, view_schedule
@@ -78,6 +79,50 @@ def test_views_are_parameters_drawn_once_from_the_seed() -> None:
                              partner_pool=pool, seed=0)  # fmt: skip
     assert np.allclose(shifts[..., 0] * 28, np.round(shifts[..., 0] * 28), atol=1e-4)
     assert np.abs(shifts[..., 0] * 28).max() <= 4
+
+
+def test_crop_scale_bounds_the_crop_area_and_is_recorded_only_when_set() -> None:
+    pool = np.arange(10)
+    mild = ViewPolicy("crop-flip", crop_scale=(0.5, 0.75))
+    a, _ = sample_views(500, 4, mild, image_size=(28, 28), partner_pool=pool, seed=0)
+    area = a[..., 2] * a[..., 3]
+    whole = np.isclose(area, 1.0)  # no box fitted in 10 tries: the whole image, as torchvision
+    assert ((area[~whole] >= 0.5 - 1e-6) & (area[~whole] <= 0.75 + 1e-6)).all()
+    assert whole.mean() < 0.01 and area[~whole].min() < 0.55 and area[~whole].max() > 0.7
+    assert mild.to_dict()["crop_scale"] == [0.5, 0.75]
+    # the default is not written, so caches made before the option keep their cache_id
+    assert ViewPolicy("crop-flip").to_dict() == {"augment": "crop-flip", "mix": "none",
+                                                 "mix_alpha": 1.0}  # fmt: skip
+    default, _ = sample_views(50, 2, ViewPolicy("crop-flip", crop_scale=(0.25, 1.0)),
+                              image_size=(28, 28), partner_pool=pool, seed=1)  # fmt: skip
+    assert np.array_equal(default, sample_views(50, 2, ViewPolicy("crop-flip"),
+                          image_size=(28, 28), partner_pool=pool, seed=1)[0])  # fmt: skip
+
+
+def test_a_crop_scale_cache_is_another_cache(teacher_run: Path, tmp_path: Path) -> None:
+    store = tmp_path / "crops.zarr"
+    options = "--temperature 2 --views 2 --augment crop-flip"
+    assert cache(teacher_run, store, options).exit_code == 0
+    default_id = read_manifest(store).cache_id
+    result = cache(teacher_run, store, f"{options} --crop-scale 0.5 1")
+    assert result.exit_code == 1 and "made with other arguments" in result.output
+    assert read_manifest(store).cache_id == default_id  # refused, not touched
+    mild = tmp_path / "mild.zarr"
+    assert cache(teacher_run, mild, f"{options} --crop-scale 0.5 1").exit_code == 0
+    manifest = read_manifest(mild)
+    assert manifest.views["crop_scale"] == [0.5, 1.0] and manifest.cache_id != default_id
+    area = load_soft_labels(mild).views[..., 2] * load_soft_labels(mild).views[..., 3]
+    assert (area >= 0.5 - 1e-6).all()
+    assert "--augment crop-flip --crop-scale 0.5 1" in cache_command(mild)
+    # fresh crops in training: saved in config.json, resumed from it, shown in the report
+    run = tmp_path / "t"
+    result = invoke("train-teacher --model kd_mlp_30x2 --data synthetic --epochs 1 "
+                    "--augment crop-flip --crop-scale 0.6 0.9 --out", run)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = read_config(run)
+    assert config["crop_scale"] == [0.6, 0.9]
+    assert "--augment crop-flip --crop-scale 0.6 0.9" in command_line(config)
+    assert "--crop-scale" not in command_line({**config, "crop_scale": [0.25, 1.0]})
 
 
 def test_the_schedule_uses_every_view_once_in_any_v_epochs() -> None:
@@ -307,6 +352,15 @@ def test_an_unlabeled_image_folder_is_a_transfer_set(teacher_run: Path, tmp_path
         ("--exclude-classes 1 --ignore-labels", "--exclude-classes needs labels"),
         ("--subset 0", "Invalid value for '--subset'"),
         ("--exclude-classes x", "'x' is not a comma-separated list of class ids"),
+        (
+            "--views 2 --augment crop-flip --crop-scale 0.8 0.5",
+            "--crop-scale must be two area fractions 0 < MIN <= MAX <= 1, not 0.8 0.5",
+        ),
+        (
+            "--views 2 --augment shift-flip --crop-scale 0.5 1",
+            "--crop-scale sets the crops of --augment crop-flip, not of 'shift-flip'",
+        ),
+        ("--views 2 --augment crop-flip --crop-scale 0 1", "Invalid value for '--crop-scale'"),
     ],
 )
 def test_bad_transfer_and_view_options(

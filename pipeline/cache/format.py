@@ -214,6 +214,14 @@ class Manifest:
             missing = [key for key in keys if key not in getattr(manifest, name)]
             if missing:
                 raise ManifestError(f"{where}: {name} has no {', '.join(map(repr, missing))}")
+        crop_scale = manifest.views.get("crop_scale", [0.25, 1.0])
+        if not (
+            isinstance(crop_scale, list)
+            and len(crop_scale) == 2
+            and all(isinstance(v, int | float) for v in crop_scale)
+            and 0 < crop_scale[0] <= crop_scale[1] <= 1
+        ):
+            raise ManifestError(f"{where}: views crop_scale {crop_scale!r} is not [MIN, MAX]")
         kind, k = manifest.storage["kind"], manifest.storage["k"]
         if kind not in STORAGE_KINDS:
             raise ManifestError(f"{where}: storage kind {kind!r} is not one of dense, top-k")
