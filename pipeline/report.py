@@ -26,6 +26,7 @@ from pipeline.cache import read_manifest
 from pipeline.errors import KdpipeError, RunDirError, UsageError
 from pipeline.runs import METRICS_FILE, read_card, read_config
 from pipeline.train import TrainConfig
+from pipeline.views import CROP_SCALE
 
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
 FLAG_NAMES = {"drop_rate": "dropout"}
@@ -187,21 +188,28 @@ def _cache_row(path: Path) -> dict:
 def _soft_label_source(lineage: dict, config: dict) -> str:
     """Where a student's soft targets came from, in a few words for a table."""
     if "online_teacher" in lineage:
-        views = config.get("augment", "none")
-        if config.get("mix", "none") != "none":
-            views += f" + {config['mix']}"
-        return f"online, fresh {views} views"
+        return f"online, fresh {_view_words(config)} views"
     try:
         manifest = read_manifest(Path(lineage.get("cache_path", "")))
     except KdpipeError:
         return "cache (not found)"
-    views = manifest.views["augment"]
-    if manifest.views["mix"] != "none":
-        views += f" + {manifest.views['mix']}"
+    views = _view_words(manifest.views)
     if views == "none":
         return "cache, fixed (1 plain view)"
     storage = "" if manifest.top_k is None else f", top-{manifest.top_k}"
     return f"cache, {manifest.num_views} {views} views{storage}"
+
+
+def _view_words(views: dict) -> str:
+    """``shift-flip + mixup``, ``crop-flip (area 0.75-1)``: a view policy (a manifest's
+    ``views`` or a run's config) in a few words."""
+    words = views.get("augment", "none")
+    scale = views.get("crop_scale")
+    if words == "crop-flip" and scale is not None and tuple(scale) != CROP_SCALE:
+        words += " (area {:g}-{:g})".format(*scale)
+    if views.get("mix", "none") != "none":
+        words += f" + {views['mix']}"
+    return words
 
 
 def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:

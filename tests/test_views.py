@@ -14,7 +14,7 @@ from pipeline.cache.format import VIEW_ARRAY_FIELDS
 from pipeline.cache.store import reconstruct_top_k
 from pipeline.data import make_synthetic
 from pipeline.errors import CacheError
-from pipeline.report import cache_command, command_line
+from pipeline.report import cache_command, command_line, report
 from pipeline.runs import load_model, read_config
 from pipeline.runtime import predict_logits
 from pipeline.train import TrainConfig, TrainData, _cache_data
@@ -114,6 +114,9 @@ def test_a_crop_scale_cache_is_another_cache(teacher_run: Path, tmp_path: Path) 
     area = load_soft_labels(mild).views[..., 2] * load_soft_labels(mild).views[..., 3]
     assert (area >= 0.5 - 1e-6).all()
     assert "--augment crop-flip --crop-scale 0.5 1" in cache_command(mild)
+    assert student(mild, tmp_path / "s", "--alpha 0.5 --epochs 1").exit_code == 0
+    table = report([tmp_path / "s"])
+    assert table["soft_labels"].tolist() == ["cache, 2 crop-flip (area 0.5-1) views"]
     # fresh crops in training: saved in config.json, resumed from it, shown in the report
     run = tmp_path / "t"
     result = invoke("train-teacher --model kd_mlp_30x2 --data synthetic --epochs 1 "
