@@ -237,7 +237,7 @@ hinton: install data
 K := $(RUNS)/consistency
 K_SEEDS ?= 0 1 2 3 4
 # (b) against (c) is the question the experiment asks, and 2 seeds could not answer it (their
-# spread was as large as the difference): those two arms get 5 more seeds.
+# spread was as large as the difference): those arms get 5 more seeds.
 K_MORE_SEEDS ?= 5 6 7 8 9
 K_EPOCHS ?= 200
 K_T ?= 4
@@ -281,6 +281,9 @@ $(K)/a-hard-s%/model.json: $(K)/fixed.done
 $(K)/a-hard-views-s%/model.json: $(K)/views.done
 	$(KDPIPE) train-student $(K_STUDENT) --cache $(K)/views.zarr --alpha 1 --seed $* --out $(@D)
 
+$(K)/a-hard-crop-s%/model.json: $(K)/crop.done
+	$(KDPIPE) train-student $(K_STUDENT) --cache $(K)/crop.zarr --alpha 1 --seed $* --out $(@D)
+
 $(K)/b-fixed-s%/model.json: $(K)/fixed.done
 	$(KDPIPE) train-student $(K_STUDENT) --cache $(K)/fixed.zarr --alpha $(K_ALPHA) --seed $* --out $(@D)
 
@@ -299,10 +302,15 @@ $(K)/d-mixup-s%/model.json: $(K)/mixup.done
 $(K)/e-online-s%/model.json: $(K)/teacher-r10t/model.json
 	$(KDPIPE) distill-online $(K_STUDENT) --teacher $(K)/teacher-r10t --alpha $(K_ALPHA) --temperature $(K_T) --augment $(K_AUGMENT) --subset $(K_SUBSET) --seed $* --out $(@D)
 
+$(K)/e-online-crop-s%/model.json: $(K)/teacher-r10t/model.json
+	$(KDPIPE) distill-online $(K_STUDENT) --teacher $(K)/teacher-r10t --alpha $(K_ALPHA) --temperature $(K_T) --augment crop-flip --crop-scale $(K_CROP_SCALE) --subset $(K_SUBSET) --seed $* --out $(@D)
+
 CONSISTENCY_RUNS := $(K)/teacher-r10t \
-	$(foreach s,$(K_SEEDS),$(K)/a-hard-s$(s) $(K)/a-hard-views-s$(s) $(K)/b-fixed-s$(s) $(K)/c-views-s$(s) \
-		$(K)/c-views$(K_MANY_VIEWS)-s$(s) $(K)/c-crop-s$(s) $(K)/d-mixup-s$(s) $(K)/e-online-s$(s)) \
-	$(foreach s,$(K_MORE_SEEDS),$(K)/b-fixed-s$(s) $(K)/c-views-s$(s))
+	$(foreach s,$(K_SEEDS),$(K)/a-hard-s$(s) $(K)/a-hard-views-s$(s) $(K)/a-hard-crop-s$(s) \
+		$(K)/b-fixed-s$(s) $(K)/c-views-s$(s) \
+		$(K)/c-views$(K_MANY_VIEWS)-s$(s) $(K)/c-crop-s$(s) $(K)/d-mixup-s$(s) $(K)/e-online-s$(s) \
+		$(K)/e-online-crop-s$(s)) \
+	$(foreach s,$(K_MORE_SEEDS),$(K)/b-fixed-s$(s) $(K)/c-views-s$(s) $(K)/c-crop-s$(s))
 
 # the storage table: the views cache again in float32, measured as float32, float16 and top-k
 $(K)/views-f32.done: $(K)/teacher-r10t/model.json
