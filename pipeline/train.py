@@ -189,7 +189,7 @@ class TrainConfig:
 
     @property
     def policy(self) -> ViewPolicy:
-        return ViewPolicy(self.augment, self.mix, self.mix_alpha, tuple(self.crop_scale))
+        return ViewPolicy(self.augment, self.mix, self.mix_alpha, self.crop_scale)
 
     def load(self, split: str) -> ImageSet:
         return load_dataset(
@@ -1073,8 +1073,8 @@ def resume_training(run_dir: Path, log: Callable[[str], None] = _quiet) -> Model
         or names - set(saved) - optional
     ):
         raise ManifestError(f"{run_dir / CONFIG_FILE} is not a kdpipe training configuration")
-    if isinstance(saved["hidden_sizes"], list):
-        saved["hidden_sizes"] = tuple(saved["hidden_sizes"])
+    # JSON has no tuples: the tuple fields (hidden_sizes, crop_scale) come back as lists
+    saved = {name: tuple(v) if isinstance(v, list) else v for name, v in saved.items()}
     config = TrainConfig(**saved)
     config.validate()
     soft_labels = (

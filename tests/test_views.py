@@ -104,6 +104,8 @@ def test_a_crop_scale_cache_is_another_cache(teacher_run: Path, tmp_path: Path) 
     options = "--temperature 2 --views 2 --augment crop-flip"
     assert cache(teacher_run, store, options).exit_code == 0
     default_id = read_manifest(store).cache_id
+    # the CLI's default is the library's: nothing recorded, the id of a cache made before
+    assert "crop_scale" not in read_manifest(store).views
     result = cache(teacher_run, store, f"{options} --crop-scale 0.5 1")
     assert result.exit_code == 1 and "made with other arguments" in result.output
     assert read_manifest(store).cache_id == default_id  # refused, not touched

@@ -214,8 +214,8 @@ class Manifest:
             missing = [key for key in keys if key not in getattr(manifest, name)]
             if missing:
                 raise ManifestError(f"{where}: {name} has no {', '.join(map(repr, missing))}")
-        crop_scale = manifest.views.get("crop_scale", [0.25, 1.0])
-        if not (
+        crop_scale = manifest.views.get("crop_scale")  # absent: the default range
+        if crop_scale is not None and not (
             isinstance(crop_scale, list)
             and len(crop_scale) == 2
             and all(isinstance(v, int | float) for v in crop_scale)
