@@ -226,13 +226,13 @@ hinton: install data
 
 # --- Consistent teaching (Beyer et al. 2022): views in the cache, on a 1 % transfer set -----------
 # A timm resnet10t teacher (1 input channel) is trained on all of Fashion-MNIST
-# with the augmentation it will label (shifts up to 4 px and left-right flips)
-# and labels a random 1 % transfer set (600 images) five ways: one fixed
-# plain view, 8 and 32 shift-flip views, 8 random-resized crops, 8 shift-flip views
-# mixed with mixup. The kd_cnn student trains for the same 200 epochs and seeds from
-# each, on hard labels, and online through timm's LogitDistillationTask with fresh
-# shift-flip views. (On a 10 % transfer set for 40 epochs, 8 views did not beat the
-# fixed teacher: see results.md.)
+# with shift-flip augmentation (shifts up to 4 px and left-right flips) and labels a
+# random 1 % transfer set (600 images) five ways: one fixed plain view, 8 and 32
+# shift-flip views, 8 random-resized crops, 8 shift-flip views mixed with mixup. The
+# kd_cnn student trains for the same 200 epochs and seeds from each; on hard labels
+# (plain, shift-flip and crop views); and online through timm's LogitDistillationTask
+# with fresh shift-flip views and fresh crops. (On a 10 % transfer set for 40 epochs,
+# 8 views did not beat the fixed teacher: see results.md.)
 
 K := $(RUNS)/consistency
 K_SEEDS ?= 0 1 2 3 4
