@@ -25,18 +25,28 @@ from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.cache import load_soft_labels, read_manifest
-from pipeline.cache.stream import StreamedSoftLabels, decoded_bytes, smallest_budget
-from pipeline.data import load_dataset, select_rows
+from pipeline.cache import (
+    Manifest,
+    StreamedSoftLabels,
+    decoded_bytes,
+    load_soft_labels,
+    read_manifest,
+    smallest_budget,
+)
+from pipeline.data import ImageSet, load_dataset, select_rows
 from pipeline.distributed import SINGLE
 from pipeline.errors import UsageError
+from pipeline.flags import flag
+from pipeline.inputs import resolve_precision
 from pipeline.runs import load_model, read_config
-from pipeline.runtime import predict_logits, resolve_device, resolve_precision
+from pipeline.runtime import resolve_device
 from pipeline.storage import storage_table
 from pipeline.teach import CacheConfig, cache_teacher
+from pipeline.teacher import predict_logits
 from pipeline.train import (
     EpochBatches,
     TrainConfig,
@@ -74,7 +84,7 @@ class BenchConfig:
             if item.name in ("out", "students", "student_epochs", "top_k"):
                 continue
             if value != item.default:
-                parts.append(f"--{item.name.replace('_', '-')} {value}")
+                parts.append(f"{flag(item.name)} {value}")
         parts += [f"--markdown {markdown}"] if markdown else []
         parts += [f"--csv {csv_path}"] if csv_path else []
         return " ".join(parts)
@@ -105,45 +115,80 @@ def _epoch_seconds(run_dir: Path) -> list[float]:
     return [float(v) for v in rows["seconds"].iloc[1:-1]]
 
 
+@dataclass
+class _Bench:
+    """What every section of the bench shares: the settings, the rows, the teacher and the
+    cache it made, and the results recorded so far."""
+
+    config: BenchConfig
+    log: Callable[[str], None]
+    out: Path
+    device: torch.device
+    precision: str
+    train_set: ImageSet
+    rows: np.ndarray
+    common: dict  # training settings every run shares
+    results: list[dict]
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.out / "teacher"
+
+    @property
+    def cache_path(self) -> Path:
+        return self.out / "cache.zarr"
+
+    def record(self, name: str, value: float, unit: str, what: str) -> None:
+        self.results.append({"name": name, "value": value, "unit": unit, "what": what})
+        self.log(f"{name}: {value:.4g} {unit}  ({what})")
+
+
 def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.DataFrame:
     """Run P1-P5; one row per measured quantity (name, value, unit, what it is)."""
     config.validate()
-    out = Path(config.out)
     device = resolve_device(config.device)
-    precision = resolve_precision(device, config.precision)
-    common = {"data": config.data, "data_root": config.data_root, "device": config.device,
-              "precision": config.precision, "batch_size": config.batch_size,
-              "workers": config.workers, "overwrite": True}  # fmt: skip
-    timed = {"epochs": config.epochs, "eval_every": config.epochs}
     train_set = load_dataset(config.data, "train", data_root=Path(config.data_root))
-    rows = select_rows(
-        train_set.labels, subset=config.fraction, num_classes=train_set.num_classes, seed=0
-    )
-    rows_t = torch.from_numpy(rows)
-    results: list[dict] = []
+    bench = _Bench(
+        config=config, log=log, out=Path(config.out), device=device,
+        precision=resolve_precision(device, config.precision), train_set=train_set,
+        rows=select_rows(train_set.labels, subset=config.fraction,
+                         num_classes=train_set.num_classes, seed=0),
+        common={"data": config.data, "data_root": config.data_root, "device": config.device,
+                "precision": config.precision, "batch_size": config.batch_size,
+                "workers": config.workers, "overwrite": True},
+        results=[],
+    )  # fmt: skip
+    log(f"bench: {len(bench.rows)} rows of {config.data} train, teacher {config.teacher}, "
+        f"student {config.student}, batch {config.batch_size}, {device}, "
+        f"{bench.precision}")  # fmt: skip
+    train_model(TrainConfig(model=config.teacher, out=str(bench.teacher_dir), epochs=1,
+                            subset=min(config.fraction, 0.05), **bench.common))  # fmt: skip
+    teacher_pass, bare = _teacher_pass(bench)
+    cached, online = _student_epochs(bench, bare)
+    _soft_label_reads(bench, cached)
+    _storage_and_cost(bench, teacher_pass, cached, online)
+    table = pd.DataFrame(bench.results)
+    table.attrs.update(
+        {"config": asdict(config), "rows": len(bench.rows), "device": str(device),
+         "precision": bench.precision, "teacher_config": read_config(bench.teacher_dir)}
+    )  # fmt: skip
+    return table
 
-    def record(name: str, value: float, unit: str, what: str) -> None:
-        results.append({"name": name, "value": value, "unit": unit, "what": what})
-        log(f"{name}: {value:.4g} {unit}  ({what})")
 
-    log(f"bench: {len(rows)} rows of {config.data} train, teacher {config.teacher}, "
-        f"student {config.student}, batch {config.batch_size}, {device}, {precision}")  # fmt: skip
-    teacher_dir = out / "teacher"
-    train_model(TrainConfig(model=config.teacher, out=str(teacher_dir), epochs=1,
-                            subset=min(config.fraction, 0.05), **common))  # fmt: skip
-    teacher, card = load_model(teacher_dir, device)
-    images = train_set.images[rows_t]
+def _teacher_pass(bench: _Bench) -> tuple[float, float]:
+    """P1: the teacher pass against a bare inference loop (batches in, logits out to the
+    host, nothing else), alternated, fastest of each: (teacher pass, bare loop) seconds."""
+    config = bench.config
+    teacher, card = load_model(bench.teacher_dir, bench.device)
+    images = bench.train_set.images[torch.from_numpy(bench.rows)]
 
-    # P1: the teacher pass against a bare inference loop (batches in, logits out to the
-    # host, nothing else), alternated, fastest of each
     def bare(batch_images: torch.Tensor) -> None:
-        predict_logits(teacher, batch_images, card.data, device=device,
+        predict_logits(teacher, batch_images, card.data, device=bench.device,
                        batch_size=config.batch_size, precision=config.precision)  # fmt: skip
 
     bare(images[: config.batch_size * 2])  # warm-up
-    cache_path = out / "cache.zarr"
     cache_config = CacheConfig(
-        teachers=(str(teacher_dir),), out=str(cache_path), temperature=4.0,
+        teachers=(str(bench.teacher_dir),), out=str(bench.cache_path), temperature=4.0,
         batch_size=config.batch_size, chunk_size=config.chunk_size, device=config.device,
         precision=config.precision, overwrite=True, subset=config.fraction,
     )  # fmt: skip
@@ -151,19 +196,27 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.Dat
     for _ in range(config.repeats):
         bare_times.append(_timed(lambda: bare(images)))
         pass_times.append(
-            _timed(lambda: cache_teacher(cache_config, train_set, log=lambda line: None))
+            _timed(lambda: cache_teacher(cache_config, bench.train_set, log=lambda line: None))
         )
     teacher_pass, bare_best = min(pass_times), min(bare_times)
-    record("teacher_pass_s", teacher_pass, "s", "cache-teacher, writing the store "
-           f"(fastest of {config.repeats})")  # fmt: skip
-    record("bare_teacher_s", bare_best, "s", f"bare inference loop (fastest of {config.repeats})")
-    record("P1", teacher_pass / bare_best, "ratio", "teacher pass / bare loop (target <= 1.05)")
+    bench.record("teacher_pass_s", teacher_pass, "s", "cache-teacher, writing the store "
+                 f"(fastest of {config.repeats})")  # fmt: skip
+    bench.record("bare_teacher_s", bare_best, "s",
+                 f"bare inference loop (fastest of {config.repeats})")  # fmt: skip
+    bench.record("P1", teacher_pass / bare_best, "ratio",
+                 "teacher pass / bare loop (target <= 1.05)")  # fmt: skip
+    return teacher_pass, bare_best
 
-    # P2, P3: one student from the cache, on hard labels, and online; same rows and epochs,
-    # the three runs alternated, each epoch time the fastest of its timed epochs
-    student = {"model": config.student, **common, **timed}
+
+def _student_epochs(bench: _Bench, bare: float) -> tuple[float, float]:
+    """P2, P3: one student from the cache, on hard labels, and online; same rows and
+    epochs, the runs alternated, each epoch time the fastest of its timed epochs:
+    (cached, online) epoch seconds."""
+    config, cache_path = bench.config, bench.cache_path
+    student = {"model": config.student, **bench.common,
+               "epochs": config.epochs, "eval_every": config.epochs}  # fmt: skip
     manifest = read_manifest(cache_path)
-    budget = max(decoded_bytes(manifest) // 4, smallest_budget(manifest))  # a quarter at most
+    budget = _stream_budget(manifest)
     arms = {
         "cached": lambda out: train_student(
             TrainConfig(out=out, cache=str(cache_path), alpha=0.5, **student)
@@ -176,30 +229,22 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.Dat
             TrainConfig(out=out, subset=config.fraction, subset_seed=0, **student)
         ),
         "online": lambda out: distill_online(
-            TrainConfig(
-                out=out,
-                teacher=str(teacher_dir),
-                alpha=0.5,
-                temperature=4.0,
-                subset=config.fraction,
-                subset_seed=0,
-                **student,
-            )
+            TrainConfig(out=out, teacher=str(bench.teacher_dir), alpha=0.5, temperature=4.0,
+                        subset=config.fraction, subset_seed=0, **student)
         ),
-    }
+    }  # fmt: skip
     if budget >= decoded_bytes(manifest):
         del arms["streamed"]  # a cache this small is read whole whatever the budget
     epoch_times: dict[str, list[float]] = {name: [] for name in arms}
     for round_index in range(config.repeats):
         for name, run in arms.items():
-            run_dir = out / f"{name}-{round_index}"
+            run_dir = bench.out / f"{name}-{round_index}"
             run(str(run_dir))
             epoch_times[name] += _epoch_seconds(run_dir)
     cached, hard, online = (min(epoch_times[name]) for name in ("cached", "hard", "online"))
-    forward = bare_best  # the teacher's forward over one epoch's rows, at the same batch size
-    timed_epochs = len(epoch_times["hard"])
+    record = bench.record
     record("cached_epoch_s", cached, "s", f"student epoch from the cache (fastest of "
-           f"{timed_epochs})")  # fmt: skip
+           f"{len(epoch_times['hard'])})")  # fmt: skip
     record("hard_epoch_s", hard, "s", "the same student on hard labels")
     record("online_epoch_s", online, "s", "online distillation epoch (LogitDistillationTask)")
     record("P2", cached / hard, "ratio", "cached epoch / hard-label epoch (target <= 1.05)")
@@ -208,45 +253,56 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.Dat
                "cached epoch streamed from disk (--cache-memory a quarter of the cache) / "
                "read from memory")  # fmt: skip
     record("P3", online / cached, "ratio", "online epoch / cached epoch")
-    record("P3_ideal", (forward + hard) / hard, "ratio",
+    # the teacher's forward over one epoch's rows is the bare loop, at the same batch size
+    record("P3_ideal", (bare + hard) / hard, "ratio",
            "(teacher forward + student step) / student step")  # fmt: skip
+    return cached, online
 
-    # P4: reading batches of soft labels (with their images), in memory and streamed
-    student_rate = len(rows) / cached
-    soft = load_soft_labels(cache_path)
+
+def _stream_budget(manifest: Manifest) -> int:
+    """The --cache-memory of the streamed arms: a quarter of the cache at most."""
+    return max(decoded_bytes(manifest) // 4, smallest_budget(manifest))
+
+
+def _soft_label_reads(bench: _Bench, cached: float) -> None:
+    """P4: reading batches of soft labels (with their images), in memory and streamed,
+    against the student's training rate."""
+    student_rate = len(bench.rows) / cached
+    soft = load_soft_labels(bench.cache_path)
+    budget = _stream_budget(soft.manifest)
+    train_set = bench.train_set
     for label, opened in (
         ("memory", soft),
-        ("streamed", StreamedSoftLabels(cache_path, budget)),  # streamed even if it would fit
+        ("streamed", StreamedSoftLabels(bench.cache_path, budget)),  # even if it would fit
     ):
         data = TrainData(images=train_set.images, dataset_labels=train_set.labels,
                          rows=opened.indices, labels=opened.labels,
                          targets=opened.log_probs())  # fmt: skip
         order = data.epoch_order(torch.Generator().manual_seed(0), seed=0, epoch=1)
-        batches = EpochBatches(data, order, config.batch_size, 1, 0, SINGLE)
+        batches = EpochBatches(data, order, bench.config.batch_size, 1, 0, SINGLE)
         seconds = _timed(lambda b=batches: [None for _ in b.load(workers=0, pin_memory=False)])
-        record(f"P4_{label}", len(rows) / seconds / student_rate, "x",
-               f"rows/s reading soft labels {label} / the student's training rows/s "
-               "(target >= 20)")  # fmt: skip
+        bench.record(f"P4_{label}", len(bench.rows) / seconds / student_rate, "x",
+                     f"rows/s reading soft labels {label} / the student's training rows/s "
+                     "(target >= 20)")  # fmt: skip
 
-    # P5: storage, and S students x E epochs offline against online
-    ks = [k for k in config.top_k if k < soft.manifest.num_classes]
-    for _, layout in storage_table(cache_path, ks).iterrows():
-        record(f"P5_bytes_{layout['storage'].replace(' ', '_')}",
-               layout["stored_bytes_per_view"], "bytes", f"{layout['storage']} per sample-view, "
-               f"stored; raw {layout['raw_bytes_per_view']:.0f}")  # fmt: skip
+
+def _storage_and_cost(bench: _Bench, teacher_pass: float, cached: float, online: float) -> None:
+    """P5: bytes per sample-view of each layout, and S students x E epochs offline
+    against online."""
+    config = bench.config
+    num_classes = read_manifest(bench.cache_path).num_classes
+    ks = [k for k in config.top_k if k < num_classes]
+    for _, layout in storage_table(bench.cache_path, ks).iterrows():
+        bench.record(f"P5_bytes_{layout['storage'].replace(' ', '_')}",
+                     layout["stored_bytes_per_view"], "bytes", f"{layout['storage']} per "
+                     f"sample-view, stored; raw {layout['raw_bytes_per_view']:.0f}")  # fmt: skip
     epochs = config.student_epochs
     for count in config.students:
         offline = teacher_pass + count * epochs * cached
         online_cost = count * epochs * online
-        record(f"P5_cost_S{count}", online_cost / offline, "ratio",
-               f"online / offline for {count} student(s) x {epochs} epochs "
-               f"({online_cost:.0f} s / {offline:.0f} s)")  # fmt: skip
-    table = pd.DataFrame(results)
-    table.attrs.update(
-        {"config": asdict(config), "rows": len(rows), "device": str(device),
-         "precision": precision, "teacher_config": read_config(teacher_dir)}
-    )  # fmt: skip
-    return table
+        bench.record(f"P5_cost_S{count}", online_cost / offline, "ratio",
+                     f"online / offline for {count} student(s) x {epochs} epochs "
+                     f"({online_cost:.0f} s / {offline:.0f} s)")  # fmt: skip
 
 
 def bench_report(
@@ -254,7 +310,7 @@ def bench_report(
     section: str | None = None, log: Callable[[str], None] = print,
 ) -> pd.DataFrame:  # fmt: skip
     """Run the benchmark, then write its CSV and its section of ``markdown_path``."""
-    from pipeline.report import machine_line, publish
+    from pipeline.publish import machine_line, publish
 
     table = run_bench(config, log)
     attrs = table.attrs

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import ImageSet, describe_mismatch, validation_rows
-from pipeline.errors import CacheMismatchError, UsageError
+from pipeline.data import ImageSet, check_same_dataset, validation_rows
+from pipeline.errors import UsageError
+from pipeline.inputs import check_channels
 from pipeline.runs import load_model, read_config, write_json
-from pipeline.runtime import check_channels, predict_logits, resolve_device
+from pipeline.runtime import resolve_device
+from pipeline.teacher import predict_logits
 
 BIAS_FILE = "bias.json"
 
@@ -86,12 +88,7 @@ def tune_bias(
             f"{run_dir} trained on every training row: a bias chosen on rows it learned from "
             "would be optimistic; train it with --val-fraction F"
         )
-    expected = card.dataset["fingerprint"]
-    if expected != train_set.fingerprint():
-        raise CacheMismatchError(
-            f"{run_dir} was trained on another dataset than {train_set.name} train: "
-            + describe_mismatch(expected, train_set.fingerprint())
-        )
+    check_same_dataset(card.dataset, train_set, str(run_dir))
     if not test_set.labeled:
         raise UsageError(f"{test_set.name} test has no labels: nothing to score")
     for split in (train_set, test_set):

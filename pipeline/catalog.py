@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.cache.format import MANIFEST_KEY
-from pipeline.cache.store import read_manifest
+from pipeline.cache import MANIFEST_KEY, read_manifest
 from pipeline.data import load_dataset
 from pipeline.errors import KdpipeError, RunDirError
 from pipeline.runs import load_model, read_card
@@ -88,7 +87,7 @@ def catalog(paths: Iterable[Path]) -> pd.DataFrame:
                 "views": m.num_views,
                 "classes": m.num_classes,
                 "temperature": m.temperature,
-                "storage": "dense",
+                "storage": m.layout.describe(),
                 "dtype": m.dtype,
                 "size_mb": _size_mb(path),
                 "created": m.created,

@@ -17,6 +17,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import KdpipeError
+from pipeline.flags import REQUIRED_TO_START, flag
 
 # a fixed width keeps --help identical on every terminal, so docs/cli.md can quote it
 CONTEXT = {
@@ -231,7 +232,7 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--warmup-epochs", type=click.IntRange(min=0), default=0),
         click.option("--seed", type=int, default=0),
         click.option(
-            "--dropout",
+            flag("drop_rate"),
             "drop_rate",
             type=click.FloatRange(0, 1, max_open=True),
             default=0.0,
@@ -274,13 +275,6 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return data_options(view_options(command), required=False)
 
 
-REQUIRED_TO_START = {
-    "train-teacher": ("model", "data", "epochs", "out"),
-    "train-student": ("model", "data", "epochs", "out", "cache", "alpha"),
-    "distill-online": ("model", "data", "epochs", "out", "teacher", "alpha", "temperature"),
-}
-
-
 def _start_or_resume(command: str, options: dict, log: Callable[[str], None]) -> Any:
     """A new run from the options, or with --resume RUN_DIR alone, the unfinished run there."""
     from click.core import ParameterSource
@@ -302,12 +296,12 @@ def _start_or_resume(command: str, options: dict, log: Callable[[str], None]) ->
             if context.get_parameter_source(name) == ParameterSource.COMMANDLINE
         ]
         if given:
-            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            flags = ", ".join(flag(name) for name in given)
             raise click.UsageError(f"--resume continues with RUN_DIR/config.json; drop {flags}")
         return resume_training(Path(resume), log=log)
     for name in REQUIRED_TO_START[command]:
         if options[name] is None:
-            raise click.UsageError(f"Missing option '--{name}' (required unless --resume).")
+            raise click.UsageError(f"Missing option '{flag(name)}' (required unless --resume).")
     channels = options.pop("channels")
     config = TrainConfig(**options, channels=int(channels) if channels else None)
     train = {
@@ -568,7 +562,8 @@ def evaluate_command(
     device: str,
 ) -> None:
     """Accuracy, agreement with the teacher, calibration (ECE), size and CPU speed of a run."""
-    from pipeline.evaluate import evaluate_run, render
+    from pipeline.evaluate import evaluate_run
+    from pipeline.publish import render
 
     dataset = _load_data(data, split, data_root, image_size, channels)
     frame = evaluate_run(
@@ -786,7 +781,7 @@ def _cache_split(path: str) -> str:
 def caches_command(paths: tuple[str, ...], fmt: str) -> None:
     """List the kdpipe caches under PATHS (default: the current folder) and what made each."""
     from pipeline.catalog import catalog
-    from pipeline.evaluate import render_rows
+    from pipeline.publish import render_rows
 
     frame = catalog([Path(p) for p in paths] or [Path(".")])
     if frame.empty:
@@ -821,7 +816,7 @@ def lineage_command(
     when a file is present but does not match its record (MISMATCH).
     """
     from pipeline.catalog import lineage
-    from pipeline.evaluate import render_rows
+    from pipeline.publish import render_rows
 
     frame = lineage(
         Path(run_dir),

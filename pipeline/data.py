@@ -368,3 +368,25 @@ def describe_mismatch(expected: dict, actual: dict) -> str:
         if expected.get(key) != actual.get(key):
             parts.append(f"{key} {expected.get(key)} (cache) != {actual.get(key)} (data)")
     return "; ".join(parts) or "fingerprints differ"
+
+
+def dataset_mismatch(record: dict, dataset: ImageSet) -> str | None:
+    """What makes ``dataset`` another dataset than the one ``record`` (a manifest's or a
+    model card's ``dataset``) was made from, or None when it is the same: one line naming
+    each fingerprint field that differs, with both values."""
+    expected, actual = record["fingerprint"], dataset.fingerprint()
+    if expected == actual and record.get("split", dataset.split) == dataset.split:
+        return None
+    return describe_mismatch(expected, actual)
+
+
+def check_same_dataset(record: dict, dataset: ImageSet, what: str) -> None:
+    """The one "same dataset?" check: ``what`` (a cache, a run) must have been made from
+    ``dataset``; the error shows both sides."""
+    mismatch = dataset_mismatch(record, dataset)
+    if mismatch is not None:
+        from pipeline.errors import CacheMismatchError
+
+        raise CacheMismatchError(
+            f"{what} was made from another dataset than {dataset.name} {dataset.split}: " + mismatch
+        )

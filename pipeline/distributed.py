@@ -105,9 +105,3 @@ def current_world() -> World:
         # CPU tensors (objects, metric sums, a --device cpu run) go over gloo either way
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     return World(rank=rank, size=size, local_rank=local_rank)
-
-
-def leave(world: World) -> None:
-    """Tear the process group down (torchrun warns when a process exits without it)."""
-    if world.active and dist.is_initialized():
-        dist.destroy_process_group()

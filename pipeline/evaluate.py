@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -13,13 +12,12 @@ import pandas as pd
 import torch
 
 from pipeline.cache import load_soft_labels
-from pipeline.data import ImageSet, describe_mismatch
+from pipeline.data import ImageSet, check_same_dataset
 from pipeline.errors import CacheMismatchError, UsageError
+from pipeline.inputs import check_channels, prepare_input
 from pipeline.runs import load_model
-from pipeline.runtime import check_channels, predict_logits, prepare_input, resolve_device
-from pipeline.teach import combine_members
-
-FORMATS = ("table", "csv", "json")
+from pipeline.runtime import resolve_device
+from pipeline.teacher import load_teacher, predict_logits
 
 
 def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
@@ -121,12 +119,7 @@ def _teacher_predictions(
 ) -> torch.Tensor | None:
     if cache is not None:
         soft_labels = load_soft_labels(cache)
-        expected = soft_labels.manifest.dataset["fingerprint"]
-        if expected != dataset.fingerprint():
-            raise CacheMismatchError(
-                f"{cache} was made from another dataset than {dataset.name} {dataset.split}: "
-                + describe_mismatch(expected, dataset.fingerprint())
-            )
+        check_same_dataset(soft_labels.manifest.dataset, dataset, str(cache))
         manifest = soft_labels.manifest
         if manifest.num_samples != len(dataset) or soft_labels.has_views:
             raise UsageError(
@@ -137,28 +130,6 @@ def _teacher_predictions(
         return soft_labels.log_probs()[:, 0, :].argmax(-1)
     if not teachers:
         return None
-    member_logits = []
-    for run_dir in teachers:
-        model, card = load_model(run_dir, device)
-        check_channels(f"teacher {run_dir}", card.data, dataset.images)
-        member_logits.append(predict_logits(model, dataset.images, card.data, device=device))
-    return combine_members(member_logits, 1.0, "mean-probs").argmax(-1)
-
-
-def render(frame: pd.DataFrame, fmt: str) -> str:
-    """One evaluation as a screen table (one field per line), CSV or JSON."""
-    if fmt == "table":
-        return frame.T.to_string(header=False)
-    return render_rows(frame, fmt)
-
-
-def render_rows(frame: pd.DataFrame, fmt: str) -> str:
-    """Rows as a screen table, CSV or JSON."""
-    if fmt == "csv":
-        return frame.to_csv(index=False)
-    if fmt == "json":
-        # through pandas' JSON (NaN -> null), re-dumped so paths keep their plain slashes
-        return json.dumps(json.loads(frame.to_json(orient="records")), indent=2)
-    if fmt == "table":
-        return frame.to_string(index=False)
-    raise UsageError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    teacher = load_teacher(teachers, device)
+    teacher.check(dataset)
+    return teacher.log_probs(dataset.images, 1.0, "mean-probs", device=device).argmax(-1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import timm
 import torch
@@ -20,32 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from pipeline.errors import ModelError
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """What a model expects as input: the dataset's shape and normalisation."""
-
-    input_size: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def to_dict(self) -> dict:
-        return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> DataConfig:
-        return cls(
-            input_size=tuple(int(v) for v in data["input_size"]),
-            mean=tuple(float(v) for v in data["mean"]),
-            std=tuple(float(v) for v in data["std"]),
-        )
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 ``(N, C, H, W)`` to the float input the model was trained on."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
-        return (images.float() / 255.0 - mean) / std
+from pipeline.inputs import DataConfig
 
 
 class MLP(nn.Module):

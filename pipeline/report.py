@@ -8,13 +8,10 @@ configuration. Runs whose directory names differ only by a trailing
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
-import platform
 import re
-from collections.abc import Callable
 from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,18 +21,13 @@ import pandas as pd
 from pipeline.bias import BIAS_FILE
 from pipeline.cache import read_manifest
 from pipeline.errors import KdpipeError, RunDirError, UsageError
+from pipeline.flags import COMMANDS, REQUIRED_TO_START, flag
+from pipeline.publish import machine_line, publish
 from pipeline.runs import METRICS_FILE, read_card, read_config
 from pipeline.train import TrainConfig
 from pipeline.views import CROP_SCALE
 
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
-FLAG_NAMES = {"drop_rate": "dropout"}
-COMMANDS = {
-    "teacher": "train-teacher",
-    "student": "train-student",
-    "online-student": "distill-online",
-}
-REQUIRED = {"train-student": {"alpha", "cache"}, "distill-online": {"alpha", "teacher"}}
 
 
 def _group_name(run_dir: Path) -> str:
@@ -61,7 +53,7 @@ def command_line(config: dict, *, seed_placeholder: bool = False) -> str:
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     command = COMMANDS.get(config.get("kind"), "train-teacher")
     parts = [f"kdpipe {command}"]
-    required = REQUIRED.get(command, set())  # shown even at their defaults
+    required = set(REQUIRED_TO_START.get(command, ()))  # shown even at their defaults
     for name, default in defaults.items():
         value = config.get(name, default)
         if isinstance(value, list):  # JSON has no tuples
@@ -74,7 +66,7 @@ def command_line(config: dict, *, seed_placeholder: bool = False) -> str:
             continue
         if isinstance(value, tuple):  # --crop-scale MIN MAX; --hidden-sizes 256,128
             value = (" " if name == "crop_scale" else ",").join(f"{v:g}" for v in value)
-        parts.append(f"--{FLAG_NAMES.get(name, name).replace('_', '-')} {value}")
+        parts.append(f"{flag(name)} {value}")
     return " ".join(parts)
 
 
@@ -196,7 +188,7 @@ def _soft_label_source(lineage: dict, config: dict) -> str:
     views = _view_words(manifest.views)
     if views == "none":
         return "cache, fixed (1 plain view)"
-    storage = "" if manifest.top_k is None else f", top-{manifest.top_k}"
+    storage = "" if manifest.storage["kind"] == "dense" else f", {manifest.layout.describe()}"
     return f"cache, {manifest.num_views} {views} views{storage}"
 
 
@@ -364,17 +356,6 @@ def _percent(values: pd.Series, shown: pd.Series) -> pd.Series:
     )
 
 
-def machine_line() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    return (
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores ({cpu}), "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
-        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
-    )
-
-
 def cache_command(path: Path) -> str | None:
     """The cache-teacher command that made a cache, rebuilt from its manifest."""
     try:
@@ -407,8 +388,8 @@ def cache_command(path: Path) -> str | None:
         parts.append("--ignore-labels")
     if manifest.seed:
         parts.append(f"--seed {manifest.seed}")
-    if manifest.top_k is not None:
-        parts.append(f"--top-k {manifest.top_k}")
+    if manifest.storage["k"] is not None:
+        parts.append(f"--top-k {manifest.storage['k']}")
     parts.append(f"--out {path}")
     return " ".join(parts)
 
@@ -465,50 +446,6 @@ def section_text(runs: pd.DataFrame, table: pd.DataFrame, figure: str | None = N
         "```",
     ]
     return "\n".join(lines)
-
-
-def publish(
-    table: pd.DataFrame,
-    *,
-    csv_path: Path | None,
-    markdown_path: Path | None,
-    section: str,
-    text: Callable[[], str],
-) -> None:
-    """The rows as CSV, and ``text()`` (the table with its command, date and machine) as a
-    section of a Markdown file: what every measuring command writes."""
-    if csv_path is not None:
-        csv_path.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(csv_path, index=False)
-    if markdown_path is not None:
-        replace_section(markdown_path, section, text())
-
-
-def replace_section(path: Path, section: str, text: str) -> None:
-    """Replace the text between this section's markers in ``path`` (or append it),
-    leaving everything a person wrote around it untouched.
-
-    The read-modify-write holds an exclusive lock on the file, so reports that
-    run at once (``make -j2``) each keep their section instead of the last
-    writer's copy erasing the others'.
-    """
-    begin, end = f"<!-- kdpipe:{section}:begin -->", f"<!-- kdpipe:{section}:end -->"
-    block = f"{begin}\n{text}\n{end}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
-        f.seek(0)
-        current = f.read()
-        if begin in current and end in current:
-            head, rest = current.split(begin, 1)
-            _, tail = rest.split(end, 1)
-            updated = head + block + tail
-        else:
-            separator = "\n" if current and not current.endswith("\n") else ""
-            updated = current + separator + block + "\n"
-        f.seek(0)
-        f.truncate()
-        f.write(updated)
 
 
 def report(

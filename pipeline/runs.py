@@ -15,7 +15,7 @@ No pickle anywhere: weights are safetensors, metadata is JSON.
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from pipeline.errors import ManifestError, RunDirError
-from pipeline.models import DataConfig, create_model, weights_sha256
+from pipeline.inputs import DataConfig
+from pipeline.models import create_model, weights_sha256
+from pipeline.spec import check_keys, check_object
 
 RUN_FORMAT_VERSION = 1
 CARD_FILE = "model.json"
@@ -59,16 +61,8 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> ModelCard:
-        if not isinstance(data, dict):
-            raise ManifestError(f"{where}: expected a JSON object")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        optional = {f.name for f in fields(cls) if f.default is not MISSING}
-        missing = sorted(names - set(data) - optional)
-        if unknown or missing:
-            problems = [f"unknown field(s) {', '.join(unknown)}"] if unknown else []
-            problems += [f"missing field(s) {', '.join(missing)}"] if missing else []
-            raise ManifestError(f"{where}: {'; '.join(problems)}")
+        check_object(data, where)
+        check_keys(data, cls, where)
         if data["format_version"] != RUN_FORMAT_VERSION:
             raise ManifestError(
                 f"{where}: format_version {data['format_version']!r} is not supported"
@@ -174,6 +168,6 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Mo
             f"{weights} does not match {CARD_FILE}: weights hash {actual[:16]}… "
             f"!= {card.weights_sha256[:16]}…"
         )
-    # channels_last as the inputs (runtime.prepare_input): a convolution given NCHW weights
+    # channels_last as the inputs (inputs.prepare_input): a convolution given NCHW weights
     # and NHWC inputs converts one of them on every call; MLPs are not affected
     return model.to(device).to(memory_format=torch.channels_last).eval(), card

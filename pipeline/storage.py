@@ -18,8 +18,7 @@ import pandas as pd
 import torch
 import zarr
 
-from pipeline.cache.format import index_dtype
-from pipeline.cache.store import array_codecs, load_soft_labels, reconstruct_top_k
+from pipeline.cache import Dense, array_codecs, index_dtype, load_soft_labels, reconstruct_top_k
 from pipeline.errors import UsageError
 
 
@@ -47,8 +46,10 @@ def storage_table(cache: str | Path, ks: Sequence[int]) -> pd.DataFrame:
     the cache's distribution (best a float32 cache) to what each layout keeps."""
     soft = load_soft_labels(cache)
     manifest = soft.manifest
-    if manifest.top_k is not None:
-        raise UsageError(f"{cache} is a top-{manifest.top_k} cache: the table needs a dense one")
+    if not isinstance(manifest.layout, Dense):
+        raise UsageError(
+            f"{cache} is a {manifest.layout.describe()} cache: the table needs a dense one"
+        )
     bad = [k for k in ks if not 1 <= k < manifest.num_classes]
     if bad:
         raise UsageError(f"--top-k {bad[0]}: K must be in 1..{manifest.num_classes - 1}")
@@ -126,7 +127,7 @@ def storage_report(
     """Measure the table, then write the CSV and the Markdown section (with its command)."""
     from datetime import UTC, datetime
 
-    from pipeline.report import machine_line, publish
+    from pipeline.publish import machine_line, publish
 
     table = storage_table(cache, ks)
     attrs = table.attrs

@@ -18,17 +18,18 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from pipeline.cache.format import STATUS_COMPLETE, Manifest, array_specs
-from pipeline.cache.location import Location
-from pipeline.cache.store import (
+from pipeline.cache import (
     PROGRESS,
+    STATUS_COMPLETE,
+    Location,
+    Manifest,
+    array_specs,
     check_array_metadata,
     chunk_key,
     read_manifest,
 )
-from pipeline.data import ImageSet, describe_mismatch
+from pipeline.data import ImageSet, dataset_mismatch
 from pipeline.errors import KdpipeError
-from pipeline.runs import load_model
 from pipeline.runtime import resolve_device
 
 # float16 keeps 11 significant bits: a row's logsumexp drifts by up to ~1e-3 per
@@ -132,7 +133,7 @@ def _check_chunks(
     step = manifest.chunk_size
     tolerance = LOGSUMEXP_TOLERANCE[manifest.dtype]
     names = tuple(array_specs(manifest))
-    values_name = "logprobs" if manifest.top_k is None else "topk_logprobs"
+    values_name = manifest.layout.values_name
     rows = {
         "labels": np.empty(manifest.num_samples, dtype=np.int64),
         "indices": np.empty(manifest.num_samples, dtype=np.int64),
@@ -181,23 +182,18 @@ def _chunk_problems(
     if not finite.all():
         bad = start + np.flatnonzero(~finite.all(axis=-1))
         return [f"NaN or Inf at row(s) {_first(bad)}"]
-    mass = _logsumexp(values)
-    # dense rows sum to 1; the top-K of a row sum to at most 1
-    drift = np.abs(mass) if manifest.top_k is None else np.clip(mass, 0, None)
+    layout = manifest.layout
+    checked = layout.problems(values, chunk, tolerance)
+    drift = checked["mass"]  # how far each row is from the mass its layout allows
     if (drift > tolerance).any():
         bad = start + np.flatnonzero((drift > tolerance).any(axis=-1))
         problems.append(
             f"not a distribution (logsumexp off by up to {drift.max():.3g}) at row(s) {_first(bad)}"
         )
-    if manifest.top_k is not None:
-        top = chunk["topk_indices"].astype(np.int64)
-        ordered = (np.diff(values, axis=-1) <= 0).all(axis=-1)
-        distinct = (np.diff(np.sort(top, axis=-1), axis=-1) > 0).all(axis=-1)
-        valid = ((top >= 0) & (top < manifest.num_classes)).all(axis=-1) & ordered & distinct
-        if not valid.all():
-            bad = start + np.flatnonzero(~valid.all(axis=-1))
-            problems.append(f"top-k classes out of range, repeated or unsorted at row(s) "
-                            f"{_first(bad)}")  # fmt: skip
+    if checked["invalid"].any():
+        bad = start + np.flatnonzero(checked["invalid"].any(axis=-1))
+        problems.append(f"{layout.kind} classes out of range, repeated or unsorted at "
+                        f"row(s) {_first(bad)}")  # fmt: skip
     labels = chunk["labels"]
     lowest = 0 if manifest.labeled else -1
     highest = manifest.num_classes - 1 if manifest.labeled else -1
@@ -220,15 +216,10 @@ def _chunk_problems(
 def _check_dataset(
     manifest: Manifest, rows: dict[str, np.ndarray], dataset: ImageSet, report: VerifyReport
 ) -> None:
-    expected = manifest.dataset["fingerprint"]
-    actual = dataset.fingerprint()
-    report.add(
-        "dataset",
-        expected == actual,
-        "fingerprint matches" if expected == actual else describe_mismatch(expected, actual),
-    )
+    mismatch = dataset_mismatch(manifest.dataset, dataset)
+    report.add("dataset", mismatch is None, mismatch or "fingerprint matches")
     indices = rows["indices"]
-    if manifest.labeled and expected == actual and len(indices):
+    if manifest.labeled and mismatch is None and len(indices):
         wrong = np.flatnonzero(rows["labels"] != dataset.labels.numpy()[indices])
         detail = "equal to the dataset's" if not len(wrong) else f"differ at row(s) {_first(wrong)}"
         report.add("labels", not len(wrong), detail)
@@ -245,15 +236,15 @@ def _recompute(
     report: VerifyReport,
 ) -> None:
     """A fresh teacher pass over every view of ``count`` random rows, against the store."""
-    from pipeline.teach import combine_members, predict_views
+    from pipeline.teacher import load_teacher
 
     torch_device = resolve_device(device)
-    members = [load_model(Path(run_dir), torch_device) for run_dir in teachers]
-    hashes = sorted(card.weights_sha256 for _, card in members)
+    teacher = load_teacher(teachers, torch_device)
+    hashes = sorted(card.weights_sha256 for card in teacher.cards)
     if hashes != sorted(m.weights_sha256 for m in manifest.teachers):
         report.add("recompute", False, "the --teacher weights are not the cache's teachers")
         return
-    if dataset.fingerprint() != manifest.dataset["fingerprint"]:
+    if dataset_mismatch(manifest.dataset, dataset) is not None:
         report.add("recompute", False, "--data is not the cache's dataset")
         return
     picked = np.sort(np.random.default_rng(seed).choice(
@@ -263,26 +254,20 @@ def _recompute(
     params = arrays["views"].get_orthogonal_selection((picked, slice(None), slice(None)))
     partners = arrays["partners"].get_orthogonal_selection((picked, slice(None)))
     fresh = np.stack([
-        combine_members(
-            [
-                predict_views(model, card.data, dataset.images, indices,
-                              params[:, view] if manifest.has_views else None, partners[:, view],
-                              device=torch_device)
-                for model, card in members
-            ],
-            manifest.temperature,
-            manifest.combine,
+        teacher.log_probs(
+            dataset.images, manifest.temperature, manifest.combine, rows=indices,
+            params=params[:, view] if manifest.has_views else None, partners=partners[:, view],
+            device=torch_device,
         ).numpy()
         for view in range(manifest.num_views)
     ], axis=1)  # fmt: skip
-    if manifest.top_k is None:
-        stored = arrays["logprobs"].get_orthogonal_selection((picked, slice(None), slice(None)))
-    else:
-        stored = arrays["topk_logprobs"].get_orthogonal_selection(
-            (picked, slice(None), slice(None))
-        )
-        top = arrays["topk_indices"].get_orthogonal_selection((picked, slice(None), slice(None)))
-        fresh = np.take_along_axis(fresh, top.astype(np.int64), axis=-1)
+    layout = manifest.layout
+    stored_arrays = {
+        name: arrays[name].get_orthogonal_selection((picked, slice(None), slice(None)))
+        for name in layout.names
+    }
+    stored = stored_arrays[layout.values_name]
+    fresh = layout.like_stored(fresh, stored_arrays)
     error = np.abs(stored.astype(np.float32) - fresh).max(axis=(1, 2))
     tolerance = RECOMPUTE_TOLERANCE[manifest.dtype]
     wrong = picked[error > tolerance]
@@ -292,11 +277,6 @@ def _recompute(
         f"{len(picked)} random row(s) x {manifest.num_views} view(s) recomputed, max |difference| "
         f"{error.max():.3g}" + (f"; differ at row(s) {_first(wrong)}" if len(wrong) else ""),
     )
-
-
-def _logsumexp(values: np.ndarray) -> np.ndarray:
-    top = values.max(axis=-1, keepdims=True)
-    return (top + np.log(np.exp(values - top).sum(axis=-1, keepdims=True)))[..., 0]
 
 
 def _first(rows: np.ndarray, limit: int = 10) -> str:

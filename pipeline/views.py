@@ -7,8 +7,9 @@ seeds, so the same view is rendered again by another process, another worker
 count or another library version, and at another input resolution: the
 teacher labels a view at its input size, the student replays it at its own.
 
-One view is a row of :data:`VIEW_FIELDS` (float32) plus a partner index
-(int64, -1 when there is no mixing). ``docs/cache-format.md`` documents both.
+One view is a row of the cache format's ``VIEW_FIELDS`` (float32) plus a partner
+index (int64, -1 when there is no mixing). ``docs/cache-format.md`` documents both;
+:func:`pipeline.inputs.render` replays a view at any model's input size.
 """
 
 from __future__ import annotations
@@ -19,29 +20,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from pipeline.cache import IDENTITY_VIEW, VIEW_COLUMNS
 from pipeline.errors import UsageError
-from pipeline.models import DataConfig
 
-VIEW_FIELDS = (
-    "top",  # crop box in the source image, as fractions of its height and width;
-    "left",  # a box may reach outside the image (shifts): outside pixels are 0
-    "height",
-    "width",
-    "flip",  # 1: mirrored left-right after cropping
-    "lam",  # weight of this sample in the mix; 1 without mixing
-    "box_top",  # cutmix: the partner's pixels replace this box of the output
-    "box_left",  # (fractions of the output size; all 0 for mixup or no mixing)
-    "box_height",
-    "box_width",
-)
 AUGMENTS = ("none", "flip", "shift-flip", "crop-flip")
 MIXES = ("none", "mixup", "cutmix")
 SHIFT_FRACTION = 0.125  # shift-flip: up to 1/8 of the side, like pad 4 + crop on 32 px
 CROP_SCALE = (0.25, 1.0)  # crop-flip: area fraction, as RandomResizedCrop's scale
 CROP_RATIO = (3 / 4, 4 / 3)
-IDENTITY = (0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -107,16 +94,19 @@ def sample_views(
     policy.validate()
     rng = np.random.default_rng(seed)
     shape = (num_rows, num_views)
-    params = np.broadcast_to(np.asarray(IDENTITY, dtype=np.float64), (*shape, len(IDENTITY))).copy()
+    identity = np.asarray(IDENTITY_VIEW, dtype=np.float64)
+    params = np.broadcast_to(identity, (*shape, len(identity))).copy()
     height, width = image_size
+    column = VIEW_COLUMNS
     if policy.augment == "shift-flip":
-        for axis, side in ((0, height), (1, width)):
+        for axis, side in ((column["top"], height), (column["left"], width)):
             limit = max(1, round(SHIFT_FRACTION * side))
             params[..., axis] = rng.integers(-limit, limit + 1, shape) / side
     elif policy.augment == "crop-flip":
-        params[..., :4] = _random_resized_crops(rng, shape, policy.crop_scale)
+        crop = slice(column["top"], column["width"] + 1)  # top, left, height, width
+        params[..., crop] = _random_resized_crops(rng, shape, policy.crop_scale)
     if policy.augment in ("flip", "shift-flip", "crop-flip"):
-        params[..., 4] = rng.random(shape) < 0.5
+        params[..., column["flip"]] = rng.random(shape) < 0.5
     partners = np.full(shape, -1, dtype=np.int64)
     if policy.mix != "none":
         if len(partner_pool) < 2:
@@ -124,7 +114,7 @@ def sample_views(
         partners = partner_pool[rng.integers(0, len(partner_pool), shape)].astype(np.int64)
         lam = rng.beta(policy.mix_alpha, policy.mix_alpha, shape)
         if policy.mix == "mixup":
-            params[..., 5] = lam
+            params[..., column["lam"]] = lam
         else:  # cutmix: a box of area 1 - λ, centred uniformly, clipped; λ follows the clip
             cut = np.sqrt(1.0 - lam)
             centre_y, centre_x = rng.random(shape), rng.random(shape)
@@ -132,8 +122,9 @@ def sample_views(
             left = np.clip(centre_x - cut / 2, 0, 1)
             bottom = np.clip(centre_y + cut / 2, 0, 1)
             right = np.clip(centre_x + cut / 2, 0, 1)
-            params[..., 6:10] = np.stack([top, left, bottom - top, right - left], axis=-1)
-            params[..., 5] = 1.0 - (bottom - top) * (right - left)
+            box = slice(column["box_top"], column["box_width"] + 1)
+            params[..., box] = np.stack([top, left, bottom - top, right - left], axis=-1)
+            params[..., column["lam"]] = 1.0 - (bottom - top) * (right - left)
     return params.astype(np.float32), partners
 
 
@@ -156,87 +147,6 @@ def _random_resized_crops(
         boxes[ok] = np.stack([top, left, height, width], axis=-1)[ok]
         pending &= ~ok
     return boxes
-
-
-def is_identity(params: torch.Tensor) -> bool:
-    """True when every view in the batch is the plain image (no crop, flip or mix)."""
-    return bool((params == torch.tensor(IDENTITY, dtype=params.dtype)).all())
-
-
-def render(
-    images: torch.Tensor,
-    params: torch.Tensor,
-    partner_images: torch.Tensor | None,
-    size: tuple[int, int],
-) -> torch.Tensor:
-    """Float pixels in [0, 1], ``(B, C, *size)``: each view rendered from uint8 sources.
-
-    Crop and flip are one affine resampling (bilinear, zeros outside the
-    image), so the same parameters give the same view at any output size and
-    pixel-identical views at the same size. The partner goes through the same
-    crop and flip, then is blended (mixup) or pasted into the box (cutmix).
-    """
-    x = images.float() / 255.0
-    params = params.to(device=x.device, dtype=torch.float32)
-    top, left, height, width, flip, lam = params[:, :6].unbind(-1)
-    n, c = x.shape[:2]
-    theta = torch.zeros(n, 2, 3, device=x.device)
-    theta[:, 0, 0] = width * (1 - 2 * flip)
-    theta[:, 0, 2] = 2 * left + width - 1
-    theta[:, 1, 1] = height
-    theta[:, 1, 2] = 2 * top + height - 1
-    grid = F.affine_grid(theta, [n, c, *size], align_corners=False)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    if partner_images is None:
-        return out
-    partner = F.grid_sample(
-        partner_images.float() / 255.0,
-        grid,
-        mode="bilinear",
-        padding_mode="zeros",
-        align_corners=False,
-    )
-    box_top, box_left, box_height, box_width = params[:, 6:10].unbind(-1)
-    cut = (box_height * box_width) > 0
-    rows = (torch.arange(size[0], device=x.device) + 0.5) / size[0]
-    cols = (torch.arange(size[1], device=x.device) + 0.5) / size[1]
-    inside = (
-        (rows[None, :, None] >= box_top[:, None, None])
-        & (rows[None, :, None] < (box_top + box_height)[:, None, None])
-        & (cols[None, None, :] >= box_left[:, None, None])
-        & (cols[None, None, :] < (box_left + box_width)[:, None, None])
-    ).unsqueeze(1)  # (B, 1, H, W)
-    blended = lam.view(-1, 1, 1, 1) * out + (1 - lam.view(-1, 1, 1, 1)) * partner
-    pasted = torch.where(inside, partner, out)
-    return torch.where(cut.view(-1, 1, 1, 1), pasted, blended)
-
-
-def view_input(
-    images: torch.Tensor,
-    params: torch.Tensor | None,
-    partner_images: torch.Tensor | None,
-    data_config: DataConfig,
-    device: torch.device,
-) -> torch.Tensor:
-    """The normalised model input for a batch of views (channels_last).
-
-    Plain images (no params, or identity views only) take the exact path of
-    an unaugmented pass, so a ``--views 1`` cache without augmentation holds
-    the same values as a fixed-teacher cache.
-    """
-    from pipeline.runtime import prepare_input
-
-    if params is None or is_identity(params):
-        return prepare_input(images, data_config, device)
-    pixels = render(
-        images.to(device, non_blocking=True),
-        params,
-        None if partner_images is None else partner_images.to(device, non_blocking=True),
-        data_config.input_size[1:],
-    )
-    mean = torch.tensor(data_config.mean, device=pixels.device).view(1, -1, 1, 1)
-    std = torch.tensor(data_config.std, device=pixels.device).view(1, -1, 1, 1)
-    return ((pixels - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 def view_schedule(num_rows: int, num_views: int, seed: int, epoch: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from pipeline.cache.format import CHECKSUM_KEY, MANIFEST_KEY, manifest_checksum
+from pipeline.cache import CHECKSUM_KEY, MANIFEST_KEY, manifest_checksum
 from pipeline.cli import main
 
 

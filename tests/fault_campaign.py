@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.errors import KdpipeError
-from pipeline.report import machine_line, replace_section
+from pipeline.publish import machine_line, replace_section
 
 
 def cache_command(args: argparse.Namespace, out: Path) -> list[str]:

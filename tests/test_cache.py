@@ -9,13 +9,11 @@ import torch
 import zarr
 from conftest import edit_manifest
 
-from pipeline.cache import load_soft_labels, read_manifest, retemper
-from pipeline.cache.format import Manifest
+from pipeline.cache import Manifest, load_soft_labels, read_manifest, retemper
 from pipeline.data import make_synthetic
 from pipeline.errors import CacheError, CacheIncompleteError, ManifestError, NotACacheError
 from pipeline.runs import load_model
-from pipeline.runtime import predict_logits
-from pipeline.teach import combine_members
+from pipeline.teacher import combine_members, predict_logits
 
 
 def test_stored_values_are_the_teachers_log_softmax_at_t(

@@ -43,6 +43,17 @@ def test_three_caches_from_two_teacher_versions(teacher_run: Path, tmp_path: Pat
     assert (table["size_mb"] > 0).all()
 
 
+def test_caches_names_each_cache_s_storage_layout(teacher_run: Path, tmp_path: Path) -> None:
+    """A top-k cache is listed as top-k, not as dense (a bug until the layout object)."""
+    for name, extra in (("dense", ""), ("top3", "--top-k 3")):
+        made = cache(teacher_run, tmp_path / f"{name}.zarr", f"--temperature 2 {extra}")
+        assert made.exit_code == 0, made.output
+    result = invoke("caches", tmp_path, "--format json")
+    assert result.exit_code == 0, result.output
+    storage = {Path(row["path"]).name: row["storage"] for row in json.loads(result.output)}
+    assert storage == {"dense.zarr": "dense", "top3.zarr": "top-3"}
+
+
 def test_a_damaged_cache_is_listed_as_unreadable(train_cache: Path, tmp_path: Path) -> None:
     shutil.copytree(train_cache, tmp_path / "bad.zarr")
     (tmp_path / "bad.zarr" / "zarr.json").write_text('{"attributes": {"kdpipe": {')

@@ -18,7 +18,7 @@ from pipeline.data import load_dataset, validation_rows
 from pipeline.errors import DatasetError, ManifestError, UsageError
 from pipeline.report import report
 from pipeline.runs import load_model
-from pipeline.runtime import predict_logits
+from pipeline.teacher import predict_logits
 from pipeline.train import TrainConfig, resume_training, train_student
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"

@@ -7,7 +7,8 @@ import torch
 from timm.data import resolve_data_config
 
 from pipeline.errors import ModelError
-from pipeline.models import DataConfig, create_model, param_count, weights_sha256
+from pipeline.inputs import DataConfig
+from pipeline.models import create_model, param_count, weights_sha256
 
 GRAY28 = DataConfig(input_size=(1, 28, 28), mean=(0.3,), std=(0.35,))
 

@@ -14,8 +14,13 @@ import pytest
 import zarr
 from conftest import cache, invoke, student
 
-from pipeline.cache import load_soft_labels, read_manifest
-from pipeline.cache.format import CHECKSUM_KEY, MANIFEST_KEY, manifest_checksum
+from pipeline.cache import (
+    CHECKSUM_KEY,
+    MANIFEST_KEY,
+    load_soft_labels,
+    manifest_checksum,
+    read_manifest,
+)
 
 BUCKET = "kdpipe-test"
 

@@ -7,7 +7,8 @@ import pytest
 from conftest import student
 
 from pipeline.errors import UsageError
-from pipeline.report import command_line, replace_section, report
+from pipeline.publish import replace_section
+from pipeline.report import command_line, report
 
 
 @pytest.fixture(scope="module")

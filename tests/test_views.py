@@ -9,16 +9,21 @@ import pytest
 import torch
 from conftest import cache, invoke, student
 
-from pipeline.cache import load_soft_labels, read_manifest
-from pipeline.cache.format import VIEW_ARRAY_FIELDS
-from pipeline.cache.store import reconstruct_top_k
+from pipeline.cache import (
+    VIEW_COLUMNS,
+    VIEW_FIELDS,
+    load_soft_labels,
+    read_manifest,
+    reconstruct_top_k,
+)
 from pipeline.data import make_synthetic
 from pipeline.errors import CacheError
+from pipeline.inputs import render
 from pipeline.report import cache_command, command_line, report
 from pipeline.runs import load_model, read_config
-from pipeline.runtime import predict_logits
-from pipeline.train import TrainConfig, TrainData, _cache_data
-from pipeline.views import VIEW_FIELDS, ViewPolicy, render, sample_views, view_schedule
+from pipeline.teacher import predict_logits
+from pipeline.train import TrainConfig, TrainData, cache_data
+from pipeline.views import ViewPolicy, sample_views, view_schedule
 
 CPU = torch.device("cpu")
 DATA = make_synthetic("train")
@@ -30,9 +35,10 @@ def replay(store: Path, epoch: int, positions: torch.Tensor) -> tuple[dict, Trai
     config = TrainConfig(
         model="kd_mlp", data="synthetic", out="-", epochs=1, cache=str(store), alpha=0.5
     )
-    data, _, _ = _cache_data(config, soft, DATA, log=print)
+    data, _, _ = cache_data(config, soft, DATA, log=print)
     _, card = load_model(Path(soft.manifest.teachers[0].run_dir))
-    return data.batch(positions, epoch, 0, config.seed, card.data, CPU), data
+    gathered = data.gather(positions, epoch, 0, config.seed)
+    return TrainData.to_model(gathered, card.data, CPU), data
 
 
 def teacher_logprobs(teacher: Path, inputs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -60,7 +66,11 @@ def shifted(image: torch.Tensor, dy: int, dx: int, flip: bool) -> np.ndarray:
 
 
 def test_view_fields_are_the_documented_columns() -> None:
-    assert VIEW_FIELDS == VIEW_ARRAY_FIELDS
+    """docs/cache-format.md lists the columns of the views array in the format's order."""
+    text = (Path(__file__).parents[1] / "docs" / "cache-format.md").read_text()
+    positions = [text.find(f"`{name}`") for name in VIEW_FIELDS]
+    assert -1 not in positions and positions == sorted(positions)
+    assert [VIEW_COLUMNS[name] for name in VIEW_FIELDS] == list(range(len(VIEW_FIELDS)))
 
 
 def test_views_are_parameters_drawn_once_from_the_seed() -> None:
@@ -256,13 +266,14 @@ def test_top_k_cache_trains_verifies_and_refuses_retempering(
     result = cache(teacher_run, store, "--temperature 4 --top-k 2 --chunk-size 128")
     assert result.exit_code == 0, result.output
     soft, dense = load_soft_labels(store), load_soft_labels(train_cache)
-    assert soft.top_indices.shape == (600, 1, 2) and {p.name for p in store.iterdir()} >= {
-        "topk_logprobs", "topk_indices"}  # fmt: skip
+    top_indices = soft.stored["topk_indices"].long()
+    assert top_indices.shape == (600, 1, 2)
+    assert {p.name for p in store.iterdir()} >= {"topk_logprobs", "topk_indices"}
     expected = dense.values.float().topk(2, dim=-1)
     # the stored classes hold the two largest values (float16 ties may swap equal classes)
-    gathered = dense.values.float().gather(-1, soft.top_indices)
+    gathered = dense.values.float().gather(-1, top_indices)
     assert torch.allclose(gathered, expected.values, atol=2e-3)
-    assert (soft.top_indices == expected.indices).float().mean() > 0.95
+    assert (top_indices == expected.indices).float().mean() > 0.95
     assert torch.allclose(soft.values.float(), expected.values, atol=2e-3)
     assert invoke("verify", store, "--data synthetic").exit_code == 0
     with pytest.raises(CacheError, match=r"top-2 cache at T=4: it cannot be re-tempered to T=2"):

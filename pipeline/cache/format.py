@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline.cache.layout import STORAGE_KINDS, Layout, storage_layout
 from pipeline.errors import ManifestError
+from pipeline.spec import check_field as _check
+from pipeline.spec import check_keys, check_object
 
 FORMAT_VERSION = 2  # 2: views, transfer-set rows, top-k storage
 MANIFEST_KEY = "kdpipe"
@@ -24,19 +27,22 @@ STATUSES = (STATUS_WRITING, STATUS_COMPLETE)
 COMBINE_RULES = ("mean-probs", "mean-logits")
 DTYPES = ("float16", "float32")
 PRECISIONS = ("float32", "bfloat16")
-STORAGE_KINDS = ("dense", "top-k")
-VIEW_ARRAY_FIELDS = (
-    "top",
-    "left",
+# the columns of the ``views`` array (float32, one row per sample and view): the explicit
+# parameters of a view, replayed by pipeline.inputs.render and drawn by pipeline.views
+VIEW_FIELDS = (
+    "top",  # crop box in the source image, as fractions of its height and width;
+    "left",  # a box may reach outside the image (shifts): outside pixels are 0
     "height",
     "width",
-    "flip",
-    "lam",
-    "box_top",
-    "box_left",
+    "flip",  # 1: mirrored left-right after cropping
+    "lam",  # weight of this sample in the mix; 1 without mixing
+    "box_top",  # cutmix: the partner's pixels replace this box of the output
+    "box_left",  # (fractions of the output size; all 0 for mixup or no mixing)
     "box_height",
     "box_width",
-)  # fmt: skip  (the columns of the ``views`` array; pipeline.views.VIEW_FIELDS)
+)
+VIEW_COLUMNS = {name: index for index, name in enumerate(VIEW_FIELDS)}
+IDENTITY_VIEW = (0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # the plain image
 VALUES = "log_softmax(logits / temperature)"
 PREPROCESSING = (
     "uint8 pixels / 255, resized (bilinear) to the member's input_size when the dataset's "
@@ -47,24 +53,6 @@ PREPROCESSING = (
 def _digest(payload: Any) -> str:
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _check(data: dict, name: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if name not in data:
-        raise ManifestError(f"{where}: missing field {name!r}")
-    value = data[name]
-    # bool is an int in Python; a count or a temperature must not be True
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise ManifestError(f"{where}: field {name!r} must be {kind}, not a boolean")
-    if not isinstance(value, kind):
-        raise ManifestError(f"{where}: field {name!r} has type {type(value).__name__}")
-    return value
-
-
-def _reject_unknown(data: dict, cls: type, where: str) -> None:
-    unknown = sorted(set(data) - {f.name for f in fields(cls)})
-    if unknown:
-        raise ManifestError(f"{where}: unknown field(s) {', '.join(unknown)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,9 +72,8 @@ class TeacherMember:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "teacher") -> TeacherMember:
-        if not isinstance(data, dict):
-            raise ManifestError(f"{where}: expected an object")
-        _reject_unknown(data, cls, where)
+        check_object(data, where)
+        check_keys(data, cls, where, require=False)  # a missing field is named as it is read
         return cls(
             architecture=_check(data, "architecture", str, where),
             weights_sha256=_check(data, "weights_sha256", str, where),
@@ -150,15 +137,14 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "manifest") -> Manifest:
-        if not isinstance(data, dict):
-            raise ManifestError(f"{where}: expected a JSON object")
+        check_object(data, where)
         version = _check(data, "format_version", int, where)
         if version != FORMAT_VERSION:
             raise ManifestError(
                 f"{where}: format_version {version} is not supported "
                 f"(this kdpipe reads version {FORMAT_VERSION})"
             )
-        _reject_unknown(data, cls, where)
+        check_keys(data, cls, where, require=False)
         teachers = _check(data, "teachers", list, where)
         if not teachers:
             raise ManifestError(f"{where}: field 'teachers' is empty")
@@ -234,9 +220,9 @@ class Manifest:
         return manifest
 
     @property
-    def top_k(self) -> int | None:
-        """K for a top-k cache, None for a dense one."""
-        return self.storage["k"] if self.storage["kind"] == "top-k" else None
+    def layout(self) -> Layout:
+        """How the teacher's distribution is stored (:mod:`pipeline.cache.layout`)."""
+        return storage_layout(self.storage, self.num_classes)
 
     @property
     def has_views(self) -> bool:
@@ -325,21 +311,11 @@ def array_specs(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], str, int
     All are chunked along the first (row) axis by ``chunk_size``; the writer,
     the reader and ``kdpipe verify`` all take the layout from here.
     """
-    n, v, c = manifest.num_samples, manifest.num_views, manifest.num_classes
-    specs: dict[str, tuple[tuple[int, ...], str, int | float]] = {}
-    if manifest.top_k is None:
-        specs["logprobs"] = ((n, v, c), manifest.dtype, 0.0)
-    else:
-        k = manifest.top_k
-        specs["topk_logprobs"] = ((n, v, k), manifest.dtype, 0.0)
-        specs["topk_indices"] = ((n, v, k), index_dtype(c), -1)
-    specs["labels"] = ((n,), "int64", -1)
-    specs["indices"] = ((n,), "int64", -1)
-    specs["views"] = ((n, v, len(VIEW_ARRAY_FIELDS)), "float32", 0.0)
-    specs["partners"] = ((n, v), "int64", -1)
-    return specs
-
-
-def index_dtype(num_classes: int) -> str:
-    """int16 class indices where they fit (C <= 32767), int32 beyond."""
-    return "int16" if num_classes <= 32767 else "int32"
+    n, v = manifest.num_samples, manifest.num_views
+    return {
+        **manifest.layout.arrays(n, v, manifest.dtype),
+        "labels": ((n,), "int64", -1),
+        "indices": ((n,), "int64", -1),
+        "views": ((n, v, len(VIEW_FIELDS)), "float32", 0.0),
+        "partners": ((n, v), "int64", -1),
+    }

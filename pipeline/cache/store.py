@@ -3,8 +3,9 @@
 Layout (see ``docs/cache-format.md`` and ``format.array_specs``): a Zarr v3
 group with
 
-- ``logprobs``: float16 ``(N, V, C)``, ``log_softmax(z / T)`` per row and view
-  (or ``topk_logprobs`` and ``topk_indices``, ``(N, V, K)``, for a top-k cache),
+- the storage layout's arrays (``layout.py``): ``logprobs``, float16 ``(N, V, C)``,
+  ``log_softmax(z / T)`` per row and view (or ``topk_logprobs`` and ``topk_indices``,
+  ``(N, V, K)``, for a top-k cache),
 - ``labels`` and ``indices``: int64 ``(N,)``, each row's label and its index
   in the dataset's canonical order,
 - ``views``: float32 ``(N, V, 10)`` view parameters, ``partners``: int64
@@ -248,16 +249,20 @@ class SoftLabels:
 
     path: Location  # str() is the path or URL as given
     manifest: Manifest
-    values: torch.Tensor  # (N, V, C) dense, or (N, V, K) top-k; stored dtype
-    top_indices: torch.Tensor | None  # (N, V, K) int64 for a top-k cache
+    stored: dict[str, torch.Tensor]  # the layout's arrays, as stored (manifest.layout)
     labels: torch.Tensor  # (N,) int64, -1 for an unlabeled transfer set
     indices: torch.Tensor  # (N,) int64: the dataset index of each row
     views: torch.Tensor  # (N, V, 10) float32 view parameters
     partners: torch.Tensor  # (N, V) int64 dataset index mixed in, -1 for none
 
+    @property
+    def values(self) -> torch.Tensor:
+        """The stored values: log-probabilities ``(N, V, C)``, or the top K ``(N, V, K)``."""
+        return self.stored[self.manifest.layout.values_name]
+
     def log_probs(self, temperature: float | None = None) -> torch.Tensor:
         """float32 ``log_softmax(z / T)`` ``(N, V, C)`` at ``temperature`` (default: stored)."""
-        return to_log_probs(self.values, self.top_indices, self.manifest, temperature, self.path)
+        return to_log_probs(self.stored, self.manifest, temperature, self.path)
 
     @property
     def has_views(self) -> bool:
@@ -268,56 +273,29 @@ class SoftLabels:
 def check_temperature(
     manifest: Manifest, temperature: float | None, path: str | Path | Location
 ) -> None:
-    """Refuse to re-temper a top-k cache: its reconstruction holds only T's top K."""
+    """Refuse to re-temper a layout that cannot be (top-k holds only T's top K)."""
     stored = manifest.temperature
-    if manifest.top_k is not None and temperature is not None and temperature != stored:
+    layout = manifest.layout
+    if not layout.retemperable and temperature is not None and temperature != stored:
         raise CacheError(
-            f"{path} is a top-{manifest.top_k} cache at T={stored:g}: it cannot be "
+            f"{path} is a {layout.describe()} cache at T={stored:g}: it cannot be "
             f"re-tempered to T={temperature:g} exactly; use T={stored:g} or a dense cache"
         )
 
 
 def to_log_probs(
-    values: torch.Tensor,
-    top_indices: torch.Tensor | None,
+    stored: dict[str, torch.Tensor],
     manifest: Manifest,
     temperature: float | None,
     path: str | Path | Location,
 ) -> torch.Tensor:
-    """Stored values (dense, or top-k with ``top_indices``) as float32 log-probabilities at
-    ``temperature`` (default: the stored one).
-
-    A top-k cache is reconstructed first (:func:`reconstruct_top_k`); it
-    cannot be re-tempered exactly, so another temperature is refused.
-    """
+    """A layout's stored arrays as float32 log-probabilities at ``temperature`` (default:
+    the stored one): decoded by the layout, then re-tempered exactly where it can be."""
     check_temperature(manifest, temperature, path)
-    stored = manifest.temperature
-    if top_indices is not None:
-        return reconstruct_top_k(values.float(), top_indices, manifest.num_classes)
-    values = values.float()
-    if temperature is None or temperature == stored:
+    values = manifest.layout.decode(stored)
+    if temperature is None or temperature == manifest.temperature:
         return values
-    return retemper(values, stored, temperature)
-
-
-def reconstruct_top_k(
-    top_logprobs: torch.Tensor, top_indices: torch.Tensor, num_classes: int
-) -> torch.Tensor:
-    """Dense log-probabilities from the K largest: the leftover mass ``1 - sum(p_topk)``
-    spread uniformly over the other ``C - K`` classes (the FKD / TinyViT rule).
-
-    With K = C the stored distribution comes back as it is. The leftover is
-    floored at a tiny positive mass, so that every class keeps a finite
-    log-probability (float16 rounding can make the top-K sum exceed 1).
-    """
-    k = top_logprobs.shape[-1]
-    if k == num_classes:
-        dense = torch.empty(*top_logprobs.shape[:-1], num_classes)
-        return dense.scatter_(-1, top_indices.long(), top_logprobs)
-    leftover = (1.0 - top_logprobs.exp().sum(-1, keepdim=True)).clamp_min(1e-8)
-    fill = torch.log(leftover / (num_classes - k))
-    dense = fill.expand(*top_logprobs.shape[:-1], num_classes).clone()
-    return dense.scatter_(-1, top_indices.long(), top_logprobs)
+    return retemper(values, manifest.temperature, temperature)
 
 
 def retemper(logprobs: torch.Tensor, stored: float, wanted: float) -> torch.Tensor:
@@ -353,7 +331,7 @@ def check_present(path: str | Path | Location, array: zarr.Array, name: str) -> 
 
 def check_flagged(path: str | Path | Location, arrays: dict[str, zarr.Array]) -> None:
     """Every chunk's progress flag is set, as the manifest's ``complete`` promises."""
-    unflagged = np.flatnonzero(_read_array(path, arrays[PROGRESS], PROGRESS) != 1)
+    unflagged = np.flatnonzero(read_array(path, arrays[PROGRESS], PROGRESS) != 1)
     if len(unflagged):
         raise CacheError(
             f"{path}: chunk(s) {', '.join(map(str, unflagged[:10]))} are not flagged "
@@ -361,7 +339,7 @@ def check_flagged(path: str | Path | Location, arrays: dict[str, zarr.Array]) ->
         )
 
 
-def _read_array(path: str | Path | Location, array: zarr.Array, name: str) -> np.ndarray:
+def read_array(path: str | Path | Location, array: zarr.Array, name: str) -> np.ndarray:
     """Read chunk by chunk so that damage is reported with the chunk that holds it."""
     out = np.empty(array.shape, dtype=array.dtype)
     step = array.chunks[0]
@@ -376,8 +354,9 @@ def load_soft_labels(path: str | Path | Location) -> SoftLabels:
     verified on the way."""
     path = Location(path)
     manifest, arrays = open_complete(path)
-    data = {name: _read_array(path, arrays[name], name) for name in array_specs(manifest)}
-    values = data["topk_logprobs" if manifest.top_k else "logprobs"]
+    data = {name: read_array(path, arrays[name], name) for name in array_specs(manifest)}
+    layout = manifest.layout
+    values = data[layout.values_name]
     not_finite = np.flatnonzero(~np.isfinite(values).all(axis=(1, 2)))
     if len(not_finite):
         raise CacheError(
@@ -389,12 +368,10 @@ def load_soft_labels(path: str | Path | Location) -> SoftLabels:
             raise CacheError(
                 f"{path}: array {name} has shape {data[name].shape}, the manifest says {shape}"
             )
-    top_indices = data.get("topk_indices")
     return SoftLabels(
         path,
         manifest,
-        torch.from_numpy(values),
-        None if top_indices is None else torch.from_numpy(top_indices.astype(np.int64)),
+        {name: torch.from_numpy(data[name]) for name in layout.names},
         torch.from_numpy(data["labels"]),
         torch.from_numpy(data["indices"]),
         torch.from_numpy(data["views"]),

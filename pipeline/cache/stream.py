@@ -31,12 +31,12 @@ from pipeline.cache.format import Manifest, array_specs
 from pipeline.cache.location import Location
 from pipeline.cache.store import (
     SoftLabels,
-    _read_array,
     check_flagged,
     check_present,
     check_temperature,
     load_soft_labels,
     open_complete,
+    read_array,
     read_chunk,
     read_manifest,
     to_log_probs,
@@ -182,18 +182,13 @@ class ChunkReader:
         self.chunks_read += 1
         if name != "targets":
             return torch.from_numpy(self._array(name, index))
-        manifest = self.manifest
-        values = self._array("topk_logprobs" if manifest.top_k else "logprobs", index)
-        if not np.isfinite(values).all():
+        stored = {
+            name: torch.from_numpy(self._array(name, index)) for name in self.manifest.layout.names
+        }
+        values = stored[self.manifest.layout.values_name]
+        if not torch.isfinite(values).all():
             raise CacheError(f"{self.path}: NaN or Inf soft labels in chunk {index}")
-        top = self._array("topk_indices", index) if manifest.top_k else None
-        return to_log_probs(
-            torch.from_numpy(values),
-            None if top is None else torch.from_numpy(top.astype(np.int64)),
-            manifest,
-            self.temperature,
-            self.path,
-        )
+        return to_log_probs(stored, self.manifest, self.temperature, self.path)
 
 
 class StreamedRows:
@@ -268,8 +263,8 @@ class StreamedSoftLabels:
             )
         window = memory // smallest  # two resident windows and one read ahead
         self.window = window
-        self.labels = torch.from_numpy(_read_array(self.path, self.arrays["labels"], "labels"))
-        self.indices = torch.from_numpy(_read_array(self.path, self.arrays["indices"], "indices"))
+        self.labels = torch.from_numpy(read_array(self.path, self.arrays["labels"], "labels"))
+        self.indices = torch.from_numpy(read_array(self.path, self.arrays["indices"], "indices"))
         check_flagged(self.path, self.arrays)
         for name in array_specs(manifest):
             check_present(self.path, self.arrays[name], name)

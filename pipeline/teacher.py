@@ -1,0 +1,165 @@
+"""The teacher: its members loaded and checked once, one batched inference loop, and how
+an ensemble's members are combined.
+
+Every pass of a model over images or stored views goes through
+:func:`predict_logits`: the teacher pass that writes a cache, ``verify
+--recompute``, agreement in ``evaluate``, and the scoring of students during
+training. Its inputs come from :mod:`pipeline.inputs`, the function the student's
+training loop calls with the same view parameters. Nothing here writes a cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.cache import COMBINE_RULES, TeacherMember
+from pipeline.data import ImageSet
+from pipeline.errors import CacheMismatchError, UsageError
+from pipeline.inputs import DataConfig, autocast, check_channels, view_input
+from pipeline.runs import ModelCard, load_model
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """One model or an ensemble, loaded from run directories, with their model cards."""
+
+    sources: tuple[str, ...]  # where each member was loaded from, as given
+    models: tuple[nn.Module, ...]
+    cards: tuple[ModelCard, ...]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.cards[0].classes)
+
+    def check(self, dataset: ImageSet) -> None:
+        """Every member predicts the dataset's classes (when it has labels), the members
+        share their classes, and each takes the dataset's channels."""
+        count = len(self.classes)
+        for source, card in zip(self.sources, self.cards, strict=True):
+            if dataset.labeled and card.num_classes != dataset.num_classes:
+                raise CacheMismatchError(
+                    f"teacher {source} has {card.num_classes} classes but {dataset.name} has "
+                    f"{dataset.num_classes}"
+                )
+            if card.num_classes != count:
+                raise CacheMismatchError(
+                    f"teacher {source} has {card.num_classes} classes, {self.sources[0]} has "
+                    f"{count}: ensemble members must share their classes"
+                )
+            check_channels(f"teacher {source}", card.data, dataset.images)
+
+    def records(self) -> list[TeacherMember]:
+        """The manifest's record of each member: what it computes and its weights' hash."""
+        return [
+            TeacherMember(
+                architecture=card.architecture,
+                weights_sha256=card.weights_sha256,
+                param_count=card.param_count,
+                model_kwargs=card.model_kwargs,
+                num_classes=card.num_classes,
+                data_config=card.data_config,
+                run_dir=str(source),
+            )
+            for source, card in zip(self.sources, self.cards, strict=True)
+        ]
+
+    def log_probs(
+        self,
+        images: torch.Tensor,
+        temperature: float,
+        combine: str,
+        **views: object,
+    ) -> torch.Tensor:
+        """The combined teacher's ``log_softmax(z / T)`` for one view per row (the
+        keyword arguments of :func:`predict_logits`)."""
+        member_logits = [
+            predict_logits(model, images, card.data, **views)
+            for model, card in zip(self.models, self.cards, strict=True)
+        ]
+        return combine_members(member_logits, temperature, combine)
+
+
+def load_teacher(sources: Sequence[str | Path], device: torch.device) -> Teacher:
+    """Load every member once (weights hash checked by :func:`pipeline.runs.load_model`)."""
+    if not sources:
+        raise UsageError("at least one --teacher run directory is needed")
+    loaded = [load_model(Path(source), device) for source in sources]
+    return Teacher(
+        sources=tuple(str(source) for source in sources),
+        models=tuple(model for model, _ in loaded),
+        cards=tuple(card for _, card in loaded),
+    )
+
+
+def combine_members(
+    member_logits: Sequence[torch.Tensor], temperature: float, rule: str
+) -> torch.Tensor:
+    """Log-probabilities of the teacher at temperature T, one row per sample.
+
+    ``mean-probs``: log of the arithmetic mean of the members' softmax(z/T)
+    (Hinton et al. 2015); ``mean-logits``: log_softmax of the mean logits / T.
+    With one member both are log_softmax(z / T).
+    """
+    if rule not in COMBINE_RULES:
+        raise UsageError(f"--combine must be one of {', '.join(COMBINE_RULES)}")
+    stacked = torch.stack([logits.float() for logits in member_logits])  # (M, N, C)
+    if rule == "mean-logits":
+        return torch.log_softmax(stacked.mean(0) / temperature, dim=-1)
+    logprobs = torch.log_softmax(stacked / temperature, dim=-1)
+    return torch.logsumexp(logprobs, dim=0) - math.log(len(member_logits))
+
+
+def _to_host(values: torch.Tensor) -> torch.Tensor:
+    if values.device.type != "cuda":
+        return values.cpu()
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    return host.copy_(values, non_blocking=True)
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    data_config: DataConfig,
+    *,
+    device: torch.device,
+    batch_size: int = 512,
+    precision: str = "float32",
+    rows: np.ndarray | None = None,
+    params: np.ndarray | None = None,
+    partners: np.ndarray | None = None,
+) -> torch.Tensor:
+    """float32 logits on the CPU, the model in eval mode, its forward passes in
+    ``precision`` (:func:`pipeline.inputs.autocast`).
+
+    One row per image of ``images``, or per dataset index of ``rows``; with
+    ``params`` (and ``partners``), each row is the stored view those parameters
+    describe, rendered by :func:`pipeline.inputs.view_input`.
+    """
+    model.eval()
+    outputs = []
+    count = len(images) if rows is None else len(rows)
+    for start in range(0, count, batch_size):
+        stop = start + batch_size
+        batch = images[start:stop] if rows is None else images[torch.from_numpy(rows[start:stop])]
+        view_params = partner_images = None
+        if params is not None:
+            view_params = torch.from_numpy(params[start:stop])
+            partner_index = torch.from_numpy(partners[start:stop])
+            if bool((partner_index >= 0).any()):
+                partner_images = images[partner_index.clamp_min(0)]
+        inputs = view_input(batch, view_params, partner_images, data_config, device)
+        with autocast(device, precision):
+            logits = model(inputs)
+        # to the CPU without a sync per batch: pinned memory, non-blocking copy
+        outputs.append(_to_host(logits.float()))
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # the copies above have landed
+    return torch.cat(outputs) if outputs else torch.empty(0)

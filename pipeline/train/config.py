@@ -1,0 +1,114 @@
+"""What a training run depends on: :class:`TrainConfig`, saved as ``config.json``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.data import ImageSet, load_dataset
+from pipeline.errors import UsageError
+from pipeline.inputs import PRECISION_CHOICES
+from pipeline.views import CROP_SCALE, ViewPolicy
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything a training run depends on; saved as ``config.json``."""
+
+    model: str
+    data: str
+    out: str
+    epochs: int
+    data_root: str = "data"
+    image_size: int | None = None
+    channels: int | None = None
+    batch_size: int = 128
+    eval_every: int = 1  # test-set evaluation every N epochs (and after the last)
+    val_fraction: float | None = None  # hold out these rows of train (validation_rows)
+    early_stopping: int | None = None  # stop after N evaluations without a better val score
+    opt: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    sched: str = "cosine"
+    warmup_epochs: int = 0
+    seed: int = 0
+    drop_rate: float = 0.0
+    jitter: int = 0
+    hidden_sizes: tuple[int, ...] | None = None
+    subset: float | None = None  # train on these rows (select_rows), not with a cache
+    subset_seed: int = 0
+    augment: str = "none"  # fresh random views each step (not from a cache)
+    mix: str = "none"
+    mix_alpha: float = 1.0
+    crop_scale: tuple[float, float] = CROP_SCALE
+    device: str = "auto"
+    precision: str = "auto"  # bf16 autocast on CUDA, float32 on the CPU (inputs.autocast)
+    workers: int = 0  # DataLoader worker processes that build batches ahead
+    overwrite: bool = False
+    # distillation: from a cache (train-student) or online from a teacher (distill-online)
+    cache: str | None = None
+    cache_memory: int | None = None  # bytes: a larger cache is streamed (cache.stream)
+    teacher: str | None = None
+    alpha: float = 1.0
+    temperature: float | None = None
+
+    def validate(self) -> None:
+        checks = (
+            (self.epochs >= 1, f"--epochs must be >= 1, not {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, not {self.batch_size}"),
+            (self.eval_every >= 1, f"--eval-every must be >= 1, not {self.eval_every}"),
+            (self.lr > 0, f"--lr must be > 0, not {self.lr}"),
+            (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], not {self.alpha}"),
+            (
+                self.temperature is None or self.temperature > 0,
+                f"--temperature must be > 0, not {self.temperature}",
+            ),
+            (0.0 <= self.drop_rate < 1.0, f"--dropout must be in [0, 1), not {self.drop_rate}"),
+            (self.jitter >= 0, f"--jitter must be >= 0, not {self.jitter}"),
+            (self.workers >= 0, f"--workers must be >= 0, not {self.workers}"),
+            (
+                self.cache_memory is None or self.cache_memory > 0,
+                f"--cache-memory must be > 0, not {self.cache_memory}",
+            ),
+            (
+                self.precision in PRECISION_CHOICES,
+                f"--precision must be one of {', '.join(PRECISION_CHOICES)}, "
+                f"not {self.precision!r}",
+            ),
+            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, not {self.warmup_epochs}"),
+            (
+                self.val_fraction is None or 0.0 < self.val_fraction < 1.0,
+                f"--val-fraction must be in (0, 1), not {self.val_fraction}",
+            ),
+            (
+                self.early_stopping is None or self.early_stopping >= 1,
+                f"--early-stopping must be >= 1, not {self.early_stopping}",
+            ),
+            (
+                self.early_stopping is None or self.val_fraction is not None,
+                "--early-stopping watches the validation rows: give --val-fraction too",
+            ),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        self.policy.validate()
+        if self.jitter and not self.policy.is_identity:
+            raise UsageError("--jitter and --augment/--mix both augment: choose one")
+
+    @property
+    def policy(self) -> ViewPolicy:
+        return ViewPolicy(self.augment, self.mix, self.mix_alpha, self.crop_scale)
+
+    def load(self, split: str) -> ImageSet:
+        return load_dataset(
+            self.data,
+            split,
+            data_root=Path(self.data_root),
+            image_size=self.image_size,
+            channels=self.channels,
+        )
+
+    def model_kwargs(self) -> dict:
+        return {"hidden_sizes": list(self.hidden_sizes)} if self.hidden_sizes else {}

@@ -1,0 +1,163 @@
+"""The run entry points: train a teacher, a student from a cache, a student online, or
+resume an unfinished run. Each validates, plans (:mod:`pipeline.train.plan`), creates
+the model and the run directory, fits (:mod:`pipeline.train.loop`) and writes the
+model card that marks the run finished."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.cache import SoftLabels, StreamedSoftLabels, open_soft_labels, utc_now
+from pipeline.checkpoint import remove_checkpoint
+from pipeline.distributed import World, current_world
+from pipeline.errors import ManifestError, UsageError
+from pipeline.models import create_model, param_count, resolve_model_kwargs, weights_sha256
+from pipeline.runs import (
+    CARD_FILE,
+    CONFIG_FILE,
+    RUN_FORMAT_VERSION,
+    ModelCard,
+    read_config,
+    save_model,
+    write_json,
+)
+from pipeline.runtime import prepare_output, quiet, software_versions
+from pipeline.spec import check_keys
+from pipeline.train.config import TrainConfig
+from pipeline.train.loop import early_stop, fit
+from pipeline.train.plan import KINDS, RunPlan, plan_run
+
+
+def train_teacher(config: TrainConfig, log: Callable[[str], None] = quiet) -> ModelCard:
+    """Train a model on hard labels and save it as a teacher run directory."""
+    config.validate()
+    if config.cache is not None or config.teacher is not None:
+        raise UsageError("train-teacher learns from labels; --cache is for train-student")
+    return _run(config, "teacher", None, log)
+
+
+def train_student(config: TrainConfig, log: Callable[[str], None] = quiet) -> ModelCard:
+    """Train a student from a cache: α·CE + (1−α)·T²·KL, never loading the teacher."""
+    config.validate()
+    if config.cache is None:
+        raise UsageError("train-student needs --cache (a cache written by cache-teacher)")
+    soft_labels = open_soft_labels(config.cache, config.cache_memory, log)
+    return _run(config, "student", soft_labels, log)
+
+
+def distill_online(config: TrainConfig, log: Callable[[str], None] = quiet) -> ModelCard:
+    """Online distillation through timm's ``LogitDistillationTask``: the teacher runs on
+    every batch. The reference that a cache is compared with, not kdpipe's way."""
+    config.validate()
+    if config.teacher is None or config.cache is not None:
+        raise UsageError("distill-online needs --teacher (a run directory) and no --cache")
+    return _run(config, "online-student", None, log)
+
+
+def resume_training(run_dir: Path, log: Callable[[str], None] = quiet) -> ModelCard:
+    """Continue an unfinished run from its last epoch checkpoint, with its saved config."""
+    run_dir = Path(run_dir)
+    if (run_dir / CARD_FILE).is_file():
+        raise UsageError(f"{run_dir} is finished (it has {CARD_FILE}): nothing to resume")
+    saved = read_config(run_dir)
+    kind = saved.pop("kind", None)
+    saved.pop("resolved", None)
+    # a run started before an option existed resumes with that option's default
+    try:
+        check_keys(saved, TrainConfig, str(run_dir / CONFIG_FILE))
+    except ManifestError as exc:
+        raise ManifestError(f"{run_dir / CONFIG_FILE} is not a kdpipe training configuration "
+                            f"({exc})") from None  # fmt: skip
+    if kind not in KINDS:
+        raise ManifestError(f"{run_dir / CONFIG_FILE} is not a kdpipe training configuration "
+                            f"(kind {kind!r})")  # fmt: skip
+    # JSON has no tuples: the tuple fields (hidden_sizes, crop_scale) come back as lists
+    saved = {name: tuple(v) if isinstance(v, list) else v for name, v in saved.items()}
+    config = TrainConfig(**saved)
+    config.validate()
+    soft_labels = (
+        open_soft_labels(config.cache, config.cache_memory, log) if kind == "student" else None
+    )
+    return _run(config, kind, soft_labels, log, resume=True)
+
+
+def _run(
+    config: TrainConfig,
+    kind: str,
+    soft_labels: SoftLabels | StreamedSoftLabels | None,
+    log: Callable[[str], None],
+    resume: bool = False,
+) -> ModelCard:
+    """Shared body of the entry points: plan, model, run directory, fit, model card."""
+    world = current_world()
+    if not world.is_main:
+        log = quiet
+    plan = plan_run(config, kind, soft_labels, log, world)
+    torch.manual_seed(config.seed)
+    model = create_model(
+        config.model,
+        num_classes=len(plan.classes),
+        data_config=plan.data_config,
+        drop_rate=config.drop_rate,
+        model_kwargs=config.model_kwargs(),
+    )
+    out = Path(config.out)
+    if not resume:
+        world.on_main(_start, out, plan, world)
+    rows = fit(model, plan, out, resume=resume, log=log, world=world)
+    return world.on_main(_finish, out, model, plan, rows)
+
+
+def _start(out: Path, plan: RunPlan, world: World) -> None:
+    """The run directory and its config.json: only now, every input being valid."""
+    prepare_output(out, plan.config.overwrite)
+    out.mkdir(parents=True)
+    resolved = {"device": str(plan.device), "temperature": plan.temperature,
+                "alpha": plan.alpha, "processes": world.size}  # fmt: skip
+    write_json(out / CONFIG_FILE, {**asdict(plan.config), "kind": plan.kind, "resolved": resolved})
+
+
+def _finish(out: Path, model: nn.Module, plan: RunPlan, rows: list[dict]) -> ModelCard:
+    """The model card and weights that mark a run complete; its resume state goes."""
+    config, data_config = plan.config, plan.data_config
+    selection = None
+    if config.early_stopping is not None:
+        epochs_run = int(rows[-1]["epoch"])
+        selection = {
+            "rule": "fewest validation errors",
+            "kept_epoch": early_stop(rows, config.early_stopping)[0],
+            "epochs_run": epochs_run,
+            "stopped_early": epochs_run < config.epochs,
+        }
+    model = model.cpu().to(memory_format=torch.contiguous_format)
+    card = ModelCard(
+        format_version=RUN_FORMAT_VERSION,
+        kind=plan.kind,
+        architecture=config.model,
+        model_kwargs=resolve_model_kwargs(config.model, data_config, config.model_kwargs()),
+        num_classes=len(plan.classes),
+        in_chans=data_config.input_size[0],
+        classes=list(plan.classes),
+        data_config=data_config.to_dict(),
+        weights_sha256=weights_sha256(model),
+        param_count=param_count(model),
+        dataset={
+            "name": plan.train_set.name,
+            "split": "train",
+            "fingerprint": plan.train_set.fingerprint(),
+            "rows": len(plan.data),
+            "validation_rows": 0 if plan.validation is None else len(plan.validation),
+        },
+        lineage=plan.lineage,
+        selection=selection,
+        created=utc_now(),
+        software=software_versions(),
+    )
+    save_model(out, model, card)
+    remove_checkpoint(out)
+    return card

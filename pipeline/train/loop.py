@@ -1,0 +1,291 @@
+"""The training loop: one screen, read top to bottom (nanoGPT's shape).
+
+Per epoch: stop early? → the epoch's order → for each batch: input → task (forward
+and loss) → backward → step → account → check the loss → scheduler → score, log,
+checkpoint. What the run trains on and with which α and T was decided by the plan
+(:mod:`pipeline.train.plan`); the step is a task (:mod:`pipeline.train.step`).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from pipeline.checkpoint import load_best, load_checkpoint, save_best, save_checkpoint
+from pipeline.data import ImageSet
+from pipeline.distributed import SINGLE, World
+from pipeline.errors import TrainingDivergedError
+from pipeline.inputs import autocast
+from pipeline.runs import METRICS_FILE
+from pipeline.runtime import quiet
+from pipeline.teacher import predict_logits
+from pipeline.train.batches import EpochBatches
+from pipeline.train.config import TrainConfig
+from pipeline.train.plan import RunPlan
+from pipeline.train.step import CachedDistillation, OnlineDistillation
+
+METRIC_COLUMNS = (
+    "epoch",
+    "lr",
+    "loss",
+    "hard_loss",
+    "soft_loss",
+    "train_accuracy",
+    "test_accuracy",
+    "test_errors",
+    "val_accuracy",
+    "val_errors",
+    "seconds",
+)
+SUM_KEYS = ("loss", "hard", "soft", "correct", "labeled")
+
+
+def fit(
+    model: nn.Module,
+    plan: RunPlan,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] = quiet,
+    world: World = SINGLE,
+) -> list[dict]:
+    """Train ``model`` in place; one metrics row and one checkpoint per epoch in ``run_dir``.
+
+    With ``plan.config.early_stopping`` training stops once that many evaluations in a
+    row did not beat the best validation score, and ``model`` ends with the best
+    epoch's weights. With ``resume``, training continues after the last checkpoint and
+    ends exactly where an uninterrupted run would.
+
+    Under torchrun (``world``), the model is wrapped in DistributedDataParallel and
+    kdpipe's own sampler shares out each batch: every rank draws the same permutation
+    (one seed), takes every ``world.size``-th row of each batch, and weights its loss by
+    its share, so the averaged gradient is the whole batch's. Order, views and batches
+    are then those of a single process; only batch statistics (BatchNorm) and dropout
+    masks differ. Rank 0 evaluates and writes every file.
+    """
+    config, device, data = plan.config, plan.device, plan.data
+    model.to(device).to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(
+        model,
+        opt=config.opt,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+    )
+    scheduler, _ = create_scheduler_v2(optimizer, sched=config.sched, num_epochs=config.epochs,
+                                       warmup_epochs=config.warmup_epochs,
+                                       warmup_lr=config.lr * 0.01)  # fmt: skip
+    generator = torch.Generator().manual_seed(config.seed)
+    resident = data.on_device(device, config.jitter)  # the data moved whole onto a GPU, or None
+    done, rows = load_checkpoint(run_dir, model, optimizer, generator) if resume else (0, [])
+    task = _task(model, plan, world)
+    evaluation = Evaluation(plan, run_dir, model, optimizer, generator, rows, log)
+    if world.is_main:
+        evaluation.rewrite_metrics()  # rows past the checkpoint go
+    if done:
+        log(f"{run_dir}: resuming after epoch {done}")
+    for epoch in range(done + 1, config.epochs + 1):
+        if evaluation.should_stop(epoch):  # also stops a resumed run that had already stopped
+            break
+        started = time.perf_counter()
+        task.train()
+        order = data.epoch_order(generator, config.seed, epoch)
+        if resident is not None:
+            order = order.to(device)  # batches are then sliced and gathered on the GPU
+        batches = EpochBatches(data if resident is None else resident, order, config.batch_size,
+                               epoch, config.seed, world)  # fmt: skip
+        sums = EpochSums(device)
+        lr = optimizer.param_groups[0]["lr"]
+        loaded = _progress(batches, config, device, resident is not None, world)
+        for batch_index, gathered in enumerate(loaded):
+            weight = float(gathered["weight"])
+            batch = data.to_model(gathered, plan.data_config, device, config.jitter, generator)
+            output = task(batch)
+            optimizer.zero_grad(set_to_none=True)
+            (output["loss"] * weight if world.active else output["loss"]).backward()
+            optimizer.step()
+            sums.add(output, batch["labels"], weight, batch_index)
+        sums.raise_if_diverged(epoch, config.lr)  # a run without model.json stays unfinished
+        totals = dict(zip(SUM_KEYS, world.all_sum(sums.sums).tolist(), strict=True))
+        scheduler.step(epoch)
+        world.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, as evaluated
+        row = world.on_main(evaluation.end_epoch, epoch, lr, totals, started)
+        if not world.is_main:
+            rows.append(row)
+    if config.early_stopping is not None and world.is_main:
+        load_best(run_dir, model)
+    return rows
+
+
+def _task(model: nn.Module, plan: RunPlan, world: World) -> CachedDistillation | OnlineDistillation:
+    """The step's task: online through timm's task, else against the cache (or labels)."""
+    amp = autocast(plan.device, plan.config.precision)
+    if plan.online_teacher is not None:
+        return OnlineDistillation(model, plan.online_teacher, alpha=plan.alpha,
+                                  temperature=plan.temperature, device=plan.device,
+                                  amp=amp)  # fmt: skip
+    trainer = model
+    if world.active:
+        device_ids = None
+        if plan.device.type == "cuda":  # "cuda" is this rank's GPU: current_world made it current
+            device = plan.device
+            device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+        trainer = DistributedDataParallel(model, device_ids=device_ids)
+    return CachedDistillation(trainer, alpha=plan.alpha, temperature=plan.temperature, amp=amp)
+
+
+def _progress(
+    batches: EpochBatches, config: TrainConfig, device: torch.device, resident: bool, world: World
+) -> Iterable[dict]:
+    """The epoch's batches (built ahead by DataLoader workers when asked, pinned for
+    non-blocking copies to a GPU), with a progress bar on rank 0 at a terminal."""
+    return tqdm(
+        batches.load(0 if resident else config.workers,
+                     pin_memory=device.type == "cuda" and not resident),
+        total=len(batches),
+        desc=f"epoch {batches.epoch}/{config.epochs}",
+        disable=None if world.is_main else True,
+        leave=False,
+    )  # fmt: skip
+
+
+class EpochSums:
+    """The epoch's loss terms and accuracy, summed on the device and read once per epoch:
+    a ``.item()`` per step would make the host wait for every step before it prepares
+    the next batch. Remembers the first batch whose loss is not finite."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64, device=device)
+        self.nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
+        self.first_bad = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=device)
+
+    def add(self, output: dict, labels: torch.Tensor, weight: float, batch_index: int) -> None:
+        size = len(labels) if weight else 0
+        known = (labels >= 0) & (weight > 0)
+        loss = output["loss"].detach().double()
+        hard, soft = output["task_loss"], output["kd_loss"]
+        self.sums += torch.stack([
+            loss * size,
+            hard.detach().double() * size if hard is not None else self.nan,
+            soft.detach().double() * size if soft is not None else self.nan,
+            ((output["output"].argmax(-1) == labels) & known).sum().double(),
+            known.sum().double(),
+        ])  # fmt: skip
+        self.first_bad = torch.where(  # the first batch whose loss is not finite, and that loss
+            (self.first_bad[0] < 0) & ~torch.isfinite(loss),
+            torch.stack([torch.zeros_like(loss) + batch_index, loss]),
+            self.first_bad,
+        )
+
+    def raise_if_diverged(self, epoch: int, lr: float) -> None:
+        bad_batch, bad_loss = self.first_bad.tolist()
+        if bad_batch >= 0:
+            raise TrainingDivergedError(
+                f"training diverged in epoch {epoch}, batch {int(bad_batch) + 1}: "
+                f"the loss is {bad_loss}; lower --lr (now {lr:g})"
+            )
+
+
+@dataclass
+class Evaluation:
+    """The end of each epoch, rank 0's work: score the test and validation splits, append
+    the metrics row, keep the best weights for early stopping, save the checkpoint."""
+
+    plan: RunPlan
+    run_dir: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    rows: list[dict]
+    log: Callable[[str], None]
+
+    def rewrite_metrics(self) -> None:
+        with (self.run_dir / METRICS_FILE).open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def should_stop(self, epoch: int) -> bool:
+        patience = self.plan.config.early_stopping
+        if patience is None:
+            return False
+        best_epoch, stop = early_stop(self.rows, patience)
+        if stop:
+            self.log(f"early stopping after epoch {epoch - 1}: the best validation score was "
+                     f"epoch {best_epoch}'s, {patience} evaluation(s) ago or more")  # fmt: skip
+        return stop
+
+    def end_epoch(self, epoch: int, lr: float, sums: dict, started: float) -> dict:
+        config, plan = self.plan.config, self.plan
+        scored = epoch % config.eval_every == 0 or epoch == config.epochs
+        test_accuracy, test_errors = _score(self.model, plan.test_set, plan, scored)
+        val_accuracy, val_errors = _score(self.model, plan.validation, plan, scored)
+        n = len(plan.data)
+        row = {
+            "epoch": epoch,
+            "lr": lr,
+            "loss": sums["loss"] / n,
+            "hard_loss": sums["hard"] / n,
+            "soft_loss": sums["soft"] / n,
+            "train_accuracy": sums["correct"] / sums["labeled"] if sums["labeled"] else math.nan,
+            "test_accuracy": test_accuracy,
+            "test_errors": test_errors,
+            "val_accuracy": val_accuracy,
+            "val_errors": val_errors,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        self.rows.append(row)
+        with (self.run_dir / METRICS_FILE).open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow(row)
+        patience = config.early_stopping
+        if patience is not None and early_stop(self.rows, patience)[0] == epoch:
+            save_best(self.run_dir, self.model)  # before the checkpoint that counts on it
+        save_checkpoint(self.run_dir, epoch, self.model, self.optimizer, self.generator, self.rows)
+        validated = f"  val acc {val_accuracy:.4f}" if plan.validation is not None else ""
+        self.log(
+            f"epoch {epoch}/{config.epochs}: loss {row['loss']:.4f}  "
+            f"train acc {row['train_accuracy']:.4f}  test acc {test_accuracy:.4f}{validated}  "
+            f"({row['seconds']:.1f}s)"
+        )
+        return row
+
+
+def early_stop(rows: list[dict], patience: int) -> tuple[int | None, bool]:
+    """Replay the early-stopping rule over metrics rows: (the epoch with the fewest
+    validation errors, first one on ties; whether ``patience`` later evaluations in a row
+    failed to beat it). One rule, used live and on resume."""
+    best_epoch, best, waited = None, math.inf, 0
+    for row in rows:
+        errors = row.get("val_errors")
+        if errors is None or errors == "" or (isinstance(errors, float) and math.isnan(errors)):
+            continue
+        if int(errors) < best:
+            best_epoch, best, waited = int(row["epoch"]), int(errors), 0
+        else:
+            waited += 1
+    return best_epoch, waited >= patience
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean()) if len(labels) else float("nan")
+
+
+def _score(
+    model: nn.Module, split: ImageSet | None, plan: RunPlan, scored: bool
+) -> tuple[float, int | None]:
+    """Accuracy and errors on ``split`` in an epoch that is scored (NaN and None otherwise)."""
+    if split is None or not scored:
+        return float("nan"), None
+    logits = predict_logits(model, split.images, plan.data_config, device=plan.device)
+    return accuracy(logits, split.labels), int((logits.argmax(-1) != split.labels).sum())

@@ -1,0 +1,241 @@
+"""The run plan: everything a run decides before its first step, decided once.
+
+:func:`plan_run` loads the training split, picks the training rows (all, a
+``--subset``, or a cache's transfer set), checks a cache or an online teacher
+against the data, resolves the loss's α and T, holds out validation rows, and
+records the lineage. The loop and the model card read the plan; none of them
+decides these again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.cache import SoftLabels, StreamedSoftLabels
+from pipeline.data import ImageSet, check_same_dataset, select_rows, validation_rows
+from pipeline.distributed import World
+from pipeline.errors import CacheMismatchError, DatasetError, UsageError
+from pipeline.inputs import DataConfig
+from pipeline.runs import ModelCard, load_model
+from pipeline.runtime import resolve_device
+from pipeline.train.batches import TrainData
+from pipeline.train.config import TrainConfig
+
+KINDS = ("teacher", "student", "online-student")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A training run, resolved: its data, splits, loss weights and lineage."""
+
+    config: TrainConfig
+    kind: str  # teacher, student (from a cache) or online-student
+    device: torch.device
+    train_set: ImageSet
+    classes: tuple[str, ...]
+    data: TrainData  # the training rows, with their soft targets and views
+    validation: ImageSet | None  # held-out training rows (--val-fraction)
+    test_set: ImageSet | None  # scored each evaluation, when it has labels
+    data_config: DataConfig  # the model's input: the training split's shape and statistics
+    alpha: float  # weight of the hard-label term, as the loss uses it
+    temperature: float
+    lineage: dict | None  # what a student learned from: None for a teacher
+    online_teacher: nn.Module | None = None
+
+
+def plan_run(
+    config: TrainConfig,
+    kind: str,
+    soft_labels: SoftLabels | StreamedSoftLabels | None,
+    log: Callable[[str], None],
+    world: World,
+) -> RunPlan:
+    """Resolve a run from its configuration, checking every input before anything is
+    written."""
+    if world.active and config.teacher is not None:
+        raise UsageError("distill-online runs in one process (it is the reference, not a "
+                         "scaled path); start it without torchrun")  # fmt: skip
+    device = resolve_device(config.device)
+    train_set = config.load("train")
+    data = TrainData.plain(train_set, config.policy)
+    if config.subset is not None:
+        data = _subset(config, data, train_set, soft_labels)
+    classes, alpha, temperature = train_set.classes, config.alpha, config.temperature or 1.0
+    lineage = online_teacher = None
+    if soft_labels is not None:
+        data, classes, alpha = cache_data(config, soft_labels, train_set, log)
+        temperature = config.temperature or soft_labels.manifest.temperature
+        lineage = _cache_lineage(soft_labels, temperature, alpha)
+    elif config.teacher is not None:
+        online_teacher, teacher_card = load_model(Path(config.teacher), device)
+        _check_online_teacher(config, teacher_card, train_set)
+        lineage = {
+            "online_teacher": config.teacher,
+            "teacher_weights_sha256": teacher_card.weights_sha256,
+            "temperature": temperature,
+            "alpha": alpha,
+        }
+    elif not train_set.labeled:
+        raise DatasetError(f"{config.data} train has no labels: a teacher needs labels to learn")
+    else:
+        alpha = 1.0  # no soft targets: the loss is the cross-entropy alone
+    validation = None
+    if config.val_fraction is not None:
+        data, validation = _hold_out(data, train_set, config, soft_labels)
+    test_set = _load_test_set(config, classes)
+    mean, std = train_set.pixel_stats()
+    data_config = DataConfig(input_size=train_set.input_size, mean=mean, std=std)
+    if online_teacher is not None and teacher_card.data.input_size != data_config.input_size:
+        raise UsageError(
+            f"timm's LogitDistillationTask feeds the teacher the student's input: the teacher "
+            f"takes {teacher_card.data.input_size}, the data is {data_config.input_size}"
+        )
+    return RunPlan(config=config, kind=kind, device=device, train_set=train_set,
+                   classes=tuple(classes), data=data, validation=validation, test_set=test_set,
+                   data_config=data_config, alpha=alpha, temperature=temperature,
+                   lineage=lineage, online_teacher=online_teacher)  # fmt: skip
+
+
+def _subset(
+    config: TrainConfig,
+    data: TrainData,
+    train_set: ImageSet,
+    soft_labels: SoftLabels | StreamedSoftLabels | None,
+) -> TrainData:
+    """The ``--subset`` rows of the training split (the rows cache-teacher --subset picks)."""
+    if soft_labels is not None:
+        raise UsageError(
+            f"{soft_labels.path} defines the training rows: --subset is for training "
+            "without a cache (cache-teacher --subset picks a cache's rows)"
+        )
+    rows = torch.from_numpy(
+        select_rows(
+            train_set.labels,
+            subset=config.subset,
+            num_classes=train_set.num_classes,
+            seed=config.subset_seed,
+        )
+    )
+    return replace(data, rows=rows, labels=train_set.labels[rows])
+
+
+def _cache_lineage(soft: SoftLabels | StreamedSoftLabels, temperature: float, alpha: float) -> dict:
+    manifest = soft.manifest
+    return {
+        "cache_id": manifest.cache_id,
+        "teacher_id": manifest.teacher_id,
+        "cache_path": str(soft.path),
+        "teacher_runs": [member.run_dir for member in manifest.teachers],
+        "cache_temperature": manifest.temperature,
+        "temperature": temperature,
+        "alpha": alpha,
+        "views": manifest.num_views,
+        "rows": manifest.num_samples,
+    }
+
+
+def _check_online_teacher(config: TrainConfig, card: ModelCard, train_set: ImageSet) -> None:
+    if card.classes != list(train_set.classes):
+        raise CacheMismatchError(
+            f"teacher {config.teacher} was trained on other classes than {config.data}"
+        )
+    if not train_set.labeled:
+        raise UsageError("distill-online needs labels (timm's task always has a CE term)")
+
+
+def cache_data(
+    config: TrainConfig,
+    soft: SoftLabels | StreamedSoftLabels,
+    train_set: ImageSet,
+    log: Callable[[str], None],
+) -> tuple[TrainData, tuple[str, ...], float]:
+    """The training rows of a cache, checked against the dataset: (data, classes, alpha)."""
+    manifest = soft.manifest
+    check_same_dataset(manifest.dataset, train_set, str(soft.path))
+    indices = soft.indices
+    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= len(train_set)):
+        raise CacheMismatchError(
+            f"{soft.path}: row indices outside the dataset's 0..{len(train_set) - 1}"
+        )
+    if manifest.labeled and not torch.equal(soft.labels, train_set.labels[indices]):
+        raise CacheMismatchError(
+            f"{soft.path}: stored labels differ from the dataset's at its rows"
+        )
+    if soft.has_views and (not config.policy.is_identity or config.jitter):
+        raise UsageError(
+            f"{soft.path} holds augmented views ({manifest.views['augment']}, mix "
+            f"{manifest.views['mix']}): the student replays them, so --augment, --mix and "
+            "--jitter must stay off"
+        )
+    if not soft.has_views and not config.policy.is_identity and config.alpha < 1:
+        log(
+            f"note: {soft.path} holds the teacher's outputs for the plain images: with --augment "
+            "or --mix the student sees views the teacher never labelled (inconsistent teaching, "
+            "Beyer et al. 2022); cache-teacher --views N --augment ... makes consistent ones"
+        )
+    alpha = config.alpha
+    if not manifest.labeled and alpha != 0.0:
+        log(
+            f"note: {soft.path} has no labels (an unlabeled transfer set): --alpha {alpha:g} "
+            "becomes 0, the student learns from the teacher alone"
+        )
+        alpha = 0.0
+    data = TrainData(
+        images=train_set.images,
+        dataset_labels=train_set.labels,
+        rows=indices,
+        labels=soft.labels,
+        targets=soft.log_probs(config.temperature) if alpha < 1 else None,
+        views=soft.views if soft.has_views else None,
+        partners=soft.partners if soft.has_views else None,
+        policy=config.policy,
+    )
+    return data, tuple(manifest.classes), alpha
+
+
+def _hold_out(
+    data: TrainData, train_set: ImageSet, config: TrainConfig, soft: SoftLabels | None
+) -> tuple[TrainData, ImageSet]:
+    """Training rows without the validation split, and the split itself (with its labels)."""
+    if not train_set.labeled or (soft is not None and not soft.manifest.labeled):
+        raise UsageError("--val-fraction scores held-out rows against their labels: "
+                         "this transfer set has none")  # fmt: skip
+    held_out = torch.from_numpy(validation_rows(len(train_set), config.val_fraction))
+    kept = data.without(held_out)
+    if not len(kept):
+        raise UsageError(
+            f"--val-fraction {config.val_fraction} holds out every training row of this "
+            "transfer set"
+        )
+    validation = ImageSet(
+        train_set.name,
+        "validation",
+        train_set.images[held_out],
+        train_set.labels[held_out],
+        train_set.classes,
+    )
+    return kept, validation
+
+
+def _load_test_set(config: TrainConfig, classes: tuple[str, ...]) -> ImageSet | None:
+    """The test split to report on each epoch; an image folder may have none, or none
+    with labels (then there is nothing to score)."""
+    try:
+        test_set = config.load("test")
+    except DatasetError:
+        if config.data in ("fashion-mnist", "synthetic"):
+            raise
+        return None
+    if not test_set.labeled:
+        return None
+    if test_set.classes != tuple(classes):
+        raise DatasetError(
+            f"{config.data}: the test split's classes differ from the model's "
+            f"({', '.join(test_set.classes)} != {', '.join(classes)})"
+        )
+    return test_set
