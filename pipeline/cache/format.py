@@ -137,6 +137,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "manifest") -> Manifest:
+        # longer than a screen on purpose: one line per field, each checked where it is read
         check_object(data, where)
         version = _check(data, "format_version", int, where)
         if version != FORMAT_VERSION:

@@ -1,0 +1,306 @@
+"""What every command shares: the ``kdpipe`` group, its context settings, option
+parsers and option groups, and the turning of library errors into click errors."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import KdpipeError
+from pipeline.flags import flag
+
+CONTEXT = {
+    "help_option_names": ["-h", "--help"],
+    "show_default": True,
+    "terminal_width": 100,
+    "max_content_width": 100,
+}
+POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
+def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn kdpipe's own errors into ``Error: <message>`` and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except KdpipeError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def parse_sizes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple | None:
+    if value is None:
+        return None
+    try:
+        sizes = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"{value!r}: every hidden size must be >= 1")
+    return sizes
+
+
+UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_bytes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    """``1048576``, ``512K``, ``64M``, ``2G`` (binary units; a trailing B or iB is allowed)."""
+    if value is None:
+        return None
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (text[:-1], text[-1]) if text[-1:] in UNITS else (text, "")
+    try:
+        size = int(float(number) * UNITS[unit])
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size such as 512M or 2G") from None
+    if size <= 0:
+        raise click.BadParameter(f"{value!r}: the budget must be more than 0 bytes")
+    return size
+
+
+def parse_classes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple:
+    if not value:
+        return ()
+    try:
+        return tuple(sorted({int(part) for part in value.split(",")}))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of class ids") from None
+
+
+def view_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--augment",
+            type=click.Choice(["none", "flip", "shift-flip", "crop-flip"]),
+            default="none",
+            help="Augmentation of each view: flips, whole-pixel shifts up to 1/8 of the side, "
+            "or random-resized crops (area in --crop-scale), each with a random left-right flip.",
+        ),
+        click.option(
+            "--crop-scale",
+            type=click.FloatRange(0, 1, min_open=True),
+            nargs=2,
+            default=(0.25, 1.0),  # views.CROP_SCALE (not imported here: it imports torch)
+            show_default=True,
+            metavar="MIN MAX",
+            help="crop-flip: each crop covers a random share of the image's area in this range.",
+        ),
+        click.option(
+            "--mix",
+            type=click.Choice(["none", "mixup", "cutmix"]),
+            default="none",
+            help="Mix each view with a random partner sample.",
+        ),
+        click.option(
+            "--mix-alpha",
+            type=POSITIVE,
+            default=1.0,
+            help="The mixing weight is drawn from Beta(MIX_ALPHA, MIX_ALPHA).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def table_options(
+    *, csv_help: str, section: str | None, section_help: str = "Name of the section's markers."
+) -> Callable[..., Any]:
+    """--csv, --markdown and --section: where a generated table goes."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        options = [
+            click.option(
+                "--csv",
+                "csv_path",
+                type=click.Path(dir_okay=False, path_type=Path),
+                default=None,
+                help=csv_help,
+            ),
+            click.option(
+                "--markdown",
+                "markdown_path",
+                type=click.Path(dir_okay=False, path_type=Path),
+                default=None,
+                help="Replace this section of a Markdown file (or append it).",
+            ),
+            click.option("--section", default=section, help=section_help),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def data_options(command: Callable[..., Any], required: bool = True) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--data",
+            required=required,
+            help="'fashion-mnist', 'synthetic', or an image folder with train/ and test/.",
+        ),
+        click.option(
+            "--data-root",
+            default="data",
+            type=click.Path(file_okay=False),
+            help="Where named datasets live (fashion-mnist in DATA_ROOT/fashion-mnist).",
+        ),
+        click.option(
+            "--image-size",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Image folders: resize to this size (default: the first image's).",
+        ),
+        click.option(
+            "--channels",
+            type=click.Choice(["1", "3"]),
+            default=None,
+            help="Image folders: 1 (grayscale) or 3 (RGB) (default: the first image's).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+WORKERS_OPTION = click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    help="DataLoader worker processes that build batches ahead of the step "
+    "(pinned for non-blocking copies on CUDA).",
+)
+PRECISION_OPTION = click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    help="Forward passes in bf16 autocast or float32; auto: bf16 on CUDA, float32 on the CPU.",
+)
+
+
+def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    # longer than a screen on purpose: one entry per option of the three training commands
+    options = [
+        click.option(
+            "--model",
+            "model",
+            help="A timm architecture (resnet18, kd_cnn, kd_mlp_800x2, ...).",
+        ),
+        click.option("--epochs", type=click.IntRange(min=1), help="Number of epochs."),
+        click.option("--out", type=click.Path(), help="Run directory to create."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=128),
+        click.option(
+            "--eval-every",
+            type=click.IntRange(min=1),
+            default=1,
+            help="Score the test split every N epochs (always after the last).",
+        ),
+        click.option(
+            "--val-fraction",
+            type=click.FloatRange(0, 1, min_open=True, max_open=True),
+            default=None,
+            help="Hold out this fraction of the training split (one fixed split, the same for "
+            "every run) and score it with the test split; its rows are never trained on.",
+        ),
+        click.option(
+            "--early-stopping",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Stop after N evaluations in a row without fewer validation errors and keep "
+            "the best epoch's weights (needs --val-fraction).",
+        ),
+        click.option("--opt", default="sgd", help="Optimizer name for timm's create_optimizer_v2."),
+        click.option("--lr", type=POSITIVE, default=0.05, help="Peak learning rate."),
+        click.option("--momentum", type=float, default=0.9),
+        click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0),
+        click.option("--sched", default="cosine", help="Schedule for timm's create_scheduler_v2."),
+        click.option("--warmup-epochs", type=click.IntRange(min=0), default=0),
+        click.option("--seed", type=int, default=0),
+        click.option(
+            flag("drop_rate"),
+            "drop_rate",
+            type=click.FloatRange(0, 1, max_open=True),
+            default=0.0,
+            help="Dropout rate (timm's drop_rate).",
+        ),
+        click.option(
+            "--jitter",
+            type=click.IntRange(min=0),
+            default=0,
+            help="Random shifts of up to this many pixels (Hinton et al.'s input jitter).",
+        ),
+        click.option(
+            "--subset",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=None,
+            help="Train on a random fraction of the samples, the rows cache-teacher --subset "
+            "picks with the same --subset-seed (not with --cache: the cache holds its rows).",
+        ),
+        click.option("--subset-seed", type=int, default=0, help="Draws the --subset."),
+        click.option(
+            "--hidden-sizes",
+            callback=parse_sizes,
+            default=None,
+            help="kd_mlp only: hidden layer widths, e.g. 800,800.",
+        ),
+        DEVICE_OPTION,
+        PRECISION_OPTION,
+        WORKERS_OPTION,
+        click.option("--overwrite", is_flag=True, help="Replace --out if it exists."),
+        click.option(
+            "--resume",
+            type=click.Path(),
+            default=None,
+            help="Continue the unfinished run in this directory from its last epoch checkpoint, "
+            "with its saved configuration (give no other option).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return data_options(view_options(command), required=False)
+
+
+def load_data(
+    data: str, split: str, data_root: str, image_size: int | None, channels: str | None
+) -> Any:
+    """The dataset that --data and its companion options name."""
+    from pipeline.data import load_dataset
+
+    return load_dataset(
+        data,
+        split,
+        data_root=Path(data_root),
+        image_size=image_size,
+        channels=int(channels) if channels else None,
+    )
+
+
+def echo(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def say(line: str) -> None:
+    """A command's closing line, printed once under torchrun (by rank 0)."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(line)
+
+
+@click.group(name="kdpipe", context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="kdpipe")
+def main() -> None:
+    """kdpipe: offline knowledge distillation.
+
+    Train or bring a teacher, cache its soft labels once (cache-teacher), then
+    train students from the cache (train-student) without loading the teacher.
+    """

@@ -1,0 +1,240 @@
+"""The pipeline's stages as commands: fetch the data, train a teacher, cache it, train
+students (from the cache, or online as the reference)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.cli.base import (
+    CONTEXT,
+    DEVICE_OPTION,
+    POSITIVE,
+    PRECISION_OPTION,
+    data_options,
+    echo,
+    load_data,
+    main,
+    parse_bytes,
+    parse_classes,
+    reports_errors,
+    say,
+    training_options,
+    view_options,
+)
+from pipeline.flags import REQUIRED_TO_START, flag
+
+
+@main.command("fetch-data", context_settings=CONTEXT)
+@click.option(
+    "--dest",
+    type=click.Path(file_okay=False),
+    default="data/fashion-mnist",
+    help="Folder for the four gzipped IDX files.",
+)
+@reports_errors
+def fetch_data(dest: str) -> None:
+    """Fetch Fashion-MNIST (Debian package or official URLs) and verify its checksums."""
+    from pipeline.fetch import fetch_fashion_mnist
+
+    fetch_fashion_mnist(Path(dest), log=echo)
+
+
+@main.command("train-teacher", context_settings=CONTEXT)
+@training_options
+@reports_errors
+def train_teacher_command(**options: Any) -> None:
+    """Train a model on hard labels; write a teacher run directory.
+
+    The run directory holds model.safetensors, model.json (architecture, data
+    config, weights hash: the teacher version), config.json and metrics.csv.
+    --model, --data, --epochs and --out are required, unless --resume RUN_DIR.
+    """
+    card = start_or_resume("train-teacher", options, echo)
+    say(f"teacher {card.architecture}, weights {card.weights_sha256[:16]}")
+
+
+@main.command("cache-teacher", context_settings=CONTEXT)
+@click.option(
+    "--teacher",
+    "teachers",
+    multiple=True,
+    required=True,
+    type=click.Path(),
+    help="Teacher run directory; repeat for an ensemble.",
+)
+@data_options
+@click.option("--split", type=click.Choice(["train", "test"]), default="train")
+@click.option("--temperature", type=POSITIVE, required=True, help="Softmax temperature T.")
+@click.option("--out", type=click.Path(), required=True, help="Cache (Zarr store) to create.")
+@click.option(
+    "--combine",
+    type=click.Choice(["mean-probs", "mean-logits"]),
+    default="mean-probs",
+    help="How ensemble members are combined.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=512)
+@click.option(
+    "--chunk-size", type=click.IntRange(min=1), default=4096, help="Samples per Zarr chunk."
+)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16")
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Store only the K largest log-probabilities and their classes [default: all].",
+)
+@click.option(
+    "--views",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Augmented views per sample, each with its parameters stored.",
+)
+@view_options
+@click.option("--seed", type=int, default=0, help="Draws the views and the --subset.")
+@click.option(
+    "--subset",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Cache a random fraction of the samples (the transfer set) [default: all].",
+)
+@click.option(
+    "--exclude-classes",
+    callback=parse_classes,
+    default=None,
+    help="Leave these class ids out of the transfer set, e.g. 3 or 3,5.",
+)
+@click.option(
+    "--ignore-labels",
+    is_flag=True,
+    help="Store no labels: students learn from the teacher alone (alpha 0).",
+)
+@DEVICE_OPTION
+@PRECISION_OPTION
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@reports_errors
+def cache_teacher_command(
+    data: str,
+    data_root: str,
+    image_size: int | None,
+    channels: str | None,
+    split: str,
+    augment: str,
+    mix: str,
+    mix_alpha: float,
+    crop_scale: tuple[float, float],
+    **options: Any,
+) -> None:
+    """Run the teacher(s) once over a dataset split; store log_softmax(z/T) in a Zarr cache.
+
+    With --views V, each sample gets V augmented views (--augment, --mix): the
+    teacher labels each, and their parameters are stored so that students
+    replay exactly the images the teacher saw.
+    """
+    from pipeline.teach import CacheConfig, cache_teacher
+    from pipeline.views import ViewPolicy
+
+    config = CacheConfig(
+        **{**options, "teachers": tuple(options["teachers"])},
+        policy=ViewPolicy(augment, mix, mix_alpha, crop_scale),
+    )
+    dataset = load_data(data, split, data_root, image_size, channels)
+    cache_teacher(config, dataset, log=click.echo)
+
+
+@main.command("train-student", context_settings=CONTEXT)
+@click.option("--cache", type=click.Path(), help="Cache written by cache-teacher.")
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1),
+    help="Weight of the hard-label CE term; 1 trains on hard labels alone (baseline).",
+)
+@click.option(
+    "--temperature",
+    type=POSITIVE,
+    default=None,
+    help="Distillation temperature [default: the cache's]; re-tempered exactly.",
+)
+@click.option(
+    "--cache-memory",
+    callback=parse_bytes,
+    metavar="SIZE",
+    help="Memory budget for the cache (e.g. 512M, 2G): a cache larger than this, decoded, is "
+    "streamed: chunks in a shuffled order, rows shuffled within windows of chunks  "
+    "[default: read it whole].",
+)
+@training_options
+@reports_errors
+def train_student_command(**options: Any) -> None:
+    """Train a student from a cache: α·CE + (1−α)·T²·KL(p_teacher ‖ p_student).
+
+    --model, --data, --cache, --alpha, --epochs and --out are required, unless
+    --resume RUN_DIR continues an unfinished run.
+    """
+    card = start_or_resume("train-student", options, echo)
+    lineage = card.lineage or {}
+    say(
+        f"student {card.architecture} from cache {lineage.get('cache_id')} "
+        f"(teacher {lineage.get('teacher_id')})"
+    )
+
+
+@main.command("distill-online", context_settings=CONTEXT)
+@click.option("--teacher", type=click.Path(), help="Teacher run directory, run on every batch.")
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1),
+    help="Weight of the hard-label term (timm's task_loss_weight).",
+)
+@click.option("--temperature", type=POSITIVE, default=None, help="Distillation temperature.")
+@training_options
+@reports_errors
+def distill_online_command(**options: Any) -> None:
+    """Online distillation with timm's LogitDistillationTask: the reference for a cache.
+
+    The teacher runs on every training batch (fresh --augment/--mix views),
+    which is what a cache avoids paying for. --model, --data, --teacher,
+    --alpha, --temperature, --epochs and --out are required, unless --resume.
+    """
+    card = start_or_resume("distill-online", options, echo)
+    click.echo(f"student {card.architecture} distilled online from {options['teacher']}")
+
+
+def start_or_resume(command: str, options: dict, log: Callable[[str], None]) -> Any:
+    """A new run from the options, or with --resume RUN_DIR alone, the unfinished run there."""
+    from click.core import ParameterSource
+
+    from pipeline.train import (
+        TrainConfig,
+        distill_online,
+        resume_training,
+        train_student,
+        train_teacher,
+    )
+
+    context = click.get_current_context()
+    resume = options.pop("resume")
+    if resume is not None:
+        given = [
+            name
+            for name in options
+            if context.get_parameter_source(name) == ParameterSource.COMMANDLINE
+        ]
+        if given:
+            flags = ", ".join(flag(name) for name in given)
+            raise click.UsageError(f"--resume continues with RUN_DIR/config.json; drop {flags}")
+        return resume_training(Path(resume), log=log)
+    for name in REQUIRED_TO_START[command]:
+        if options[name] is None:
+            raise click.UsageError(f"Missing option '{flag(name)}' (required unless --resume).")
+    channels = options.pop("channels")
+    config = TrainConfig(**options, channels=int(channels) if channels else None)
+    train = {
+        "train-teacher": train_teacher,
+        "train-student": train_student,
+        "distill-online": distill_online,
+    }[command]
+    return train(config, log=log)

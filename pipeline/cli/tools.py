@@ -1,0 +1,383 @@
+"""The commands that inspect, measure and publish: evaluate, tune-bias, report, storage,
+verify, caches, lineage, bench."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.cli.base import (
+    CONTEXT,
+    DEVICE_OPTION,
+    POSITIVE,
+    PRECISION_OPTION,
+    WORKERS_OPTION,
+    data_options,
+    echo,
+    load_data,
+    main,
+    parse_classes,
+    parse_sizes,
+    reports_errors,
+    table_options,
+)
+
+
+@main.command("evaluate", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path())
+@data_options
+@click.option("--split", type=click.Choice(["train", "test"]), default="test")
+@click.option(
+    "--teacher",
+    "teachers",
+    multiple=True,
+    type=click.Path(),
+    help="Teacher run directory (repeat for an ensemble), for agreement.",
+)
+@click.option(
+    "--cache",
+    type=click.Path(),
+    default=None,
+    help="A cache of the same split, for agreement with its teacher.",
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the report to this file instead of the screen.",
+)
+@DEVICE_OPTION
+@reports_errors
+def evaluate_command(
+    run_dir: str,
+    data: str,
+    data_root: str,
+    image_size: int | None,
+    channels: str | None,
+    split: str,
+    teachers: tuple[str, ...],
+    cache: str | None,
+    fmt: str,
+    output: str | None,
+    device: str,
+) -> None:
+    """Accuracy, agreement with the teacher, calibration (ECE), size and CPU speed of a run."""
+    from pipeline.evaluate import evaluate_run
+    from pipeline.publish import render
+
+    dataset = load_data(data, split, data_root, image_size, channels)
+    frame = evaluate_run(
+        Path(run_dir),
+        dataset,
+        teachers=[Path(t) for t in teachers],
+        cache=cache,  # a folder or an fsspec URL
+        device=device,
+    )
+    text = render(frame, fmt)
+    if output:
+        Path(output).write_text(text if text.endswith("\n") else text + "\n")
+    else:
+        click.echo(text)
+
+
+@main.command("tune-bias", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path())
+@data_options
+@click.option(
+    "--classes",
+    callback=parse_classes,
+    required=True,
+    help="Comma-separated class ids that get the one bias (e.g. the class a transfer set "
+    "left out).",
+)
+@click.option(
+    "--max-bias",
+    type=POSITIVE,
+    default=10.0,
+    help="Search biases from -MAX to +MAX on the validation rows.",
+)
+@click.option("--step", type=POSITIVE, default=0.1, help="Spacing of the searched biases.")
+@DEVICE_OPTION
+@reports_errors
+def tune_bias_command(
+    run_dir: str,
+    data: str,
+    data_root: str,
+    image_size: int | None,
+    channels: str | None,
+    classes: tuple[int, ...],
+    max_bias: float,
+    step: float,
+    device: str,
+) -> None:
+    """Choose a logit bias for CLASSES on the run's validation rows; score the test split.
+
+    The run must have been trained with --val-fraction: its held-out rows choose
+    the bias, never the test set. Writes RUN_DIR/bias.json.
+    """
+    from pipeline.bias import BIAS_FILE, tune_bias
+
+    result = tune_bias(
+        Path(run_dir),
+        classes,
+        load_data(data, "train", data_root, image_size, channels),
+        load_data(data, "test", data_root, image_size, channels),
+        limit=max_bias,
+        step=step,
+        device=device,
+    )
+    before, after = result["test"]["before"], result["test"]["after"]
+    click.echo(
+        f"bias {result['bias']:+g} for class(es) {', '.join(result['class_names'])} "
+        f"(chosen on {result['chosen_on']['rows']} validation rows)\n"
+        f"test errors {before['errors']} -> {after['errors']}; those classes right "
+        f"{before['class_accuracy']:.4f} -> {after['class_accuracy']:.4f}\n"
+        f"wrote {Path(run_dir) / BIAS_FILE}"
+    )
+
+
+@main.command("report", context_settings=CONTEXT)
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--baseline",
+    default=None,
+    help="Group of the student trained from scratch, for the gap-recovery column.",
+)
+@table_options(csv_help="Write one row per run here.", section="results")
+@click.option(
+    "--temperature-plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also draw test errors against T per student architecture into this PNG (linked "
+    "from the --markdown section).",
+)
+@reports_errors
+def report_command(
+    run_dirs: tuple[str, ...],
+    baseline: str | None,
+    csv_path: Path | None,
+    markdown_path: Path | None,
+    section: str,
+    plot_path: Path | None,
+) -> None:
+    """Summarise runs (mean ± std over seeds) from their own metrics.csv and model.json.
+
+    Runs whose directory names differ only by a trailing -s<seed> form one group. A
+    cache of a labelled test split is a row too: its teacher's (or ensemble's) result.
+    """
+    from pipeline.report import report, to_markdown
+
+    table = report(
+        [Path(p) for p in run_dirs],
+        baseline=baseline,
+        csv_path=csv_path,
+        markdown_path=markdown_path,
+        section=section,
+        plot_path=plot_path,
+    )
+    click.echo(to_markdown(table))
+
+
+@main.command("storage", context_settings=CONTEXT)
+@click.argument("cache_path", metavar="CACHE", type=click.Path())
+@click.option(
+    "--top-k",
+    "ks",
+    callback=parse_sizes,
+    default="1,2,3,5",
+    help="The K values to measure, comma-separated.",
+)
+@table_options(csv_help="Write one row per layout here.", section="storage")
+@reports_errors
+def storage_command(
+    cache_path: str,
+    ks: tuple[int, ...],
+    csv_path: Path | None,
+    markdown_path: Path | None,
+    section: str,
+) -> None:
+    """Bytes per sample-view of a dense cache as float32, float16 and top-k, and what top-k
+    loses (mean KL to the reconstruction)."""
+    from pipeline.storage import storage_report, to_markdown
+
+    table = storage_report(
+        cache_path,  # a folder or an fsspec URL
+        ks,
+        csv_path=csv_path,
+        markdown_path=markdown_path,
+        section=section,
+    )
+    click.echo(to_markdown(table))
+
+
+@main.command("verify", context_settings=CONTEXT)
+@click.argument("cache_path", metavar="CACHE", type=click.Path())
+@functools.partial(data_options, required=False)
+@click.option(
+    "--recompute",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Re-run the teacher on this many random samples and compare (needs --teacher).",
+)
+@click.option(
+    "--teacher",
+    "teachers",
+    multiple=True,
+    type=click.Path(),
+    help="The cache's teacher run directories, for --recompute.",
+)
+@click.option("--seed", type=int, default=0, help="Chooses the samples to recompute.")
+@DEVICE_OPTION
+@reports_errors
+def verify_command(
+    cache_path: str,
+    data: str | None,
+    data_root: str,
+    image_size: int | None,
+    channels: str | None,
+    recompute: int,
+    teachers: tuple[str, ...],
+    seed: int,
+    device: str,
+) -> None:
+    """Check a cache: manifest, completion, every chunk's checksum and values, labels.
+
+    With --data, also the dataset's fingerprint and labels (the cache's split is used).
+    Exits with status 1, naming the chunk or sample at fault, when a check fails.
+    """
+    from pipeline.verify import verify_cache
+
+    dataset = None
+    if data is not None:
+        manifest_split = _cache_split(cache_path)
+        dataset = load_data(data, manifest_split, data_root, image_size, channels)
+    report = verify_cache(
+        cache_path,  # a folder or an fsspec URL
+        dataset=dataset,
+        recompute=recompute,
+        teachers=[Path(t) for t in teachers],
+        device=device,
+        seed=seed,
+    )
+    click.echo(report.frame().to_string(index=False))
+    if not report.ok:
+        raise click.ClickException(
+            f"{cache_path} failed verification: " + "; ".join(report.failures())
+        )
+
+
+def _cache_split(path: str) -> str:
+    """The split a cache was made from, so --data loads the same one."""
+    from pipeline.cache import read_manifest
+
+    return read_manifest(path).dataset["split"]
+
+
+@main.command("caches", context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@reports_errors
+def caches_command(paths: tuple[str, ...], fmt: str) -> None:
+    """List the kdpipe caches under PATHS (default: the current folder) and what made each."""
+    from pipeline.catalog import catalog
+    from pipeline.publish import render_rows
+
+    frame = catalog([Path(p) for p in paths] or [Path(".")])
+    if frame.empty:
+        click.echo("no kdpipe caches found", err=True)
+        return
+    click.echo(render_rows(frame, fmt))
+
+
+@main.command("lineage", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path())
+@click.option("--data-root", default="data", type=click.Path(file_okay=False))
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Image folders: the size the cache was made with, if not the images' own.",
+)
+@click.option(
+    "--channels",
+    type=click.Choice(["1", "3"]),
+    default=None,
+    help="Image folders: the channels the cache was made with, if not the images'.",
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@reports_errors
+def lineage_command(
+    run_dir: str, data_root: str, image_size: int | None, channels: str | None, fmt: str
+) -> None:
+    """The chain run -> cache -> teacher(s) -> dataset, each link verified or missing.
+
+    Hashes are recomputed wherever the files are present; exits with status 1
+    when a file is present but does not match its record (MISMATCH).
+    """
+    from pipeline.catalog import lineage
+    from pipeline.publish import render_rows
+
+    frame = lineage(
+        Path(run_dir),
+        data_root=Path(data_root),
+        image_size=image_size,
+        channels=int(channels) if channels else None,
+    )
+    click.echo(render_rows(frame, fmt))
+    if (frame["status"] == "MISMATCH").any():
+        raise click.ClickException(f"{run_dir}: a link of its lineage does not match its record")
+
+
+@main.command("bench", context_settings=CONTEXT)
+@click.option("--out", type=click.Path(), required=True, help="Work folder (replaced).")
+@click.option("--data", default="fashion-mnist", help="Dataset to time on.")
+@click.option("--data-root", type=click.Path(), default="data")
+@click.option(
+    "--fraction",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=1 / 6,
+    help="Share of the training split used as the transfer set.",
+)
+@click.option("--teacher", default="resnet18", help="Teacher architecture (timm).")
+@click.option("--student", default="kd_cnn", help="Student architecture (timm).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=3),
+    default=6,
+    help="Epochs per student run; the first (warm-up) and the last (evaluated) are not timed.",
+)
+@click.option("--chunk-size", type=click.IntRange(min=1), default=4096)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=2,
+    help="Rounds of every timed arm, alternated; the fastest counts (the machine is noisy).",
+)
+@DEVICE_OPTION
+@PRECISION_OPTION
+@WORKERS_OPTION
+@table_options(
+    csv_help="Write the rows here.",
+    section=None,
+    section_help="Name of the section's markers  [default: bench-<device>]",
+)
+@reports_errors
+def bench_command(
+    markdown_path: Path | None, csv_path: Path | None, section: str | None, **options: Any
+) -> None:
+    """Time the pipeline: P1-P5 of docs/benchmarks.md, as ratios measured side by side.
+
+    P1 teacher pass / bare teacher loop; P2 cached student epoch / hard-label
+    epoch; P3 online distillation epoch / cached epoch; P4 soft-label read rate
+    (memory, streamed) / student training rate; P5 bytes per sample-view and the
+    cost of S students offline against online.
+    """
+    from pipeline.bench import BenchConfig, bench_report
+
+    bench_report(BenchConfig(**options), markdown_path, csv_path, section=section, log=echo)

@@ -1,0 +1,63 @@
+"""The layout's rules (docs/architecture.md), checked on the source: one room per concern."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).parents[1] / "pipeline"
+
+
+def imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def modules() -> dict[str, set[str]]:
+    return {str(p.relative_to(PACKAGE.parent)): imports(p) for p in PACKAGE.rglob("*.py")}
+
+
+def test_only_the_cli_imports_click() -> None:
+    users = {
+        name for name, found in modules().items() if any(m.split(".")[0] == "click" for m in found)
+    }
+    assert users and all(
+        name.startswith("pipeline/cli/") or name == "pipeline/clidoc.py" for name in users
+    ), users
+
+
+def test_the_cache_package_is_imported_through_its_surface_and_knows_no_models() -> None:
+    for name, found in modules().items():
+        inside = name.startswith("pipeline/cache/")
+        private = {m for m in found if m.startswith("pipeline.cache.")}
+        assert inside or not private, f"{name} imports {private}: use pipeline.cache"
+        if inside:
+            knows = {
+                m
+                for m in found
+                if m.startswith("pipeline.")
+                and not m.startswith(("pipeline.cache", "pipeline.errors", "pipeline.spec"))
+            }
+            assert not knows, f"{name} imports {knows}: the cache knows no models"
+
+
+def test_losses_do_no_io() -> None:
+    found = modules()["pipeline/losses.py"]
+    assert found <= {"__future__", "torch", "torch.nn.functional"}, found
+
+
+def test_no_function_is_much_longer_than_a_screen() -> None:
+    """The longest today are Manifest.from_dict (one line per field) and the CLI's
+    training_options (one entry per option), about 80 lines each."""
+    too_long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > 90:
+                    too_long.append(f"{path.name}:{node.name} ({length} lines)")
+    assert not too_long, too_long
