@@ -10,6 +10,7 @@ random sample.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,15 @@ import pandas as pd
 import zarr
 
 from pipeline.cache import (
+    DIGEST_BYTES,
+    DIGESTS,
     PROGRESS,
     STATUS_COMPLETE,
     Location,
     Manifest,
     array_specs,
     check_array_metadata,
+    chunk_digest,
     chunk_key,
     read_manifest,
 )
@@ -99,8 +103,15 @@ def verify_cache(
 
 
 def _open_arrays(path: Location, manifest: Manifest, report: VerifyReport) -> dict | None:
+    num_chunks = -(-manifest.num_samples // manifest.chunk_size)
     expected = {name: (shape, dtype) for name, (shape, dtype, _) in array_specs(manifest).items()}
-    expected[PROGRESS] = ((-(-manifest.num_samples // manifest.chunk_size),), "uint8")
+    expected[DIGESTS] = ((num_chunks, len(array_specs(manifest)), DIGEST_BYTES), "uint8")
+    expected[PROGRESS] = ((num_chunks,), "uint8")
+    try:  # before zarr parses the metadata: a damaged or swapped zarr.json is named here
+        check_array_metadata(path, manifest)
+    except KdpipeError as exc:
+        report.add("arrays", False, str(exc))
+        return None
     try:
         group = zarr.open_group(path.zarr_path, mode="r")
         arrays = {name: group[name] for name in expected}
@@ -110,15 +121,14 @@ def _open_arrays(path: Location, manifest: Manifest, report: VerifyReport) -> di
     problems = []
     for name, (shape, dtype) in expected.items():
         array = arrays[name]
-        codecs = [c["name"] for c in array.metadata.to_dict()["codecs"]]
+        if not isinstance(array, zarr.Array):
+            problems.append(f"{name}/zarr.json describes a {type(array).__name__}, not an array")
+            continue
+        codecs = [c["name"] for c in array.metadata.to_dict().get("codecs", [])]
         if array.shape != shape or str(array.dtype) != dtype:
             problems.append(f"{name} is {array.shape} {array.dtype}, expected {shape} {dtype}")
         if "crc32c" not in codecs:
             problems.append(f"{name} has no crc32c checksum codec ({', '.join(codecs)})")
-    try:
-        check_array_metadata(path, manifest)
-    except KdpipeError as exc:
-        problems.append(str(exc))
     report.add(
         "arrays", not problems, "; ".join(problems) or "metadata checksums, shapes, dtypes, codecs"
     )
@@ -128,8 +138,8 @@ def _open_arrays(path: Location, manifest: Manifest, report: VerifyReport) -> di
 def _check_chunks(
     path: Location, manifest: Manifest, arrays: dict, report: VerifyReport
 ) -> dict[str, np.ndarray] | None:
-    """Every chunk: flag, files, checksum, values. Returns labels and row indices if all
-    chunks were readable."""
+    """Every chunk: flag, files, checksum, position digest, values. Returns labels and row
+    indices if every chunk was readable."""
     step = manifest.chunk_size
     tolerance = LOGSUMEXP_TOLERANCE[manifest.dtype]
     names = tuple(array_specs(manifest))
@@ -139,21 +149,37 @@ def _check_chunks(
         "indices": np.empty(manifest.num_samples, dtype=np.int64),
     }
     failures: list[str] = []
+    unwritten: list[int] = []
     num_chunks = arrays[PROGRESS].shape[0]
     for index in range(num_chunks):
         start, stop = index * step, min((index + 1) * step, manifest.num_samples)
         where = f"chunk {index} (rows {start}-{stop - 1})"
-        missing = [n for n in (*names, PROGRESS)
+        missing = [n for n in (*names, DIGESTS, PROGRESS)
                    if not path.is_file(n, chunk_key(arrays[n], index))]  # fmt: skip
+        if missing and manifest.status != STATUS_COMPLETE:
+            unwritten.append(index)  # not yet written: the pass did not finish
+            continue
         if missing:
             failures.append(f"{where}: missing file(s) of {', '.join(missing)}")
             continue
         try:
             flag = int(arrays[PROGRESS][index])
             chunk = {name: arrays[name][start:stop] for name in names}
+            digests = arrays[DIGESTS][index]
         except Exception as exc:
             failures.append(f"{where}: unreadable, checksum or compression error ({exc})")
             continue
+        moved = [
+            name
+            for position, name in enumerate(names)
+            if not np.array_equal(
+                chunk_digest(manifest.cache_id, name, index, chunk[name]), digests[position]
+            )
+        ]
+        if moved:  # the values are still checked: they may say what happened
+            failures.append(f"{where}: {', '.join(moved)} not what was written at chunk {index} "
+                            "(moved from another position, copied from another cache, or "
+                            "rewritten)")  # fmt: skip
         rows["labels"][start:stop] = chunk["labels"]
         rows["indices"][start:stop] = chunk["indices"]
         if flag != 1:
@@ -161,16 +187,30 @@ def _check_chunks(
         failures += [f"{where}: {problem}" for problem in _chunk_problems(
             manifest, chunk, chunk[values_name].astype(np.float32), start, tolerance
         )]  # fmt: skip
+    if unwritten:
+        failures.append(f"{len(unwritten)} of {num_chunks} chunk(s) not written yet "
+                        f"({_ranges(unwritten)}): run cache-teacher again to finish")  # fmt: skip
+    readable = not unwritten and not any("missing" in f or "unreadable" in f for f in failures)
     indices = rows["indices"]
-    if len(indices) > 1 and not (np.diff(indices) > 0).all():
+    if readable and len(indices) > 1 and not (np.diff(indices) > 0).all():
         failures.append("row indices are not strictly increasing (each sample once, in order)")
     report.add(
         "chunks",
         not failures,
-        "; ".join(failures) or f"{num_chunks} chunk(s): flags, files, checksums, values ok",
+        "; ".join(failures)
+        or f"{num_chunks} chunk(s): flags, files, checksums, positions, values ok",
     )
-    readable = not any("missing" in f or "unreadable" in f for f in failures)
     return rows if readable else None
+
+
+def _ranges(indices: list[int]) -> str:
+    """``0-3, 5, 7-9``: sorted chunk indices as runs."""
+    runs, start = [], indices[0]
+    for previous, current in itertools.pairwise([*indices, None]):
+        if current != previous + 1 if current is not None else True:
+            runs.append(f"{start}" if start == previous else f"{start}-{previous}")
+            start = current
+    return ", ".join(runs)
 
 
 def _chunk_problems(

@@ -116,7 +116,9 @@ def test_incomplete_cache_is_reported(copy: Path) -> None:
     result = run_verify(copy)
     assert result.exit_code == 1
     assert "status 'writing': the teacher pass did not finish" in result.output
-    assert "chunk 4 (rows 512-599): missing file(s) of progress" in result.output
+    # an unfinished pass: its unwritten chunks in one short line, no false order problem
+    assert "1 of 5 chunk(s) not written yet (4): run cache-teacher again" in result.output
+    assert "strictly increasing" not in result.output
 
 
 def test_edited_manifest_and_array_metadata_are_detected(copy: Path, tmp_path: Path) -> None:
@@ -144,4 +146,46 @@ def test_a_flipped_progress_flag_is_detected(copy: Path, tmp_path: Path) -> None
         tmp_path,
         "chunk 3 (rows 384-511): unreadable, checksum or compression error",
         "chunk 3 of 'progress'",
+    )
+
+
+def test_swapped_chunks_are_detected_by_verify_and_every_reader(copy: Path, tmp_path: Path) -> None:
+    """crc32c covers bytes, not where they belong: chunks 1 and 2 of the soft labels swapped
+    (each intact) are caught by the position digests, by verify and by both readers."""
+    one, two = (copy / "logprobs" / "c" / str(i) / "0" / "0" for i in (1, 2))
+    first, second = one.read_bytes(), two.read_bytes()
+    one.write_bytes(second)
+    two.write_bytes(first)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    refused_by_both(
+        copy,
+        tmp_path,
+        "chunk 1 (rows 128-255): logprobs not what was written at chunk 1",
+        "chunk 1 of 'logprobs' (rows 128-255) is not this cache's chunk 1",
+    )
+    streamed = student(copy, tmp_path / "streamed", "--alpha 0.5 --cache-memory 40K")
+    assert streamed.exit_code == 1 and "is not this cache's chunk" in streamed.output
+    assert not (tmp_path / "s").exists()  # read whole: refused before the run starts
+    assert not (tmp_path / "streamed" / "model.json").exists()  # streamed: stopped unfinished
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before  # untouched
+
+
+def test_a_chunk_copied_from_another_cache_is_detected(
+    copy: Path, teacher_run: Path, tmp_path: Path
+) -> None:
+    """A chunk from a cache of the same shape (here another temperature) is not this cache's."""
+    from conftest import cache
+
+    other = tmp_path / "other.zarr"
+    assert cache(teacher_run, other, "--temperature 3 --chunk-size 128").exit_code == 0
+    for name in ("logprobs", "chunk_digests"):  # the chunk and its digest, both copied in
+        (source,) = (p for p in (other / name / "c" / "3").rglob("*") if p.is_file())
+        target = copy / source.relative_to(other)
+        target.write_bytes(source.read_bytes())
+    refused_by_both(
+        copy,
+        tmp_path,
+        "not what was written at chunk 3 (moved from another position, copied from another "
+        "cache, or rewritten)",
+        "chunk 3 of 'logprobs' (rows 384-511) is not this cache's chunk 3",
     )

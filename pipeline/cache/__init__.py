@@ -34,11 +34,15 @@ from pipeline.cache.format import (
 from pipeline.cache.layout import Dense, Layout, TopK, index_dtype, layout_for, reconstruct_top_k
 from pipeline.cache.location import Location
 from pipeline.cache.store import (
+    DIGEST_BYTES,
+    DIGESTS,
     PROGRESS,
     CacheWriter,
+    Positions,
     SoftLabels,
     array_codecs,
     check_array_metadata,
+    chunk_digest,
     chunk_key,
     load_soft_labels,
     open_complete,
@@ -59,6 +63,8 @@ from pipeline.cache.stream import (
 __all__ = [
     "CHECKSUM_KEY",
     "COMBINE_RULES",
+    "DIGESTS",
+    "DIGEST_BYTES",
     "FORMAT_VERSION",
     "IDENTITY_VIEW",
     "MANIFEST_KEY",
@@ -75,6 +81,7 @@ __all__ = [
     "Layout",
     "Location",
     "Manifest",
+    "Positions",
     "SoftLabels",
     "StreamedRows",
     "StreamedSoftLabels",
@@ -83,6 +90,7 @@ __all__ = [
     "array_codecs",
     "array_specs",
     "check_array_metadata",
+    "chunk_digest",
     "chunk_key",
     "chunk_plan",
     "decoded_bytes",

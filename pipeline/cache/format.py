@@ -18,7 +18,7 @@ from pipeline.errors import ManifestError
 from pipeline.spec import check_field as _check
 from pipeline.spec import check_keys, check_object
 
-FORMAT_VERSION = 2  # 2: views, transfer-set rows, top-k storage
+FORMAT_VERSION = 3  # 2: views, transfer-set rows, top-k storage; 3: chunk position digests
 MANIFEST_KEY = "kdpipe"
 CHECKSUM_KEY = "kdpipe_sha256"  # beside the manifest: SHA-256 of its canonical JSON
 STATUS_WRITING = "writing"

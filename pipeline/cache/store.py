@@ -46,6 +46,50 @@ from pipeline.errors import (
 )
 
 PROGRESS = "progress"
+# one digest per data array and chunk, binding the chunk's values to its position and to
+# this cache: crc32c proves the bytes are intact, not that they belong where they are
+DIGESTS = "chunk_digests"
+DIGEST_BYTES = 16
+
+
+def chunk_digest(cache_id: str, name: str, index: int, values: np.ndarray) -> np.ndarray:
+    """The first 16 bytes of SHA-256 over (cache_id, array name, chunk index, dtype, shape,
+    values): a chunk moved to another position, or copied from another cache, differs."""
+    values = np.ascontiguousarray(values)
+    digest = hashlib.sha256(
+        f"{cache_id}|{name}|{index}|{values.dtype.str}|{values.shape}|".encode()
+    )
+    digest.update(values.tobytes())
+    return np.frombuffer(digest.digest()[:DIGEST_BYTES], dtype=np.uint8)
+
+
+class Positions:
+    """The chunk digests of a cache, read once: every chunk read is checked against the
+    digest of its position."""
+
+    def __init__(self, path: str | Path | Location, manifest: Manifest, table: np.ndarray):
+        self.path, self.cache_id = path, manifest.cache_id
+        self.names = list(array_specs(manifest))
+        self.table = table  # (chunks, arrays, DIGEST_BYTES)
+
+    def mismatch(self, name: str, index: int, values: np.ndarray) -> bool:
+        expected = self.table[index, self.names.index(name)]
+        return not np.array_equal(chunk_digest(self.cache_id, name, index, values), expected)
+
+    def check_all(self, data: dict[str, np.ndarray], chunk_size: int) -> None:
+        """Every chunk of the arrays read whole (``data``) against its digest."""
+        for name in self.names:
+            for index, start in enumerate(range(0, len(data[name]), chunk_size)):
+                stop = min(start + chunk_size, len(data[name]))
+                self.check(name, index, data[name][start:stop], f"rows {start}-{stop - 1}")
+
+    def check(self, name: str, index: int, values: np.ndarray, rows: str) -> None:
+        if self.mismatch(name, index, values):
+            raise CacheError(
+                f"{self.path}: chunk {index} of {name!r} ({rows}) is not this cache's chunk "
+                f"{index}: its contents belong to another position or another cache "
+                "(moved or copied in; the position digest does not match)"
+            )
 
 
 def utc_now() -> str:
@@ -88,7 +132,7 @@ class CacheWriter:
             # all-fill chunk (partners of unmixed views are all -1) would never be written
             self.arrays = {
                 name: self.group[name].with_config({"write_empty_chunks": True})
-                for name in (*self.names, PROGRESS)
+                for name in (*self.names, DIGESTS, PROGRESS)
             }
             return
         self.group = zarr.open_group(self.location.zarr_path, mode="w")
@@ -104,6 +148,11 @@ class CacheWriter:
             )
             for name, (shape, dtype, fill) in array_specs(manifest).items()
         }
+        self.arrays[DIGESTS] = self.group.create_array(
+            DIGESTS, shape=(self.num_chunks, len(self.names), DIGEST_BYTES),
+            chunks=(1, len(self.names), DIGEST_BYTES), dtype="uint8", fill_value=0,
+            **array_codecs(),
+        )  # fmt: skip
         self.arrays[PROGRESS] = self.group.create_array(
             PROGRESS, shape=(self.num_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
             **array_codecs(),
@@ -127,18 +176,24 @@ class CacheWriter:
         except Exception:  # a damaged flag only means: compute this chunk again
             return False
         return flagged and all(
-            self.location.is_file(name, chunk_key(self.arrays[name], index)) for name in self.names
+            self.location.is_file(name, chunk_key(self.arrays[name], index))
+            for name in (*self.names, DIGESTS)
         )
 
     def write(self, index: int, chunk: dict[str, np.ndarray]) -> None:
-        """Write chunk ``index`` of every data array, flush it, then flag it done."""
+        """Write chunk ``index`` of every data array and its position digests, flush them,
+        then flag the chunk done."""
         if set(chunk) != set(self.names):
             raise ValueError(f"chunk has arrays {sorted(chunk)}, the cache {sorted(self.names)}")
         start = index * self.manifest.chunk_size
-        for name, values in chunk.items():
+        digests = np.empty((len(self.names), DIGEST_BYTES), dtype=np.uint8)
+        for position, name in enumerate(self.names):
             array = self.arrays[name]
-            array[start : start + len(values)] = values.astype(array.dtype, copy=False)
-        for name in self.names:
+            values = chunk[name].astype(array.dtype, copy=False)
+            array[start : start + len(values)] = values
+            digests[position] = chunk_digest(self.manifest.cache_id, name, index, values)
+        self.arrays[DIGESTS][index] = digests
+        for name in (*self.names, DIGESTS):
             self.location.sync(name, chunk_key(self.arrays[name], index))
         self.arrays[PROGRESS][index] = 1
         self.location.sync(PROGRESS, chunk_key(self.arrays[PROGRESS], index))
@@ -225,7 +280,7 @@ def open_complete(path: str | Path | Location) -> tuple[Manifest, dict[str, zarr
     check_array_metadata(path, manifest)  # before zarr parses it: zarr's errors are not ours
     try:
         group = zarr.open_group(Location(path).zarr_path, mode="r")
-        arrays = {name: group[name] for name in (*array_specs(manifest), PROGRESS)}
+        arrays = {name: group[name] for name in (*array_specs(manifest), DIGESTS, PROGRESS)}
     except Exception as exc:
         raise CacheError(f"{path}: the arrays cannot be opened ({exc!r})") from None
     return manifest, arrays
@@ -234,7 +289,7 @@ def open_complete(path: str | Path | Location) -> tuple[Manifest, dict[str, zarr
 def check_array_metadata(path: str | Path | Location, manifest: Manifest) -> None:
     actual = array_metadata_sha256(path)
     expected = manifest.array_metadata_sha256
-    if set(expected) != {*array_specs(manifest), PROGRESS}:
+    if set(expected) != {*array_specs(manifest), DIGESTS, PROGRESS}:
         raise CacheError(f"{path}: the manifest lists arrays {sorted(expected)}, not this layout")
     for name, digest in expected.items():
         if actual.get(name) != digest:
@@ -307,16 +362,31 @@ def retemper(logprobs: torch.Tensor, stored: float, wanted: float) -> torch.Tens
     return torch.log_softmax(logprobs * (stored / wanted), dim=-1)
 
 
-def read_chunk(path: str | Path | Location, array: zarr.Array, name: str, index: int) -> np.ndarray:
-    """Chunk ``index`` of ``array`` along the rows; damage is reported with that chunk."""
+def read_chunk(
+    path: str | Path | Location,
+    array: zarr.Array,
+    name: str,
+    index: int,
+    positions: Positions | None = None,
+) -> np.ndarray:
+    """Chunk ``index`` of ``array`` along the rows; damage is reported with that chunk, and
+    with ``positions``, a chunk that is not this cache's chunk ``index``."""
     step = array.chunks[0]
     start, stop = index * step, min((index + 1) * step, array.shape[0])
     try:
-        return array[start:stop]
+        values = array[start:stop]
     except Exception as exc:  # zarr raises bare ValueErrors/RuntimeErrors for bad bytes
         raise CacheError(
             f"{path}: chunk {index} of {name!r} (rows {start}-{stop - 1}) is corrupt: {exc}"
         ) from None
+    if positions is not None:
+        positions.check(name, index, values, f"rows {start}-{stop - 1}")
+    return values
+
+
+def read_positions(path: str | Path | Location, manifest: Manifest, arrays: dict) -> Positions:
+    """The chunk digests of a complete cache (a missing digest chunk is an error)."""
+    return Positions(path, manifest, read_array(path, arrays[DIGESTS], DIGESTS))
 
 
 def check_present(path: str | Path | Location, array: zarr.Array, name: str) -> None:
@@ -339,13 +409,18 @@ def check_flagged(path: str | Path | Location, arrays: dict[str, zarr.Array]) ->
         )
 
 
-def read_array(path: str | Path | Location, array: zarr.Array, name: str) -> np.ndarray:
+def read_array(
+    path: str | Path | Location,
+    array: zarr.Array,
+    name: str,
+    positions: Positions | None = None,
+) -> np.ndarray:
     """Read chunk by chunk so that damage is reported with the chunk that holds it."""
+    check_present(path, array, name)  # first: a missing chunk would read as fill values
     out = np.empty(array.shape, dtype=array.dtype)
     step = array.chunks[0]
     for index, start in enumerate(range(0, array.shape[0], step)):
-        out[start : start + step] = read_chunk(path, array, name, index)
-    check_present(path, array, name)
+        out[start : start + step] = read_chunk(path, array, name, index, positions)
     return out
 
 
@@ -368,6 +443,8 @@ def load_soft_labels(path: str | Path | Location) -> SoftLabels:
             raise CacheError(
                 f"{path}: array {name} has shape {data[name].shape}, the manifest says {shape}"
             )
+    # last: the checks above name a specific problem; this one, that a chunk moved or changed
+    read_positions(path, manifest, arrays).check_all(data, manifest.chunk_size)
     return SoftLabels(
         path,
         manifest,

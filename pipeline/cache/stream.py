@@ -30,6 +30,7 @@ import zarr
 from pipeline.cache.format import Manifest, array_specs
 from pipeline.cache.location import Location
 from pipeline.cache.store import (
+    Positions,
     SoftLabels,
     check_flagged,
     check_present,
@@ -39,6 +40,7 @@ from pipeline.cache.store import (
     read_array,
     read_chunk,
     read_manifest,
+    read_positions,
     to_log_probs,
 )
 from pipeline.errors import CacheError, UsageError
@@ -88,8 +90,10 @@ class ChunkReader:
         arrays: dict[str, zarr.Array],
         window: int,
         temperature: float | None,
+        positions: Positions,
     ) -> None:
         self.path, self.manifest, self.arrays = path, manifest, arrays
+        self.positions = positions
         self.window, self.capacity = window, 2 * window
         self.temperature = temperature
         num_chunks = -(-manifest.num_samples // manifest.chunk_size)
@@ -181,13 +185,17 @@ class ChunkReader:
     def _read(self, name: str, index: int) -> torch.Tensor:
         self.chunks_read += 1
         if name != "targets":
-            return torch.from_numpy(self._array(name, index))
+            values = self._array(name, index)
+            self.positions.check(name, index, values, f"chunk {index}")
+            return torch.from_numpy(values)
         stored = {
             name: torch.from_numpy(self._array(name, index)) for name in self.manifest.layout.names
         }
         values = stored[self.manifest.layout.values_name]
         if not torch.isfinite(values).all():
             raise CacheError(f"{self.path}: NaN or Inf soft labels in chunk {index}")
+        for layout_name, array in stored.items():  # after the check that names the problem
+            self.positions.check(layout_name, index, array.numpy(), f"chunk {index}")
         return to_log_probs(stored, self.manifest, self.temperature, self.path)
 
 
@@ -263,12 +271,17 @@ class StreamedSoftLabels:
             )
         window = memory // smallest  # two resident windows and one read ahead
         self.window = window
-        self.labels = torch.from_numpy(read_array(self.path, self.arrays["labels"], "labels"))
-        self.indices = torch.from_numpy(read_array(self.path, self.arrays["indices"], "indices"))
+        positions = read_positions(self.path, manifest, self.arrays)
+        self.labels = torch.from_numpy(
+            read_array(self.path, self.arrays["labels"], "labels", positions)
+        )
+        self.indices = torch.from_numpy(
+            read_array(self.path, self.arrays["indices"], "indices", positions)
+        )
         check_flagged(self.path, self.arrays)
         for name in array_specs(manifest):
             check_present(self.path, self.arrays[name], name)
-        self.reader = ChunkReader(self.path, manifest, self.arrays, window, None)
+        self.reader = ChunkReader(self.path, manifest, self.arrays, window, None, positions)
         every = torch.arange(manifest.num_samples)
         self.views = StreamedRows(self.reader, "views", every)
         self.partners = StreamedRows(self.reader, "partners", every)
