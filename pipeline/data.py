@@ -293,7 +293,7 @@ def _decode(
     for index, (path, label) in enumerate(tqdm(samples, desc=f"reading {split_dir}", disable=None)):
         try:
             with Image.open(path) as opened:
-                image = opened.convert(mode)
+                image = _to_8bit(opened).convert(mode)
         except OSError as exc:
             raise DatasetError(f"cannot read image {path}: {exc}") from None
         if (image.height, image.width) != size:
@@ -308,6 +308,20 @@ def _decode(
         labels=torch.from_numpy(labels),
         classes=classes,
     )
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_8bit(image: object) -> object:
+    """16-bit grayscale (PNG's I;16, or I) scaled to 8 bits, 0-65535 onto 0-255: PIL's own
+    convert("L") clips it at 255, which turns most of a 16-bit image white."""
+    from PIL import Image
+
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(pixels * (255 / 65535)), 0, 255).astype(np.uint8))
 
 
 def select_rows(
@@ -368,6 +382,12 @@ def describe_mismatch(expected: dict, actual: dict) -> str:
         if expected.get(key) != actual.get(key):
             parts.append(f"{key} {expected.get(key)} (cache) != {actual.get(key)} (data)")
     return "; ".join(parts) or "fingerprints differ"
+
+
+def source_folder(dataset: ImageSet) -> Path | None:
+    """The folder an image-folder dataset was read from (None for a named dataset)."""
+    path = Path(dataset.name)
+    return path if dataset.name not in ("fashion-mnist", "synthetic") and path.is_dir() else None
 
 
 def dataset_mismatch(record: dict, dataset: ImageSet) -> str | None:

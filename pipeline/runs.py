@@ -14,6 +14,7 @@ No pickle anywhere: weights are safetensors, metadata is JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,11 +81,35 @@ class ModelCard:
         ):
             if not isinstance(data[name], kind) or isinstance(data[name], bool):
                 raise ManifestError(f"{where}: field {name!r} has type {type(data[name]).__name__}")
+        _check_data_config(data["data_config"], data["in_chans"], where)
         return cls(**data)
 
     @property
     def data(self) -> DataConfig:
         return DataConfig.from_dict(self.data_config)
+
+
+def _check_data_config(config: dict, in_chans: int, where: str) -> None:
+    """input_size (channels, height, width) of positive integers, and a mean and a positive
+    std per channel: what every model input is made with."""
+    size, mean, std = (config.get(key) for key in ("input_size", "mean", "std"))
+
+    def numbers(values: object, count: int) -> bool:
+        return (
+            isinstance(values, list)
+            and len(values) == count
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        )
+
+    if not (numbers(size, 3) and all(isinstance(v, int) and v >= 1 for v in size)):
+        raise ManifestError(f"{where}: data_config input_size {size!r} is not [C, H, W] >= 1")
+    if size[0] != in_chans:
+        raise ManifestError(f"{where}: data_config has {size[0]} channel(s), in_chans {in_chans}")
+    if not numbers(mean, in_chans) or not numbers(std, in_chans) or min(std) <= 0:
+        raise ManifestError(
+            f"{where}: data_config mean {mean!r} and std {std!r} need one value per channel "
+            "(std > 0)"
+        )
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -108,9 +133,16 @@ def write_safetensors(
     partial.replace(path)
 
 
+def card_sha256(card: ModelCard) -> str:
+    """SHA-256 of the card's canonical JSON: the weights file carries it, so that an edited
+    model.json (its preprocessing, classes, architecture) is noticed when it is loaded."""
+    text = json.dumps(card.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def save_model(run_dir: Path, model: nn.Module, card: ModelCard) -> None:
     """Weights first, then the card that marks the run complete."""
-    metadata = {"weights_sha256": card.weights_sha256}
+    metadata = {"weights_sha256": card.weights_sha256, "card_sha256": card_sha256(card)}
     write_safetensors(run_dir / WEIGHTS_FILE, cpu_state(model), metadata)
     write_json(run_dir / CARD_FILE, card.to_dict())
 
@@ -167,6 +199,15 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Mo
         raise RunDirError(
             f"{weights} does not match {CARD_FILE}: weights hash {actual[:16]}… "
             f"!= {card.weights_sha256[:16]}…"
+        )
+    with safetensors.safe_open(str(weights), framework="pt") as opened:
+        recorded = (opened.metadata() or {}).get("card_sha256")
+    # runs saved before the digest existed have none: their card is taken as it is
+    if recorded is not None and recorded != card_sha256(card):
+        raise RunDirError(
+            f"{run_dir / CARD_FILE} was edited after training: it no longer matches the card "
+            f"digest stored in {WEIGHTS_FILE} (its data_config, classes or architecture would "
+            "change every output)"
         )
     # channels_last as the inputs (inputs.prepare_input): a convolution given NCHW weights
     # and NHWC inputs converts one of them on every call; MLPs are not affected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -35,17 +36,47 @@ def software_versions() -> dict:
     return versions
 
 
-def prepare_output(path: str | Path | Location, overwrite: bool) -> None:
+def prepare_output(
+    path: str | Path | Location,
+    overwrite: bool,
+    inputs: Sequence[str | Path | Location | None] = (),
+) -> None:
     """Refuse an existing output (a folder, a file, or a cache at an fsspec URL) unless
-    ``--overwrite``; call only once inputs are validated, so that a bad input never costs
-    the user what is already there."""
+    ``--overwrite``, and always an output that is, contains or lies inside one of the
+    command's ``inputs``; call only once inputs are validated, so that a bad input never
+    costs the user what is already there."""
     location = Location(path)
+    check_disjoint(location, inputs)
     if location.exists():
         if not overwrite:
             raise OutputExistsError(
                 f"{location} already exists: choose another path or pass --overwrite"
             )
         location.remove()
+
+
+def check_disjoint(
+    output: str | Path | Location, inputs: Sequence[str | Path | Location | None]
+) -> None:
+    """An output that is an input, holds one or lies inside one would destroy or change
+    it (``--overwrite`` removes the output first): refused, naming both."""
+    output = Location(output)
+    if not output.local:
+        return  # object-store URLs: a bucket key holds no other key's data
+    target = output.path.resolve()
+    for given in inputs:
+        if given is None or not Location(given).local:
+            continue
+        source = Location(given).path.resolve()
+        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+            relation = (
+                "is" if target == source else "holds" if source.is_relative_to(target) else
+                "lies inside"
+            )  # fmt: skip
+            raise UsageError(
+                f"the output {output} {relation} the input {given}: writing it would destroy "
+                "or change an input; choose another output path"
+            )
 
 
 def quiet(line: str) -> None:

@@ -32,9 +32,10 @@ from pipeline.cache import (
     describe_differences,
     layout_for,
     read_manifest,
+    temperature_problem,
     utc_now,
 )
-from pipeline.data import ImageSet, select_rows
+from pipeline.data import ImageSet, select_rows, source_folder
 from pipeline.distributed import World, current_world
 from pipeline.errors import (
     CacheMismatchError,
@@ -45,7 +46,13 @@ from pipeline.errors import (
     UsageError,
 )
 from pipeline.inputs import resolve_precision
-from pipeline.runtime import prepare_output, quiet, resolve_device, software_versions
+from pipeline.runtime import (
+    check_disjoint,
+    prepare_output,
+    quiet,
+    resolve_device,
+    software_versions,
+)
 from pipeline.teacher import Teacher, load_teacher
 from pipeline.views import PLAIN, ViewPolicy, sample_views
 
@@ -86,8 +93,9 @@ class CacheConfig:
         self.policy.validate()
         if self.top_k is not None and self.top_k < 1:
             raise UsageError(f"--top-k must be >= 1, not {self.top_k}")
-        if not self.temperature > 0:
-            raise UsageError(f"--temperature must be > 0, not {self.temperature}")
+        problem = temperature_problem(self.temperature)
+        if problem:
+            raise UsageError(problem)
         if self.combine not in COMBINE_RULES:
             raise UsageError(f"--combine must be one of {', '.join(COMBINE_RULES)}")
         if self.batch_size < 1 or self.chunk_size < 1:
@@ -106,6 +114,7 @@ def cache_teacher(
     device = resolve_device(config.device)
     teacher = load_teacher(config.teachers, device)
     teacher.check(dataset)
+    check_disjoint(out, [*config.teachers, source_folder(dataset)])
     layout = layout_for(config.top_k, len(teacher.classes))
     labeled = dataset.labeled and not config.ignore_labels
     if config.exclude_classes and not labeled:
@@ -246,7 +255,9 @@ class TeacherChunks:
                 precision=self.manifest.precision,
             )
             progress.update(len(chunk_rows))
-        bad = (~torch.isfinite(values).all(dim=-1).all(dim=-1)).nonzero().flatten()
+        # as stored: a float32 value beyond float16's range is stored as an infinity
+        stored = values.to(getattr(torch, config.dtype))
+        bad = (~torch.isfinite(stored).all(dim=-1).all(dim=-1)).nonzero().flatten()
         if len(bad):
             samples = ", ".join(str(int(chunk_rows[int(i)])) for i in bad[:10])
             more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""

@@ -47,8 +47,8 @@ class ViewPolicy:
             )
         if self.mix not in MIXES:
             raise UsageError(f"--mix must be one of {', '.join(MIXES)}, not {self.mix!r}")
-        if not self.mix_alpha > 0:
-            raise UsageError(f"--mix-alpha must be > 0, not {self.mix_alpha}")
+        if not (math.isfinite(self.mix_alpha) and self.mix_alpha > 0):
+            raise UsageError(f"--mix-alpha must be a finite number > 0, not {self.mix_alpha}")
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise UsageError(

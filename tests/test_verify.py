@@ -189,3 +189,22 @@ def test_a_chunk_copied_from_another_cache_is_detected(
         "cache, or rewritten)",
         "chunk 3 of 'logprobs' (rows 384-511) is not this cache's chunk 3",
     )
+
+
+def test_a_re_signed_manifest_cannot_pass_as_another_cache(copy: Path, tmp_path: Path) -> None:
+    """T edited and the checksum recomputed: the cache_id no longer follows from the fields."""
+    edit_manifest(copy, temperature=8.0)
+    refused_by_both(copy, tmp_path, "is not the one its fields give", "the manifest was edited")
+    edit_manifest(copy, temperature=4.0, teacher_id="0" * 16)
+    refused_by_both(
+        copy, tmp_path, "teacher_id 0000000000000000 is not the one its teachers", "was edited"
+    )
+
+
+def test_a_group_in_an_array_s_place_is_named(copy: Path) -> None:
+    """logprobs/zarr.json replaced by a group's metadata: one line, no KeyError."""
+    (copy / "logprobs" / "zarr.json").write_text('{"zarr_format":3,"node_type":"group"}')
+    result = run_verify(copy)
+    assert result.exit_code == 1
+    assert "logprobs/zarr.json does not match its checksum in the manifest" in result.output
+    assert "Traceback" not in result.output and "KeyError" not in result.output

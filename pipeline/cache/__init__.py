@@ -20,6 +20,7 @@ from pipeline.cache.format import (
     PREPROCESSING,
     STATUS_COMPLETE,
     STATUS_WRITING,
+    TEMPERATURE_RANGE,
     VALUES,
     VIEW_COLUMNS,
     VIEW_FIELDS,
@@ -30,6 +31,7 @@ from pipeline.cache.format import (
     derive_teacher_id,
     describe_differences,
     manifest_checksum,
+    temperature_problem,
 )
 from pipeline.cache.layout import Dense, Layout, TopK, index_dtype, layout_for, reconstruct_top_k
 from pipeline.cache.location import Location
@@ -73,6 +75,7 @@ __all__ = [
     "PROGRESS",
     "STATUS_COMPLETE",
     "STATUS_WRITING",
+    "TEMPERATURE_RANGE",
     "VALUES",
     "VIEW_COLUMNS",
     "VIEW_FIELDS",
@@ -107,6 +110,7 @@ __all__ = [
     "reconstruct_top_k",
     "retemper",
     "smallest_budget",
+    "temperature_problem",
     "utc_now",
     "windowed_order",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,6 +45,19 @@ VIEW_FIELDS = (
 VIEW_COLUMNS = {name: index for index, name in enumerate(VIEW_FIELDS)}
 IDENTITY_VIEW = (0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # the plain image
 VALUES = "log_softmax(logits / temperature)"
+# the temperatures a cache holds: below 0.01, float16 turns every class but the top one
+# into -inf; above 1000 every distribution is uniform to float16 precision
+TEMPERATURE_RANGE = (0.01, 1000.0)
+
+
+def temperature_problem(value: float, option: str = "--temperature") -> str | None:
+    """Why ``value`` cannot be a distillation temperature, or None when it can."""
+    low, high = TEMPERATURE_RANGE
+    if not (isinstance(value, int | float) and math.isfinite(value) and low <= value <= high):
+        return f"{option} must be a number from {low:g} to {high:g}, not {value}"
+    return None
+
+
 PREPROCESSING = (
     "uint8 pixels / 255, resized (bilinear) to the member's input_size when the dataset's "
     "differs, then (x - mean) / std per channel"
@@ -188,8 +202,9 @@ class Manifest:
         ):
             if value not in allowed:
                 raise ManifestError(f"{where}: {name} {value!r} is not one of {', '.join(allowed)}")
-        if manifest.temperature <= 0:
-            raise ManifestError(f"{where}: temperature must be > 0, not {manifest.temperature}")
+        problem = temperature_problem(manifest.temperature, "temperature")
+        if problem:
+            raise ManifestError(f"{where}: {problem}")
         for key in ("name", "split", "fingerprint"):
             if key not in manifest.dataset:
                 raise ManifestError(f"{where}: dataset has no {key!r}")

@@ -35,6 +35,8 @@ from pipeline.cache.format import (
     STATUS_COMPLETE,
     Manifest,
     array_specs,
+    derive_cache_id,
+    derive_teacher_id,
     manifest_checksum,
 )
 from pipeline.cache.location import Location
@@ -266,7 +268,26 @@ def read_manifest(path: str | Path | Location) -> Manifest:
             f"{meta}: the manifest does not match its checksum ({CHECKSUM_KEY}): it was edited "
             "or damaged"
         )
-    return Manifest.from_dict(data, where=f"{path}: manifest")
+    manifest = Manifest.from_dict(data, where=f"{path}: manifest")
+    check_ids(manifest, meta)
+    return manifest
+
+
+def check_ids(manifest: Manifest, where: str) -> None:
+    """The ids are derived from the fields, never trusted: a manifest edited and re-signed
+    (its checksum recomputed) still cannot pass as another cache or another teacher."""
+    teacher_id = derive_teacher_id(list(manifest.teachers), manifest.combine)
+    if manifest.teacher_id != teacher_id:
+        raise ManifestError(
+            f"{where}: teacher_id {manifest.teacher_id} is not the one its teachers and combine "
+            f"rule give ({teacher_id}): the manifest was edited"
+        )
+    cache_id = derive_cache_id(manifest)
+    if manifest.cache_id != cache_id:
+        raise ManifestError(
+            f"{where}: cache_id {manifest.cache_id} is not the one its fields give ({cache_id}): "
+            "the manifest was edited"
+        )
 
 
 def open_complete(path: str | Path | Location) -> tuple[Manifest, dict[str, zarr.Array]]:

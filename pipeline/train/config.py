@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from pipeline.cache import temperature_problem
 from pipeline.data import ImageSet, load_dataset
 from pipeline.errors import UsageError
 from pipeline.inputs import PRECISION_CHOICES
@@ -58,11 +62,22 @@ class TrainConfig:
             (self.epochs >= 1, f"--epochs must be >= 1, not {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, not {self.batch_size}"),
             (self.eval_every >= 1, f"--eval-every must be >= 1, not {self.eval_every}"),
-            (self.lr > 0, f"--lr must be > 0, not {self.lr}"),
+            (
+                math.isfinite(self.lr) and self.lr > 0,
+                f"--lr must be a finite number > 0, not {self.lr}",
+            ),
+            (
+                math.isfinite(self.momentum) and 0 <= self.momentum < 1,
+                f"--momentum must be in [0, 1), not {self.momentum}",
+            ),
+            (
+                math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                f"--weight-decay must be a finite number >= 0, not {self.weight_decay}",
+            ),
             (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], not {self.alpha}"),
             (
-                self.temperature is None or self.temperature > 0,
-                f"--temperature must be > 0, not {self.temperature}",
+                self.temperature is None or temperature_problem(self.temperature) is None,
+                temperature_problem(self.temperature or 1.0) or "",
             ),
             (0.0 <= self.drop_rate < 1.0, f"--dropout must be in [0, 1), not {self.drop_rate}"),
             (self.jitter >= 0, f"--jitter must be >= 0, not {self.jitter}"),
@@ -96,6 +111,34 @@ class TrainConfig:
         self.policy.validate()
         if self.jitter and not self.policy.is_identity:
             raise UsageError("--jitter and --augment/--mix both augment: choose one")
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        """--opt, --sched and their settings, tried on one parameter through timm's own
+        factories, so that a misspelt name fails before any file is written."""
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+
+        parameter = torch.nn.Parameter(torch.zeros(1))
+        try:
+            optimizer = create_optimizer_v2([parameter], opt=self.opt, lr=self.lr,
+                                            weight_decay=self.weight_decay,
+                                            momentum=self.momentum)  # fmt: skip
+        except Exception as exc:  # timm raises ValueError, AssertionError, ImportError ...
+            raise UsageError(
+                f"--opt {self.opt!r}: timm cannot create this optimizer ({exc}); "
+                "timm.optim.list_optimizers() lists the names"
+            ) from None
+        try:
+            scheduler, _ = create_scheduler_v2(optimizer, sched=self.sched,
+                                               num_epochs=self.epochs,
+                                               warmup_epochs=self.warmup_epochs)  # fmt: skip
+        except Exception as exc:
+            raise UsageError(
+                f"--sched {self.sched!r}: timm cannot create this schedule ({exc})"
+            ) from None
+        if scheduler is None:
+            raise UsageError(f"--sched {self.sched!r}: timm made no schedule of it")
 
     @property
     def policy(self) -> ViewPolicy:

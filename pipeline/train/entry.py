@@ -5,6 +5,7 @@ model card that marks the run finished."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -66,7 +67,7 @@ def resume_training(run_dir: Path, log: Callable[[str], None] = quiet) -> ModelC
         raise UsageError(f"{run_dir} is finished (it has {CARD_FILE}): nothing to resume")
     saved = read_config(run_dir)
     kind = saved.pop("kind", None)
-    saved.pop("resolved", None)
+    resolved = saved.pop("resolved", None) or {}
     # a run started before an option existed resumes with that option's default
     try:
         check_keys(saved, TrainConfig, str(run_dir / CONFIG_FILE))
@@ -78,12 +79,28 @@ def resume_training(run_dir: Path, log: Callable[[str], None] = quiet) -> ModelC
                             f"(kind {kind!r})")  # fmt: skip
     # JSON has no tuples: the tuple fields (hidden_sizes, crop_scale) come back as lists
     saved = {name: tuple(v) if isinstance(v, list) else v for name, v in saved.items()}
+    # a run directory is relocatable: it resumes where it is now (a copy resumes the copy,
+    # a moved run the moved one), and its relative inputs are found from where it started
+    saved = _relocated(saved, run_dir, Path(resolved.get("cwd", ".")))
     config = TrainConfig(**saved)
     config.validate()
     soft_labels = (
         open_soft_labels(config.cache, config.cache_memory, log) if kind == "student" else None
     )
     return _run(config, kind, soft_labels, log, resume=True)
+
+
+def _relocated(saved: dict, run_dir: Path, started_in: Path) -> dict:
+    """The saved configuration with ``out`` the run directory as named now, and each relative
+    input path that is not found from here taken from the folder the run started in."""
+    moved = {"out": str(run_dir)}
+    for name in ("cache", "teacher", "data", "data_root"):
+        value = saved.get(name)
+        if not value or "://" in str(value) or Path(value).is_absolute() or Path(value).exists():
+            continue
+        if (started_in / value).exists():
+            moved[name] = str(started_in / value)
+    return {**saved, **moved}
 
 
 def _run(
@@ -115,10 +132,11 @@ def _run(
 
 def _start(out: Path, plan: RunPlan, world: World) -> None:
     """The run directory and its config.json: only now, every input being valid."""
-    prepare_output(out, plan.config.overwrite)
+    prepare_output(out, plan.config.overwrite, plan.inputs)
     out.mkdir(parents=True)
     resolved = {"device": str(plan.device), "temperature": plan.temperature,
-                "alpha": plan.alpha, "processes": world.size}  # fmt: skip
+                "alpha": plan.alpha, "processes": world.size,
+                "cwd": os.getcwd()}  # relative paths above are relative to it  # fmt: skip
     write_json(out / CONFIG_FILE, {**asdict(plan.config), "kind": plan.kind, "resolved": resolved})
 
 

@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from pipeline.cache import SoftLabels, StreamedSoftLabels
-from pipeline.data import ImageSet, check_same_dataset, select_rows, validation_rows
+from pipeline.data import (
+    ImageSet,
+    check_same_dataset,
+    select_rows,
+    source_folder,
+    validation_rows,
+)
 from pipeline.distributed import World
 from pipeline.errors import CacheMismatchError, DatasetError, UsageError
 from pipeline.inputs import DataConfig
@@ -46,6 +52,7 @@ class RunPlan:
     temperature: float
     lineage: dict | None  # what a student learned from: None for a teacher
     online_teacher: nn.Module | None = None
+    inputs: tuple[str, ...] = ()  # files the run reads: its output may not touch them
 
 
 def plan_run(
@@ -87,7 +94,7 @@ def plan_run(
     validation = None
     if config.val_fraction is not None:
         data, validation = _hold_out(data, train_set, config, soft_labels)
-    test_set = _load_test_set(config, classes)
+    test_set = _load_test_set(config, classes, log)
     mean, std = train_set.pixel_stats()
     data_config = DataConfig(input_size=train_set.input_size, mean=mean, std=std)
     if online_teacher is not None and teacher_card.data.input_size != data_config.input_size:
@@ -95,10 +102,14 @@ def plan_run(
             f"timm's LogitDistillationTask feeds the teacher the student's input: the teacher "
             f"takes {teacher_card.data.input_size}, the data is {data_config.input_size}"
         )
+    inputs = [config.cache, config.teacher, source_folder(train_set)]
+    if soft_labels is not None:  # the cache's teachers: a student written over one destroys it
+        inputs += [member.run_dir for member in soft_labels.manifest.teachers]
     return RunPlan(config=config, kind=kind, device=device, train_set=train_set,
                    classes=tuple(classes), data=data, validation=validation, test_set=test_set,
                    data_config=data_config, alpha=alpha, temperature=temperature,
-                   lineage=lineage, online_teacher=online_teacher)  # fmt: skip
+                   lineage=lineage, online_teacher=online_teacher,
+                   inputs=tuple(str(p) for p in inputs if p is not None))  # fmt: skip
 
 
 def _subset(
@@ -222,16 +233,20 @@ def _hold_out(
     return kept, validation
 
 
-def _load_test_set(config: TrainConfig, classes: tuple[str, ...]) -> ImageSet | None:
-    """The test split to report on each epoch; an image folder may have none, or none
-    with labels (then there is nothing to score)."""
-    try:
-        test_set = config.load("test")
-    except DatasetError:
-        if config.data in ("fashion-mnist", "synthetic"):
-            raise
+def _load_test_set(
+    config: TrainConfig, classes: tuple[str, ...], log: Callable[[str], None]
+) -> ImageSet | None:
+    """The test split to report on each epoch. An image folder may have no test/ folder, or
+    one without labels: then there is nothing to score, and the run says so. A test split
+    that is there but cannot be read (a damaged image, a class train/ lacks) is an error,
+    never skipped."""
+    folder = Path(config.data) / "test"
+    if config.data not in ("fashion-mnist", "synthetic") and not folder.is_dir():
+        log(f"note: {config.data} has no test/ folder: no test accuracy will be measured")
         return None
+    test_set = config.load("test")
     if not test_set.labeled:
+        log(f"note: {folder} has no class folders (no labels): no test accuracy is measured")
         return None
     if test_set.classes != tuple(classes):
         raise DatasetError(
