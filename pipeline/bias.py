@@ -31,7 +31,13 @@ def bias_grid(limit: float, step: float) -> np.ndarray:
     """Candidate biases from −limit to +limit; 0 (no change) is always one of them."""
     if not limit > 0 or not step > 0:
         raise UsageError(f"--max-bias and --step must be > 0, not {limit:g} and {step:g}")
-    half = np.arange(1, round(limit / step) + 1) * step
+    count = round(limit / step)
+    if count > 100_000:
+        raise UsageError(
+            f"--max-bias {limit:g} with --step {step:g} is {2 * count + 1:,} biases to try: "
+            "at most 200,001; raise --step or lower --max-bias"
+        )
+    half = np.arange(1, count + 1) * step
     return np.concatenate([-half[::-1], [0.0], half])
 
 

@@ -230,6 +230,11 @@ def load_image_folder(
     if not any(p.is_dir() for p in split_dir.iterdir()):
         return _decode(root, split, _unlabeled_samples(split_dir), (), image_size, channels)
     classes = _class_names(root)
+    if len(classes) < 2:
+        raise DatasetError(
+            f"{root} has a single class ({classes[0]}): a classifier needs two or more class "
+            "folders (a folder of images without class folders is an unlabeled split)"
+        )
     extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classes)
     if extra:
         raise DatasetError(f"{split_dir} has classes not in {root / 'train'}: {', '.join(extra)}")
@@ -249,6 +254,13 @@ def load_image_folder(
         raise DatasetError(
             f"{split_dir}: {len(dropped)} image(s) outside a class folder, e.g. {dropped[0]} "
             "(expected exactly one level: <split>/<class>/<image>)"
+        )
+    counts = np.bincount([label for _, label in reader.samples], minlength=len(classes))
+    empty = [classes[i] for i in np.flatnonzero(counts == 0) if (split_dir / classes[i]).is_dir()]
+    if empty:
+        raise DatasetError(
+            f"{split_dir / empty[0]} holds no images ({len(empty)} empty class folder(s)): add "
+            "images or remove the folder"
         )
     samples = sorted(
         reader.samples, key=lambda s: (s[1], Path(s[0]).relative_to(split_dir).as_posix())

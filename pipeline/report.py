@@ -24,6 +24,7 @@ from pipeline.errors import KdpipeError, RunDirError, UsageError
 from pipeline.flags import COMMANDS, REQUIRED_TO_START, flag
 from pipeline.publish import machine_line, publish
 from pipeline.runs import METRICS_FILE, read_card, read_config
+from pipeline.teach import CacheConfig
 from pipeline.train import TrainConfig
 from pipeline.views import CROP_SCALE
 
@@ -108,6 +109,7 @@ def collect(run_dirs: list[Path]) -> pd.DataFrame:
                 "train_rows": card.dataset.get("rows"),
                 "test_accuracy": float(final["test_accuracy"]),
                 "test_errors": int(final["test_errors"]),
+                "test_samples": _test_samples(final),
                 "seconds": float(metrics["seconds"].sum()),
                 "cache": lineage.get("cache_path", ""),
                 "members": "",
@@ -118,6 +120,12 @@ def collect(run_dirs: list[Path]) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def _test_samples(row: pd.Series) -> int | None:
+    """The size of the test split a metrics row scored, from its errors and accuracy."""
+    accuracy, errors = float(row["test_accuracy"]), int(row["test_errors"])
+    return round(errors / (1.0 - accuracy)) if accuracy < 1.0 and errors else None
 
 
 def _bias_columns(run_dir: Path) -> dict:
@@ -170,6 +178,7 @@ def _cache_row(path: Path) -> dict:
         "train_rows": None,
         "test_accuracy": manifest.teacher_accuracy,
         "test_errors": errors,
+        "test_samples": manifest.num_samples,
         "seconds": cache_seconds(path) or math.nan,
         "cache": "",
         "members": "+".join(members),
@@ -231,6 +240,7 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             "test_errors_mean": group["test_errors"].mean(),
             "test_errors_std": group["test_errors"].std(ddof=1) if len(group) > 1 else 0.0,
             "test_accuracy_mean": group["test_accuracy"].mean(),
+            "test_samples": group["test_samples"].dropna().max(),
             "minutes_per_run": group["seconds"].mean() / 60,
         }
         if "bias" in group and group["bias"].notna().any():
@@ -281,7 +291,7 @@ def to_markdown(table: pd.DataFrame) -> str:
             "seeds": table["seeds"].replace("", "—"),
             "epochs": table["epochs"].replace("", "—"),
             "train rows": _cells(table["train_rows"], "{:,.0f}"),
-            "test errors (of 10,000)": [
+            _errors_header(table): [
                 f"{m:.1f} ± {sd:.1f}" if len(seeds.split()) > 1 else f"{m:.0f}"
                 for m, sd, seeds in zip(
                     table["test_errors_mean"], table["test_errors_std"], table["seeds"], strict=True
@@ -301,6 +311,12 @@ def to_markdown(table: pd.DataFrame) -> str:
     if "gap_recovered" in table:
         shown["gap recovered"] = _cells(table["gap_recovered"], "{:.0%}")
     return shown.to_markdown(index=False, disable_numparse=True)  # cells are formatted
+
+
+def _errors_header(table: pd.DataFrame) -> str:
+    """``test errors (of 10,000)`` when every row scored one test split of that size."""
+    sizes = set(table["test_samples"].dropna()) if "test_samples" in table else set()
+    return f"test errors (of {int(sizes.pop()):,})" if len(sizes) == 1 else "test errors"
 
 
 def temperature_plot(table: pd.DataFrame, path: Path) -> None:
@@ -390,6 +406,13 @@ def cache_command(path: Path) -> str | None:
         parts.append(f"--seed {manifest.seed}")
     if manifest.storage["k"] is not None:
         parts.append(f"--top-k {manifest.storage['k']}")
+    default_chunk = next(f.default for f in fields(CacheConfig) if f.name == "chunk_size")
+    if manifest.chunk_size != min(default_chunk, manifest.num_samples):
+        parts.append(f"--chunk-size {manifest.chunk_size}")
+    if manifest.dtype != "float16":
+        parts.append(f"--dtype {manifest.dtype}")
+    if manifest.precision != "float32":
+        parts.append("--precision bf16")
     parts.append(f"--out {path}")
     return " ".join(parts)
 

@@ -14,6 +14,7 @@ No pickle anywhere: weights are safetensors, metadata is JSON.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -129,7 +130,11 @@ def write_safetensors(
 ) -> None:
     """Write tensors through a temporary file and a rename, as write_json does JSON."""
     partial = path.with_name(f".{path.name}.partial")
-    safetensors.torch.save_file(tensors, str(partial), metadata=metadata)
+    try:
+        safetensors.torch.save_file(tensors, str(partial), metadata=metadata)
+    except safetensors.SafetensorError as exc:  # e.g. no space left: the old file stays
+        partial.unlink(missing_ok=True)
+        raise OSError(errno.EIO, f"cannot write the weights ({exc})", str(path)) from None
     partial.replace(path)
 
 
@@ -176,6 +181,27 @@ def read_card(run_dir: Path) -> ModelCard:
     return ModelCard.from_dict(data, where=str(card_path))
 
 
+def _state_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """One line on how a state dict differs from a model's (None when it fits), instead of
+    torch's dump of every key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(
+        name for name in set(expected) & set(state) if expected[name].shape != state[name].shape
+    )
+    parts = [
+        f"{len(names)} {what} (e.g. {names[0]})"
+        for names, what in (
+            (missing, "missing"),
+            (unexpected, "unexpected"),
+            (shapes, "of another shape"),
+        )
+        if names
+    ]
+    return "; ".join(parts) + " weight(s): weights of another architecture" if parts else None
+
+
 def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelCard]:
     """Rebuild a run's model through timm and load its weights, checking their hash."""
     run_dir = Path(run_dir)
@@ -191,9 +217,12 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Mo
     )
     try:
         state = safetensors.torch.load_file(str(weights))
-        model.load_state_dict(state)
-    except (OSError, RuntimeError, safetensors.SafetensorError) as exc:
-        raise RunDirError(f"{weights} cannot be loaded into {card.architecture}: {exc}") from None
+    except (OSError, safetensors.SafetensorError) as exc:
+        raise RunDirError(f"{weights} cannot be read: {exc}") from None
+    problem = _state_mismatch(model, state)
+    if problem:
+        raise RunDirError(f"{weights} does not fit {card.architecture}: {problem}")
+    model.load_state_dict(state)
     actual = weights_sha256(model)
     if actual != card.weights_sha256:
         raise RunDirError(

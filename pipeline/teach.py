@@ -7,7 +7,9 @@ neither knows about the other.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import fcntl
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -127,12 +129,45 @@ def cache_teacher(
         seed=config.seed,
     )
     manifest = _new_manifest(config, dataset, teacher, layout, rows, labeled, device)
+    with single_writer(out, world):
+        manifest, wrote = _pass(config, out, manifest, teacher, layout, dataset, rows, labeled,
+                                device, world, log)  # fmt: skip
+    if not wrote:
+        return manifest  # complete already: open_writer said so
+    accuracy = (
+        f"teacher accuracy {manifest.teacher_accuracy:.4f}"
+        if manifest.teacher_accuracy is not None
+        else "no labels"
+    )
+    log(
+        f"{out}: {manifest.num_samples} rows x {manifest.num_views} view(s) x "
+        f"{manifest.num_classes} classes at T={manifest.temperature:g}, {accuracy}, "
+        f"cache_id {manifest.cache_id}, teacher_id {manifest.teacher_id}"
+    )
+    return manifest
+
+
+def _pass(
+    config: CacheConfig,
+    out: Location,
+    manifest: Manifest,
+    teacher: Teacher,
+    layout: Layout,
+    dataset: ImageSet,
+    rows: np.ndarray,
+    labeled: bool,
+    device: torch.device,
+    world: World,
+    log: Callable[[str], None],
+) -> tuple[Manifest, bool]:
+    """Open (or resume) the store, write every chunk still to write, mark it complete:
+    (the manifest, whether anything was written)."""
     # rank 0 creates (or checks) the store; the others open what it made
     opened = world.on_main(
         lambda: open_writer(out, manifest, overwrite=config.overwrite, log=log).manifest
     )
     if opened.status == STATUS_COMPLETE:
-        return opened
+        return opened, False
     writer = CacheWriter(out, read_manifest(out), resume=True)
     params, partners = sample_views(
         len(rows),
@@ -149,17 +184,29 @@ def cache_teacher(
     manifest = world.on_main(
         lambda: writer.finish(teacher_accuracy=teacher_accuracy(writer) if labeled else None)
     )
-    accuracy = (
-        f"teacher accuracy {manifest.teacher_accuracy:.4f}"
-        if manifest.teacher_accuracy is not None
-        else "no labels"
-    )
-    log(
-        f"{out}: {manifest.num_samples} rows x {manifest.num_views} view(s) x "
-        f"{manifest.num_classes} classes at T={manifest.temperature:g}, {accuracy}, "
-        f"cache_id {manifest.cache_id}, teacher_id {manifest.teacher_id}"
-    )
-    return manifest
+    return manifest, True
+
+
+@contextlib.contextmanager
+def single_writer(out: Location, world: World) -> Iterator[None]:
+    """Hold a lock beside a local output for the whole pass, so that a second cache-teacher
+    started on the same --out is refused (it would be told to --overwrite the live store)
+    instead of writing into it. A hidden ``.NAME.lock`` file beside the store holds it;
+    object-store URLs have no such lock."""
+    if not out.local or not world.is_main:
+        yield
+        return
+    path = out.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputExistsError(
+                f"{out} is being written by another cache-teacher right now: wait for it to "
+                "finish (then run again to resume or reuse it) or choose another --out"
+            ) from None
+        yield  # the lock goes with the file's closing
 
 
 def _new_manifest(

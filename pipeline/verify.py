@@ -33,7 +33,7 @@ from pipeline.cache import (
     read_manifest,
 )
 from pipeline.data import ImageSet, dataset_mismatch
-from pipeline.errors import KdpipeError
+from pipeline.errors import KdpipeError, UsageError
 from pipeline.runtime import resolve_device
 
 # float16 keeps 11 significant bits: a row's logsumexp drifts by up to ~1e-3 per
@@ -74,6 +74,9 @@ def verify_cache(
 ) -> VerifyReport:
     """Run every check on the cache at ``path`` (a folder or an fsspec URL); never raises for
     damage it can name."""
+    if recompute and (dataset is None or not teachers):
+        raise UsageError("--recompute needs --data (the cache's dataset) and --teacher (its "
+                         "teacher run directories)")  # fmt: skip
     path = Location(path)
     report = VerifyReport(path)
     try:
@@ -95,10 +98,7 @@ def verify_cache(
     if dataset is not None and rows is not None:
         _check_dataset(manifest, rows, dataset, report)
     if recompute:
-        if dataset is None or not teachers:
-            report.add("recompute", False, "--recompute needs --data and --teacher")
-        else:
-            _recompute(manifest, arrays, dataset, teachers, recompute, device, seed, report)
+        _recompute(manifest, arrays, dataset, teachers, recompute, device, seed, report)
     return report
 
 

@@ -33,11 +33,15 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except KdpipeError as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:  # a full disk, a read-only folder: the file and the reason
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from exc
 
     return wrapper
 
 
 def parse_sizes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple | None:
+    """``800,800`` (--hidden-sizes) or ``1,2,3,5`` (storage --top-k): positive integers."""
     if value is None:
         return None
     try:
@@ -45,7 +49,7 @@ def parse_sizes(_ctx: click.Context, _param: click.Parameter, value: str | None)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
     if not sizes or min(sizes) < 1:
-        raise click.BadParameter(f"{value!r}: every hidden size must be >= 1")
+        raise click.BadParameter(f"{value!r}: every value must be an integer >= 1")
     return sizes
 
 

@@ -287,6 +287,9 @@ def caches_command(paths: tuple[str, ...], fmt: str) -> None:
     from pipeline.catalog import catalog
     from pipeline.publish import render_rows
 
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise click.BadParameter(f"{missing[0]} does not exist", param_hint="PATHS")
     frame = catalog([Path(p) for p in paths] or [Path(".")])
     if frame.empty:
         click.echo("no kdpipe caches found", err=True)

@@ -108,6 +108,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        if self.hidden_sizes is not None and self.model != "kd_mlp":
+            raise UsageError(
+                f"--hidden-sizes sets the layers of kd_mlp; {self.model} has layers of its own "
+                "(use --model kd_mlp --hidden-sizes ...)"
+            )
         self.policy.validate()
         if self.jitter and not self.policy.is_identity:
             raise UsageError("--jitter and --augment/--mix both augment: choose one")

@@ -1,0 +1,280 @@
+"""What a careless or hostile user tries (issue "nothing lost, nothing silently wrong").
+
+Each test gives kdpipe one bad input and checks the one line it answers with, the exit
+status, and, where something was already written, that every byte of it is still there.
+"""
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import cache, invoke, student
+from PIL import Image
+
+from pipeline.data import load_dataset
+from pipeline.runs import read_card
+from pipeline.train import TrainConfig, resume_training, train_student
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def fails(result: object, message: str, code: int = 1) -> None:
+    assert result.exit_code == code, result.output
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+class Killed(Exception):
+    pass
+
+
+def unfinished_run(cache_path: Path, out: Path) -> None:
+    """A 3-epoch student stopped after its first epoch (as a kill would leave it)."""
+
+    def kill_after_epoch_1(line: str) -> None:
+        if line.startswith("epoch 1/"):
+            raise Killed
+
+    config = TrainConfig(model="kd_mlp_30x2", data="synthetic", out=str(out), epochs=3,
+                         cache=str(cache_path), alpha=0.5)  # fmt: skip
+    with pytest.raises(Killed):
+        train_student(config, log=kill_after_epoch_1)
+
+
+# --- data lost or silently wrong -------------------------------------------------------------
+
+
+def test_a_copied_or_moved_run_resumes_where_it_is(train_cache: Path, tmp_path: Path) -> None:
+    original = tmp_path / "runA"
+    unfinished_run(train_cache, original)
+    before = snapshot(original)
+    copy = tmp_path / "runCopy"
+    shutil.copytree(original, copy)
+    card = resume_training(copy)
+    assert (copy / "model.json").is_file() and card.weights_sha256
+    assert snapshot(original) == before  # the original is not the one finished
+    moved = tmp_path / "runB"
+    original.rename(moved)
+    assert resume_training(moved).weights_sha256 == card.weights_sha256
+
+
+def test_a_run_resumes_from_another_working_directory(
+    train_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relative --cache and --out: resumed from elsewhere, the inputs are found where the
+    run started."""
+    shutil.copytree(train_cache, tmp_path / "c.zarr")
+    monkeypatch.chdir(tmp_path)
+    unfinished_run(Path("c.zarr"), Path("run"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    resumed = invoke("train-student --resume", tmp_path / "run")
+    assert resumed.exit_code == 0, resumed.output
+    assert (tmp_path / "run" / "model.json").is_file()
+
+
+def test_an_output_that_is_an_input_is_refused(
+    teacher_run: Path, train_cache: Path, tmp_path: Path
+) -> None:
+    teacher = tmp_path / "t"
+    shutil.copytree(teacher_run, teacher)
+    kept = snapshot(teacher)
+    refused = cache(teacher, teacher, "--temperature 2 --overwrite")
+    fails(refused, f"the output {teacher} is the input {teacher}: writing it would destroy")
+    fails(cache(teacher, teacher / "inside.zarr"), "lies inside the input")
+    fails(cache(teacher, tmp_path, "--temperature 2 --overwrite"), "holds the input")
+    # the cache's own teacher, named as a student's output
+    made = cache(teacher, tmp_path / "c.zarr")
+    assert made.exit_code == 0, made.output
+    kept_cache = snapshot(tmp_path / "c.zarr")
+    fails(student(tmp_path / "c.zarr", teacher, "--alpha 0.5 --overwrite"), "is the input")
+    fails(student(tmp_path / "c.zarr", tmp_path / "c.zarr", "--alpha 0.5 --overwrite"), "is the")
+    assert snapshot(teacher) == kept and snapshot(tmp_path / "c.zarr") == kept_cache
+
+
+def image_folder(root: Path, splits: dict[str, dict[str, int]], mode: str = "L") -> Path:
+    """root/<split>/<class>/<i>.png, each class a flat shade, 10x10."""
+    for split, classes in splits.items():
+        for index, (name, count) in enumerate(classes.items()):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.new(mode, (10, 10), 40 + 150 * index).save(root / split / name / f"{i}.png")
+    return root
+
+
+def teacher_on(folder: Path, out: Path) -> object:
+    return invoke("train-teacher --model kd_mlp_30x2 --epochs 1 --data", folder, "--out", out)
+
+
+def test_a_damaged_test_split_is_an_error_not_a_nan(tmp_path: Path) -> None:
+    folder = image_folder(tmp_path / "imgs", {"train": {"a": 4, "b": 4}, "test": {"a": 2, "b": 2}})
+    truncated = folder / "test" / "b" / "0.png"
+    truncated.write_bytes(truncated.read_bytes()[:20])
+    fails(teacher_on(folder, tmp_path / "t1"), f"cannot read image {truncated}")
+    assert not (tmp_path / "t1").exists()
+    truncated.unlink()
+    (folder / "test" / "c").mkdir()
+    Image.new("L", (10, 10)).save(folder / "test" / "c" / "0.png")
+    fails(teacher_on(folder, tmp_path / "t2"), "has classes not in")
+    shutil.rmtree(folder / "test")
+    made = teacher_on(folder, tmp_path / "t3")
+    assert made.exit_code == 0 and "has no test/ folder: no test accuracy" in made.output
+
+
+def test_sixteen_bit_pngs_are_scaled_not_clipped(tmp_path: Path) -> None:
+    root = tmp_path / "deep"
+    for split in ("train", "test"):
+        for name, level in (("dark", 10_000), ("light", 50_000)):
+            (root / split / name).mkdir(parents=True)
+            pixels = np.full((8, 8), level, dtype=np.uint16)
+            Image.fromarray(pixels).save(root / split / name / "0.png")
+    assert Image.open(root / "train" / "dark" / "0.png").mode == "I;16"
+    data = load_dataset(str(root), "train")
+    assert data.images[0].unique().tolist() == [round(10_000 * 255 / 65535)]  # 39, not 255
+    assert data.images[1].unique().tolist() == [round(50_000 * 255 / 65535)]
+
+
+@pytest.mark.parametrize("value", ["1e-9", "inf", "nan", "5000"])
+def test_extreme_temperatures_are_refused_up_front(
+    teacher_run: Path, train_cache: Path, tmp_path: Path, value: str
+) -> None:
+    fails(cache(teacher_run, tmp_path / "c.zarr", f"--temperature {value}"),
+          "--temperature must be a number from 0.01 to 1000")  # fmt: skip
+    assert not (tmp_path / "c.zarr").exists()
+    fails(student(train_cache, tmp_path / "s", f"--alpha 0.5 --temperature {value}"),
+          "--temperature must be a number from 0.01 to 1000")  # fmt: skip
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_edited_model_card_is_noticed(teacher_run: Path, tmp_path: Path) -> None:
+    """data_config.mean edited in model.json: every output would change; it is refused."""
+    teacher = tmp_path / "t"
+    shutil.copytree(teacher_run, teacher)
+    card = json.loads((teacher / "model.json").read_text())
+    card["data_config"]["mean"] = [0.9]
+    (teacher / "model.json").write_text(json.dumps(card))
+    fails(cache(teacher, tmp_path / "c.zarr"), "model.json was edited after training")
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_a_model_card_with_an_impossible_input_size(teacher_run: Path, tmp_path: Path) -> None:
+    teacher = tmp_path / "t"
+    shutil.copytree(teacher_run, teacher)
+    card = json.loads((teacher / "model.json").read_text())
+    card["data_config"]["input_size"] = [1, -1, 12]
+    (teacher / "model.json").write_text(json.dumps(card))
+    fails(cache(teacher, tmp_path / "c.zarr"), "data_config input_size [1, -1, 12] is not")
+
+
+# --- one line instead of a traceback ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("--opt sgdd", "--opt 'sgdd': timm cannot create this optimizer"),
+        ("--sched cosinee", "--sched 'cosinee': timm cannot create this schedule"),
+        ("--momentum -5", "--momentum must be in [0, 1), not -5"),
+        ("--momentum nan", "--momentum must be in [0, 1), not nan"),
+        ("--lr inf", "--lr must be a finite number > 0, not inf"),
+        ("--hidden-sizes 8,8", "--hidden-sizes sets the layers of kd_mlp; kd_mlp_30x2 has"),
+    ],
+)
+def test_bad_training_options_leave_nothing_behind(
+    train_cache: Path, tmp_path: Path, options: str, message: str
+) -> None:
+    fails(student(train_cache, tmp_path / "s", f"--alpha 0.5 {options}"), message)
+    assert not (tmp_path / "s").exists()  # nothing to clean up before the retry
+
+
+def test_mix_alpha_inf_is_named(teacher_run: Path, tmp_path: Path) -> None:
+    result = cache(
+        teacher_run, tmp_path / "c.zarr", "--temperature 2 --views 2 --mix mixup --mix-alpha inf"
+    )
+    fails(result, "--mix-alpha must be a finite number > 0, not inf")
+
+
+def test_a_second_writer_on_one_store_is_refused(teacher_run: Path, tmp_path: Path) -> None:
+    """Another cache-teacher holds the store: told to wait, not to --overwrite it."""
+    out = tmp_path / "c.zarr"
+    assert cache(teacher_run, out).exit_code == 0
+    kept = snapshot(out)
+    with open(tmp_path / ".c.zarr.lock", "a+") as held:  # as the live writer holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for options in ("--temperature 2", "--temperature 2 --overwrite"):
+            fails(cache(teacher_run, out, options), "is being written by another cache-teacher")
+    assert snapshot(out) == kept
+
+
+def test_weights_of_another_architecture_get_one_line(teacher_run: Path, tmp_path: Path) -> None:
+    other = tmp_path / "mlp"
+    made = invoke("train-teacher --model kd_mlp_30x2 --data synthetic --epochs 1 --out", other)
+    assert made.exit_code == 0
+    teacher = tmp_path / "t"
+    shutil.copytree(teacher_run, teacher)
+    shutil.copy(other / "model.safetensors", teacher / "model.safetensors")
+    result = cache(teacher, tmp_path / "c.zarr")
+    fails(result, "does not fit kd_cnn:")
+    assert "weights of another architecture" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_full_disk_while_saving_weights(
+    train_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise safetensors.SafetensorError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    result = student(train_cache, tmp_path / "s")
+    fails(result, "checkpoint-e1.safetensors: cannot write the weights (No space left on device")
+    assert not (tmp_path / "s" / "model.json").exists()  # unfinished, resumable
+
+
+def test_verify_recompute_without_its_inputs_is_a_usage_error(train_cache: Path) -> None:
+    fails(invoke("verify", train_cache, "--recompute 5"), "--recompute needs --data")
+
+
+def test_degenerate_datasets(tmp_path: Path) -> None:
+    empty = image_folder(tmp_path / "e", {"train": {"a": 3, "b": 3}})
+    (empty / "train" / "c").mkdir()
+    fails(teacher_on(empty, tmp_path / "t1"), "train/c holds no images")
+    single = image_folder(tmp_path / "s", {"train": {"only": 3}})
+    fails(teacher_on(single, tmp_path / "t2"), "has a single class (only)")
+
+
+def test_storage_top_k_zero_and_caches_on_a_missing_path(train_cache: Path) -> None:
+    fails(invoke("storage", train_cache, "--top-k 0"), "every value must be an integer >= 1", 2)
+    fails(invoke("caches", "/no/such/folder"), "/no/such/folder does not exist", 2)
+
+
+def test_tune_bias_refuses_a_grid_too_large_to_try(train_cache: Path, tmp_path: Path) -> None:
+    made = student(train_cache, tmp_path / "s", "--alpha 0.5 --val-fraction 0.2")
+    assert made.exit_code == 0, made.output
+    result = invoke("tune-bias", tmp_path / "s", "--data synthetic --classes 1",
+                    "--max-bias 1e9 --step 1e-9")  # fmt: skip
+    fails(result, "biases to try: at most 200,001")
+
+
+def test_report_names_the_test_split_size_and_the_cache_chunking(
+    teacher_run: Path, tmp_path: Path
+) -> None:
+    from pipeline.report import cache_command, collect, summarize, to_markdown
+
+    made = cache(teacher_run, tmp_path / "c.zarr", "--temperature 2 --chunk-size 100")
+    assert made.exit_code == 0
+    assert "--chunk-size 100" in cache_command(tmp_path / "c.zarr")
+    assert student(tmp_path / "c.zarr", tmp_path / "s").exit_code == 0
+    table = to_markdown(summarize(collect([tmp_path / "s"])))
+    assert "test errors (of 200)" in table and "10,000" not in table
+    assert read_card(tmp_path / "s").lineage["cache_id"]
+    assert os.path.isdir(tmp_path / "s")
