@@ -230,14 +230,14 @@ def load_image_folder(
     if not any(p.is_dir() for p in split_dir.iterdir()):
         return _decode(root, split, _unlabeled_samples(split_dir), (), image_size, channels)
     classes = _class_names(root)
+    extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classes)
+    if extra:
+        raise DatasetError(f"{split_dir} has classes not in {root / 'train'}: {', '.join(extra)}")
     if len(classes) < 2:
         raise DatasetError(
             f"{root} has a single class ({classes[0]}): a classifier needs two or more class "
             "folders (a folder of images without class folders is an unlabeled split)"
         )
-    extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classes)
-    if extra:
-        raise DatasetError(f"{split_dir} has classes not in {root / 'train'}: {', '.join(extra)}")
     class_map = {name: index for index, name in enumerate(classes)}
     dataset = create_dataset("", root=str(split_dir), class_map=class_map, search_split=False)
     reader = dataset.reader

@@ -117,9 +117,6 @@ def kill_campaign(args: argparse.Namespace, work: Path, rng: random.Random) -> d
 
 
 def flip_campaign(args: argparse.Namespace, store: Path, rng: random.Random) -> dict:
-    from pipeline.cache import load_soft_labels
-    from pipeline.verify import verify_cache
-
     files = [p for p in sorted(store.rglob("*")) if p.is_file()]
     sizes = [p.stat().st_size for p in files]
     by_kind: dict[str, list[int]] = {}
@@ -132,12 +129,7 @@ def flip_campaign(args: argparse.Namespace, store: Path, rng: random.Random) -> 
         damaged[offset] ^= 1 << bit
         path.write_bytes(bytes(damaged))
         try:
-            by_verify = not verify_cache(store).ok
-            try:
-                load_soft_labels(store)
-                by_reader = False
-            except KdpipeError:
-                by_reader = True
+            by_verify, by_reader = detected(store)
         finally:
             path.write_bytes(original)
         kind = (
@@ -149,11 +141,77 @@ def flip_campaign(args: argparse.Namespace, store: Path, rng: random.Random) -> 
         counts[2] += by_reader
         if not (by_verify and by_reader):
             missed.append(f"flip {number}: {path.relative_to(store)} byte {offset} bit {bit}")
-    assert verify_cache(store).ok, "the store was not restored after the flips"
+    assert detected(store) == (False, False), "the store was not restored after the flips"
     return {"by_kind": by_kind, "missed": missed}
 
 
-def section(args: argparse.Namespace, kills: dict, flips: dict, seconds: float) -> str:
+def detected(store: Path) -> tuple[bool, bool]:
+    """Whether ``kdpipe verify`` and the training reader each refuse the store."""
+    from pipeline.cache import load_soft_labels
+    from pipeline.verify import verify_cache
+
+    by_verify = not verify_cache(store).ok
+    try:
+        load_soft_labels(store)
+        by_reader = False
+    except KdpipeError:
+        by_reader = True
+    return by_verify, by_reader
+
+
+def chunk_file(store: Path, name: str, index: int) -> Path:
+    (path,) = [p for p in (store / name / "c" / str(index)).rglob("*") if p.is_file()] or [
+        store / name / "c" / str(index)
+    ]
+    return path
+
+
+def move_campaign(args: argparse.Namespace, store: Path, rng: random.Random) -> dict:
+    """Chunks that are intact but misplaced: two chunks of one array swapped, and a chunk
+    of another cache of the same shape (made at another temperature) copied in, alone or
+    with its position digest. Each is undone after the check."""
+    foreign = args.work / "foreign.zarr"
+    command = cache_command(args, foreign)
+    command[command.index("--temperature") + 1] = "5"
+    subprocess.run(command, check=True, capture_output=True)
+    names = ["logprobs", "labels", "indices", "views", "partners"]
+    num_chunks = len(list((store / "progress" / "c").iterdir()))
+    trials: dict[str, list[int]] = {}
+    missed = []
+    for number in range(args.moves):
+        kind = ("swap", "foreign", "foreign + digest")[number % 3]
+        name = rng.choice(names)
+        first, second = rng.sample(range(num_chunks), 2)
+        targets = [chunk_file(store, name, first)]
+        if kind == "swap":
+            targets.append(chunk_file(store, name, second))
+            replacements = [targets[1].read_bytes(), targets[0].read_bytes()]
+        else:
+            replacements = [chunk_file(foreign, name, first).read_bytes()]
+            if kind == "foreign + digest":
+                targets.append(chunk_file(store, "chunk_digests", first))
+                replacements.append(chunk_file(foreign, "chunk_digests", first).read_bytes())
+        originals = [path.read_bytes() for path in targets]
+        if all(a == b for a, b in zip(originals, replacements, strict=True)):
+            continue  # identical bytes (labels of two chunks can be): nothing was moved
+        for path, content in zip(targets, replacements, strict=True):
+            path.write_bytes(content)
+        try:
+            by_verify, by_reader = detected(store)
+        finally:
+            for path, content in zip(targets, originals, strict=True):
+                path.write_bytes(content)
+        counts = trials.setdefault(kind, [0, 0, 0])
+        counts[0] += 1
+        counts[1] += by_verify
+        counts[2] += by_reader
+        if not (by_verify and by_reader):
+            missed.append(f"{kind} {number}: {name} chunk {first}/{second}")
+    assert detected(store) == (False, False), "the store was not restored after the moves"
+    return {"by_kind": trials, "missed": missed}
+
+
+def section(args: argparse.Namespace, kills: dict, flips: dict, moves: dict, seconds: float) -> str:
     rows = "\n".join(
         f"| {kind} | {n} | {v} | {r} |" for kind, (n, v, r) in sorted(flips["by_kind"].items())
     )
@@ -186,6 +244,17 @@ def section(args: argparse.Namespace, kills: dict, flips: dict, seconds: float) 
             f"| **all** | **{total[0]}** | **{total[1]}** | **{total[2]}** |",
             "",
             "Missed: " + ("; ".join(flips["missed"]) if flips["missed"] else "none."),
+            "",
+            f"**Moved and foreign chunks.** {sum(c[0] for c in moves['by_kind'].values())} "
+            "intact chunks in the wrong place (each file's crc32c still right): two chunks of "
+            "one array swapped; a chunk of a cache of the same shape (the same teacher at "
+            "T = 5) copied in; the same with its position digest copied too:",
+            "",
+            "| damage | trials | verify | reader |",
+            "|---|---|---|---|",
+            *(f"| {kind} | {n} | {v} | {r} |" for kind, (n, v, r) in moves["by_kind"].items()),
+            "",
+            "Missed: " + ("; ".join(moves["missed"]) if moves["missed"] else "none."),
         ]
     )
 
@@ -198,6 +267,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/faults"))
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--flips", type=int, default=200)
+    parser.add_argument("--moves", type=int, default=60)
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", type=Path, default=None)
@@ -210,11 +280,17 @@ def main() -> None:
     print(json.dumps(kills, indent=2), flush=True)
     flips = flip_campaign(args, args.work / "reference.zarr", rng)
     print(json.dumps(flips, indent=2), flush=True)
+    moves = move_campaign(args, args.work / "reference.zarr", rng)
+    print(json.dumps(moves, indent=2), flush=True)
     if args.markdown:
-        replace_section(
-            args.markdown, "faults", section(args, kills, flips, time.perf_counter() - started)
-        )
-    ok = kills["identical"] and not kills["chunks_recomputed"] and not flips["missed"]
+        text = section(args, kills, flips, moves, time.perf_counter() - started)
+        replace_section(args.markdown, "faults", text)
+    ok = (
+        kills["identical"]
+        and not kills["chunks_recomputed"]
+        and not flips["missed"]
+        and not moves["missed"]
+    )
     sys.exit(0 if ok else 1)
 
 

@@ -59,7 +59,7 @@ def test_manifest_parsing_is_strict(train_cache: Path) -> None:
         Manifest.from_dict({**data, "num_samples": "600"})
     with pytest.raises(ManifestError, match="format_version 99 is not supported"):
         Manifest.from_dict({**data, "format_version": 99})
-    with pytest.raises(ManifestError, match="temperature must be > 0"):
+    with pytest.raises(ManifestError, match=r"temperature must be a number from 0\.01 to 1000"):
         Manifest.from_dict({**data, "temperature": 0})
     bad_scale = {**data["views"], "crop_scale": [0.9, 0.5]}
     with pytest.raises(ManifestError, match=r"views crop_scale \[0.9, 0.5\] is not \[MIN, MAX\]"):

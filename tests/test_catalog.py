@@ -74,22 +74,29 @@ def test_lineage_links_student_cache_teacher_dataset(
     assert chain[1]["id"] == read_card(tmp_path / "s").lineage["cache_id"]
 
     # the cache moved away: the chain says where it broke, and exits 0 (nothing contradicts)
-    moved = tmp_path / "moved.zarr"
-    shutil.copytree(train_cache, moved)
-    card = json.loads((tmp_path / "s" / "model.json").read_text())
-    card["lineage"]["cache_path"] = str(tmp_path / "gone.zarr")
-    (tmp_path / "s" / "model.json").write_text(json.dumps(card))
-    result = invoke("lineage", tmp_path / "s", "--format json")
+    own = tmp_path / "own.zarr"
+    shutil.copytree(train_cache, own)
+    assert student(own, tmp_path / "s2").exit_code == 0
+    own.rename(tmp_path / "gone.zarr")
+    result = invoke("lineage", tmp_path / "s2", "--format json")
     statuses = {row["link"]: row["status"] for row in json.loads(result.output)}
     assert result.exit_code == 0 and statuses["cache"] == "missing"
+    assert statuses["student"] == "verified"
 
     # a cache with another id at the recorded path is a mismatch
-    card["lineage"]["cache_id"] = "0" * 16
-    card["lineage"]["cache_path"] = str(moved)
-    (tmp_path / "s" / "model.json").write_text(json.dumps(card))
-    result = invoke("lineage", tmp_path / "s")
+    assert cache(teacher_run, own, "--temperature 3 --chunk-size 128").exit_code == 0
+    result = invoke("lineage", tmp_path / "s2")
     assert result.exit_code == 1 and "MISMATCH" in result.output
     assert "does not match its record" in result.output
+
+    # an edited model card is a mismatch of the run itself (its weights carry its digest)
+    card = json.loads((tmp_path / "s" / "model.json").read_text())
+    card["lineage"]["cache_path"] = str(tmp_path / "elsewhere.zarr")
+    (tmp_path / "s" / "model.json").write_text(json.dumps(card))
+    result = invoke("lineage", tmp_path / "s", "--format json")
+    assert result.exit_code == 1
+    (first, *_) = json.loads(result.output.split("\nError:")[0])
+    assert first["status"] == "MISMATCH" and "was edited after training" in first["detail"]
 
 
 def test_lineage_of_a_resized_image_folder(tmp_path: Path) -> None:

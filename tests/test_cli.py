@@ -179,7 +179,7 @@ def test_library_rejects_bad_values_too(train_cache: Path, tmp_path: Path) -> No
 
     for bad, message in (
         ({"alpha": 2.0}, "--alpha must be in"),
-        ({"temperature": 0.0}, "--temperature must be > 0"),
+        ({"temperature": 0.0}, "--temperature must be a number from 0.01 to 1000, not 0.0"),
     ):
         settings = {"alpha": 0.5, **bad}
         config = TrainConfig(

@@ -119,7 +119,7 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     root = make_folder(
         tmp_path / "imgs",
         {
-            "train": {"cat": ["a.png"]},
+            "train": {"cat": ["a.png"], "dog": ["c.png"]},
             "test": {"cat": ["a.png"], "emu": ["b.png"]},
         },
     )

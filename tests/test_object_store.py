@@ -70,7 +70,7 @@ def test_write_verify_and_train_from_s3(
     assert s3.isfile(f"{BUCKET}/train.zarr/logprobs/c/4/0/0")
     result = invoke("verify", url)
     assert result.exit_code == 0, result.output
-    assert "5 chunk(s): flags, files, checksums, values ok" in result.output
+    assert "5 chunk(s): flags, files, checksums, positions, values ok" in result.output
     remote, local = load_soft_labels(url), load_soft_labels(train_cache)
     assert remote.manifest.cache_id == local.manifest.cache_id
     assert str(remote.path) == url

@@ -77,7 +77,7 @@ class TrainConfig:
             (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], not {self.alpha}"),
             (
                 self.temperature is None or temperature_problem(self.temperature) is None,
-                temperature_problem(self.temperature or 1.0) or "",
+                "" if self.temperature is None else temperature_problem(self.temperature),
             ),
             (0.0 <= self.drop_rate < 1.0, f"--dropout must be in [0, 1), not {self.drop_rate}"),
             (self.jitter >= 0, f"--jitter must be >= 0, not {self.jitter}"),
