@@ -154,7 +154,7 @@ def as_image(image: Any, index: int) -> torch.Tensor:
             )
         return image[None] if image.ndim == 2 else image
     if hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image
-        pixels = np.asarray(image, dtype=np.uint8)
+        pixels = np.array(image, dtype=np.uint8)  # a copy: PIL's buffer is read-only
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
         return torch.from_numpy(np.ascontiguousarray(pixels))
     raise DatasetError(
