@@ -104,6 +104,14 @@ def test_the_example_scripts_learn(caches: dict) -> None:
     assert run_example("timm_loop", "--cache", str(caches["mixup"]), "--epochs", "3") > 0.6
 
 
+def test_the_lightning_example_learns(caches: dict) -> None:
+    pytest.importorskip(
+        "lightning", reason="Lightning is an optional extra (pip install 'kdpipe[lightning]'), "
+        "not installed: docs/examples/lightning_module.py is not run"
+    )  # fmt: skip
+    assert run_example("lightning_module", "--cache", str(caches["plain"]), "--epochs", "3") > 0.6
+
+
 def test_open_cache_reads_what_the_cache_readers_read(caches: dict) -> None:
     reference = load_soft_labels(caches["views"])
     opened = kd.open_cache(caches["views"])
