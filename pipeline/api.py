@@ -67,6 +67,7 @@ class Cache:
 
     @property
     def num_classes(self) -> int:
+        """Classes of each soft target, named by ``manifest.classes``."""
         return self.manifest.num_classes
 
     @property
