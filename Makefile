@@ -21,7 +21,7 @@ RUNS ?= runs
 endif
 
 .PHONY: all install data test lint format hinton hinton-table hinton-temperature hinton-3pct \
-	hinton-omitted hinton-ensemble consistency consistency-tables \
+	hinton-omitted hinton-ensemble consistency consistency-tables consistency-curves \
 	clean-runs bench \
 	cli-docs faults
 # keep every file target, including those made by pattern rules (make would
@@ -324,9 +324,15 @@ consistency: install data $(K)/teacher-r10t/model.json
 
 consistency-tables: $(addsuffix /model.json,$(CONSISTENCY_RUNS)) $(K)/views-f32.done
 	$(KDPIPE) report $(CONSISTENCY_RUNS) --baseline a-hard --csv docs/results/consistency.csv \
-		--markdown docs/results.md --section consistency
+		--markdown docs/results.md --section consistency --plot docs/results/consistency-curves.png
 	$(KDPIPE) storage $(K)/views-f32.zarr --top-k 1,2,3,5 --csv docs/results/storage.csv \
 		--markdown docs/results.md --section storage
+
+# the training curves alone (test errors and loss terms per epoch, seeds shaded), from the
+# consistency runs already in $(K); nothing is trained (runs/ is not in git: run
+# `make consistency` first on a machine without them)
+consistency-curves: install
+	$(KDPIPE) report $(CONSISTENCY_RUNS) --plot docs/results/consistency-curves.png > /dev/null
 
 clean-runs:
 	rm -rf $(RUNS)

@@ -41,7 +41,10 @@ INTRODUCTIONS = {
         "training split (the same rows in every run, whatever its seed or transfer set), "
         "scores it with the test split, and `--early-stopping N` stops after N evaluations "
         "without fewer validation errors, keeping the best epoch's weights (`model.json` "
-        "records which epoch as `selection`)."
+        "records which epoch as `selection`). `--log tensorboard|mlflow` also sends each "
+        "`metrics.csv` row to TensorBoard event files in the run directory or to a local MLflow "
+        "store (`RUN_DIR/mlruns`), the configuration and lineage as parameters (the `log` "
+        "extra: `pip install 'kdpipe[log]'`; see [python-api.md](python-api.md))."
     ),
     "cache-teacher": (
         "Stage one. Runs the teacher (several `--teacher` = an ensemble) once over a dataset "
@@ -83,7 +86,11 @@ INTRODUCTIONS = {
         "weighted by its share: the same order, views and gradients as one process, apart "
         "from BatchNorm statistics and dropout masks. Rank 0 evaluates and writes the run "
         "directory. `--workers N` builds batches ahead in N DataLoader processes (pinned for "
-        "non-blocking copies on CUDA); `--precision auto` is bf16 autocast on CUDA."
+        "non-blocking copies on CUDA); `--precision auto` is bf16 autocast on CUDA. "
+        "`--log tensorboard|mlflow` watches the run as `train-teacher`'s does, with the "
+        "`cache_id` and `teacher_id` among its parameters. The same training from your own "
+        "loop: `pipeline.DistillationDataset` and `pipeline.distillation_loss` "
+        "([python-api.md](python-api.md))."
     ),
     "storage": (
         "Measures what a dense cache costs as float32, float16 and top-K (for each `--top-k` "
@@ -133,7 +140,10 @@ INTRODUCTIONS = {
         "errors. `--markdown` replaces the text between `<!-- kdpipe:SECTION:begin/end -->` "
         "markers of a file (appending them when absent), leaving the rest as written; the "
         "section also lists the commands rebuilt from each group's `config.json`, the date "
-        "and the machine."
+        "and the machine. `--plot PNG` draws the training curves beside the tables: test "
+        "errors and each loss term (the loss, CE, KL) against the epoch, one line per group "
+        "(the mean over its seeds) with the seeds' range shaded, a panel only where some run "
+        "has values; `--temperature-plot PNG` draws test errors against T."
     ),
     "verify": (
         "Checks a cache: the manifest (strict schema, known `format_version`), completion "

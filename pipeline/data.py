@@ -89,6 +89,9 @@ class ImageSet:
         return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
+FINGERPRINT_BLOCK = 2**28  # bytes of pixels hashed per update: 256 MiB
+
+
 def fingerprint(images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict:
     """The identity of a dataset: what a cache row is aligned to.
 
@@ -98,7 +101,12 @@ def fingerprint(images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, 
     digest = hashlib.sha256()
     digest.update(repr(tuple(images.shape)).encode())
     digest.update(np.ascontiguousarray(labels.numpy().astype("<i8")).tobytes())
-    digest.update(np.ascontiguousarray(images.numpy()).data)
+    pixels = np.ascontiguousarray(images.numpy()).reshape(-1)
+    block = FINGERPRINT_BLOCK
+    # in blocks (the same digest as one update), with a progress bar for a large dataset
+    for start in tqdm(range(0, len(pixels), block), desc="fingerprinting the dataset",
+                      unit="block", disable=None if len(pixels) > 4 * block else True):  # fmt: skip
+        digest.update(pixels[start : start + block].data)
     return {
         "count": int(images.shape[0]),
         "num_classes": len(classes),

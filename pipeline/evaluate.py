@@ -87,7 +87,8 @@ def evaluate_run(
             f"{run_dir} predicts {card.num_classes} classes but {dataset.name} has "
             f"{dataset.num_classes}"
         )
-    logits = predict_logits(model, dataset.images, card.data, device=torch_device)
+    logits = predict_logits(model, dataset.images, card.data, device=torch_device,
+                            progress=f"evaluating {run_dir}")  # fmt: skip
     predicted = logits.argmax(-1)
     labels = dataset.labels
     teacher_predicted = _teacher_predictions(dataset, teachers, cache, torch_device)

@@ -361,6 +361,65 @@ def temperature_plot(table: pd.DataFrame, path: Path) -> None:
     plt.close(figure)
 
 
+CURVES = {  # metrics.csv column -> the panel's title
+    "test_errors": "test errors",
+    "loss": "loss (backpropagated)",
+    "hard_loss": "hard term: CE(labels)",
+    "soft_loss": "soft term: KL (before T² and 1 − α)",
+}
+
+
+def training_curves(run_dirs: list[Path]) -> pd.DataFrame:
+    """Every run's metrics.csv, one row per run and epoch, with its group (caches skipped)."""
+    frames = []
+    for run_dir in run_dirs:
+        if (run_dir / "zarr.json").is_file():
+            continue
+        metrics = _read_metrics(run_dir)
+        frames.append(metrics.assign(run=run_dir.name, group=_group_name(run_dir)))
+    if not frames:
+        raise UsageError("--plot draws training curves: give at least one run directory")
+    return pd.concat(frames, ignore_index=True)
+
+
+def curves_plot(run_dirs: list[Path], path: Path) -> None:
+    """Test errors and each loss term against the epoch, one line per group (the mean over
+    its seeds) with the seeds' range (min to max) shaded; a panel only where some run has
+    values (a teacher has no soft term, an epoch without evaluation no test errors)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    curves = training_curves(run_dirs)
+    shown = [name for name in CURVES if curves[name].notna().any()]
+    figure, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
+    for axis, name in zip(axes[0], shown, strict=True):
+        for index, (group, runs) in enumerate(curves.groupby("group", sort=False)):
+            by_epoch = runs.dropna(subset=[name]).groupby("epoch")[name]
+            if by_epoch.ngroups == 0:
+                continue
+            spread = by_epoch.agg(["mean", "min", "max"])
+            seeds = runs["run"].nunique()
+            colour = f"C{index % 10}"
+            axis.plot(spread.index, spread["mean"], color=colour,
+                      marker="o" if len(spread) == 1 else None,
+                      label=group if seeds == 1 else f"{group} ({seeds} seeds)")  # fmt: skip
+            if seeds > 1:
+                axis.fill_between(spread.index, spread["min"], spread["max"], color=colour,
+                                  alpha=0.2, linewidth=0)  # fmt: skip
+        axis.set_title(CURVES[name], fontsize=10)
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def _cells(values: pd.Series, fmt: str) -> pd.Series:
     """Each value formatted with ``fmt``, or a dash where there is none."""
     return values.map(lambda v: "—" if v is None or pd.isna(v) else fmt.format(v))
@@ -431,7 +490,9 @@ def cache_seconds(path: Path) -> float | None:
     ).total_seconds()
 
 
-def section_text(runs: pd.DataFrame, table: pd.DataFrame, figure: str | None = None) -> str:
+def section_text(
+    runs: pd.DataFrame, table: pd.DataFrame, figures: tuple[tuple[str, str], ...] = ()
+) -> str:
     rebuilt = [runs[runs["group"] == group].iloc[0]["command"] for group in table["group"]]
     teachers = [c for c in rebuilt if c.startswith("kdpipe train-teacher")]
     caches = [cache_command(Path(p)) for p in dict.fromkeys(runs["cache"]) if p]
@@ -450,7 +511,7 @@ def section_text(runs: pd.DataFrame, table: pd.DataFrame, figure: str | None = N
         "",
         to_markdown(table),
         "",
-        *([f"![test errors against the temperature T]({figure})", ""] if figure else []),
+        *(line for alt, figure in figures for line in (f"![{alt}]({figure})", "")),
         *(
             [
                 "Teacher passes (paid once per cache, not in the minutes above): "
@@ -479,17 +540,24 @@ def report(
     markdown_path: Path | None = None,
     section: str = "results",
     plot_path: Path | None = None,
+    curves_path: Path | None = None,
 ) -> pd.DataFrame:
-    """Collect runs, summarise them, and write the CSV, the Markdown section and the plot."""
+    """Collect runs, summarise them, and write the CSV, the Markdown section and the plots
+    (``plot_path``: test errors against T; ``curves_path``: the training curves)."""
     if not run_dirs:
         raise UsageError("give at least one run directory")
     runs = collect([Path(p) for p in run_dirs])
     table = summarize(runs, baseline)
     if plot_path is not None:
         temperature_plot(table, plot_path)
-    figure = None
-    if plot_path is not None and markdown_path is not None:
-        figure = os.path.relpath(plot_path, markdown_path.parent)
+    if curves_path is not None:
+        curves_plot([Path(p) for p in run_dirs], curves_path)
+    figures = tuple(
+        (alt, os.path.relpath(path, markdown_path.parent))
+        for alt, path in (("training curves: test errors and loss terms against the epoch",
+                           curves_path), ("test errors against the temperature T", plot_path))
+        if path is not None and markdown_path is not None
+    )  # fmt: skip
     publish(runs, csv_path=csv_path, markdown_path=markdown_path, section=section,
-            text=lambda: section_text(runs, table, figure))  # fmt: skip
+            text=lambda: section_text(runs, table, figures))  # fmt: skip
     return table

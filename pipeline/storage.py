@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 import zarr
+from tqdm.auto import tqdm
 
 from pipeline.cache import Dense, array_codecs, index_dtype, load_soft_labels, reconstruct_top_k
 from pipeline.errors import UsageError
@@ -58,6 +59,7 @@ def storage_table(cache: str | Path, ks: Sequence[int]) -> pd.DataFrame:
     views = n * v
     rows = []
     probs = dense.exp()
+    progress = tqdm(total=2 + len(ks), desc=f"measuring {cache}", unit="layout", disable=None)
     for dtype in ("float32", "float16"):
         values = dense.numpy().astype(dtype)
         rounded = torch.from_numpy(values).float()
@@ -74,6 +76,7 @@ def storage_table(cache: str | Path, ks: Sequence[int]) -> pd.DataFrame:
                 "top1_kept": float((rounded.argmax(-1) == dense.argmax(-1)).float().mean()),
             }
         )
+        progress.update()
     for k in ks:
         top = dense.topk(k, dim=-1)
         values = top.values.numpy().astype("float16")
@@ -92,6 +95,8 @@ def storage_table(cache: str | Path, ks: Sequence[int]) -> pd.DataFrame:
                 "top1_kept": float((rebuilt.argmax(-1) == dense.argmax(-1)).float().mean()),
             }
         )
+        progress.update()
+    progress.close()
     table = pd.DataFrame(rows)
     table.attrs.update(
         {"cache": str(cache), "views": views, "classes": c, "temperature": manifest.temperature}

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from pipeline.cache import COMBINE_RULES, TeacherMember
 from pipeline.data import ImageSet
@@ -135,18 +136,22 @@ def predict_logits(
     rows: np.ndarray | None = None,
     params: np.ndarray | None = None,
     partners: np.ndarray | None = None,
+    progress: str | None = None,
 ) -> torch.Tensor:
     """float32 logits on the CPU, the model in eval mode, its forward passes in
     ``precision`` (:func:`pipeline.inputs.autocast`).
 
     One row per image of ``images``, or per dataset index of ``rows``; with
     ``params`` (and ``partners``), each row is the stored view those parameters
-    describe, rendered by :func:`pipeline.inputs.view_input`.
+    describe, rendered by :func:`pipeline.inputs.view_input`. ``progress`` names the pass
+    in a progress bar.
     """
     model.eval()
     outputs = []
     count = len(images) if rows is None else len(rows)
-    for start in range(0, count, batch_size):
+    starts = range(0, count, batch_size)
+    # a progress bar (at a terminal) when the caller names the pass
+    for start in tqdm(starts, desc=progress, unit="batch", disable=None if progress else True):
         stop = start + batch_size
         batch = images[start:stop] if rows is None else images[torch.from_numpy(rows[start:stop])]
         view_params = partner_images = None

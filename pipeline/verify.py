@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import zarr
+from tqdm.auto import tqdm
 
 from pipeline.cache import (
     DIGEST_BYTES,
@@ -151,7 +152,7 @@ def _check_chunks(
     failures: list[str] = []
     unwritten: list[int] = []
     num_chunks = arrays[PROGRESS].shape[0]
-    for index in range(num_chunks):
+    for index in tqdm(range(num_chunks), desc=f"verifying {path}", unit="chunk", disable=None):
         start, stop = index * step, min((index + 1) * step, manifest.num_samples)
         where = f"chunk {index} (rows {start}-{stop - 1})"
         missing = [n for n in (*names, DIGESTS, PROGRESS)

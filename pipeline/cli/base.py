@@ -193,6 +193,29 @@ PRECISION_OPTION = click.option(
 )
 
 
+def log_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--log and --log-dir: the run watched in TensorBoard or MLflow (train.watch)."""
+    options = [
+        click.option(
+            "--log",
+            type=click.Choice(["none", "tensorboard", "mlflow"]),
+            default="none",
+            help="Also send each epoch's metrics.csv row to TensorBoard (event files) or MLflow "
+            "(a local store), with the configuration and lineage as parameters "
+            "(pip install 'kdpipe[log]').",
+        ),
+        click.option(
+            "--log-dir",
+            default=None,
+            help="Where --log writes: a folder, or for MLflow a tracking URI (sqlite:///..., "
+            "http://...)  [default: the run directory; RUN_DIR/mlruns for MLflow].",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
     # longer than a screen on purpose: one entry per option of the three training commands
     options = [
@@ -270,6 +293,7 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "with its saved configuration (give no other option).",
         ),
     ]
+    command = log_options(command)  # listed last
     for option in reversed(options):
         command = option(command)
     return data_options(view_options(command), required=False)

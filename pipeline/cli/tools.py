@@ -156,6 +156,15 @@ def tune_bias_command(
     help="Also draw test errors against T per student architecture into this PNG (linked "
     "from the --markdown section).",
 )
+@click.option(
+    "--plot",
+    "curves_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also draw the training curves (test errors and each loss term against the epoch, "
+    "one line per group, its seeds' range shaded) into this PNG (linked from the --markdown "
+    "section).",
+)
 @reports_errors
 def report_command(
     run_dirs: tuple[str, ...],
@@ -164,6 +173,7 @@ def report_command(
     markdown_path: Path | None,
     section: str,
     plot_path: Path | None,
+    curves_path: Path | None,
 ) -> None:
     """Summarise runs (mean ± std over seeds) from their own metrics.csv and model.json.
 
@@ -179,6 +189,7 @@ def report_command(
         markdown_path=markdown_path,
         section=section,
         plot_path=plot_path,
+        curves_path=curves_path,
     )
     click.echo(to_markdown(table))
 

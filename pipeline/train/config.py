@@ -12,6 +12,7 @@ from pipeline.cache import temperature_problem
 from pipeline.data import ImageSet, load_dataset
 from pipeline.errors import UsageError
 from pipeline.inputs import PRECISION_CHOICES
+from pipeline.train.watch import require
 from pipeline.views import CROP_SCALE, ViewPolicy
 
 
@@ -56,6 +57,9 @@ class TrainConfig:
     teacher: str | None = None
     alpha: float = 1.0
     temperature: float | None = None
+    # watching the run (train.watch): a run saved before these existed resumes with them off
+    log: str = "none"  # also send each metrics row to "tensorboard" or "mlflow"
+    log_dir: str | None = None  # default: the run directory (RUN_DIR/mlruns for MLflow)
 
     def validate(self) -> None:
         checks = (
@@ -114,6 +118,7 @@ class TrainConfig:
                 "(use --model kd_mlp --hidden-sizes ...)"
             )
         self.policy.validate()
+        require(self.log, self.log_dir)
         if self.jitter and not self.policy.is_identity:
             raise UsageError("--jitter and --augment/--mix both augment: choose one")
         self._check_recipe()

@@ -34,6 +34,7 @@ from pipeline.train.batches import EpochBatches
 from pipeline.train.config import TrainConfig
 from pipeline.train.plan import RunPlan
 from pipeline.train.step import CachedDistillation, OnlineDistillation
+from pipeline.train.watch import Watch, open_watch
 
 METRIC_COLUMNS = (
     "epoch",
@@ -90,7 +91,8 @@ def fit(
     resident = data.on_device(device, config.jitter)  # the data moved whole onto a GPU, or None
     done, rows = load_checkpoint(run_dir, model, optimizer, generator) if resume else (0, [])
     task = _task(model, plan, world)
-    evaluation = Evaluation(plan, run_dir, model, optimizer, generator, rows, log)
+    watch = open_watch(plan, run_dir, resume) if world.is_main else Watch()  # --log
+    evaluation = Evaluation(plan, run_dir, model, optimizer, generator, rows, log, watch)
     if world.is_main:
         evaluation.rewrite_metrics()  # rows past the checkpoint go
     if done:
@@ -123,6 +125,7 @@ def fit(
         row = world.on_main(evaluation.end_epoch, epoch, lr, totals, started)
         if not world.is_main:
             rows.append(row)
+    watch.close()
     if config.early_stopping is not None and world.is_main:
         load_best(run_dir, model)
     return rows
@@ -200,7 +203,8 @@ class EpochSums:
 @dataclass
 class Evaluation:
     """The end of each epoch, rank 0's work: score the test and validation splits, append
-    the metrics row, keep the best weights for early stopping, save the checkpoint."""
+    the metrics row (and send it to ``watch``), keep the best weights for early stopping,
+    save the checkpoint."""
 
     plan: RunPlan
     run_dir: Path
@@ -209,6 +213,7 @@ class Evaluation:
     generator: torch.Generator
     rows: list[dict]
     log: Callable[[str], None]
+    watch: Watch
 
     def rewrite_metrics(self) -> None:
         with (self.run_dir / METRICS_FILE).open("w", newline="") as f:
@@ -248,6 +253,7 @@ class Evaluation:
         self.rows.append(row)
         with (self.run_dir / METRICS_FILE).open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow(row)
+        self.watch.epoch(row)  # the same row to TensorBoard or MLflow
         patience = config.early_stopping
         if patience is not None and early_stop(self.rows, patience)[0] == epoch:
             save_best(self.run_dir, self.model)  # before the checkpoint that counts on it
