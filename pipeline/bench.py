@@ -43,7 +43,7 @@ from pipeline.errors import UsageError
 from pipeline.flags import flag
 from pipeline.inputs import resolve_precision
 from pipeline.runs import load_model, read_config
-from pipeline.runtime import resolve_device
+from pipeline.runtime import check_disjoint, resolve_device
 from pipeline.storage import storage_table
 from pipeline.teach import CacheConfig, cache_teacher
 from pipeline.teacher import predict_logits
@@ -147,6 +147,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.Dat
     """Run P1-P5; one row per measured quantity (name, value, unit, what it is)."""
     config.validate()
     device = resolve_device(config.device)
+    data_folder = config.data if Path(config.data).is_dir() else config.data_root
+    check_disjoint(config.out, [data_folder])  # --out is replaced: never the data
     train_set = load_dataset(config.data, "train", data_root=Path(config.data_root))
     bench = _Bench(
         config=config, log=log, out=Path(config.out), device=device,

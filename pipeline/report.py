@@ -24,6 +24,7 @@ from pipeline.errors import KdpipeError, RunDirError, UsageError
 from pipeline.flags import COMMANDS, REQUIRED_TO_START, flag
 from pipeline.publish import machine_line, publish
 from pipeline.runs import METRICS_FILE, read_card, read_config
+from pipeline.runtime import check_disjoint
 from pipeline.teach import CacheConfig
 from pipeline.train import TrainConfig
 from pipeline.views import CROP_SCALE
@@ -546,6 +547,9 @@ def report(
     (``plot_path``: test errors against T; ``curves_path``: the training curves)."""
     if not run_dirs:
         raise UsageError("give at least one run directory")
+    for output in (csv_path, markdown_path, plot_path, curves_path):
+        if output is not None:  # a table written over a run's own files would destroy them
+            check_disjoint(output, run_dirs)
     runs = collect([Path(p) for p in run_dirs])
     table = summarize(runs, baseline)
     if plot_path is not None:

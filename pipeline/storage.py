@@ -133,7 +133,11 @@ def storage_report(
     from datetime import UTC, datetime
 
     from pipeline.publish import machine_line, publish
+    from pipeline.runtime import check_disjoint
 
+    for output in (csv_path, markdown_path):
+        if output is not None:
+            check_disjoint(output, [cache])
     table = storage_table(cache, ks)
     attrs = table.attrs
     publish(

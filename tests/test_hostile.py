@@ -278,3 +278,23 @@ def test_report_names_the_test_split_size_and_the_cache_chunking(
     assert "test errors (of 200)" in table and "10,000" not in table
     assert read_card(tmp_path / "s").lineage["cache_id"]
     assert os.path.isdir(tmp_path / "s")
+
+
+def test_tables_and_reports_are_never_written_over_their_inputs(
+    teacher_run: Path, train_cache: Path, tmp_path: Path
+) -> None:
+    """The same rule for every command that writes: report, storage, evaluate, bench."""
+    assert student(train_cache, tmp_path / "s").exit_code == 0
+    run = snapshot(tmp_path / "s")
+    fails(invoke("report", tmp_path / "s", "--csv", tmp_path / "s" / "metrics.csv"),
+          "lies inside the input")  # fmt: skip
+    fails(invoke("evaluate", tmp_path / "s", "--data synthetic --output",
+                 tmp_path / "s" / "model.json"), "lies inside the input")  # fmt: skip
+    assert snapshot(tmp_path / "s") == run
+    kept = snapshot(train_cache)
+    fails(invoke("storage", train_cache, "--csv", train_cache / "zarr.json"), "lies inside")
+    assert snapshot(train_cache) == kept
+    (tmp_path / "data").mkdir()
+    fails(invoke("bench --data synthetic --data-root", tmp_path / "data", "--out",
+                 tmp_path / "data"), "is the input")  # fmt: skip
+    assert (tmp_path / "data").is_dir()

@@ -66,6 +66,10 @@ def evaluate_command(
     device: str,
 ) -> None:
     """Accuracy, agreement with the teacher, calibration (ECE), size and CPU speed of a run."""
+    if output:
+        from pipeline.runtime import check_disjoint
+
+        check_disjoint(output, [run_dir, cache, *teachers])  # never over a run's own files
     from pipeline.evaluate import evaluate_run
     from pipeline.publish import render
 
