@@ -28,7 +28,7 @@ def machine_line() -> str:
     cpu = platform.processor() or platform.machine()
     return (
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores ({cpu}), "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} thread(s), "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
     )
 
