@@ -135,14 +135,20 @@ def flip_campaign(args: argparse.Namespace, store: Path, rng: random.Random) -> 
         kind = (
             "zarr.json" if path.name == "zarr.json" else str(path.relative_to(store)).split("/")[0]
         )
-        counts = by_kind.setdefault(kind, [0, 0, 0])
-        counts[0] += 1
-        counts[1] += by_verify
-        counts[2] += by_reader
-        if not (by_verify and by_reader):
+        if not tally(by_kind, kind, by_verify, by_reader):
             missed.append(f"flip {number}: {path.relative_to(store)} byte {offset} bit {bit}")
     assert detected(store) == (False, False), "the store was not restored after the flips"
     return {"by_kind": by_kind, "missed": missed}
+
+
+def tally(counts: dict[str, list[int]], kind: str, by_verify: bool, by_reader: bool) -> bool:
+    """Count one trial of ``kind`` (trials, caught by verify, caught by the reader); True
+    when both caught it."""
+    row = counts.setdefault(kind, [0, 0, 0])
+    row[0] += 1
+    row[1] += by_verify
+    row[2] += by_reader
+    return by_verify and by_reader
 
 
 def detected(store: Path) -> tuple[bool, bool]:
@@ -202,11 +208,7 @@ def move_campaign(args: argparse.Namespace, store: Path, rng: random.Random) -> 
         finally:
             for path, content in zip(targets, originals, strict=True):
                 path.write_bytes(content)
-        counts = trials.setdefault(kind, [0, 0, 0])
-        counts[0] += 1
-        counts[1] += by_verify
-        counts[2] += by_reader
-        if not (by_verify and by_reader):
+        if not tally(trials, kind, by_verify, by_reader):
             missed.append(f"{kind} {number}: {name} chunk {first}/{second}")
     assert detected(store) == (False, False), "the store was not restored after the moves"
     return {"by_kind": trials, "missed": missed, "skipped": skipped}
