@@ -11,6 +11,7 @@ run directory.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,8 +30,10 @@ BIAS_FILE = "bias.json"
 
 def bias_grid(limit: float, step: float) -> np.ndarray:
     """Candidate biases from −limit to +limit; 0 (no change) is always one of them."""
-    if not limit > 0 or not step > 0:
-        raise UsageError(f"--max-bias and --step must be > 0, not {limit:g} and {step:g}")
+    if not (0 < limit < math.inf and 0 < step < math.inf):
+        raise UsageError(
+            f"--max-bias and --step must be finite numbers > 0, not {limit:g} and {step:g}"
+        )
     count = round(limit / step)
     if count > 100_000:
         raise UsageError(

@@ -298,3 +298,14 @@ def test_tables_and_reports_are_never_written_over_their_inputs(
     fails(invoke("bench --data synthetic --data-root", tmp_path / "data", "--out",
                  tmp_path / "data"), "is the input")  # fmt: skip
     assert (tmp_path / "data").is_dir()
+
+
+def test_infinite_sizes_and_biases_are_named(train_cache: Path, tmp_path: Path) -> None:
+    """Cases of the same kinds as above, on other options: one line, not an OverflowError."""
+    fails(student(train_cache, tmp_path / "s", "--alpha 0.5 --cache-memory infG"),
+          "'infG' is not a size such as 512M or 2G", 2)  # fmt: skip
+    assert not (tmp_path / "s").exists()
+    made = student(train_cache, tmp_path / "v", "--alpha 0.5 --val-fraction 0.2")
+    assert made.exit_code == 0, made.output
+    result = invoke("tune-bias", tmp_path / "v", "--data synthetic --classes 1 --max-bias inf")
+    fails(result, "--max-bias and --step must be finite numbers > 0, not inf and 0.1")

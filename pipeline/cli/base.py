@@ -64,7 +64,7 @@ def parse_bytes(_ctx: click.Context, _param: click.Parameter, value: str | None)
     number, unit = (text[:-1], text[-1]) if text[-1:] in UNITS else (text, "")
     try:
         size = int(float(number) * UNITS[unit])
-    except ValueError:
+    except (ValueError, OverflowError):  # "nan", "inf", "1e400"
         raise click.BadParameter(f"{value!r} is not a size such as 512M or 2G") from None
     if size <= 0:
         raise click.BadParameter(f"{value!r}: the budget must be more than 0 bytes")
