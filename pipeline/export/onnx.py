@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -135,18 +136,23 @@ def _failing_operator(exc: BaseException) -> str | None:
 
 def to_onnx(model: nn.Module, example: torch.Tensor, path: Path, name: str) -> None:
     """Export ``model`` with torch's (dynamo) ONNX exporter: dynamic batch, one file."""
-    model = model.cpu().eval().to(memory_format=torch.contiguous_format)
+    model.cpu()
+    model.eval()  # not chained: a PT2E graph's eval returns None
+    model.to(memory_format=torch.contiguous_format)
     example = example.cpu().contiguous()
     try:
-        program = torch.onnx.export(
-            model,
-            (example,),
-            dynamo=True,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: "batch"},),
-            verbose=False,
-        )
+        with warnings.catch_warnings():
+            # a PT2E graph switches its ops, not its ``training`` flag, in eval mode
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training")
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: "batch"},),
+                verbose=False,
+            )
         program.save(str(path), external_data=False)
     except Exception as exc:  # the exporter raises many types; each is "will not export"
         operator = _failing_operator(exc)
