@@ -150,11 +150,27 @@ def _import_torchao() -> None:
         logger.setLevel(level)
 
 
+def without_dropout(model: nn.Module) -> nn.Module:
+    """The model with every ``nn.Dropout`` replaced by the identity. torchao 0.18's
+    train/eval switch for exported graphs (``_replace_dropout`` in
+    ``pt2e/export_utils.py``) rewrites every dropout it finds to ``p=0.5``, whatever its
+    rate: kdpipe's students train with ``p=0`` (the identity, kept only for the state-dict
+    layout), and the QAT fine-tuning runs without dropout."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Dropout):
+            setattr(model, name, nn.Identity())
+        else:
+            without_dropout(child)
+    return model
+
+
 def prepare_qat(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """``torch.export`` capture (dynamic batch), then torchao's ``prepare_qat_pt2e``. The
     result answers ``.train()``/``.eval()`` (BatchNorm and dropout switch as in eager)."""
     _import_torchao()
     from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+    model = without_dropout(model)
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
@@ -169,6 +185,12 @@ def prepare_qat(model: nn.Module, example: torch.Tensor) -> nn.Module:
         ).module()
     except Exception as exc:  # torch.export raises many kinds for untraceable code
         raise ExportError(f"torch.export cannot capture the model for QAT: {exc}") from None
+    left = [n for n in captured.graph.nodes if "dropout" in str(n.target)]
+    if left:
+        raise ExportError(
+            f"the model applies dropout outside nn.Dropout modules ({left[0].target}): "
+            "torchao's train/eval switch would rewrite it to p=0.5, so QAT refuses it"
+        )
     quantizer = X86InductorQuantizer().set_global(
         get_default_x86_inductor_quantization_config(is_qat=True)
     )
