@@ -332,3 +332,24 @@ def test_export_keeps_an_existing_file(kd_student: Path, tmp_path: Path) -> None
     assert result.exit_code == 1
     assert "already exists: choose another path or pass --overwrite" in result.output
     assert out.read_bytes() == b"mine"
+
+
+def test_the_qat_graph_trains_like_the_float_model(kd_student: Path) -> None:
+    """With fake quantization off, the prepared PT2E graph in train mode computes what the
+    float32 model computes in train mode: no dropout rewritten to p=0.5 (torchao 0.18's
+    train/eval switch does that to every dropout it finds), BatchNorm on batch statistics."""
+    from torchao.quantization.pt2e import disable_fake_quant
+
+    from pipeline.export.qat import prepare_qat
+
+    model, card = load_model(kd_student)
+    images = load_dataset("synthetic", "train").images[:64]
+    inputs = prepare_input(images, card.data, torch.device("cpu")).contiguous()
+    with torch.no_grad():
+        expected = model.train()(inputs)
+        model, _ = load_model(kd_student)
+        prepared = prepare_qat(model, inputs[:2])
+        prepared.apply(disable_fake_quant)
+        prepared.train()
+        got = prepared(inputs)
+    assert torch.allclose(got, expected, atol=1e-4)
