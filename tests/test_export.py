@@ -353,3 +353,21 @@ def test_the_qat_graph_trains_like_the_float_model(kd_student: Path) -> None:
         prepared.train()
         got = prepared(inputs)
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_qat_refuses_bad_input(
+    kd_student: Path, train_cache: Path, test_cache: Path, tmp_path: Path
+) -> None:
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text("{}")
+    out = tmp_path / "qat"
+    result = invoke("qat", unfinished, "--cache", train_cache, "--data synthetic --out", out)
+    assert result.exit_code == 1 and "is an unfinished run (no model.json)" in result.output
+    result = invoke("qat", kd_student, "--cache", test_cache, "--data synthetic --out", out)
+    assert result.exit_code == 1
+    assert f"{test_cache} was made from another dataset than synthetic train" in result.output
+    assert not out.exists()
+    out.mkdir()
+    result = invoke("qat", kd_student, "--cache", train_cache, "--data synthetic --out", out)
+    assert result.exit_code == 1 and "already exists: choose another path" in result.output
