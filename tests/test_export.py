@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pandas as pd
 import pytest
 import safetensors.torch
 import torch
@@ -371,3 +372,41 @@ def test_qat_refuses_bad_input(
     out.mkdir()
     result = invoke("qat", kd_student, "--cache", train_cache, "--data synthetic --out", out)
     assert result.exit_code == 1 and "already exists: choose another path" in result.output
+
+
+def test_edge_table_groups_seeds_and_measures_the_goals() -> None:
+    from pipeline.export.results import arm_of, edge_table, goals
+
+    assert arm_of("runs/edge/kd-s1.int8.onnx") == "kd"
+    assert arm_of("runs/edge/qad-s2/model.int8.onnx") == "qad"
+    assert arm_of("runs/edge/hard-s0") == "hard"
+
+    def row(run: str, kind: str, errors: int, size_mb: float, latency: float) -> dict:
+        return {"run": run, "kind": kind, "errors": errors, "accuracy": 1 - errors / 1e4,
+                "teacher_agreement": 0.9, "ece": 0.02, "size_mb": size_mb,
+                "latency_ms": latency, "latency_p95_ms": latency * 1.1,
+                "throughput_b64_img_s": 1000, "threads": 1}  # fmt: skip
+
+    rows = [
+        row(f"runs/edge/{arm}-s{seed}{suffix}", kind, errors + seed, size, latency)
+        for seed in (0, 1)
+        for arm, suffix, kind, errors, size, latency in (
+            ("kd", ".onnx", "onnx-fp32", 1300, 1.6, 0.05),
+            ("kd", ".int8.onnx", "onnx-int8-ptq", 1350, 0.4, 0.035),
+            ("hard", ".onnx", "onnx-fp32", 1400, 1.6, 0.05),
+            ("hard", ".int8.onnx", "onnx-int8-ptq", 1550, 0.5, 0.025),
+            ("qad", "/model.int8.onnx", "onnx-int8-qat", 1340, 0.4, 0.035),
+            ("hardqat", "/model.int8.onnx", "onnx-int8-qat", 1420, 0.4, 0.035),
+        )
+    ]
+    table = edge_table(pd.DataFrame(rows))
+    assert list(table["seeds"]) == [2] * 6
+    assert table.iloc[0]["test errors"] == "1300.5 ± 0.7"
+    kd, hard, qad = goals(table)
+    assert "1/4.00" in kd and "(goal ≤ 1/3.5: **met**)" in kd
+    assert "0.70× fp32 ONNX (goal ≤ 0.6×: **missed**)" in kd
+    assert "+0.50 points against fp32 (goal within 1 point: **met**)" in kd
+    assert "1/3.20" in hard and "**missed**); int8 batch-1 latency 0.50×" in hard
+    assert "+1.50 points against fp32 (goal within 1 point: **missed**)" in hard
+    assert "QAD int8 1340.5 errors against PTQ int8 1350.5" in qad
+    assert qad.count("**met**") == 2

@@ -28,9 +28,9 @@ FORMATS = {
 ARMS = {
     "teacher-r10t": "teacher resnet10t",
     "kd": "kd_cnn distilled (α 0.1, T 4)",
-    "qad": "kd_cnn distilled, then QAD from the cache",
+    "qad": "kd_cnn distilled → QAD from the cache",
     "hard": "kd_cnn hard labels (α 1)",
-    "hardqat": "kd_cnn hard labels, then hard-label QAT",
+    "hardqat": "kd_cnn hard labels → hard-label QAT",
 }
 
 
@@ -45,6 +45,11 @@ def arm_of(path: str) -> str:
 def edge_table(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per (arm, format): seeds, test errors, agreement, ECE, size, speed."""
     rows = rows.assign(arm=rows["run"].map(arm_of), format=rows["kind"].map(FORMATS))
+    # arms in the order of ARMS, formats from PyTorch to int8, as the chain runs
+    rows = rows.assign(
+        arm_order=rows["arm"].map({a: i for i, a in enumerate(ARMS)}).fillna(len(ARMS)),
+        format_order=rows["kind"].map({k: i for i, k in enumerate(FORMATS)}),
+    ).sort_values(["arm_order", "format_order"], kind="stable")
     table = []
     for (arm, fmt), group in rows.groupby(["arm", "format"], sort=False):
         table.append(
