@@ -100,8 +100,10 @@ def preprocessing(data_config: DataConfig) -> dict:
     }
 
 
-def card_for(run_card: ModelCard, run_dir: Path, fmt: str, quantization: dict | None,
-             check: dict) -> OnnxCard:  # fmt: skip
+def card_for(
+    run_card: ModelCard, run_dir: Path, fmt: str, quantization: dict | None, check: dict
+) -> OnnxCard:
+    """The metadata of a file made from ``run_card``'s run."""
     return OnnxCard(
         format_version=ONNX_FORMAT_VERSION,
         format=fmt,
@@ -269,8 +271,8 @@ class ExportResult:
     fp32_size_bytes: int
 
 
-def test_inputs(run_card: ModelCard, test_set: ImageSet, rows: int) -> torch.Tensor:
-    """The first ``rows`` test images as the normalised NCHW input the file takes."""
+def check_inputs(run_card: ModelCard, test_set: ImageSet, rows: int) -> torch.Tensor:
+    """The first ``rows`` images of ``test_set`` as the normalised NCHW input of the file."""
     check_channels(run_card.architecture, run_card.data, test_set.images)
     images = test_set.images[:rows]
     return prepare_input(images, run_card.data, torch.device("cpu")).contiguous()
@@ -348,7 +350,7 @@ def export_run(
     test_set = load_dataset(name, "test", **load)
     if test_set.classes != tuple(run_card.classes):
         raise UsageError(f"{name} test has other classes than {run_dir} was trained on")
-    inputs = test_inputs(run_card, test_set, check_rows)
+    inputs = check_inputs(run_card, test_set, check_rows)
     reference = predict_logits(
         model, test_set.images[:check_rows], run_card.data, device=torch.device("cpu")
     )

@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ from pipeline.errors import CacheMismatchError, DatasetError, ExportError, Usage
 from pipeline.export.onnx import (
     FP32_TOLERANCE,
     check_against,
-    test_inputs,
+    check_inputs,
     to_onnx,
     write_checked,
 )
@@ -57,6 +58,9 @@ from pipeline.runs import (
     write_json,
 )
 from pipeline.runtime import prepare_output, software_versions
+
+if TYPE_CHECKING:
+    from pipeline.train import TrainConfig
 
 INT8_FILE = "model.int8.onnx"
 QUANTIZER = "torchao X86InductorQuantizer (is_qat=True)"
@@ -107,7 +111,7 @@ class QatConfig:
                 raise UsageError(message)
 
 
-def _train_config(config: QatConfig, fp32_card: ModelCard, fp32_config: dict):
+def _train_config(config: QatConfig, fp32_card: ModelCard, fp32_config: dict) -> TrainConfig:
     """The training room's configuration for the fine-tuning: the float32 run's α and T
     (or the ones given), its model options, a CPU float32 step (PT2E's fake-quant)."""
     from pipeline.train import TrainConfig
@@ -315,28 +319,7 @@ def qat_distill(config: QatConfig, log: Callable[[str], None] = _quiet) -> Model
         "qat_from": {"run_dir": str(config.run), "weights_sha256": fp32_card.weights_sha256},
         "quantizer": QUANTIZER,
     }
-    card = ModelCard(
-        format_version=RUN_FORMAT_VERSION,
-        kind="qat-student",
-        architecture=fp32_card.architecture,
-        model_kwargs=fp32_card.model_kwargs,
-        num_classes=fp32_card.num_classes,
-        in_chans=fp32_card.in_chans,
-        classes=list(classes),
-        data_config=data_config.to_dict(),
-        weights_sha256=weights_sha256(model),
-        param_count=param_count(model),
-        dataset={
-            "name": train_set.name,
-            "split": "train",
-            "fingerprint": train_set.fingerprint(),
-            "rows": len(data),
-            "validation_rows": 0,
-        },
-        lineage=lineage,
-        created=utc_now(),
-        software=software_versions(),
-    )
+    card = _qat_card(fp32_card, model, train_set, len(data), lineage)
     _write_int8(
         out / INT8_FILE,
         converted,
@@ -349,6 +332,34 @@ def qat_distill(config: QatConfig, log: Callable[[str], None] = _quiet) -> Model
     remove_checkpoint(out)
     log(f"{out / INT8_FILE}: int8 from QAT ({QUANTIZER})")
     return card
+
+
+def _qat_card(
+    fp32_card: ModelCard, model: nn.Module, train_set: ImageSet, rows: int, lineage: dict
+) -> ModelCard:
+    """The ``qat-student`` model card: the float32 run's model, the QAT weights' hash."""
+    return ModelCard(
+        format_version=RUN_FORMAT_VERSION,
+        kind="qat-student",
+        architecture=fp32_card.architecture,
+        model_kwargs=fp32_card.model_kwargs,
+        num_classes=fp32_card.num_classes,
+        in_chans=fp32_card.in_chans,
+        classes=list(fp32_card.classes),
+        data_config=fp32_card.data_config,
+        weights_sha256=weights_sha256(model),
+        param_count=param_count(model),
+        dataset={
+            "name": train_set.name,
+            "split": "train",
+            "fingerprint": train_set.fingerprint(),
+            "rows": rows,
+            "validation_rows": 0,
+        },
+        lineage=lineage,
+        created=utc_now(),
+        software=software_versions(),
+    )
 
 
 def _fresh(card: ModelCard) -> nn.Module:
@@ -387,7 +398,7 @@ def _write_int8(
 ) -> None:
     """The converted PT2E model through torch's ONNX exporter, checked on the spot against
     the same converted model run by PyTorch (both compute the same int8 arithmetic)."""
-    inputs = test_inputs(card, check_set, config.check_rows)
+    inputs = check_inputs(card, check_set, config.check_rows)
     reference = converted(inputs).float()
 
     def build(work: Path) -> tuple[Path, str, dict, dict, int]:
