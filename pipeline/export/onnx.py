@@ -265,6 +265,9 @@ def file_size_bytes(path: Path) -> int:
 
 @dataclass(frozen=True)
 class ExportResult:
+    """What an export wrote: the file, its card, its size and the float32 file's (the
+    size an int8 file is compared with; 0 where no float32 file was made, after QAT)."""
+
     path: Path
     card: OnnxCard
     size_bytes: int
