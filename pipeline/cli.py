@@ -1026,7 +1026,7 @@ def qat_command(run_dir: str, channels: str | None, **options: Any) -> None:
     Writes a run directory (kind qat-student) with OUT/model.int8.onnx, the int8 model
     converted from the ranges learned in training (torchao PT2E, X86InductorQuantizer).
     """
-    from pipeline.export.qat import INT8_FILE, QatConfig, qat_distill
+    from pipeline.export import INT8_FILE, QatConfig, qat_distill
 
     config = QatConfig(run=run_dir, channels=int(channels) if channels else None, **options)
     card = qat_distill(config, log=_echo)

@@ -19,18 +19,22 @@ from pipeline.export.onnx import (
     onnx_session,
     read_onnx_card,
 )
+from pipeline.export.qat import INT8_FILE, QatConfig, qat_distill
 from pipeline.export.quantize import CalibrationSet, calibration_set, quantize_static_int8
 
 __all__ = [
+    "INT8_FILE",
     "METADATA_KEY",
     "CalibrationSet",
     "ExportResult",
     "OnnxCard",
+    "QatConfig",
     "calibration_set",
     "export_run",
     "file_size_bytes",
     "onnx_logits",
     "onnx_session",
+    "qat_distill",
     "quantize_static_int8",
     "read_onnx_card",
 ]
