@@ -218,6 +218,14 @@ def test_qat_from_the_cache_loads_no_teacher(
         ("teacher", "verified"),
         ("dataset", "verified"),
     ]
+    # a report row (the α and T it learned with), with the command that reproduces the run
+    markdown = tmp_path / "report.md"
+    result = invoke("report", out, "--markdown", markdown)
+    assert result.exit_code == 0, result.output
+    assert "| 0.5 | 4 " in result.output
+    assert f"kdpipe qat {kd_student} --cache {train_cache} --data synthetic --epochs 2" in (
+        markdown.read_text()
+    )
     # QAT runs are converted from the ranges they learned, not calibrated again
     result = invoke("export", out, "--out", tmp_path / "again.onnx", "--int8")
     assert result.exit_code == 1 and "is a QAT run" in result.output
