@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,10 +28,11 @@ from pipeline.export.onnx import (
     onnx_session,
     read_onnx_card,
 )
+from pipeline.models import DataConfig
 from pipeline.runtime import check_channels, prepare_input
 
 
-def onnx_speed(session: object, dataset: ImageSet, data_config, rounds: int = 200) -> dict:
+def onnx_speed(session: Any, dataset: ImageSet, data_config: DataConfig, rounds: int = 200) -> dict:
     """Latency of one image (p50, p95 of ``rounds`` calls) and throughput at batch 64
     and 256, after warm-up calls (the first ones allocate and pick kernels)."""
     name = session.get_inputs()[0].name

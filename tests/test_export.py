@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -418,3 +419,15 @@ def test_edge_table_groups_seeds_and_measures_the_goals() -> None:
     assert "+1.50 points against fp32 (goal within 1 point: **missed**)" in hard
     assert "QAD int8 1340.5 errors against PTQ int8 1350.5" in qad
     assert qad.count("**met**") == 2
+
+
+def test_export_beyond_the_tolerance_writes_nothing(kd_student: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tight.onnx"
+    result = invoke("export", kd_student, "--out", out, "--int8 --tolerance 1e-6")
+    assert result.exit_code == 1
+    assert re.fullmatch(
+        r"Error: the ONNX model differs from PyTorch float32 by [0-9.e-]+ in a logit on 200 "
+        r"test rows \(tolerance 1e-06\): not written\n",
+        result.output,
+    ), result.output
+    assert list(tmp_path.iterdir()) == []
