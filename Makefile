@@ -5,6 +5,7 @@
 #   make test          set-up, then the test suite (CPU only, a few minutes)
 #   make consistency   the consistent-teaching experiment (Beyer et al. 2022), not in `all`
 #   make bench         P1-P5: what the offline pipeline costs, as ratios (docs/benchmarks.md)
+#   make edge          distil -> ONNX -> int8 (PTQ and QAT from the cache), not in `all`
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,7 +23,7 @@ endif
 
 .PHONY: all install data test lint format hinton hinton-table hinton-temperature hinton-3pct \
 	hinton-omitted hinton-ensemble consistency consistency-tables consistency-curves \
-	clean-runs bench \
+	clean-runs bench edge edge-tables \
 	cli-docs faults
 # keep every file target, including those made by pattern rules (make would
 # otherwise delete the cache stamps as "intermediate" files when it exits)
@@ -333,6 +334,75 @@ consistency-tables: $(addsuffix /model.json,$(CONSISTENCY_RUNS)) $(K)/views-f32.
 # `make consistency` first on a machine without them)
 consistency-curves: install
 	$(KDPIPE) report $(CONSISTENCY_RUNS) --plot docs/results/consistency-curves.png > /dev/null
+
+# --- Ship the student (issue 15): ONNX, int8 PTQ, quantization-aware distillation -----------------
+# A timm resnet10t teacher (3 epochs, shift-flip) labels a 10 % transfer set in 4 shift-flip views
+# (T = 4). kd_cnn students learn from it (alpha = 0.1) and, as the control, from its hard labels
+# (alpha = 1, the same rows and views); each is exported to ONNX, quantized to int8 by ONNX
+# Runtime (PTQ, calibrated on 512 transfer rows), and fine-tuned for int8 with fake quantization
+# (kdpipe qat: QAD from the same cache for the distilled student, hard-label QAT for the control).
+# Everything is evaluated on the test split, PyTorch and ONNX Runtime side by side, one thread.
+
+G := $(RUNS)/edge
+G_SEEDS ?= 0 1 2
+G_EPOCHS ?= 20
+G_LR ?= 0.01
+G_QAT_EPOCHS ?= 3
+G_QAT_LR ?= 0.001
+G_DATA := --data fashion-mnist --data-root $(DATA_ROOT)
+
+$(G)/teacher-r10t/model.json:
+	$(KDPIPE) train-teacher --model resnet10t --epochs 3 --lr 0.05 --augment shift-flip --out $(@D) $(COMMON)
+
+$(G)/views.done: $(G)/teacher-r10t/model.json
+	$(KDPIPE) cache-teacher --teacher $(G)/teacher-r10t --temperature 4 --subset 0.1 --views 4 --augment shift-flip --out $(G)/views.zarr $(COMMON)
+	touch $@
+
+$(G)/teacher-test.done: $(G)/teacher-r10t/model.json
+	$(KDPIPE) cache-teacher --teacher $(G)/teacher-r10t --split test --temperature 1 --out $(G)/teacher-test.zarr $(COMMON)
+	touch $@
+
+$(G)/kd-s%/model.json: $(G)/views.done
+	$(KDPIPE) train-student --model kd_cnn --cache $(G)/views.zarr --alpha 0.1 --epochs $(G_EPOCHS) --eval-every 5 --lr $(G_LR) --seed $* --out $(@D) $(COMMON)
+
+$(G)/hard-s%/model.json: $(G)/views.done
+	$(KDPIPE) train-student --model kd_cnn --cache $(G)/views.zarr --alpha 1 --epochs $(G_EPOCHS) --eval-every 5 --lr $(G_LR) --seed $* --out $(@D) $(COMMON)
+
+# QAT from the same cache: alpha and T are the float32 run's (0.1 and 4, or 1 for the control)
+$(G)/qad-s%/model.json: $(G)/kd-s%/model.json
+	$(KDPIPE) qat $(G)/kd-s$* --cache $(G)/views.zarr --epochs $(G_QAT_EPOCHS) --lr $(G_QAT_LR) --seed $* --out $(@D) $(COMMON)
+
+$(G)/hardqat-s%/model.json: $(G)/hard-s%/model.json
+	$(KDPIPE) qat $(G)/hard-s$* --cache $(G)/views.zarr --epochs $(G_QAT_EPOCHS) --lr $(G_QAT_LR) --seed $* --out $(@D) $(COMMON)
+
+$(G)/%.int8.onnx: $(G)/%/model.json
+	$(KDPIPE) export $(G)/$* --int8 --out $@ --data-root $(DATA_ROOT) --overwrite
+
+$(G)/%.onnx: $(G)/%/model.json
+	$(KDPIPE) export $(G)/$* --out $@ --data-root $(DATA_ROOT) --overwrite
+
+EVALUATE = $(KDPIPE) evaluate $(1) $(G_DATA) --cache $(G)/teacher-test.zarr --format csv --output $@
+$(G)/eval/%-torch.csv: $(G)/%/model.json $(G)/teacher-test.done
+	mkdir -p $(@D) && $(call EVALUATE,$(G)/$*)
+$(G)/eval/%-fp32.csv: $(G)/%.onnx $(G)/teacher-test.done
+	mkdir -p $(@D) && $(call EVALUATE,$<)
+$(G)/eval/%-ptq.csv: $(G)/%.int8.onnx $(G)/teacher-test.done
+	mkdir -p $(@D) && $(call EVALUATE,$<)
+$(G)/eval/%-qat.csv: $(G)/%/model.json $(G)/teacher-test.done
+	mkdir -p $(@D) && $(call EVALUATE,$(G)/$*/model.int8.onnx)
+
+EDGE_CSVS := $(G)/eval/teacher-r10t-torch.csv \
+	$(foreach s,$(G_SEEDS),$(foreach a,kd hard,$(G)/eval/$(a)-s$(s)-torch.csv \
+		$(G)/eval/$(a)-s$(s)-fp32.csv $(G)/eval/$(a)-s$(s)-ptq.csv) \
+		$(G)/eval/qad-s$(s)-qat.csv $(G)/eval/hardqat-s$(s)-qat.csv)
+
+# one job at a time, one thread: the latencies are the point, and a second job would share the core
+edge: install data
+	OMP_NUM_THREADS=1 $(MAKE) -j1 edge-tables
+
+edge-tables: $(EDGE_CSVS)
+	$(BIN)/python -m pipeline.export.results $(EDGE_CSVS) --csv docs/results/edge.csv \
+		--markdown docs/results.md --section edge
 
 clean-runs:
 	rm -rf $(RUNS)

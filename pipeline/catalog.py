@@ -107,8 +107,15 @@ def lineage(
 
     ``verified``: the file is there and its hash was recomputed and matches;
     ``missing``: the file is not where the record says; ``MISMATCH``: it is
-    there but its content is not what the record says.
+    there but its content is not what the record says. An exported ``.onnx``
+    file starts the chain: file → run → cache → teacher(s) → dataset.
     """
+    if Path(run_dir).suffix == ".onnx":
+        from pipeline.export.lineage import file_lineage
+
+        return file_lineage(
+            Path(run_dir), data_root=data_root, image_size=image_size, channels=channels
+        )
     rows: list[dict] = []
 
     def link(kind: str, name: str, identity: str, status: str, detail: str) -> None:

@@ -123,7 +123,9 @@ INTRODUCTIONS = {
         "directories, or from `--cache`, a cache of the same split), expected calibration "
         "error (15 bins), parameter count, and CPU latency (batch 1, median of 50) and "
         "throughput (batch 256). A table on screen, or `--format csv|json`, optionally into "
-        "`--output`."
+        "`--output`. Also the p95 latency, throughput at batch 64, size on disk and the "
+        "thread count; an exported `.onnx` file gets the same columns from ONNX Runtime's CPU "
+        "provider, so PyTorch runs and their float32 and int8 files compare side by side."
     ),
     "tune-bias": (
         "Hinton et al.'s fix for a class the transfer set left out: one bias added to those "
@@ -163,7 +165,34 @@ INTRODUCTIONS = {
     "lineage": (
         "Follows a run back: student → cache → teacher(s) → dataset. Each link is "
         "`verified` (the file is where the record says and its hash, recomputed, matches), "
-        "`missing` (not found) or `MISMATCH` (found, but with other content; exit status 1)."
+        "`missing` (not found) or `MISMATCH` (found, but with other content; exit status 1). "
+        "Given an exported `.onnx` file, the chain starts there: file → run (its weights hash "
+        "against the one the file records) → for QAT, the float32 run it started from → "
+        "cache → teacher(s) → dataset."
+    ),
+    "export": (
+        "Writes a finished run as one ONNX file (torch's dynamo exporter, dynamic batch axis, "
+        "weights inside the file: no `.onnx.data` beside it). ONNX Runtime then runs it on "
+        "`--check-rows` test images against PyTorch and the largest logit difference is "
+        "printed; beyond `--tolerance` nothing is written. The file's `metadata_props` hold, "
+        "under the key `kdpipe`, the preprocessing (input size, mean, std, channels), class "
+        "names, the run's weights hash and lineage (run, `cache_id`, `teacher_id`). `--int8` "
+        "adds ONNX Runtime's static quantization (QDQ, per-channel int8 weights, uint8 "
+        "activations) calibrated on rows of the training split: the transfer rows of the "
+        "run's cache in their stored views, never the test split; the method, rows and cache "
+        "are recorded in the metadata. A run that learned from labels alone has no cache: "
+        "give `--calibration-cache`."
+    ),
+    "qat": (
+        "Quantization-aware distillation from the cache: a trained float32 student is "
+        "fine-tuned with fake-quantized weights and activations (torchao's PT2E QAT, "
+        "`prepare_qat_pt2e` with `X86InductorQuantizer`) against the cache's soft labels, with "
+        "the float32 run's α and T and the same rows, views and replay as `train-student` "
+        "(its training loop); the teacher is never loaded. The run directory (kind "
+        "`qat-student`, lineage naming the cache and the float32 run) holds the QAT weights "
+        "in the float32 module and `model.int8.onnx`: `convert_pt2e`'s int8 model exported "
+        "as QDQ ONNX, checked against the converted model on test rows. QAT runs do not "
+        "`--resume`."
     ),
 }
 

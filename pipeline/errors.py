@@ -56,3 +56,7 @@ class ManifestError(CacheError, ValueError):
 
 class TeacherOutputError(CacheError, ValueError):
     """A teacher produced NaN or Inf outputs."""
+
+
+class ExportError(KdpipeError, ValueError):
+    """A model that cannot be exported or quantized, or an ONNX file that is not kdpipe's."""

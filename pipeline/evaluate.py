@@ -15,7 +15,7 @@ from pipeline.cache import load_soft_labels
 from pipeline.data import ImageSet, check_same_dataset
 from pipeline.errors import CacheMismatchError, UsageError
 from pipeline.inputs import check_channels, prepare_input
-from pipeline.runs import load_model
+from pipeline.runs import WEIGHTS_FILE, load_model
 from pipeline.runtime import resolve_device
 from pipeline.teacher import load_teacher, predict_logits
 
@@ -39,26 +39,31 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins:
 def cpu_speed(
     model: torch.nn.Module, dataset: ImageSet, data_config, batch_size: int = 256
 ) -> dict:
-    """Median latency of one image and throughput of full batches, on the CPU."""
+    """Latency of one image (median and p95 of 200 calls) and throughput of batches of 64
+    and of ``batch_size``, on the CPU (the columns :mod:`pipeline.evaluate_onnx` reports)."""
     model = model.cpu().eval().to(memory_format=torch.channels_last)
     device = torch.device("cpu")
     single = prepare_input(dataset.images[:1], data_config, device)
-    batch = prepare_input(dataset.images[:batch_size], data_config, device)
     for _ in range(5):  # warm-up: first calls allocate and pick kernels
         model(single)
     latencies = []
-    for _ in range(50):
+    for _ in range(200):
         started = time.perf_counter()
         model(single)
         latencies.append(time.perf_counter() - started)
-    model(batch)
-    started, rounds = time.perf_counter(), 5
-    for _ in range(rounds):
+    rates = {}
+    for size, rounds in ((64, 20), (batch_size, 5)):
+        batch = prepare_input(dataset.images[:size], data_config, device)
         model(batch)
-    elapsed = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(rounds):
+            model(batch)
+        rates[size] = int(rounds * len(batch) / (time.perf_counter() - started))
     return {
         "latency_ms": round(statistics.median(latencies) * 1000, 4),
-        "throughput_img_s": int(rounds * len(batch) / elapsed),
+        "latency_p95_ms": round(statistics.quantiles(latencies, n=20)[-1] * 1000, 4),
+        "throughput_b64_img_s": rates[64],
+        "throughput_img_s": rates[batch_size],
     }
 
 
@@ -74,7 +79,13 @@ def evaluate_run(
 
     Agreement with the teacher needs the teacher's predictions on the same
     split: from a cache of that split (``cache``), or by running ``teachers``.
+    An exported ``.onnx`` file is evaluated on ONNX Runtime instead
+    (:func:`pipeline.evaluate_onnx.evaluate_onnx`), with the same columns.
     """
+    if Path(run_dir).suffix == ".onnx":
+        from pipeline.evaluate_onnx import evaluate_onnx
+
+        return evaluate_onnx(Path(run_dir), dataset, teachers=teachers, cache=cache)
     if teachers and cache is not None:
         raise UsageError(
             "give the teacher either as --teacher run directories or as --cache, not both"
@@ -108,6 +119,9 @@ def evaluate_run(
         ),
         "ece": round(expected_calibration_error(logits, labels), 6),
         "params": card.param_count,
+        "size_mb": round((Path(run_dir) / WEIGHTS_FILE).stat().st_size / 2**20, 4),
+        "runtime": "pytorch eager",
+        "threads": torch.get_num_threads(),
         **cpu_speed(model, dataset, card.data),
         "cache_id": (card.lineage or {}).get("cache_id"),
         "teacher_id": (card.lineage or {}).get("teacher_id"),

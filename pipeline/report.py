@@ -52,6 +52,8 @@ def command_line(config: dict, *, seed_placeholder: bool = False) -> str:
     With ``seed_placeholder`` the seed reads ``SEED`` (and a ``-s<seed>`` suffix
     of ``--out`` reads ``-sSEED``): one line for every seed of a group.
     """
+    if config.get("kind") == "qat-student":
+        return _qat_command_line(config, seed_placeholder=seed_placeholder)
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     command = COMMANDS.get(config.get("kind"), "train-teacher")
     parts = [f"kdpipe {command}"]
@@ -72,6 +74,33 @@ def command_line(config: dict, *, seed_placeholder: bool = False) -> str:
     return " ".join(parts)
 
 
+def _qat_command_line(config: dict, *, seed_placeholder: bool) -> str:
+    """``kdpipe qat`` from a QAT run's config.json (its ``qat`` entry: the QatConfig)."""
+    from pipeline.export.qat import QatConfig
+
+    qat = config["qat"]
+    defaults = {f.name: f.default for f in fields(QatConfig)}
+    parts = [f"kdpipe qat {qat['run']}", f"--cache {qat['cache']}", f"--data {qat['data']}"]
+    names = (
+        "data_root",
+        "epochs",
+        "lr",
+        "batch_size",
+        "alpha",
+        "temperature",
+        "seed",
+        "eval_every",
+    )
+    for name in names:
+        value = "SEED" if seed_placeholder and name == "seed" else qat.get(name)
+        if value is not None and (value != defaults[name] or name in ("epochs", "lr", "seed")):
+            parts.append(f"--{name.replace('_', '-')} {value}")
+    out = SEED_SUFFIX.sub("-sSEED", str(qat["out"])) if seed_placeholder else qat["out"]
+    if seed_placeholder:
+        parts[0] = f"kdpipe qat {SEED_SUFFIX.sub('-sSEED', str(qat['run']))}"
+    return " ".join([*parts, f"--out {out}"])
+
+
 def collect(run_dirs: list[Path]) -> pd.DataFrame:
     """One row per run: what it is and the test result of the weights it kept (the last
     epoch's, or with early stopping the chosen epoch's). A cache of a labelled test split
@@ -90,7 +119,7 @@ def collect(run_dirs: list[Path]) -> pd.DataFrame:
             final = metrics[metrics["epoch"] == selection["kept_epoch"]].iloc[0]
         lineage = card.lineage or {}
         # with alpha = 1 no soft target is used: the cache only serves as lineage
-        student = card.kind in ("student", "online-student")
+        student = card.kind in ("student", "online-student", "qat-student")
         soft = student and lineage.get("alpha", 1.0) < 1.0
         runs = lineage.get("teacher_runs", [lineage.get("online_teacher")])
         teachers = [Path(p).name for p in runs if p] if soft else []

@@ -35,7 +35,7 @@ CARD_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
-KINDS = ("teacher", "student", "online-student")
+KINDS = ("teacher", "student", "online-student", "qat-student")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +53,7 @@ class ModelCard:
     weights_sha256: str
     param_count: int
     dataset: dict  # name, split, fingerprint
-    lineage: dict | None  # students: cache_id, teacher_id, cache path
+    lineage: dict | None  # students: cache_id, teacher_id, cache path; qat: qat_from too
     created: str
     software: dict
     selection: dict | None = None  # early stopping: kept_epoch, epochs_run, stopped_early

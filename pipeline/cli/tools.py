@@ -65,7 +65,11 @@ def evaluate_command(
     output: str | None,
     device: str,
 ) -> None:
-    """Accuracy, agreement with the teacher, calibration (ECE), size and CPU speed of a run."""
+    """Accuracy, agreement with the teacher, calibration (ECE), size and CPU speed of a run.
+
+    RUN_DIR may also be an exported .onnx file: it then runs on ONNX Runtime's CPU
+    provider with the file's own preprocessing (--device does not apply).
+    """
     if output:
         from pipeline.runtime import check_disjoint
 
@@ -334,6 +338,8 @@ def lineage_command(
 ) -> None:
     """The chain run -> cache -> teacher(s) -> dataset, each link verified or missing.
 
+    RUN_DIR may also be an exported .onnx file: the chain then starts at the file.
+
     Hashes are recomputed wherever the files are present; exits with status 1
     when a file is present but does not match its record (MISMATCH).
     """
@@ -399,3 +405,144 @@ def bench_command(
     from pipeline.bench import BenchConfig, bench_report
 
     bench_report(BenchConfig(**options), markdown_path, csv_path, section=section, log=echo)
+
+
+@main.command("export", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path())
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The .onnx file to write (one file, the weights inside it).",
+)
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Static int8 quantization by ONNX Runtime (QDQ, per-channel int8 weights, uint8 "
+    "activations), calibrated on rows of the training split.",
+)
+@click.option(
+    "--calibration-rows",
+    type=click.IntRange(min=1),
+    default=512,
+    help="--int8: transfer rows (in their stored views) that set the activation ranges.",
+)
+@click.option(
+    "--calibration-method",
+    type=click.Choice(["minmax", "entropy", "percentile"]),
+    default="minmax",
+    help="--int8: how ONNX Runtime turns the calibration activations into ranges.",
+)
+@click.option(
+    "--calibration-cache",
+    default=None,
+    help="--int8: a cache of the training split whose rows calibrate "
+    "[default: the cache the run learned from].",
+)
+@click.option(
+    "--check-rows",
+    type=click.IntRange(min=1),
+    default=256,
+    help="Test rows on which ONNX Runtime's logits are compared with PyTorch's.",
+)
+@click.option(
+    "--tolerance",
+    type=POSITIVE,
+    default=None,
+    help="Largest logit difference allowed against PyTorch float32 "
+    "[default: 1e-3 for float32, 2 for --int8].",
+)
+@click.option("--seed", type=int, default=0, help="Draws the calibration rows.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@functools.partial(data_options, required=False)
+@reports_errors
+def export_command(
+    run_dir: str, out: str, data: str | None, channels: str | None, **options: Any
+) -> None:
+    """Export a finished run to ONNX (dynamic batch), checked against PyTorch on test rows.
+
+    The file's metadata records the preprocessing, the class names, the weights hash
+    and the lineage (run, cache, teacher). --data defaults to the run's dataset.
+    """
+    from pipeline.export import export_run
+
+    result = export_run(
+        Path(run_dir),
+        Path(out),
+        data=data,
+        channels=int(channels) if channels else None,
+        data_root=Path(options.pop("data_root")),
+        **options,
+    )
+    check = result.card.check
+    lines = [
+        f"wrote {result.path}: {result.card.format}, {result.size_bytes / 1024:.1f} KiB"
+        + (
+            f" ({result.fp32_size_bytes / result.size_bytes:.2f}x smaller than float32)"
+            if result.card.format != "fp32"
+            else ""
+        ),
+        f"ONNX Runtime against {check['against']} on {check['rows']} test rows: largest logit "
+        f"difference {check['max_abs_logit_difference']:.3g}, top-1 agreement "
+        f"{check['top1_agreement']:.4f}",
+    ]
+    if result.card.quantization:
+        calibration = result.card.quantization["calibration"]
+        lines.append(
+            f"calibrated ({result.card.quantization['calibration_method']}) on "
+            f"{calibration['rows']} rows of {calibration['dataset']} {calibration['split']} "
+            f"from cache {calibration['cache_id']}"
+        )
+    click.echo("\n".join(lines))
+
+
+@main.command("qat", context_settings=CONTEXT)
+@click.argument("run_dir", metavar="FP32_RUN", type=click.Path())
+@click.option("--cache", required=True, help="The cache of soft labels to fine-tune against.")
+@click.option("--out", required=True, type=click.Path(), help="Run directory to create.")
+@click.option("--epochs", type=click.IntRange(min=1), default=3, help="Fine-tuning epochs.")
+@click.option("--lr", type=POSITIVE, default=0.005, help="Peak learning rate (cosine).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Weight of the hard-label term [default: the float32 run's].",
+)
+@click.option(
+    "--temperature",
+    type=POSITIVE,
+    default=None,
+    help="Soft-label temperature [default: the float32 run's].",
+)
+@click.option("--seed", type=int, default=0)
+@click.option(
+    "--eval-every",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Score the fake-quantized model on the test split every N epochs.",
+)
+@click.option(
+    "--check-rows",
+    type=click.IntRange(min=1),
+    default=256,
+    help="Test rows on which the int8 ONNX file is compared with the converted model.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@data_options
+@reports_errors
+def qat_command(run_dir: str, channels: str | None, **options: Any) -> None:
+    """Quantization-aware distillation: fine-tune FP32_RUN with fake-quantized weights and
+    activations against the cache's soft labels (the teacher is not loaded).
+
+    Writes a run directory (kind qat-student) with OUT/model.int8.onnx, the int8 model
+    converted from the ranges learned in training (torchao PT2E, X86InductorQuantizer).
+    """
+    from pipeline.export import INT8_FILE, QatConfig, qat_distill
+
+    config = QatConfig(run=run_dir, channels=int(channels) if channels else None, **options)
+    card = qat_distill(config, log=echo)
+    click.echo(
+        f"qat-student {card.architecture} from {run_dir} (cache {card.lineage['cache_id']}); "
+        f"int8 model {Path(config.out) / INT8_FILE}"
+    )

@@ -67,6 +67,11 @@ def resume_training(run_dir: Path, log: Callable[[str], None] = quiet) -> ModelC
         raise UsageError(f"{run_dir} is finished (it has {CARD_FILE}): nothing to resume")
     saved = read_config(run_dir)
     kind = saved.pop("kind", None)
+    if kind == "qat-student":
+        raise UsageError(
+            f"{run_dir} is an unfinished QAT run: kdpipe qat does not resume; run it again "
+            "with --overwrite"
+        )
     resolved = saved.pop("resolved", None) or {}
     # a run started before an option existed resumes with that option's default
     try:
