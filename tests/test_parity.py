@@ -173,3 +173,17 @@ def test_a_run_saved_before_sched_on_resumes_per_epoch(train_cache: Path, tmp_pa
     assert "--sched-on epoch" in command_line(saved)
     assert "--sched-on" not in command_line({**saved, "sched_on": "update"})
     assert resume_training(old).weights_sha256 == per_epoch.weights_sha256
+
+
+def test_sched_on_is_checked_before_a_run_starts(tmp_path: Path) -> None:
+    from pipeline.errors import UsageError
+
+    def config(**options: object) -> TrainConfig:
+        return TrainConfig(model=MODEL, data="synthetic", epochs=2, out=str(tmp_path / "x"),
+                           **options)  # fmt: skip
+
+    with pytest.raises(UsageError, match="--sched-on must be one of update, epoch, not 'batch'"):
+        config(sched_on="batch").validate()
+    with pytest.raises(UsageError, match=r"stepped per update \(Plateau LR only supports step per"):
+        config(sched="plateau").validate()  # timm's own refusal, before any file
+    assert not (tmp_path / "x").exists()

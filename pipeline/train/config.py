@@ -157,8 +157,8 @@ class TrainConfig:
             scheduler = self.create_scheduler(optimizer, updates_per_epoch=1)
         except Exception as exc:
             raise UsageError(
-                f"--sched {self.sched!r} --sched-on {self.sched_on}: timm cannot create this "
-                f"schedule ({exc or type(exc).__name__})"
+                f"--sched {self.sched!r}: timm cannot create this schedule stepped per "
+                f"{self.sched_on} ({exc or type(exc).__name__})"
             ) from None
         if scheduler is None:
             raise UsageError(f"--sched {self.sched!r}: timm made no schedule of it")
