@@ -67,6 +67,20 @@ def cpu_speed(
     }
 
 
+def per_class_accuracy(
+    predicted: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> dict[str, float | None]:
+    """``class_<i>_accuracy`` for each class id: the share of the split's samples of class
+    i predicted as i (its recall), None where the split has none. A transfer set that left
+    a class out is judged on that class, against students that saw it."""
+    columns: dict[str, float | None] = {}
+    for index in range(num_classes):
+        inside = labels == index
+        hits = (predicted[inside] == index).float().mean() if bool(inside.any()) else None
+        columns[f"class_{index}_accuracy"] = None if hits is None else round(float(hits), 6)
+    return columns
+
+
 def evaluate_run(
     run_dir: Path,
     dataset: ImageSet,
@@ -74,6 +88,7 @@ def evaluate_run(
     teachers: Sequence[Path] = (),
     cache: str | Path | None = None,
     device: str = "auto",
+    per_class: bool = False,
 ) -> pd.DataFrame:
     """One row of metrics for ``run_dir`` on ``dataset``.
 
@@ -81,6 +96,8 @@ def evaluate_run(
     split: from a cache of that split (``cache``), or by running ``teachers``.
     An exported ``.onnx`` file is evaluated on ONNX Runtime instead
     (:func:`pipeline.evaluate_onnx.evaluate_onnx`), with the same columns.
+    With ``per_class`` the row also has each class's accuracy (:func:`per_class_accuracy`,
+    class ids in the order of the model card's ``classes``).
     """
     if Path(run_dir).suffix == ".onnx":
         from pipeline.evaluate_onnx import evaluate_onnx
@@ -126,6 +143,8 @@ def evaluate_run(
         "cache_id": (card.lineage or {}).get("cache_id"),
         "teacher_id": (card.lineage or {}).get("teacher_id"),
     }
+    if per_class:
+        row.update(per_class_accuracy(predicted, labels, card.num_classes))
     return pd.DataFrame([row])
 
 

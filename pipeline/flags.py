@@ -10,6 +10,9 @@ from __future__ import annotations
 # a configuration field whose option is not spelled --field-name
 FLAG_NAMES = {"drop_rate": "dropout"}
 
+# when a training schedule moves: after every optimizer update, or once per epoch
+SCHED_ON = ("update", "epoch")
+
 # the command that makes each kind of run directory
 COMMANDS = {
     "teacher": "train-teacher",

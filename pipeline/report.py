@@ -27,6 +27,7 @@ from pipeline.runs import METRICS_FILE, read_card, read_config
 from pipeline.runtime import check_disjoint
 from pipeline.teach import CacheConfig
 from pipeline.train import TrainConfig
+from pipeline.train.config import LEGACY_DEFAULTS
 from pipeline.views import CROP_SCALE
 
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
@@ -59,7 +60,7 @@ def command_line(config: dict, *, seed_placeholder: bool = False) -> str:
     parts = [f"kdpipe {command}"]
     required = set(REQUIRED_TO_START.get(command, ()))  # shown even at their defaults
     for name, default in defaults.items():
-        value = config.get(name, default)
+        value = config.get(name, LEGACY_DEFAULTS.get(name, default))  # an older config.json
         if isinstance(value, list):  # JSON has no tuples
             value = tuple(value)
         if seed_placeholder and name == "seed":

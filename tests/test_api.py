@@ -216,9 +216,12 @@ def hand_written_student(cache_path: Path, samples: torch.utils.data.Dataset, **
     model = kd.create_model("kd_mlp_30x2", num_classes=5, data_config=dataset.data_config)
     model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(model, opt="sgd", lr=lr, weight_decay=0.0, momentum=0.9)
+    updates_per_epoch = -(-len(dataset) // 128)  # the schedule counts updates (sched_on)
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=epochs,
-                                       warmup_epochs=1, warmup_lr=lr * 0.01)  # fmt: skip
-    generator = torch.Generator().manual_seed(seed)
+                                       warmup_epochs=1, warmup_lr=lr * 0.01,
+                                       step_on_epochs=False,
+                                       updates_per_epoch=updates_per_epoch)  # fmt: skip
+    generator, updates = torch.Generator().manual_seed(seed), 0
     for epoch in range(1, epochs + 1):
         model.train()
         dataset.set_epoch(epoch)
@@ -233,7 +236,8 @@ def hand_written_student(cache_path: Path, samples: torch.utils.data.Dataset, **
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        scheduler.step(epoch)
+            updates += 1
+            scheduler.step_update(updates)
     return kd.weights_sha256(model)
 
 

@@ -88,11 +88,13 @@ def test_replace_section_keeps_the_rest(tmp_path: Path) -> None:
 def test_command_line_shows_only_what_differs_from_defaults() -> None:
     config = {"kind": "student", "model": "kd_cnn", "data": "synthetic", "out": "o", "epochs": 3}
     config |= {"alpha": 0.1, "lr": 0.05, "drop_rate": 0.5, "hidden_sizes": [8, 4]}
-    line = command_line({**config, "overwrite": True})
+    line = command_line({**config, "overwrite": True, "sched_on": "update"})
     assert line == (
         "kdpipe train-student --model kd_cnn --data synthetic --out o --epochs 3 "
         "--dropout 0.5 --hidden-sizes 8,4 --alpha 0.1"
     )
+    # a config.json from before --sched-on was made per epoch, and its command says so
+    assert command_line(config) == line.replace("--epochs 3", "--epochs 3 --sched-on epoch")
 
 
 def test_views_caches_and_online_runs_are_reported_with_their_commands(

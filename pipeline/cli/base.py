@@ -13,7 +13,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import KdpipeError
-from pipeline.flags import flag
+from pipeline.flags import SCHED_ON, flag
 
 CONTEXT = {
     "help_option_names": ["-h", "--help"],
@@ -253,6 +253,14 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0),
         click.option("--sched", default="cosine", help="Schedule for timm's create_scheduler_v2."),
         click.option("--warmup-epochs", type=click.IntRange(min=0), default=0),
+        click.option(
+            "--sched-on",
+            type=click.Choice(SCHED_ON),
+            default="update",
+            help="Move the --sched schedule and its warm-up after every optimizer update "
+            "(timm's step_update) or once per epoch, as runs did before this option (a run "
+            "saved without it resumes so).",
+        ),
         click.option("--seed", type=int, default=0),
         click.option(
             flag("drop_rate"),

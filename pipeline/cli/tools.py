@@ -43,6 +43,11 @@ from pipeline.cli.base import (
     default=None,
     help="A cache of the same split, for agreement with its teacher.",
 )
+@click.option(
+    "--per-class",
+    is_flag=True,
+    help="Also each class's accuracy, columns class_<i>_accuracy (i: the class id).",
+)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
 @click.option(
     "--output",
@@ -61,6 +66,7 @@ def evaluate_command(
     split: str,
     teachers: tuple[str, ...],
     cache: str | None,
+    per_class: bool,
     fmt: str,
     output: str | None,
     device: str,
@@ -84,6 +90,7 @@ def evaluate_command(
         teachers=[Path(t) for t in teachers],
         cache=cache,  # a folder or an fsspec URL
         device=device,
+        per_class=per_class,
     )
     text = render(frame, fmt)
     if output:

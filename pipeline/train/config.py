@@ -5,15 +5,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.cache import temperature_problem
 from pipeline.data import ImageSet, load_dataset
 from pipeline.errors import UsageError
+from pipeline.flags import SCHED_ON
 from pipeline.inputs import PRECISION_CHOICES
 from pipeline.train.watch import require
 from pipeline.views import CROP_SCALE, ViewPolicy
+
+if TYPE_CHECKING:
+    from timm.scheduler.scheduler import Scheduler
+
+# the value a config.json written before a field existed meant: resume and report use it
+LEGACY_DEFAULTS = {"sched_on": "epoch"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +45,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     sched: str = "cosine"
     warmup_epochs: int = 0
+    # "update": the schedule (warm-up included) moves after every optimizer update, timm's
+    # step_update; "epoch": once per epoch, timm's step (a run saved before the field: LEGACY)
+    sched_on: str = "update"
     seed: int = 0
     drop_rate: float = 0.0
     jitter: int = 0
@@ -97,6 +108,10 @@ class TrainConfig:
             ),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, not {self.warmup_epochs}"),
             (
+                self.sched_on in SCHED_ON,
+                f"--sched-on must be one of {', '.join(SCHED_ON)}, not {self.sched_on!r}",
+            ),
+            (
                 self.val_fraction is None or 0.0 < self.val_fraction < 1.0,
                 f"--val-fraction must be in (0, 1), not {self.val_fraction}",
             ),
@@ -127,7 +142,6 @@ class TrainConfig:
         """--opt, --sched and their settings, tried on one parameter through timm's own
         factories, so that a misspelt name fails before any file is written."""
         from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
 
         parameter = torch.nn.Parameter(torch.zeros(1))
         try:
@@ -140,15 +154,39 @@ class TrainConfig:
                 "timm.optim.list_optimizers() lists the names"
             ) from None
         try:
-            scheduler, _ = create_scheduler_v2(optimizer, sched=self.sched,
-                                               num_epochs=self.epochs,
-                                               warmup_epochs=self.warmup_epochs)  # fmt: skip
+            scheduler = self.create_scheduler(optimizer, updates_per_epoch=1)
         except Exception as exc:
             raise UsageError(
-                f"--sched {self.sched!r}: timm cannot create this schedule ({exc})"
+                f"--sched {self.sched!r}: timm cannot create this schedule stepped per "
+                f"{self.sched_on} ({exc or type(exc).__name__})"
             ) from None
         if scheduler is None:
             raise UsageError(f"--sched {self.sched!r}: timm made no schedule of it")
+
+    def create_scheduler(
+        self, optimizer: torch.optim.Optimizer, updates_per_epoch: int
+    ) -> Scheduler | None:
+        """timm's schedule of this run: ``create_scheduler_v2`` counting epochs, or, with
+        ``sched_on="update"``, optimizer updates (``updates_per_epoch`` of them an epoch,
+        warm-up included), so that the lr moves smoothly instead of jumping at each epoch.
+        The loop calls both ``step_update`` and ``step``: timm ignores the other one."""
+        from timm.scheduler import create_scheduler_v2
+
+        scheduler, _ = create_scheduler_v2(optimizer, sched=self.sched, num_epochs=self.epochs,
+                                           warmup_epochs=self.warmup_epochs,
+                                           warmup_lr=self.lr * 0.01,
+                                           step_on_epochs=self.sched_on == "epoch",
+                                           updates_per_epoch=updates_per_epoch)  # fmt: skip
+        return scheduler
+
+    def schedule_record(self, updates_per_epoch: int) -> dict:
+        """The schedule as resolved for a run (config.json's ``resolved.schedule``): what
+        timm counts in, and how many of those the run and its warm-up last."""
+        per = 1 if self.sched_on == "epoch" else updates_per_epoch
+        return {"sched": self.sched, "stepped_on": self.sched_on,
+                "updates_per_epoch": updates_per_epoch, "steps": self.epochs * per,
+                "warmup_steps": self.warmup_epochs * per, "warmup_lr": self.lr * 0.01,
+                "lr": self.lr}  # fmt: skip
 
     @property
     def policy(self) -> ViewPolicy:

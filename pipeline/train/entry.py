@@ -29,7 +29,7 @@ from pipeline.runs import (
 )
 from pipeline.runtime import prepare_output, quiet, software_versions
 from pipeline.spec import check_keys
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import LEGACY_DEFAULTS, TrainConfig
 from pipeline.train.loop import early_stop, fit
 from pipeline.train.plan import KINDS, RunPlan, plan_run
 
@@ -82,6 +82,8 @@ def resume_training(run_dir: Path, log: Callable[[str], None] = quiet) -> ModelC
     if kind not in KINDS:
         raise ManifestError(f"{run_dir / CONFIG_FILE} is not a kdpipe training configuration "
                             f"(kind {kind!r})")  # fmt: skip
+    # an option whose default changed: an older config.json meant the old behaviour
+    saved = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in saved}, **saved}
     # JSON has no tuples: the tuple fields (hidden_sizes, crop_scale) come back as lists
     saved = {name: tuple(v) if isinstance(v, list) else v for name, v in saved.items()}
     # a run directory is relocatable: it resumes where it is now (a copy resumes the copy,
@@ -141,6 +143,7 @@ def _start(out: Path, plan: RunPlan, world: World) -> None:
     out.mkdir(parents=True)
     resolved = {"device": str(plan.device), "temperature": plan.temperature,
                 "alpha": plan.alpha, "processes": world.size,
+                "schedule": plan.config.schedule_record(plan.updates_per_epoch),
                 "cwd": os.getcwd()}  # relative paths above are relative to it  # fmt: skip
     write_json(out / CONFIG_FILE, {**asdict(plan.config), "kind": plan.kind, "resolved": resolved})
 

@@ -1,9 +1,11 @@
 """The training loop: one screen, read top to bottom (nanoGPT's shape).
 
 Per epoch: stop early? → the epoch's order → for each batch: input → task (forward
-and loss) → backward → step → account → check the loss → scheduler → score, log,
-checkpoint. What the run trains on and with which α and T was decided by the plan
-(:mod:`pipeline.train.plan`); the step is a task (:mod:`pipeline.train.step`).
+and loss) → backward → step → scheduler (per update) → account → check the loss →
+scheduler (per epoch) → score, log, checkpoint. What the run trains on and with which α
+and T was decided by the plan (:mod:`pipeline.train.plan`); the step is a task
+(:mod:`pipeline.train.step`). The schedule counts updates or epochs (``sched_on``):
+timm's ``step_update`` and ``step`` are both called, and each ignores the other's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from pathlib import Path
 
 import torch
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -84,9 +85,8 @@ def fit(
         weight_decay=config.weight_decay,
         momentum=config.momentum,
     )
-    scheduler, _ = create_scheduler_v2(optimizer, sched=config.sched, num_epochs=config.epochs,
-                                       warmup_epochs=config.warmup_epochs,
-                                       warmup_lr=config.lr * 0.01)  # fmt: skip
+    updates = plan.updates_per_epoch
+    scheduler = config.create_scheduler(optimizer, updates)  # per update or per epoch
     generator = torch.Generator().manual_seed(config.seed)
     resident = data.on_device(device, config.jitter)  # the data moved whole onto a GPU, or None
     done, rows = load_checkpoint(run_dir, model, optimizer, generator) if resume else (0, [])
@@ -117,10 +117,11 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             (output["loss"] * weight if world.active else output["loss"]).backward()
             optimizer.step()
+            scheduler.step_update((epoch - 1) * updates + batch_index + 1)  # sched_on="update"
             sums.add(output, batch["labels"], weight, batch_index)
         sums.raise_if_diverged(epoch, config.lr)  # a run without model.json stays unfinished
         totals = dict(zip(SUM_KEYS, world.all_sum(sums.sums).tolist(), strict=True))
-        scheduler.step(epoch)
+        scheduler.step(epoch)  # sched_on="epoch"
         world.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, as evaluated
         row = world.on_main(evaluation.end_epoch, epoch, lr, totals, started)
         if not world.is_main:

@@ -54,6 +54,12 @@ class RunPlan:
     online_teacher: nn.Module | None = None
     inputs: tuple[str, ...] = ()  # files the run reads: its output may not touch them
 
+    @property
+    def updates_per_epoch(self) -> int:
+        """Optimizer updates an epoch makes (the last batch may be short): what a schedule
+        stepped per update counts in. Every process steps on every batch (torchrun)."""
+        return -(-len(self.data) // self.config.batch_size)
+
 
 def plan_run(
     config: TrainConfig,

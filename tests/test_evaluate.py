@@ -1,0 +1,50 @@
+"""evaluate --per-class: each class's accuracy, the row an omitted-class experiment
+compares with (students that saw the class)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from conftest import invoke, student
+
+from pipeline.data import load_dataset
+from pipeline.evaluate import evaluate_run, per_class_accuracy
+from pipeline.runs import load_model
+from pipeline.teacher import predict_logits
+
+
+def test_per_class_accuracy_counts_each_class_apart() -> None:
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 3])
+    predicted = torch.tensor([0, 0, 1, 3, 1, 0, 3])
+    assert per_class_accuracy(predicted, labels, 4) == {
+        "class_0_accuracy": 0.5,
+        "class_1_accuracy": 0.5,
+        "class_2_accuracy": None,  # no sample of class 2: nothing measured, not 0
+        "class_3_accuracy": 1.0,
+    }
+
+
+def test_evaluate_per_class(train_cache: Path, tmp_path: Path) -> None:
+    run = tmp_path / "student"
+    assert student(train_cache, run).exit_code == 0
+    test_set = load_dataset("synthetic", "test")
+    plain = evaluate_run(run, test_set, device="cpu")
+    assert not any(c.startswith("class_") for c in plain.columns)  # only when asked
+    (row,) = evaluate_run(run, test_set, device="cpu", per_class=True).to_dict("records")
+    cpu = torch.device("cpu")
+    model, card = load_model(run, cpu)
+    predicted = predict_logits(model, test_set.images, card.data, device=cpu).argmax(-1)
+    for index in range(5):
+        inside = test_set.labels == index
+        expected = float((predicted[inside] == index).float().mean())
+        assert abs(row[f"class_{index}_accuracy"] - expected) < 1e-6
+    counts = torch.bincount(test_set.labels, minlength=5).tolist()
+    weighted = sum(row[f"class_{i}_accuracy"] * n for i, n in enumerate(counts)) / sum(counts)
+    assert abs(weighted - row["accuracy"]) < 1e-5
+    assert len({row[f"class_{i}_accuracy"] for i in range(5)}) > 1  # classes do differ
+    result = invoke("evaluate", run, "--data synthetic --per-class --format json")
+    assert result.exit_code == 0, result.output
+    (shown,) = json.loads(result.output)
+    assert shown["class_4_accuracy"] == row["class_4_accuracy"]
