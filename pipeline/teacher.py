@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.cache import COMBINE_RULES, TeacherMember
+from pipeline.cache import COMBINE_RULES, TeacherMember, Upstream, read_manifest
 from pipeline.data import ImageSet
-from pipeline.errors import CacheMismatchError, UsageError
+from pipeline.errors import CacheMismatchError, KdpipeError, UsageError
 from pipeline.inputs import DataConfig, autocast, check_channels, view_input
 from pipeline.runs import ModelCard, load_model
 
@@ -57,7 +57,8 @@ class Teacher:
             check_channels(f"teacher {source}", card.data, dataset.images)
 
     def records(self) -> list[TeacherMember]:
-        """The manifest's record of each member: what it computes and its weights' hash."""
+        """The manifest's record of each member: what it computes, its weights' hash, and for
+        a student, the chain it learned from (:func:`upstream_of`)."""
         return [
             TeacherMember(
                 architecture=card.architecture,
@@ -67,6 +68,7 @@ class Teacher:
                 num_classes=card.num_classes,
                 data_config=card.data_config,
                 run_dir=str(source),
+                lineage=upstream_of(card),
             )
             for source, card in zip(self.sources, self.cards, strict=True)
         ]
@@ -85,6 +87,25 @@ class Teacher:
             for model, card in zip(self.models, self.cards, strict=True)
         ]
         return combine_members(member_logits, temperature, combine)
+
+
+def upstream_of(card: ModelCard) -> Upstream | None:
+    """The record of the cache a student-teacher learned from, read from that cache's
+    manifest (and so carrying that cache's teachers' own records, recursively). When the
+    cache cannot be read or is another cache now, only what the card says is recorded."""
+    lineage = card.lineage
+    if lineage is None or "cache_id" not in lineage:  # trained on labels (or online)
+        return None
+    known = {"cache_id": lineage["cache_id"], "teacher_id": lineage["teacher_id"],
+             "cache_path": str(lineage["cache_path"])}  # fmt: skip
+    try:
+        manifest = read_manifest(lineage["cache_path"])
+    except KdpipeError:
+        manifest = None
+    if manifest is None or manifest.cache_id != lineage["cache_id"]:
+        return Upstream(**known, combine=None, dataset=None, teachers=None)
+    return Upstream(**known, combine=manifest.combine, dataset=manifest.dataset,
+                    teachers=manifest.teachers)  # fmt: skip
 
 
 def load_teacher(sources: Sequence[str | Path], device: torch.device) -> Teacher:

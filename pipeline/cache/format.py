@@ -70,6 +70,66 @@ def _digest(payload: Any) -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Upstream:
+    """Where a member that is itself a student learned from: the cache it was trained on,
+    with that cache's own teachers (and so, recursively, theirs). Recorded in the manifest
+    so that ``kdpipe lineage`` can walk a chain back to its first teacher after the run
+    directories in the middle of it are gone. ``combine``, ``dataset`` and ``teachers``
+    are None when the upstream cache could not be read when this cache was written."""
+
+    cache_id: str
+    teacher_id: str
+    cache_path: str
+    combine: str | None
+    dataset: dict | None  # name, split, fingerprint of the upstream cache
+    teachers: tuple[TeacherMember, ...] | None
+
+    def to_dict(self) -> dict:
+        return {
+            "cache_id": self.cache_id,
+            "teacher_id": self.teacher_id,
+            "cache_path": self.cache_path,
+            "combine": self.combine,
+            "dataset": self.dataset,
+            "teachers": None
+            if self.teachers is None
+            else [member.to_dict() for member in self.teachers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Upstream:
+        check_object(data, where)
+        check_keys(data, cls, where)
+        teachers = _check(data, "teachers", (list, type(None)), where)
+        combine = _check(data, "combine", (str, type(None)), where)
+        if combine is not None and combine not in COMBINE_RULES:
+            raise ManifestError(f"{where}: combine {combine!r} is not one of "
+                                f"{', '.join(COMBINE_RULES)}")  # fmt: skip
+        if teachers is not None and (not teachers or combine is None):
+            raise ManifestError(f"{where}: teachers need a combine rule and at least one member")
+        return cls(
+            cache_id=_check(data, "cache_id", str, where),
+            teacher_id=_check(data, "teacher_id", str, where),
+            cache_path=_check(data, "cache_path", str, where),
+            combine=combine,
+            dataset=_check(data, "dataset", (dict, type(None)), where),
+            teachers=None
+            if teachers is None
+            else tuple(
+                TeacherMember.from_dict(t, f"{where}: teachers[{i}]")
+                for i, t in enumerate(teachers)
+            ),
+        )
+
+    def consistent(self) -> bool:
+        """The recorded teacher_id is the one its recorded teachers give (True when the
+        teachers were not recorded: nothing to contradict it)."""
+        if self.teachers is None:
+            return True
+        return derive_teacher_id(list(self.teachers), self.combine) == self.teacher_id
+
+
+@dataclass(frozen=True, kw_only=True)
 class TeacherMember:
     """One teacher network: enough to rebuild it and to check its weights."""
 
@@ -80,14 +140,22 @@ class TeacherMember:
     num_classes: int
     data_config: dict  # input_size, mean, std
     run_dir: str  # where it was loaded from; a hint, the hash is the identity
+    # a student used as a teacher: the cache it learned from (None: trained on labels).
+    # Provenance, not identity: the weights hash already names the teacher, so neither
+    # teacher_id nor cache_id depends on it
+    lineage: Upstream | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = {name: getattr(self, name) for name in _MEMBER_FIELDS}
+        if self.lineage is not None:  # absent, not null: generation-0 records stay as they were
+            data["lineage"] = self.lineage.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "teacher") -> TeacherMember:
         check_object(data, where)
         check_keys(data, cls, where, require=False)  # a missing field is named as it is read
+        lineage = data.get("lineage")
         return cls(
             architecture=_check(data, "architecture", str, where),
             weights_sha256=_check(data, "weights_sha256", str, where),
@@ -96,7 +164,28 @@ class TeacherMember:
             num_classes=_check(data, "num_classes", int, where),
             data_config=_check(data, "data_config", dict, where),
             run_dir=_check(data, "run_dir", str, where),
+            lineage=None if lineage is None else Upstream.from_dict(lineage, f"{where}: lineage"),
         )
+
+    @property
+    def generation(self) -> int | None:
+        """0: trained on labels; 1 + its teacher's generation for a student; None when the
+        chain above it was not recorded."""
+        if self.lineage is None:
+            return 0
+        return _generation(self.lineage.teachers)
+
+
+_MEMBER_FIELDS = ("architecture", "weights_sha256", "param_count", "model_kwargs",
+                  "num_classes", "data_config", "run_dir")  # fmt: skip
+
+
+def _generation(members: tuple[TeacherMember, ...] | None) -> int | None:
+    """One more than the highest generation of a cache's teachers (None: unknown)."""
+    if members is None:
+        return None
+    generations = [member.generation for member in members]
+    return None if None in generations else 1 + max(generations)
 
 
 def derive_teacher_id(members: list[TeacherMember], combine: str) -> str:
@@ -148,6 +237,13 @@ class Manifest:
         data = asdict(self)
         data["teachers"] = [member.to_dict() for member in self.teachers]
         return data
+
+    @property
+    def teacher_generation(self) -> int | None:
+        """The generation of the cache's teacher: 0 trained on labels, 1 a student of a
+        generation-0 cache, ... (the highest of an ensemble's members; None: unknown)."""
+        generations = [member.generation for member in self.teachers]
+        return None if None in generations else max(generations)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "manifest") -> Manifest:
