@@ -200,6 +200,53 @@ def derive_teacher_id(members: list[TeacherMember], combine: str) -> str:
     return _digest({"members": identities, "combine": combine if len(members) > 1 else "single"})
 
 
+LAYER_KINDS = ("features", "attention")
+FEATURE_DTYPE = "float16"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CachedLayer:
+    """One cached intermediate output of the teacher: its array holds, per row and view,
+    the layer's output (``features``) or its attention map (``attention``, Zagoruyko &
+    Komodakis 2017: the channel mean of the squared activations, flattened, L2-normalised)
+    for exactly the view the logits are for, from the same forward pass."""
+
+    name: str  # the layer: a module name of the teacher's feature_info, or "pre_logits"
+    kind: str  # features or attention
+    array: str  # the array's name in the group
+    shape: list  # per row and view: (C, H, W), (D,), (L, D); (H*W,) for attention
+    pooling: str  # "none", or "adaptive-avg GxG" (--feature-grid)
+    dtype: str = FEATURE_DTYPE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> CachedLayer:
+        check_object(data, where)
+        check_keys(data, cls, where)
+        layer = cls(**{name: _check(data, name, kind, where) for name, kind in (
+            ("name", str), ("kind", str), ("array", str), ("shape", list), ("pooling", str),
+            ("dtype", str))})  # fmt: skip
+        if layer.kind not in LAYER_KINDS:
+            raise ManifestError(f"{where}: kind {layer.kind!r} is not one of features, attention")
+        if layer.dtype != FEATURE_DTYPE:
+            raise ManifestError(f"{where}: dtype {layer.dtype!r} is not {FEATURE_DTYPE}")
+        if layer.array != layer_array(layer.kind, layer.name):
+            raise ManifestError(f"{where}: array {layer.array!r} is not "
+                                f"{layer_array(layer.kind, layer.name)!r}")  # fmt: skip
+        if not layer.shape or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in layer.shape
+        ):
+            raise ManifestError(f"{where}: shape {layer.shape!r} is not a list of sizes >= 1")
+        return layer
+
+
+def layer_array(kind: str, name: str) -> str:
+    """The array a cached layer is stored in: ``feature_NAME`` or ``attention_NAME``."""
+    return f"{'feature' if kind == 'features' else 'attention'}_{name}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
     """Everything that produced a cache, and whether it is finished."""
@@ -232,11 +279,22 @@ class Manifest:
     # the teacher's forward precision: "float32", or "bfloat16" (autocast, on CUDA by
     # default); a cache written before this field existed was float32
     precision: str = "float32"
+    # intermediate outputs cached beside the logits (--features, --attention); absent from
+    # the manifest when there are none, so a cache without them is what it was
+    features: tuple[CachedLayer, ...] = ()
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["teachers"] = [member.to_dict() for member in self.teachers]
+        if self.features:
+            data["features"] = [layer.to_dict() for layer in self.features]
+        else:
+            del data["features"]
         return data
+
+    def layer(self, kind: str, name: str) -> CachedLayer | None:
+        """The cached layer of ``kind`` named ``name``, or None."""
+        return next((x for x in self.features if (x.kind, x.name) == (kind, name)), None)
 
     @property
     def teacher_generation(self) -> int | None:
@@ -289,6 +347,7 @@ class Manifest:
             created=_check(data, "created", str, where),
             completed=_check(data, "completed", (str, type(None)), where),
             precision=_check(data, "precision", str, where) if "precision" in data else "float32",
+            features=_parse_layers(data, where),
         )
         for name, value, allowed in (
             ("status", manifest.status, STATUSES),
@@ -362,7 +421,23 @@ class Manifest:
             "storage": self.storage,
             # only when not float32, so that the ids of float32 caches stay what they were
             **({"precision": self.precision} if self.precision != "float32" else {}),
+            # only with cached layers: the ids of caches without them stay what they were
+            **({"features": [x.to_dict() for x in self.features]} if self.features else {}),
         }
+
+
+def _parse_layers(data: dict, where: str) -> tuple[CachedLayer, ...]:
+    """The manifest's optional ``features``: each layer parsed strictly, none twice."""
+    if "features" not in data:
+        return ()
+    layers = tuple(
+        CachedLayer.from_dict(layer, f"{where}: features[{i}]")
+        for i, layer in enumerate(_check(data, "features", list, where))
+    )
+    arrays = [layer.array for layer in layers]
+    if len(set(arrays)) != len(arrays):
+        raise ManifestError(f"{where}: features lists one layer twice ({', '.join(arrays)})")
+    return layers
 
 
 def manifest_checksum(data: dict) -> str:
@@ -408,6 +483,7 @@ def describe_differences(existing: Manifest, wanted: Manifest) -> list[str]:
         "chunk_size",
         "preprocessing",
         "precision",
+        "features",
     ):
         old, new = getattr(existing, name), getattr(wanted, name)
         if old != new:
@@ -430,4 +506,6 @@ def array_specs(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], str, int
         "indices": ((n,), "int64", -1),
         "views": ((n, v, len(VIEW_FIELDS)), "float32", 0.0),
         "partners": ((n, v), "int64", -1),
+        # last, so that the digests of the arrays above keep their positions
+        **{x.array: ((n, v, *x.shape), x.dtype, 0.0) for x in manifest.features},
     }

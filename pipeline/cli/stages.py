@@ -20,6 +20,7 @@ from pipeline.cli.base import (
     main,
     parse_bytes,
     parse_classes,
+    parse_names,
     reports_errors,
     say,
     training_options,
@@ -112,6 +113,29 @@ def train_teacher_command(**options: Any) -> None:
     is_flag=True,
     help="Store no labels: students learn from the teacher alone (alpha 0).",
 )
+@click.option(
+    "--features",
+    callback=parse_names,
+    default=None,
+    metavar="NAME[,NAME...]",
+    help="Also store the teacher's outputs at these layers (feature_info module names, their "
+    "indices, or pre_logits), float16, per sample and view.",
+)
+@click.option(
+    "--attention",
+    callback=parse_names,
+    default=None,
+    metavar="NAME[,NAME...]",
+    help="Also store the attention map (channel mean of squares, L2-normalised) of these "
+    "spatial layers.",
+)
+@click.option(
+    "--feature-grid",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="G",
+    help="Average-pool spatial maps (and attention maps) to G x G [default: as they are].",
+)
 @DEVICE_OPTION
 @PRECISION_OPTION
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
@@ -132,7 +156,8 @@ def cache_teacher_command(
 
     With --views V, each sample gets V augmented views (--augment, --mix): the
     teacher labels each, and their parameters are stored so that students
-    replay exactly the images the teacher saw.
+    replay exactly the images the teacher saw. --features and --attention store
+    intermediate layers of the same forward passes beside the log-probabilities.
     """
     from pipeline.teach import CacheConfig, cache_teacher
     from pipeline.views import ViewPolicy
