@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zarr
-from conftest import cache
+from conftest import cache, invoke, student
 
 from pipeline.cache import array_specs, load_soft_labels, read_manifest
 from pipeline.data import load_dataset
@@ -139,3 +139,106 @@ def test_bad_layer_requests_are_one_clear_line(
     (line,) = [x for x in result.output.splitlines() if x.startswith("Error")]
     assert message in line
     assert not (tmp_path / "x.zarr").exists()
+
+
+def _patch_load_model(monkeypatch: pytest.MonkeyPatch, forbidden: Path) -> None:
+    """Every module's load_model fails on ``forbidden`` (the teacher's run directory)."""
+    import sys
+
+    import pipeline.runs
+
+    original = pipeline.runs.load_model
+
+    def guarded(run_dir: Path, *args: object, **kwargs: object) -> object:
+        assert Path(run_dir).resolve() != forbidden.resolve(), "the teacher was loaded"
+        return original(run_dir, *args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("pipeline") and getattr(module, "load_model", None) is original:
+            monkeypatch.setattr(module, "load_model", guarded)
+
+
+def test_a_feature_student_trains_without_its_teacher_and_saves_no_projector(
+    feature_cache: Path, teacher_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+
+    from pipeline.models import create_model
+
+    _patch_load_model(monkeypatch, teacher_run)
+    runs = {}
+    for name, options in (
+        ("plain", ""),
+        ("hint", "--feature-loss hint --student-layer pre_logits --teacher-layer pre_logits"),
+        ("attention", "--feature-loss attention --feature-weight 100 --student-layer 1 "
+         "--teacher-layer features.7"),
+    ):  # fmt: skip
+        out = tmp_path / name
+        result = student(feature_cache, out, f"--alpha 0.5 --model kd_cnn {options}")
+        assert result.exit_code == 0, result.output
+        _, card = load_model(out)
+        saved = safetensors.torch.load_file(str(out / "model.safetensors"))
+        fresh = create_model("kd_cnn", num_classes=5, data_config=card.data).state_dict()
+        assert set(saved) == set(fresh)  # the projector is not part of the model
+        runs[name] = card.weights_sha256
+    assert len(set(runs.values())) == 3  # each feature term changed what was learned
+
+
+def test_a_resumed_feature_run_ends_where_an_uninterrupted_one_does(
+    feature_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The projector is in the checkpoints: stopped after epoch 1 and resumed, a feature
+    run ends with the weights of the run that was not stopped."""
+    import pipeline.train.loop as loop
+    from pipeline.runs import read_card
+
+    options = "--alpha 0.5 --feature-loss hint --student-layer 0 --teacher-layer features.3"
+    options += " --model kd_cnn"
+    assert student(feature_cache, tmp_path / "whole", options).exit_code == 0
+
+    class Killed(Exception):
+        pass
+
+    saved = loop.save_checkpoint
+
+    def save_then_die(run_dir: Path, epoch: int, state: object, *args: object) -> None:
+        assert "term.projector.weight" in state.state_dict()
+        saved(run_dir, epoch, state, *args)
+        raise Killed
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        student(feature_cache, tmp_path / "stopped", options)
+    monkeypatch.setattr(loop, "save_checkpoint", saved)
+    assert invoke("train-student --resume", tmp_path / "stopped").exit_code == 0
+    stopped, whole = (read_card(tmp_path / n).weights_sha256 for n in ("stopped", "whole"))
+    assert stopped == whole
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("--feature-loss hint --student-layer 0 --teacher-layer pre_logits",
+         "holds no cached layers; make one with cache-teacher --features NAME"),
+        ("--feature-loss hint --student-layer fc9 --teacher-layer pre_logits",
+         "student kd_mlp_30x2 has no layer 'fc9': valid layers are features.2, features.5, "
+         "pre_logits"),
+        ("--feature-loss hint --student-layer 0 --teacher-layer features.3",
+         "outputs (30,), teacher layer features.3 (32, 2, 2): a projector maps a spatial map"),
+        ("--feature-loss attention --student-layer 0 --teacher-layer features.7",
+         "attention transfer needs a spatial map (C, H, W)"),
+        ("--feature-loss hint --student-layer 0 --teacher-layer features.7",
+         "has no cached features of that layer (--feature-loss hint); it has features.3 "
+         "(features), pre_logits (features), features.7 (attention)"),
+        ("--student-layer 0", "--student-layer and --teacher-layer go with --feature-loss"),
+    ],
+)  # fmt: skip
+def test_bad_feature_loss_options_are_one_clear_line(
+    feature_cache: Path, train_cache: Path, tmp_path: Path, options: str, message: str
+) -> None:
+    soft = train_cache if "no cached layers" in message else feature_cache
+    result = student(soft, tmp_path / "s", f"--alpha 0.5 {options}")
+    assert result.exit_code != 0
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error")]
+    assert message in line
+    assert not (tmp_path / "s").exists()  # refused before the run directory was made

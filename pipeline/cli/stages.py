@@ -191,10 +191,40 @@ def cache_teacher_command(
     "streamed: chunks in a shuffled order, rows shuffled within windows of chunks  "
     "[default: read it whole].",
 )
+@click.option(
+    "--feature-loss",
+    type=click.Choice(["hint", "cosine", "attention"]),
+    default=None,
+    help="Add a feature term: FitNets hint (MSE), cosine, or attention transfer, between "
+    "--student-layer (through a learned projector) and the cache's --teacher-layer.",
+)
+@click.option(
+    "--feature-weight",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    metavar="BETA",
+    help="Weight of the feature term: loss = distillation loss + BETA * feature loss.",
+)
+@click.option(
+    "--student-layer",
+    default=None,
+    metavar="NAME",
+    help="The student's layer (feature_info module name, its index, or pre_logits).",
+)
+@click.option(
+    "--teacher-layer",
+    default=None,
+    metavar="NAME",
+    help="The teacher's layer, as the cache names it (cache-teacher --features/--attention).",
+)
 @training_options
 @reports_errors
 def train_student_command(**options: Any) -> None:
     """Train a student from a cache: α·CE + (1−α)·T²·KL(p_teacher ‖ p_student).
+
+    With --feature-loss, plus β times a loss between a student layer, mapped by a
+    learned projector (trained with the student, not saved), and the teacher's
+    layer cached for the same view. The teacher is never loaded.
 
     --model, --data, --cache, --alpha, --epochs and --out are required, unless
     --resume RUN_DIR continues an unfinished run.
