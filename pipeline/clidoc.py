@@ -65,7 +65,14 @@ INTRODUCTIONS = {
         "chunks of its own; the store is byte-identical to a one-process run, and a partial "
         "store resumes with any number of processes. `--precision auto` runs the teacher in "
         "bf16 autocast on CUDA (recorded in the manifest as `precision`; it is part of the "
-        "`cache_id`) and in float32 on the CPU."
+        "`cache_id`) and in float32 on the CPU. `--features NAME[,NAME…]` also stores the "
+        "teacher's outputs at named layers (timm's `feature_info` module names, their indices, "
+        "or `pre_logits`), and `--attention NAME` their attention maps (Zagoruyko & Komodakis "
+        "2017), captured in the same forward as each view's logits, float16, per row and view, "
+        "chunked and position-digested like the other arrays; `--feature-grid G` average-pools "
+        "spatial maps to G×G. A student run directory works as a teacher (`--teacher "
+        "STUDENT_RUN`, a teacher assistant or a born-again generation): the manifest then "
+        "records the chain it learned from, back to the first teacher."
     ),
     "train-student": (
         "Stage two. Trains a student from a cache with "
@@ -88,7 +95,12 @@ INTRODUCTIONS = {
         "directory. `--workers N` builds batches ahead in N DataLoader processes (pinned for "
         "non-blocking copies on CUDA); `--precision auto` is bf16 autocast on CUDA. "
         "`--log tensorboard|mlflow` watches the run as `train-teacher`'s does, with the "
-        "`cache_id` and `teacher_id` among its parameters. The same training from your own "
+        "`cache_id` and `teacher_id` among its parameters. `--feature-loss hint|cosine|"
+        "attention --feature-weight β --student-layer NAME --teacher-layer NAME` adds β times a "
+        "feature loss (FitNets' hint, cosine, attention transfer) between a student layer, "
+        "mapped to the teacher's by a learned 1×1 convolution or linear projector (trained with "
+        "the student, kept in its checkpoints, not in the saved model), and the teacher's layer "
+        "as the cache holds it for the same view. The same training from your own "
         "loop: `pipeline.DistillationDataset` and `pipeline.distillation_loss` "
         "([python-api.md](python-api.md))."
     ),
@@ -157,13 +169,18 @@ INTRODUCTIONS = {
     "caches": (
         "Lists every kdpipe cache at or below the given paths with what produced it: "
         "`cache_id`, status, `teacher_id`, each teacher as `architecture@weights-hash`, "
-        "dataset, split, samples, views, classes, T, storage kind, dtype, size on disk and "
-        "creation time. A cache whose manifest cannot be read is listed as `unreadable`."
+        "the teacher's `generation` (0 trained on labels, 1 a student of a generation-0 cache, "
+        "...), dataset, split, samples, views, classes, T, storage kind, dtype, size on disk "
+        "and creation time. A cache whose manifest cannot be read is listed as `unreadable`."
     ),
     "lineage": (
-        "Follows a run back: student → cache → teacher(s) → dataset. Each link is "
-        "`verified` (the file is where the record says and its hash, recomputed, matches), "
-        "`missing` (not found) or `MISMATCH` (found, but with other content; exit status 1)."
+        "Follows a run back: student → cache → teacher(s) → their cache → their teachers … → "
+        "dataset, through every generation to the first teacher. Each link is `verified` (the "
+        "file is where the record says and its hash, recomputed, matches), `missing` (not "
+        "found), `recorded` (a cache that is gone, known from the manifest downstream, its "
+        "`teacher_id` re-derived from the recorded teachers) or `MISMATCH` (found, but with "
+        "other content; exit status 1). The walk goes on from the manifests' records where a "
+        "run directory or a cache in the middle of the chain is gone."
     ),
 }
 

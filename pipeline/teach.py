@@ -332,9 +332,10 @@ class TeacherChunks:
         if len(bad):
             samples = ", ".join(str(int(chunk_rows[int(i)])) for i in bad[:10])
             more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+            where = " (in its logits or cached layers)" if layers else ""
             raise TeacherOutputError(
-                f"the teacher produced NaN or Inf (logits or cached layers) for sample(s) "
-                f"{samples}{more}; {config.out} is left incomplete"
+                f"the teacher produced NaN or Inf{where} for sample(s) {samples}{more}; "
+                f"{config.out} is left incomplete"
             )
         return {
             **self.layout.encode(values),
