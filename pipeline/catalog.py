@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pandas as pd
 
-from pipeline.cache import MANIFEST_KEY, read_manifest
+from pipeline.cache import MANIFEST_KEY, TeacherMember, Upstream, read_manifest
 from pipeline.data import load_dataset
 from pipeline.errors import KdpipeError, RunDirError
 from pipeline.runs import load_model, read_card
@@ -20,6 +20,7 @@ CATALOG_COLUMNS = [
     "status",
     "teacher_id",
     "teachers",
+    "generation",
     "dataset",
     "split",
     "samples",
@@ -81,6 +82,8 @@ def catalog(paths: Iterable[Path]) -> pd.DataFrame:
                 "teachers": " + ".join(
                     f"{t.architecture}@{t.weights_sha256[:8]}" for t in m.teachers
                 ),
+                # of the teacher: 0 trained on labels, 1 a student of a generation-0 cache...
+                "generation": m.teacher_generation,
                 "dataset": m.dataset["name"],
                 "split": m.dataset["split"],
                 "samples": m.num_samples,
@@ -103,11 +106,15 @@ def lineage(
     image_size: int | None = None,
     channels: int | None = None,
 ) -> pd.DataFrame:
-    """The chain run → cache → teacher(s) → dataset, each link checked where its files are.
+    """The chain run → cache → teacher(s) → (their cache → their teachers → ...) →
+    dataset, back to the first teacher, each link checked where its files are.
 
     ``verified``: the file is there and its hash was recomputed and matches;
     ``missing``: the file is not where the record says; ``MISMATCH``: it is
-    there but its content is not what the record says. An exported ``.onnx``
+    there but its content is not what the record says; ``recorded``: a cache that is
+    gone, known from the manifest downstream of it (its teacher_id re-derived from its
+    recorded teachers). The walk goes on through records when a run directory or a
+    cache in the middle of the chain is gone. An exported ``.onnx``
     file starts the chain: file → run → cache → teacher(s) → dataset.
     """
     if Path(run_dir).suffix == ".onnx":
@@ -132,46 +139,81 @@ def lineage(
         )
     except RunDirError as exc:
         link(card.kind, str(run_dir), card.weights_sha256[:16], "MISMATCH", str(exc))
-    if card.lineage is None:  # a teacher: trained on labels, its dataset ends the chain
+    if card.lineage is None or "cache_id" not in card.lineage:  # trained on labels (or online)
         _dataset_link(link, card.dataset, load)
         return pd.DataFrame(rows)
-    cache_path = card.lineage["cache_path"]  # a folder or an fsspec URL
+    datasets: list[dict] = []
+    _walk_cache(link, card.lineage["cache_id"], card.lineage["cache_path"], None, datasets)
+    for record in datasets or [card.dataset]:
+        _dataset_link(link, record, load)
+    return pd.DataFrame(rows)
+
+
+def _walk_cache(
+    link: Callable[..., None],
+    cache_id: str,
+    cache_path: str,
+    record: Upstream | None,
+    datasets: list[dict],
+) -> None:
+    """The cache ``cache_id`` (at ``cache_path``, or as ``record`` describes it when it is
+    gone), then each of its teachers and, for a student teacher, its own cache."""
+    teachers, dataset = None, None
     try:
         manifest = read_manifest(cache_path)
     except KdpipeError as exc:
-        link("cache", str(cache_path), card.lineage["cache_id"], "missing", str(exc))
-        _dataset_link(link, card.dataset, load)
-        return pd.DataFrame(rows)
-    same = manifest.cache_id == card.lineage["cache_id"]
-    link(
-        "cache",
-        str(cache_path),
-        manifest.cache_id,
-        "verified" if same else "MISMATCH",
-        "cache_id matches the run's record"
-        if same
-        else f"the run learned from cache {card.lineage['cache_id']}, this is {manifest.cache_id}",
-    )
-    for member in manifest.teachers:
-        try:
-            _, teacher = load_model(Path(member.run_dir))
-        except RunDirError as exc:
-            status = "MISMATCH" if Path(member.run_dir, "model.json").is_file() else "missing"
-            link("teacher", member.run_dir, member.weights_sha256[:16], status, str(exc))
-            continue
-        same = teacher.weights_sha256 == member.weights_sha256
-        link(
-            "teacher",
-            member.run_dir,
-            member.weights_sha256[:16],
-            "verified" if same else "MISMATCH",
-            "weights hash recomputed"
-            if same
-            else f"the cache was made by weights {member.weights_sha256[:16]}, these are "
-            f"{teacher.weights_sha256[:16]}",
-        )
-    _dataset_link(link, manifest.dataset, load)
-    return pd.DataFrame(rows)
+        manifest, problem = None, str(exc)
+    if manifest is not None and manifest.cache_id == cache_id:
+        link("cache", str(cache_path), cache_id, "verified", "cache_id matches the record")
+        teachers, dataset = manifest.teachers, manifest.dataset
+    elif manifest is not None:
+        link("cache", str(cache_path), cache_id, "MISMATCH",
+             f"the record says cache {cache_id}, this is {manifest.cache_id}")  # fmt: skip
+    elif record is not None and record.teachers is not None:
+        consistent = record.consistent()
+        link("cache", str(cache_path), cache_id, "recorded" if consistent else "MISMATCH",
+             f"gone ({problem}); known from the manifest downstream, teacher_id "
+             + ("re-derived from its recorded teachers" if consistent
+                else "is not the one its recorded teachers give"))  # fmt: skip
+    else:
+        link("cache", str(cache_path), cache_id, "missing", problem)
+    if teachers is None and record is not None:  # the live cache is gone or is another one
+        teachers, dataset = record.teachers, record.dataset
+    for member in teachers or ():
+        learned = _teacher_link(link, member)
+        if member.lineage is not None:
+            up = member.lineage
+            _walk_cache(link, up.cache_id, up.cache_path, up, datasets)
+        elif learned is not None:  # a cache written before members recorded their lineage
+            _walk_cache(link, learned["cache_id"], learned["cache_path"], None, datasets)
+    if dataset is not None and dataset not in datasets:
+        datasets.append(dataset)
+
+
+def _teacher_link(link: Callable[..., None], member: TeacherMember) -> dict | None:
+    """A teacher run directory, its weights hash recomputed, and the cache its card says
+    it learned from compared with the manifest's record of it: that cache's lineage (as
+    the card has it) when the run is there and learned from a cache."""
+    try:
+        _, teacher = load_model(Path(member.run_dir))
+    except RunDirError as exc:
+        status = "MISMATCH" if Path(member.run_dir, "model.json").is_file() else "missing"
+        link("teacher", member.run_dir, member.weights_sha256[:16], status, str(exc))
+        return None
+    card_lineage = teacher.lineage if teacher.lineage and "cache_id" in teacher.lineage else None
+    learned = card_lineage["cache_id"] if card_lineage else None
+    recorded = member.lineage.cache_id if member.lineage is not None else None
+    if teacher.weights_sha256 != member.weights_sha256:
+        detail = (f"the cache was made by weights {member.weights_sha256[:16]}, these are "
+                  f"{teacher.weights_sha256[:16]}")  # fmt: skip
+    elif recorded is not None and learned != recorded:
+        detail = f"the run learned from cache {learned}, the manifest records {recorded}"
+    else:
+        link("teacher", member.run_dir, member.weights_sha256[:16], "verified",
+             "weights hash recomputed")  # fmt: skip
+        return card_lineage
+    link("teacher", member.run_dir, member.weights_sha256[:16], "MISMATCH", detail)
+    return None
 
 
 def _dataset_link(link, record: dict, load: dict) -> None:

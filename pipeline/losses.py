@@ -58,3 +58,58 @@ def distillation_loss(
     if alpha > 0:
         loss = alpha * terms["hard"] + loss
     return {"loss": loss, **terms, "soft": soft}
+
+
+FEATURE_LOSSES = ("hint", "cosine", "attention")
+
+
+def hint_loss(projected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    r"""Romero et al. (2015), "FitNets: Hints for Thin Deep Nets": the regressor's output
+    on the student's guided layer against the teacher's hint layer,
+
+    .. math:: L_{HT} = \frac{1}{N |S|} \sum_i \lVert r(s_i) - t_i \rVert_2^2
+
+    the mean squared error over the batch and every element of the hint (FitNets write
+    ½‖·‖², summed; the mean keeps β independent of the layer's size). ``projected`` is
+    :math:`r(s)`, the learned projector applied to the student's layer.
+    """
+    return F.mse_loss(projected.float(), teacher.float())
+
+
+def cosine_feature_loss(projected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    r"""One minus the cosine similarity of the projected student layer and the teacher's,
+    each flattened per sample, averaged over the batch:
+
+    .. math:: L = \frac{1}{N} \sum_i \Big(1 - \frac{r(s_i) \cdot t_i}
+              {\lVert r(s_i) \rVert_2 \, \lVert t_i \rVert_2}\Big)
+
+    Scale-free, unlike the hint: only the direction of the features is matched.
+    """
+    similarity = F.cosine_similarity(projected.float().flatten(1), teacher.float().flatten(1))
+    return (1.0 - similarity).mean()
+
+
+def attention_transfer_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+    r"""Zagoruyko & Komodakis (2017), "Paying More Attention to Attention" (attention
+    transfer): with :math:`Q = \mathrm{vec}(\frac{1}{C}\sum_c A_c^2)` the flattened
+    spatial attention map of a layer (:func:`pipeline.features.attention_map`),
+
+    .. math:: L_{AT} = \frac{1}{N\,HW} \sum_i \Big\lVert \frac{Q_s^i}{\lVert Q_s^i \rVert_2}
+              - \frac{Q_t^i}{\lVert Q_t^i \rVert_2} \Big\rVert_2^2
+
+    the mean squared difference of the L2-normalised maps, as in the authors' code
+    (``(at(x) - at(y)).pow(2).mean()``; they weight it by β = 10³). The maps are
+    normalised here again, so unnormalised maps give the same loss.
+    """
+    student = F.normalize(student_map.float().flatten(1), dim=1)
+    teacher = F.normalize(teacher_map.float().flatten(1), dim=1)
+    return (student - teacher).pow(2).mean()
+
+
+def feature_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The feature term named by ``--feature-loss``."""
+    losses = {"hint": hint_loss, "cosine": cosine_feature_loss,
+              "attention": attention_transfer_loss}  # fmt: skip
+    if kind not in losses:
+        raise ValueError(f"feature loss {kind!r} is not one of {', '.join(FEATURE_LOSSES)}")
+    return losses[kind](student, teacher)

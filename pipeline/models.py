@@ -48,9 +48,24 @@ class MLP(nn.Module):
         self.features = nn.Sequential(*layers)
         self.num_features = width_in
         self.head = nn.Linear(width_in, num_classes)
+        # timm's description of the named layers (each hidden layer's ReLU output), so that
+        # cache-teacher --features and train-student --student-layer can name them
+        self.feature_info = [
+            {"module": f"features.{2 + 3 * i}", "num_chs": width, "reduction": 1}
+            for i, width in enumerate(hidden_sizes)
+        ]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.head(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.forward_head(self.forward_features(x))
 
 
 class SmallCNN(nn.Module):
@@ -87,9 +102,23 @@ class SmallCNN(nn.Module):
         )
         self.num_features = hidden
         self.head = nn.Linear(hidden, num_classes)
+        # the output of each conv stage (after its pooling), as timm names stages
+        self.feature_info = [
+            {"module": "features.3", "num_chs": c1, "reduction": 2},
+            {"module": "features.7", "num_chs": c2, "reduction": 4},
+        ]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.head(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kwargs: object) -> dict:

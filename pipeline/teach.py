@@ -25,6 +25,7 @@ from pipeline.cache import (
     STATUS_WRITING,
     VALUES,
     VIEW_COLUMNS,
+    CachedLayer,
     CacheWriter,
     Layout,
     Location,
@@ -47,6 +48,7 @@ from pipeline.errors import (
     TeacherOutputError,
     UsageError,
 )
+from pipeline.features import LayerRequest, LayerTaps
 from pipeline.inputs import resolve_precision
 from pipeline.runtime import (
     check_disjoint,
@@ -81,6 +83,10 @@ class CacheConfig:
     subset: float | None = None
     exclude_classes: tuple[int, ...] = ()
     ignore_labels: bool = False
+    # intermediate outputs cached beside the logits (issue 16): layer names of the teacher
+    features: tuple[str, ...] = ()
+    attention: tuple[str, ...] = ()
+    feature_grid: int | None = None  # spatial maps average-pooled to G x G
 
     def validate(self) -> None:
         if not self.teachers:
@@ -116,6 +122,8 @@ def cache_teacher(
     device = resolve_device(config.device)
     teacher = load_teacher(config.teachers, device)
     teacher.check(dataset)
+    requests = teacher.layer_requests(config.features, config.attention, config.feature_grid)
+    layers = teacher.layer_records(requests, device)
     check_disjoint(out, [*config.teachers, source_folder(dataset)])
     layout = layout_for(config.top_k, len(teacher.classes))
     labeled = dataset.labeled and not config.ignore_labels
@@ -128,10 +136,10 @@ def cache_teacher(
         num_classes=len(teacher.classes),
         seed=config.seed,
     )
-    manifest = _new_manifest(config, dataset, teacher, layout, rows, labeled, device)
+    manifest = _new_manifest(config, dataset, teacher, layout, rows, labeled, device, layers)
     with single_writer(out, world):
         manifest, wrote = _pass(config, out, manifest, teacher, layout, dataset, rows, labeled,
-                                device, world, log)  # fmt: skip
+                                device, world, log, requests)  # fmt: skip
     if not wrote:
         return manifest  # complete already: open_writer said so
     accuracy = (
@@ -159,6 +167,7 @@ def _pass(
     device: torch.device,
     world: World,
     log: Callable[[str], None],
+    requests: list[LayerRequest],
 ) -> tuple[Manifest, bool]:
     """Open (or resume) the store, write every chunk still to write, mark it complete:
     (the manifest, whether anything was written)."""
@@ -179,7 +188,7 @@ def _pass(
     )
     labels = dataset.labels[torch.from_numpy(rows)] if labeled else torch.full((len(rows),), -1)
     chunks = TeacherChunks(config, teacher, layout, dataset, rows, labels, params, partners,
-                           manifest, device)  # fmt: skip
+                           manifest, device, tuple(requests))  # fmt: skip
     _write_chunks(writer, chunks, world, log)
     manifest = world.on_main(
         lambda: writer.finish(teacher_accuracy=teacher_accuracy(writer) if labeled else None)
@@ -217,6 +226,7 @@ def _new_manifest(
     rows: np.ndarray,
     labeled: bool,
     device: torch.device,
+    layers: list[CachedLayer],
 ) -> Manifest:
     """The manifest of the cache these arguments make, its ``cache_id`` derived."""
     members = teacher.records()
@@ -256,6 +266,7 @@ def _new_manifest(
         created=utc_now(),
         completed=None,
         precision=resolve_precision(device, config.precision),
+        features=tuple(layers),
     )
     return replace(manifest, cache_id=derive_cache_id(manifest))
 
@@ -275,6 +286,7 @@ class TeacherChunks:
     partners: np.ndarray  # (rows, views)
     manifest: Manifest
     device: torch.device
+    requests: tuple[LayerRequest, ...] = ()  # the teacher's layers cached beside the logits
 
     def rows_of(self, index: int) -> slice:
         step = self.manifest.chunk_size
@@ -289,27 +301,40 @@ class TeacherChunks:
             self.partners[mine],
         )
         values = torch.empty(len(chunk_rows), config.views, len(self.teacher.classes))
-        for view in range(config.views):
-            values[:, view] = self.teacher.log_probs(
-                self.dataset.images,
-                config.temperature,
-                config.combine,
-                rows=chunk_rows,
-                params=None if config.policy.is_identity else chunk_params[:, view],
-                partners=chunk_partners[:, view],
-                device=self.device,
-                batch_size=config.batch_size,
-                precision=self.manifest.precision,
-            )
-            progress.update(len(chunk_rows))
+        layers = {layer.array: torch.empty(len(chunk_rows), config.views, *layer.shape)
+                  for layer in self.manifest.features}  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            taps = (stack.enter_context(LayerTaps(self.teacher.models[0], self.requests))
+                    if self.requests else None)  # fmt: skip
+            for view in range(config.views):
+                values[:, view] = self.teacher.log_probs(
+                    self.dataset.images,
+                    config.temperature,
+                    config.combine,
+                    taps=taps,
+                    rows=chunk_rows,
+                    params=None if config.policy.is_identity else chunk_params[:, view],
+                    partners=chunk_partners[:, view],
+                    device=self.device,
+                    batch_size=config.batch_size,
+                    precision=self.manifest.precision,
+                )
+                for array, collected in (taps.take() if taps else {}).items():
+                    layers[array][:, view] = collected  # the same forward's outputs
+                progress.update(len(chunk_rows))
         # as stored: a float32 value beyond float16's range is stored as an infinity
-        stored = values.to(getattr(torch, config.dtype))
-        bad = (~torch.isfinite(stored).all(dim=-1).all(dim=-1)).nonzero().flatten()
+        stored = [values.to(getattr(torch, config.dtype))]
+        stored += [value.to(torch.float16) for value in layers.values()]
+        bad = torch.zeros(len(chunk_rows), dtype=torch.bool)
+        for value in stored:
+            bad |= ~torch.isfinite(value.flatten(1)).all(dim=1)
+        bad = bad.nonzero().flatten()
         if len(bad):
             samples = ", ".join(str(int(chunk_rows[int(i)])) for i in bad[:10])
             more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+            where = " (in its logits or cached layers)" if layers else ""
             raise TeacherOutputError(
-                f"the teacher produced NaN or Inf for sample(s) {samples}{more}; "
+                f"the teacher produced NaN or Inf{where} for sample(s) {samples}{more}; "
                 f"{config.out} is left incomplete"
             )
         return {
@@ -318,6 +343,7 @@ class TeacherChunks:
             "indices": chunk_rows,
             "views": chunk_params,
             "partners": chunk_partners,
+            **{array: value.numpy() for array, value in layers.items()},
         }
 
 

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.cache import COMBINE_RULES, TeacherMember
+from pipeline.cache import COMBINE_RULES, TeacherMember, Upstream, read_manifest
 from pipeline.data import ImageSet
-from pipeline.errors import CacheMismatchError, UsageError
+from pipeline.errors import CacheMismatchError, KdpipeError, UsageError
+from pipeline.features import LayerRequest, LayerTaps, resolve_layer
 from pipeline.inputs import DataConfig, autocast, check_channels, view_input
 from pipeline.runs import ModelCard, load_model
 
@@ -57,7 +58,8 @@ class Teacher:
             check_channels(f"teacher {source}", card.data, dataset.images)
 
     def records(self) -> list[TeacherMember]:
-        """The manifest's record of each member: what it computes and its weights' hash."""
+        """The manifest's record of each member: what it computes, its weights' hash, and for
+        a student, the chain it learned from (:func:`upstream_of`)."""
         return [
             TeacherMember(
                 architecture=card.architecture,
@@ -67,6 +69,7 @@ class Teacher:
                 num_classes=card.num_classes,
                 data_config=card.data_config,
                 run_dir=str(source),
+                lineage=upstream_of(card),
             )
             for source, card in zip(self.sources, self.cards, strict=True)
         ]
@@ -76,15 +79,72 @@ class Teacher:
         images: torch.Tensor,
         temperature: float,
         combine: str,
+        taps: LayerTaps | None = None,
         **views: object,
     ) -> torch.Tensor:
         """The combined teacher's ``log_softmax(z / T)`` for one view per row (the
-        keyword arguments of :func:`predict_logits`)."""
+        keyword arguments of :func:`predict_logits`); ``taps`` (one member only) collect
+        its layers' outputs in the same forward passes."""
         member_logits = [
-            predict_logits(model, images, card.data, **views)
+            predict_logits(model, images, card.data, taps=taps, **views)
             for model, card in zip(self.models, self.cards, strict=True)
         ]
         return combine_members(member_logits, temperature, combine)
+
+    def layer_requests(
+        self, features: Sequence[str], attention: Sequence[str], grid: int | None
+    ) -> list[LayerRequest]:
+        """The layers asked for, by their canonical names; an unknown name, a layer asked
+        twice, or an ensemble is one clear line."""
+        if not features and not attention:
+            return []
+        if len(self.models) > 1:
+            raise UsageError("--features and --attention need a single teacher, not an "
+                             f"ensemble of {len(self.models)}")  # fmt: skip
+        if grid is not None and grid < 1:
+            raise UsageError(f"--feature-grid must be >= 1, not {grid}")
+        model, who = self.models[0], f"teacher {self.sources[0]} ({self.cards[0].architecture})"
+        requests = [LayerRequest(resolve_layer(model, name, who), kind, grid)
+                    for kind, names in (("features", features), ("attention", attention))
+                    for name in names]  # fmt: skip
+        arrays = [r.array for r in requests]
+        if len(set(arrays)) != len(arrays):
+            raise UsageError(f"a layer is asked for twice ({', '.join(arrays)})")
+        return requests
+
+    @torch.inference_mode()
+    def layer_records(self, requests: Sequence[LayerRequest], device: torch.device) -> list:
+        """The manifest's record of each requested layer: its shape per row and view, from
+        one forward pass of a blank input (an attention request of a layer that is not a
+        spatial map is refused here)."""
+        if not requests:
+            return []
+        model, card = self.models[0], self.cards[0]
+        blank = torch.zeros(1, *card.data.input_size, device=device)
+        with LayerTaps(model.eval(), requests) as taps:
+            model(blank.to(memory_format=torch.channels_last))
+            spatial = {name: value.dim() == 4 for name, value in taps.captured.items()}
+            outputs = taps.outputs()
+        return [r.record(outputs[r.array].shape[1:], spatial[r.name]) for r in requests]
+
+
+def upstream_of(card: ModelCard) -> Upstream | None:
+    """The record of the cache a student-teacher learned from, read from that cache's
+    manifest (and so carrying that cache's teachers' own records, recursively). When the
+    cache cannot be read or is another cache now, only what the card says is recorded."""
+    lineage = card.lineage
+    if lineage is None or "cache_id" not in lineage:  # trained on labels (or online)
+        return None
+    known = {"cache_id": lineage["cache_id"], "teacher_id": lineage["teacher_id"],
+             "cache_path": str(lineage["cache_path"])}  # fmt: skip
+    try:
+        manifest = read_manifest(lineage["cache_path"])
+    except KdpipeError:
+        manifest = None
+    if manifest is None or manifest.cache_id != lineage["cache_id"]:
+        return Upstream(**known, combine=None, dataset=None, teachers=None)
+    return Upstream(**known, combine=manifest.combine, dataset=manifest.dataset,
+                    teachers=manifest.teachers)  # fmt: skip
 
 
 def load_teacher(sources: Sequence[str | Path], device: torch.device) -> Teacher:
@@ -137,6 +197,7 @@ def predict_logits(
     params: np.ndarray | None = None,
     partners: np.ndarray | None = None,
     progress: str | None = None,
+    taps: LayerTaps | None = None,
 ) -> torch.Tensor:
     """float32 logits on the CPU, the model in eval mode, its forward passes in
     ``precision`` (:func:`pipeline.inputs.autocast`).
@@ -144,7 +205,8 @@ def predict_logits(
     One row per image of ``images``, or per dataset index of ``rows``; with
     ``params`` (and ``partners``), each row is the stored view those parameters
     describe, rendered by :func:`pipeline.inputs.view_input`. ``progress`` names the pass
-    in a progress bar.
+    in a progress bar. With ``taps`` (hooks on ``model``), each batch's layer outputs
+    are collected from the same forward as its logits (:meth:`LayerTaps.take`).
     """
     model.eval()
     outputs = []
@@ -163,6 +225,8 @@ def predict_logits(
         inputs = view_input(batch, view_params, partner_images, data_config, device)
         with autocast(device, precision):
             logits = model(inputs)
+        if taps is not None:
+            taps.collect()
         # to the CPU without a sync per batch: pinned memory, non-blocking copy
         outputs.append(_to_host(logits.float()))
     if device.type == "cuda":

@@ -41,6 +41,7 @@ from pipeline.runtime import resolve_device
 # term near 0; 2e-2 leaves room for 10+ classes without hiding real damage.
 LOGSUMEXP_TOLERANCE = {"float16": 2e-2, "float32": 1e-4}
 RECOMPUTE_TOLERANCE = {"float16": 2e-2, "float32": 1e-3}
+ATTENTION_NORM_TOLERANCE = 5e-3  # an L2-normalised map stored in float16
 
 
 @dataclass
@@ -204,6 +205,23 @@ def _check_chunks(
     return rows if readable else None
 
 
+def _layer_problems(manifest: Manifest, chunk: dict, start: int) -> list[str]:
+    """The cached layers of one chunk: finite values, and attention maps of unit L2 norm
+    (to float16 precision)."""
+    problems = []
+    for layer in manifest.features:
+        values = chunk[layer.array].astype(np.float32)
+        values = values.reshape(*values.shape[:2], -1)  # (rows, views, numbers)
+        bad = ~np.isfinite(values).all(axis=(1, 2))
+        if layer.kind == "attention":
+            norms = np.sqrt((values**2).sum(axis=-1))
+            bad |= (np.abs(norms - 1) > ATTENTION_NORM_TOLERANCE).any(axis=1)
+        if bad.any():
+            problems.append(f"{layer.array}: NaN, Inf or (attention) a norm other than 1 at "
+                            f"row(s) {_first(start + np.flatnonzero(bad))}")  # fmt: skip
+    return problems
+
+
 def _ranges(indices: list[int]) -> str:
     """``0-3, 5, 7-9``: sorted chunk indices as runs."""
     runs, start = [], indices[0]
@@ -235,6 +253,7 @@ def _chunk_problems(
         bad = start + np.flatnonzero(checked["invalid"].any(axis=-1))
         problems.append(f"{layout.kind} classes out of range, repeated or unsorted at "
                         f"row(s) {_first(bad)}")  # fmt: skip
+    problems += _layer_problems(manifest, chunk, start)
     labels = chunk["labels"]
     lowest = 0 if manifest.labeled else -1
     highest = manifest.num_classes - 1 if manifest.labeled else -1

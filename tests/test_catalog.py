@@ -3,11 +3,15 @@
 import io
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from conftest import cache, invoke, student
 
+from pipeline.cache import Upstream, derive_cache_id, read_manifest
+from pipeline.errors import ManifestError
 from pipeline.runs import read_card
 
 
@@ -133,3 +137,77 @@ def test_lineage_of_a_resized_image_folder(tmp_path: Path) -> None:
     assert {row["status"] for row in json.loads(result.output)} == {"verified"}
     unsized = invoke("lineage", pupil, "--format json")  # other pixels: the data link says so
     assert unsized.exit_code == 1 and "the data on disk has another fingerprint" in unsized.output
+
+
+def test_lineage_walks_a_three_stage_chain_back_to_the_first_teacher(
+    teacher_run: Path, train_cache: Path, tmp_path: Path
+) -> None:
+    """t -> c0 -> ta -> c1 -> tb -> c2 -> s: every link verified; with ta and c1 deleted,
+    the chain is still walked from the manifests' records (c1 'recorded', ta 'missing')."""
+    c0, ta, c1, tb, c2, s = (train_cache, tmp_path / "ta", tmp_path / "c1.zarr",
+                             tmp_path / "tb", tmp_path / "c2.zarr", tmp_path / "s")  # fmt: skip
+    for pupil, soft, store in ((ta, c0, c1), (tb, c1, c2)):
+        assert student(soft, pupil).exit_code == 0
+        made = cache(pupil, store, "--temperature 3 --chunk-size 256")
+        assert made.exit_code == 0, made.output
+    assert student(c2, s).exit_code == 0
+    ids = {path: read_manifest(path).cache_id for path in (c0, c1, c2)}
+    recorded = read_manifest(c2).teachers[0].lineage
+    assert recorded.cache_id == ids[c1] and recorded.teachers[0].run_dir == str(ta)
+    assert recorded.teachers[0].lineage.cache_id == ids[c0]
+    assert recorded.teachers[0].lineage.teachers[0].lineage is None  # t: trained on labels
+    expected = [("student", s), ("cache", c2), ("teacher", tb), ("cache", c1),
+                ("teacher", ta), ("cache", c0), ("teacher", teacher_run)]  # fmt: skip
+    result = invoke("lineage", s, "--format json")
+    assert result.exit_code == 0, result.output
+    chain = json.loads(result.output)
+    assert [(row["link"], row["path"]) for row in chain[:-1]] == [
+        (kind, str(path)) for kind, path in expected
+    ]
+    assert chain[-1]["link"] == "dataset" and len(chain) == len(expected) + 1
+    assert {row["status"] for row in chain} == {"verified"}
+    assert [row["id"] for row in chain if row["link"] == "cache"] == [ids[c2], ids[c1], ids[c0]]
+
+    listed = json.loads(invoke("caches", tmp_path, c0, "--format json").output)
+    assert {Path(row["path"]).name: row["generation"] for row in listed} == {
+        "c1.zarr": 1, "c2.zarr": 2, c0.name: 0}  # fmt: skip
+
+    shutil.rmtree(ta)  # the middle of the chain is gone: the manifests still know it
+    shutil.rmtree(c1)
+    result = invoke("lineage", s, "--format json")
+    assert result.exit_code == 0, result.output
+    statuses = [(row["link"], row["path"], row["status"]) for row in json.loads(result.output)]
+    assert statuses[:-1] == [
+        (kind, str(path), {ta: "missing", c1: "recorded"}.get(path, "verified"))
+        for kind, path in expected
+    ]
+    assert statuses[-1][2] == "verified"
+
+
+def test_a_first_generation_record_is_what_it_was(train_cache: Path) -> None:
+    """A cache of a teacher trained on labels records no lineage: its manifest has exactly
+    the fields it had, and its ids do not depend on the new field."""
+    manifest = read_manifest(train_cache)
+    assert "lineage" not in manifest.to_dict()["teachers"][0]
+    assert manifest.teacher_generation == 0
+    member = manifest.teachers[0]
+    upstream = Upstream(cache_id="x", teacher_id="y", cache_path="p", combine=None,
+                        dataset=None, teachers=None)  # fmt: skip
+    linked = replace(manifest, teachers=(replace(member, lineage=upstream),))
+    assert derive_cache_id(linked) == manifest.cache_id
+    assert linked.teacher_generation is None  # the chain above was not recorded
+
+
+def test_member_lineage_is_parsed_strictly() -> None:
+    good = {"cache_id": "a", "teacher_id": "b", "cache_path": "c", "combine": None,
+            "dataset": None, "teachers": None}  # fmt: skip
+    assert Upstream.from_dict(good, "lineage").teachers is None
+    for bad, message in (
+        ({**good, "extra": 1}, "unknown field(s) extra"),
+        ({k: v for k, v in good.items() if k != "cache_path"}, "missing field(s) cache_path"),
+        ({**good, "cache_id": 3}, "'cache_id' has type int"),
+        ({**good, "teachers": []}, "need a combine rule and at least one member"),
+        ({**good, "combine": "vote"}, "combine 'vote' is not one of"),
+    ):
+        with pytest.raises(ManifestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            Upstream.from_dict(bad, "lineage")

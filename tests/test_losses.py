@@ -80,3 +80,38 @@ def test_t_squared_keeps_soft_gradients_comparable_across_temperatures() -> None
     expected = (student.detach() - teacher_logits) / 3
     assert torch.allclose(grads[1], expected, atol=1e-3)
     assert math.isclose(grads[0].norm().item(), grads[1].norm().item(), rel_tol=0.05)
+
+
+def test_feature_losses_against_golden_values() -> None:
+    """Worked by hand from each formula (FitNets hint, cosine, attention transfer)."""
+    from pipeline.features import attention_map
+    from pipeline.losses import (
+        attention_transfer_loss,
+        cosine_feature_loss,
+        feature_loss,
+        hint_loss,
+    )
+
+    projected = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    target = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+    assert hint_loss(projected, target).item() == pytest.approx((0 + 4 + 9 + 0) / 4)
+    # cos([1, 0], [1, 1]) = 1/sqrt(2); cos([0, 2], [0, -3]) = -1
+    a, b = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[1.0, 1.0], [0.0, -3.0]])
+    expected = ((1 - 1 / math.sqrt(2)) + 2) / 2
+    assert cosine_feature_loss(a, b).item() == pytest.approx(expected)
+    # [3, 4] / 5 - [1, 0] = [-0.4, 0.8]: mean of squares 0.4, whatever the maps' scale
+    for scale in (1.0, 2.0):
+        loss = attention_transfer_loss(torch.tensor([[3.0, 4.0]]) * scale, torch.eye(2)[:1] * 5)
+        assert loss.item() == pytest.approx(0.4)
+    assert feature_loss("hint", projected, target).item() == pytest.approx(3.25)
+    # channels [1, 2] and [3, 0] at two positions: mean of squares [5, 2], / sqrt(29)
+    activations = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])  # (1, 2, 1, 2)
+    torch.testing.assert_close(
+        attention_map(activations), torch.tensor([[5.0, 2.0]]) / math.sqrt(29)
+    )
+    # the gradient reaches the student through each loss
+    student = projected.clone().requires_grad_()
+    for kind in ("hint", "cosine", "attention"):
+        feature_loss(kind, student, target).backward()
+        assert student.grad is not None and student.grad.abs().sum() > 0
+        student.grad = None

@@ -70,6 +70,66 @@ def _digest(payload: Any) -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Upstream:
+    """Where a member that is itself a student learned from: the cache it was trained on,
+    with that cache's own teachers (and so, recursively, theirs). Recorded in the manifest
+    so that ``kdpipe lineage`` can walk a chain back to its first teacher after the run
+    directories in the middle of it are gone. ``combine``, ``dataset`` and ``teachers``
+    are None when the upstream cache could not be read when this cache was written."""
+
+    cache_id: str
+    teacher_id: str
+    cache_path: str
+    combine: str | None
+    dataset: dict | None  # name, split, fingerprint of the upstream cache
+    teachers: tuple[TeacherMember, ...] | None
+
+    def to_dict(self) -> dict:
+        return {
+            "cache_id": self.cache_id,
+            "teacher_id": self.teacher_id,
+            "cache_path": self.cache_path,
+            "combine": self.combine,
+            "dataset": self.dataset,
+            "teachers": None
+            if self.teachers is None
+            else [member.to_dict() for member in self.teachers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Upstream:
+        check_object(data, where)
+        check_keys(data, cls, where)
+        teachers = _check(data, "teachers", (list, type(None)), where)
+        combine = _check(data, "combine", (str, type(None)), where)
+        if combine is not None and combine not in COMBINE_RULES:
+            raise ManifestError(f"{where}: combine {combine!r} is not one of "
+                                f"{', '.join(COMBINE_RULES)}")  # fmt: skip
+        if teachers is not None and (not teachers or combine is None):
+            raise ManifestError(f"{where}: teachers need a combine rule and at least one member")
+        return cls(
+            cache_id=_check(data, "cache_id", str, where),
+            teacher_id=_check(data, "teacher_id", str, where),
+            cache_path=_check(data, "cache_path", str, where),
+            combine=combine,
+            dataset=_check(data, "dataset", (dict, type(None)), where),
+            teachers=None
+            if teachers is None
+            else tuple(
+                TeacherMember.from_dict(t, f"{where}: teachers[{i}]")
+                for i, t in enumerate(teachers)
+            ),
+        )
+
+    def consistent(self) -> bool:
+        """The recorded teacher_id is the one its recorded teachers give (True when the
+        teachers were not recorded: nothing to contradict it)."""
+        if self.teachers is None:
+            return True
+        return derive_teacher_id(list(self.teachers), self.combine) == self.teacher_id
+
+
+@dataclass(frozen=True, kw_only=True)
 class TeacherMember:
     """One teacher network: enough to rebuild it and to check its weights."""
 
@@ -80,14 +140,22 @@ class TeacherMember:
     num_classes: int
     data_config: dict  # input_size, mean, std
     run_dir: str  # where it was loaded from; a hint, the hash is the identity
+    # a student used as a teacher: the cache it learned from (None: trained on labels).
+    # Provenance, not identity: the weights hash already names the teacher, so neither
+    # teacher_id nor cache_id depends on it
+    lineage: Upstream | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = {name: getattr(self, name) for name in _MEMBER_FIELDS}
+        if self.lineage is not None:  # absent, not null: generation-0 records stay as they were
+            data["lineage"] = self.lineage.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "teacher") -> TeacherMember:
         check_object(data, where)
         check_keys(data, cls, where, require=False)  # a missing field is named as it is read
+        lineage = data.get("lineage")
         return cls(
             architecture=_check(data, "architecture", str, where),
             weights_sha256=_check(data, "weights_sha256", str, where),
@@ -96,7 +164,28 @@ class TeacherMember:
             num_classes=_check(data, "num_classes", int, where),
             data_config=_check(data, "data_config", dict, where),
             run_dir=_check(data, "run_dir", str, where),
+            lineage=None if lineage is None else Upstream.from_dict(lineage, f"{where}: lineage"),
         )
+
+    @property
+    def generation(self) -> int | None:
+        """0: trained on labels; 1 + its teacher's generation for a student; None when the
+        chain above it was not recorded."""
+        if self.lineage is None:
+            return 0
+        return _generation(self.lineage.teachers)
+
+
+_MEMBER_FIELDS = ("architecture", "weights_sha256", "param_count", "model_kwargs",
+                  "num_classes", "data_config", "run_dir")  # fmt: skip
+
+
+def _generation(members: tuple[TeacherMember, ...] | None) -> int | None:
+    """One more than the highest generation of a cache's teachers (None: unknown)."""
+    if members is None:
+        return None
+    generations = [member.generation for member in members]
+    return None if None in generations else 1 + max(generations)
 
 
 def derive_teacher_id(members: list[TeacherMember], combine: str) -> str:
@@ -109,6 +198,53 @@ def derive_teacher_id(members: list[TeacherMember], combine: str) -> str:
         _digest([m.architecture, m.weights_sha256, m.model_kwargs, m.data_config]) for m in members
     )
     return _digest({"members": identities, "combine": combine if len(members) > 1 else "single"})
+
+
+LAYER_KINDS = ("features", "attention")
+FEATURE_DTYPE = "float16"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CachedLayer:
+    """One cached intermediate output of the teacher: its array holds, per row and view,
+    the layer's output (``features``) or its attention map (``attention``, Zagoruyko &
+    Komodakis 2017: the channel mean of the squared activations, flattened, L2-normalised)
+    for exactly the view the logits are for, from the same forward pass."""
+
+    name: str  # the layer: a module name of the teacher's feature_info, or "pre_logits"
+    kind: str  # features or attention
+    array: str  # the array's name in the group
+    shape: list  # per row and view: (C, H, W), (D,), (L, D); (H*W,) for attention
+    pooling: str  # "none", or "adaptive-avg GxG" (--feature-grid)
+    dtype: str = FEATURE_DTYPE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> CachedLayer:
+        check_object(data, where)
+        check_keys(data, cls, where)
+        layer = cls(**{name: _check(data, name, kind, where) for name, kind in (
+            ("name", str), ("kind", str), ("array", str), ("shape", list), ("pooling", str),
+            ("dtype", str))})  # fmt: skip
+        if layer.kind not in LAYER_KINDS:
+            raise ManifestError(f"{where}: kind {layer.kind!r} is not one of features, attention")
+        if layer.dtype != FEATURE_DTYPE:
+            raise ManifestError(f"{where}: dtype {layer.dtype!r} is not {FEATURE_DTYPE}")
+        if layer.array != layer_array(layer.kind, layer.name):
+            raise ManifestError(f"{where}: array {layer.array!r} is not "
+                                f"{layer_array(layer.kind, layer.name)!r}")  # fmt: skip
+        if not layer.shape or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in layer.shape
+        ):
+            raise ManifestError(f"{where}: shape {layer.shape!r} is not a list of sizes >= 1")
+        return layer
+
+
+def layer_array(kind: str, name: str) -> str:
+    """The array a cached layer is stored in: ``feature_NAME`` or ``attention_NAME``."""
+    return f"{'feature' if kind == 'features' else 'attention'}_{name}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,11 +279,29 @@ class Manifest:
     # the teacher's forward precision: "float32", or "bfloat16" (autocast, on CUDA by
     # default); a cache written before this field existed was float32
     precision: str = "float32"
+    # intermediate outputs cached beside the logits (--features, --attention); absent from
+    # the manifest when there are none, so a cache without them is what it was
+    features: tuple[CachedLayer, ...] = ()
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["teachers"] = [member.to_dict() for member in self.teachers]
+        if self.features:
+            data["features"] = [layer.to_dict() for layer in self.features]
+        else:
+            del data["features"]
         return data
+
+    def layer(self, kind: str, name: str) -> CachedLayer | None:
+        """The cached layer of ``kind`` named ``name``, or None."""
+        return next((x for x in self.features if (x.kind, x.name) == (kind, name)), None)
+
+    @property
+    def teacher_generation(self) -> int | None:
+        """The generation of the cache's teacher: 0 trained on labels, 1 a student of a
+        generation-0 cache, ... (the highest of an ensemble's members; None: unknown)."""
+        generations = [member.generation for member in self.teachers]
+        return None if None in generations else max(generations)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "manifest") -> Manifest:
@@ -193,6 +347,7 @@ class Manifest:
             created=_check(data, "created", str, where),
             completed=_check(data, "completed", (str, type(None)), where),
             precision=_check(data, "precision", str, where) if "precision" in data else "float32",
+            features=_parse_layers(data, where),
         )
         for name, value, allowed in (
             ("status", manifest.status, STATUSES),
@@ -266,7 +421,23 @@ class Manifest:
             "storage": self.storage,
             # only when not float32, so that the ids of float32 caches stay what they were
             **({"precision": self.precision} if self.precision != "float32" else {}),
+            # only with cached layers: the ids of caches without them stay what they were
+            **({"features": [x.to_dict() for x in self.features]} if self.features else {}),
         }
+
+
+def _parse_layers(data: dict, where: str) -> tuple[CachedLayer, ...]:
+    """The manifest's optional ``features``: each layer parsed strictly, none twice."""
+    if "features" not in data:
+        return ()
+    layers = tuple(
+        CachedLayer.from_dict(layer, f"{where}: features[{i}]")
+        for i, layer in enumerate(_check(data, "features", list, where))
+    )
+    arrays = [layer.array for layer in layers]
+    if len(set(arrays)) != len(arrays):
+        raise ManifestError(f"{where}: features lists one layer twice ({', '.join(arrays)})")
+    return layers
 
 
 def manifest_checksum(data: dict) -> str:
@@ -312,6 +483,7 @@ def describe_differences(existing: Manifest, wanted: Manifest) -> list[str]:
         "chunk_size",
         "preprocessing",
         "precision",
+        "features",
     ):
         old, new = getattr(existing, name), getattr(wanted, name)
         if old != new:
@@ -334,4 +506,6 @@ def array_specs(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], str, int
         "indices": ((n,), "int64", -1),
         "views": ((n, v, len(VIEW_FIELDS)), "float32", 0.0),
         "partners": ((n, v), "int64", -1),
+        # last, so that the digests of the arrays above keep their positions
+        **{x.array: ((n, v, *x.shape), x.dtype, 0.0) for x in manifest.features},
     }

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -330,6 +330,8 @@ class SoftLabels:
     indices: torch.Tensor  # (N,) int64: the dataset index of each row
     views: torch.Tensor  # (N, V, 10) float32 view parameters
     partners: torch.Tensor  # (N, V) int64 dataset index mixed in, -1 for none
+    # the cached layers (manifest.features), array name -> float16 (N, V, *shape)
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def values(self) -> torch.Tensor:
@@ -458,6 +460,11 @@ def load_soft_labels(path: str | Path | Location) -> SoftLabels:
         raise CacheError(
             f"{path}: NaN or Inf soft labels at row(s) {', '.join(map(str, not_finite[:10]))}"
         )
+    for layer in manifest.features:
+        bad = np.flatnonzero(~np.isfinite(data[layer.array].reshape(len(values), -1)).all(axis=1))
+        if len(bad):
+            raise CacheError(f"{path}: NaN or Inf in {layer.array} at row(s) "
+                             f"{', '.join(map(str, bad[:10]))}")  # fmt: skip
     check_flagged(path, arrays)
     for name, (shape, _, _) in array_specs(manifest).items():
         if data[name].shape != shape:
@@ -474,4 +481,5 @@ def load_soft_labels(path: str | Path | Location) -> SoftLabels:
         torch.from_numpy(data["indices"]),
         torch.from_numpy(data["views"]),
         torch.from_numpy(data["partners"]),
+        {layer.array: torch.from_numpy(data[layer.array]) for layer in manifest.features},
     )

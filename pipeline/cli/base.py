@@ -80,6 +80,16 @@ def parse_classes(_ctx: click.Context, _param: click.Parameter, value: str | Non
         raise click.BadParameter(f"{value!r} is not a comma-separated list of class ids") from None
 
 
+def parse_names(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple:
+    """``a,b`` as ('a', 'b'): layer names, in the order given."""
+    if not value:
+        return ()
+    names = tuple(part.strip() for part in value.split(","))
+    if not all(names):
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of layer names")
+    return names
+
+
 def view_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(

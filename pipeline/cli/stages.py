@@ -20,6 +20,7 @@ from pipeline.cli.base import (
     main,
     parse_bytes,
     parse_classes,
+    parse_names,
     reports_errors,
     say,
     training_options,
@@ -112,6 +113,29 @@ def train_teacher_command(**options: Any) -> None:
     is_flag=True,
     help="Store no labels: students learn from the teacher alone (alpha 0).",
 )
+@click.option(
+    "--features",
+    callback=parse_names,
+    default=None,
+    metavar="NAME[,NAME...]",
+    help="Also store the teacher's outputs at these layers (feature_info module names, their "
+    "indices, or pre_logits), float16, per sample and view.",
+)
+@click.option(
+    "--attention",
+    callback=parse_names,
+    default=None,
+    metavar="NAME[,NAME...]",
+    help="Also store the attention map (channel mean of squares, L2-normalised) of these "
+    "spatial layers.",
+)
+@click.option(
+    "--feature-grid",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="G",
+    help="Average-pool spatial maps (and attention maps) to G x G [default: as they are].",
+)
 @DEVICE_OPTION
 @PRECISION_OPTION
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
@@ -132,7 +156,8 @@ def cache_teacher_command(
 
     With --views V, each sample gets V augmented views (--augment, --mix): the
     teacher labels each, and their parameters are stored so that students
-    replay exactly the images the teacher saw.
+    replay exactly the images the teacher saw. --features and --attention store
+    intermediate layers of the same forward passes beside the log-probabilities.
     """
     from pipeline.teach import CacheConfig, cache_teacher
     from pipeline.views import ViewPolicy
@@ -166,10 +191,40 @@ def cache_teacher_command(
     "streamed: chunks in a shuffled order, rows shuffled within windows of chunks  "
     "[default: read it whole].",
 )
+@click.option(
+    "--feature-loss",
+    type=click.Choice(["hint", "cosine", "attention"]),
+    default=None,
+    help="Add a feature term: FitNets hint (MSE), cosine, or attention transfer, between "
+    "--student-layer (through a learned projector) and the cache's --teacher-layer.",
+)
+@click.option(
+    "--feature-weight",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    metavar="BETA",
+    help="Weight of the feature term: loss = distillation loss + BETA * feature loss.",
+)
+@click.option(
+    "--student-layer",
+    default=None,
+    metavar="NAME",
+    help="The student's layer (feature_info module name, its index, or pre_logits).",
+)
+@click.option(
+    "--teacher-layer",
+    default=None,
+    metavar="NAME",
+    help="The teacher's layer, as the cache names it (cache-teacher --features/--attention).",
+)
 @training_options
 @reports_errors
 def train_student_command(**options: Any) -> None:
     """Train a student from a cache: α·CE + (1−α)·T²·KL(p_teacher ‖ p_student).
+
+    With --feature-loss, plus β times a loss between a student layer, mapped by a
+    learned projector (trained with the student, not saved), and the teacher's
+    layer cached for the same view. The teacher is never loaded.
 
     --model, --data, --cache, --alpha, --epochs and --out are required, unless
     --resume RUN_DIR continues an unfinished run.

@@ -343,12 +343,13 @@ def caches_command(paths: tuple[str, ...], fmt: str) -> None:
 def lineage_command(
     run_dir: str, data_root: str, image_size: int | None, channels: str | None, fmt: str
 ) -> None:
-    """The chain run -> cache -> teacher(s) -> dataset, each link verified or missing.
+    """The chain run -> cache -> teacher(s) -> ... -> dataset, back to the first teacher.
 
     RUN_DIR may also be an exported .onnx file: the chain then starts at the file.
 
-    Hashes are recomputed wherever the files are present; exits with status 1
-    when a file is present but does not match its record (MISMATCH).
+    Hashes are recomputed wherever the files are present; links whose files are gone are
+    taken from the manifests' records; exits with status 1 when a file is present but
+    does not match its record (MISMATCH).
     """
     from pipeline.catalog import lineage
     from pipeline.publish import render_rows

@@ -70,6 +70,8 @@ class TrainData:
     views: torch.Tensor | StreamedRows | None = None  # (R, V, 10) stored view parameters
     partners: torch.Tensor | StreamedRows | None = None  # (R, V) dataset indices, -1: no mix
     policy: ViewPolicy = PLAIN
+    # --feature-loss: the teacher's cached layer, float16 (R, V, *shape), view-aligned
+    layer_targets: torch.Tensor | None = None
 
     @classmethod
     def plain(cls, dataset: ImageSet, policy: ViewPolicy = PLAIN) -> TrainData:
@@ -103,7 +105,8 @@ class TrainData:
         parameters and keep the host path (pinned, non-blocking copies), as do caches
         that are streamed or would take more than a quarter of the free GPU memory.
         """
-        tensors = (self.images, self.dataset_labels, self.rows, self.labels, self.targets)
+        tensors = (self.images, self.dataset_labels, self.rows, self.labels, self.targets,
+                   self.layer_targets)  # fmt: skip
         if (
             device.type != "cuda"
             or self.views is not None
@@ -127,6 +130,7 @@ class TrainData:
             rows=moved(self.rows),
             labels=moved(self.labels),
             targets=moved(self.targets),
+            layer_targets=moved(self.layer_targets),
         )
 
     def without(self, held_out: torch.Tensor) -> TrainData:
@@ -143,6 +147,7 @@ class TrainData:
             targets=kept(self.targets),
             views=kept(self.views),
             partners=kept(self.partners),
+            layer_targets=kept(self.layer_targets),
         )
 
     def gather(
@@ -161,16 +166,20 @@ class TrainData:
         the same batch in another process, after a resume, in a DataLoader
         worker, so workers can build batches ahead of the training step.
         """
-        params = partners = targets = None
+        params = partners = targets = layer_targets = None
         if self.views is not None:
             chosen = view_schedule(len(self), self.views.shape[1], seed, epoch)[positions]
             params = self.views[positions, chosen]
             partners = self.partners[positions, chosen]
             if self.targets is not None:
                 targets = self.targets[positions, chosen]
+            if self.layer_targets is not None:  # the same view's layer as its soft target's
+                layer_targets = self.layer_targets[positions, chosen]
         else:
             if self.targets is not None:
                 targets = self.targets[positions, 0]
+            if self.layer_targets is not None:
+                layer_targets = self.layer_targets[positions, 0]
             if not self.policy.is_identity:
                 fresh, fresh_partners = sample_views(
                     len(positions),
@@ -195,6 +204,7 @@ class TrainData:
             "partner_labels": self.dataset_labels[partners.clamp_min(0)] if mixed else None,
             "lam": params[:, VIEW_COLUMNS["lam"]].contiguous() if mixed else None,
             "targets": None if targets is None else targets[share],
+            "layer_targets": None if layer_targets is None else layer_targets[share],
             "size": torch.tensor(size),  # the whole batch's: jitter is drawn for all of it
             "share": torch.tensor([share.start or 0, share.step or 1]),
         }
@@ -233,6 +243,9 @@ class TrainData:
             "partner_labels": moved("partner_labels"),
             "lam": moved("lam"),
             "targets": moved("targets"),
+            "layer_targets": None
+            if gathered.get("layer_targets") is None
+            else moved("layer_targets").float(),
         }
 
 

@@ -14,6 +14,7 @@ from pipeline.data import ImageSet, load_dataset
 from pipeline.errors import UsageError
 from pipeline.flags import SCHED_ON
 from pipeline.inputs import PRECISION_CHOICES
+from pipeline.losses import FEATURE_LOSSES
 from pipeline.train.watch import require
 from pipeline.views import CROP_SCALE, ViewPolicy
 
@@ -71,6 +72,12 @@ class TrainConfig:
     # watching the run (train.watch): a run saved before these existed resumes with them off
     log: str = "none"  # also send each metrics row to "tensorboard" or "mlflow"
     log_dir: str | None = None  # default: the run directory (RUN_DIR/mlruns for MLflow)
+    # a feature term beside the logits' (issue 16): a student layer, through a learned
+    # projector, against a teacher layer cached by cache-teacher --features/--attention
+    feature_loss: str | None = None  # hint, cosine or attention (pipeline.losses)
+    feature_weight: float = 1.0  # beta: loss = distillation loss + beta * feature loss
+    student_layer: str | None = None
+    teacher_layer: str | None = None
 
     def validate(self) -> None:
         checks = (
@@ -136,7 +143,25 @@ class TrainConfig:
         require(self.log, self.log_dir)
         if self.jitter and not self.policy.is_identity:
             raise UsageError("--jitter and --augment/--mix both augment: choose one")
+        self._check_feature_loss()
         self._check_recipe()
+
+    def _check_feature_loss(self) -> None:
+        given = [self.student_layer is not None, self.teacher_layer is not None]
+        if self.feature_loss is None:
+            if any(given):
+                raise UsageError("--student-layer and --teacher-layer go with --feature-loss")
+            return
+        if self.feature_loss not in FEATURE_LOSSES:
+            raise UsageError(f"--feature-loss must be one of {', '.join(FEATURE_LOSSES)}, "
+                             f"not {self.feature_loss!r}")  # fmt: skip
+        if not all(given):
+            raise UsageError("--feature-loss needs --student-layer and --teacher-layer")
+        if self.cache is None:
+            raise UsageError("--feature-loss learns from a cache's layers: give --cache")
+        if not (math.isfinite(self.feature_weight) and self.feature_weight >= 0):
+            raise UsageError(f"--feature-weight must be a finite number >= 0, "
+                             f"not {self.feature_weight}")  # fmt: skip
 
     def _check_recipe(self) -> None:
         """--opt, --sched and their settings, tried on one parameter through timm's own

@@ -30,7 +30,7 @@ from pipeline.runs import (
 from pipeline.runtime import prepare_output, quiet, software_versions
 from pipeline.spec import check_keys
 from pipeline.train.config import LEGACY_DEFAULTS, TrainConfig
-from pipeline.train.loop import early_stop, fit
+from pipeline.train.loop import early_stop, feature_term, fit
 from pipeline.train.plan import KINDS, RunPlan, plan_run
 
 
@@ -130,10 +130,11 @@ def _run(
         drop_rate=config.drop_rate,
         model_kwargs=config.model_kwargs(),
     )
+    feature = feature_term(model, plan)  # its projector's weights drawn after the model's
     out = Path(config.out)
     if not resume:
         world.on_main(_start, out, plan, world)
-    rows = fit(model, plan, out, resume=resume, log=log, world=world)
+    rows = fit(model, plan, out, resume=resume, log=log, world=world, feature=feature)
     return world.on_main(_finish, out, model, plan, rows)
 
 

@@ -34,7 +34,7 @@ from pipeline.teacher import predict_logits
 from pipeline.train.batches import EpochBatches
 from pipeline.train.config import TrainConfig
 from pipeline.train.plan import RunPlan
-from pipeline.train.step import CachedDistillation, OnlineDistillation
+from pipeline.train.step import CachedDistillation, FeatureTerm, OnlineDistillation, Trainee
 from pipeline.train.watch import Watch, open_watch
 
 METRIC_COLUMNS = (
@@ -61,6 +61,7 @@ def fit(
     resume: bool = False,
     log: Callable[[str], None] = quiet,
     world: World = SINGLE,
+    feature: FeatureTerm | None = None,
 ) -> list[dict]:
     """Train ``model`` in place; one metrics row and one checkpoint per epoch in ``run_dir``.
 
@@ -75,11 +76,16 @@ def fit(
     its share, so the averaged gradient is the whole batch's. Order, views and batches
     are then those of a single process; only batch statistics (BatchNorm) and dropout
     masks differ. Rank 0 evaluates and writes every file.
+
+    ``feature`` (``--feature-loss``, :func:`feature_term`) adds its term to the loss; its
+    projector trains with ``model`` and is kept in the checkpoints, never in ``model``.
     """
     config, device, data = plan.config, plan.device, plan.data
     model.to(device).to(memory_format=torch.channels_last)
+    # what the optimizer and the checkpoints hold: the model, with the term's projector
+    trained = model if feature is None else Trainee(model, feature.to(device))
     optimizer = create_optimizer_v2(
-        model,
+        trained,
         opt=config.opt,
         lr=config.lr,
         weight_decay=config.weight_decay,
@@ -89,10 +95,10 @@ def fit(
     scheduler = config.create_scheduler(optimizer, updates)  # per update or per epoch
     generator = torch.Generator().manual_seed(config.seed)
     resident = data.on_device(device, config.jitter)  # the data moved whole onto a GPU, or None
-    done, rows = load_checkpoint(run_dir, model, optimizer, generator) if resume else (0, [])
-    task = _task(model, plan, world)
+    done, rows = load_checkpoint(run_dir, trained, optimizer, generator) if resume else (0, [])
+    task = _task(model, plan, world, feature)
     watch = open_watch(plan, run_dir, resume) if world.is_main else Watch()  # --log
-    evaluation = Evaluation(plan, run_dir, model, optimizer, generator, rows, log, watch)
+    evaluation = Evaluation(plan, run_dir, model, optimizer, generator, rows, log, watch, trained)
     if world.is_main:
         evaluation.rewrite_metrics()  # rows past the checkpoint go
     if done:
@@ -128,11 +134,21 @@ def fit(
             rows.append(row)
     watch.close()
     if config.early_stopping is not None and world.is_main:
-        load_best(run_dir, model)
+        load_best(run_dir, trained)
     return rows
 
 
-def _task(model: nn.Module, plan: RunPlan, world: World) -> CachedDistillation | OnlineDistillation:
+def feature_term(model: nn.Module, plan: RunPlan) -> FeatureTerm | None:
+    """The feature term of ``--feature-loss`` for ``model`` (None without one), built
+    before the run directory is: a student layer that does not fit is refused first."""
+    if plan.teacher_layer is None:
+        return None
+    return FeatureTerm.build(model, plan.config, plan.teacher_layer)
+
+
+def _task(
+    model: nn.Module, plan: RunPlan, world: World, feature: FeatureTerm | None = None
+) -> CachedDistillation | OnlineDistillation:
     """The step's task: online through timm's task, else against the cache (or labels)."""
     amp = autocast(plan.device, plan.config.precision)
     if plan.online_teacher is not None:
@@ -146,7 +162,8 @@ def _task(model: nn.Module, plan: RunPlan, world: World) -> CachedDistillation |
             device = plan.device
             device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
         trainer = DistributedDataParallel(model, device_ids=device_ids)
-    return CachedDistillation(trainer, alpha=plan.alpha, temperature=plan.temperature, amp=amp)
+    return CachedDistillation(trainer, alpha=plan.alpha, temperature=plan.temperature, amp=amp,
+                              feature=feature)  # fmt: skip
 
 
 def _progress(
@@ -215,6 +232,7 @@ class Evaluation:
     rows: list[dict]
     log: Callable[[str], None]
     watch: Watch
+    state: nn.Module | None = None  # what checkpoints hold, when more than the model
 
     def rewrite_metrics(self) -> None:
         with (self.run_dir / METRICS_FILE).open("w", newline="") as f:
@@ -256,9 +274,10 @@ class Evaluation:
             csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow(row)
         self.watch.epoch(row)  # the same row to TensorBoard or MLflow
         patience = config.early_stopping
+        state = self.state if self.state is not None else self.model
         if patience is not None and early_stop(self.rows, patience)[0] == epoch:
-            save_best(self.run_dir, self.model)  # before the checkpoint that counts on it
-        save_checkpoint(self.run_dir, epoch, self.model, self.optimizer, self.generator, self.rows)
+            save_best(self.run_dir, state)  # before the checkpoint that counts on it
+        save_checkpoint(self.run_dir, epoch, state, self.optimizer, self.generator, self.rows)
         validated = f"  val acc {val_accuracy:.4f}" if plan.validation is not None else ""
         self.log(
             f"epoch {epoch}/{config.epochs}: loss {row['loss']:.4f}  "

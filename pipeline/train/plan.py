@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.cache import SoftLabels, StreamedSoftLabels
+from pipeline.cache import CachedLayer, SoftLabels, StreamedSoftLabels
 from pipeline.data import (
     ImageSet,
     check_same_dataset,
@@ -53,6 +53,7 @@ class RunPlan:
     lineage: dict | None  # what a student learned from: None for a teacher
     online_teacher: nn.Module | None = None
     inputs: tuple[str, ...] = ()  # files the run reads: its output may not touch them
+    teacher_layer: CachedLayer | None = None  # the cached layer of --feature-loss
 
     @property
     def updates_per_epoch(self) -> int:
@@ -79,11 +80,14 @@ def plan_run(
     if config.subset is not None:
         data = _subset(config, data, train_set, soft_labels)
     classes, alpha, temperature = train_set.classes, config.alpha, config.temperature or 1.0
-    lineage = online_teacher = None
+    lineage = online_teacher = teacher_layer = None
     if soft_labels is not None:
         data, classes, alpha = cache_data(config, soft_labels, train_set, log)
         temperature = config.temperature or soft_labels.manifest.temperature
         lineage = _cache_lineage(soft_labels, temperature, alpha)
+        teacher_layer = _teacher_layer(config, soft_labels, world)
+        if teacher_layer is not None:  # the teacher's layer for each row and view, as cached
+            data = replace(data, layer_targets=soft_labels.features[teacher_layer.array])
     elif config.teacher is not None:
         online_teacher, teacher_card = load_model(Path(config.teacher), device)
         _check_online_teacher(config, teacher_card, train_set)
@@ -115,7 +119,8 @@ def plan_run(
                    classes=tuple(classes), data=data, validation=validation, test_set=test_set,
                    data_config=data_config, alpha=alpha, temperature=temperature,
                    lineage=lineage, online_teacher=online_teacher,
-                   inputs=tuple(str(p) for p in inputs if p is not None))  # fmt: skip
+                   inputs=tuple(str(p) for p in inputs if p is not None),
+                   teacher_layer=teacher_layer)  # fmt: skip
 
 
 def _subset(
@@ -154,6 +159,34 @@ def _cache_lineage(soft: SoftLabels | StreamedSoftLabels, temperature: float, al
         "views": manifest.num_views,
         "rows": manifest.num_samples,
     }
+
+
+def _teacher_layer(
+    config: TrainConfig, soft: SoftLabels | StreamedSoftLabels, world: World
+) -> CachedLayer | None:
+    """The cached layer ``--feature-loss`` learns from, or a clear line on why there is
+    none: the teacher is never loaded, so the layer must be in the cache."""
+    if config.feature_loss is None:
+        return None
+    kind = "attention" if config.feature_loss == "attention" else "features"
+    manifest = soft.manifest
+    if not manifest.features:
+        raise UsageError(f"--feature-loss {config.feature_loss}: {soft.path} holds no cached "
+                         "layers; make one with cache-teacher --features NAME (or --attention "
+                         "NAME for attention)")  # fmt: skip
+    layer = manifest.layer(kind, config.teacher_layer)
+    if layer is None:
+        cached = ", ".join(f"{x.name} ({x.kind})" for x in manifest.features)
+        raise UsageError(f"--teacher-layer {config.teacher_layer}: {soft.path} has no cached "
+                         f"{kind} of that layer (--feature-loss {config.feature_loss}); it "
+                         f"has {cached}")  # fmt: skip
+    if isinstance(soft, StreamedSoftLabels):
+        raise UsageError("--feature-loss reads the cached layers whole: raise --cache-memory "
+                         "so that the cache fits, or drop it")  # fmt: skip
+    if world.active:
+        raise UsageError("--feature-loss trains its projector in one process: start it "
+                         "without torchrun")  # fmt: skip
+    return layer
 
 
 def _check_online_teacher(config: TrainConfig, card: ModelCard, train_set: ImageSet) -> None:

@@ -8,6 +8,8 @@ apply. The loop around it is the same for every kind of run:
 
 - :class:`CachedDistillation`: the soft targets are the cache's (or none: a
   teacher or a hard-label baseline), :func:`pipeline.losses.distillation_loss`;
+  with a :class:`FeatureTerm` (``--feature-loss``), β times a loss between a student
+  layer, through a learned projector, and the teacher's layer cached for the same view;
 - :class:`OnlineDistillation`: timm's own ``LogitDistillationTask`` runs the
   teacher on every batch, the reference that a cache is measured against.
 """
@@ -15,17 +17,98 @@ apply. The loop around it is the same for every kind of run:
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from pipeline.losses import distillation_loss
+from pipeline.cache import CachedLayer
+from pipeline.errors import UsageError
+from pipeline.features import LayerRequest, LayerTaps, attention_map, resolve_layer
+from pipeline.losses import attention_transfer_loss, distillation_loss, feature_loss
+from pipeline.train.config import TrainConfig
 
 StepOutput = dict[str, torch.Tensor | None]
 
 
+class FeatureTerm(nn.Module):
+    """β · feature loss: the student's layer, tapped in the step's own forward, mapped by a
+    learned projector (1x1 convolution for a spatial map, linear for a vector; none for
+    attention maps, which have no channels) to the teacher's cached layer.
+
+    The projector trains with the student (:class:`Trainee`) and is never part of the
+    saved model: it exists only to make the two layers comparable.
+    """
+
+    def __init__(self, student_layer: str, teacher: CachedLayer, loss: str, weight: float,
+                 projector: nn.Module | None) -> None:  # fmt: skip
+        super().__init__()
+        self.request = LayerRequest(student_layer, "features")
+        self.teacher, self.loss, self.weight = teacher, loss, weight
+        self.projector = projector
+
+    @classmethod
+    def build(cls, model: nn.Module, config: TrainConfig, teacher: CachedLayer) -> FeatureTerm:
+        """The term for ``model``'s ``--student-layer`` against ``teacher``: the layer's
+        shape probed by one forward pass of a blank input; a layer of a rank the teacher's
+        cannot be compared with is one clear line."""
+        who = f"student {config.model}"
+        name = resolve_layer(model, config.student_layer, who)
+        shape = _probe(model, name)
+        target = tuple(teacher.shape)
+        spatial, wanted = len(shape) == 3, len(target) == 3 or config.feature_loss == "attention"
+        if config.feature_loss == "attention":
+            side = math.isqrt(target[0])
+            if not spatial or side * side != target[0]:
+                raise UsageError(f"{who} layer {name} outputs {shape}: attention transfer needs "
+                                 f"a spatial map (C, H, W) and a square teacher map "
+                                 f"({teacher.name}: {target[0]} numbers)")  # fmt: skip
+            return cls(name, teacher, config.feature_loss, config.feature_weight, None)
+        if spatial != wanted or len(shape) != len(target) or len(shape) not in (1, 3):
+            raise UsageError(f"{who} layer {name} outputs {shape}, teacher layer {teacher.name} "
+                             f"{target}: a projector maps a spatial map (C, H, W) to a spatial "
+                             "map, a vector (D,) to a vector, not one rank to another")  # fmt: skip
+        projector = (nn.Conv2d(shape[0], target[0], 1) if spatial
+                     else nn.Linear(shape[0], target[0]))  # fmt: skip
+        return cls(name, teacher, config.feature_loss, config.feature_weight, projector)
+
+    def forward(self, student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The unweighted feature loss of a batch: the student layer's output (its raw
+        batch output) against the teacher's cached values."""
+        student = student.float()
+        if self.loss == "attention":
+            side = math.isqrt(self.teacher.shape[0])
+            return attention_transfer_loss(attention_map(student, side), target)
+        if student.dim() == 4:  # to the teacher's grid, then the teacher's channels
+            student = F.adaptive_avg_pool2d(student, tuple(self.teacher.shape[1:]))
+        return feature_loss(self.loss, self.projector(student), target)
+
+
+def _probe(model: nn.Module, layer: str) -> tuple[int, ...]:
+    """The per-sample shape of ``layer``'s output, from one blank forward pass."""
+    data = getattr(model, "pretrained_cfg", {})
+    blank = torch.zeros(1, *data["input_size"], device=next(model.parameters()).device)
+    was_training = model.training
+    with torch.no_grad(), LayerTaps(model.eval(), [LayerRequest(layer, "features")]) as taps:
+        model(blank)
+        shape = tuple(taps.captured[layer].shape[1:])
+    model.train(was_training)
+    return shape
+
+
+class Trainee(nn.Module):
+    """What the optimizer and the checkpoints hold: the student and the feature term's
+    projector. Only ``student`` is saved as the run's model."""
+
+    def __init__(self, student: nn.Module, term: FeatureTerm) -> None:
+        super().__init__()
+        self.student, self.term = student, term
+
+
 class CachedDistillation:
-    """α·CE + (1−α)·T²·KL against stored soft targets; CE alone where there are none."""
+    """α·CE + (1−α)·T²·KL against stored soft targets; CE alone where there are none; plus
+    β times the feature loss with ``feature``."""
 
     def __init__(
         self,
@@ -34,15 +117,23 @@ class CachedDistillation:
         alpha: float,
         temperature: float,
         amp: contextlib.AbstractContextManager,
+        feature: FeatureTerm | None = None,
     ) -> None:
         self.model, self.alpha, self.temperature, self.amp = model, alpha, temperature, amp
+        self.feature = feature
 
     def train(self) -> None:
         self.model.train()
+        if self.feature is not None:
+            self.feature.train()
 
     def __call__(self, batch: dict[str, torch.Tensor | None]) -> StepOutput:
-        with self.amp:
+        taps = contextlib.nullcontext()
+        if self.feature is not None:  # the student's layer, from this very forward pass
+            taps = LayerTaps(self.model, [self.feature.request])
+        with self.amp, taps:
             logits = self.model(batch["inputs"])
+            tapped = taps.captured[self.feature.request.name] if self.feature else None
         logits = logits.float()  # the loss in float32, whatever the forward's precision
         terms = distillation_loss(
             logits,
@@ -53,8 +144,11 @@ class CachedDistillation:
             partner_labels=batch["partner_labels"],
             lam=batch["lam"],
         )
+        loss = terms["loss"]
+        if self.feature is not None:
+            loss = loss + self.feature.weight * self.feature(tapped, batch["layer_targets"])
         return {
-            "loss": terms["loss"],
+            "loss": loss,
             "output": logits,
             "task_loss": terms.get("hard"),
             "kd_loss": terms.get("soft"),

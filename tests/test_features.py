@@ -1,0 +1,244 @@
+"""Cached features and attention maps (issue 16): the teacher's layers, from the same
+forward passes as the logits, for every stored view."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import zarr
+from conftest import cache, invoke, student
+
+from pipeline.cache import array_specs, load_soft_labels, read_manifest
+from pipeline.data import load_dataset
+from pipeline.inputs import view_input
+from pipeline.runs import load_model
+from pipeline.verify import verify_cache
+
+PLAIN_ARRAYS = {"logprobs", "labels", "indices", "views", "partners", "chunk_digests", "progress"}
+
+
+@pytest.fixture(scope="module")
+def feature_cache(teacher_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("features") / "f.zarr"
+    made = cache(teacher_run, out, "--temperature 2 --views 2 --augment crop-flip --chunk-size "
+                 "256 --features 0,pre_logits --attention features.7 --feature-grid 2")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    return out
+
+
+def test_cached_layers_are_the_teacher_s_own_for_every_view(
+    feature_cache: Path, teacher_run: Path
+) -> None:
+    """Recomputed without hooks: kd_cnn's stages by slicing its Sequential, pre_logits by
+    forward_head(pre_logits=True), the attention map by its formula, for each cropped and
+    flipped view; float16 tolerance."""
+    manifest = read_manifest(feature_cache)
+    assert [(x.array, x.shape, x.pooling) for x in manifest.features] == [
+        ("feature_features.3", [32, 2, 2], "adaptive-avg 2x2"),
+        ("feature_pre_logits", [128], "none"),
+        ("attention_features.7", [4], "adaptive-avg 2x2"),
+    ]
+    soft = load_soft_labels(feature_cache)
+    model, card = load_model(teacher_run)
+    images = load_dataset("synthetic", "train").images
+    rows = soft.indices[:40]
+    for view in range(2):
+        params = soft.views[:40, view]
+        assert not torch.equal(params[:, 2], torch.ones(40))  # real crops, not the plain image
+        x = view_input(images[rows], params, None, card.data, torch.device("cpu"))
+        with torch.no_grad():
+            stage1 = model.features[:4](x)
+            stage2 = model.features[:8](x)
+            pre = model.forward_head(model.forward_features(x), pre_logits=True)
+            logits = model(x)
+        squares = stage2.pow(2).mean(1, keepdim=True)
+        attention = F.normalize(F.adaptive_avg_pool2d(squares, 2).flatten(1), dim=1)
+        expected = {
+            "feature_features.3": F.adaptive_avg_pool2d(stage1, 2),
+            "feature_pre_logits": pre,
+            "attention_features.7": attention,
+        }
+        for array, value in expected.items():
+            cached = soft.features[array][:40, view].float()
+            assert cached.dtype == torch.float32 and soft.features[array].dtype == torch.float16
+            torch.testing.assert_close(cached, value, atol=2e-2, rtol=2e-3)
+        torch.testing.assert_close(
+            soft.log_probs()[:40, view], torch.log_softmax(logits / 2, -1), atol=2e-2, rtol=0
+        )
+
+
+def test_feature_arrays_are_plain_zarr_chunked_and_covered_by_the_digests(
+    feature_cache: Path, train_cache: Path
+) -> None:
+    group = zarr.open_group(str(feature_cache), mode="r")
+    names = list(array_specs(read_manifest(feature_cache)))
+    assert names[-3:] == ["feature_features.3", "feature_pre_logits", "attention_features.7"]
+    assert group["chunk_digests"].shape == (3, len(names), 16)
+    features = group["feature_features.3"]
+    assert features.shape == (600, 2, 32, 2, 2) and str(features.dtype) == "float16"
+    assert features.chunks == (256, 2, 32, 2, 2)
+    report = verify_cache(feature_cache)
+    assert report.ok, report.failures()
+    # a cache without features has exactly the arrays (and manifest fields) it had
+    plain = zarr.open_group(str(train_cache), mode="r")
+    assert set(plain.array_keys()) == PLAIN_ARRAYS
+    manifest = read_manifest(train_cache)
+    assert "features" not in manifest.to_dict() and "features" not in manifest.identity()
+
+
+def test_a_chunk_of_features_copied_from_another_position_is_refused(
+    feature_cache: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    copy = tmp_path / "f.zarr"
+    shutil.copytree(feature_cache, copy)
+    chunks = copy / "feature_pre_logits" / "c"
+    (chunks / "1" / "0" / "0").write_bytes((chunks / "0" / "0" / "0").read_bytes())
+    report = verify_cache(copy)
+    assert not report.ok and "feature_pre_logits not what was written at chunk 1" in str(
+        report.failures()
+    )
+    with pytest.raises(Exception, match="chunk 1 of 'feature_pre_logits'"):
+        load_soft_labels(copy)
+
+
+def test_layer_values_are_checked_by_verify() -> None:
+    from pipeline.cache import CachedLayer
+    from pipeline.verify import _layer_problems
+
+    class Fake:
+        features = (CachedLayer(name="x", kind="attention", array="attention_x", shape=[4],
+                                pooling="none"),)  # fmt: skip
+
+    good = F.normalize(torch.rand(3, 2, 4), dim=-1).numpy().astype(np.float16)
+    assert _layer_problems(Fake, {"attention_x": good}, 0) == []
+    bad = good.copy()
+    bad[1, 0, 0] = np.nan
+    bad[2, 1] *= 2
+    (problem,) = _layer_problems(Fake, {"attention_x": bad}, 10)
+    assert problem.endswith("at row(s) 11, 12")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("--features conv9", "has no layer 'conv9': valid layers are features.3, features.7, "
+         "pre_logits"),
+        ("--attention pre_logits", "an attention map needs a spatial map (N, C, H, W)"),
+        ("--features 0,features.3", "a layer is asked for twice"),
+    ],
+)  # fmt: skip
+def test_bad_layer_requests_are_one_clear_line(
+    teacher_run: Path, tmp_path: Path, options: str, message: str
+) -> None:
+    result = cache(teacher_run, tmp_path / "x.zarr", f"--temperature 2 {options}")
+    assert result.exit_code != 0
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error")]
+    assert message in line
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def _patch_load_model(monkeypatch: pytest.MonkeyPatch, forbidden: Path) -> None:
+    """Every module's load_model fails on ``forbidden`` (the teacher's run directory)."""
+    import sys
+
+    import pipeline.runs
+
+    original = pipeline.runs.load_model
+
+    def guarded(run_dir: Path, *args: object, **kwargs: object) -> object:
+        assert Path(run_dir).resolve() != forbidden.resolve(), "the teacher was loaded"
+        return original(run_dir, *args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("pipeline") and getattr(module, "load_model", None) is original:
+            monkeypatch.setattr(module, "load_model", guarded)
+
+
+def test_a_feature_student_trains_without_its_teacher_and_saves_no_projector(
+    feature_cache: Path, teacher_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+
+    from pipeline.models import create_model
+
+    _patch_load_model(monkeypatch, teacher_run)
+    runs = {}
+    for name, options in (
+        ("plain", ""),
+        ("hint", "--feature-loss hint --student-layer pre_logits --teacher-layer pre_logits"),
+        ("attention", "--feature-loss attention --feature-weight 100 --student-layer 1 "
+         "--teacher-layer features.7"),
+    ):  # fmt: skip
+        out = tmp_path / name
+        result = student(feature_cache, out, f"--alpha 0.5 --model kd_cnn {options}")
+        assert result.exit_code == 0, result.output
+        _, card = load_model(out)
+        saved = safetensors.torch.load_file(str(out / "model.safetensors"))
+        fresh = create_model("kd_cnn", num_classes=5, data_config=card.data).state_dict()
+        assert set(saved) == set(fresh)  # the projector is not part of the model
+        runs[name] = card.weights_sha256
+    assert len(set(runs.values())) == 3  # each feature term changed what was learned
+
+
+def test_a_resumed_feature_run_ends_where_an_uninterrupted_one_does(
+    feature_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The projector is in the checkpoints: stopped after epoch 1 and resumed, a feature
+    run ends with the weights of the run that was not stopped."""
+    import pipeline.train.loop as loop
+    from pipeline.runs import read_card
+
+    options = "--alpha 0.5 --feature-loss hint --student-layer 0 --teacher-layer features.3"
+    options += " --model kd_cnn"
+    assert student(feature_cache, tmp_path / "whole", options).exit_code == 0
+
+    class Killed(Exception):
+        pass
+
+    saved = loop.save_checkpoint
+
+    def save_then_die(run_dir: Path, epoch: int, state: object, *args: object) -> None:
+        assert "term.projector.weight" in state.state_dict()
+        saved(run_dir, epoch, state, *args)
+        raise Killed
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        student(feature_cache, tmp_path / "stopped", options)
+    monkeypatch.setattr(loop, "save_checkpoint", saved)
+    assert invoke("train-student --resume", tmp_path / "stopped").exit_code == 0
+    stopped, whole = (read_card(tmp_path / n).weights_sha256 for n in ("stopped", "whole"))
+    assert stopped == whole
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("--feature-loss hint --student-layer 0 --teacher-layer pre_logits",
+         "holds no cached layers; make one with cache-teacher --features NAME"),
+        ("--feature-loss hint --student-layer fc9 --teacher-layer pre_logits",
+         "student kd_mlp_30x2 has no layer 'fc9': valid layers are features.2, features.5, "
+         "pre_logits"),
+        ("--feature-loss hint --student-layer 0 --teacher-layer features.3",
+         "outputs (30,), teacher layer features.3 (32, 2, 2): a projector maps a spatial map"),
+        ("--feature-loss attention --student-layer 0 --teacher-layer features.7",
+         "attention transfer needs a spatial map (C, H, W)"),
+        ("--feature-loss hint --student-layer 0 --teacher-layer features.7",
+         "has no cached features of that layer (--feature-loss hint); it has features.3 "
+         "(features), pre_logits (features), features.7 (attention)"),
+        ("--student-layer 0", "--student-layer and --teacher-layer go with --feature-loss"),
+    ],
+)  # fmt: skip
+def test_bad_feature_loss_options_are_one_clear_line(
+    feature_cache: Path, train_cache: Path, tmp_path: Path, options: str, message: str
+) -> None:
+    soft = train_cache if "no cached layers" in message else feature_cache
+    result = student(soft, tmp_path / "s", f"--alpha 0.5 {options}")
+    assert result.exit_code != 0
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error")]
+    assert message in line
+    assert not (tmp_path / "s").exists()  # refused before the run directory was made
