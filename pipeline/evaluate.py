@@ -36,6 +36,24 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins:
 
 
 @torch.inference_mode()
+def quality_columns(
+    logits: torch.Tensor, labels: torch.Tensor, teacher_predicted: torch.Tensor | None
+) -> dict:
+    """Accuracy, errors, agreement with the teacher and ECE: the columns every evaluated
+    model (a run in PyTorch, an .onnx file in ONNX Runtime) reports alike."""
+    predicted = logits.argmax(-1)
+    return {
+        "accuracy": round(float((predicted == labels).float().mean()), 6),
+        "errors": int((predicted != labels).sum()),
+        "teacher_agreement": (
+            round(float((predicted == teacher_predicted).float().mean()), 6)
+            if teacher_predicted is not None
+            else None
+        ),
+        "ece": round(expected_calibration_error(logits, labels), 6),
+    }
+
+
 def cpu_speed(
     model: torch.nn.Module, dataset: ImageSet, data_config, batch_size: int = 256
 ) -> dict:
@@ -127,14 +145,7 @@ def evaluate_run(
         "dataset": dataset.name,
         "split": dataset.split,
         "samples": len(dataset),
-        "accuracy": round(float((predicted == labels).float().mean()), 6),
-        "errors": int((predicted != labels).sum()),
-        "teacher_agreement": (
-            round(float((predicted == teacher_predicted).float().mean()), 6)
-            if teacher_predicted is not None
-            else None
-        ),
-        "ece": round(expected_calibration_error(logits, labels), 6),
+        **quality_columns(logits, labels, teacher_predicted),
         "params": card.param_count,
         "size_mb": round((Path(run_dir) / WEIGHTS_FILE).stat().st_size / 2**20, 4),
         "runtime": "pytorch eager",

@@ -21,7 +21,7 @@ import torch
 
 from pipeline.data import ImageSet
 from pipeline.errors import CacheMismatchError
-from pipeline.evaluate import _teacher_predictions, expected_calibration_error
+from pipeline.evaluate import _teacher_predictions, quality_columns
 from pipeline.export.onnx import (
     file_size_bytes,
     onnx_logits,
@@ -85,7 +85,7 @@ def evaluate_onnx(
     session = onnx_session(path, threads)
     inputs = prepare_input(dataset.images, data_config, torch.device("cpu")).contiguous()
     logits = onnx_logits(session, inputs)
-    predicted, labels = logits.argmax(-1), dataset.labels
+    labels = dataset.labels
     teacher_predicted = _teacher_predictions(dataset, teachers, cache, torch.device("cpu"))
     lineage = card.lineage or {}
     row = {
@@ -95,14 +95,7 @@ def evaluate_onnx(
         "dataset": dataset.name,
         "split": dataset.split,
         "samples": len(dataset),
-        "accuracy": round(float((predicted == labels).float().mean()), 6),
-        "errors": int((predicted != labels).sum()),
-        "teacher_agreement": (
-            round(float((predicted == teacher_predicted).float().mean()), 6)
-            if teacher_predicted is not None
-            else None
-        ),
-        "ece": round(expected_calibration_error(logits, labels), 6),
+        **quality_columns(logits, labels, teacher_predicted),
         "params": None,
         "size_mb": round(file_size_bytes(path) / 2**20, 4),
         "runtime": "onnxruntime CPUExecutionProvider",

@@ -266,7 +266,7 @@ def qat_distill(config: QatConfig, log: Callable[[str], None] = quiet) -> ModelC
         raise CacheMismatchError(f"{config.cache} has other classes than {config.run}")
     plan = replace(plan, data_config=fp32_card.data)  # the float32 run's normalisation
     data, alpha, temperature = plan.data, plan.alpha, plan.temperature
-    train_set, test_set, manifest = plan.train_set, plan.test_set, soft_labels.manifest
+    train_set, test_set = plan.train_set, plan.test_set
     out = Path(config.out)
     # inputs are valid: only now touch the output (never the float32 run or the cache)
     prepare_output(out, config.overwrite, [config.run, *plan.inputs])
@@ -287,15 +287,7 @@ def qat_distill(config: QatConfig, log: Callable[[str], None] = quiet) -> ModelC
         converted = convert_qat(prepared)
     model = float_weights(prepared, _fresh(fp32_card))
     lineage = {
-        "cache_id": manifest.cache_id,
-        "teacher_id": manifest.teacher_id,
-        "cache_path": str(soft_labels.path),
-        "teacher_runs": [member.run_dir for member in manifest.teachers],
-        "cache_temperature": manifest.temperature,
-        "temperature": temperature,
-        "alpha": alpha,
-        "views": manifest.num_views,
-        "rows": manifest.num_samples,
+        **plan.lineage,  # the cache's record, as any cached run writes it
         "qat_from": {"run_dir": str(config.run), "weights_sha256": fp32_card.weights_sha256},
         "quantizer": QUANTIZER,
     }
