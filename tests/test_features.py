@@ -81,6 +81,10 @@ def test_feature_arrays_are_plain_zarr_chunked_and_covered_by_the_digests(
     assert features.chunks == (256, 2, 32, 2, 2)
     report = verify_cache(feature_cache)
     assert report.ok, report.failures()
+    from pipeline.report import cache_command
+
+    rebuilt = cache_command(feature_cache)  # report's rebuilt command names the layers
+    assert "--features features.3,pre_logits --attention features.7 --feature-grid 2" in rebuilt
     # a cache without features has exactly the arrays (and manifest fields) it had
     plain = zarr.open_group(str(train_cache), mode="r")
     assert set(plain.array_keys()) == PLAIN_ARRAYS
@@ -204,6 +208,13 @@ def test_a_feature_student_trains_without_its_teacher_and_saves_no_projector(
         fresh = create_model("kd_cnn", num_classes=5, data_config=card.data).state_dict()
         assert set(saved) == set(fresh)  # the projector is not part of the model
         runs[name] = card.weights_sha256
+        if options:  # report's rebuilt command carries the feature options
+            import json
+
+            from pipeline.report import command_line
+
+            rebuilt = command_line(json.loads((out / "config.json").read_text()))
+            assert f"--feature-loss {name}" in rebuilt and "--teacher-layer " in rebuilt
     assert len(set(runs.values())) == 3  # each feature term changed what was learned
 
 
