@@ -503,6 +503,13 @@ def cache_command(path: Path) -> str | None:
         parts.append(f"--dtype {manifest.dtype}")
     if manifest.precision != "float32":
         parts.append("--precision bf16")
+    for kind, option in (("features", "--features"), ("attention", "--attention")):
+        names = [layer.name for layer in manifest.features if layer.kind == kind]
+        if names:
+            parts.append(f"{option} {','.join(names)}")
+    pooled = {layer.pooling for layer in manifest.features} - {"none"}
+    if pooled:  # one --feature-grid for every layer: "adaptive-avg GxG"
+        parts.append(f"--feature-grid {pooled.pop().split()[-1].split('x')[0]}")
     parts.append(f"--out {path}")
     return " ".join(parts)
 

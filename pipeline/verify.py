@@ -10,6 +10,7 @@ random sample.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from pipeline.cache import (
 )
 from pipeline.data import ImageSet, dataset_mismatch
 from pipeline.errors import KdpipeError, UsageError
+from pipeline.features import LayerRequest, LayerTaps
 from pipeline.runtime import resolve_device
 
 # float16 keeps 11 significant bits: a row's logsumexp drifts by up to ~1e-3 per
@@ -42,6 +44,7 @@ from pipeline.runtime import resolve_device
 LOGSUMEXP_TOLERANCE = {"float16": 2e-2, "float32": 1e-4}
 RECOMPUTE_TOLERANCE = {"float16": 2e-2, "float32": 1e-3}
 ATTENTION_NORM_TOLERANCE = 5e-3  # an L2-normalised map stored in float16
+LAYER_TOLERANCE = 1e-2  # a cached layer recomputed: absolute and relative, float16 storage
 
 
 @dataclass
@@ -313,14 +316,23 @@ def _recompute(
     indices = arrays["indices"].get_orthogonal_selection(picked)
     params = arrays["views"].get_orthogonal_selection((picked, slice(None), slice(None)))
     partners = arrays["partners"].get_orthogonal_selection((picked, slice(None)))
-    fresh = np.stack([
-        teacher.log_probs(
-            dataset.images, manifest.temperature, manifest.combine, rows=indices,
-            params=params[:, view] if manifest.has_views else None, partners=partners[:, view],
-            device=torch_device,
-        ).numpy()
-        for view in range(manifest.num_views)
-    ], axis=1)  # fmt: skip
+    requests = [LayerRequest(x.name, x.kind, _grid(x.pooling)) for x in manifest.features]
+    fresh_layers: dict[str, list[np.ndarray]] = {x.array: [] for x in manifest.features}
+    with contextlib.ExitStack() as stack:  # the layers from the same passes as the logits
+        taps = (stack.enter_context(LayerTaps(teacher.models[0], requests))
+                if requests else None)  # fmt: skip
+        fresh = []
+        for view in range(manifest.num_views):
+            fresh.append(teacher.log_probs(
+                dataset.images, manifest.temperature, manifest.combine, taps=taps, rows=indices,
+                params=params[:, view] if manifest.has_views else None,
+                partners=partners[:, view], device=torch_device,
+            ).numpy())  # fmt: skip
+            for array, value in (taps.take() if taps else {}).items():
+                fresh_layers[array].append(value.numpy())
+    fresh = np.stack(fresh, axis=1)
+    for array, values in fresh_layers.items():
+        _compare_layer(array, np.stack(values, axis=1), arrays[array], picked, report)
     layout = manifest.layout
     stored_arrays = {
         name: arrays[name].get_orthogonal_selection((picked, slice(None), slice(None)))
@@ -336,6 +348,28 @@ def _recompute(
         not len(wrong),
         f"{len(picked)} random row(s) x {manifest.num_views} view(s) recomputed, max |difference| "
         f"{error.max():.3g}" + (f"; differ at row(s) {_first(wrong)}" if len(wrong) else ""),
+    )
+
+
+def _grid(pooling: str) -> int | None:
+    """G of a cached layer's ``adaptive-avg GxG`` pooling (None: ``none``)."""
+    return None if pooling == "none" else int(pooling.split()[-1].split("x")[0])
+
+
+def _compare_layer(
+    array: str, fresh: np.ndarray, stored: zarr.Array, picked: np.ndarray, report: VerifyReport
+) -> None:
+    """A cached layer against the teacher's recomputed one, to float16 precision."""
+    values = stored.get_orthogonal_selection((picked, *[slice(None)] * (stored.ndim - 1)))
+    values = values.astype(np.float32)
+    excess = np.abs(values - fresh) - (LAYER_TOLERANCE + LAYER_TOLERANCE * np.abs(fresh))
+    wrong = picked[(excess.reshape(len(picked), -1) > 0).any(axis=1)]
+    report.add(
+        f"recompute {array}",
+        not len(wrong),
+        f"{len(picked)} random row(s) recomputed, max |difference| "
+        f"{np.abs(values - fresh).max():.3g}"
+        + (f"; differ at row(s) {_first(wrong)}" if len(wrong) else ""),
     )
 
 

@@ -81,6 +81,10 @@ def test_feature_arrays_are_plain_zarr_chunked_and_covered_by_the_digests(
     assert features.chunks == (256, 2, 32, 2, 2)
     report = verify_cache(feature_cache)
     assert report.ok, report.failures()
+    from pipeline.report import cache_command
+
+    rebuilt = cache_command(feature_cache)  # report's rebuilt command names the layers
+    assert "--features features.3,pre_logits --attention features.7 --feature-grid 2" in rebuilt
     # a cache without features has exactly the arrays (and manifest fields) it had
     plain = zarr.open_group(str(train_cache), mode="r")
     assert set(plain.array_keys()) == PLAIN_ARRAYS
@@ -103,6 +107,29 @@ def test_a_chunk_of_features_copied_from_another_position_is_refused(
     )
     with pytest.raises(Exception, match="chunk 1 of 'feature_pre_logits'"):
         load_soft_labels(copy)
+
+
+def test_verify_recompute_checks_the_cached_layers(
+    feature_cache: Path, teacher_run: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from pipeline.data import make_synthetic
+
+    def recompute(store: Path) -> str:
+        report = verify_cache(store, dataset=make_synthetic("train"), recompute=600,
+                              teachers=[teacher_run])  # fmt: skip
+        assert any(row["check"] == "recompute feature_pre_logits" for row in report.rows)
+        return "\n".join(report.failures())
+
+    assert recompute(feature_cache) == ""
+    copy = tmp_path / "f.zarr"
+    shutil.copytree(feature_cache, copy)
+    hint = zarr.open_array(str(copy / "feature_pre_logits"), mode="r+")
+    hint[300:302] = hint[300:302] + 1  # finite, plausible, not the teacher's
+    failures = recompute(copy)
+    assert "recompute feature_pre_logits: 600 random row(s)" in failures
+    assert "differ at row(s) 300, 301" in failures
 
 
 def test_layer_values_are_checked_by_verify() -> None:
@@ -181,6 +208,13 @@ def test_a_feature_student_trains_without_its_teacher_and_saves_no_projector(
         fresh = create_model("kd_cnn", num_classes=5, data_config=card.data).state_dict()
         assert set(saved) == set(fresh)  # the projector is not part of the model
         runs[name] = card.weights_sha256
+        if options:  # report's rebuilt command carries the feature options
+            import json
+
+            from pipeline.report import command_line
+
+            rebuilt = command_line(json.loads((out / "config.json").read_text()))
+            assert f"--feature-loss {name}" in rebuilt and "--teacher-layer " in rebuilt
     assert len(set(runs.values())) == 3  # each feature term changed what was learned
 
 
@@ -242,3 +276,45 @@ def test_bad_feature_loss_options_are_one_clear_line(
     (line,) = [x for x in result.output.splitlines() if x.startswith("Error")]
     assert message in line
     assert not (tmp_path / "s").exists()  # refused before the run directory was made
+
+
+def test_timm_s_own_layer_names_and_indices_are_those_of_forward_intermediates() -> None:
+    """A timm ResNet: feature_info module names, their indices (forward_intermediates'),
+    and pre_logits, each tapped output equal to what timm's own API returns."""
+    import timm
+
+    from pipeline.features import LayerRequest, LayerTaps, feature_layers
+
+    model = timm.create_model("resnet10t", num_classes=5, in_chans=1).eval()
+    names = feature_layers(model)
+    assert names["2"] == "layer2" and names["layer4"] == "layer4"
+    assert names["pre_logits"] == "pre_logits"
+    x = torch.randn(2, 1, 32, 32)
+    requests = [LayerRequest(names["2"], "features"), LayerRequest("pre_logits", "features")]
+    with torch.no_grad(), LayerTaps(model, requests) as taps:
+        logits = model(x)
+        tapped = taps.outputs()
+        _, (layer2,) = model.forward_intermediates(x, indices=[2])
+        pre = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert torch.equal(tapped["feature_layer2"], layer2)
+    assert torch.equal(tapped["feature_pre_logits"], pre)
+    assert torch.equal(model.get_classifier()(pre), logits)
+
+
+def test_kd_models_expose_named_layers_without_changing_their_weights() -> None:
+    from pipeline.features import feature_layers
+    from pipeline.inputs import DataConfig
+    from pipeline.models import create_model
+
+    config = DataConfig(input_size=(1, 12, 12), mean=(0.5,), std=(0.25,))
+    mlp = create_model("kd_mlp", num_classes=5, data_config=config,
+                       model_kwargs={"hidden_sizes": [20, 10]})  # fmt: skip
+    assert feature_layers(mlp) == {"features.2": "features.2", "0": "features.2",
+                                   "features.5": "features.5", "1": "features.5",
+                                   "pre_logits": "pre_logits"}  # fmt: skip
+    cnn = create_model("kd_cnn", num_classes=5, data_config=config)
+    x = torch.randn(3, 1, 12, 12)
+    for model in (mlp, cnn.eval()):
+        pre = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert torch.equal(model.forward_head(pre), model(x))
+        assert not any("feature_info" in key for key in model.state_dict())
