@@ -215,10 +215,8 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Mo
         data_config=card.data,
         model_kwargs=card.model_kwargs,
     )
-    try:  # one read of the file: its tensors and the card digest in its metadata
-        with safetensors.safe_open(str(weights), framework="pt") as opened:
-            state = {name: opened.get_tensor(name) for name in opened.keys()}  # noqa: SIM118 (safe_open is no dict)
-            recorded = (opened.metadata() or {}).get("card_sha256")
+    try:
+        state = safetensors.torch.load_file(str(weights))
     except (OSError, safetensors.SafetensorError) as exc:
         raise RunDirError(f"{weights} cannot be read: {exc}") from None
     problem = _state_mismatch(model, state)
@@ -231,6 +229,8 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Mo
             f"{weights} does not match {CARD_FILE}: weights hash {actual[:16]}… "
             f"!= {card.weights_sha256[:16]}…"
         )
+    with safetensors.safe_open(str(weights), framework="pt") as opened:
+        recorded = (opened.metadata() or {}).get("card_sha256")
     # runs saved before the digest existed have none: their card is taken as it is
     if recorded is not None and recorded != card_sha256(card):
         raise RunDirError(
