@@ -22,7 +22,24 @@ from pipeline.errors import ModelError
 from pipeline.inputs import DataConfig
 
 
-class MLP(nn.Module):
+class _FeaturesThenHead(nn.Module):
+    """timm's model interface for kdpipe's small networks: ``self.features`` (a Sequential
+    whose named children ``feature_info`` lists) then ``self.head``."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.head(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class MLP(_FeaturesThenHead):
     """A ReLU multilayer perceptron on flattened pixels (Hinton et al. 2015, MNIST)."""
 
     def __init__(
@@ -55,20 +72,8 @@ class MLP(nn.Module):
             for i, width in enumerate(hidden_sizes)
         ]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.head(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-class SmallCNN(nn.Module):
+class SmallCNN(_FeaturesThenHead):
     """Two 3x3 convolutions with max pooling, then one hidden fully connected layer."""
 
     def __init__(
@@ -107,18 +112,6 @@ class SmallCNN(nn.Module):
             {"module": "features.3", "num_chs": c1, "reduction": 2},
             {"module": "features.7", "num_chs": c2, "reduction": 4},
         ]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.head(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kwargs: object) -> dict:
