@@ -30,8 +30,8 @@ from pipeline.cache import (
     Manifest,
     array_specs,
     check_array_metadata,
-    chunk_digest,
     chunk_key,
+    digest_matches,
     read_manifest,
 )
 from pipeline.data import ImageSet, dataset_mismatch
@@ -177,9 +177,7 @@ def _check_chunks(
         moved = [
             name
             for position, name in enumerate(names)
-            if not np.array_equal(
-                chunk_digest(manifest.cache_id, name, index, chunk[name]), digests[position]
-            )
+            if not digest_matches(manifest.cache_id, name, index, chunk[name], digests[position])
         ]
         if moved:  # the values are still checked: they may say what happened
             failures.append(f"{where}: {', '.join(moved)} not what was written at chunk {index} "

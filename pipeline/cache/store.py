@@ -65,6 +65,13 @@ def chunk_digest(cache_id: str, name: str, index: int, values: np.ndarray) -> np
     return np.frombuffer(digest.digest()[:DIGEST_BYTES], dtype=np.uint8)
 
 
+def digest_matches(
+    cache_id: str, name: str, index: int, values: np.ndarray, expected: np.ndarray
+) -> bool:
+    """Whether ``values`` are what was written at chunk ``index`` of ``name`` in this cache."""
+    return np.array_equal(chunk_digest(cache_id, name, index, values), expected)
+
+
 class Positions:
     """The chunk digests of a cache, read once: every chunk read is checked against the
     digest of its position."""
@@ -76,7 +83,7 @@ class Positions:
 
     def mismatch(self, name: str, index: int, values: np.ndarray) -> bool:
         expected = self.table[index, self.names.index(name)]
-        return not np.array_equal(chunk_digest(self.cache_id, name, index, values), expected)
+        return not digest_matches(self.cache_id, name, index, values, expected)
 
     def check_all(self, data: dict[str, np.ndarray], chunk_size: int) -> None:
         """Every chunk of the arrays read whole (``data``) against its digest."""
