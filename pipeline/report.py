@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,10 +103,12 @@ def _qat_command_line(config: dict, *, seed_placeholder: bool) -> str:
     return " ".join([*parts, f"--out {out}"])
 
 
-def collect(run_dirs: list[Path]) -> pd.DataFrame:
+def collect(run_dirs: list[Path], evaluations: Sequence[Path] = ()) -> pd.DataFrame:
     """One row per run: what it is and the test result of the weights it kept (the last
     epoch's, or with early stopping the chosen epoch's). A cache of a labelled test split
-    is a row too: its teacher's, or ensemble's, test result, as its pass measured it."""
+    is a row too: its teacher's, or ensemble's, test result, as its pass measured it.
+    ``evaluations`` (CSVs of ``kdpipe evaluate --per-class``) give runs without a
+    tune-bias result their accuracy on the bias class (:func:`_seen_class_columns`)."""
     rows = []
     for run_dir in run_dirs:
         if (run_dir / "zarr.json").is_file():
@@ -150,7 +153,34 @@ def collect(run_dirs: list[Path]) -> pd.DataFrame:
                 ),
             }
         )
-    return pd.DataFrame(rows)
+    return _seen_class_columns(pd.DataFrame(rows), run_dirs, evaluations)
+
+
+def _seen_class_columns(
+    runs: pd.DataFrame, run_dirs: list[Path], evaluations: Sequence[Path]
+) -> pd.DataFrame:
+    """Runs that saw the class a tune-bias run left out are its control: their accuracy on
+    that class, from their ``evaluate --per-class`` rows, is a measured row of the table."""
+    if not evaluations:
+        return runs
+    if "bias_classes" not in runs or runs["bias_classes"].isna().all():
+        raise UsageError("--class-accuracy needs a run with a tune-bias result in the report")
+    classes = sorted({c for cs in runs["bias_classes"].dropna() for c in str(cs).split(",")})
+    rows = pd.concat([pd.read_csv(path) for path in evaluations], ignore_index=True)
+    columns = [f"class_{c}_accuracy" for c in classes]
+    missing = [c for c in columns if c not in rows]
+    if missing:
+        raise UsageError(f"{', '.join(map(str, evaluations))} lack {', '.join(missing)}: "
+                         "write them with `kdpipe evaluate RUN --per-class`")  # fmt: skip
+    accuracy = {Path(r).resolve(): a for r, a in zip(rows["run"], rows[columns].mean(axis=1),
+                                                     strict=True)}  # fmt: skip
+    runs = runs.astype({"bias_classes": object})
+    for index, run_dir in enumerate(run_dirs):
+        measured = accuracy.get(Path(run_dir).resolve())
+        if measured is not None and pd.isna(runs.at[index, "bias_classes"]):
+            runs.at[index, "bias_classes"] = ",".join(classes)
+            runs.at[index, "class_accuracy_before"] = float(measured)
+    return runs
 
 
 def _test_samples(row: pd.Series) -> int | None:
@@ -274,7 +304,7 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             "test_samples": group["test_samples"].dropna().max(),
             "minutes_per_run": group["seconds"].mean() / 60,
         }
-        if "bias" in group and group["bias"].notna().any():
+        if "class_accuracy_before" in group and group["class_accuracy_before"].notna().any():
             summary.update(
                 bias_classes=first["bias_classes"],
                 bias_mean=group["bias"].mean(),
@@ -333,9 +363,9 @@ def to_markdown(table: pd.DataFrame) -> str:
         }
     )
     if "bias_mean" in table:
-        biased = table["bias_mean"].notna()
-        shown["class"] = table["bias_classes"].where(biased, "—")
-        shown["class right, before bias"] = _percent(table["class_accuracy_before"], biased)
+        biased, measured = table["bias_mean"].notna(), table["class_accuracy_before"].notna()
+        shown["class"] = table["bias_classes"].where(measured, "—")
+        shown["class right, before bias"] = _percent(table["class_accuracy_before"], measured)
         shown["bias (on validation)"] = _cells(table["bias_mean"], "{:+.2f}")
         shown["class right, after bias"] = _percent(table["class_accuracy_after"], biased)
         shown["test errors after bias"] = _cells(table["test_errors_after_bias"], "{:.1f}")
@@ -579,6 +609,7 @@ def report(
     section: str = "results",
     plot_path: Path | None = None,
     curves_path: Path | None = None,
+    evaluations: Sequence[Path] = (),
 ) -> pd.DataFrame:
     """Collect runs, summarise them, and write the CSV, the Markdown section and the plots
     (``plot_path``: test errors against T; ``curves_path``: the training curves)."""
@@ -586,8 +617,8 @@ def report(
         raise UsageError("give at least one run directory")
     for output in (csv_path, markdown_path, plot_path, curves_path):
         if output is not None:  # a table written over a run's own files would destroy them
-            check_disjoint(output, run_dirs)
-    runs = collect([Path(p) for p in run_dirs])
+            check_disjoint(output, [*run_dirs, *evaluations])
+    runs = collect([Path(p) for p in run_dirs], evaluations)
     table = summarize(runs, baseline)
     if plot_path is not None:
         temperature_plot(table, plot_path)

@@ -16,7 +16,7 @@ from conftest import cache, invoke, student
 
 from pipeline.data import load_dataset, validation_rows
 from pipeline.errors import DatasetError, ManifestError, UsageError
-from pipeline.report import report
+from pipeline.report import report, to_markdown
 from pipeline.runs import load_model
 from pipeline.teacher import predict_logits
 from pipeline.train import TrainConfig, resume_training, train_student
@@ -269,3 +269,39 @@ def test_a_run_started_before_the_validation_options_still_resumes(
     saved_path.write_text(json.dumps({**json.loads(saved_path.read_text()), "bogus": 1}))
     with pytest.raises(ManifestError, match="is not a kdpipe training configuration"):
         resume_training(tmp_path / "s")
+
+
+def test_students_that_saw_the_class_are_a_measured_row(
+    omitted: Path, train_cache: Path, tmp_path: Path
+) -> None:
+    invoke("tune-bias", omitted, "--classes 2 --data synthetic --max-bias 5 --step 0.5")
+    seen = tmp_path / "seen-s0"
+    assert student(train_cache, seen, "--alpha 0.1 --epochs 2").exit_code == 0
+    evaluation = tmp_path / "seen.csv"
+    result = invoke(
+        "evaluate", seen, f"--data synthetic --per-class --format csv --output {evaluation}"
+    )
+    assert result.exit_code == 0, result.output
+    table = report([omitted, seen], evaluations=[evaluation])
+    row = table[table["group"] == "seen"].iloc[0]
+    # recomputed independently: the share of test samples of class 2 predicted as 2
+    model, card = load_model(seen)
+    test = load_dataset("synthetic", "test")
+    predicted = predict_logits(model, test.images, card.data, device=torch.device("cpu")).argmax(1)
+    twos = test.labels == 2
+    assert row["class_accuracy_before"] == pytest.approx(
+        float((predicted[twos] == 2).float().mean()), abs=1e-6
+    )
+    assert pd.isna(row["bias_mean"]) and pd.isna(row["class_accuracy_after"])
+    markdown = to_markdown(table)
+    seen_line = next(line for line in markdown.splitlines() if line.startswith("| seen "))
+    assert f"{row['class_accuracy_before']:.1%}" in seen_line
+    with pytest.raises(UsageError, match="--class-accuracy needs a run with a tune-bias result"):
+        report([seen], evaluations=[evaluation])
+    bare = tmp_path / "bare.csv"
+    assert invoke("evaluate", seen, f"--data synthetic --format csv --output {bare}").exit_code == 0
+    with pytest.raises(
+        UsageError,
+        match=r"lack class_2_accuracy: write them with `kdpipe evaluate RUN --per-class`",
+    ):
+        report([omitted, seen], evaluations=[bare])

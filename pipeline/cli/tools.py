@@ -180,6 +180,14 @@ def tune_bias_command(
     "one line per group, its seeds' range shaded) into this PNG (linked from the --markdown "
     "section).",
 )
+@click.option(
+    "--class-accuracy",
+    "evaluations",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A CSV of `kdpipe evaluate RUN --per-class` (repeatable): runs without a tune-bias "
+    "result get their accuracy on the tune-bias runs' class (students that saw the class).",
+)
 @reports_errors
 def report_command(
     run_dirs: tuple[str, ...],
@@ -189,6 +197,7 @@ def report_command(
     section: str,
     plot_path: Path | None,
     curves_path: Path | None,
+    evaluations: tuple[Path, ...],
 ) -> None:
     """Summarise runs (mean ± std over seeds) from their own metrics.csv and model.json.
 
@@ -205,6 +214,7 @@ def report_command(
         section=section,
         plot_path=plot_path,
         curves_path=curves_path,
+        evaluations=evaluations,
     )
     click.echo(to_markdown(table))
 
