@@ -11,6 +11,7 @@ Run as ``python -m pipeline.goals RESULTS_DIR --csv OUT --markdown FILE``.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -58,13 +59,12 @@ def gap_share(
         base = _by_seed(_group(rows, baseline, csv))
         ours = _by_seed(_group(rows, student, csv))
         far = float(_group(rows, reference, csv)["test_errors"].mean())
-        if base.mean() <= far:
-            raise UsageError(f"{csv}: {reference} ({far:g} errors) is no better than "
-                             f"{baseline} ({base.mean():g}): there is no gap to close")  # fmt: skip
         paired = [
             f"s{int(seed)}: {base[seed] - ours[seed]:+.0f}"
             for seed in sorted(set(base.index) & set(ours.index))
         ]
+        if base.mean() <= far:  # no gap to close: the share is undefined, not a number
+            return math.nan, [*paired, f"{reference} ({far:g}) is no better than {baseline}"]
         return (base.mean() - ours.mean()) / (base.mean() - far), paired
 
     return measure
@@ -122,13 +122,16 @@ def summary(results_dir: Path, goals: tuple[Goal, ...] = GOALS) -> pd.DataFrame:
             raise UsageError(f"{path} does not exist: run `make all` (its tables write it)")
         value, paired = goal.measure(pd.read_csv(path))
         errors = goal.figure == "test errors"
+        if math.isnan(value):
+            value = -math.inf  # no gap: shown as undefined, and the goal is not reached
         rows.append(
             {
                 "experiment": goal.experiment,
                 "figure": goal.figure,
                 "paper": goal.paper_words,
-                "kdpipe": f"{value:.1f} errors" if errors else f"{value:.0%}",
-                "kdpipe ÷ paper": "—" if errors else f"{value / goal.paper:.2f}",
+                "kdpipe": f"{value:.1f} errors" if errors else _share(value),
+                "kdpipe ÷ paper": "—" if errors or value == -math.inf else
+                f"{value / goal.paper:.2f}",
                 "goal": f"≤ {goal.goal:g} errors" if errors else f"≥ {goal.goal:.0%}",
                 "reached": "yes" if (value <= goal.goal if errors else value >= goal.goal)
                 else "no",
@@ -136,6 +139,10 @@ def summary(results_dir: Path, goals: tuple[Goal, ...] = GOALS) -> pd.DataFrame:
             }
         )  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _share(value: float) -> str:
+    return "undefined (no gap)" if value == -math.inf else f"{value:.0%}"
 
 
 def _text(table: pd.DataFrame, results_dir: Path) -> str:
