@@ -144,11 +144,16 @@ class TeacherMember:
     # Provenance, not identity: the weights hash already names the teacher, so neither
     # teacher_id nor cache_id depends on it
     lineage: Upstream | None = None
+    # a pretrained teacher: its SOURCE (timm:, hf-hub:, local-dir:), pretrained_cfg, weights
+    # file and that file's SHA-256. Provenance too, in no id
+    source: dict | None = None
 
     def to_dict(self) -> dict:
         data = {name: getattr(self, name) for name in _MEMBER_FIELDS}
         if self.lineage is not None:  # absent, not null: generation-0 records stay as they were
             data["lineage"] = self.lineage.to_dict()
+        if self.source is not None:  # absent, not null, for the same reason
+            data["source"] = dict(self.source)
         return data
 
     @classmethod
@@ -165,6 +170,7 @@ class TeacherMember:
             data_config=_check(data, "data_config", dict, where),
             run_dir=_check(data, "run_dir", str, where),
             lineage=None if lineage is None else Upstream.from_dict(lineage, f"{where}: lineage"),
+            source=_check(data, "source", dict, where) if "source" in data else None,
         )
 
     @property

@@ -1,0 +1,301 @@
+"""Teachers from anywhere: pretrained timm models and weights files (issue 18, part 1).
+
+There is no network here (nor in CI): a timm model's weights saved to a file stand in
+for a download, and the hub is put offline so that its path ends in its clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+from conftest import invoke
+from PIL import Image
+
+from pipeline.cache import load_soft_labels, read_manifest
+from pipeline.data import load_dataset
+from pipeline.inputs import DataConfig, prepare_input
+from pipeline.models import weights_sha256
+from pipeline.runs import load_model, read_card
+
+ARCH = "resnet10t"
+NUM_CLASSES = 3
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def fails(result: object, message: str, code: int = 1) -> None:
+    assert result.exit_code == code, result.output
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The hub offline and its cache empty: what a machine without a network sees, at
+    once rather than after huggingface_hub's retries."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, torch.Tensor]:
+    """The stand-in for downloaded weights: timm's resnet10t with a 3-class head."""
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, num_classes=NUM_CLASSES).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    # a head sure of itself (logits spread over tens), so that another resize, crop or
+    # normalisation shows in the log-probabilities, not only in the third decimal
+    state["fc.weight"] *= 200
+    return state
+
+
+@pytest.fixture(scope="module")
+def weights(state: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "resnet10t.safetensors"
+    safetensors.torch.save_file(state, str(path))
+    return path
+
+
+def rgb_folder(root: Path, count: int = 3, size: tuple[int, int] = (40, 52)) -> Path:
+    """root/{train,test}/<class>/<i>.png: random RGB images, 40 high and 52 wide (not
+    square: the resize is by the shorter side)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in ("ant", "bee", "cat"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def expected_hash(state: dict) -> str:
+    model = timm.create_model(ARCH, num_classes=NUM_CLASSES)
+    model.load_state_dict(state)
+    return weights_sha256(model)
+
+
+# --- each source ---------------------------------------------------------------------------
+
+
+def test_a_timm_arch_with_a_weights_file_is_a_teacher_run(
+    weights: Path, state: dict, tmp_path: Path
+) -> None:
+    out = tmp_path / "teacher"
+    result = invoke("import-teacher timm:resnet10t --weights", weights, "--out", out)
+    assert result.exit_code == 0, result.output
+    card = read_card(out)
+    assert card.kind == "teacher" and card.architecture == ARCH
+    assert card.num_classes == NUM_CLASSES and card.classes == []
+    assert card.weights_sha256 == expected_hash(state)
+    # the model's own preprocessing, from timm's pretrained_cfg for resnet10t.c3_in1k
+    cfg = timm.data.resolve_data_config(
+        pretrained_cfg=timm.models.get_pretrained_cfg(ARCH).to_dict()
+    )
+    assert card.data_config == {
+        "input_size": list(cfg["input_size"]), "mean": list(cfg["mean"]),
+        "std": list(cfg["std"]), "interpolation": cfg["interpolation"],
+        "crop_pct": cfg["crop_pct"], "crop_mode": cfg["crop_mode"],
+    }  # fmt: skip
+    assert card.source["source"] == "timm:resnet10t"
+    assert card.source["pretrained_cfg"] == "resnet10t.c3_in1k"
+    assert card.source["weights_file"] == str(weights)
+    model, loaded = load_model(out)  # rebuilt from the card alone, hash checked
+    assert loaded == card and weights_sha256(model.to(memory_format=torch.contiguous_format))
+
+
+def test_a_torch_checkpoint_with_nested_keys_and_ddp_prefixes(
+    state: dict, weights: Path, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "ckpt.pth"
+    wrapped = {f"module.{k}": v for k, v in state.items()}
+    torch.save({"epoch": 7, "state_dict": wrapped, "arch": ARCH}, checkpoint)
+    as_model = tmp_path / "model.pt"
+    torch.save({"model": state}, as_model)
+    hashes = set()
+    for index, path in enumerate((checkpoint, as_model, weights)):
+        out = tmp_path / f"t{index}"
+        result = invoke("import-teacher timm:resnet10t --weights", path, "--out", out)
+        assert result.exit_code == 0, result.output
+        hashes.add(read_card(out).weights_sha256)
+    assert hashes == {expected_hash(state)}  # the same weights, however they were stored
+
+
+def test_class_names_and_num_classes(weights: Path, tmp_path: Path) -> None:
+    names = tmp_path / "classes.txt"
+    names.write_text("ant\nbee\ncat\n")
+    out = tmp_path / "named"
+    made = invoke("import-teacher timm:resnet10t --weights", weights, "--classes", names,
+                  "--num-classes 3 --out", out)  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert read_card(out).classes == ["ant", "bee", "cat"]
+
+
+def test_a_local_dir_source_is_timms_hub_format_offline(state: dict, tmp_path: Path) -> None:
+    """local-dir:PATH: config.json and model.safetensors as on the hub, read by timm; its
+    pretrained_cfg (here 64 px, bilinear, crop_pct 0.9) is the teacher's preprocessing."""
+    folder = hub_folder(tmp_path / "hub", state)
+    out = tmp_path / "t"
+    result = invoke(f"import-teacher local-dir:{folder} --out", out)
+    assert result.exit_code == 0, result.output
+    card = read_card(out)
+    assert card.weights_sha256 == expected_hash(state)
+    assert card.data_config["input_size"] == [3, 64, 64]
+    assert (card.data_config["interpolation"], card.data_config["crop_pct"]) == ("bilinear", 0.9)
+
+
+def hub_folder(folder: Path, state: dict) -> Path:
+    folder.mkdir(parents=True)
+    safetensors.torch.save_file(state, str(folder / "model.safetensors"))
+    config = {
+        "architecture": ARCH,
+        "num_classes": NUM_CLASSES,
+        "pretrained_cfg": {
+            "input_size": [3, 64, 64], "interpolation": "bilinear", "crop_pct": 0.9,
+            "crop_mode": "center", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
+            "num_classes": NUM_CLASSES, "first_conv": "conv1.0", "classifier": "fc",
+        },
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_the_hub_and_downloads_offline_are_one_clear_line(tmp_path: Path) -> None:
+    fails(invoke("import-teacher hf-hub:timm/resnet10t.c3_in1k --out", tmp_path / "a"),
+          "cannot read the model config of hf-hub:timm/resnet10t.c3_in1k")  # fmt: skip
+    fails(invoke("import-teacher timm:resnet10t --out", tmp_path / "b"),
+          "cannot fetch the pretrained weights of timm:resnet10t")  # fmt: skip
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# --- the values: timm's own eval transform, recomputed independently -------------------------
+
+
+def test_cached_values_equal_timms_own_eval_transform(state: dict, tmp_path: Path) -> None:
+    folder = rgb_folder(tmp_path / "imgs")
+    hub = hub_folder(tmp_path / "hub", state)
+    teacher = tmp_path / "teacher"
+    made = invoke(f"import-teacher local-dir:{hub} --out", teacher)
+    assert made.exit_code == 0, made.output
+    store = tmp_path / "c.zarr"
+    cached = invoke("cache-teacher --data", folder, "--teacher", teacher, "--out", store,
+                    "--temperature 1")  # fmt: skip
+    assert cached.exit_code == 0, cached.output
+    member = read_manifest(store).teachers[0]
+    assert (
+        member.data_config["crop_pct"] == 0.9 and member.data_config["interpolation"] == "bilinear"
+    )
+    # independently: timm's model from the same files, timm's data config and eval transform
+    model = timm.create_model(f"local-dir:{hub}", pretrained=True).eval()
+    config = timm.data.resolve_data_config(model=model)
+    transform = timm.data.create_transform(**config, is_training=False)
+    paths = sorted((folder / "train").rglob("*.png"), key=lambda p: (p.parent.name, p.name))
+    with torch.no_grad():
+        batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+        expected = torch.log_softmax(model(batch), dim=-1)
+    assert float(expected.min()) < -5  # the values are far from uniform
+    values = load_soft_labels(store).log_probs()[:, 0]  # float16 as stored, by default
+    assert values.shape == expected.shape
+    # float16 keeps 11 significant bits: a relative 2**-11, and an absolute floor near 0
+    torch.testing.assert_close(values, expected, rtol=2**-10, atol=1e-3)
+    # and the input itself, through kdpipe's one path, is timm's to the last bit
+    images = load_dataset(str(folder), "train").images
+    inputs = prepare_input(images, DataConfig.from_dict(member.data_config), torch.device("cpu"))
+    torch.testing.assert_close(inputs, batch, rtol=0, atol=1e-6)
+
+
+# --- every bad input: one line, a non-zero exit, nothing written damaged ---------------------
+
+
+@pytest.fixture()
+def existing(tmp_path: Path) -> Path:
+    """A teacher run already at --out: a bad import must leave every byte of it."""
+    out = tmp_path / "existing"
+    made = invoke("train-teacher --model kd_mlp_30x2 --data synthetic --epochs 1 --out", out)
+    assert made.exit_code == 0, made.output
+    return out
+
+
+def bad_files(folder: Path, state: dict) -> dict[str, Path]:
+    folder.mkdir()
+    files = {name: folder / name for name in
+             ("strings.pth", "tensor.pth", "other.safetensors", "object.pkl", "junk.bin",
+              "wide.safetensors")}  # fmt: skip
+    torch.save({"arch": "resnet10t", "note": "no weights here"}, files["strings.pth"])
+    torch.save(torch.zeros(4, 4), files["tensor.pth"])
+    safetensors.torch.save_file(
+        {"encoder.weight": torch.zeros(2, 2)}, str(files["other.safetensors"])
+    )
+    files["object.pkl"].write_bytes(
+        pickle.dumps(Path("/etc/passwd"), protocol=2)
+    )  # a pickle, not weights
+    files["junk.bin"].write_bytes(b"these are not weights" * 10)
+    wide = timm.create_model(ARCH, num_classes=7).state_dict()
+    safetensors.torch.save_file(wide, str(files["wide.safetensors"]))
+    return files
+
+
+def test_every_bad_import_is_one_line_and_leaves_out_alone(
+    existing: Path, weights: Path, state: dict, tmp_path: Path
+) -> None:
+    kept = snapshot(existing)
+    files = bad_files(tmp_path / "bad", state)
+    names = tmp_path / "two.txt"
+    names.write_text("ant\nbee\n")
+    cases = [
+        ("timmm:resnet10t", "", "unknown teacher source 'timmm:resnet10t'"),
+        ("timm:resnet10tz", "", "unknown architecture 'resnet10tz'"),
+        ("timm:resnet10t.nope", "", "Invalid pretrained tag (nope)"),
+        ("timm:resnet10t", f"--weights {tmp_path / 'missing.pth'}", "does not exist"),
+        ("timm:resnet10t", f"--weights {files['strings.pth']}", "holds no state dict"),
+        ("timm:resnet10t", f"--weights {files['tensor.pth']}", "holds no state dict"),
+        ("timm:resnet10t", f"--weights {files['other.safetensors']}",
+         "has no classifier 'fc': 86 missing (e.g. bn1.bias); 1 unexpected (e.g. encoder.weight)"),
+        ("timm:resnet10t", f"--weights {files['object.pkl']}", "is not a weights file"),
+        ("timm:resnet10t", f"--weights {files['junk.bin']}", "is not a weights file"),
+        ("timm:resnet10t", f"--weights {weights} --num-classes 10",
+         "predicts 3 classes, not the 10 asked for"),
+        ("timm:resnet10t", f"--weights {weights} --classes {names}",
+         "predicts 3 classes, not the 2 asked for"),
+        ("timm:resnet34", f"--weights {weights}", "does not fit resnet34"),
+    ]  # fmt: skip
+    for source, options, message in cases:
+        result = invoke("import-teacher", source, "--out", existing, options, "--overwrite")
+        fails(result, message)
+        assert snapshot(existing) == kept, source
+    # a good import without --overwrite does not touch it either
+    fails(invoke("import-teacher timm:resnet10t --weights", weights, "--out", existing),
+          "already exists: choose another path or pass --overwrite")  # fmt: skip
+    assert snapshot(existing) == kept
+
+
+def test_a_head_that_does_not_fit_the_dataset_names_both(weights: Path, tmp_path: Path) -> None:
+    folder = rgb_folder(tmp_path / "imgs")
+    wide = tmp_path / "wide.safetensors"
+    safetensors.torch.save_file(timm.create_model(ARCH, num_classes=5).state_dict(), str(wide))
+    teacher = tmp_path / "t5"
+    assert invoke("import-teacher timm:resnet10t --weights", wide, "--out", teacher).exit_code == 0
+    result = invoke("cache-teacher --data", folder, "--teacher", teacher, "--out", tmp_path / "c",
+                    "--temperature 2")  # fmt: skip
+    fails(result, f"teacher {teacher} has 5 classes but {folder} has 3")
+    names = tmp_path / "names.txt"
+    names.write_text("ant\nbee\ndog\n")
+    named = tmp_path / "named"
+    made = invoke("import-teacher timm:resnet10t --weights", weights, "--classes", names,
+                  "--out", named)  # fmt: skip
+    assert made.exit_code == 0, made.output
+    fails(invoke("cache-teacher --data", folder, "--teacher", named, "--out", tmp_path / "c",
+                 "--temperature 2"), "names class 2 'dog'")  # fmt: skip
+    assert not (tmp_path / "c").exists()
