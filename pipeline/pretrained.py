@@ -34,7 +34,7 @@ from torch import nn
 
 from pipeline.errors import ModelError, UsageError
 from pipeline.inputs import DataConfig
-from pipeline.models import check_architecture, state_mismatch
+from pipeline.models import check_architecture, state_mismatch, weights_sha256
 
 SOURCE_KINDS = ("timm", "hf-hub", "local-dir")
 # what a SOURCE looks like: a scheme, a colon, and no "//" (an fsspec URL is a path)
@@ -43,7 +43,7 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9_-]*):(?!//)(.*)$")
 
 def looks_like_source(text: str | Path) -> bool:
     """True for ``scheme:rest`` that is not an existing path: a SOURCE, known or not."""
-    return isinstance(text, str) and bool(_SCHEME.match(text)) and not Path(text).exists()
+    return bool(_SCHEME.match(str(text))) and not Path(text).exists()
 
 
 def parse_source(text: str) -> tuple[str, str]:
@@ -141,8 +141,12 @@ def _source_config(kind: str, name: str, text: str) -> tuple[dict, str, dict]:
 
 
 def _first_line(exc: BaseException) -> str:
+    """An exception's type and first sentence: enough to name the problem on one line."""
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0]
+    return f"{type(exc).__name__}: {line.split('. ')[0] if len(line) > 120 else line}"
 
 
 def preprocessing(cfg: dict, text: str, in_chans: int | None = None) -> DataConfig:
@@ -191,6 +195,7 @@ def create_pretrained(
     weights: Path | None = None,
     num_classes: int | None = None,
     in_chans: int | None = None,
+    drop_rate: float | None = None,
 ) -> Pretrained:
     """A SOURCE's model with its pretrained weights (downloaded by timm, or the weights
     file), its head as the weights have it, and its own preprocessing.
@@ -217,7 +222,7 @@ def create_pretrained(
     try:
         model = timm.create_model(
             timm_name, pretrained=True, num_classes=head, in_chans=in_chans,
-            pretrained_cfg_overlay=overlay,
+            drop_rate=drop_rate, pretrained_cfg_overlay=overlay,
         )  # fmt: skip
     except RuntimeError as exc:
         if state is None:
@@ -236,9 +241,16 @@ def create_pretrained(
         "pretrained_cfg": f"{architecture}.{cfg['tag']}" if cfg.get("tag") else architecture,
         "weights_file": None if weights is None else str(weights),
         "weights_file_sha256": None if weights is None else file_sha256(Path(weights)),
+        "weights_sha256": weights_sha256(model),  # the pretrained weights, as loaded
     }
     return Pretrained(model=model.eval(), architecture=architecture, model_kwargs=model_kwargs,
                       data_config=data_config, source=record)  # fmt: skip
+
+
+def source_architecture(text: str) -> str:
+    """The timm architecture a SOURCE builds (for the hub: from its config.json)."""
+    kind, name = parse_source(text)
+    return _source_config(kind, name, text)[1]
 
 
 def _mismatch(text: str, state: dict | None, cfg: dict, model_kwargs: dict) -> str:

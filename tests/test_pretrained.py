@@ -36,7 +36,8 @@ def fails(result: object, message: str, code: int = 1) -> None:
     assert result.exit_code == code, result.output
     assert message in result.output, result.output
     assert "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert sum(line.startswith("Error: ") for line in lines) == 1, result.output
 
 
 @pytest.fixture(autouse=True)
@@ -299,3 +300,82 @@ def test_a_head_that_does_not_fit_the_dataset_names_both(weights: Path, tmp_path
     fails(invoke("cache-teacher --data", folder, "--teacher", named, "--out", tmp_path / "c",
                  "--temperature 2"), "names class 2 'dog'")  # fmt: skip
     assert not (tmp_path / "c").exists()
+
+
+# --- fine-tuning, and the new user's path ----------------------------------------------------
+
+
+def test_train_teacher_pretrained_fine_tunes_with_a_new_head(tmp_path: Path) -> None:
+    """A 5-class pretrained resnet10t on a 3-class folder: timm's reset_classifier gives the
+    head, the body starts from the weights, the preprocessing is the weights' own."""
+    folder = rgb_folder(tmp_path / "imgs")
+    torch.manual_seed(1)
+    pretrained = timm.create_model(ARCH, num_classes=5).state_dict()
+    weights = tmp_path / "five.safetensors"
+    safetensors.torch.save_file(pretrained, str(weights))
+    out = tmp_path / "ft"
+    result = invoke("train-teacher --pretrained timm:resnet10t --weights", weights, "--data",
+                    folder, "--epochs 1 --lr 1e-9 --batch-size 9 --out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    card = read_card(out)
+    assert card.architecture == ARCH and card.num_classes == 3
+    assert card.classes == ["ant", "bee", "cat"]
+    assert card.data_config["input_size"] == [3, 176, 176]
+    assert card.data_config["interpolation"] == "bicubic"
+    assert card.source["weights_file"] == str(weights)
+    model, _ = load_model(out)
+    trained = model.state_dict()
+    assert trained["fc.weight"].shape == (3, 512)
+    # the body is the pretrained one (an lr of 1e-9 moves it by nothing), not a fresh init
+    torch.testing.assert_close(trained["conv1.0.weight"], pretrained["conv1.0.weight"])
+    assert json.loads((out / "config.json").read_text())["pretrained"] == "timm:resnet10t"
+
+
+def test_bad_pretrained_starts_are_one_line(weights: Path, tmp_path: Path) -> None:
+    folder = rgb_folder(tmp_path / "imgs")
+    start = f"train-teacher --data {folder} --epochs 1 --out {tmp_path / 'r'}"
+    fails(invoke(start, "--weights", weights, "--model kd_cnn"), "--weights goes with --pretrained")
+    fails(invoke(start, "--pretrained timm:resnet10t --model resnet18 --weights", weights),
+          "is a resnet10t, not --model resnet18")  # fmt: skip
+    fails(invoke(start, "--pretrained timm:resnet10t --weights", tmp_path / "none.pth"),
+          "does not exist")  # fmt: skip
+    fails(invoke(start), "Missing option '--model' (or --pretrained SOURCE)", 2)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_source_teacher_straight_into_cache_teacher_and_a_student(
+    state: dict, weights: Path, tmp_path: Path
+) -> None:
+    """cache-teacher --teacher local-dir:PATH imports it on the fly (an ensemble with an
+    imported run directory here), records its source; a student learns from the cache and
+    is evaluated on the folder."""
+    folder = rgb_folder(tmp_path / "imgs")
+    hub = hub_folder(tmp_path / "hub", state)
+    imported = tmp_path / "imported"
+    assert (
+        invoke("import-teacher timm:resnet10t --weights", weights, "--out", imported).exit_code == 0
+    )
+    store = tmp_path / "c.zarr"
+    made = invoke("cache-teacher --data", folder, "--teacher", f"local-dir:{hub}", "--teacher",
+                  imported, "--out", store, "--temperature 2")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    manifest = read_manifest(store)
+    on_the_fly, from_run = manifest.teachers
+    assert (
+        on_the_fly.run_dir == f"local-dir:{hub}"
+        and on_the_fly.source["source"] == f"local-dir:{hub}"
+    )
+    assert from_run.source["weights_file"] == str(weights)
+    # the same weights, two preprocessings (64 px bilinear, 176 px bicubic): two members
+    assert on_the_fly.weights_sha256 == from_run.weights_sha256
+    assert on_the_fly.data_config != from_run.data_config
+    assert manifest.classes == ["ant", "bee", "cat"]
+    verified = invoke("verify", store, "--data", folder, "--recompute 3 --teacher",
+                      f"local-dir:{hub}", "--teacher", imported)  # fmt: skip
+    assert verified.exit_code == 0, verified.output
+    student = tmp_path / "s"
+    trained = invoke("train-student --model kd_cnn --epochs 1 --alpha 0.5 --data", folder,
+                     "--cache", store, "--out", student)  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    scored = invoke("evaluate", student, "--data", folder, "--teacher", imported)
+    assert scored.exit_code == 0, scored.output

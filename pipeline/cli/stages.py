@@ -46,13 +46,28 @@ def fetch_data(dest: str) -> None:
 
 @main.command("train-teacher", context_settings=CONTEXT)
 @training_options
+@click.option(
+    "--pretrained",
+    default=None,
+    metavar="SOURCE",
+    help="Fine-tune pretrained weights (timm:ARCH, hf-hub:ORG/NAME, local-dir:PATH) with a new "
+    "head for the dataset's classes, at the weights' own preprocessing.",
+)
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="With --pretrained: its weights from this file (safetensors or a torch checkpoint), "
+    "not from timm's download.",
+)
 @reports_errors
 def train_teacher_command(**options: Any) -> None:
     """Train a model on hard labels; write a teacher run directory.
 
     The run directory holds model.safetensors, model.json (architecture, data
     config, weights hash: the teacher version), config.json and metrics.csv.
-    --model, --data, --epochs and --out are required, unless --resume RUN_DIR.
+    --model (or --pretrained), --data, --epochs and --out are required, unless
+    --resume RUN_DIR.
     """
     card = start_or_resume("train-teacher", options, echo)
     say(f"teacher {card.architecture}, weights {card.weights_sha256[:16]}")
@@ -341,8 +356,13 @@ def start_or_resume(command: str, options: dict, log: Callable[[str], None]) -> 
             raise click.UsageError(f"--resume continues with RUN_DIR/config.json; drop {flags}")
         return resume_training(Path(resume), log=log)
     for name in REQUIRED_TO_START[command]:
-        if options[name] is None:
-            raise click.UsageError(f"Missing option '{flag(name)}' (required unless --resume).")
+        if options[name] is None and not (name == "model" and options.get("pretrained")):
+            other = (
+                " (or --pretrained SOURCE)" if "pretrained" in options and name == "model" else ""
+            )
+            raise click.UsageError(
+                f"Missing option '{flag(name)}'{other} (required unless --resume)."
+            )
     channels = options.pop("channels")
     config = TrainConfig(**options, channels=int(channels) if channels else None)
     train = {
