@@ -379,3 +379,26 @@ def test_a_source_teacher_straight_into_cache_teacher_and_a_student(
     assert trained.exit_code == 0, trained.output
     scored = invoke("evaluate", student, "--data", folder, "--teacher", imported)
     assert scored.exit_code == 0, scored.output
+    chain = invoke("lineage", student, "--data-root", tmp_path)
+    assert chain.exit_code == 0, chain.output
+    assert "imported on the fly" in chain.output and "file hash recomputed" in chain.output
+
+
+def test_a_grayscale_dataset_fine_tunes_an_rgb_source(state: dict, tmp_path: Path) -> None:
+    """timm adapts the first convolution to one channel; mean and std become the channel
+    means of the source's."""
+    folder = tmp_path / "gray"
+    for split in ("train", "test"):
+        for index, name in enumerate(("ant", "bee", "cat")):
+            (folder / split / name).mkdir(parents=True)
+            Image.new("L", (20, 20), 40 + 80 * index).save(folder / split / name / "0.png")
+    hub = hub_folder(tmp_path / "hub", state)
+    out = tmp_path / "g"
+    made = invoke(f"train-teacher --pretrained local-dir:{hub} --data", folder,
+                  "--epochs 1 --out", out)  # fmt: skip
+    assert made.exit_code == 0, made.output
+    config = read_card(out).data_config
+    assert config["input_size"] == [1, 64, 64]
+    assert config["mean"] == [pytest.approx(0.4)] and config["std"] == [pytest.approx(0.25)]
+    model, _ = load_model(out)
+    assert model.conv1[0].weight.shape[1] == 1
