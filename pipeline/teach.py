@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from pipeline.cache import (
     COMBINE_RULES,
     FORMAT_VERSION,
-    PREPROCESSING,
     STATUS_COMPLETE,
     STATUS_WRITING,
     VALUES,
@@ -34,6 +33,7 @@ from pipeline.cache import (
     derive_teacher_id,
     describe_differences,
     layout_for,
+    preprocessing_for,
     read_manifest,
     temperature_problem,
     utc_now,
@@ -239,7 +239,7 @@ def _new_manifest(
         combine=config.combine,
         temperature=float(config.temperature),
         values=VALUES,
-        preprocessing=PREPROCESSING,
+        preprocessing=preprocessing_for([m.data_config for m in members]),
         dataset={
             "name": dataset.name,
             "split": dataset.split,

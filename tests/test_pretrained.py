@@ -194,7 +194,9 @@ def test_cached_values_equal_timms_own_eval_transform(state: dict, tmp_path: Pat
     cached = invoke("cache-teacher --data", folder, "--teacher", teacher, "--out", store,
                     "--temperature 1")  # fmt: skip
     assert cached.exit_code == 0, cached.output
-    member = read_manifest(store).teachers[0]
+    manifest = read_manifest(store)
+    member = manifest.teachers[0]
+    assert "timm's eval transform" in manifest.preprocessing
     assert (
         member.data_config["crop_pct"] == 0.9 and member.data_config["interpolation"] == "bilinear"
     )
@@ -402,3 +404,13 @@ def test_a_grayscale_dataset_fine_tunes_an_rgb_source(state: dict, tmp_path: Pat
     assert config["mean"] == [pytest.approx(0.4)] and config["std"] == [pytest.approx(0.25)]
     model, _ = load_model(out)
     assert model.conv1[0].weight.shape[1] == 1
+
+
+def test_records_without_the_new_fields_keep_their_digests(teacher_run: Path) -> None:
+    """A run trained by kdpipe has no source and no eval fields: its card (and so its card
+    digest and teacher_id) is the JSON it was before these existed, byte for byte."""
+    written = json.loads((teacher_run / "model.json").read_text())
+    card = read_card(teacher_run)
+    assert "source" not in written and card.to_dict() == written
+    assert set(written["data_config"]) == {"input_size", "mean", "std"}
+    assert DataConfig.from_dict(written["data_config"]).to_dict() == written["data_config"]

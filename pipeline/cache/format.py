@@ -62,6 +62,20 @@ PREPROCESSING = (
     "uint8 pixels / 255, resized (bilinear) to the member's input_size when the dataset's "
     "differs, then (x - mean) / std per channel"
 )
+# a member with its own eval resize (a pretrained teacher's data_config has interpolation and
+# crop_pct): written only then, so that the ids of every other cache stay what they were
+EVAL_PREPROCESSING = PREPROCESSING + (
+    "; a member whose data_config has interpolation and crop_pct: first timm's eval transform "
+    "per image (PIL), Resize(floor(size / crop_pct), interpolation, antialias) then "
+    "CenterCrop(size) (crop_mode squash: both edges resized; border: longest edge, padded), "
+    "stored views rendered at input_size as for every member"
+)
+
+
+def preprocessing_for(data_configs: list[dict]) -> str:
+    """The manifest's ``preprocessing``: how its members' inputs are made."""
+    evals = any("interpolation" in c or "crop_pct" in c for c in data_configs)
+    return EVAL_PREPROCESSING if evals else PREPROCESSING
 
 
 def _digest(payload: Any) -> str:
