@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipeline.cache import load_soft_labels, read_manifest
 from pipeline.data import load_dataset
+from pipeline.export.onnx import read_onnx_card
 from pipeline.inputs import DataConfig, prepare_input
 from pipeline.models import weights_sha256
 from pipeline.runs import load_model, read_card
@@ -414,3 +415,24 @@ def test_records_without_the_new_fields_keep_their_digests(teacher_run: Path) ->
     assert "source" not in written and card.to_dict() == written
     assert set(written["data_config"]) == {"input_size", "mean", "std"}
     assert DataConfig.from_dict(written["data_config"]).to_dict() == written["data_config"]
+
+
+def test_an_imported_teacher_exports_with_its_own_preprocessing(
+    weights: Path, tmp_path: Path
+) -> None:
+    folder = rgb_folder(tmp_path / "imgs")
+    teacher = tmp_path / "t"
+    assert (
+        invoke("import-teacher timm:resnet10t --weights", weights, "--out", teacher).exit_code == 0
+    )
+    onnx_file = tmp_path / "t.onnx"
+    fails(invoke("export", teacher, "--out", onnx_file), "give --data", 1)
+    exported = invoke("export", teacher, "--data", folder, "--out", onnx_file, "--check-rows 3")
+    assert exported.exit_code == 0, exported.output
+    scored = invoke("evaluate", onnx_file, "--data", folder)
+    assert scored.exit_code == 0, scored.output
+    card = read_onnx_card(onnx_file)
+    assert card.classes == ["ant", "bee", "cat"]
+    assert (
+        card.preprocessing["crop_pct"] == 0.875 and "eval transform" in card.preprocessing["recipe"]
+    )

@@ -211,7 +211,8 @@ def _teacher_layer(
 
 
 def _check_online_teacher(config: TrainConfig, card: ModelCard, train_set: ImageSet) -> None:
-    if card.classes != list(train_set.classes):
+    # a pretrained teacher imported without --classes knows its classes by index only
+    if (card.classes or list(train_set.classes[: card.num_classes])) != list(train_set.classes):
         raise CacheMismatchError(
             f"teacher {config.teacher} was trained on other classes than {config.data}"
         )
