@@ -436,3 +436,43 @@ def test_an_imported_teacher_exports_with_its_own_preprocessing(
     assert (
         card.preprocessing["crop_pct"] == 0.875 and "eval transform" in card.preprocessing["recipe"]
     )
+
+
+def test_an_hf_hub_model_from_the_hubs_own_cache(state: dict, tmp_path: Path) -> None:
+    """hf-hub:ORG/NAME as timm loads it, offline: the files where huggingface_hub keeps a
+    download (HF_HUB_CACHE/models--ORG--NAME/snapshots/REV, refs/main naming REV)."""
+    import huggingface_hub.constants as hub
+
+    repo = Path(hub.HF_HUB_CACHE) / "models--kdpipe-test--tiny-resnet"
+    revision = "0" * 40
+    hub_folder(repo / "snapshots" / revision, state)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    out = tmp_path / "t"
+    made = invoke("import-teacher hf-hub:kdpipe-test/tiny-resnet --classes", names_file(tmp_path),
+                  "--out", out)  # fmt: skip
+    assert made.exit_code == 0, made.output
+    card = read_card(out)
+    assert card.source["source"] == "hf-hub:kdpipe-test/tiny-resnet"
+    assert card.weights_sha256 == expected_hash(state) and card.classes == ["ant", "bee", "cat"]
+    assert card.data_config["input_size"] == [3, 64, 64] and card.data_config["crop_pct"] == 0.9
+    folder = rgb_folder(tmp_path / "imgs")
+    store = tmp_path / "c.zarr"
+    cached = invoke("cache-teacher --data", folder, "--teacher hf-hub:kdpipe-test/tiny-resnet",
+                    "--out", store, "--temperature 2")  # fmt: skip
+    assert cached.exit_code == 0, cached.output
+    member = read_manifest(store).teachers[0]
+    assert member.run_dir == "hf-hub:kdpipe-test/tiny-resnet"
+    assert member.weights_sha256 == card.weights_sha256
+    # the SOURCE on the fly and its imported run directory are one teacher: the same ids
+    again = tmp_path / "again.zarr"
+    cached = invoke("cache-teacher --data", folder, "--teacher", out, "--out", again,
+                    "--temperature 2")  # fmt: skip
+    assert cached.exit_code == 0, cached.output
+    assert read_manifest(again).cache_id == read_manifest(store).cache_id
+
+
+def names_file(folder: Path) -> Path:
+    path = folder / "classes.txt"
+    path.write_text("ant\nbee\ncat\n")
+    return path
