@@ -212,7 +212,7 @@ def create_pretrained(
     where = str(weights) if weights is not None else text
     if head is None:
         raise ModelError(f"{where} has no classifier {cfg.get('classifier')!r}: "
-                         f"{_mismatch(text, state, cfg, model_kwargs)}")  # fmt: skip
+                         f"{_mismatch(architecture, state, cfg, model_kwargs)}")  # fmt: skip
     if num_classes is not None and num_classes != head:
         raise ModelError(f"{where} predicts {head} classes, not the {num_classes} asked for")
     timm_name = name if kind == "timm" else text
@@ -224,12 +224,12 @@ def create_pretrained(
             timm_name, pretrained=True, num_classes=head, in_chans=in_chans,
             drop_rate=drop_rate, pretrained_cfg_overlay=overlay,
         )  # fmt: skip
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # timm's strict load_state_dict, or no weights to load
         if state is None:
             raise ModelError(f"cannot load the pretrained weights of {text}: "
                              f"{_first_line(exc)}") from None  # fmt: skip
-        raise ModelError(f"{where} does not fit {architecture}: "
-                         f"{_mismatch(text, state, cfg, model_kwargs)}") from None  # fmt: skip
+        why = _mismatch(architecture, state, cfg, model_kwargs)
+        raise ModelError(f"{where} does not fit {architecture}: {why}") from None
     except Exception as exc:  # a download that failed: huggingface_hub's or urllib's errors
         raise ModelError(
             f"cannot fetch the pretrained weights of {text}: {_first_line(exc)} (offline? "
@@ -253,13 +253,13 @@ def source_architecture(text: str) -> str:
     return _source_config(kind, name, text)[1]
 
 
-def _mismatch(text: str, state: dict | None, cfg: dict, model_kwargs: dict) -> str:
-    """Why a state dict does not fit the source's architecture, in one line."""
+def _mismatch(architecture: str, state: dict | None, cfg: dict, model_kwargs: dict) -> str:
+    """Why a state dict does not fit the source's architecture, in one line (a blank model
+    is built only on this error path)."""
     if state is None:
         return "no weights"
-    kind, name = parse_source(text)
     blank = timm.create_model(
-        name if kind == "timm" else cfg["architecture"],
+        architecture,
         num_classes=head_size(state, cfg) or cfg.get("num_classes") or 1000,
         **model_kwargs,
     )
