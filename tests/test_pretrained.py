@@ -476,3 +476,30 @@ def names_file(folder: Path) -> Path:
     path = folder / "classes.txt"
     path.write_text("ant\nbee\ncat\n")
     return path
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_fine_tune_resumes_to_the_same_weights(weights: Path, tmp_path: Path) -> None:
+    """--resume of a --pretrained run: config.json names the source and the file, the
+    checkpoint holds the rest; it ends as an uninterrupted run does."""
+    from pipeline.train import TrainConfig, resume_training, train_teacher
+
+    folder = rgb_folder(tmp_path / "imgs")
+
+    def config(out: Path) -> TrainConfig:
+        return TrainConfig(model=None, data=str(folder), out=str(out), epochs=2, batch_size=9,
+                           lr=0.01, pretrained="timm:resnet10t", weights=str(weights))  # fmt: skip
+
+    def kill_after_epoch_1(line: str) -> None:
+        if line.startswith("epoch 1/"):
+            raise Killed
+
+    whole = train_teacher(config(tmp_path / "whole"))
+    with pytest.raises(Killed):
+        train_teacher(config(tmp_path / "cut"), log=kill_after_epoch_1)
+    resumed = resume_training(tmp_path / "cut")
+    assert resumed.weights_sha256 == whole.weights_sha256
+    assert resumed.source == whole.source and resumed.data_config == whole.data_config
