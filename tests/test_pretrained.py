@@ -503,3 +503,15 @@ def test_a_killed_fine_tune_resumes_to_the_same_weights(weights: Path, tmp_path:
     resumed = resume_training(tmp_path / "cut")
     assert resumed.weights_sha256 == whole.weights_sha256
     assert resumed.source == whole.source and resumed.data_config == whole.data_config
+
+
+def test_bad_source_teachers_in_cache_teacher_are_one_line(tmp_path: Path) -> None:
+    folder = rgb_folder(tmp_path / "imgs")
+    store = tmp_path / "c.zarr"
+    start = f"cache-teacher --data {folder} --temperature 2 --out {store} --teacher"
+    fails(invoke(start, "timmm:resnet10t"), "unknown teacher source 'timmm:resnet10t'")
+    fails(invoke(start, "timm:resnet10t"), "cannot fetch the pretrained weights of timm:resnet10t")
+    fails(invoke(start, "hf-hub:nobody/nothing"), "cannot read the model config of hf-hub:")
+    fails(invoke(start, f"local-dir:{tmp_path / 'nowhere'}"), "cannot read the model config")
+    fails(invoke(start, tmp_path / "no-run"), "does not exist")
+    assert not store.exists()
