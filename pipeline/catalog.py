@@ -12,6 +12,7 @@ import pandas as pd
 from pipeline.cache import MANIFEST_KEY, TeacherMember, Upstream, read_manifest
 from pipeline.data import load_dataset
 from pipeline.errors import KdpipeError, RunDirError
+from pipeline.pretrained import file_sha256, looks_like_source
 from pipeline.runs import load_model, read_card
 
 CATALOG_COLUMNS = [
@@ -139,8 +140,11 @@ def lineage(
         )
     except RunDirError as exc:
         link(card.kind, str(run_dir), card.weights_sha256[:16], "MISMATCH", str(exc))
+    if card.source is not None:  # pretrained: where its weights came from
+        _source_link(link, card.source)
     if card.lineage is None or "cache_id" not in card.lineage:  # trained on labels (or online)
-        _dataset_link(link, card.dataset, load)
+        if card.dataset.get("name") is not None:  # an imported teacher was trained elsewhere
+            _dataset_link(link, card.dataset, load)
         return pd.DataFrame(rows)
     datasets: list[dict] = []
     _walk_cache(link, card.lineage["cache_id"], card.lineage["cache_path"], None, datasets)
@@ -193,7 +197,15 @@ def _walk_cache(
 def _teacher_link(link: Callable[..., None], member: TeacherMember) -> dict | None:
     """A teacher run directory, its weights hash recomputed, and the cache its card says
     it learned from compared with the manifest's record of it: that cache's lineage (as
-    the card has it) when the run is there and learned from a cache."""
+    the card has it) when the run is there and learned from a cache. A SOURCE imported on
+    the fly (``timm:``, ``hf-hub:``) has no run directory: its source is the link."""
+    if member.source is not None and looks_like_source(member.run_dir):
+        link("teacher", member.run_dir, member.weights_sha256[:16], "recorded",
+             "imported on the fly by cache-teacher")  # fmt: skip
+        _source_link(link, member.source)
+        return None
+    if member.source is not None:
+        _source_link(link, member.source)
     try:
         _, teacher = load_model(Path(member.run_dir))
     except RunDirError as exc:
@@ -214,6 +226,22 @@ def _teacher_link(link: Callable[..., None], member: TeacherMember) -> dict | No
         return card_lineage
     link("teacher", member.run_dir, member.weights_sha256[:16], "MISMATCH", detail)
     return None
+
+
+def _source_link(link: Callable[..., None], source: dict) -> None:
+    """The pretrained weights a teacher was imported or fine-tuned from: the weights file's
+    SHA-256 recomputed where there is one, else what the record says."""
+    file, recorded = source.get("weights_file"), source.get("weights_file_sha256")
+    name = f"{source['source']} ({source.get('pretrained_cfg')})"
+    if file is None:
+        link("source", name, "", "recorded", "weights from timm's download")
+    elif not Path(file).is_file():
+        link("source", f"{name} {file}", (recorded or "")[:16], "missing", f"{file} is gone")
+    else:
+        same = file_sha256(Path(file)) == recorded
+        link("source", f"{name} {file}", (recorded or "")[:16],
+             "verified" if same else "MISMATCH",
+             "file hash recomputed" if same else "the file has changed since")  # fmt: skip
 
 
 def _dataset_link(link, record: dict, load: dict) -> None:

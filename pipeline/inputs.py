@@ -12,6 +12,8 @@ model or stage is asking.
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,30 +27,98 @@ from pipeline.errors import UsageError
 PRECISION_CHOICES = {"auto": None, "fp32": "float32", "bf16": "bfloat16"}
 
 
+# timm's eval crop modes (timm.data.transforms_factory.transforms_imagenet_eval)
+CROP_MODES = ("center", "squash", "border")
+# timm's interpolation names (timm.data.transforms.str_to_interp_mode)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """What a model expects as input: the dataset's shape and normalisation."""
+    """What a model expects as input: its input size and normalisation, and for a pretrained
+    model its own eval resize (``interpolation``, ``crop_pct``, ``crop_mode`` of its
+    ``pretrained_cfg``).
+
+    Without the eval fields (every model kdpipe trains itself) a stored image is resized
+    straight to ``input_size``; with them, it goes through timm's own eval transform
+    (:func:`eval_transform`), so that the values are the ones the model's authors
+    measured. The eval fields are written only when set, so records made before they
+    existed keep their digests.
+    """
 
     input_size: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    interpolation: str | None = None
+    crop_pct: float | None = None
+    crop_mode: str | None = None
 
     def to_dict(self) -> dict:
-        return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std)}
+        data = {"input_size": list(self.input_size), "mean": list(self.mean),
+                "std": list(self.std)}  # fmt: skip
+        for name in ("interpolation", "crop_pct", "crop_mode"):
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> DataConfig:
+        crop_pct = data.get("crop_pct")
         return cls(
             input_size=tuple(int(v) for v in data["input_size"]),
             mean=tuple(float(v) for v in data["mean"]),
             std=tuple(float(v) for v in data["std"]),
+            interpolation=data.get("interpolation"),
+            crop_pct=None if crop_pct is None else float(crop_pct),
+            crop_mode=data.get("crop_mode"),
         )
+
+    @property
+    def eval_resize(self) -> bool:
+        """True when images go through the model's own eval transform (resize, crop)."""
+        return self.interpolation is not None or self.crop_pct is not None
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """Float pixels in [0, 1] ``(N, C, H, W)`` to the input the model was trained on."""
         mean = torch.tensor(self.mean, device=pixels.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=pixels.device).view(1, -1, 1, 1)
         return (pixels - mean) / std
+
+
+@functools.lru_cache(maxsize=8)
+def eval_transform(data_config: DataConfig) -> Callable:
+    """timm's own eval transform for a data config, up to the uint8 crop: Resize(floor(size /
+    crop_pct), interpolation, antialias) then CenterCrop(size) (or timm's squash and border
+    modes). Normalisation is :meth:`DataConfig.normalize`, the one every path shares."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=data_config.input_size,
+        is_training=False,
+        use_prefetcher=True,  # stops at the uint8 tensor: no ToTensor, no Normalize
+        interpolation=data_config.interpolation or "bilinear",
+        crop_pct=data_config.crop_pct or 1.0,
+        crop_mode=data_config.crop_mode or "center",
+        mean=data_config.mean,
+        std=data_config.std,
+    )
+
+
+def eval_resize(images: torch.Tensor, data_config: DataConfig) -> torch.Tensor:
+    """uint8 images ``(N, C, H, W)`` through the model's eval transform, one PIL image each
+    (as timm's own loader does), to uint8 ``(N, C, *input_size[1:])``."""
+    from PIL import Image
+
+    transform = eval_transform(data_config)
+    pixels = images.cpu().permute(0, 2, 3, 1).numpy()
+    mode = "L" if pixels.shape[-1] == 1 else "RGB"
+    # the transform ends in timm's MaybePILToTensor: uint8 (C, H, W), values unscaled
+    return torch.stack(
+        [
+            transform(Image.fromarray(image[..., 0] if mode == "L" else image, mode))
+            for image in pixels
+        ]
+    )
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
@@ -87,7 +157,10 @@ def check_channels(model_name: str, data_config: DataConfig, images: torch.Tenso
 def prepare_input(
     images: torch.Tensor, data_config: DataConfig, device: torch.device
 ) -> torch.Tensor:
-    """uint8 images to the normalised float input a model expects, resized if need be."""
+    """uint8 images to the normalised float input a model expects, resized if need be (by
+    the model's own eval transform when its data config has one: :func:`eval_resize`)."""
+    if data_config.eval_resize:
+        images = eval_resize(images, data_config)
     x = images.to(device, non_blocking=True)
     height, width = data_config.input_size[1:]
     x = data_config.normalize(x.float() / 255.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import timm
 import torch
@@ -176,6 +177,15 @@ def kd_cnn(pretrained: bool = False, **kwargs: object) -> SmallCNN:
     return _create(SmallCNN, "kd_cnn", pretrained, **kwargs)
 
 
+def check_architecture(architecture: str) -> None:
+    """An architecture timm does not know is one line, with the closest names it does."""
+    if not timm.is_model(architecture):
+        base = architecture.split(".")[0]
+        close = timm.list_models(f"*{base}*")[:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ModelError(f"unknown architecture {architecture!r}: not in timm's registry{hint}")
+
+
 def resolve_model_kwargs(
     architecture: str, data_config: DataConfig, model_kwargs: dict | None = None
 ) -> dict:
@@ -203,10 +213,7 @@ def create_model(
     The model's ``pretrained_cfg`` is set to the dataset's data config so that
     ``timm.data.resolve_data_config(model=model)`` reports it, not ImageNet's.
     """
-    if not timm.is_model(architecture):
-        close = timm.list_models(f"*{architecture}*")[:5]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ModelError(f"unknown architecture {architecture!r}: not in timm's registry{hint}")
+    check_architecture(architecture)
     kwargs = resolve_model_kwargs(architecture, data_config, model_kwargs)
     if drop_rate is not None:
         kwargs["drop_rate"] = drop_rate
@@ -218,12 +225,31 @@ def create_model(
         raise ModelError(f"cannot build {architecture!r}: {exc}") from None
     model.pretrained_cfg = {
         **getattr(model, "pretrained_cfg", {}),
-        "input_size": data_config.input_size,
-        "mean": data_config.mean,
-        "std": data_config.std,
+        **{k: v for k, v in asdict(data_config).items() if v is not None},
         "num_classes": num_classes,
     }
     return model
+
+
+def state_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """One line on how a state dict differs from a model's (None when it fits), instead of
+    torch's dump of every key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(
+        name for name in set(expected) & set(state) if expected[name].shape != state[name].shape
+    )
+    parts = [
+        f"{len(names)} {what} (e.g. {names[0]})"
+        for names, what in (
+            (missing, "missing"),
+            (unexpected, "unexpected"),
+            (shapes, "of another shape"),
+        )
+        if names
+    ]
+    return "; ".join(parts) + " weight(s): weights of another architecture" if parts else None
 
 
 def weights_sha256(model: nn.Module) -> str:

@@ -25,9 +25,12 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from pipeline.errors import ManifestError, RunDirError
-from pipeline.inputs import DataConfig
-from pipeline.models import create_model, weights_sha256
+from pipeline.cache import utc_now
+from pipeline.errors import ManifestError, RunDirError, UsageError
+from pipeline.inputs import CROP_MODES, INTERPOLATIONS, DataConfig
+from pipeline.models import create_model, param_count, state_mismatch, weights_sha256
+from pipeline.pretrained import Pretrained, create_pretrained, read_class_names
+from pipeline.runtime import prepare_output, software_versions
 from pipeline.spec import check_keys, check_object
 
 RUN_FORMAT_VERSION = 1
@@ -36,6 +39,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
 KINDS = ("teacher", "student", "online-student", "qat-student")
+EVAL_FIELDS = ("interpolation", "crop_pct", "crop_mode")  # optional: a pretrained model's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,9 +61,15 @@ class ModelCard:
     created: str
     software: dict
     selection: dict | None = None  # early stopping: kept_epoch, epochs_run, stopped_early
+    # a pretrained teacher (import-teacher, train-teacher --pretrained): the SOURCE, its
+    # pretrained_cfg, the weights file and its SHA-256 (pretrained.Pretrained.source)
+    source: dict | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.source is None:  # absent, not null: cards made before it keep their digests
+            del data["source"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> ModelCard:
@@ -111,6 +121,15 @@ def _check_data_config(config: dict, in_chans: int, where: str) -> None:
             f"{where}: data_config mean {mean!r} and std {std!r} need one value per channel "
             "(std > 0)"
         )
+    interpolation, crop_pct, crop_mode = (config.get(k) for k in EVAL_FIELDS)
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise ManifestError(f"{where}: data_config interpolation {interpolation!r} is not one "
+                            f"of {', '.join(INTERPOLATIONS)}")  # fmt: skip
+    if crop_pct is not None and not (numbers([crop_pct], 1) and 0 < crop_pct <= 4):
+        raise ManifestError(f"{where}: data_config crop_pct {crop_pct!r} is not in (0, 4]")
+    if crop_mode is not None and crop_mode not in CROP_MODES:
+        raise ManifestError(f"{where}: data_config crop_mode {crop_mode!r} is not one of "
+                            f"{', '.join(CROP_MODES)}")  # fmt: skip
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -181,27 +200,6 @@ def read_card(run_dir: Path) -> ModelCard:
     return ModelCard.from_dict(data, where=str(card_path))
 
 
-def _state_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
-    """One line on how a state dict differs from a model's (None when it fits), instead of
-    torch's dump of every key."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        name for name in set(expected) & set(state) if expected[name].shape != state[name].shape
-    )
-    parts = [
-        f"{len(names)} {what} (e.g. {names[0]})"
-        for names, what in (
-            (missing, "missing"),
-            (unexpected, "unexpected"),
-            (shapes, "of another shape"),
-        )
-        if names
-    ]
-    return "; ".join(parts) + " weight(s): weights of another architecture" if parts else None
-
-
 def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelCard]:
     """Rebuild a run's model through timm and load its weights, checking their hash."""
     run_dir = Path(run_dir)
@@ -219,7 +217,7 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Mo
         state = safetensors.torch.load_file(str(weights))
     except (OSError, safetensors.SafetensorError) as exc:
         raise RunDirError(f"{weights} cannot be read: {exc}") from None
-    problem = _state_mismatch(model, state)
+    problem = state_mismatch(model, state)
     if problem:
         raise RunDirError(f"{weights} does not fit {card.architecture}: {problem}")
     model.load_state_dict(state)
@@ -241,3 +239,73 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Mo
     # channels_last as the inputs (inputs.prepare_input): a convolution given NCHW weights
     # and NHWC inputs converts one of them on every call; MLPs are not affected
     return model.to(device).to(memory_format=torch.channels_last).eval(), card
+
+
+def pretrained_card(pretrained: Pretrained, classes: list[str]) -> ModelCard:
+    """The model card of a pretrained teacher: its own preprocessing, its weights' content
+    hash, and where it came from (``source``); it was not trained on a dataset of kdpipe's
+    (``dataset`` is empty). ``classes`` empty: the head's classes are known by index only."""
+    model, data_config = pretrained.model, pretrained.data_config
+    return ModelCard(
+        format_version=RUN_FORMAT_VERSION,
+        kind="teacher",
+        architecture=pretrained.architecture,
+        model_kwargs=dict(pretrained.model_kwargs),
+        num_classes=int(model.num_classes),
+        in_chans=data_config.input_size[0],
+        classes=list(classes),
+        data_config=data_config.to_dict(),
+        weights_sha256=weights_sha256(model),
+        param_count=param_count(model),
+        dataset={"name": None, "split": None, "fingerprint": None},
+        lineage=None,
+        created=utc_now(),
+        software=software_versions(),
+        source=dict(pretrained.source),
+    )
+
+
+def open_pretrained(
+    source: str,
+    *,
+    weights: Path | None = None,
+    num_classes: int | None = None,
+    classes_file: Path | None = None,
+) -> tuple[nn.Module, ModelCard]:
+    """A SOURCE teacher and its card, in memory (cache-teacher imports one on the fly)."""
+    names = [] if classes_file is None else read_class_names(classes_file)
+    if names and num_classes is not None and len(names) != num_classes:
+        raise UsageError(f"{classes_file} names {len(names)} classes, --num-classes says "
+                         f"{num_classes}")  # fmt: skip
+    pretrained = create_pretrained(source, weights=weights, num_classes=num_classes or
+                                   (len(names) or None))  # fmt: skip
+    model = pretrained.model.cpu().to(memory_format=torch.contiguous_format)
+    return model, pretrained_card(pretrained, names)
+
+
+def import_teacher(
+    source: str,
+    out: Path,
+    *,
+    weights: Path | None = None,
+    num_classes: int | None = None,
+    classes_file: Path | None = None,
+    overwrite: bool = False,
+) -> ModelCard:
+    """``kdpipe import-teacher``: a teacher run directory (the contract of train-teacher's:
+    model.safetensors and model.json with the weights' hash) from a pretrained SOURCE.
+
+    Everything is read and checked before ``out`` is touched: a bad SOURCE, weights file
+    or head size leaves an existing ``out`` as it was."""
+    model, card = open_pretrained(source, weights=weights, num_classes=num_classes,
+                                  classes_file=classes_file)  # fmt: skip
+    out = Path(out)
+    prepare_output(out, overwrite, [weights, classes_file, *_local_dir(source)])
+    out.mkdir(parents=True)
+    save_model(out, model, card)
+    return card
+
+
+def _local_dir(source: str) -> list[str]:
+    """A local-dir: SOURCE's folder, an input that the output may not touch."""
+    return [source.split(":", 1)[1]] if source.startswith("local-dir:") else []

@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from pipeline.cache import (
     COMBINE_RULES,
     FORMAT_VERSION,
-    PREPROCESSING,
     STATUS_COMPLETE,
     STATUS_WRITING,
     VALUES,
@@ -34,6 +33,7 @@ from pipeline.cache import (
     derive_teacher_id,
     describe_differences,
     layout_for,
+    preprocessing_for,
     read_manifest,
     temperature_problem,
     utc_now,
@@ -125,7 +125,7 @@ def cache_teacher(
     requests = teacher.layer_requests(config.features, config.attention, config.feature_grid)
     layers = teacher.layer_records(requests, device)
     check_disjoint(out, [*config.teachers, source_folder(dataset)])
-    layout = layout_for(config.top_k, len(teacher.classes))
+    layout = layout_for(config.top_k, teacher.num_classes)
     labeled = dataset.labeled and not config.ignore_labels
     if config.exclude_classes and not labeled:
         raise UsageError("--exclude-classes needs labels (not --ignore-labels or unlabeled data)")
@@ -133,7 +133,7 @@ def cache_teacher(
         dataset.labels,
         subset=config.subset,
         exclude_classes=config.exclude_classes,
-        num_classes=len(teacher.classes),
+        num_classes=teacher.num_classes,
         seed=config.seed,
     )
     manifest = _new_manifest(config, dataset, teacher, layout, rows, labeled, device, layers)
@@ -239,13 +239,13 @@ def _new_manifest(
         combine=config.combine,
         temperature=float(config.temperature),
         values=VALUES,
-        preprocessing=PREPROCESSING,
+        preprocessing=preprocessing_for([m.data_config for m in members]),
         dataset={
             "name": dataset.name,
             "split": dataset.split,
             "fingerprint": dataset.fingerprint(),
         },
-        classes=teacher.classes,
+        classes=teacher.class_names(dataset),
         transfer={
             "dataset_samples": len(dataset),
             "subset": config.subset,
@@ -257,7 +257,7 @@ def _new_manifest(
         storage=layout.storage,
         num_samples=len(rows),
         num_views=config.views,
-        num_classes=len(teacher.classes),
+        num_classes=teacher.num_classes,
         dtype=config.dtype,
         chunk_size=min(config.chunk_size, len(rows)),
         array_metadata_sha256={},
@@ -300,7 +300,7 @@ class TeacherChunks:
             self.params[mine],
             self.partners[mine],
         )
-        values = torch.empty(len(chunk_rows), config.views, len(self.teacher.classes))
+        values = torch.empty(len(chunk_rows), config.views, self.teacher.num_classes)
         layers = {layer.array: torch.empty(len(chunk_rows), config.views, *layer.shape)
                   for layer in self.manifest.features}  # fmt: skip
         with contextlib.ExitStack() as stack:

@@ -25,7 +25,8 @@ from pipeline.data import ImageSet
 from pipeline.errors import CacheMismatchError, KdpipeError, UsageError
 from pipeline.features import LayerRequest, LayerTaps, resolve_layer
 from pipeline.inputs import DataConfig, autocast, check_channels, view_input
-from pipeline.runs import ModelCard, load_model
+from pipeline.pretrained import looks_like_source
+from pipeline.runs import ModelCard, load_model, open_pretrained
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,25 @@ class Teacher:
     cards: tuple[ModelCard, ...]
 
     @property
-    def classes(self) -> list[str]:
-        return list(self.cards[0].classes)
+    def num_classes(self) -> int:
+        return self.cards[0].num_classes
+
+    def class_names(self, dataset: ImageSet) -> list[str]:
+        """The names of the classes the teacher predicts: its members' (a pretrained teacher
+        imported without --classes knows them by index only: then the dataset's, the counts
+        being checked, or the indices for unlabeled data)."""
+        named = [card.classes for card in self.cards if card.classes]
+        if named:
+            return list(named[0])
+        if dataset.classes and len(dataset.classes) == self.num_classes:
+            return list(dataset.classes)
+        return [str(i) for i in range(self.num_classes)]
 
     def check(self, dataset: ImageSet) -> None:
-        """Every member predicts the dataset's classes (when it has labels), the members
-        share their classes, and each takes the dataset's channels."""
-        count = len(self.classes)
+        """Every member predicts the dataset's classes (when it has labels; a pretrained
+        member that names them, by name too), the members share their classes, and each
+        takes the dataset's channels."""
+        count = self.num_classes
         for source, card in zip(self.sources, self.cards, strict=True):
             if dataset.labeled and card.num_classes != dataset.num_classes:
                 raise CacheMismatchError(
@@ -55,6 +68,7 @@ class Teacher:
                     f"teacher {source} has {card.num_classes} classes, {self.sources[0]} has "
                     f"{count}: ensemble members must share their classes"
                 )
+            _check_names(source, card, dataset)
             check_channels(f"teacher {source}", card.data, dataset.images)
 
     def records(self) -> list[TeacherMember]:
@@ -70,6 +84,7 @@ class Teacher:
                 data_config=card.data_config,
                 run_dir=str(source),
                 lineage=upstream_of(card),
+                source=card.source,
             )
             for source, card in zip(self.sources, self.cards, strict=True)
         ]
@@ -128,6 +143,19 @@ class Teacher:
         return [r.record(outputs[r.array].shape[1:], spatial[r.name]) for r in requests]
 
 
+def _check_names(source: str, card: ModelCard, dataset: ImageSet) -> None:
+    """A pretrained teacher given class names (import-teacher --classes) predicts the
+    dataset's classes in the dataset's order: the first class named otherwise is an error.
+    (kdpipe's own runs are checked by count, as they always were.)"""
+    if card.source is None or not card.classes or not dataset.labeled:
+        return
+    for index, (mine, theirs) in enumerate(zip(card.classes, dataset.classes, strict=False)):
+        if mine != theirs:
+            raise CacheMismatchError(
+                f"teacher {source} names class {index} {mine!r}, {dataset.name} names it {theirs!r}"
+            )
+
+
 def upstream_of(card: ModelCard) -> Upstream | None:
     """The record of the cache a student-teacher learned from, read from that cache's
     manifest (and so carrying that cache's teachers' own records, recursively). When the
@@ -148,15 +176,24 @@ def upstream_of(card: ModelCard) -> Upstream | None:
 
 
 def load_teacher(sources: Sequence[str | Path], device: torch.device) -> Teacher:
-    """Load every member once (weights hash checked by :func:`pipeline.runs.load_model`)."""
+    """Load every member once: a run directory (weights hash checked by
+    :func:`pipeline.runs.load_model`), or a SOURCE (``timm:ARCH``, ``hf-hub:ORG/NAME``,
+    ``local-dir:PATH``) imported on the fly through timm, its source recorded in its card."""
     if not sources:
-        raise UsageError("at least one --teacher run directory is needed")
-    loaded = [load_model(Path(source), device) for source in sources]
+        raise UsageError("at least one --teacher run directory or SOURCE is needed")
+    loaded = [_load_member(source, device) for source in sources]
     return Teacher(
         sources=tuple(str(source) for source in sources),
         models=tuple(model for model, _ in loaded),
         cards=tuple(card for _, card in loaded),
     )
+
+
+def _load_member(source: str | Path, device: torch.device) -> tuple[nn.Module, ModelCard]:
+    if looks_like_source(source):
+        model, card = open_pretrained(str(source))
+        return model.to(device).to(memory_format=torch.channels_last).eval(), card
+    return load_model(Path(source), device)
 
 
 def combine_members(

@@ -36,6 +36,7 @@ from pipeline.cache.format import (
     describe_differences,
     layer_array,
     manifest_checksum,
+    preprocessing_for,
     temperature_problem,
 )
 from pipeline.cache.layout import Dense, Layout, TopK, index_dtype, layout_for, reconstruct_top_k
@@ -118,6 +119,7 @@ __all__ = [
     "manifest_checksum",
     "open_complete",
     "open_soft_labels",
+    "preprocessing_for",
     "read_manifest",
     "reconstruct_top_k",
     "retemper",

@@ -62,6 +62,20 @@ PREPROCESSING = (
     "uint8 pixels / 255, resized (bilinear) to the member's input_size when the dataset's "
     "differs, then (x - mean) / std per channel"
 )
+# a member with its own eval resize (a pretrained teacher's data_config has interpolation and
+# crop_pct): written only then, so that the ids of every other cache stay what they were
+EVAL_PREPROCESSING = PREPROCESSING + (
+    "; a member whose data_config has interpolation and crop_pct: first timm's eval transform "
+    "per image (PIL), Resize(floor(size / crop_pct), interpolation, antialias) then "
+    "CenterCrop(size) (crop_mode squash: both edges resized; border: longest edge, padded), "
+    "stored views rendered at input_size as for every member"
+)
+
+
+def preprocessing_for(data_configs: list[dict]) -> str:
+    """The manifest's ``preprocessing``: how its members' inputs are made."""
+    evals = any("interpolation" in c or "crop_pct" in c for c in data_configs)
+    return EVAL_PREPROCESSING if evals else PREPROCESSING
 
 
 def _digest(payload: Any) -> str:
@@ -144,11 +158,16 @@ class TeacherMember:
     # Provenance, not identity: the weights hash already names the teacher, so neither
     # teacher_id nor cache_id depends on it
     lineage: Upstream | None = None
+    # a pretrained teacher: its SOURCE (timm:, hf-hub:, local-dir:), pretrained_cfg, weights
+    # file and that file's SHA-256. Provenance too, in no id
+    source: dict | None = None
 
     def to_dict(self) -> dict:
         data = {name: getattr(self, name) for name in _MEMBER_FIELDS}
         if self.lineage is not None:  # absent, not null: generation-0 records stay as they were
             data["lineage"] = self.lineage.to_dict()
+        if self.source is not None:  # absent, not null, for the same reason
+            data["source"] = dict(self.source)
         return data
 
     @classmethod
@@ -165,6 +184,7 @@ class TeacherMember:
             data_config=_check(data, "data_config", dict, where),
             run_dir=_check(data, "run_dir", str, where),
             lineage=None if lineage is None else Upstream.from_dict(lineage, f"{where}: lineage"),
+            source=_check(data, "source", dict, where) if "source" in data else None,
         )
 
     @property

@@ -46,16 +46,89 @@ def fetch_data(dest: str) -> None:
 
 @main.command("train-teacher", context_settings=CONTEXT)
 @training_options
+@click.option(
+    "--pretrained",
+    default=None,
+    metavar="SOURCE",
+    help="Fine-tune pretrained weights (timm:ARCH, hf-hub:ORG/NAME, local-dir:PATH) with a new "
+    "head for the dataset's classes, at the weights' own preprocessing.",
+)
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="With --pretrained: its weights from this file (safetensors or a torch checkpoint), "
+    "not from timm's download.",
+)
 @reports_errors
 def train_teacher_command(**options: Any) -> None:
     """Train a model on hard labels; write a teacher run directory.
 
     The run directory holds model.safetensors, model.json (architecture, data
     config, weights hash: the teacher version), config.json and metrics.csv.
-    --model, --data, --epochs and --out are required, unless --resume RUN_DIR.
+    --model (or --pretrained), --data, --epochs and --out are required, unless
+    --resume RUN_DIR.
     """
     card = start_or_resume("train-teacher", options, echo)
     say(f"teacher {card.architecture}, weights {card.weights_sha256[:16]}")
+
+
+@main.command("import-teacher", context_settings=CONTEXT)
+@click.argument("source")
+@click.option("--out", type=click.Path(), required=True, help="Teacher run directory to create.")
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Weights file (safetensors, or a torch checkpoint read with weights_only=True) "
+    "instead of timm's download.",
+)
+@click.option(
+    "--num-classes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Classes the head predicts: checked against the weights [default: the weights'].",
+)
+@click.option(
+    "--classes",
+    "classes_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="File of the class names the head predicts, one per line [default: by index].",
+)
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@reports_errors
+def import_teacher_command(
+    source: str,
+    out: str,
+    weights: str | None,
+    num_classes: int | None,
+    classes_file: str | None,
+    overwrite: bool,
+) -> None:
+    """Write a teacher run directory from pretrained weights: SOURCE is timm:ARCH[.TAG],
+    hf-hub:ORG/NAME or local-dir:PATH.
+
+    Weights come through timm.create_model(pretrained=True) (downloaded when a network
+    exists) or from --weights FILE; the preprocessing (input size, mean, std,
+    interpolation, crop_pct) is the model's own pretrained_cfg, recorded in model.json.
+    """
+    from pipeline.runs import import_teacher
+
+    card = import_teacher(
+        source,
+        Path(out),
+        weights=None if weights is None else Path(weights),
+        num_classes=num_classes,
+        classes_file=None if classes_file is None else Path(classes_file),
+        overwrite=overwrite,
+    )
+    size = "x".join(str(v) for v in card.data_config["input_size"][1:])
+    say(
+        f"teacher {card.architecture} from {source}: {card.num_classes} classes, input {size} "
+        f"({card.data_config['interpolation']}, crop_pct {card.data_config['crop_pct']}), "
+        f"weights {card.weights_sha256[:16]}"
+    )
 
 
 @main.command("cache-teacher", context_settings=CONTEXT)
@@ -64,8 +137,8 @@ def train_teacher_command(**options: Any) -> None:
     "teachers",
     multiple=True,
     required=True,
-    type=click.Path(),
-    help="Teacher run directory; repeat for an ensemble.",
+    help="Teacher run directory, or a pretrained SOURCE (timm:ARCH, hf-hub:ORG/NAME, "
+    "local-dir:PATH) imported on the fly; repeat for an ensemble.",
 )
 @data_options
 @click.option("--split", type=click.Choice(["train", "test"]), default="train")
@@ -283,8 +356,13 @@ def start_or_resume(command: str, options: dict, log: Callable[[str], None]) -> 
             raise click.UsageError(f"--resume continues with RUN_DIR/config.json; drop {flags}")
         return resume_training(Path(resume), log=log)
     for name in REQUIRED_TO_START[command]:
-        if options[name] is None:
-            raise click.UsageError(f"Missing option '{flag(name)}' (required unless --resume).")
+        if options[name] is None and not (name == "model" and options.get("pretrained")):
+            other = (
+                " (or --pretrained SOURCE)" if "pretrained" in options and name == "model" else ""
+            )
+            raise click.UsageError(
+                f"Missing option '{flag(name)}'{other} (required unless --resume)."
+            )
     channels = options.pop("channels")
     config = TrainConfig(**options, channels=int(channels) if channels else None)
     train = {

@@ -35,7 +35,7 @@ from pipeline.cli.base import (
     "teachers",
     multiple=True,
     type=click.Path(),
-    help="Teacher run directory (repeat for an ensemble), for agreement.",
+    help="Teacher run directory or SOURCE (repeat for an ensemble), for agreement.",
 )
 @click.option(
     "--cache",
@@ -265,7 +265,7 @@ def storage_command(
     "teachers",
     multiple=True,
     type=click.Path(),
-    help="The cache's teacher run directories, for --recompute.",
+    help="The cache's teacher run directories (or SOURCEs), for --recompute.",
 )
 @click.option("--seed", type=int, default=0, help="Chooses the samples to recompute.")
 @DEVICE_OPTION

@@ -17,7 +17,7 @@ import re
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,10 @@ def preprocessing(data_config: DataConfig) -> dict:
         **data_config.to_dict(),
         "channels": data_config.input_size[0],
         "layout": "NCHW float32",
-        "recipe": "x = (pixels / 255 - mean) / std per channel, bilinear resize to input_size",
+        "recipe": "x = (pixels / 255 - mean) / std per channel, bilinear resize to input_size"
+        if not data_config.eval_resize
+        else "timm's eval transform: Resize(floor(size / crop_pct), interpolation, antialias), "
+        "CenterCrop(size), then x = (pixels / 255 - mean) / std per channel",
     }
 
 
@@ -345,6 +348,9 @@ def export_run(
         raise UsageError(f"--check-rows must be >= 1, not {check_rows}")
     model, run_card = load_model(run_dir)
     name = data or run_card.dataset["name"]
+    if name is None:
+        raise UsageError(f"{run_dir} was imported (no training dataset recorded): give --data "
+                         "for the rows the export is checked on")  # fmt: skip
     load = {"data_root": Path(data_root), "image_size": image_size, "channels": channels}
     calibration = None
     if int8:  # every input checked before any work is written
@@ -352,6 +358,9 @@ def export_run(
             run_card, run_dir, calibration_cache, calibration_rows, seed=seed, **load
         )
     test_set = load_dataset(name, "test", **load)
+    if not run_card.classes and run_card.num_classes == test_set.num_classes:
+        # an imported teacher knows its classes by index: the file names them as the data does
+        run_card = replace(run_card, classes=list(test_set.classes))
     if test_set.classes != tuple(run_card.classes):
         raise UsageError(f"{name} test has other classes than {run_dir} was trained on")
     inputs = check_inputs(run_card, test_set, check_rows)

@@ -78,6 +78,10 @@ class TrainConfig:
     feature_weight: float = 1.0  # beta: loss = distillation loss + beta * feature loss
     student_layer: str | None = None
     teacher_layer: str | None = None
+    # a pretrained start (train-teacher --pretrained): a SOURCE of pipeline.pretrained and its
+    # weights file; the head is new (timm's reset_classifier), the preprocessing the source's
+    pretrained: str | None = None
+    weights: str | None = None
 
     def validate(self) -> None:
         checks = (
@@ -129,6 +133,10 @@ class TrainConfig:
             (
                 self.early_stopping is None or self.val_fraction is not None,
                 "--early-stopping watches the validation rows: give --val-fraction too",
+            ),
+            (
+                self.weights is None or self.pretrained is not None,
+                "--weights goes with --pretrained SOURCE (the architecture they are weights of)",
             ),
         )
         for ok, message in checks:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from pipeline.checkpoint import remove_checkpoint
 from pipeline.distributed import World, current_world
 from pipeline.errors import ManifestError, UsageError
 from pipeline.models import create_model, param_count, resolve_model_kwargs, weights_sha256
+from pipeline.pretrained import source_architecture
 from pipeline.runs import (
     CARD_FILE,
     CONFIG_FILE,
@@ -39,6 +40,14 @@ def train_teacher(config: TrainConfig, log: Callable[[str], None] = quiet) -> Mo
     config.validate()
     if config.cache is not None or config.teacher is not None:
         raise UsageError("train-teacher learns from labels; --cache is for train-student")
+    if config.pretrained is not None:
+        architecture = source_architecture(config.pretrained)
+        if config.model not in (None, architecture):
+            raise UsageError(f"--pretrained {config.pretrained} is a {architecture}, not "
+                             f"--model {config.model}: give one of them")  # fmt: skip
+        config = replace(config, model=architecture)
+    elif config.model is None:
+        raise UsageError("train-teacher needs --model ARCH or --pretrained SOURCE")
     return _run(config, "teacher", None, log)
 
 
@@ -123,13 +132,17 @@ def _run(
         log = quiet
     plan = plan_run(config, kind, soft_labels, log, world)
     torch.manual_seed(config.seed)
-    model = create_model(
-        config.model,
-        num_classes=len(plan.classes),
-        data_config=plan.data_config,
-        drop_rate=config.drop_rate,
-        model_kwargs=config.model_kwargs(),
-    )
+    if plan.pretrained is not None:
+        model = plan.pretrained.model  # a new head for the dataset's classes, timm's way
+        model.reset_classifier(len(plan.classes))
+    else:
+        model = create_model(
+            config.model,
+            num_classes=len(plan.classes),
+            data_config=plan.data_config,
+            drop_rate=config.drop_rate,
+            model_kwargs=config.model_kwargs(),
+        )
     feature = feature_term(model, plan)  # its projector's weights drawn after the model's
     out = Path(config.out)
     if not resume:
@@ -166,7 +179,11 @@ def _finish(out: Path, model: nn.Module, plan: RunPlan, rows: list[dict]) -> Mod
         format_version=RUN_FORMAT_VERSION,
         kind=plan.kind,
         architecture=config.model,
-        model_kwargs=resolve_model_kwargs(config.model, data_config, config.model_kwargs()),
+        model_kwargs=resolve_model_kwargs(
+            config.model,
+            data_config,
+            {**(plan.pretrained.model_kwargs if plan.pretrained else {}), **config.model_kwargs()},
+        ),
         num_classes=len(plan.classes),
         in_chans=data_config.input_size[0],
         classes=list(plan.classes),
@@ -184,6 +201,7 @@ def _finish(out: Path, model: nn.Module, plan: RunPlan, rows: list[dict]) -> Mod
         selection=selection,
         created=utc_now(),
         software=software_versions(),
+        source=None if plan.pretrained is None else dict(plan.pretrained.source),
     )
     save_model(out, model, card)
     remove_checkpoint(out)

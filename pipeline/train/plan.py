@@ -27,6 +27,7 @@ from pipeline.data import (
 from pipeline.distributed import World
 from pipeline.errors import CacheMismatchError, DatasetError, UsageError
 from pipeline.inputs import DataConfig
+from pipeline.pretrained import Pretrained, create_pretrained
 from pipeline.runs import ModelCard, load_model
 from pipeline.runtime import resolve_device
 from pipeline.train.batches import TrainData
@@ -54,6 +55,7 @@ class RunPlan:
     online_teacher: nn.Module | None = None
     inputs: tuple[str, ...] = ()  # files the run reads: its output may not touch them
     teacher_layer: CachedLayer | None = None  # the cached layer of --feature-loss
+    pretrained: Pretrained | None = None  # train-teacher --pretrained: the starting weights
 
     @property
     def updates_per_epoch(self) -> int:
@@ -107,12 +109,15 @@ def plan_run(
     test_set = _load_test_set(config, classes, log)
     mean, std = train_set.pixel_stats()
     data_config = DataConfig(input_size=train_set.input_size, mean=mean, std=std)
+    pretrained = _pretrained(config, kind, train_set)
+    if pretrained is not None:  # the weights' own preprocessing, not the dataset's statistics
+        data_config = pretrained.data_config
     if online_teacher is not None and teacher_card.data.input_size != data_config.input_size:
         raise UsageError(
             f"timm's LogitDistillationTask feeds the teacher the student's input: the teacher "
             f"takes {teacher_card.data.input_size}, the data is {data_config.input_size}"
         )
-    inputs = [config.cache, config.teacher, source_folder(train_set)]
+    inputs = [config.cache, config.teacher, config.weights, source_folder(train_set)]
     if soft_labels is not None:  # the cache's teachers: a student written over one destroys it
         inputs += [member.run_dir for member in soft_labels.manifest.teachers]
     return RunPlan(config=config, kind=kind, device=device, train_set=train_set,
@@ -120,7 +125,23 @@ def plan_run(
                    data_config=data_config, alpha=alpha, temperature=temperature,
                    lineage=lineage, online_teacher=online_teacher,
                    inputs=tuple(str(p) for p in inputs if p is not None),
-                   teacher_layer=teacher_layer)  # fmt: skip
+                   teacher_layer=teacher_layer, pretrained=pretrained)  # fmt: skip
+
+
+def _pretrained(config: TrainConfig, kind: str, train_set: ImageSet) -> Pretrained | None:
+    """The pretrained model a teacher starts from (``--pretrained SOURCE [--weights FILE]``),
+    taking the dataset's channels (timm adapts the first convolution)."""
+    if config.pretrained is None:
+        return None
+    if kind != "teacher":
+        raise UsageError("--pretrained starts a teacher (train-teacher); a student learns "
+                         "from a cache")  # fmt: skip
+    return create_pretrained(
+        config.pretrained,
+        weights=None if config.weights is None else Path(config.weights),
+        in_chans=train_set.input_size[0],
+        drop_rate=config.drop_rate,
+    )
 
 
 def _subset(
@@ -190,7 +211,8 @@ def _teacher_layer(
 
 
 def _check_online_teacher(config: TrainConfig, card: ModelCard, train_set: ImageSet) -> None:
-    if card.classes != list(train_set.classes):
+    # a pretrained teacher imported without --classes knows its classes by index only
+    if (card.classes or list(train_set.classes[: card.num_classes])) != list(train_set.classes):
         raise CacheMismatchError(
             f"teacher {config.teacher} was trained on other classes than {config.data}"
         )
