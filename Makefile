@@ -117,7 +117,7 @@ STUDENT := --model kd_mlp_800x2 --epochs $(STUDENT_EPOCHS) $(RECIPE) $(COMMON)
 SMALL := --model kd_mlp_30x2 --epochs $(STUDENT_EPOCHS) $(RECIPE) $(COMMON)
 # the sweep's temperatures at which lr STUDENT_LR diverges (measured: docs/results.md) train
 # at HIGH_T_LR instead; every other arm keeps the recipe's lr
-HIGH_T ?= 20
+HIGH_T ?= 8 20
 HIGH_T_LR ?= 0.02
 sweep_lr = $(if $(filter $(1),$(HIGH_T)),--lr $(HIGH_T_LR))
 PCT := --model kd_mlp_800x2 --epochs $(PCT_EPOCHS) --eval-every 5 $(RECIPE) \
