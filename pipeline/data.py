@@ -30,6 +30,7 @@ from pipeline.imagefolder import (
     FolderIndex,
     build_index,
     first_image_shape,
+    is_image_file,
 )
 from pipeline.imagefolder import pixel_stats as folder_pixel_stats
 
@@ -272,15 +273,12 @@ def _class_names(root: Path) -> tuple[str, ...]:
 def load_image_folder(
     root: Path, split: str, *, image_size: int | None = None, channels: int | None = None
 ) -> ImageSet:
-    """An image folder through timm's dataset factory, in canonical order.
-
-    Canonical order: by class name, then by path relative to the split folder.
-    Channels and size come from the first image unless given; every image is
-    converted to that mode and resized to that size.
+    """An image folder in canonical order: by class name, then by path relative to the
+    split folder. Files are listed by extension (:data:`~pipeline.imagefolder.IMAGE_EXTENSIONS`;
+    other files are ignored), indexed, and decoded only when rows are asked for. Channels
+    and size come from the first image unless given; every image is converted to that
+    mode and resized to that size.
     """
-    from timm.data import create_dataset
-    from timm.data.readers.img_extensions import get_img_extensions
-
     split_dir = root / split
     if not split_dir.is_dir():
         raise DatasetError(f"{root} has no {split}/ folder (expected {split_dir})")
@@ -295,42 +293,32 @@ def load_image_folder(
             f"{root} has a single class ({classes[0]}): a classifier needs two or more class "
             "folders (a folder of images without class folders is an unlabeled split)"
         )
-    class_map = {name: index for index, name in enumerate(classes)}
-    dataset = create_dataset("", root=str(split_dir), class_map=class_map, search_split=False)
-    reader = dataset.reader
-    if not reader.samples:
-        raise DatasetError(f"{split_dir} holds no images")
-    # timm labels an image by its leaf folder and drops labels outside the class
-    # map: an image in a nested folder or at the top would vanish without a word
-    kept = {Path(path) for path, _ in reader.samples}
-    extensions = set(get_img_extensions(as_set=True))
-    dropped = sorted(
-        p for p in split_dir.rglob("*") if p.suffix.lower() in extensions and p not in kept
-    )
+    images = sorted(p for p in split_dir.rglob("*") if is_image_file(p))
+    # exactly one level: an image in a nested folder or at the top has no class
+    dropped = [p for p in images if p.parent.parent != split_dir]
     if dropped:
         raise DatasetError(
             f"{split_dir}: {len(dropped)} image(s) outside a class folder, e.g. {dropped[0]} "
             "(expected exactly one level: <split>/<class>/<image>)"
         )
-    counts = np.bincount([label for _, label in reader.samples], minlength=len(classes))
+    if not images:
+        raise DatasetError(f"{split_dir} holds no images")
+    class_map = {name: index for index, name in enumerate(classes)}
+    samples = [(str(p), class_map[p.parent.name]) for p in images]
+    counts = np.bincount([label for _, label in samples], minlength=len(classes))
     empty = [classes[i] for i in np.flatnonzero(counts == 0) if (split_dir / classes[i]).is_dir()]
     if empty:
         raise DatasetError(
             f"{split_dir / empty[0]} holds no images ({len(empty)} empty class folder(s)): add "
             "images or remove the folder"
         )
-    samples = sorted(
-        reader.samples, key=lambda s: (s[1], Path(s[0]).relative_to(split_dir).as_posix())
-    )
+    samples.sort(key=lambda s: (s[1], Path(s[0]).relative_to(split_dir).as_posix()))
     return _decode(root, split, samples, classes, image_size, channels)
 
 
 def _unlabeled_samples(split_dir: Path) -> list[tuple[str, int]]:
     """A flat folder of images is an unlabeled split: label -1, order by file name."""
-    from timm.data.readers.img_extensions import get_img_extensions
-
-    extensions = set(get_img_extensions(as_set=True))
-    paths = sorted(p for p in split_dir.iterdir() if p.suffix.lower() in extensions)
+    paths = sorted(p for p in split_dir.iterdir() if is_image_file(p))
     if not paths:
         raise DatasetError(f"{split_dir} holds no images")
     return [(str(p), -1) for p in paths]
@@ -438,6 +426,13 @@ def dataset_mismatch(record: dict, dataset: ImageSet) -> str | None:
     expected, actual = record["fingerprint"], dataset.fingerprint()
     if expected == actual and record.get("split", dataset.split) == dataset.split:
         return None
+    if dataset.index is not None and expected.get("classes") == actual["classes"]:
+        # an image folder's digest covers its files: say so, not only which digests differ
+        return (
+            f"the files of {dataset.index.split_dir} changed since (a file renamed, added, "
+            "removed or edited, or another --image-size/--channels): "
+            + describe_mismatch(expected, actual)
+        )
     return describe_mismatch(expected, actual)
 
 

@@ -36,6 +36,15 @@ FINGERPRINT_TAG = b"kdpipe image folder index 1\n"  # what the folder fingerprin
 HASH_BLOCK = 2**20
 
 
+# the files an image folder holds, by extension (case ignored): PIL reads each of them
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
+
+
+def is_image_file(path: Path) -> bool:
+    """A file of an image folder: a regular file with one of :data:`IMAGE_EXTENSIONS`."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
 def index_path(root: Path, split: str) -> Path:
     """Where a split's index is kept: beside the data, one hidden file per split."""
     return Path(root) / f".kdpipe-index-{split}.json"
@@ -298,7 +307,10 @@ class FolderImages:
 
     def __getitem__(self, index: object) -> torch.Tensor:
         if isinstance(index, tuple):  # rows first, then the rest on the decoded rows
-            return self[index[0]][(slice(None), *index[1:])] if index else self[:]
+            if not index:
+                return self[:]
+            one_row = isinstance(index[0], (int, np.integer))
+            return self[index[0]][index[1:] if one_row else (slice(None), *index[1:])]
         if isinstance(index, (int, np.integer)):
             return torch.from_numpy(self._decode([int(index)])[0])
         if isinstance(index, slice):
