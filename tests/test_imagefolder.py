@@ -13,8 +13,9 @@ import torch
 from conftest import invoke
 from PIL import Image
 
+from pipeline.api import DistillationDataset
 from pipeline.data import load_dataset, make_synthetic
-from pipeline.errors import DatasetError
+from pipeline.errors import CacheMismatchError, DatasetError
 from pipeline.imagefolder import batches_of, decode_image, index_path
 from pipeline.inputs import DataConfig
 from pipeline.teacher import predict_logits
@@ -234,6 +235,11 @@ def test_a_cache_from_a_folder_verifies_and_teaches_and_refuses_changed_files(
     distilled = invoke("train-student --model kd_mlp_30x2 --epochs 1 --alpha 0.5 --data", root,
                        "--cache", store, "--out", pupil, "--workers 1 --batch-size 8")  # fmt: skip
     assert distilled.exit_code == 0, distilled.output
+    # the Python API takes the folder as it is: its index's fingerprint, one image per item
+    items = DistillationDataset(load_dataset(str(root), "train"), store)
+    image, label, target = items[3][:3]
+    assert len(items) == 20 and image.shape == (3, 12, 12) and target.shape == (2,)
+    assert int(label) == int(load_dataset(str(root), "train").labels[3])
     before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
     Image.new("RGB", (12, 12), (1, 1, 1)).save(root / "train" / "a" / "0.png")  # edited
     for command in (
@@ -244,6 +250,8 @@ def test_a_cache_from_a_folder_verifies_and_teaches_and_refuses_changed_files(
         lines = error_lines(invoke(*command))
         assert len(lines) == 1, lines
         assert f"the files of {root / 'train'} changed since" in lines[0], lines
+    with pytest.raises(CacheMismatchError, match="changed since"):
+        DistillationDataset(load_dataset(str(root), "train"), store)
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "s2").exists()
 
