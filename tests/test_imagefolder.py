@@ -15,10 +15,12 @@ from PIL import Image
 
 from pipeline.api import DistillationDataset
 from pipeline.data import load_dataset, make_synthetic
+from pipeline.distributed import World
 from pipeline.errors import CacheMismatchError, DatasetError
 from pipeline.imagefolder import batches_of, decode_image, index_path
 from pipeline.inputs import DataConfig
 from pipeline.teacher import predict_logits
+from pipeline.train.batches import EpochBatches, TrainData
 
 PINNED = "3dc9d5bc200b39213151f6c8e7d1ed07dde3fb9abcd048f1b7bb9ce65902d10b"
 
@@ -39,6 +41,14 @@ def colour_folder(root: Path, counts: dict[str, int], size: int = 8) -> Path:
                 shade = tuple(max(0, c - 7 * index) for c in colour)
                 Image.new("RGB", (size, size), shade).save(root / split / label / f"{index}.png")
     return root
+
+
+def truncated_jpeg() -> bytes:
+    """A JPEG whose header is whole and whose data stops early: it opens, and fails to decode."""
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+    Image.fromarray(noise).save(buffer, "JPEG")
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
 
 
 # --- modes -------------------------------------------------------------------------------------
@@ -140,11 +150,8 @@ def test_a_truncated_file_stops_the_teacher_pass_naming_it(tmp_path: Path, worke
     teacher = tmp_path / "t"
     made = invoke("train-teacher --model kd_mlp_30x2 --epochs 1 --data", root, "--out", teacher)
     assert made.exit_code == 0, made.output
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
-        buffer, "JPEG"
-    )
-    (root / "train" / "b" / "cut.jpg").write_bytes(buffer.getvalue()[:400])
+    (root / "train" / "b" / "cut.jpg").write_bytes(truncated_jpeg())
+    assert len(load_dataset(str(root), "train")) == 13  # it opens: the pass finds it
     cached = invoke("cache-teacher --temperature 2 --batch-size 4 --data", root, "--teacher",
                     teacher, "--out", tmp_path / "c.zarr", f"--workers {workers}")  # fmt: skip
     lines = error_lines(cached)
@@ -308,3 +315,14 @@ def test_batches_of_decodes_ahead_in_workers_in_order(tmp_path: Path) -> None:
     for a, b in zip(here, ahead, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(here[0][1], images[1], rtol=0, atol=0)
+
+
+def test_an_unreadable_file_in_a_training_worker_is_one_line(tmp_path: Path) -> None:
+    """Training batches built ahead in DataLoader workers decode there: a file that fails
+    comes back as the dataset error naming it, not as a worker's traceback."""
+    root = colour_folder(tmp_path / "imgs", {"train": 4}, size=6)
+    (root / "train" / "b" / "cut.jpg").write_bytes(truncated_jpeg())
+    data = load_dataset(str(root), "train")
+    batches = EpochBatches(TrainData.plain(data), torch.arange(len(data)), 3, 1, 0, World())
+    with pytest.raises(DatasetError, match=r"^cannot read image .*cut\.jpg: [^\n]*$"):
+        list(batches.load(workers=1, pin_memory=False))
