@@ -111,6 +111,11 @@ class ImageSet:
         if not self._fingerprint:
             if self.index is not None:
                 self._fingerprint.update(self.index.fingerprint(self.input_size))
+            elif self.streamed:  # some rows of a folder (a validation split)
+                raise DatasetError(
+                    f"{self.name} {self.split} is a part of an image folder: the fingerprint "
+                    "is the whole split's"
+                )
             else:
                 self._fingerprint.update(fingerprint(self.images, self.labels, self.classes))
         return dict(self._fingerprint)

@@ -14,10 +14,10 @@ from conftest import invoke
 from PIL import Image
 
 from pipeline.api import DistillationDataset
-from pipeline.data import load_dataset, make_synthetic
+from pipeline.data import load_dataset, make_synthetic, take_rows
 from pipeline.distributed import World
 from pipeline.errors import CacheMismatchError, DatasetError
-from pipeline.imagefolder import batches_of, decode_image, index_path
+from pipeline.imagefolder import FolderImages, batches_of, decode_image, index_path
 from pipeline.inputs import DataConfig
 from pipeline.teacher import predict_logits
 from pipeline.train.batches import EpochBatches, TrainData
@@ -326,3 +326,17 @@ def test_an_unreadable_file_in_a_training_worker_is_one_line(tmp_path: Path) -> 
     batches = EpochBatches(TrainData.plain(data), torch.arange(len(data)), 3, 1, 0, World())
     with pytest.raises(DatasetError, match=r"^cannot read image .*cut\.jpg: [^\n]*$"):
         list(batches.load(workers=1, pin_memory=False))
+
+
+def test_a_validation_split_of_a_folder_stays_lazy(tmp_path: Path) -> None:
+    """--val-fraction holds out rows of a folder as another lazy source (take_rows), scored
+    batch by batch; the run's card records the whole split's fingerprint."""
+    root = colour_folder(tmp_path / "imgs", {"train": 8, "test": 2}, size=6)
+    run = tmp_path / "t"
+    made = invoke("train-teacher --model kd_mlp_30x2 --epochs 2 --val-fraction 0.25 --data",
+                  root, "--out", run, "--workers 1")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    card = json.loads((run / "model.json").read_text())
+    assert card["dataset"]["fingerprint"] == load_dataset(str(root), "train").fingerprint()
+    held_out = take_rows(load_dataset(str(root), "train").images, torch.tensor([1, 5]))
+    assert isinstance(held_out, FolderImages) and held_out.shape == (2, 3, 6, 6)
