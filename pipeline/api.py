@@ -185,6 +185,20 @@ def read_samples(dataset: Any, name: str, split: str, classes: Sequence[str]) ->
     return ImageSet(name, split, images, labels, tuple(classes))
 
 
+class _Items:
+    """An :class:`ImageSet` as an indexable ``(image, label)`` dataset: one row decoded
+    per item (an image folder is never decoded whole)."""
+
+    def __init__(self, samples: ImageSet) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.samples.images[index], int(self.samples.labels[index])
+
+
 class DistillationDataset(torch.utils.data.Dataset):
     """Your dataset, aligned with a cache: item ``r`` is ``(image, label, soft_target)``.
 
@@ -193,7 +207,9 @@ class DistillationDataset(torch.utils.data.Dataset):
     in the order the cache was made from: item ``r`` is its sample
     ``cache.indices[r]``. Its fingerprint (count, every label and pixel) must be the
     cache's, or the dataset is refused with the command line's message; reading it
-    for that takes one pass over the samples, at construction.
+    for that takes one pass over the samples, at construction. A kdpipe dataset
+    (``load_dataset(...)``: an image folder among them) is taken as it is, its
+    fingerprint its own and its images decoded one item at a time.
 
     ``image`` is the model's input: the stored view of the row, replayed by
     :func:`pipeline.inputs.render` (crop, flip, mix), resized to
@@ -232,12 +248,15 @@ class DistillationDataset(torch.utils.data.Dataset):
             )
         # class names are not part of what an (image, label) dataset can show: the
         # cache's unless given; the count, labels and pixels are checked
-        samples = read_samples(
+        # a kdpipe dataset (an image folder from load_dataset: decoded per item, its
+        # fingerprint from its index) is used as it is; any other is read once
+        samples = dataset if isinstance(dataset, ImageSet) else read_samples(
             dataset,
             name or getattr(dataset, "name", type(dataset).__name__),
             split or manifest.dataset["split"],
             manifest.classes if classes is None else classes,
-        )
+        )  # fmt: skip
+        self.dataset = _Items(samples) if isinstance(dataset, ImageSet) else dataset
         check_same_dataset(manifest.dataset, samples, self.cache.path)
         if data_config is None:  # the dataset's own statistics, as train-student uses
             mean, std = samples.pixel_stats()

@@ -104,7 +104,8 @@ def tune_bias(
         check_channels(str(run_dir), card.data, split.images)
     held_out = torch.from_numpy(validation_rows(len(train_set), fraction))
     val_labels = train_set.labels[held_out]
-    val_logits = predict_logits(model, train_set.images[held_out], card.data, device=torch_device)
+    val_logits = predict_logits(model, train_set.images, card.data, device=torch_device,
+                                rows=held_out.numpy())  # fmt: skip
     test_logits = predict_logits(model, test_set.images, card.data, device=torch_device)  # on CPU
     bias, _ = best_bias(val_logits, val_labels, classes, grid)
     shift = torch.zeros(card.num_classes)

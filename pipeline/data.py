@@ -4,19 +4,20 @@ Every dataset kdpipe reads becomes an :class:`ImageSet`: uint8 images
 ``(N, C, H, W)`` and int64 labels ``(N,)`` in a *canonical order* that never
 depends on the file system, the number of workers or the machine. Row *i* of a
 cache is sample *i* of this order, and the fingerprint (count, classes and a
-digest over labels and pixels) is how a reader proves it is looking at the
-same samples.
+digest) is how a reader proves it is looking at the same samples.
 
-Sources: Fashion-MNIST from its four gzipped IDX files, a deterministic
-synthetic set for tests, and image folders (``root/train/<class>/*.png``)
-read through timm's dataset factory.
+Sources: Fashion-MNIST from its four gzipped IDX files and a deterministic
+synthetic set for tests, both held in memory (their digest covers labels and
+pixels), and image folders (``root/train/<class>/*.png``), listed through timm's
+dataset factory and never decoded whole: their index and rows decoded on demand
+live in :mod:`pipeline.imagefolder`, and their digest covers the index.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,14 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.errors import DatasetError
+from pipeline.imagefolder import (
+    FolderImages,
+    FolderIndex,
+    build_index,
+    first_image_shape,
+    is_image_file,
+)
+from pipeline.imagefolder import pixel_stats as folder_pixel_stats
 
 SPLITS = ("train", "test")
 DEFAULT_DATA_ROOT = Path("data")
@@ -48,13 +57,21 @@ FASHION_MNIST_FILES = {
 
 @dataclass(frozen=True)
 class ImageSet:
-    """A labelled image dataset held in memory in canonical order."""
+    """A labelled image dataset in canonical order.
+
+    ``images`` is a uint8 tensor ``(N, C, H, W)`` for the small sets held in memory
+    (Fashion-MNIST, synthetic, a dataset given to the API), or, for an image folder,
+    a :class:`~pipeline.imagefolder.FolderImages` that decodes only the rows asked for
+    (``images[rows]`` is uint8 rows either way); ``index`` is then the folder's index,
+    which the fingerprint comes from.
+    """
 
     name: str
     split: str
-    images: torch.Tensor  # uint8 (N, C, H, W)
+    images: torch.Tensor | FolderImages  # uint8 (N, C, H, W), or decoded on demand
     labels: torch.Tensor  # int64 (N,)
     classes: tuple[str, ...]
+    index: FolderIndex | None = field(default=None, repr=False, compare=False)
     _fingerprint: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -74,19 +91,57 @@ class ImageSet:
         c, h, w = self.images.shape[1:]
         return int(c), int(h), int(w)
 
+    @property
+    def streamed(self) -> bool:
+        """True for an image folder: rows are decoded per batch, never held whole."""
+        return isinstance(self.images, FolderImages)
+
+    def with_workers(self, workers: int) -> ImageSet:
+        """This dataset with a folder's rows decoded ahead by ``workers`` DataLoader
+        processes in a pass (:func:`pipeline.imagefolder.batches_of`); the same dataset
+        when it is held in memory."""
+        if not self.streamed or workers == self.images.workers:
+            return self
+        return replace(self, images=self.images.with_workers(workers), _fingerprint={})
+
     def fingerprint(self) -> dict:
-        """Count, classes and a SHA-256 over shape, labels and pixels (computed once)."""
+        """Count, classes and a SHA-256 (computed once): over shape, labels and pixels for a
+        dataset in memory; over the decode shape and each file's path, label and content
+        digest for an image folder (its index)."""
         if not self._fingerprint:
-            self._fingerprint.update(fingerprint(self.images, self.labels, self.classes))
+            if self.index is not None:
+                self._fingerprint.update(self.index.fingerprint(self.input_size))
+            elif self.streamed:  # some rows of a folder (a validation split)
+                raise DatasetError(
+                    f"{self.name} {self.split} is a part of an image folder: the fingerprint "
+                    "is the whole split's"
+                )
+            else:
+                self._fingerprint.update(fingerprint(self.images, self.labels, self.classes))
         return dict(self._fingerprint)
 
     def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std of pixels scaled to [0, 1]: the normalisation a model
-        trained on this set uses (stored in its data config, not recomputed later)."""
-        x = self.images.to(torch.float64) / 255.0
-        mean = x.mean(dim=(0, 2, 3))
-        std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        trained on this set uses (stored in its data config, not recomputed later). A
+        folder's are accumulated one decoded batch at a time."""
+        if self.streamed:
+            mean, std = folder_pixel_stats(self.images)
+            std = np.maximum(std, 1e-6)
+        else:
+            x = self.images.to(torch.float64) / 255.0
+            mean = x.mean(dim=(0, 2, 3)).numpy()
+            std = x.std(dim=(0, 2, 3)).clamp_min(1e-6).numpy()
         return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
+def take_rows(
+    images: torch.Tensor | FolderImages, rows: torch.Tensor
+) -> torch.Tensor | FolderImages:
+    """Rows ``rows`` of a dataset's images: gathered from a tensor, or, for a folder, another
+    lazy source (a validation split of a folder is not decoded whole either)."""
+    if isinstance(images, FolderImages):
+        return images.subset(rows)
+    return images[rows]
 
 
 FINGERPRINT_BLOCK = 2**28  # bytes of pixels hashed per update: 256 MiB
@@ -223,15 +278,12 @@ def _class_names(root: Path) -> tuple[str, ...]:
 def load_image_folder(
     root: Path, split: str, *, image_size: int | None = None, channels: int | None = None
 ) -> ImageSet:
-    """An image folder through timm's dataset factory, in canonical order.
-
-    Canonical order: by class name, then by path relative to the split folder.
-    Channels and size come from the first image unless given; every image is
-    converted to that mode and resized to that size.
+    """An image folder in canonical order: by class name, then by path relative to the
+    split folder. Files are listed by extension (:data:`~pipeline.imagefolder.IMAGE_EXTENSIONS`;
+    other files are ignored), indexed, and decoded only when rows are asked for. Channels
+    and size come from the first image unless given; every image is converted to that
+    mode and resized to that size.
     """
-    from timm.data import create_dataset
-    from timm.data.readers.img_extensions import get_img_extensions
-
     split_dir = root / split
     if not split_dir.is_dir():
         raise DatasetError(f"{root} has no {split}/ folder (expected {split_dir})")
@@ -246,42 +298,32 @@ def load_image_folder(
             f"{root} has a single class ({classes[0]}): a classifier needs two or more class "
             "folders (a folder of images without class folders is an unlabeled split)"
         )
-    class_map = {name: index for index, name in enumerate(classes)}
-    dataset = create_dataset("", root=str(split_dir), class_map=class_map, search_split=False)
-    reader = dataset.reader
-    if not reader.samples:
-        raise DatasetError(f"{split_dir} holds no images")
-    # timm labels an image by its leaf folder and drops labels outside the class
-    # map: an image in a nested folder or at the top would vanish without a word
-    kept = {Path(path) for path, _ in reader.samples}
-    extensions = set(get_img_extensions(as_set=True))
-    dropped = sorted(
-        p for p in split_dir.rglob("*") if p.suffix.lower() in extensions and p not in kept
-    )
+    images = sorted(p for p in split_dir.rglob("*") if is_image_file(p))
+    # exactly one level: an image in a nested folder or at the top has no class
+    dropped = [p for p in images if p.parent.parent != split_dir]
     if dropped:
         raise DatasetError(
             f"{split_dir}: {len(dropped)} image(s) outside a class folder, e.g. {dropped[0]} "
             "(expected exactly one level: <split>/<class>/<image>)"
         )
-    counts = np.bincount([label for _, label in reader.samples], minlength=len(classes))
+    if not images:
+        raise DatasetError(f"{split_dir} holds no images")
+    class_map = {name: index for index, name in enumerate(classes)}
+    samples = [(str(p), class_map[p.parent.name]) for p in images]
+    counts = np.bincount([label for _, label in samples], minlength=len(classes))
     empty = [classes[i] for i in np.flatnonzero(counts == 0) if (split_dir / classes[i]).is_dir()]
     if empty:
         raise DatasetError(
             f"{split_dir / empty[0]} holds no images ({len(empty)} empty class folder(s)): add "
             "images or remove the folder"
         )
-    samples = sorted(
-        reader.samples, key=lambda s: (s[1], Path(s[0]).relative_to(split_dir).as_posix())
-    )
+    samples.sort(key=lambda s: (s[1], Path(s[0]).relative_to(split_dir).as_posix()))
     return _decode(root, split, samples, classes, image_size, channels)
 
 
 def _unlabeled_samples(split_dir: Path) -> list[tuple[str, int]]:
     """A flat folder of images is an unlabeled split: label -1, order by file name."""
-    from timm.data.readers.img_extensions import get_img_extensions
-
-    extensions = set(get_img_extensions(as_set=True))
-    paths = sorted(p for p in split_dir.iterdir() if p.suffix.lower() in extensions)
+    paths = sorted(p for p in split_dir.iterdir() if is_image_file(p))
     if not paths:
         raise DatasetError(f"{split_dir} holds no images")
     return [(str(p), -1) for p in paths]
@@ -295,53 +337,25 @@ def _decode(
     image_size: int | None,
     channels: int | None,
 ) -> ImageSet:
-    from PIL import Image
-
-    split_dir = root / split
-    with Image.open(samples[0][0]) as first:
-        if channels is None:
-            channels = 1 if first.mode in ("L", "1", "I;16", "I", "F") else 3
-        size = (image_size, image_size) if image_size else (first.height, first.width)
+    """The split as its index and rows decoded on demand (:mod:`pipeline.imagefolder`):
+    nothing is decoded here but the first file's header, for its mode and size."""
+    first_channels, first_size = first_image_shape(samples[0][0])
+    channels = first_channels if channels is None else channels
     if channels not in (1, 3):
         raise DatasetError(f"--channels must be 1 or 3, not {channels}")
-    # Decode each file here rather than through dataset[i]: timm's ImageDataset
-    # silently substitutes the next sample for an unreadable one, which would
-    # shift every later row of a cache.
-    mode = "L" if channels == 1 else "RGB"
-    images = np.empty((len(samples), channels, *size), dtype=np.uint8)
-    labels = np.empty(len(samples), dtype=np.int64)
-    for index, (path, label) in enumerate(tqdm(samples, desc=f"reading {split_dir}", disable=None)):
-        try:
-            with Image.open(path) as opened:
-                image = _to_8bit(opened).convert(mode)
-        except OSError as exc:
-            raise DatasetError(f"cannot read image {path}: {exc}") from None
-        if (image.height, image.width) != size:
-            image = image.resize((size[1], size[0]), Image.BILINEAR)
-        pixels = np.asarray(image, dtype=np.uint8)
-        images[index] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
-        labels[index] = label
+    size = (image_size, image_size) if image_size else first_size
+    # Each file is decoded by kdpipe rather than through timm's dataset[i]: timm's
+    # ImageDataset silently substitutes the next sample for an unreadable one, which
+    # would shift every later row of a cache.
+    index = build_index(root, split, samples, classes)
     return ImageSet(
         name=str(root),
         split=split,
-        images=torch.from_numpy(images),
-        labels=torch.from_numpy(labels),
+        images=FolderImages(index.paths(), channels, size),
+        labels=index.labels(),
         classes=classes,
+        index=index,
     )
-
-
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def _to_8bit(image: object) -> object:
-    """16-bit grayscale (PNG's I;16, or I) scaled to 8 bits, 0-65535 onto 0-255: PIL's own
-    convert("L") clips it at 255, which turns most of a 16-bit image white."""
-    from PIL import Image
-
-    if image.mode not in SIXTEEN_BIT_MODES:
-        return image
-    pixels = np.asarray(image, dtype=np.float64)
-    return Image.fromarray(np.clip(np.rint(pixels * (255 / 65535)), 0, 255).astype(np.uint8))
 
 
 def select_rows(
@@ -417,6 +431,13 @@ def dataset_mismatch(record: dict, dataset: ImageSet) -> str | None:
     expected, actual = record["fingerprint"], dataset.fingerprint()
     if expected == actual and record.get("split", dataset.split) == dataset.split:
         return None
+    if dataset.index is not None and expected.get("classes") == actual["classes"]:
+        # an image folder's digest covers its files: say so, not only which digests differ
+        return (
+            f"the files of {dataset.index.split_dir} changed since (a file renamed, added, "
+            "removed or edited, or another --image-size/--channels): "
+            + describe_mismatch(expected, actual)
+        )
     return describe_mismatch(expected, actual)
 
 

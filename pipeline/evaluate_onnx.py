@@ -83,8 +83,12 @@ def evaluate_onnx(
         )
     threads = threads or torch.get_num_threads()
     session = onnx_session(path, threads)
-    inputs = prepare_input(dataset.images, data_config, torch.device("cpu")).contiguous()
-    logits = onnx_logits(session, inputs)
+    # a batch of images at a time: an image folder is decoded per batch, never whole
+    cpu, step = torch.device("cpu"), 256
+    logits = torch.cat([
+        onnx_logits(session, prepare_input(dataset.images[s : s + step], data_config, cpu))
+        for s in range(0, len(dataset), step)
+    ])  # fmt: skip
     labels = dataset.labels
     teacher_predicted = _teacher_predictions(dataset, teachers, cache, torch.device("cpu"))
     lineage = card.lineage or {}

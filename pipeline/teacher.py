@@ -24,6 +24,7 @@ from pipeline.cache import COMBINE_RULES, TeacherMember, Upstream, read_manifest
 from pipeline.data import ImageSet
 from pipeline.errors import CacheMismatchError, KdpipeError, UsageError
 from pipeline.features import LayerRequest, LayerTaps, resolve_layer
+from pipeline.imagefolder import FolderImages, batches_of
 from pipeline.inputs import DataConfig, autocast, check_channels, view_input
 from pipeline.pretrained import looks_like_source
 from pipeline.runs import ModelCard, load_model, open_pretrained
@@ -224,7 +225,7 @@ def _to_host(values: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module,
-    images: torch.Tensor,
+    images: torch.Tensor | FolderImages,
     data_config: DataConfig,
     *,
     device: torch.device,
@@ -249,16 +250,26 @@ def predict_logits(
     outputs = []
     count = len(images) if rows is None else len(rows)
     starts = range(0, count, batch_size)
+    # one request per batch: its rows, then its mix partners' rows (an image folder's are
+    # decoded together, ahead in DataLoader workers when it has them: batches_of)
+    requests, mixed = [], []
+    for start in starts:
+        stop = min(start + batch_size, count)
+        request = torch.arange(start, stop) if rows is None else torch.from_numpy(rows[start:stop])
+        partner_index = None if params is None else torch.from_numpy(partners[start:stop])
+        mixed.append(partner_index is not None and bool((partner_index >= 0).any()))
+        if mixed[-1]:
+            request = torch.cat([request, partner_index.clamp_min(0)])
+        requests.append(request)
+    fetched = zip(starts, mixed, batches_of(images, requests), strict=True)
     # a progress bar (at a terminal) when the caller names the pass
-    for start in tqdm(starts, desc=progress, unit="batch", disable=None if progress else True):
-        stop = start + batch_size
-        batch = images[start:stop] if rows is None else images[torch.from_numpy(rows[start:stop])]
-        view_params = partner_images = None
-        if params is not None:
-            view_params = torch.from_numpy(params[start:stop])
-            partner_index = torch.from_numpy(partners[start:stop])
-            if bool((partner_index >= 0).any()):
-                partner_images = images[partner_index.clamp_min(0)]
+    bar = {"total": len(starts), "desc": progress, "unit": "batch"}
+    for start, mix, pixels in tqdm(fetched, **bar, disable=None if progress else True):
+        stop = min(start + batch_size, count)
+        batch, partner_images = (
+            (pixels[: stop - start], pixels[stop - start :]) if mix else (pixels, None)
+        )
+        view_params = None if params is None else torch.from_numpy(params[start:stop])
         inputs = view_input(batch, view_params, partner_images, data_config, device)
         with autocast(device, precision):
             logits = model(inputs)

@@ -211,6 +211,13 @@ def import_teacher_command(
 )
 @DEVICE_OPTION
 @PRECISION_OPTION
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    help="DataLoader worker processes that decode an image folder's batches ahead of the "
+    "teacher (Fashion-MNIST and the synthetic set are held in memory).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @reports_errors
 def cache_teacher_command(
@@ -235,11 +242,12 @@ def cache_teacher_command(
     from pipeline.teach import CacheConfig, cache_teacher
     from pipeline.views import ViewPolicy
 
+    workers = options.pop("workers")
     config = CacheConfig(
         **{**options, "teachers": tuple(options["teachers"])},
         policy=ViewPolicy(augment, mix, mix_alpha, crop_scale),
     )
-    dataset = load_data(data, split, data_root, image_size, channels)
+    dataset = load_data(data, split, data_root, image_size, channels).with_workers(workers)
     cache_teacher(config, dataset, log=click.echo)
 
 

@@ -11,7 +11,7 @@ build batches ahead) and :meth:`TrainData.to_model` (the model's input through
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -19,6 +19,7 @@ import torch
 from pipeline.cache import VIEW_COLUMNS, StreamedRows, chunk_plan, windowed_order
 from pipeline.data import ImageSet
 from pipeline.distributed import World
+from pipeline.errors import DatasetError
 from pipeline.inputs import DataConfig, view_input
 from pipeline.views import PLAIN, ViewPolicy, sample_views, view_schedule
 
@@ -280,16 +281,46 @@ class EpochBatches(torch.utils.data.Dataset):
         gathered["weight"] = torch.tensor(weight)
         return gathered
 
+    def _item(self, index: int) -> dict[str, torch.Tensor | None] | str:
+        """A batch, or in a DataLoader worker the message of a dataset error (an image
+        folder's unreadable file): a worker's exception would arrive as a traceback."""
+        try:
+            return self[index]
+        except DatasetError as exc:
+            return str(exc)
+
     def load(self, workers: int, pin_memory: bool) -> Iterable[dict[str, torch.Tensor | None]]:
         if workers == 0 and not pin_memory:
             return (self[index] for index in range(len(self)))
-        return torch.utils.data.DataLoader(
-            self,
+        loader = torch.utils.data.DataLoader(
+            _Items(self),
             batch_size=None,  # items are batches already
             num_workers=workers,
             pin_memory=pin_memory,
             prefetch_factor=4 if workers else None,
         )
+        return _raising(loader)
+
+
+class _Items(torch.utils.data.Dataset):
+    """An epoch's batches as a DataLoader reads them (:meth:`EpochBatches._item`)."""
+
+    def __init__(self, batches: EpochBatches) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | None] | str:
+        return self.batches._item(index)
+
+
+def _raising(loader: Iterable) -> Iterator[dict[str, torch.Tensor | None]]:
+    """The loader's batches; a worker's dataset error raised here, as its one line."""
+    for batch in loader:
+        if isinstance(batch, str):
+            raise DatasetError(batch)
+        yield batch
 
 
 def share_of(size: int, world: World) -> tuple[slice, float]:

@@ -22,6 +22,7 @@ from pipeline.data import (
     check_same_dataset,
     select_rows,
     source_folder,
+    take_rows,
     validation_rows,
 )
 from pipeline.distributed import World
@@ -287,7 +288,7 @@ def _hold_out(
     validation = ImageSet(
         train_set.name,
         "validation",
-        train_set.images[held_out],
+        take_rows(train_set.images, held_out),
         train_set.labels[held_out],
         train_set.classes,
     )

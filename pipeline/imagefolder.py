@@ -1,0 +1,389 @@
+"""Image folders that are never decoded whole: an index of files, and rows decoded on demand.
+
+An image folder split (``root/<split>/<class>/<image>``) is described by its *index*: per
+file, in canonical order (class name, then path relative to the split folder), the
+relative path, the class, the byte size, the modification time and a SHA-256 of the
+file's bytes. The index is stored beside the data (``root/.kdpipe-index-<split>.json``)
+and reused: a file whose (size, mtime) is unchanged keeps its digest, any other is
+hashed again, so opening a folder of 50,000 files a second time costs 50,000 ``stat``
+calls, not a read of every byte. The split's fingerprint comes from the index (paths,
+labels, the files' digests and the decode shape), never from decoded pixels.
+
+Pixels come from :class:`FolderImages`: an object that looks like the uint8 tensor
+``(N, C, H, W)`` the in-memory datasets hold (``len``, ``shape``, ``images[rows]``) but
+decodes only the rows asked for, each converted by :func:`decode_image` (one documented
+rule per PIL mode). :func:`batches_of` gives a pass's batches, decoded ahead in
+DataLoader workers when asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.errors import DatasetError
+
+INDEX_FORMAT = 1
+FINGERPRINT_TAG = b"kdpipe image folder index 1\n"  # what the folder fingerprint's digest covers
+HASH_BLOCK = 2**20
+
+
+# the files an image folder holds, by extension (case ignored): PIL reads each of them
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
+
+
+def is_image_file(path: Path) -> bool:
+    """A file of an image folder: a regular file with one of :data:`IMAGE_EXTENSIONS`."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def index_path(root: Path, split: str) -> Path:
+    """Where a split's index is kept: beside the data, one hidden file per split."""
+    return Path(root) / f".kdpipe-index-{split}.json"
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One file of a split: where it is, its class, and what identifies its bytes."""
+
+    path: str  # relative to the split folder, POSIX separators
+    label: int  # class index, -1 in an unlabeled split
+    size: int  # bytes
+    mtime_ns: int  # st_mtime_ns when it was hashed: (size, mtime_ns) unchanged means reuse
+    sha256: str  # of the file's bytes
+
+
+@dataclass(frozen=True)
+class FolderIndex:
+    """A split's files in canonical order (see the module docstring)."""
+
+    split_dir: Path
+    classes: tuple[str, ...]
+    entries: tuple[IndexEntry, ...]
+
+    def paths(self) -> tuple[str, ...]:
+        return tuple(str(self.split_dir / entry.path) for entry in self.entries)
+
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([entry.label for entry in self.entries], dtype=torch.int64)
+
+    def fingerprint(self, shape: tuple[int, int, int]) -> dict:
+        """Count, classes and a SHA-256 over the decode shape and, per file in canonical
+        order, its relative path, label and content digest: renaming, adding, removing or
+        editing a file changes it, and so does decoding at another size or channel count."""
+        digest = hashlib.sha256(FINGERPRINT_TAG)
+        digest.update(repr((len(self.entries), *shape)).encode())
+        for entry in self.entries:
+            digest.update(f"{entry.path}\t{entry.label}\t{entry.sha256}\n".encode())
+        return {
+            "count": len(self.entries),
+            "num_classes": len(self.classes),
+            "classes": list(self.classes),
+            "sha256": digest.hexdigest(),
+        }
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes; an unreadable file is an error naming it."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(HASH_BLOCK), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise DatasetError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    return digest.hexdigest()
+
+
+def build_index(
+    root: Path, split: str, samples: Sequence[tuple[str, int]], classes: tuple[str, ...]
+) -> FolderIndex:
+    """The index of ``samples`` (absolute paths and labels, in canonical order), reusing the
+    stored index's digest of every file whose (size, mtime) has not changed, and storing
+    the result when it differs from what was stored (skipped where the folder is read-only:
+    the index is then rebuilt, in memory, on every open). Each file hashed is also opened
+    once (:func:`check_image`), so a file that is not an image stops the open, named."""
+    split_dir = Path(root) / split
+    stored_file = index_path(root, split)
+    stored = _read_stored(stored_file)
+    entries = []
+    progress = tqdm(samples, desc=f"indexing {split_dir}", unit="file", disable=None)
+    for path, label in progress:
+        relative = Path(path).relative_to(split_dir).as_posix()
+        try:
+            stat = os.stat(path)
+        except OSError as exc:
+            raise DatasetError(f"cannot read image {path}: {exc.strerror or exc}") from None
+        known = stored.get(relative)
+        if known is not None and (known.size, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+            sha = known.sha256
+        else:  # a new or changed file: hashed, and opened once to prove it is an image
+            sha = file_digest(Path(path))
+            check_image(path)
+        entries.append(IndexEntry(relative, int(label), stat.st_size, stat.st_mtime_ns, sha))
+    index = FolderIndex(split_dir, classes, tuple(entries))
+    if {e.path: e for e in entries} != stored:
+        _write_stored(stored_file, index)
+    return index
+
+
+def _read_stored(path: Path) -> dict[str, IndexEntry]:
+    """The stored index by relative path; empty when there is none or it is not one of
+    ours (a damaged index file costs a re-hash, never a wrong digest)."""
+    try:
+        record = json.loads(path.read_text())
+        if record.get("format") != INDEX_FORMAT:
+            return {}
+        entries = [IndexEntry(**entry) for entry in record["files"]]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
+    return {entry.path: entry for entry in entries}
+
+
+def _write_stored(path: Path, index: FolderIndex) -> None:
+    """Written aside, then moved into place, so a reader never sees half an index."""
+    record = {
+        "format": INDEX_FORMAT,
+        "classes": list(index.classes),
+        "files": [entry.__dict__ for entry in index.entries],
+    }
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(record, indent=0))
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+GRAY_MODES = ("1", "L", "LA", "La", "F", *SIXTEEN_BIT_MODES)
+
+
+def channels_of(mode: str) -> int:
+    """The channel count a file decodes to when ``--channels`` is not given: 1 for grayscale
+    modes (with or without alpha, 16-bit), 3 for every other."""
+    return 1 if mode in GRAY_MODES else 3
+
+
+def to_8bit_mode(image: object) -> object:
+    """A PIL image in L, RGB or RGBA/LA (alpha kept for compositing), by the rules in
+    ``docs/cache-format.md``: 16-bit and 32-bit grayscale scaled 0-65535 onto 0-255 (PIL's
+    own ``convert("L")`` clips at 255 and turns most of a 16-bit image white), float
+    grayscale clipped to 0-255, palette images expanded (to RGBA when the palette has
+    transparency), CMYK and YCbCr converted by PIL to RGB."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(pixels * (255 / 65535)), 0, 255).astype(np.uint8))
+    if mode == "F":
+        return Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8))
+    if mode in ("P", "PA"):
+        return image.convert("RGBA")
+    if mode in ("LA", "La"):
+        return image.convert("LA")
+    if mode in ("RGBA", "RGBa"):
+        return image.convert("RGBA")
+    if mode in ("L", "RGB"):
+        return image
+    return image.convert("RGB")  # 1, CMYK, YCbCr, LAB, HSV, RGBX
+
+
+def _on_white(image: object) -> object:
+    """Alpha composited on white (transparent pixels become white, as a browser shows them
+    on a white page), the alpha band then dropped."""
+    from PIL import Image
+
+    if image.mode not in ("LA", "RGBA"):
+        return image
+    white = Image.new(image.mode, image.size, (255,) * len(image.mode))
+    return Image.alpha_composite(white.convert("RGBA"), image.convert("RGBA")).convert(
+        image.mode[:-1]
+    )
+
+
+def decode_image(path: str, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """One file to uint8 ``(channels, *size)``: EXIF orientation applied
+    (``ImageOps.exif_transpose``), converted to 8 bits (:func:`to_8bit_mode`), alpha
+    composited on white, then to L or RGB and resized (bilinear) to ``size`` (H, W).
+    An unreadable or truncated file is an error naming it, never skipped."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = _on_white(to_8bit_mode(ImageOps.exif_transpose(opened)))
+            image = image.convert("L" if channels == 1 else "RGB")
+            if (image.height, image.width) != tuple(size):
+                image = image.resize((size[1], size[0]), Image.BILINEAR)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DatasetError(f"cannot read image {path}: {reason}") from None
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def check_image(path: str) -> None:
+    """Fail now, naming the file, when ``path`` is not an image PIL can identify and verify
+    (header and, for PNG, chunk checksums); damage only a full decode finds is named when
+    the row is decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            opened.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DatasetError(f"cannot read image {path}: {reason}") from None
+
+
+def first_image_shape(path: str) -> tuple[int, tuple[int, int]]:
+    """Channels and (H, W) of the first file, as decoded (after its EXIF orientation)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as opened:
+            oriented = ImageOps.exif_transpose(opened)
+            return channels_of(opened.mode), (oriented.height, oriented.width)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DatasetError(f"cannot read image {path}: {reason}") from None
+
+
+# --- rows decoded on demand --------------------------------------------------------------------
+
+
+class FolderImages:
+    """The pixels of an image folder split, decoded only when rows are asked for.
+
+    Stands where an in-memory dataset's uint8 tensor ``(N, C, H, W)`` stands: ``len``,
+    ``shape``, ``dtype`` and ``images[rows]`` (an int, a slice, or an index tensor or
+    array) returning decoded uint8 rows, so the teacher pass, training batches,
+    evaluation and the API index it as they index a tensor, and memory holds a batch,
+    never the folder. ``workers`` is how many DataLoader processes :func:`batches_of`
+    decodes ahead in.
+    """
+
+    dtype = torch.uint8
+    ndim = 4
+
+    def __init__(
+        self, paths: Sequence[str], channels: int, size: tuple[int, int], workers: int = 0
+    ) -> None:
+        self.paths = tuple(paths)
+        self.channels = int(channels)
+        self.size = (int(size[0]), int(size[1]))
+        self.workers = int(workers)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        return f"FolderImages({len(self)} files, {self.channels}x{self.size[0]}x{self.size[1]})"
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.paths), self.channels, *self.size))
+
+    def with_workers(self, workers: int) -> FolderImages:
+        """The same rows, decoded ahead by ``workers`` DataLoader processes in a pass."""
+        return FolderImages(self.paths, self.channels, self.size, workers)
+
+    def subset(self, rows: torch.Tensor | np.ndarray | Sequence[int]) -> FolderImages:
+        """Rows ``rows`` as another lazy source (nothing decoded)."""
+        picked = np.asarray(rows, dtype=np.int64).reshape(-1)
+        return FolderImages([self.paths[i] for i in picked], self.channels, self.size, self.workers)
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        if isinstance(index, tuple):  # rows first, then the rest on the decoded rows
+            if not index:
+                return self[:]
+            one_row = isinstance(index[0], (int, np.integer))
+            return self[index[0]][index[1:] if one_row else (slice(None), *index[1:])]
+        if isinstance(index, (int, np.integer)):
+            return torch.from_numpy(self._decode([int(index)])[0])
+        if isinstance(index, slice):
+            return torch.from_numpy(self._decode(range(*index.indices(len(self)))))
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        rows = np.asarray(index)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        return torch.from_numpy(self._decode(rows.astype(np.int64).reshape(-1)))
+
+    def _decode(self, rows: Iterable[int]) -> np.ndarray:
+        rows = [int(r) + len(self) if int(r) < 0 else int(r) for r in rows]
+        out = np.empty((len(rows), self.channels, *self.size), dtype=np.uint8)
+        for slot, row in enumerate(rows):
+            if not 0 <= row < len(self):
+                raise IndexError(f"row {row} of {len(self)} images")
+            out[slot] = decode_image(self.paths[row], self.channels, self.size)
+        return out
+
+
+class _Requests(torch.utils.data.Dataset):
+    """A map-style dataset of whole batches of rows, so DataLoader workers decode them; an
+    error travels back as its message (a worker's exception would arrive as a traceback)."""
+
+    def __init__(self, images: FolderImages, requests: Sequence[torch.Tensor]) -> None:
+        self.images = images
+        self.requests = requests
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __getitem__(self, item: int) -> torch.Tensor | str:
+        try:
+            return self.images[self.requests[item]]
+        except DatasetError as exc:
+            return str(exc)
+
+
+def batches_of(
+    images: torch.Tensor | FolderImages, requests: Sequence[torch.Tensor]
+) -> Iterator[torch.Tensor]:
+    """``images[r]`` for each index tensor ``r`` of ``requests``, in order: a tensor's rows
+    gathered, a folder's decoded here or, with ``images.workers``, ahead in DataLoader
+    worker processes (at most a few batches in flight: memory stays one batch's order)."""
+    workers = getattr(images, "workers", 0)
+    if not isinstance(images, FolderImages) or workers == 0 or len(requests) < 2:
+        yield from (images[request] for request in requests)
+        return
+    loader = torch.utils.data.DataLoader(
+        _Requests(images, requests),
+        batch_size=None,
+        num_workers=min(workers, len(requests)),
+        prefetch_factor=2,
+    )
+    for batch in loader:
+        if isinstance(batch, str):
+            raise DatasetError(batch)
+        yield batch
+
+
+def pixel_stats(images: FolderImages, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (unbiased) std of pixels scaled to [0, 1], over every image,
+    one batch decoded at a time."""
+    total = np.zeros(images.channels)
+    squares = np.zeros(images.channels)
+    requests = [torch.arange(s, min(s + batch_size, len(images)))
+                for s in range(0, len(images), batch_size)]  # fmt: skip
+    for batch in batches_of(images, requests):
+        x = batch.numpy().astype(np.float64) / 255.0
+        total += x.sum(axis=(0, 2, 3))
+        squares += (x * x).sum(axis=(0, 2, 3))
+    n = len(images) * images.size[0] * images.size[1]
+    mean = total / n
+    variance = np.maximum(squares - n * mean * mean, 0.0) / max(n - 1, 1)
+    return mean, np.sqrt(variance)

@@ -1,0 +1,342 @@
+"""Image folders that are never decoded whole: modes, unreadable files, the index and its
+fingerprint, caches made from a folder, and memory that does not grow with the folder."""
+
+import io
+import json
+import os
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import invoke
+from PIL import Image
+
+from pipeline.api import DistillationDataset
+from pipeline.data import load_dataset, make_synthetic, take_rows
+from pipeline.distributed import World
+from pipeline.errors import CacheMismatchError, DatasetError
+from pipeline.imagefolder import FolderImages, batches_of, decode_image, index_path
+from pipeline.inputs import DataConfig
+from pipeline.teacher import predict_logits
+from pipeline.train.batches import EpochBatches, TrainData
+
+PINNED = "3dc9d5bc200b39213151f6c8e7d1ed07dde3fb9abcd048f1b7bb9ce65902d10b"
+
+
+def error_lines(result: object) -> list[str]:
+    """The lines of a failed command that are its error (progress lines aside)."""
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output, result.output
+    return [line for line in result.output.splitlines() if line.startswith("Error")]
+
+
+def colour_folder(root: Path, counts: dict[str, int], size: int = 8) -> Path:
+    """train/ and test/ with class folders of small RGB PNGs: red-ish 'a', blue-ish 'b'."""
+    for split, count in counts.items():
+        for label, colour in (("a", (200, 40, 40)), ("b", (40, 40, 200))):
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                shade = tuple(max(0, c - 7 * index) for c in colour)
+                Image.new("RGB", (size, size), shade).save(root / split / label / f"{index}.png")
+    return root
+
+
+def truncated_jpeg() -> bytes:
+    """A JPEG whose header is whole and whose data stops early: it opens, and fails to decode."""
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+    Image.fromarray(noise).save(buffer, "JPEG")
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+# --- modes -------------------------------------------------------------------------------------
+
+
+def test_each_mode_is_converted_the_documented_way(tmp_path: Path) -> None:
+    def saved(image: Image.Image, name: str, **options: object) -> str:
+        path = tmp_path / name
+        image.save(path, **options)
+        return str(path)
+
+    size = (3, 4)  # H, W
+    rgb = decode_image(saved(Image.new("RGB", (4, 3), (10, 20, 30)), "rgb.png"), 3, size)
+    assert rgb.shape == (3, 3, 4) and rgb[:, 0, 0].tolist() == [10, 20, 30]
+    gray = decode_image(saved(Image.new("L", (4, 3), 77), "l.png"), 3, size)
+    assert gray[:, 0, 0].tolist() == [77, 77, 77]
+    # alpha composited on white: transparent pixels white, opaque ones their colour
+    rgba = Image.new("RGBA", (4, 3), (200, 0, 0, 0))
+    rgba.putpixel((1, 0), (200, 0, 0, 255))
+    rgba.putpixel((2, 0), (0, 0, 0, 128))
+    composited = decode_image(saved(rgba, "rgba.png"), 3, size)
+    assert composited[:, 0, 0].tolist() == [255, 255, 255]
+    assert composited[:, 0, 1].tolist() == [200, 0, 0]
+    assert composited[:, 0, 2].tolist() == [127, 127, 127]
+    la = Image.new("LA", (4, 3), (0, 0))
+    la.putpixel((3, 2), (50, 255))
+    la_pixels = decode_image(saved(la, "la.png"), 1, size)
+    assert la_pixels.shape == (1, 3, 4) and la_pixels[0, 0, 0] == 255 and la_pixels[0, 2, 3] == 50
+    # palette, with and without a transparent entry
+    palette = Image.new("P", (4, 3), 1)
+    palette.putpalette([0, 0, 0, 0, 128, 255] + [0] * 762)
+    assert decode_image(saved(palette, "p.png"), 3, size)[:, 0, 0].tolist() == [0, 128, 255]
+    clear = decode_image(saved(palette, "pt.png", transparency=1), 3, size)
+    assert clear[:, 0, 0].tolist() == [255, 255, 255]
+    # CMYK JPEG: PIL's conversion to RGB, as PIL itself decodes it
+    cmyk = saved(Image.new("CMYK", (4, 3), (0, 255, 255, 0)), "cmyk.jpg", quality=100)
+    with Image.open(cmyk) as opened:
+        assert opened.mode == "CMYK"
+        expected = np.asarray(opened.convert("RGB")).transpose(2, 0, 1)
+    np.testing.assert_array_equal(decode_image(cmyk, 3, size), expected)
+    assert decode_image(cmyk, 3, size)[0, 1, 1] > 200  # red stays red
+    # 16-bit PNG: 0..65535 scaled onto 0..255 (PIL's convert("L") would clip it)
+    deep = np.array([[0, 32768, 65535, 1000]] * 3, dtype=np.uint16)
+    path16 = saved(Image.fromarray(deep), "i16.png")
+    with Image.open(path16) as opened:
+        assert opened.mode.startswith("I")
+    assert decode_image(path16, 1, size)[0, 0].tolist() == [0, 128, 255, 4]
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """A photo stored landscape with orientation 6 (rotate 90 clockwise) decodes portrait."""
+    stored = Image.new("RGB", (6, 4), (0, 0, 0))
+    stored.putpixel((0, 0), (255, 255, 255))  # top left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, exif=exif, quality=100)
+    root = tmp_path / "photos"
+    for split in ("train", "test"):
+        for label in ("x", "y"):
+            (root / split / label).mkdir(parents=True)
+            (root / split / label / "rotated.jpg").write_bytes(path.read_bytes())
+    data = load_dataset(str(root), "train")
+    assert data.input_size == (3, 6, 4)  # height 6, width 4: as shown, not as stored
+    pixels = data.images[0]
+    # rotated clockwise, the stored top-left corner is now at the top right
+    assert pixels[:, 0, 3].float().mean() > 200 and pixels[:, 0, 0].float().mean() < 60
+
+
+def test_a_folder_of_mixed_modes_loads_at_one_shape(tmp_path: Path) -> None:
+    root = tmp_path / "mixed"
+    (root / "train" / "a").mkdir(parents=True)
+    (root / "train" / "b").mkdir(parents=True)
+    Image.new("RGB", (5, 5), (1, 2, 3)).save(root / "train" / "a" / "0.png")
+    Image.new("RGBA", (9, 7), (1, 2, 3, 255)).save(root / "train" / "a" / "1.png")
+    Image.new("P", (3, 3)).save(root / "train" / "b" / "0.png")
+    Image.new("CMYK", (4, 6)).save(root / "train" / "b" / "1.jpg")
+    Image.fromarray(np.full((5, 5), 40000, np.uint16)).save(root / "train" / "b" / "2.png")
+    data = load_dataset(str(root), "train")
+    assert data.input_size == (3, 5, 5) and data.images[:].shape == (5, 3, 5, 5)
+    assert data.images[4, :, 2, 2].tolist() == [156, 156, 156]
+
+
+# --- unreadable files ----------------------------------------------------------------------------
+
+
+def test_a_file_that_is_not_an_image_is_named_when_the_folder_opens(tmp_path: Path) -> None:
+    root = colour_folder(tmp_path / "imgs", {"train": 3})
+    (root / "train" / "b" / "notes.jpg").write_bytes(b"\xff\xd8 not a jpeg at all")
+    with pytest.raises(DatasetError, match=r"^cannot read image .*notes\.jpg: "):
+        load_dataset(str(root), "train")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_truncated_file_stops_the_teacher_pass_naming_it(tmp_path: Path, workers: int) -> None:
+    """A JPEG whose data stops half way opens (its header is whole) and fails to decode: the
+    pass stops with one line naming it, in the main process or in a DataLoader worker."""
+    root = colour_folder(tmp_path / "imgs", {"train": 6, "test": 2}, size=16)
+    teacher = tmp_path / "t"
+    made = invoke("train-teacher --model kd_mlp_30x2 --epochs 1 --data", root, "--out", teacher)
+    assert made.exit_code == 0, made.output
+    (root / "train" / "b" / "cut.jpg").write_bytes(truncated_jpeg())
+    assert len(load_dataset(str(root), "train")) == 13  # it opens: the pass finds it
+    cached = invoke("cache-teacher --temperature 2 --batch-size 4 --data", root, "--teacher",
+                    teacher, "--out", tmp_path / "c.zarr", f"--workers {workers}")  # fmt: skip
+    lines = error_lines(cached)
+    assert len(lines) == 1 and "cannot read image" in lines[0] and "cut.jpg" in lines[0], lines
+
+
+# --- the index and the fingerprint -------------------------------------------------------------
+
+
+def test_the_fingerprint_changes_with_each_kind_of_edit_and_only_then(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    for label in ("a", "b"):
+        (root / "train" / label).mkdir(parents=True)
+        for index in range(3):  # BMP: uncompressed, so one byte edited is still an image
+            Image.new("RGB", (4, 4), (index * 20, 0, 0)).save(
+                root / "train" / label / f"{index}.bmp"
+            )
+
+    def fingerprint() -> str:
+        return load_dataset(str(root), "train").fingerprint()["sha256"]
+
+    first = fingerprint()
+    stored = index_path(root, "train")
+    written = stored.stat().st_mtime_ns
+    assert fingerprint() == first  # nothing changed: the same, and the index not rewritten
+    assert stored.stat().st_mtime_ns == written
+    stored.unlink()
+    assert fingerprint() == first  # rebuilt from the files: the same digest
+    stored.write_text("{ damaged")
+    assert fingerprint() == first
+    record = json.loads(stored.read_text())
+    assert [entry["path"] for entry in record["files"]][:2] == ["a/0.bmp", "a/1.bmp"]
+    seen = {first}
+
+    def changed() -> None:
+        now = fingerprint()
+        assert now not in seen
+        seen.add(now)
+
+    os.rename(root / "train" / "a" / "2.bmp", root / "train" / "a" / "9.bmp")
+    changed()  # renamed: same bytes, another path
+    Image.new("RGB", (4, 4), (5, 5, 5)).save(root / "train" / "b" / "3.bmp")
+    changed()  # added
+    (root / "train" / "b" / "0.bmp").unlink()
+    changed()  # removed
+    edited = root / "train" / "b" / "1.bmp"
+    data = bytearray(edited.read_bytes())
+    data[-1] ^= 1  # one byte of one pixel
+    edited.write_bytes(bytes(data))
+    changed()  # edited
+    assert load_dataset(str(root), "train").fingerprint()["sha256"] in seen
+    assert load_dataset(str(root), "train", image_size=8).fingerprint()["sha256"] not in seen
+
+
+def test_the_folder_fingerprint_is_pinned(tmp_path: Path) -> None:
+    """The digest's recipe (docs/cache-format.md) pinned on a folder of BMPs (bytes that
+    do not depend on a zlib version): a change to it changes every folder cache's identity.
+    Fashion-MNIST's and the synthetic set's stay digests of pixels (pinned in test_data)."""
+    for label in ("a", "b"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        Image.new("L", (2, 2), 9).save(tmp_path / "train" / label / "0.bmp")
+    data = load_dataset(str(tmp_path), "train")
+    assert data.streamed and make_synthetic("test").index is None
+    assert data.fingerprint() == {
+        "count": 2,
+        "num_classes": 2,
+        "classes": ["a", "b"],
+        "sha256": PINNED,
+    }
+
+
+# --- a cache from a folder, and a folder that changed since ------------------------------------
+
+
+def test_a_cache_from_a_folder_verifies_and_teaches_and_refuses_changed_files(
+    tmp_path: Path,
+) -> None:
+    root = colour_folder(tmp_path / "imgs", {"train": 10, "test": 4}, size=12)
+    teacher, store, pupil = tmp_path / "t", tmp_path / "c.zarr", tmp_path / "s"
+    made = invoke("train-teacher --model kd_mlp_30x2 --epochs 1 --data", root, "--out", teacher)
+    assert made.exit_code == 0, made.output
+    views = "--views 2 --augment crop-flip --mix mixup --workers 2 --batch-size 4"
+    cached = invoke("cache-teacher --temperature 2 --data", root, "--teacher", teacher, "--out",
+                    store, views)  # fmt: skip
+    assert cached.exit_code == 0, cached.output
+    verified = invoke("verify", store, "--data", root, "--teacher", teacher, "--recompute 6")
+    assert verified.exit_code == 0, verified.output
+    distilled = invoke("train-student --model kd_mlp_30x2 --epochs 1 --alpha 0.5 --data", root,
+                       "--cache", store, "--out", pupil, "--workers 1 --batch-size 8")  # fmt: skip
+    assert distilled.exit_code == 0, distilled.output
+    # the Python API takes the folder as it is: its index's fingerprint, one image per item
+    items = DistillationDataset(load_dataset(str(root), "train"), store)
+    image, label, target = items[3][:3]
+    assert len(items) == 20 and image.shape == (3, 12, 12) and target.shape == (2,)
+    assert int(label) == int(load_dataset(str(root), "train").labels[3])
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    Image.new("RGB", (12, 12), (1, 1, 1)).save(root / "train" / "a" / "0.png")  # edited
+    for command in (
+        ["verify", store, "--data", root],
+        ["train-student --model kd_mlp_30x2 --epochs 1 --alpha 0.5 --data", root, "--cache", store,
+         "--out", tmp_path / "s2"],
+    ):  # fmt: skip
+        lines = error_lines(invoke(*command))
+        assert len(lines) == 1, lines
+        assert f"the files of {root / 'train'} changed since" in lines[0], lines
+    with pytest.raises(CacheMismatchError, match="changed since"):
+        DistillationDataset(load_dataset(str(root), "train"), store)
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "s2").exists()
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+def peak_bytes(root: Path) -> tuple[int, int]:
+    """tracemalloc's peak (numpy's pixel buffers are traced) while a folder is opened,
+    fingerprinted and passed through a model batch by batch; and the bytes of its pixels."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 48 * 48, 2))
+    config = DataConfig((3, 48, 48), (0.5,) * 3, (0.25,) * 3)
+    tracemalloc.start()
+    try:
+        data = load_dataset(str(root), "train")
+        data.fingerprint()
+        logits = predict_logits(model, data.images, config, device=torch.device("cpu"),
+                                batch_size=16)  # fmt: skip
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert logits.shape == (len(data), 2)
+    return peak, len(data) * 3 * 48 * 48
+
+
+def test_memory_does_not_grow_with_the_number_of_images(tmp_path: Path) -> None:
+    # imports and first-call allocations out of the way on a third folder
+    peak_bytes(colour_folder(tmp_path / "warm", {"train": 2}, size=48))
+    # each measured on its first open (its index built: every file hashed and opened)
+    small = peak_bytes(colour_folder(tmp_path / "small", {"train": 20}, size=48))  # 40 images
+    large_folder = colour_folder(tmp_path / "large", {"train": 200}, size=48)  # 400
+    large = peak_bytes(large_folder)
+    extra_pixels = large[1] - small[1]  # 360 images of 6.9 KB: 2.5 MB
+    # the peak grows by the index's few hundred bytes per file, far less than the pixels
+    assert large[0] - small[0] < 0.5 * extra_pixels, (small, large)
+    # and the measure sees a folder decoded whole: every row at once is over the bound
+    images = load_dataset(str(large_folder), "train").images
+    tracemalloc.start()
+    try:
+        images[:]
+        _, whole = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert whole > 0.9 * large[1]
+
+
+def test_batches_of_decodes_ahead_in_workers_in_order(tmp_path: Path) -> None:
+    root = colour_folder(tmp_path / "imgs", {"train": 5}, size=6)
+    images = load_dataset(str(root), "train").images
+    requests = [torch.tensor([3, 1]), torch.tensor([0]), torch.tensor([9, 2, 2])]
+    here = list(batches_of(images, requests))
+    ahead = list(batches_of(images.with_workers(2), requests))
+    assert [b.shape[0] for b in ahead] == [2, 1, 3]
+    for a, b in zip(here, ahead, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(here[0][1], images[1], rtol=0, atol=0)
+
+
+def test_an_unreadable_file_in_a_training_worker_is_one_line(tmp_path: Path) -> None:
+    """Training batches built ahead in DataLoader workers decode there: a file that fails
+    comes back as the dataset error naming it, not as a worker's traceback."""
+    root = colour_folder(tmp_path / "imgs", {"train": 4}, size=6)
+    (root / "train" / "b" / "cut.jpg").write_bytes(truncated_jpeg())
+    data = load_dataset(str(root), "train")
+    batches = EpochBatches(TrainData.plain(data), torch.arange(len(data)), 3, 1, 0, World())
+    with pytest.raises(DatasetError, match=r"^cannot read image .*cut\.jpg: [^\n]*$"):
+        list(batches.load(workers=1, pin_memory=False))
+
+
+def test_a_validation_split_of_a_folder_stays_lazy(tmp_path: Path) -> None:
+    """--val-fraction holds out rows of a folder as another lazy source (take_rows), scored
+    batch by batch; the run's card records the whole split's fingerprint."""
+    root = colour_folder(tmp_path / "imgs", {"train": 8, "test": 2}, size=6)
+    run = tmp_path / "t"
+    made = invoke("train-teacher --model kd_mlp_30x2 --epochs 2 --val-fraction 0.25 --data",
+                  root, "--out", run, "--workers 1")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    card = json.loads((run / "model.json").read_text())
+    assert card["dataset"]["fingerprint"] == load_dataset(str(root), "train").fingerprint()
+    held_out = take_rows(load_dataset(str(root), "train").images, torch.tensor([1, 5]))
+    assert isinstance(held_out, FolderImages) and held_out.shape == (2, 3, 6, 6)
