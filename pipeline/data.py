@@ -10,7 +10,9 @@ Sources: Fashion-MNIST from its four gzipped IDX files and a deterministic
 synthetic set for tests, both held in memory (their digest covers labels and
 pixels), and image folders (``root/train/<class>/*.png``), listed through timm's
 dataset factory and never decoded whole: their index and rows decoded on demand
-live in :mod:`pipeline.imagefolder`, and their digest covers the index.
+live in :mod:`pipeline.imagefolder`, and their digest covers the index. WebDataset tar
+shards (a folder or fsspec URL of ``train-*.tar``/``test-*.tar``) are the same, with a row
+per sample key: :mod:`pipeline.shards`.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from pipeline.errors import DatasetError
 from pipeline.imagefolder import (
     FolderImages,
     FolderIndex,
+    LazyImages,
     build_index,
     first_image_shape,
     is_image_file,
 )
 from pipeline.imagefolder import pixel_stats as folder_pixel_stats
+from pipeline.shards import ShardImages, ShardIndex, is_shard_spec, open_shards, pack_shards
 
 SPLITS = ("train", "test")
 DEFAULT_DATA_ROOT = Path("data")
@@ -61,17 +65,18 @@ class ImageSet:
 
     ``images`` is a uint8 tensor ``(N, C, H, W)`` for the small sets held in memory
     (Fashion-MNIST, synthetic, a dataset given to the API), or, for an image folder,
-    a :class:`~pipeline.imagefolder.FolderImages` that decodes only the rows asked for
-    (``images[rows]`` is uint8 rows either way); ``index`` is then the folder's index,
-    which the fingerprint comes from.
+    a :class:`~pipeline.imagefolder.FolderImages` (for shards, a
+    :class:`~pipeline.shards.ShardImages`) that decodes only the rows asked for
+    (``images[rows]`` is uint8 rows either way); ``index`` is then the folder's or the
+    shards' index, which the fingerprint comes from.
     """
 
     name: str
     split: str
-    images: torch.Tensor | FolderImages  # uint8 (N, C, H, W), or decoded on demand
+    images: torch.Tensor | LazyImages  # uint8 (N, C, H, W), or decoded on demand
     labels: torch.Tensor  # int64 (N,)
     classes: tuple[str, ...]
-    index: FolderIndex | None = field(default=None, repr=False, compare=False)
+    index: FolderIndex | ShardIndex | None = field(default=None, repr=False, compare=False)
     _fingerprint: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -94,7 +99,7 @@ class ImageSet:
     @property
     def streamed(self) -> bool:
         """True for an image folder: rows are decoded per batch, never held whole."""
-        return isinstance(self.images, FolderImages)
+        return isinstance(self.images, LazyImages)
 
     def with_workers(self, workers: int) -> ImageSet:
         """This dataset with a folder's rows decoded ahead by ``workers`` DataLoader
@@ -134,12 +139,10 @@ class ImageSet:
         return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
-def take_rows(
-    images: torch.Tensor | FolderImages, rows: torch.Tensor
-) -> torch.Tensor | FolderImages:
+def take_rows(images: torch.Tensor | LazyImages, rows: torch.Tensor) -> torch.Tensor | LazyImages:
     """Rows ``rows`` of a dataset's images: gathered from a tensor, or, for a folder, another
     lazy source (a validation split of a folder is not decoded whole either)."""
-    if isinstance(images, FolderImages):
+    if isinstance(images, LazyImages):
         return images.subset(rows)
     return images[rows]
 
@@ -185,12 +188,15 @@ def load_dataset(
         return load_fashion_mnist(Path(data_root) / "fashion-mnist", split)
     if spec == "synthetic":
         return make_synthetic(split)
+    if is_shard_spec(spec):
+        return load_shards(spec, split, image_size=image_size, channels=channels)
     path = Path(spec)
     if path.is_dir():
         return load_image_folder(path, split, image_size=image_size, channels=channels)
     raise DatasetError(
-        f"unknown dataset {spec!r}: use 'fashion-mnist', 'synthetic' or the path of an image "
-        "folder (with train/ and test/ inside, one subfolder per class)"
+        f"unknown dataset {spec!r}: use 'fashion-mnist', 'synthetic', the path of an image "
+        "folder (with train/ and test/ inside, one subfolder per class) or a folder or URL of "
+        "WebDataset shards (train-*.tar, test-*.tar)"
     )
 
 
@@ -358,6 +364,51 @@ def _decode(
     )
 
 
+# --- WebDataset shards -------------------------------------------------------------------------
+
+
+def load_shards(
+    spec: str, split: str, *, image_size: int | None = None, channels: int | None = None
+) -> ImageSet:
+    """A split of WebDataset shards (:mod:`pipeline.shards`) in canonical order (by sample
+    key), as its index and rows read and decoded on demand; channels and size as for an
+    image folder (the first image's unless given)."""
+    index, images, (first_channels, first_size) = open_shards(spec, split)
+    channels = first_channels if channels is None else channels
+    if channels not in (1, 3):
+        raise DatasetError(f"--channels must be 1 or 3, not {channels}")
+    size = (image_size, image_size) if image_size else first_size
+    return ImageSet(
+        name=spec,
+        split=split,
+        images=ShardImages(images.fs, images.root, images.entries, channels, size),
+        labels=index.labels(),
+        classes=index.classes,
+        index=index,
+    )
+
+
+def pack_image_folder(folder: Path, out: Path, shard_size: int) -> dict[str, int]:
+    """``kdpipe pack-shards``: an image folder's splits (those it has of train/ and test/)
+    written as WebDataset shards in its canonical order, so row *i* of the shards is row *i*
+    of the folder and a cache of one is a cache of the other, value for value. Returns the
+    number of shards written per split."""
+    folder = Path(folder)
+    present = [split for split in SPLITS if (folder / split).is_dir()]
+    if not present:
+        raise DatasetError(f"{folder} has no train/ or test/ folder to pack")
+    splits, classes = {}, ()
+    for split in present:
+        dataset = load_image_folder(folder, split)
+        if not dataset.labeled:
+            raise DatasetError(
+                f"{folder / split} is unlabeled: a shard's sample needs a cls label (put the "
+                "images in class folders)"
+            )
+        splits[split], classes = (dataset.images.paths, dataset.labels.tolist()), dataset.classes
+    return pack_shards(splits, classes, Path(out), shard_size)
+
+
 def select_rows(
     labels: torch.Tensor,
     *,
@@ -434,8 +485,8 @@ def dataset_mismatch(record: dict, dataset: ImageSet) -> str | None:
     if dataset.index is not None and expected.get("classes") == actual["classes"]:
         # an image folder's digest covers its files: say so, not only which digests differ
         return (
-            f"the files of {dataset.index.split_dir} changed since (a file renamed, added, "
-            "removed or edited, or another --image-size/--channels): "
+            f"the files of {dataset.index.split_dir} changed since (a file or sample renamed, "
+            "added, removed or edited, or another --image-size/--channels): "
             + describe_mismatch(expected, actual)
         )
     return describe_mismatch(expected, actual)

@@ -24,6 +24,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -213,11 +214,14 @@ def _on_white(image: object) -> object:
     )
 
 
-def decode_image(path: str, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """One file to uint8 ``(channels, *size)``: EXIF orientation applied
-    (``ImageOps.exif_transpose``), converted to 8 bits (:func:`to_8bit_mode`), alpha
-    composited on white, then to L or RGB and resized (bilinear) to ``size`` (H, W).
-    An unreadable or truncated file is an error naming it, never skipped."""
+def decode_image(
+    path: str | BinaryIO, channels: int, size: tuple[int, int], name: str | None = None
+) -> np.ndarray:
+    """One file (a path, or an open binary file such as a shard's member) to uint8
+    ``(channels, *size)``: EXIF orientation applied (``ImageOps.exif_transpose``), converted
+    to 8 bits (:func:`to_8bit_mode`), alpha composited on white, then to L or RGB and
+    resized (bilinear) to ``size`` (H, W). An unreadable or truncated file is an error
+    naming it (``name``, else the path), never skipped."""
     from PIL import Image, ImageOps
 
     try:
@@ -229,26 +233,29 @@ def decode_image(path: str, channels: int, size: tuple[int, int]) -> np.ndarray:
                 image = image.resize((size[1], size[0]), Image.BILINEAR)
             pixels = np.asarray(image, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise DatasetError(f"cannot read image {path}: {reason}") from None
+        raise _unreadable(name or path, exc) from None
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
-def check_image(path: str) -> None:
-    """Fail now, naming the file, when ``path`` is not an image PIL can identify and verify
-    (header and, for PNG, chunk checksums); damage only a full decode finds is named when
-    the row is decoded."""
+def _unreadable(name: object, exc: BaseException) -> DatasetError:
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return DatasetError(f"cannot read image {name}: {reason}")
+
+
+def check_image(path: str | BinaryIO, name: str | None = None) -> None:
+    """Fail now, naming the file (``name``, else the path), when ``path`` is not an image
+    PIL can identify and verify (header and, for PNG, chunk checksums); damage only a full
+    decode finds is named when the row is decoded."""
     from PIL import Image
 
     try:
         with Image.open(path) as opened:
             opened.verify()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise DatasetError(f"cannot read image {path}: {reason}") from None
+        raise _unreadable(name or path, exc) from None
 
 
-def first_image_shape(path: str) -> tuple[int, tuple[int, int]]:
+def first_image_shape(path: str | BinaryIO, name: str | None = None) -> tuple[int, tuple[int, int]]:
     """Channels and (H, W) of the first file, as decoded (after its EXIF orientation)."""
     from PIL import Image, ImageOps
 
@@ -257,53 +264,51 @@ def first_image_shape(path: str) -> tuple[int, tuple[int, int]]:
             oriented = ImageOps.exif_transpose(opened)
             return channels_of(opened.mode), (oriented.height, oriented.width)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise DatasetError(f"cannot read image {path}: {reason}") from None
+        raise _unreadable(name or path, exc) from None
 
 
 # --- rows decoded on demand --------------------------------------------------------------------
 
 
-class FolderImages:
-    """The pixels of an image folder split, decoded only when rows are asked for.
+class LazyImages:
+    """Rows of a dataset decoded only when asked for: the common shape of an image folder
+    (:class:`FolderImages`) and WebDataset shards (:class:`pipeline.shards.ShardImages`).
 
     Stands where an in-memory dataset's uint8 tensor ``(N, C, H, W)`` stands: ``len``,
     ``shape``, ``dtype`` and ``images[rows]`` (an int, a slice, or an index tensor or
     array) returning decoded uint8 rows, so the teacher pass, training batches,
     evaluation and the API index it as they index a tensor, and memory holds a batch,
-    never the folder. ``workers`` is how many DataLoader processes :func:`batches_of`
-    decodes ahead in.
+    never the dataset. ``workers`` is how many DataLoader processes :func:`batches_of`
+    decodes ahead in. A subclass says how many rows it has (``__len__``), how one row is
+    decoded (``decode_row``) and how to make itself again (``subset``, ``with_workers``).
     """
 
     dtype = torch.uint8
     ndim = 4
 
-    def __init__(
-        self, paths: Sequence[str], channels: int, size: tuple[int, int], workers: int = 0
-    ) -> None:
-        self.paths = tuple(paths)
+    def __init__(self, channels: int, size: tuple[int, int], workers: int = 0) -> None:
         self.channels = int(channels)
         self.size = (int(size[0]), int(size[1]))
         self.workers = int(workers)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        raise NotImplementedError
 
-    def __repr__(self) -> str:
-        return f"FolderImages({len(self)} files, {self.channels}x{self.size[0]}x{self.size[1]})"
+    def decode_row(self, row: int) -> np.ndarray:
+        """Row ``row`` (0 <= row < len) as uint8 ``(C, H, W)``."""
+        raise NotImplementedError
+
+    def subset(self, rows: torch.Tensor | np.ndarray | Sequence[int]) -> LazyImages:
+        """Rows ``rows`` as another lazy source (nothing decoded)."""
+        raise NotImplementedError
+
+    def with_workers(self, workers: int) -> LazyImages:
+        """The same rows, decoded ahead by ``workers`` DataLoader processes in a pass."""
+        raise NotImplementedError
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((len(self.paths), self.channels, *self.size))
-
-    def with_workers(self, workers: int) -> FolderImages:
-        """The same rows, decoded ahead by ``workers`` DataLoader processes in a pass."""
-        return FolderImages(self.paths, self.channels, self.size, workers)
-
-    def subset(self, rows: torch.Tensor | np.ndarray | Sequence[int]) -> FolderImages:
-        """Rows ``rows`` as another lazy source (nothing decoded)."""
-        picked = np.asarray(rows, dtype=np.int64).reshape(-1)
-        return FolderImages([self.paths[i] for i in picked], self.channels, self.size, self.workers)
+        return torch.Size((len(self), self.channels, *self.size))
 
     def __getitem__(self, index: object) -> torch.Tensor:
         if isinstance(index, tuple):  # rows first, then the rest on the decoded rows
@@ -328,15 +333,41 @@ class FolderImages:
         for slot, row in enumerate(rows):
             if not 0 <= row < len(self):
                 raise IndexError(f"row {row} of {len(self)} images")
-            out[slot] = decode_image(self.paths[row], self.channels, self.size)
+            out[slot] = self.decode_row(row)
         return out
+
+
+class FolderImages(LazyImages):
+    """The pixels of an image folder split (see :class:`LazyImages`), one file per row."""
+
+    def __init__(
+        self, paths: Sequence[str], channels: int, size: tuple[int, int], workers: int = 0
+    ) -> None:
+        super().__init__(channels, size, workers)
+        self.paths = tuple(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        return f"FolderImages({len(self)} files, {self.channels}x{self.size[0]}x{self.size[1]})"
+
+    def with_workers(self, workers: int) -> FolderImages:
+        return FolderImages(self.paths, self.channels, self.size, workers)
+
+    def subset(self, rows: torch.Tensor | np.ndarray | Sequence[int]) -> FolderImages:
+        picked = np.asarray(rows, dtype=np.int64).reshape(-1)
+        return FolderImages([self.paths[i] for i in picked], self.channels, self.size, self.workers)
+
+    def decode_row(self, row: int) -> np.ndarray:
+        return decode_image(self.paths[row], self.channels, self.size)
 
 
 class _Requests(torch.utils.data.Dataset):
     """A map-style dataset of whole batches of rows, so DataLoader workers decode them; an
     error travels back as its message (a worker's exception would arrive as a traceback)."""
 
-    def __init__(self, images: FolderImages, requests: Sequence[torch.Tensor]) -> None:
+    def __init__(self, images: LazyImages, requests: Sequence[torch.Tensor]) -> None:
         self.images = images
         self.requests = requests
 
@@ -351,13 +382,14 @@ class _Requests(torch.utils.data.Dataset):
 
 
 def batches_of(
-    images: torch.Tensor | FolderImages, requests: Sequence[torch.Tensor]
+    images: torch.Tensor | LazyImages, requests: Sequence[torch.Tensor]
 ) -> Iterator[torch.Tensor]:
     """``images[r]`` for each index tensor ``r`` of ``requests``, in order: a tensor's rows
-    gathered, a folder's decoded here or, with ``images.workers``, ahead in DataLoader
-    worker processes (at most a few batches in flight: memory stays one batch's order)."""
+    gathered, lazy rows (a folder's, shards') decoded here or, with ``images.workers``, ahead
+    in DataLoader worker processes (at most a few batches in flight: memory stays one
+    batch's order)."""
     workers = getattr(images, "workers", 0)
-    if not isinstance(images, FolderImages) or workers == 0 or len(requests) < 2:
+    if not isinstance(images, LazyImages) or workers == 0 or len(requests) < 2:
         yield from (images[request] for request in requests)
         return
     loader = torch.utils.data.DataLoader(
@@ -372,7 +404,7 @@ def batches_of(
         yield batch
 
 
-def pixel_stats(images: FolderImages, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def pixel_stats(images: LazyImages, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and (unbiased) std of pixels scaled to [0, 1], over every image,
     one batch decoded at a time."""
     total = np.zeros(images.channels)

@@ -24,7 +24,7 @@ from pipeline.cache import COMBINE_RULES, TeacherMember, Upstream, read_manifest
 from pipeline.data import ImageSet
 from pipeline.errors import CacheMismatchError, KdpipeError, UsageError
 from pipeline.features import LayerRequest, LayerTaps, resolve_layer
-from pipeline.imagefolder import FolderImages, batches_of
+from pipeline.imagefolder import LazyImages, batches_of
 from pipeline.inputs import DataConfig, autocast, check_channels, view_input
 from pipeline.pretrained import looks_like_source
 from pipeline.runs import ModelCard, load_model, open_pretrained
@@ -225,7 +225,7 @@ def _to_host(values: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module,
-    images: torch.Tensor | FolderImages,
+    images: torch.Tensor | LazyImages,
     data_config: DataConfig,
     *,
     device: torch.device,

@@ -5,7 +5,7 @@ one-line click errors with a non-zero exit; option values click can check
 itself (ranges, choices) are rejected by click with exit status 2.
 
 - ``base``: the ``kdpipe`` group, shared options and parsers, error reporting;
-- ``stages``: fetch-data, train-teacher, cache-teacher, train-student, distill-online;
+- ``stages``: fetch-data, pack-shards, train-teacher, cache-teacher, train-student, distill-online;
 - ``tools``: evaluate, tune-bias, report, storage, verify, caches, lineage, bench.
 """
 

@@ -161,7 +161,8 @@ def data_options(command: Callable[..., Any], required: bool = True) -> Callable
         click.option(
             "--data",
             required=required,
-            help="'fashion-mnist', 'synthetic', or an image folder with train/ and test/.",
+            help="'fashion-mnist', 'synthetic', an image folder with train/ and test/, or a "
+            "folder or fsspec URL of WebDataset shards (train-*.tar, test-*.tar, classes.txt).",
         ),
         click.option(
             "--data-root",
@@ -173,13 +174,13 @@ def data_options(command: Callable[..., Any], required: bool = True) -> Callable
             "--image-size",
             type=click.IntRange(min=1),
             default=None,
-            help="Image folders: resize to this size (default: the first image's).",
+            help="Image folders and shards: resize to this size (default: the first image's).",
         ),
         click.option(
             "--channels",
             type=click.Choice(["1", "3"]),
             default=None,
-            help="Image folders: 1 (grayscale) or 3 (RGB) (default: the first image's).",
+            help="Image folders and shards: 1 (grayscale) or 3 (RGB) (default: the first image's).",
         ),
     ]
     for option in reversed(options):

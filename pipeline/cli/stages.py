@@ -44,6 +44,29 @@ def fetch_data(dest: str) -> None:
     fetch_fashion_mnist(Path(dest), log=echo)
 
 
+@main.command("pack-shards", context_settings=CONTEXT)
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option(
+    "--out",
+    type=click.Path(),
+    required=True,
+    help="Folder to create for the shards (new or empty).",
+)
+@click.option(
+    "--shard-size", type=click.IntRange(min=1), default=10000, help="Samples per shard at most."
+)
+@reports_errors
+def pack_shards(folder: str, out: str, shard_size: int) -> None:
+    """Write an image folder as WebDataset tar shards (train-NNNNNN.tar, test-NNNNNN.tar,
+    classes.txt) in its canonical order: each file's bytes as they are, keyed by position,
+    so --data OUT gives the same rows, pixels and cache values as --data FOLDER."""
+    from pipeline.data import pack_image_folder
+
+    counts = pack_image_folder(Path(folder), Path(out), shard_size)
+    shards = ", ".join(f"{split}: {count} shard(s)" for split, count in counts.items())
+    say(f"wrote {out} ({shards})")
+
+
 @main.command("train-teacher", context_settings=CONTEXT)
 @training_options
 @click.option(
