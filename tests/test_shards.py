@@ -2,10 +2,12 @@
 the same cache values as the folder, the fingerprint under each kind of edit, and each
 malformed shard named in one line."""
 
+import hashlib
 import io
 import json
 import os
 import tarfile
+import zipfile
 from pathlib import Path
 
 import fsspec
@@ -18,6 +20,7 @@ from conftest import invoke
 from PIL import Image
 from test_imagefolder import colour_folder, error_lines
 
+from pipeline.api import DistillationDataset
 from pipeline.data import load_dataset
 from pipeline.errors import CacheMismatchError, DatasetError
 from pipeline.imagefolder import batches_of
@@ -97,6 +100,9 @@ def test_pack_cache_verify_train_evaluate_on_shards_with_the_folders_values(
     distilled = invoke("train-student --model kd_mlp_30x2 --epochs 1 --alpha 0.5 --data", shards,
                        "--cache", stores["shards"], "--out", pupil, "--workers 1")  # fmt: skip
     assert distilled.exit_code == 0, distilled.output
+    items = DistillationDataset(on_shards, stores["shards"])  # the Python API, item by item
+    image, label, target = items[11][:3]
+    assert image.shape == (3, 10, 10) and target.shape == (2,) and int(label) == 1
     scored = invoke("evaluate", pupil, "--data", shards, "--format json")
     assert scored.exit_code == 0, scored.output
     assert json.loads(scored.output[scored.output.index("[") :])[0]["samples"] == 8
@@ -137,6 +143,26 @@ def test_a_cache_from_shards_read_through_an_fsspec_url(tmp_path: Path) -> None:
         memory.rm("/kd-test-shards", recursive=True)
 
 
+def test_shards_where_nothing_can_be_written_keep_their_index_in_memory(tmp_path: Path) -> None:
+    """Shards inside a zip file (fsspec's zip filesystem, read-only): the index is built in
+    memory on each open, and the rows are the same."""
+    shards = small_shards(tmp_path / "shards")
+    archive = tmp_path / "ds.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as packed:
+        for path in shards.glob("*[!n]"):  # the shards and classes.txt, not the index
+            packed.write(path, path.name)
+    url = f"zip://::file://{archive}"
+    first, again = load_dataset(url, "train"), load_dataset(url, "train")
+    local = load_dataset(str(shards), "train")
+    assert first.fingerprint() == again.fingerprint() == local.fingerprint()
+    assert torch.equal(first.images[[5, 0]], local.images[[5, 0]])
+    assert sorted(zipfile.ZipFile(archive).namelist()) == [
+        "classes.txt",
+        "train-000000.tar",
+        "train-000001.tar",
+    ]
+
+
 def test_rows_decode_ahead_in_workers_and_a_changed_shard_is_refused(tmp_path: Path) -> None:
     shards = small_shards(tmp_path / "shards")
     data = load_dataset(str(shards), "train")
@@ -167,6 +193,20 @@ def test_the_shard_fingerprint_changes_with_each_kind_of_edit_and_only_then(
     written = stored.stat().st_mtime_ns
     assert fingerprint() == first and stored.stat().st_mtime_ns == written  # reused as is
     record = json.loads(stored.read_text())
+    with tarfile.open(shards / "train-000000.tar") as tar:  # Python's own reading of the tar
+        offset = tar.getmember("k01.png").offset_data
+    assert record["shards"][0]["samples"][1] == {
+        "key": "k01",
+        "shard": "train-000000.tar",
+        "member": "k01.png",
+        "offset": offset,
+        "size": len(png(30)),
+        "label": 1,
+        "sha256": hashlib.sha256(png(30)).hexdigest(),
+    }
+    with open(shards / "train-000000.tar", "rb") as tar:  # the offset is the member's data
+        tar.seek(record["shards"][0]["samples"][1]["offset"])
+        assert tar.read(len(png(30))) == png(30)
     keys = [s["key"] for shard in record["shards"] for s in shard["samples"]]
     assert keys == [f"k{i:02d}" for i in range(6)]
     stored.write_text("{ damaged")
@@ -264,8 +304,6 @@ def test_a_bad_shard_is_one_line_and_nothing_is_written(tmp_path: Path) -> None:
     lines = error_lines(invoke("verify", store, "--data", shards))
     assert len(lines) == 1 and f"the train shards of {shards} changed since" in lines[0], lines
     with pytest.raises(CacheMismatchError, match="changed since"):
-        from pipeline.api import DistillationDataset
-
         DistillationDataset(load_dataset(str(shards), "train"), store)
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
 
