@@ -29,6 +29,18 @@ INTRODUCTIONS = {
         "the official URLs, and verifies the SHA-256 of each file's decompressed content. A "
         "no-op when the files are already there and verified. `make data` runs it."
     ),
+    "pack-shards": (
+        "Writes an image folder's splits (those of `train/` and `test/` it has) as WebDataset "
+        "tar shards, kdpipe's format for data larger than a disk of loose files: "
+        "`OUT/train-000000.tar`, ... of at most `--shard-size` samples "
+        "(`webdataset.ShardWriter`) and `OUT/classes.txt`. Samples are in the folder's "
+        "canonical order, keyed by position (zero-padded), each file's bytes copied as they "
+        "are with a `cls` label, so `--data OUT` has the folder's rows, pixels and cached "
+        "values; the fingerprint is the shards' own (keys, not paths). Built beside `--out` and "
+        "moved into place at the end: a failure leaves nothing. `--out` must be new or empty; "
+        "an unlabeled split is refused. Shards are read from a folder, any fsspec URL of one, "
+        "or a `{split}` pattern (see [cache-format.md](cache-format.md))."
+    ),
     "train-teacher": (
         "Trains any timm architecture on hard labels and writes a run directory: "
         "`model.safetensors`, `model.json` (architecture, data config, weights hash: the "
