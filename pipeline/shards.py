@@ -180,31 +180,42 @@ def _stamp(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
 
 def _samples_of(fs: fsspec.AbstractFileSystem, root: str, shard: str,
                 classes: Sequence[str]) -> list[ShardEntry]:  # fmt: skip
-    """Every sample of one shard, read once from start to end (tar's stream mode)."""
-    from webdataset.tariterators import base_plus_ext
-
+    """Every sample of one shard, read once from start to end (tar's stream mode), each
+    sample's entry made as soon as its members are read: memory holds one sample, never
+    the shard."""
     where = f"{root}/{shard}"
-    groups: list[tuple[str, dict]] = []
     try:
         with fs.open(where, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = base_plus_ext(member.name)
-                if key is None:
-                    raise DatasetError(f"shard {where}: member {member.name} has no extension")
-                if not groups or groups[-1][0] != key:
-                    groups.append((key, {}))
-                elif ext.lower() in groups[-1][1]:
-                    raise DatasetError(
-                        f"shard {where}: key {key} appears twice ({member.name}): a row is a "
-                        "sample key, each key must be unique"
-                    )
-                data = tar.extractfile(member).read()
-                groups[-1][1][ext.lower()] = (member, data)
+            return [_entry(where, shard, key, members, classes)
+                    for key, members in _samples_in(tar, where)]  # fmt: skip
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DatasetError(f"shard {where} is not a readable tar file: {exc}") from None
-    return [_entry(where, shard, key, members, classes) for key, members in groups]
+
+
+def _samples_in(tar: tarfile.TarFile, where: str) -> Iterator[tuple[str, dict]]:
+    """A tar's samples in WebDataset's grouping: adjacent members sharing a key, as
+    ``(key, {extension: (member, bytes)})``."""
+    from webdataset.tariterators import base_plus_ext
+
+    key, members = None, {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        name_key, ext = base_plus_ext(member.name)
+        if name_key is None:
+            raise DatasetError(f"shard {where}: member {member.name} has no extension")
+        if name_key != key and members:
+            yield key, members
+            members = {}
+        elif ext.lower() in members:
+            raise DatasetError(
+                f"shard {where}: key {name_key} appears twice ({member.name}): a row is a "
+                "sample key, each key must be unique"
+            )
+        key = name_key
+        members[ext.lower()] = (member, tar.extractfile(member).read())
+    if members:
+        yield key, members
 
 
 def _entry(where: str, shard: str, key: str, members: dict, classes: Sequence[str]) -> ShardEntry:

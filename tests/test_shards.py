@@ -18,7 +18,7 @@ import webdataset
 import zarr
 from conftest import invoke
 from PIL import Image
-from test_imagefolder import colour_folder, error_lines
+from test_imagefolder import colour_folder, error_lines, peak_bytes
 
 from pipeline.api import DistillationDataset
 from pipeline.data import load_dataset
@@ -175,6 +175,24 @@ def test_rows_decode_ahead_in_workers_and_a_changed_shard_is_refused(tmp_path: P
     write_shard(shards / "train-000000.tar", changed)
     with pytest.raises(DatasetError, match=r"train-000000\.tar changed since it was indexed"):
         data.images[0]
+
+
+def test_memory_does_not_grow_with_the_number_of_samples(tmp_path: Path) -> None:
+    """Opening shards (each read once for the index) and a teacher pass over them: the peak
+    grows by the index's entries, far less than the pixels (the image folder's bound)."""
+
+    def packed(name: str, count: int) -> Path:
+        folder = colour_folder(tmp_path / name, {"train": count}, size=48)
+        made = invoke(
+            "pack-shards", folder, "--out", tmp_path / f"{name}-shards", "--shard-size 50"
+        )
+        assert made.exit_code == 0, made.output
+        return tmp_path / f"{name}-shards"
+
+    peak_bytes(packed("warm", 2))
+    small = peak_bytes(packed("small", 20))  # 40 samples, one shard
+    large = peak_bytes(packed("large", 200))  # 400 samples, 8 shards
+    assert large[0] - small[0] < 0.5 * (large[1] - small[1]), (small, large)
 
 
 # --- the index and the fingerprint -------------------------------------------------------------
