@@ -181,7 +181,8 @@ def load_dataset(
     image_size: int | None = None,
     channels: int | None = None,
 ) -> ImageSet:
-    """Load ``fashion-mnist``, ``synthetic`` or an image folder path, one split."""
+    """Load ``fashion-mnist``, ``synthetic``, an image folder path or WebDataset shards (a
+    folder, an fsspec URL or a ``{split}`` pattern: :mod:`pipeline.shards`), one split."""
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     if spec == "fashion-mnist":
