@@ -54,6 +54,20 @@ def student(soft_labels: Path | str, out: Path, options: str = "--alpha 0.5") ->
     )
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes under ``folder``: what a refused command must leave unchanged."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def fails(result: Result, message: str, code: int = 1) -> None:
+    """A bad input's contract: a non-zero exit, the message, no traceback, one error line."""
+    assert result.exit_code == code, result.output
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert sum(line.startswith("Error: ") for line in lines) == 1, result.output
+
+
 @pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("teacher") / "run"

@@ -12,22 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cache, invoke, student
+from conftest import cache, fails, invoke, snapshot, student
 from PIL import Image
 
 from pipeline.data import load_dataset
 from pipeline.runs import read_card
 from pipeline.train import TrainConfig, resume_training, train_student
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def fails(result: object, message: str, code: int = 1) -> None:
-    assert result.exit_code == code, result.output
-    assert message in result.output, result.output
-    assert "Traceback" not in result.output
 
 
 class Killed(Exception):

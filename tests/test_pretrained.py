@@ -15,7 +15,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from conftest import invoke
+from conftest import fails, invoke, snapshot
 from PIL import Image
 
 from pipeline.cache import load_soft_labels, read_manifest
@@ -27,18 +27,6 @@ from pipeline.runs import load_model, read_card
 
 ARCH = "resnet10t"
 NUM_CLASSES = 3
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def fails(result: object, message: str, code: int = 1) -> None:
-    assert result.exit_code == code, result.output
-    assert message in result.output, result.output
-    assert "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert sum(line.startswith("Error: ") for line in lines) == 1, result.output
 
 
 @pytest.fixture(autouse=True)
