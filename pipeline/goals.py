@@ -122,15 +122,14 @@ def summary(results_dir: Path, goals: tuple[Goal, ...] = GOALS) -> pd.DataFrame:
             raise UsageError(f"{path} does not exist: run `make all` (its tables write it)")
         value, paired = goal.measure(pd.read_csv(path))
         errors = goal.figure == "test errors"
-        if math.isnan(value):
-            value = -math.inf  # no gap: shown as undefined, and the goal is not reached
+        # no gap gives NaN: shown as undefined, and (NaN compares False) never reached
         rows.append(
             {
                 "experiment": goal.experiment,
                 "figure": goal.figure,
                 "paper": goal.paper_words,
                 "kdpipe": f"{value:.1f} errors" if errors else _share(value),
-                "kdpipe ÷ paper": "—" if errors or value == -math.inf else
+                "kdpipe ÷ paper": "—" if errors or math.isnan(value) else
                 f"{value / goal.paper:.2f}",
                 "goal": f"≤ {goal.goal:g} errors" if errors else f"≥ {goal.goal:.0%}",
                 "reached": "yes" if (value <= goal.goal if errors else value >= goal.goal)
@@ -142,7 +141,7 @@ def summary(results_dir: Path, goals: tuple[Goal, ...] = GOALS) -> pd.DataFrame:
 
 
 def _share(value: float) -> str:
-    return "undefined (no gap)" if value == -math.inf else f"{value:.0%}"
+    return "undefined (no gap)" if math.isnan(value) else f"{value:.0%}"
 
 
 def _text(table: pd.DataFrame, results_dir: Path) -> str:
