@@ -112,14 +112,18 @@ PCT_PATIENCE ?= 10
 RESULTS ?= docs
 endif
 COMMON := --data fashion-mnist --data-root $(DATA_ROOT) --overwrite
-RECIPE := --lr $(STUDENT_LR) --warmup-epochs $(WARMUP)
-STUDENT := --model kd_mlp_800x2 --epochs $(STUDENT_EPOCHS) $(RECIPE) $(COMMON)
-SMALL := --model kd_mlp_30x2 --epochs $(STUDENT_EPOCHS) $(RECIPE) $(COMMON)
+# the recipe at a learning rate, and the two student architectures with it: $(call STUDENT_AT,LR)
+RECIPE_AT = --lr $(1) --warmup-epochs $(WARMUP)
+RECIPE := $(call RECIPE_AT,$(STUDENT_LR))
+STUDENT_AT = --model kd_mlp_800x2 --epochs $(STUDENT_EPOCHS) $(call RECIPE_AT,$(1)) $(COMMON)
+SMALL_AT = --model kd_mlp_30x2 --epochs $(STUDENT_EPOCHS) $(call RECIPE_AT,$(1)) $(COMMON)
+STUDENT := $(call STUDENT_AT,$(STUDENT_LR))
+SMALL := $(call SMALL_AT,$(STUDENT_LR))
 # the sweep's temperatures at which lr STUDENT_LR diverges (measured: docs/results.md) train
 # at HIGH_T_LR instead; every other arm keeps the recipe's lr
 HIGH_T ?= 8 20
 HIGH_T_LR ?= 0.02
-sweep_lr = $(if $(filter $(1),$(HIGH_T)),--lr $(HIGH_T_LR))
+sweep_lr = $(if $(filter $(1),$(HIGH_T)),$(HIGH_T_LR),$(STUDENT_LR))
 PCT := --model kd_mlp_800x2 --epochs $(PCT_EPOCHS) --eval-every 5 $(RECIPE) \
 	--val-fraction $(VAL) $(COMMON)
 REPORT_TO = --csv $(RESULTS)/results/$(1).csv --markdown $(RESULTS)/results.md --section $(1)
@@ -153,10 +157,10 @@ $(H)/sweep30-hard-s%/model.json: $(H)/cnn-T$(TEMPERATURE).done
 
 define SWEEP_RULES
 $(H)/sweep800-T$(1)-s%/model.json: $(H)/cnn-T$(TEMPERATURE).done
-	$(KDPIPE) train-student $(STUDENT) $(call sweep_lr,$(1)) --cache $(H)/cnn-T$(TEMPERATURE).zarr --alpha $(ALPHA) --temperature $(1) --seed $$* --out $$(@D)
+	$(KDPIPE) train-student $(call STUDENT_AT,$(call sweep_lr,$(1))) --cache $(H)/cnn-T$(TEMPERATURE).zarr --alpha $(ALPHA) --temperature $(1) --seed $$* --out $$(@D)
 
 $(H)/sweep30-T$(1)-s%/model.json: $(H)/cnn-T$(TEMPERATURE).done
-	$(KDPIPE) train-student $(SMALL) $(call sweep_lr,$(1)) --cache $(H)/cnn-T$(TEMPERATURE).zarr --alpha $(ALPHA) --temperature $(1) --seed $$* --out $$(@D)
+	$(KDPIPE) train-student $(call SMALL_AT,$(call sweep_lr,$(1))) --cache $(H)/cnn-T$(TEMPERATURE).zarr --alpha $(ALPHA) --temperature $(1) --seed $$* --out $$(@D)
 endef
 $(foreach t,$(TEMPERATURES),$(eval $(call SWEEP_RULES,$(t))))
 
