@@ -24,7 +24,7 @@ from pipeline.cache import read_manifest
 from pipeline.errors import KdpipeError, RunDirError, UsageError
 from pipeline.flags import COMMANDS, REQUIRED_TO_START, flag
 from pipeline.publish import machine_line, publish
-from pipeline.runs import METRICS_FILE, read_card, read_config
+from pipeline.runs import CONFIG_FILE, METRICS_FILE, read_card, read_config
 from pipeline.runtime import check_disjoint
 from pipeline.teach import CacheConfig
 from pipeline.train import TrainConfig
@@ -115,6 +115,8 @@ def collect(run_dirs: list[Path], evaluations: Sequence[Path] = ()) -> pd.DataFr
             rows.append(_cache_row(run_dir))
             continue
         card = read_card(run_dir)
+        if card.source is not None and not (run_dir / CONFIG_FILE).is_file():
+            raise UsageError(_imported_teacher_problem(run_dir, card.source))
         config = read_config(run_dir)
         metrics = _read_metrics(run_dir)
         final = metrics.iloc[-1]
@@ -154,6 +156,18 @@ def collect(run_dirs: list[Path], evaluations: Sequence[Path] = ()) -> pd.DataFr
             }
         )
     return _seen_class_columns(pd.DataFrame(rows), run_dirs, evaluations)
+
+
+def _imported_teacher_problem(run_dir: Path, source: dict) -> str:
+    """Why an imported teacher (``import-teacher``: no config.json, no metrics.csv) is no
+    report row, and the command that makes its test result one."""
+    return (
+        f"{run_dir} is a teacher imported from {source.get('source')} (import-teacher): it "
+        "was not trained here, so it has no metrics.csv to report; its test result is a "
+        "row as a cache of the test split: kdpipe cache-teacher --teacher "
+        f"{run_dir} --data DATA --split test --temperature 1 --out {run_dir}-test.zarr, "
+        f"then report {run_dir}-test.zarr"
+    )
 
 
 def _seen_class_columns(
