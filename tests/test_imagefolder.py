@@ -14,6 +14,7 @@ from conftest import invoke
 from PIL import Image
 
 from pipeline.api import DistillationDataset
+from pipeline.cache import load_soft_labels
 from pipeline.data import load_dataset, make_synthetic, take_rows
 from pipeline.distributed import World
 from pipeline.errors import CacheMismatchError, DatasetError
@@ -22,6 +23,7 @@ from pipeline.inputs import DataConfig
 from pipeline.teacher import predict_logits
 from pipeline.train.batches import EpochBatches, TrainData
 
+CPU = torch.device("cpu")
 PINNED = "3dc9d5bc200b39213151f6c8e7d1ed07dde3fb9abcd048f1b7bb9ce65902d10b"
 
 
@@ -340,3 +342,171 @@ def test_a_validation_split_of_a_folder_stays_lazy(tmp_path: Path) -> None:
     assert card["dataset"]["fingerprint"] == load_dataset(str(root), "train").fingerprint()
     held_out = take_rows(load_dataset(str(root), "train").images, torch.tensor([1, 5]))
     assert isinstance(held_out, FolderImages) and held_out.shape == (2, 3, 6, 6)
+
+
+# --- a teacher and a student at different input sizes, one stored view ------------------------
+
+
+def noise_folder(root: Path, classes: tuple[str, ...], count: int, size: int) -> Path:
+    """train/ and test/ with class folders of random RGB PNGs, ``size`` x ``size``."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{index}.png")
+    return root
+
+
+HUB_MEAN, HUB_STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def hub_teacher(folder: Path, num_classes: int) -> Path:
+    """A pretrained teacher in timm's hub format, taking 64 x 64 input: resnet10t with a
+    head sure of itself (logits spread over tens, so that another view shows)."""
+    import safetensors.torch
+    import timm
+
+    torch.manual_seed(0)
+    state = timm.create_model("resnet10t", num_classes=num_classes).state_dict()
+    state["fc.weight"] *= 2000
+    folder.mkdir(parents=True)
+    safetensors.torch.save_file(state, str(folder / "model.safetensors"))
+    config = {
+        "architecture": "resnet10t",
+        "num_classes": num_classes,
+        "pretrained_cfg": {
+            "input_size": [3, 64, 64], "interpolation": "bilinear", "crop_pct": 0.9,
+            "crop_mode": "center", "mean": list(HUB_MEAN), "std": list(HUB_STD),
+            "num_classes": num_classes, "first_conv": "conv1.0", "classifier": "fc",
+        },
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def source_pixels(root: Path, size: int) -> torch.Tensor:
+    """Every train image as the docs say a folder's source is: PIL's bilinear resize of the
+    file to --image-size, in canonical order (class, then path). Independent of kdpipe."""
+    paths = sorted((root / "train").rglob("*.png"), key=lambda p: (p.parent.name, p.name))
+    return torch.stack([
+        torch.from_numpy(np.asarray(
+            Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)
+        ).transpose(2, 0, 1).copy())
+        for p in paths
+    ])  # fmt: skip
+
+
+def test_a_teacher_and_a_student_at_different_sizes_replay_one_view(tmp_path: Path) -> None:
+    """FKD's rule: a view is a crop box (fractions of the source) and a flip, rendered by
+    each model at its own input size. Files 40 px, decoded at --image-size 32 (the source),
+    a teacher at 64 px, a student at 32 px: the student's input for row r in epoch e is
+    render(view v of row r) at 32 px, and the cached value for (r, v) is the teacher on
+    render(view v of row r) at 64 px, recomputed with timm alone."""
+    import timm
+
+    from pipeline.distributed import World
+    from pipeline.inputs import render
+    from pipeline.train import TrainConfig, TrainData, plan_run
+    from pipeline.views import view_schedule
+
+    root = noise_folder(tmp_path / "imgs", ("a", "b"), count=4, size=40)
+    hub = hub_teacher(tmp_path / "hub", 2)
+    teacher, store = tmp_path / "t", tmp_path / "c.zarr"
+    made = invoke(f"import-teacher local-dir:{hub} --out", teacher)
+    assert made.exit_code == 0, made.output
+    cached = invoke("cache-teacher --data", root, "--image-size 32 --teacher", teacher, "--out",
+                    store, "--temperature 2 --views 3 --augment crop-flip --seed 3 "
+                    "--chunk-size 3")  # fmt: skip
+    assert cached.exit_code == 0, cached.output
+    soft = load_soft_labels(store)
+    assert soft.manifest.teachers[0].data_config["input_size"] == [3, 64, 64]
+    assert not torch.equal(soft.views[..., :4], torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(8, 3, 4))
+    assert soft.views[..., 4].any() and not soft.views[..., 4].all()  # some views flipped
+    source = source_pixels(root, 32)
+    assert torch.equal(source, load_dataset(str(root), "train", image_size=32).images[:])
+    # the teacher's values: timm's model from the hub files, on the view rendered at 64 px
+    model = timm.create_model(f"local-dir:{hub}", pretrained=True).eval()
+    mean, std = torch.tensor(HUB_MEAN).view(1, 3, 1, 1), torch.tensor(HUB_STD).view(1, 3, 1, 1)
+    images = source[soft.indices]
+    for view in range(3):
+        at_64 = render(images, soft.views[:, view], None, (64, 64))
+        with torch.no_grad():
+            expected = torch.log_softmax(model((at_64 - mean) / std) / 2, dim=-1)
+        got = soft.values[:, view].float()
+        torch.testing.assert_close(got, expected, rtol=2**-10, atol=2e-3)
+    assert float(expected.min()) < -3  # far from uniform: another view would show
+    # the view rendered at the student's size and enlarged is not what the teacher saw
+    enlarged = torch.nn.functional.interpolate(
+        render(images, soft.views[:, 2], None, (32, 32)), size=(64, 64), mode="bilinear"
+    )
+    with torch.no_grad():
+        other = torch.log_softmax(model((enlarged - mean) / std) / 2, dim=-1)
+    assert not torch.allclose(other, got, rtol=2**-10, atol=2e-3)
+    assert not torch.allclose(soft.values[:, 0].float(), soft.values[:, 1].float(), atol=0.1)
+    # the student's input, as train-student builds it (the same plan, batches and step input)
+    config = TrainConfig(model="kd_cnn", data=str(root), image_size=32, out="-", epochs=1,
+                         cache=str(store), alpha=0.5)  # fmt: skip
+    plan = plan_run(config, "student", soft, print, World())
+    assert plan.data_config.input_size == (3, 32, 32)
+    rows = torch.tensor([0, 3, 5, 7])
+    for epoch in (1, 2):
+        chosen = view_schedule(len(plan.data), 3, config.seed, epoch)[rows]
+        gathered = plan.data.gather(rows, epoch, 0, config.seed)
+        batch = TrainData.to_model(gathered, plan.data_config, CPU)
+        params = soft.views[rows, chosen]
+        student_mean = torch.tensor(plan.data_config.mean).view(1, 3, 1, 1)
+        student_std = torch.tensor(plan.data_config.std).view(1, 3, 1, 1)
+        at_32 = render(source[soft.indices[rows]], params, None, (32, 32))
+        torch.testing.assert_close(batch["inputs"], (at_32 - student_mean) / student_std,
+                                   rtol=0, atol=1e-5)  # fmt: skip
+        # and its target is the cached teacher value for exactly that view
+        torch.testing.assert_close(batch["targets"], soft.values[rows, chosen].float())
+    trained = invoke("train-student --model kd_cnn --epochs 1 --alpha 0.5 --image-size 32 --data",
+                     root, "--cache", store, "--out", tmp_path / "s")  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+
+
+# --- the transfer-set options on a folder --------------------------------------------------------
+
+
+def test_subset_excluded_classes_and_views_on_a_folder(tmp_path: Path) -> None:
+    """--subset, --exclude-classes and --views with augmentation on an image folder: the rows
+    are select_rows' (no excluded class), labels the folder's, each view's values the
+    teacher's on that view; verify recomputes every row and a student trains on them."""
+    from pipeline.data import select_rows
+    from pipeline.runs import load_model
+
+    root = noise_folder(tmp_path / "imgs", ("a", "b", "c"), count=6, size=12)
+    teacher, store = tmp_path / "t", tmp_path / "c.zarr"
+    made = invoke("train-teacher --model kd_mlp_30x2 --epochs 1 --data", root, "--out", teacher)
+    assert made.exit_code == 0, made.output
+    cached = invoke("cache-teacher --temperature 2 --data", root, "--teacher", teacher, "--out",
+                    store, "--subset 0.5 --exclude-classes 1 --views 2 --augment crop-flip "
+                    "--seed 7 --chunk-size 4")  # fmt: skip
+    assert cached.exit_code == 0, cached.output
+    soft = load_soft_labels(store)
+    data = load_dataset(str(root), "train")
+    expected_rows = select_rows(data.labels, subset=0.5, exclude_classes=(1,), num_classes=3,
+                                seed=7)  # fmt: skip
+    assert np.array_equal(soft.indices.numpy(), expected_rows) and len(expected_rows) == 6
+    assert not (data.labels[soft.indices] == 1).any()
+    assert torch.equal(soft.labels, data.labels[soft.indices])
+    assert soft.manifest.transfer == {"dataset_samples": 18, "subset": 0.5,
+                                      "exclude_classes": [1], "labeled": True}  # fmt: skip
+    model, card = load_model(teacher)
+    for view in range(2):
+        logits = predict_logits(model, data.images, card.data, device=CPU,
+                                rows=soft.indices.numpy(),
+                                params=soft.views[:, view].numpy(),
+                                partners=soft.partners[:, view].numpy())  # fmt: skip
+        expected = torch.log_softmax(logits / 2, -1)
+        torch.testing.assert_close(soft.values[:, view].float(), expected, rtol=2**-10, atol=2e-3)
+    verified = invoke("verify", store, "--data", root, "--teacher", teacher, "--recompute 6")
+    assert verified.exit_code == 0, verified.output
+    pupil = tmp_path / "s"
+    trained = invoke("train-student --model kd_mlp_30x2 --epochs 1 --alpha 0.5 --data", root,
+                     "--cache", store, "--out", pupil)  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    assert json.loads((pupil / "model.json").read_text())["dataset"]["rows"] == 6
