@@ -132,3 +132,33 @@ def test_bf16_teacher_pass(teacher_run: Path, train_cache: Path, tmp_path: Path)
     result = cache(teacher_run, out, options)
     assert result.exit_code == 1
     assert "precision bfloat16 != float32" in result.output
+
+
+def test_two_processes_over_an_image_folder_write_the_one_process_cache(tmp_path: Path) -> None:
+    """torchrun over an image folder (rows decoded on demand in each process, crop-flip views
+    with mixup partners from other ranks' chunks): the one-process store, byte for byte."""
+    from test_imagefolder import noise_folder
+    from test_resume import store_files
+
+    folder = noise_folder(tmp_path / "imgs", ("a", "b", "c"), count=4, size=16)
+    teacher = tmp_path / "t"
+    made = invoke("train-teacher --model kd_cnn --epochs 1 --data", folder, "--out", teacher)
+    assert made.exit_code == 0, made.output
+
+    def args(out: Path) -> list[str | Path]:
+        return ["cache-teacher", "--data", folder, "--teacher", teacher, "--temperature", "2",
+                "--views", "2", "--augment", "crop-flip", "--mix", "mixup", "--chunk-size", "2",
+                "--batch-size", "3", "--out", out]  # fmt: skip
+
+    one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
+    single = kdpipe(*args(one))
+    assert single.returncode == 0, single.stderr
+    result = kdpipe(*args(two), processes=2)
+    assert result.returncode == 0, result.stderr
+    assert store_files(two) == store_files(one)
+    a, b = load_soft_labels(one), load_soft_labels(two)
+    assert a.manifest.cache_id == b.manifest.cache_id and a.manifest.num_samples == 12
+    assert a.manifest.teacher_accuracy == b.manifest.teacher_accuracy
+    assert torch.equal(a.values, b.values) and torch.equal(a.views, b.views)
+    assert (a.partners >= 0).all()
+    assert result.stdout.count("cache_id") == 1, result.stdout

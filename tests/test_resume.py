@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 from conftest import cache, edit_manifest
 
@@ -245,3 +246,65 @@ def test_resume_errors(train_cache: Path, tmp_path: Path) -> None:
         result.exit_code == 2
         and "Missing option '--cache' (required unless --resume)" in result.output
     )
+
+
+# --- streamed data: an image folder and WebDataset shards --------------------------------------
+
+
+def store_files(out: Path) -> dict[str, bytes]:
+    """Every array's chunks and metadata (not the root manifest, which holds timestamps, nor
+    the progress flags): what a resumed pass must write exactly as an uninterrupted one."""
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+        and p.relative_to(out).parts[0] != "progress"
+        and str(p.relative_to(out)) != "zarr.json"
+        and not p.name.endswith(".partial")
+    }
+
+
+@pytest.mark.parametrize("kind", ["folder", "shards"])
+def test_a_killed_pass_over_streamed_data_resumes_to_the_same_cache(
+    kind: str, tmp_path: Path
+) -> None:
+    """cache-teacher over an image folder or shards (rows decoded on demand, views with
+    crop-flip), SIGKILLed mid-way, run again: the chunks flagged before the kill are kept,
+    and the store is the uninterrupted run's, array for array."""
+    from conftest import invoke
+    from test_imagefolder import noise_folder
+
+    folder = noise_folder(tmp_path / "imgs", ("a", "b"), count=12, size=16)
+    data = folder
+    if kind == "shards":
+        data = tmp_path / "shards"
+        packed = invoke("pack-shards", folder, "--out", data, "--shard-size 7")
+        assert packed.exit_code == 0, packed.output
+    teacher = tmp_path / "t"
+    made = invoke("train-teacher --model kd_mlp_30x2 --epochs 1 --data", data, "--out", teacher)
+    assert made.exit_code == 0, made.output
+
+    def pass_over(out: Path) -> list[str]:
+        args = command(teacher, out)
+        args[args.index("synthetic")] = str(data)
+        args[args.index("--chunk-size") + 1] = "1"  # 24 chunks: room to be killed mid-way
+        return [*args, "--views", "2", "--augment", "crop-flip", "--seed", "4"]
+
+    reference, out = tmp_path / "reference.zarr", tmp_path / "killed.zarr"
+    subprocess.run(pass_over(reference), check=True, capture_output=True)
+    process = subprocess.Popen(pass_over(out), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    assert kill_when(process, out, 5, time.monotonic() + 120), "the pass ended before the kill"
+    done = flagged(out)
+    assert 5 <= done < 24 and read_manifest(out).status == "writing"
+    kept = {i: (out / "logprobs" / "c" / str(i) / "0" / "0").stat().st_mtime_ns
+            for i in range(done)}  # fmt: skip
+    final = subprocess.run(pass_over(out), capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert f"resuming, {done} of 24 chunks already written" in final.stdout + final.stderr
+    assert store_files(out) == store_files(reference)
+    ours, theirs = read_manifest(out), read_manifest(reference)
+    assert ours.status == "complete" and ours.cache_id == theirs.cache_id
+    assert ours.teacher_accuracy == theirs.teacher_accuracy
+    for index, stamp in kept.items():  # flagged before the kill: never written again
+        assert (out / "logprobs" / "c" / str(index) / "0" / "0").stat().st_mtime_ns == stamp
