@@ -117,6 +117,15 @@ def test_the_readmes_new_user_path_runs_as_written(
     assert "teacher_agreement" in evaluation and "accuracy" in evaluation
     table = outputs[6]
     assert "| student " in table and "| teacher-test " in table and "resnet10t" in table
+    # the other start the block names: the fine-tuned teacher in place of runs/teacher
+    for command in commands[2:5]:
+        command = re.sub(r"runs/teacher\b(?!-)", "runs/teacher-ft", command)
+        command = command.replace("runs/t.zarr", "runs/t-ft.zarr")
+        command = re.sub(r"runs/student\b", "runs/student-ft", command)
+        result = invoke(command.removeprefix("kdpipe "))
+        assert result.exit_code == 0, f"{command}\n{result.output}"
+    assert read_manifest(runs / "t-ft.zarr").teachers[0].weights_sha256 == tuned.weights_sha256
+    assert read_card(runs / "student-ft").lineage["teacher_runs"] == ["runs/teacher-ft"]
 
 
 def test_report_names_what_to_do_with_an_imported_teacher(
