@@ -26,6 +26,7 @@ from pipeline.flags import COMMANDS, REQUIRED_TO_START, flag
 from pipeline.publish import machine_line, publish
 from pipeline.runs import METRICS_FILE, read_card, read_config
 from pipeline.runtime import check_disjoint
+from pipeline.storage import stored_bytes_per_view
 from pipeline.teach import CacheConfig
 from pipeline.train import TrainConfig
 from pipeline.train.config import LEGACY_DEFAULTS
@@ -146,6 +147,8 @@ def collect(run_dirs: list[Path], evaluations: Sequence[Path] = ()) -> pd.DataFr
                 "test_samples": _test_samples(final),
                 "seconds": float(metrics["seconds"].sum()),
                 "cache": lineage.get("cache_path", ""),
+                "feature": _feature_words(config),
+                "cache_bytes_per_view": stored_bytes_per_view(lineage.get("cache_path")),
                 "members": "",
                 **_bias_columns(run_dir),
                 "command": command_line(
@@ -242,9 +245,20 @@ def _cache_row(path: Path) -> dict:
         "test_samples": manifest.num_samples,
         "seconds": cache_seconds(path) or math.nan,
         "cache": "",
+        "feature": "",
+        "cache_bytes_per_view": math.nan,
         "members": "+".join(members),
         "command": cache_command(path) or "",
     }
+
+
+def _feature_words(config: dict) -> str:
+    """``hint features.7 → features.7, β 1``: a run's feature term, or "" without one."""
+    loss = config.get("feature_loss")
+    if not loss:
+        return ""
+    return (f"{loss} {config['student_layer']} → {config['teacher_layer']}, "
+            f"β {config['feature_weight']:g}")  # fmt: skip
 
 
 def _soft_label_source(lineage: dict, config: dict) -> str:
@@ -286,7 +300,10 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             "group": name,
             "kind": first["kind"],
             "architecture": first["architecture"],
-            "teacher": first["teacher"],
+            # a chain's seeds each learn from their own teacher: hard-s0, hard-s1 -> hard-sSEED
+            "teacher": first["teacher"]
+            if group["teacher"].nunique() == 1
+            else SEED_SUFFIX.sub("-sSEED", first["teacher"]),
             "soft_labels": first["soft_labels"],
             "alpha": first["alpha"],
             "T": first["temperature"],
@@ -303,6 +320,10 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             "test_accuracy_mean": group["test_accuracy"].mean(),
             "test_samples": group["test_samples"].dropna().max(),
             "minutes_per_run": group["seconds"].mean() / 60,
+            "feature": first.get("feature", ""),
+            "cache_bytes_per_view": group["cache_bytes_per_view"].mean()
+            if "cache_bytes_per_view" in group
+            else math.nan,
         }
         if "class_accuracy_before" in group and group["class_accuracy_before"].notna().any():
             summary.update(
@@ -362,6 +383,10 @@ def to_markdown(table: pd.DataFrame) -> str:
             "minutes / run": _cells(table["minutes_per_run"], "{:.1f}"),
         }
     )
+    if "feature" in table and (table["feature"].fillna("") != "").any():
+        # beyond logits, what a cache holds is part of the result: its term and its bytes
+        shown.insert(4, "feature term", table["feature"].fillna("").replace("", "—"))
+        shown["cache bytes / sample-view"] = _cells(table["cache_bytes_per_view"], "{:,.0f}")
     if "bias_mean" in table:
         biased, measured = table["bias_mean"].notna(), table["class_accuracy_before"].notna()
         shown["class"] = table["bias_classes"].where(measured, "—")

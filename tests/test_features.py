@@ -380,3 +380,28 @@ def test_distill_online_with_a_feature_term_saves_no_projector(
     (line,) = [x for x in result.output.splitlines() if x.startswith("Error")]
     assert f"teacher {teacher_run} has no layer 'layer9': valid layers are features.3" in line
     assert not (tmp_path / "p").exists()
+
+
+def test_a_report_of_feature_runs_shows_each_term_and_the_bytes_of_its_cache(
+    feature_cache: Path, train_cache: Path, tmp_path: Path
+) -> None:
+    """Beyond logits, what a cache holds is part of the result: the table names each run's
+    feature term and the bytes per sample-view of the cache it read, measured on disk."""
+    from pipeline.report import report, to_markdown
+
+    plain, hint = tmp_path / "plain-s0", tmp_path / "hint-s0"
+    assert student(train_cache, plain, "--alpha 0.5 --model kd_cnn --epochs 1").exit_code == 0
+    options = ("--alpha 0.5 --model kd_cnn --epochs 1 --feature-loss hint --feature-weight 2 "
+               "--student-layer 0 --teacher-layer features.3")  # fmt: skip
+    assert student(feature_cache, hint, options).exit_code == 0
+    table = report([plain, hint]).set_index("group")
+    assert table.loc["hint", "feature"] == "hint 0 → features.3, β 2"  # the layers as asked
+    assert table.loc["plain", "feature"] == ""
+    for group, soft in (("plain", train_cache), ("hint", feature_cache)):
+        manifest = read_manifest(soft)
+        on_disk = sum(p.stat().st_size for p in soft.rglob("*") if p.is_file())
+        expected = on_disk / (manifest.num_samples * manifest.num_views)
+        assert table.loc[group, "cache_bytes_per_view"] == pytest.approx(expected)
+    assert table.loc["hint", "cache_bytes_per_view"] > table.loc["plain", "cache_bytes_per_view"]
+    markdown = to_markdown(table.reset_index())
+    assert "| feature term" in markdown and "cache bytes / sample-view" in markdown
