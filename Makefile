@@ -413,9 +413,10 @@ $(B)/hint-s%/model.json: $(B)/hint.done
 $(B)/attention-s%/model.json: $(B)/attention.done
 	$(KDPIPE) train-student $(TINY) --cache $(B)/attention.zarr --alpha $(B_ALPHA) $(ATTENTION) --seed $* --out $(@D)
 
-# generation 0 of the born-again chain, and the hard-label baseline (the same rows, alpha = 1)
-$(B)/hard-s%/model.json: $(B)/logits.done
-	$(KDPIPE) train-student $(TINY) --cache $(B)/logits.zarr --alpha 1 --seed $* --out $(@D)
+# the hard-label baseline and generation 0 of the born-again chain: trained on labels alone (the
+# same loop and recipe), so its lineage starts at the dataset
+$(B)/hard-s%/model.json:
+	$(KDPIPE) train-teacher $(TINY) --seed $* --out $(@D)
 
 # a student run directory is a teacher: its cache, then the next link of the chain
 $(B)/%.done: $(B)/%/model.json

@@ -69,6 +69,10 @@ def command_line(config: dict, *, seed_placeholder: bool = False) -> str:
             value = "SEED"
         elif seed_placeholder and name == "out":
             value = SEED_SUFFIX.sub("-sSEED", str(value))
+        elif seed_placeholder and name in ("cache", "teacher") and value is not None:
+            # a chain's link of this seed: via-ta-s1 learns from ta-s1.zarr
+            seeded = re.compile(rf"-s{config['seed']}(?=(\.zarr)?/?$)")
+            value = seeded.sub("-sSEED", str(value))
         elif name == "overwrite" or value is None or (value == default and name not in required):
             continue
         if isinstance(value, tuple):  # --crop-scale MIN MAX; --hidden-sizes 256,128
@@ -264,7 +268,8 @@ def _feature_words(config: dict) -> str:
 def _soft_label_source(lineage: dict, config: dict) -> str:
     """Where a student's soft targets came from, in a few words for a table."""
     if "online_teacher" in lineage:
-        return f"online, fresh {_view_words(config)} views"
+        views = _view_words(config)
+        return "online, plain images" if views == "none" else f"online, fresh {views} views"
     try:
         manifest = read_manifest(Path(lineage.get("cache_path", "")))
     except KdpipeError:
