@@ -6,6 +6,7 @@
 #   make consistency   the consistent-teaching experiment (Beyer et al. 2022), not in `all`
 #   make bench         P1-P5: what the offline pipeline costs, as ratios (docs/benchmarks.md)
 #   make edge          distil -> ONNX -> int8 (PTQ and QAT from the cache), not in `all`
+#   make beyond        beyond logits: hints, attention, a teacher assistant, born-again, not in `all`
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,7 +24,7 @@ endif
 
 .PHONY: all install data test lint format hinton hinton-table hinton-temperature hinton-3pct \
 	hinton-omitted hinton-ensemble hinton-summary consistency consistency-tables consistency-curves \
-	clean-runs bench edge edge-tables \
+	clean-runs bench edge edge-tables beyond beyond-tables \
 	cli-docs faults
 # keep every file target, including those made by pattern rules (make would
 # otherwise delete the cache stamps as "intermediate" files when it exits)
@@ -359,6 +360,105 @@ consistency-tables: $(addsuffix /model.json,$(CONSISTENCY_RUNS)) $(K)/views-f32.
 # `make consistency` first on a machine without them)
 consistency-curves: install
 	$(KDPIPE) report $(CONSISTENCY_RUNS) --plot docs/results/consistency-curves.png > /dev/null
+
+# --- Beyond logits (issue 16): hints, attention maps, a teacher assistant, born-again chains ---
+# The table's kd_cnn teacher (421,834 parameters, $(H)/teacher-cnn) labels the training split
+# once at T = B_T into three caches: logits alone, + its features.7 maps (64 x 7 x 7, float16),
+# + their attention maps (7 x 7). kdpipe's kd_cnn_tiny (26,746 parameters) learns from each with
+# the recipe (alpha B_ALPHA, the same B_EPOCHS epochs and seeds), and on hard labels. The chains:
+# kd_cnn -> kd_cnn_mid assistant (105,962) -> kd_cnn_tiny, against kd_cnn -> kd_cnn_tiny; and
+# born-again: the hard-label kd_cnn_tiny (generation 0) teaches a kd_cnn_tiny (1), which teaches
+# the next (2). The online rows pay the same losses with the teacher run at every step.
+# Feature weights are the papers' scale, not tuned here: the hint's MSE at beta 1, attention
+# transfer at beta 1000 (the authors' code).
+
+B := $(RUNS)/beyond
+ifeq ($(QUICK),1)
+B_SEEDS ?= 0
+B_EPOCHS ?= 1
+else
+B_SEEDS ?= 0 1 2
+B_EPOCHS ?= 10
+endif
+B_T ?= 4
+B_ALPHA ?= 0.1
+B_LAYER ?= features.7
+HINT_WEIGHT ?= 1
+AT_WEIGHT ?= 1000
+B_TEACHER := $(H)/teacher-cnn
+TINY := --model kd_cnn_tiny --epochs $(B_EPOCHS) $(RECIPE) $(COMMON)
+MID := --model kd_cnn_mid --epochs $(B_EPOCHS) $(RECIPE) $(COMMON)
+HINT := --feature-loss hint --feature-weight $(HINT_WEIGHT) --student-layer $(B_LAYER) --teacher-layer $(B_LAYER)
+ATTENTION := --feature-loss attention --feature-weight $(AT_WEIGHT) --student-layer $(B_LAYER) --teacher-layer $(B_LAYER)
+B_CACHE := --temperature $(B_T) $(COMMON)
+
+$(B)/logits.done: $(B_TEACHER)/model.json
+	$(KDPIPE) cache-teacher --teacher $(B_TEACHER) --out $(B)/logits.zarr $(B_CACHE)
+	touch $@
+
+$(B)/hint.done: $(B_TEACHER)/model.json
+	$(KDPIPE) cache-teacher --teacher $(B_TEACHER) --features $(B_LAYER) --out $(B)/hint.zarr $(B_CACHE)
+	touch $@
+
+$(B)/attention.done: $(B_TEACHER)/model.json
+	$(KDPIPE) cache-teacher --teacher $(B_TEACHER) --attention $(B_LAYER) --out $(B)/attention.zarr $(B_CACHE)
+	touch $@
+
+$(B)/logits-s%/model.json: $(B)/logits.done
+	$(KDPIPE) train-student $(TINY) --cache $(B)/logits.zarr --alpha $(B_ALPHA) --seed $* --out $(@D)
+
+$(B)/hint-s%/model.json: $(B)/hint.done
+	$(KDPIPE) train-student $(TINY) --cache $(B)/hint.zarr --alpha $(B_ALPHA) $(HINT) --seed $* --out $(@D)
+
+$(B)/attention-s%/model.json: $(B)/attention.done
+	$(KDPIPE) train-student $(TINY) --cache $(B)/attention.zarr --alpha $(B_ALPHA) $(ATTENTION) --seed $* --out $(@D)
+
+# the hard-label baseline and generation 0 of the born-again chain: trained on labels alone (the
+# same loop and recipe), so its lineage starts at the dataset
+$(B)/hard-s%/model.json:
+	$(KDPIPE) train-teacher $(TINY) --seed $* --out $(@D)
+
+# a student run directory is a teacher: its cache, then the next link of the chain
+$(B)/%.done: $(B)/%/model.json
+	$(KDPIPE) cache-teacher --teacher $(B)/$* --out $(B)/$*.zarr $(B_CACHE)
+	touch $@
+
+$(B)/ta-s%/model.json: $(B)/logits.done
+	$(KDPIPE) train-student $(MID) --cache $(B)/logits.zarr --alpha $(B_ALPHA) --seed $* --out $(@D)
+
+$(B)/via-ta-s%/model.json: $(B)/ta-s%.done
+	$(KDPIPE) train-student $(TINY) --cache $(B)/ta-s$*.zarr --alpha $(B_ALPHA) --seed $* --out $(@D)
+
+$(B)/ban1-s%/model.json: $(B)/hard-s%.done
+	$(KDPIPE) train-student $(TINY) --cache $(B)/hard-s$*.zarr --alpha $(B_ALPHA) --seed $* --out $(@D)
+
+$(B)/ban2-s%/model.json: $(B)/ban1-s%.done
+	$(KDPIPE) train-student $(TINY) --cache $(B)/ban1-s$*.zarr --alpha $(B_ALPHA) --seed $* --out $(@D)
+
+# what the same losses cost online: the teacher runs on every batch (timm's task), seed 0
+B_ONLINE := distill-online $(TINY) --teacher $(B_TEACHER) --alpha $(B_ALPHA) --temperature $(B_T) --seed 0
+$(B)/online-logits-s0/model.json: $(B_TEACHER)/model.json
+	$(KDPIPE) $(B_ONLINE) --out $(@D)
+$(B)/online-hint-s0/model.json: $(B_TEACHER)/model.json
+	$(KDPIPE) $(B_ONLINE) $(HINT) --out $(@D)
+$(B)/online-attention-s0/model.json: $(B_TEACHER)/model.json
+	$(KDPIPE) $(B_ONLINE) $(ATTENTION) --out $(@D)
+
+BEYOND_RUNS := $(B_TEACHER) \
+	$(foreach s,$(B_SEEDS),$(B)/hard-s$(s) $(B)/logits-s$(s) $(B)/hint-s$(s) $(B)/attention-s$(s)) \
+	$(B)/online-logits-s0 $(B)/online-hint-s0 $(B)/online-attention-s0 \
+	$(foreach s,$(B_SEEDS),$(B)/ta-s$(s)) $(foreach s,$(B_SEEDS),$(B)/via-ta-s$(s)) \
+	$(foreach s,$(B_SEEDS),$(B)/ban1-s$(s)) $(foreach s,$(B_SEEDS),$(B)/ban2-s$(s))
+
+# The teacher trains alone with every core (it is the Hinton table's: `make all` may have made
+# it); the caches and students then run two at a time with one thread each.
+beyond: install data $(B_TEACHER)/model.json
+	OMP_NUM_THREADS=1 $(MAKE) -j2 beyond-tables
+
+beyond-tables: $(addsuffix /model.json,$(filter-out $(B_TEACHER),$(BEYOND_RUNS)))
+	$(KDPIPE) report $(BEYOND_RUNS) --baseline hard $(call REPORT_TO,beyond)
+	mkdir -p $(RESULTS)/results && $(KDPIPE) lineage $(B)/via-ta-s0 > $(RESULTS)/results/beyond-lineage.txt
+	$(KDPIPE) lineage $(B)/ban2-s0 >> $(RESULTS)/results/beyond-lineage.txt
 
 # --- Ship the student (issue 15): ONNX, int8 PTQ, quantization-aware distillation -----------------
 # A timm resnet10t teacher (3 epochs, shift-flip) labels a 10 % transfer set in 4 shift-flip views

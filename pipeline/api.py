@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from pipeline.cache import (
     VIEW_COLUMNS,
+    CachedLayer,
     Manifest,
     SoftLabels,
     StreamedRows,
@@ -113,6 +114,26 @@ class Cache:
         """
         rows, views = _rows_and_views(rows, views)
         return self._log_probs(temperature)[rows, views]
+
+    @property
+    def layers(self) -> list[CachedLayer]:
+        """The teacher's cached intermediate outputs (``cache-teacher --features`` and
+        ``--attention``): name, kind, array, per-row shape, pooling; ``[]`` for none."""
+        return list(self.manifest.features)
+
+    def layer_targets(self, name: str, rows: Rows, views: int | Rows,
+                      kind: str = "features") -> torch.Tensor:  # fmt: skip
+        """float32 ``(n, *shape)``: the teacher's output at layer ``name`` (``features``) or
+        its attention map (``attention``) for ``views`` of cache ``rows``, from the very
+        pass that gave the soft targets; what a hint or attention loss of your own needs."""
+        layer = self.manifest.layer(kind, name)
+        if layer is None:
+            cached = ", ".join(f"{x.name} ({x.kind})" for x in self.layers) or "none"
+            raise UsageError(f"{self.path} has no cached {kind} of layer {name!r}; it has {cached}")
+        if self.streamed:
+            raise UsageError(f"{self.path}: cached layers are read whole; open it without memory=")
+        rows, views = _rows_and_views(rows, views)
+        return self._soft.features[layer.array][rows, views].float()
 
     def _log_probs(self, temperature: float | None) -> torch.Tensor | StreamedRows:
         key = None if temperature is None or temperature == self.temperature else temperature

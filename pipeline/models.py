@@ -139,6 +139,8 @@ default_cfgs = generate_default_cfgs(
         "kd_mlp_800x2.untrained": _cfg(),
         "kd_mlp_30x2.untrained": _cfg(),
         "kd_cnn.untrained": _cfg(first_conv="features.0"),
+        "kd_cnn_mid.untrained": _cfg(first_conv="features.0"),
+        "kd_cnn_tiny.untrained": _cfg(first_conv="features.0"),
     }
 )
 
@@ -175,6 +177,22 @@ def kd_mlp_30x2(pretrained: bool = False, **kwargs: object) -> MLP:
 def kd_cnn(pretrained: bool = False, **kwargs: object) -> SmallCNN:
     """Small CNN: conv32-pool-conv64-pool-fc128 (about 420K parameters at 28x28)."""
     return _create(SmallCNN, "kd_cnn", pretrained, **kwargs)
+
+
+@register_model
+def kd_cnn_mid(pretrained: bool = False, **kwargs: object) -> SmallCNN:
+    """kd_cnn at a quarter of its width: conv16-pool-conv32-pool-fc64 (about 105K
+    parameters at 28x28), the teacher assistant between kd_cnn and kd_cnn_tiny."""
+    return _create(SmallCNN, "kd_cnn_mid", pretrained,
+                   **{"channels": (16, 32), "hidden": 64, **kwargs})  # fmt: skip
+
+
+@register_model
+def kd_cnn_tiny(pretrained: bool = False, **kwargs: object) -> SmallCNN:
+    """kd_cnn at an eighth of its width: conv8-pool-conv16-pool-fc32 (about 27K parameters
+    at 28x28), a student for the forms of distillation beyond logits."""
+    return _create(SmallCNN, "kd_cnn_tiny", pretrained,
+                   **{"channels": (8, 16), "hidden": 32, **kwargs})  # fmt: skip
 
 
 def check_architecture(architecture: str) -> None:

@@ -26,6 +26,7 @@ from pipeline.flags import COMMANDS, REQUIRED_TO_START, flag
 from pipeline.publish import machine_line, publish
 from pipeline.runs import CONFIG_FILE, METRICS_FILE, read_card, read_config
 from pipeline.runtime import check_disjoint
+from pipeline.storage import stored_bytes_per_view
 from pipeline.teach import CacheConfig
 from pipeline.train import TrainConfig
 from pipeline.train.config import LEGACY_DEFAULTS
@@ -68,6 +69,10 @@ def command_line(config: dict, *, seed_placeholder: bool = False) -> str:
             value = "SEED"
         elif seed_placeholder and name == "out":
             value = SEED_SUFFIX.sub("-sSEED", str(value))
+        elif seed_placeholder and name in ("cache", "teacher") and value is not None:
+            # a chain's link of this seed: via-ta-s1 learns from ta-s1.zarr
+            seeded = re.compile(rf"-s{config['seed']}(?=(\.zarr)?/?$)")
+            value = seeded.sub("-sSEED", str(value))
         elif name == "overwrite" or value is None or (value == default and name not in required):
             continue
         if isinstance(value, tuple):  # --crop-scale MIN MAX; --hidden-sizes 256,128
@@ -148,6 +153,8 @@ def collect(run_dirs: list[Path], evaluations: Sequence[Path] = ()) -> pd.DataFr
                 "test_samples": _test_samples(final),
                 "seconds": float(metrics["seconds"].sum()),
                 "cache": lineage.get("cache_path", ""),
+                "feature": _feature_words(config),
+                "cache_bytes_per_view": stored_bytes_per_view(lineage.get("cache_path")),
                 "members": "",
                 **_bias_columns(run_dir),
                 "command": command_line(
@@ -256,15 +263,27 @@ def _cache_row(path: Path) -> dict:
         "test_samples": manifest.num_samples,
         "seconds": cache_seconds(path) or math.nan,
         "cache": "",
+        "feature": "",
+        "cache_bytes_per_view": math.nan,
         "members": "+".join(members),
         "command": cache_command(path) or "",
     }
 
 
+def _feature_words(config: dict) -> str:
+    """``hint features.7 → features.7, β 1``: a run's feature term, or "" without one."""
+    loss = config.get("feature_loss")
+    if not loss:
+        return ""
+    return (f"{loss} {config['student_layer']} → {config['teacher_layer']}, "
+            f"β {config['feature_weight']:g}")  # fmt: skip
+
+
 def _soft_label_source(lineage: dict, config: dict) -> str:
     """Where a student's soft targets came from, in a few words for a table."""
     if "online_teacher" in lineage:
-        return f"online, fresh {_view_words(config)} views"
+        views = _view_words(config)
+        return "online, plain images" if views == "none" else f"online, fresh {views} views"
     try:
         manifest = read_manifest(Path(lineage.get("cache_path", "")))
     except KdpipeError:
@@ -300,7 +319,10 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             "group": name,
             "kind": first["kind"],
             "architecture": first["architecture"],
-            "teacher": first["teacher"],
+            # a chain's seeds each learn from their own teacher: hard-s0, hard-s1 -> hard-sSEED
+            "teacher": first["teacher"]
+            if group["teacher"].nunique() == 1
+            else SEED_SUFFIX.sub("-sSEED", first["teacher"]),
             "soft_labels": first["soft_labels"],
             "alpha": first["alpha"],
             "T": first["temperature"],
@@ -317,6 +339,10 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             "test_accuracy_mean": group["test_accuracy"].mean(),
             "test_samples": group["test_samples"].dropna().max(),
             "minutes_per_run": group["seconds"].mean() / 60,
+            "feature": first.get("feature", ""),
+            "cache_bytes_per_view": group["cache_bytes_per_view"].mean()
+            if "cache_bytes_per_view" in group
+            else math.nan,
         }
         if "class_accuracy_before" in group and group["class_accuracy_before"].notna().any():
             summary.update(
@@ -376,6 +402,10 @@ def to_markdown(table: pd.DataFrame) -> str:
             "minutes / run": _cells(table["minutes_per_run"], "{:.1f}"),
         }
     )
+    if "feature" in table and (table["feature"].fillna("") != "").any():
+        # beyond logits, what a cache holds is part of the result: its term and its bytes
+        shown.insert(4, "feature term", table["feature"].fillna("").replace("", "—"))
+        shown["cache bytes / sample-view"] = _cells(table["cache_bytes_per_view"], "{:,.0f}")
     if "bias_mean" in table:
         biased, measured = table["bias_mean"].notna(), table["class_accuracy_before"].notna()
         shown["class"] = table["bias_classes"].where(measured, "—")

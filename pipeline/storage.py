@@ -19,8 +19,15 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from pipeline.cache import Dense, array_codecs, index_dtype, load_soft_labels, reconstruct_top_k
-from pipeline.errors import UsageError
+from pipeline.cache import (
+    Dense,
+    array_codecs,
+    index_dtype,
+    load_soft_labels,
+    read_manifest,
+    reconstruct_top_k,
+)
+from pipeline.errors import KdpipeError, UsageError
 
 
 def _stored_bytes(arrays: dict[str, np.ndarray], chunk_rows: int) -> int:
@@ -40,6 +47,20 @@ def _stored_bytes(arrays: dict[str, np.ndarray], chunk_rows: int) -> int:
         return sum(
             p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and "c" in p.parts
         )
+
+
+def stored_bytes_per_view(cache: str | Path | None) -> float:
+    """The bytes a cache folder takes on disk (every array, the manifest, the digests) per
+    row and view: what a student run paid to store what it read; NaN without a local
+    cache folder (an online run, an object-store cache, a cache since removed)."""
+    if not cache or not Path(cache).is_dir():
+        return float("nan")
+    try:
+        manifest = read_manifest(cache)
+    except KdpipeError:
+        return float("nan")
+    stored = sum(p.stat().st_size for p in Path(cache).rglob("*") if p.is_file())
+    return stored / (manifest.num_samples * manifest.num_views)
 
 
 def storage_table(cache: str | Path, ks: Sequence[int]) -> pd.DataFrame:

@@ -392,3 +392,30 @@ def test_report_plots_training_curves_per_group(caches: dict, tmp_path: Path) ->
     assert len(curves) == 4 and set(curves["group"]) == {"soft"}
     assert curves["loss"].tolist() == [*metrics_of(tmp_path / "soft-s0")["loss"],
                                        *metrics_of(tmp_path / "soft-s1")["loss"]]  # fmt: skip
+
+
+def test_cached_layers_are_read_per_row_and_view_or_refused_in_one_line(
+    teacher_run: Path, tmp_path: Path
+) -> None:
+    from pipeline.cache import decoded_bytes, load_soft_labels, read_manifest
+
+    out = tmp_path / "layers.zarr"
+    made = cache(
+        teacher_run,
+        out,
+        "--temperature 2 --views 2 --augment crop-flip --features 1 --chunk-size 64",
+    )
+    assert made.exit_code == 0, made.output
+    opened = kd.open_cache(out)
+    assert [(x.name, x.kind) for x in opened.layers] == [("features.7", "features")]
+    rows, views = torch.tensor([3, 0, 7]), torch.tensor([1, 0, 1])
+    stored = load_soft_labels(out).features["feature_features.7"]
+    assert torch.equal(opened.layer_targets("features.7", rows, views),
+                       stored[rows, views].float())  # fmt: skip
+    with pytest.raises(kd.KdpipeError, match=r"no cached attention of layer 'features.7'; it "
+                       r"has features.7 \(features\)"):  # fmt: skip
+        opened.layer_targets("features.7", rows, 0, kind="attention")
+    with pytest.raises(kd.KdpipeError, match="cached layers are read whole"):
+        kd.open_cache(out, memory=decoded_bytes(read_manifest(out)) - 1).layer_targets(
+            "features.7", rows, 0
+        )

@@ -318,3 +318,90 @@ def test_kd_models_expose_named_layers_without_changing_their_weights() -> None:
         pre = model.forward_head(model.forward_features(x), pre_logits=True)
         assert torch.equal(model.forward_head(pre), model(x))
         assert not any("feature_info" in key for key in model.state_dict())
+
+
+def test_online_feature_term_is_the_cached_term_paid_at_every_step(teacher_run: Path) -> None:
+    """distill-online --feature-loss taps the teacher's layer in timm's own teacher forward:
+    its loss is timm's logit loss plus β times the same feature term, recomputed here from
+    each network's own layers."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from pipeline.losses import hint_loss
+    from pipeline.models import create_model
+    from pipeline.train.plan import online_layer
+    from pipeline.train.step import FeatureTerm, OnlineDistillation
+
+    torch.manual_seed(0)
+    teacher, card = load_model(teacher_run)
+    config = SimpleNamespace(feature_loss="hint", teacher_layer="1", teacher=str(teacher_run),
+                             model="kd_cnn_tiny", student_layer="features.7",
+                             feature_weight=0.5)  # fmt: skip
+    layer = online_layer(teacher, card, config)
+    assert (layer.name, layer.kind, layer.pooling) == ("features.7", "features", "none")
+    assert layer.shape == [64, 3, 3]  # the synthetic set is 12 px: kd_cnn's 64 maps of 3x3
+    tiny = create_model("kd_cnn_tiny", num_classes=5, data_config=card.data).eval()
+    term = FeatureTerm.build(tiny, config, layer)
+    options = dict(alpha=0.5, temperature=2.0, device=torch.device("cpu"),
+                   amp=contextlib.nullcontext())  # fmt: skip
+    with_term = OnlineDistillation(tiny, teacher.eval(), feature=term, **options)
+    without = OnlineDistillation(tiny, teacher.eval(), **options)
+    images = load_dataset("synthetic", "train").images[:8]
+    batch = {"inputs": view_input(images, None, None, card.data, torch.device("cpu")),
+             "labels": torch.arange(8) % 5, "lam": None, "partner_labels": None}  # fmt: skip
+    extra = with_term(batch)["loss"] - without(batch)["loss"]
+    with torch.no_grad():
+        expected = 0.5 * hint_loss(
+            term.projector(tiny.features[:8](batch["inputs"])),
+            teacher.features[:8](batch["inputs"]),
+        )
+    assert torch.allclose(extra, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_distill_online_with_a_feature_term_saves_no_projector(
+    teacher_run: Path, tmp_path: Path
+) -> None:
+    import safetensors.torch
+
+    from pipeline.models import create_model
+
+    options = ("distill-online --model kd_cnn_tiny --data synthetic --epochs 1 --alpha 0.5 "
+               "--temperature 2 --teacher")  # fmt: skip
+    result = invoke(options, teacher_run, "--out", tmp_path / "o", "--feature-loss attention "
+                    "--feature-weight 10 --student-layer 1 --teacher-layer features.7")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    _, card = load_model(tmp_path / "o")
+    saved = safetensors.torch.load_file(str(tmp_path / "o" / "model.safetensors"))
+    fresh = create_model("kd_cnn_tiny", num_classes=5, data_config=card.data).state_dict()
+    assert set(saved) == set(fresh)
+    result = invoke(options, teacher_run, "--out", tmp_path / "p", "--feature-loss hint "
+                    "--student-layer 1 --teacher-layer layer9")  # fmt: skip
+    assert result.exit_code != 0
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error")]
+    assert f"teacher {teacher_run} has no layer 'layer9': valid layers are features.3" in line
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_report_of_feature_runs_shows_each_term_and_the_bytes_of_its_cache(
+    feature_cache: Path, train_cache: Path, tmp_path: Path
+) -> None:
+    """Beyond logits, what a cache holds is part of the result: the table names each run's
+    feature term and the bytes per sample-view of the cache it read, measured on disk."""
+    from pipeline.report import report, to_markdown
+
+    plain, hint = tmp_path / "plain-s0", tmp_path / "hint-s0"
+    assert student(train_cache, plain, "--alpha 0.5 --model kd_cnn --epochs 1").exit_code == 0
+    options = ("--alpha 0.5 --model kd_cnn --epochs 1 --feature-loss hint --feature-weight 2 "
+               "--student-layer 0 --teacher-layer features.3")  # fmt: skip
+    assert student(feature_cache, hint, options).exit_code == 0
+    table = report([plain, hint]).set_index("group")
+    assert table.loc["hint", "feature"] == "hint 0 → features.3, β 2"  # the layers as asked
+    assert table.loc["plain", "feature"] == ""
+    for group, soft in (("plain", train_cache), ("hint", feature_cache)):
+        manifest = read_manifest(soft)
+        on_disk = sum(p.stat().st_size for p in soft.rglob("*") if p.is_file())
+        expected = on_disk / (manifest.num_samples * manifest.num_views)
+        assert table.loc[group, "cache_bytes_per_view"] == pytest.approx(expected)
+    assert table.loc["hint", "cache_bytes_per_view"] > table.loc["plain", "cache_bytes_per_view"]
+    markdown = to_markdown(table.reset_index())
+    assert "| feature term" in markdown and "cache bytes / sample-view" in markdown

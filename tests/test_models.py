@@ -21,6 +21,10 @@ def test_kdpipe_models_are_in_timms_registry() -> None:
     assert param_count(hinton_student) == 784 * 800 + 800 + 800 * 800 + 800 + 800 * 10 + 10
     teacher = timm.create_model("kd_mlp_1200x2", num_classes=10, in_chans=1, drop_rate=0.5)
     assert any(isinstance(m, torch.nn.Dropout) for m in teacher.modules())
+    # the beyond-logits ladder: kd_cnn, its teacher assistant, its small student
+    widths = [param_count(timm.create_model(n, num_classes=10, in_chans=1))
+              for n in ("kd_cnn", "kd_cnn_mid", "kd_cnn_tiny")]  # fmt: skip
+    assert widths == [421834, 105962, 26746]
 
 
 @pytest.mark.parametrize("name", ["kd_mlp_30x2", "kd_cnn", "resnet10t"])

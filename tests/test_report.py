@@ -95,6 +95,16 @@ def test_command_line_shows_only_what_differs_from_defaults() -> None:
     )
     # a config.json from before --sched-on was made per epoch, and its command says so
     assert command_line(config) == line.replace("--epochs 3", "--epochs 3 --sched-on epoch")
+    # one line for every seed of a chain: each seed's link is its own cache, the same seed's
+    chain = {"kind": "student", "model": "kd_cnn", "data": "synthetic", "out": "r/b-s1",
+             "epochs": 3, "alpha": 0.1, "seed": 1, "cache": "r/a-s1.zarr",
+             "sched_on": "update"}  # fmt: skip
+    assert command_line(chain, seed_placeholder=True) == (
+        "kdpipe train-student --model kd_cnn --data synthetic --out r/b-sSEED --epochs 3 "
+        "--seed SEED --cache r/a-sSEED.zarr --alpha 0.1"
+    )
+    shared = command_line({**chain, "cache": "r/logits-s10.zarr"}, seed_placeholder=True)
+    assert "--cache r/logits-s10.zarr" in shared  # another seed's, or no seed's: as it is
 
 
 def test_views_caches_and_online_runs_are_reported_with_their_commands(

@@ -274,6 +274,43 @@ def cache_teacher_command(
     cache_teacher(config, dataset, log=click.echo)
 
 
+def feature_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The feature term's options, shared by train-student (the teacher's layer from the
+    cache) and distill-online (the same layer tapped from the teacher at every step)."""
+    options = [
+        click.option(
+            "--feature-loss",
+            type=click.Choice(["hint", "cosine", "attention"]),
+            default=None,
+            help="Add a feature term: FitNets hint (MSE), cosine, or attention transfer, between "
+            "--student-layer (through a learned projector) and the teacher's --teacher-layer.",
+        ),
+        click.option(
+            "--feature-weight",
+            type=click.FloatRange(min=0),
+            default=1.0,
+            metavar="BETA",
+            help="Weight of the feature term: loss = distillation loss + BETA * feature loss.",
+        ),
+        click.option(
+            "--student-layer",
+            default=None,
+            metavar="NAME",
+            help="The student's layer (feature_info module name, its index, or pre_logits).",
+        ),
+        click.option(
+            "--teacher-layer",
+            default=None,
+            metavar="NAME",
+            help="The teacher's layer: as the cache names it (cache-teacher --features or "
+            "--attention), or, online, as the teacher names it.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("train-student", context_settings=CONTEXT)
 @click.option("--cache", type=click.Path(), help="Cache written by cache-teacher.")
 @click.option(
@@ -295,32 +332,7 @@ def cache_teacher_command(
     "streamed: chunks in a shuffled order, rows shuffled within windows of chunks  "
     "[default: read it whole].",
 )
-@click.option(
-    "--feature-loss",
-    type=click.Choice(["hint", "cosine", "attention"]),
-    default=None,
-    help="Add a feature term: FitNets hint (MSE), cosine, or attention transfer, between "
-    "--student-layer (through a learned projector) and the cache's --teacher-layer.",
-)
-@click.option(
-    "--feature-weight",
-    type=click.FloatRange(min=0),
-    default=1.0,
-    metavar="BETA",
-    help="Weight of the feature term: loss = distillation loss + BETA * feature loss.",
-)
-@click.option(
-    "--student-layer",
-    default=None,
-    metavar="NAME",
-    help="The student's layer (feature_info module name, its index, or pre_logits).",
-)
-@click.option(
-    "--teacher-layer",
-    default=None,
-    metavar="NAME",
-    help="The teacher's layer, as the cache names it (cache-teacher --features/--attention).",
-)
+@feature_options
 @training_options
 @reports_errors
 def train_student_command(**options: Any) -> None:
@@ -349,6 +361,7 @@ def train_student_command(**options: Any) -> None:
     help="Weight of the hard-label term (timm's task_loss_weight).",
 )
 @click.option("--temperature", type=POSITIVE, default=None, help="Distillation temperature.")
+@feature_options
 @training_options
 @reports_errors
 def distill_online_command(**options: Any) -> None:

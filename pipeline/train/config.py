@@ -165,8 +165,11 @@ class TrainConfig:
                              f"not {self.feature_loss!r}")  # fmt: skip
         if not all(given):
             raise UsageError("--feature-loss needs --student-layer and --teacher-layer")
-        if self.cache is None:
-            raise UsageError("--feature-loss learns from a cache's layers: give --cache")
+        if self.cache is None and self.teacher is None:
+            raise UsageError(
+                "--feature-loss learns from the teacher's layer: a --cache's "
+                "(train-student), or the --teacher's online (distill-online)"
+            )
         if not (math.isfinite(self.feature_weight) and self.feature_weight >= 0):
             raise UsageError(f"--feature-weight must be a finite number >= 0, "
                              f"not {self.feature_weight}")  # fmt: skip

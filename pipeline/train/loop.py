@@ -154,7 +154,7 @@ def _task(
     if plan.online_teacher is not None:
         return OnlineDistillation(model, plan.online_teacher, alpha=plan.alpha,
                                   temperature=plan.temperature, device=plan.device,
-                                  amp=amp)  # fmt: skip
+                                  amp=amp, feature=feature)  # fmt: skip
     trainer = model
     if world.active:
         device_ids = None

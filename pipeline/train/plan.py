@@ -27,6 +27,7 @@ from pipeline.data import (
 )
 from pipeline.distributed import World
 from pipeline.errors import CacheMismatchError, DatasetError, UsageError
+from pipeline.features import LayerRequest, LayerTaps, resolve_layer
 from pipeline.inputs import DataConfig
 from pipeline.pretrained import Pretrained, create_pretrained
 from pipeline.runs import ModelCard, load_model
@@ -94,6 +95,7 @@ def plan_run(
     elif config.teacher is not None:
         online_teacher, teacher_card = load_model(Path(config.teacher), device)
         _check_online_teacher(config, teacher_card, train_set)
+        teacher_layer = online_layer(online_teacher, teacher_card, config)
         lineage = {
             "online_teacher": config.teacher,
             "teacher_weights_sha256": teacher_card.weights_sha256,
@@ -209,6 +211,22 @@ def _teacher_layer(
         raise UsageError("--feature-loss trains its projector in one process: start it "
                          "without torchrun")  # fmt: skip
     return layer
+
+
+def online_layer(teacher: nn.Module, card: ModelCard, config: TrainConfig) -> CachedLayer | None:
+    """The layer ``--feature-loss`` taps from the teacher at every step of distill-online,
+    described as a cache would record it (its whole output: nothing is pooled), so that the
+    online and the cached feature terms are the same computation."""
+    if config.feature_loss is None:
+        return None
+    kind = "attention" if config.feature_loss == "attention" else "features"
+    name = resolve_layer(teacher, config.teacher_layer, f"teacher {config.teacher}")
+    request = LayerRequest(name, kind)
+    blank = torch.zeros(1, *card.data.input_size, device=next(teacher.parameters()).device)
+    with torch.no_grad(), LayerTaps(teacher.eval(), [request]) as taps:
+        teacher(blank)
+        output = taps.outputs()[request.array]
+    return request.record(output.shape[1:], spatial=output.dim() == 4)
 
 
 def _check_online_teacher(config: TrainConfig, card: ModelCard, train_set: ImageSet) -> None:

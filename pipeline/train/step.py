@@ -11,7 +11,8 @@ apply. The loop around it is the same for every kind of run:
   with a :class:`FeatureTerm` (``--feature-loss``), β times a loss between a student
   layer, through a learned projector, and the teacher's layer cached for the same view;
 - :class:`OnlineDistillation`: timm's own ``LogitDistillationTask`` runs the
-  teacher on every batch, the reference that a cache is measured against.
+  teacher on every batch, the reference that a cache is measured against; with a
+  :class:`FeatureTerm`, the teacher's layer is tapped in that forward.
 """
 
 from __future__ import annotations
@@ -157,7 +158,10 @@ class CachedDistillation:
 
 class OnlineDistillation:
     """timm's ``LogitDistillationTask``: the teacher runs on every batch. Hard targets go
-    in as (mixed) one-hot distributions, so one criterion serves plain and mixed batches."""
+    in as (mixed) one-hot distributions, so one criterion serves plain and mixed batches.
+
+    With ``feature``, the teacher's layer is tapped in that same teacher forward and the
+    student's in the student's: the cached feature term, paid for at every step."""
 
     def __init__(
         self,
@@ -168,6 +172,7 @@ class OnlineDistillation:
         temperature: float,
         device: torch.device,
         amp: contextlib.AbstractContextManager,
+        feature: FeatureTerm | None = None,
     ) -> None:
         from timm.loss import SoftTargetCrossEntropy
         from timm.task import LogitDistillationTask
@@ -182,17 +187,31 @@ class OnlineDistillation:
             device=device,
             verbose=False,
         )
-        self.student, self.temperature, self.amp = student, temperature, amp
+        self.student, self.teacher = student, teacher
+        self.temperature, self.amp, self.feature = temperature, amp, feature
 
     def train(self) -> None:
         self.student.train()
         self.task.train()
+        if self.feature is not None:
+            self.feature.train()
 
     def __call__(self, batch: dict[str, torch.Tensor | None]) -> StepOutput:
-        with self.amp:
+        student_taps = teacher_taps = contextlib.nullcontext()
+        if self.feature is not None:
+            layer = self.feature.teacher
+            teacher_request = LayerRequest(layer.name, layer.kind)
+            student_taps = LayerTaps(self.student, [self.feature.request])
+            teacher_taps = LayerTaps(self.teacher, [teacher_request])
+        with self.amp, student_taps, teacher_taps:
             output = self.task(batch["inputs"], soft_one_hot(batch, self.student.num_classes))
+        loss = output["loss"].float()
+        if self.feature is not None:
+            tapped = student_taps.captured[self.feature.request.name]
+            target = teacher_taps.outputs()[teacher_request.array].detach()
+            loss = loss + self.feature.weight * self.feature(tapped, target)
         return {
-            "loss": output["loss"].float(),
+            "loss": loss,
             "output": output["output"].float(),
             "task_loss": output["task_loss"].float(),
             # timm's kd_loss carries the T² factor; kdpipe reports the KL before it
