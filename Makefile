@@ -389,7 +389,7 @@ B_TEACHER := $(H)/teacher-cnn
 TINY := --model kd_cnn_tiny --epochs $(B_EPOCHS) $(RECIPE) $(COMMON)
 MID := --model kd_cnn_mid --epochs $(B_EPOCHS) $(RECIPE) $(COMMON)
 HINT := --feature-loss hint --feature-weight $(HINT_WEIGHT) --student-layer $(B_LAYER) --teacher-layer $(B_LAYER)
-ATTENTION := --feature-loss attention --feature-weight $(AT_WEIGHT) --student-layer $(B_LAYER) --teacher-layer $(B_LAYER)
+ATTENTION = $(call ATTENTION_AT,$(AT_WEIGHT))
 B_CACHE := --temperature $(B_T) $(COMMON)
 
 $(B)/logits.done: $(B_TEACHER)/model.json
@@ -412,6 +412,13 @@ $(B)/hint-s%/model.json: $(B)/hint.done
 
 $(B)/attention-s%/model.json: $(B)/attention.done
 	$(KDPIPE) train-student $(TINY) --cache $(B)/attention.zarr --alpha $(B_ALPHA) $(ATTENTION) --seed $* --out $(@D)
+
+# attention transfer at smaller weights: does beta 1000 override the output distribution here?
+ATTENTION_AT = --feature-loss attention --feature-weight $(1) --student-layer $(B_LAYER) --teacher-layer $(B_LAYER)
+$(B)/attention-beta100-s%/model.json: $(B)/attention.done
+	$(KDPIPE) train-student $(TINY) --cache $(B)/attention.zarr --alpha $(B_ALPHA) $(call ATTENTION_AT,100) --seed $* --out $(@D)
+$(B)/attention-beta10-s%/model.json: $(B)/attention.done
+	$(KDPIPE) train-student $(TINY) --cache $(B)/attention.zarr --alpha $(B_ALPHA) $(call ATTENTION_AT,10) --seed $* --out $(@D)
 
 # the hard-label baseline and generation 0 of the born-again chain: trained on labels alone (the
 # same loop and recipe), so its lineage starts at the dataset
@@ -446,6 +453,7 @@ $(B)/online-attention-s0/model.json: $(B_TEACHER)/model.json
 
 BEYOND_RUNS := $(B_TEACHER) \
 	$(foreach s,$(B_SEEDS),$(B)/hard-s$(s) $(B)/logits-s$(s) $(B)/hint-s$(s) $(B)/attention-s$(s)) \
+	$(foreach s,$(B_SEEDS),$(B)/attention-beta100-s$(s)) $(foreach s,$(B_SEEDS),$(B)/attention-beta10-s$(s)) \
 	$(B)/online-logits-s0 $(B)/online-hint-s0 $(B)/online-attention-s0 \
 	$(foreach s,$(B_SEEDS),$(B)/ta-s$(s)) $(foreach s,$(B_SEEDS),$(B)/via-ta-s$(s)) \
 	$(foreach s,$(B_SEEDS),$(B)/ban1-s$(s)) $(foreach s,$(B_SEEDS),$(B)/ban2-s$(s))
