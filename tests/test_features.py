@@ -405,3 +405,24 @@ def test_a_report_of_feature_runs_shows_each_term_and_the_bytes_of_its_cache(
     assert table.loc["hint", "cache_bytes_per_view"] > table.loc["plain", "cache_bytes_per_view"]
     markdown = to_markdown(table.reset_index())
     assert "| feature term" in markdown and "cache bytes / sample-view" in markdown
+
+
+def test_the_export_of_a_feature_student_has_no_projector(
+    feature_cache: Path, tmp_path: Path
+) -> None:
+    """The projector trains with the student and stops there: the exported graph of a hint
+    student holds exactly the initializers of a plain student of the same architecture."""
+    import onnx
+
+    shapes = {}
+    for name, options in (("plain", ""), ("hint", "--feature-loss hint --student-layer 0 "
+                                                  "--teacher-layer features.3")):  # fmt: skip
+        run = tmp_path / name
+        result = student(feature_cache, run, f"--alpha 0.5 --model kd_cnn --epochs 1 {options}")
+        assert result.exit_code == 0, result.output
+        out = tmp_path / f"{name}.onnx"
+        assert invoke("export", run, "--out", out).exit_code == 0
+        graph = onnx.load(str(out)).graph
+        shapes[name] = sorted((i.name, tuple(i.dims)) for i in graph.initializer)
+    assert shapes["hint"] == shapes["plain"]
+    assert not any("projector" in name or "term" in name for name, _ in shapes["hint"])
