@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -230,7 +231,7 @@ def run_arm(spec: dict, work: Path) -> Measured:
     spec = {**spec, "result": str(result_file)}
     with open(log_file, "w") as log:
         command = [sys.executable, "-m", "pipeline.benchfolder", json.dumps(spec)]
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
         child.wait()
     if child.returncode != 0 or not result_file.exists():
         lines = [line for line in log_file.read_text().splitlines() if line.strip()]
@@ -239,6 +240,16 @@ def run_arm(spec: dict, work: Path) -> Measured:
                           f"(log: {log_file})")  # fmt: skip
     result = json.loads(result_file.read_text())
     return Measured(result["seconds"], result["rows"], result["peak_rss_mib"], result["run_dir"])
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of an arm: this one, with this ``pipeline`` package first on the
+    path, so the arm runs the code the bench runs (not another checkout's install)."""
+    import pipeline
+
+    here = str(Path(pipeline.__file__).resolve().parents[1])
+    rest = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": here + (os.pathsep + rest if rest else "")}
 
 
 def _arm_main(spec: dict) -> None:
