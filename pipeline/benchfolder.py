@@ -139,10 +139,10 @@ def build_jpeg_folder(
             if not 0 < count <= len(dataset):
                 raise UsageError(f"{split}: {count} images asked, {source} has {len(dataset)}")
             folders = [class_folder(i, name) for i, name in enumerate(dataset.classes)]
-            for name in folders:
-                (out / split / name).mkdir(parents=True, exist_ok=True)
             grays = dataset.images[:count, 0].numpy()
             labels = dataset.labels[:count].numpy()
+            for label in np.unique(labels):  # a class with no image here gets no folder
+                (out / split / folders[int(label)]).mkdir(parents=True, exist_ok=True)
             tasks = [(str(out), split, s, grays[s : s + BLOCK], labels[s : s + BLOCK], folders,
                       recipe) for s in range(0, count, BLOCK)]  # fmt: skip
             for block in pool.map(_write_block, tasks):
