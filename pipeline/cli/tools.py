@@ -474,7 +474,7 @@ def jpeg_folder_command(
     "--image-size",
     type=click.IntRange(min=1),
     default=None,
-    help="Decode size of every arm  [default: 64 on the CPU, 224 on CUDA]",
+    help="Decode size of every arm  [default: 32 on the CPU, 224 on CUDA]",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=256)
 @click.option(
