@@ -4,7 +4,9 @@
 #   make all QUICK=1   the same, one epoch per run, into runs-quick/ (a smoke run)
 #   make test          set-up, then the test suite (CPU only, a few minutes)
 #   make consistency   the consistent-teaching experiment (Beyer et al. 2022), not in `all`
-#   make bench         P1-P5: what the offline pipeline costs, as ratios (docs/benchmarks.md)
+#   make bench         P1-P5: what the offline pipeline costs, as ratios (docs/benchmarks.md),
+#                      then bench-folder: memory and speed on a folder of 50,000 JPEGs
+#   make jpeg-folder   that folder (and its first 6,000), rebuilt bit-identically
 #   make edge          distil -> ONNX -> int8 (PTQ and QAT from the cache), not in `all`
 #   make beyond        beyond logits: hints, attention, a teacher assistant, born-again, not in `all`
 
@@ -24,7 +26,7 @@ endif
 
 .PHONY: all install data test lint format hinton hinton-table hinton-temperature hinton-3pct \
 	hinton-omitted hinton-ensemble hinton-summary consistency consistency-tables consistency-curves \
-	clean-runs bench edge edge-tables beyond beyond-tables \
+	clean-runs bench bench-folder jpeg-folder edge edge-tables beyond beyond-tables \
 	cli-docs faults
 # keep every file target, including those made by pattern rules (make would
 # otherwise delete the cache stamps as "intermediate" files when it exits)
@@ -49,11 +51,37 @@ test: install
 
 # Ratios measured side by side in one process (pipeline/bench.py); the section written is
 # bench-cpu or bench-cuda, after the device it ran on. BENCH_OPTIONS=--workers 4 ...
+# Then the measured section on real files (pipeline/benchfolder.py, `make bench-folder`):
+# peak RSS, rows/s against timm's own loader, cached against hard-label epochs, on the JPEG
+# folders of `make jpeg-folder`, each arm a subprocess; its section is bench-folder-<device>.
 BENCH_OPTIONS ?=
-bench: install data
+BENCH_FOLDER_OPTIONS ?=
+BENCH_DEVICE = $$($(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+bench: install data jpeg-folder
 	$(KDPIPE) bench --out $(RUNS)/bench --data-root $(DATA_ROOT) $(BENCH_OPTIONS) \
-		--markdown docs/benchmarks.md --csv docs/results/bench-$$($(BIN)/python -c \
-		"import torch; print('cuda' if torch.cuda.is_available() else 'cpu')").csv
+		--markdown docs/benchmarks.md --csv docs/results/bench-$(BENCH_DEVICE).csv
+	$(MAKE) bench-folder
+
+bench-folder: install jpeg-folder
+	$(KDPIPE) bench-folder --out $(RUNS)/bench-folder --folder $(JPEG_FOLDER) \
+		--small $(JPEG_SMALL) $(BENCH_FOLDER_OPTIONS) --markdown docs/benchmarks.md \
+		--csv docs/results/bench-folder-$(BENCH_DEVICE).csv
+
+# 60,000 RGB JPEGs (the first 50,000 training and all 10,000 test images of Fashion-MNIST),
+# 140-200 px, by the fixed recipe of pipeline/benchfolder.py (seed 0, quality 90, two
+# processes): the same Pillow rebuilds them bit-identically (RECIPE.json's files_sha256).
+# The small folder is the first 6,000 + 1,000 of the same recipe: the same files.
+JPEG_FOLDER ?= $(DATA_ROOT)/fmnist-jpeg
+JPEG_SMALL ?= $(DATA_ROOT)/fmnist-jpeg-6k
+jpeg-folder: $(JPEG_FOLDER)/RECIPE.json $(JPEG_SMALL)/RECIPE.json
+
+$(JPEG_FOLDER)/RECIPE.json: | data
+	$(KDPIPE) jpeg-folder --dest $(JPEG_FOLDER) --data-root $(DATA_ROOT) \
+		--train-count 50000 --test-count 10000 --workers 2 --overwrite
+
+$(JPEG_SMALL)/RECIPE.json: | data
+	$(KDPIPE) jpeg-folder --dest $(JPEG_SMALL) --data-root $(DATA_ROOT) \
+		--train-count 6000 --test-count 1000 --workers 2 --overwrite
 
 lint: install
 	$(BIN)/ruff check pipeline tests

@@ -182,24 +182,25 @@ def _teacher_pass(bench: _Bench) -> tuple[float, float]:
     host, nothing else), alternated, fastest of each: (teacher pass, bare loop) seconds."""
     config = bench.config
     teacher, card = load_model(bench.teacher_dir, bench.device)
-    images = bench.train_set.images[torch.from_numpy(bench.rows)]
+    # the rows by index, never gathered whole: an image folder's (or shards') are decoded
+    # batch by batch, ahead in its DataLoader workers (teacher.predict_logits, batches_of)
+    images = bench.train_set.with_workers(config.workers).images
 
-    def bare(batch_images: torch.Tensor) -> None:
-        predict_logits(teacher, batch_images, card.data, device=bench.device,
+    def bare(rows: np.ndarray) -> None:
+        predict_logits(teacher, images, card.data, device=bench.device, rows=rows,
                        batch_size=config.batch_size, precision=config.precision)  # fmt: skip
 
-    bare(images[: config.batch_size * 2])  # warm-up
+    bare(bench.rows[: config.batch_size * 2])  # warm-up
     cache_config = CacheConfig(
         teachers=(str(bench.teacher_dir),), out=str(bench.cache_path), temperature=4.0,
         batch_size=config.batch_size, chunk_size=config.chunk_size, device=config.device,
         precision=config.precision, overwrite=True, subset=config.fraction,
     )  # fmt: skip
+    dataset = bench.train_set.with_workers(config.workers)  # as the CLI's cache-teacher
     bare_times, pass_times = [], []
     for _ in range(config.repeats):
-        bare_times.append(_timed(lambda: bare(images)))
-        pass_times.append(
-            _timed(lambda: cache_teacher(cache_config, bench.train_set, log=lambda line: None))
-        )
+        bare_times.append(_timed(lambda: bare(bench.rows)))
+        pass_times.append(_timed(lambda: cache_teacher(cache_config, dataset, log=lambda _: None)))
     teacher_pass, bare_best = min(pass_times), min(bare_times)
     bench.record("teacher_pass_s", teacher_pass, "s", "cache-teacher, writing the store "
                  f"(fastest of {config.repeats})")  # fmt: skip

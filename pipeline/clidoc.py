@@ -179,6 +179,22 @@ INTRODUCTIONS = {
         "cost of S students offline against online. `make bench` writes "
         "[benchmarks.md](benchmarks.md)."
     ),
+    "jpeg-folder": (
+        "Builds an image folder of RGB JPEGs from Fashion-MNIST by a fixed recipe: image i of "
+        "a split gets two colours and a side in 140-200 px from a generator seeded with "
+        "(seed, split, i), is resized with PIL bicubic and saved at a fixed quality, so the "
+        "same Pillow rebuilds the folder bit-identically (`--dest/RECIPE.json` holds the "
+        "recipe and a digest of every file). `make jpeg-folder` builds the 50,000 + 10,000 "
+        "folder and its first 6,000 + 1,000."
+    ),
+    "bench-folder": (
+        "The measured section of `make bench`, on real files: peak RSS of `cache-teacher` and "
+        "`train-student` at the small and the large folder, `cache-teacher`'s rows/s against "
+        "a bare loop of timm's own dataset and loader running the same teacher with the same "
+        "workers, and a cached student epoch against the same student's hard-label epoch. "
+        "Every measurement is a fresh subprocess, the arms alternated, the fastest of "
+        "`--repeats` counted; writes [benchmarks.md](benchmarks.md)."
+    ),
     "evaluate": (
         "Test accuracy and errors, top-1 agreement with the teacher (from `--teacher` run "
         "directories, or from `--cache`, a cache of the same split), expected calibration "

@@ -40,7 +40,8 @@ def test_committed_benchmarks_match_their_csvs() -> None:
     root = Path(__file__).resolve().parents[1]
     text = (root / "docs" / "benchmarks.md").read_text()
     for section, csv_name in (("bench-cpu", "bench-cpu.csv"), ("bench-cuda", "bench-cuda.csv"),
-                              ("bench-cuda-b1024", "bench-cuda-b1024.csv")):  # fmt: skip
+                              ("bench-cuda-b1024", "bench-cuda-b1024.csv"),
+                              ("bench-folder-cpu", "bench-folder-cpu.csv")):  # fmt: skip
         begin, end = f"<!-- kdpipe:{section}:begin -->", f"<!-- kdpipe:{section}:end -->"
         body = text[text.index(begin) : text.index(end)]
         shown = {}
@@ -52,4 +53,126 @@ def test_committed_benchmarks_match_their_csvs() -> None:
         table = pd.read_csv(root / "docs" / "results" / csv_name)
         assert set(shown) == set(table["name"]), section
         for name, value in zip(table["name"], table["value"], strict=True):
-            assert shown[name] == f"{value:.3g}", (section, name)
+            # the table shows 3 significant figures, which tabulate writes as a plain number
+            # (1.15e+03 as 1150)
+            assert float(shown[name]) == float(f"{value:.3g}"), (section, name)
+
+
+# --- the measured section on real files (pipeline/benchfolder.py) ------------------------------
+
+
+def _jpeg_folder(out: Path, train: int, test: int) -> dict:
+    from pipeline.benchfolder import build_jpeg_folder
+
+    return build_jpeg_folder(out, {"train": train, "test": test}, source="synthetic",
+                             workers=2, log=lambda line: None)  # fmt: skip
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*.jpg"))}  # fmt: skip
+
+
+def test_jpeg_folder_is_rebuilt_bit_identically(tmp_path: Path) -> None:
+    from PIL import Image
+
+    first = _jpeg_folder(tmp_path / "a", 40, 10)
+    again = _jpeg_folder(tmp_path / "b", 40, 10)
+    assert first["files_sha256"] == again["files_sha256"]
+    files = _files(tmp_path / "a")
+    assert files == _files(tmp_path / "b") and len(files) == 50
+    # a smaller folder is the larger one's first images, byte for byte
+    _jpeg_folder(tmp_path / "c", 20, 5)
+    small = _files(tmp_path / "c")
+    assert len(small) == 25 and all(files[name] == data for name, data in small.items())
+    # <split>/<label:02d>-<class>/<index:05d>.jpg: the sorted class folders are the labels
+    assert {name.split("/")[1] for name in files} == {"00-a", "01-b", "02-c", "03-d", "04-e"}
+    sides, colours = set(), set()
+    for path in sorted((tmp_path / "a").rglob("*.jpg")):
+        with Image.open(path) as image:
+            assert image.format == "JPEG" and image.mode == "RGB"
+            assert image.width == image.height and 140 <= image.width <= 200
+            sides.add(image.width)
+            colours.add(image.getpixel((0, 0)))
+    assert len(sides) > 10 and len(colours) > 10  # drawn per image, not one for all
+    assert (tmp_path / "a" / "RECIPE.json").is_file()
+    # another seed is another folder
+    from pipeline.benchfolder import JpegRecipe, build_jpeg_folder
+
+    other = build_jpeg_folder(tmp_path / "d", {"train": 40, "test": 10}, source="synthetic",
+                              recipe=JpegRecipe(seed=1), workers=1,
+                              log=lambda line: None)  # fmt: skip
+    assert other["files_sha256"] != first["files_sha256"]
+
+
+def test_jpeg_folder_bad_inputs_are_one_line(tmp_path: Path) -> None:
+    from conftest import fails
+
+    fails(invoke("jpeg-folder --data-root", tmp_path / "nothing", "--dest", tmp_path / "f"),
+          "is missing: run 'make data'")  # fmt: skip
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    fails(invoke("jpeg-folder --dest", tmp_path / "full"), "pass --overwrite")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_bench_folder_writes_every_ratio(tmp_path: Path) -> None:
+    large, small = tmp_path / "large", tmp_path / "small"
+    _jpeg_folder(large, 48, 16)
+    _jpeg_folder(small, 24, 8)
+    markdown, csv = tmp_path / "benchmarks.md", tmp_path / "folder.csv"
+    markdown.write_text("# Benchmarks\n\nwritten by hand\n")
+    result = invoke("bench-folder --teacher kd_cnn --student kd_cnn --image-size 16 "
+                    "--batch-size 16 --epochs 3 --repeats 1 --workers 0 --folder", large,
+                    "--small", small, "--out", tmp_path / "work", "--markdown", markdown,
+                    "--csv", csv)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    values = pd.read_csv(csv).set_index("name")["value"]
+    for name in ("rss_cache_teacher_small_MiB", "rss_cache_teacher_large_MiB",
+                 "M1_rss_cache_teacher", "rss_train_student_small_MiB",
+                 "rss_train_student_large_MiB", "M1_rss_train_student",
+                 "cache_teacher_rows_per_s", "timm_loop_rows_per_s", "M2_teacher_rows",
+                 "cached_epoch_s", "hard_epoch_s", "M3_epoch"):  # fmt: skip
+        assert name in values.index, name
+        assert values[name] > 0, name
+    # each ratio is its measured quantities', and a peak RSS is a process's (over 50 MiB
+    # with torch loaded), not a sentinel
+    for command in ("cache_teacher", "train_student"):
+        peaks = values[f"rss_{command}_large_MiB"], values[f"rss_{command}_small_MiB"]
+        assert abs(values[f"M1_rss_{command}"] - peaks[0] / peaks[1]) < 1e-9
+        assert min(peaks) > 50
+    rates = values["cache_teacher_rows_per_s"] / values["timm_loop_rows_per_s"]
+    assert abs(values["M2_teacher_rows"] - rates) < 1e-9
+    assert abs(values["M3_epoch"] - values["cached_epoch_s"] / values["hard_epoch_s"]) < 1e-9
+    # every arm ran in its own process and left its log, and a cache of each folder exists
+    arms = sorted(p.stem for p in (tmp_path / "work" / "arms").glob("*.log"))
+    assert arms == sorted(f"{name}-0" for name in (
+        "timm_loop", "cache_teacher_large", "cache_teacher_small", "hard_large",
+        "student_large", "student_small"))  # fmt: skip
+    for label, count in (("large", 48), ("small", 24)):
+        from pipeline.cache import read_manifest
+
+        assert read_manifest(tmp_path / "work" / f"cache-{label}.zarr").num_samples == count
+    text = markdown.read_text()
+    assert text.startswith("# Benchmarks\n\nwritten by hand\n")
+    assert "<!-- kdpipe:bench-folder-cpu:begin -->" in text and "| M2_teacher_rows" in text
+    assert "kdpipe bench-folder --out " in text and "--teacher kd_cnn" in text
+
+
+def test_bench_folder_bad_inputs_are_one_line(tmp_path: Path) -> None:
+    from conftest import fails
+
+    folder = tmp_path / "folder"
+    _jpeg_folder(folder, 10, 5)
+    base = "bench-folder --teacher kd_cnn --out"
+    fails(invoke(base, tmp_path / "w", "--folder", tmp_path / "missing", "--small", folder),
+          "has no train/ folder: build it with `make jpeg-folder`")  # fmt: skip
+    fails(invoke(base, tmp_path / "w", "--folder", folder, "--small", tmp_path / "missing"),
+          "--small")  # fmt: skip
+    fails(invoke(base, tmp_path / "w", "--folder", folder, "--small", folder), "the same folder")
+    other = tmp_path / "other"
+    _jpeg_folder(other, 10, 5)
+    # --out is replaced: never the data, nor a folder holding it
+    for out in (folder, tmp_path):
+        fails(invoke(base, out, "--folder", folder, "--small", other), str(folder))
+    assert (folder / "RECIPE.json").is_file() and (other / "RECIPE.json").is_file()

@@ -425,6 +425,98 @@ def bench_command(
     bench_report(BenchConfig(**options), markdown_path, csv_path, section=section, log=echo)
 
 
+@main.command("jpeg-folder", context_settings=CONTEXT)
+@click.option("--dest", type=click.Path(), required=True, help="The folder to write.")
+@click.option(
+    "--train-count", type=click.IntRange(min=1), default=50000, help="First N training images."
+)
+@click.option(
+    "--test-count", type=click.IntRange(min=1), default=10000, help="First N test images."
+)
+@click.option("--data-root", type=click.Path(), default="data", help="Holds fashion-mnist/.")
+@click.option("--seed", type=int, default=0, help="Seeds every image's colours and size.")
+@click.option("--quality", type=click.IntRange(1, 95), default=90, help="JPEG quality.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, help="Writing processes.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --dest.")
+@reports_errors
+def jpeg_folder_command(
+    dest: str, train_count: int, test_count: int, data_root: str, seed: int, quality: int,
+    workers: int, overwrite: bool,
+) -> None:  # fmt: skip
+    """Build an image folder of RGB JPEGs (140-200 px) from Fashion-MNIST, bit-identically.
+
+    Image i of a split: its two colours and its side drawn from a generator seeded with
+    (seed, split, i), resized with PIL bicubic, saved at a fixed quality; DEST/RECIPE.json
+    records the recipe and a digest of every file (pipeline/benchfolder.py).
+    """
+    from pipeline.benchfolder import JpegRecipe, build_jpeg_folder
+
+    record = build_jpeg_folder(
+        Path(dest), {"train": train_count, "test": test_count}, data_root=Path(data_root),
+        recipe=JpegRecipe(seed=seed, quality=quality), workers=workers, overwrite=overwrite,
+        log=echo,
+    )  # fmt: skip
+    click.echo(f"{dest}: {train_count} + {test_count} JPEGs, files {record['files_sha256']}")
+
+
+@main.command("bench-folder", context_settings=CONTEXT)
+@click.option("--out", type=click.Path(), required=True, help="Work folder (replaced).")
+@click.option("--folder", type=click.Path(), required=True, help="The large JPEG folder.")
+@click.option("--small", type=click.Path(), required=True,
+              help="The small folder of the memory comparison.")  # fmt: skip
+@click.option(
+    "--teacher",
+    default=None,
+    help="Teacher architecture  [default: resnet10t on the CPU, resnet50 on CUDA]",
+)
+@click.option("--student", default="kd_cnn", help="Student architecture (timm).")
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Decode size of every arm  [default: 32 on the CPU, 224 on CUDA]",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=3),
+    default=3,
+    help="Epochs per student run; the first and the last (evaluated) are not timed.",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=2,
+    help="Rounds of every arm, alternated; the fastest counts.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=2,
+    help="DataLoader processes of every arm, kdpipe's and timm's.",
+)
+@DEVICE_OPTION
+@PRECISION_OPTION
+@table_options(
+    csv_help="Write the rows here.",
+    section=None,
+    section_help="Name of the section's markers  [default: bench-folder-<device>]",
+)
+@reports_errors
+def bench_folder_command(
+    markdown_path: Path | None, csv_path: Path | None, section: str | None, **options: Any
+) -> None:
+    """Measure cache-teacher and train-student on a JPEG folder, each arm a subprocess.
+
+    Peak RSS at the small and the large folder; cache-teacher rows/s against timm's own
+    loader running the same teacher; a cached epoch against a hard-label epoch.
+    """
+    from pipeline.benchfolder import FolderBenchConfig, folder_bench_report
+
+    folder_bench_report(FolderBenchConfig(**options), markdown_path, csv_path,
+                        section=section, log=echo)  # fmt: skip
+
+
 @main.command("export", context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path())
 @click.option(
