@@ -5,6 +5,7 @@ import io
 import json
 import os
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -466,6 +467,22 @@ def test_a_teacher_and_a_student_at_different_sizes_replay_one_view(tmp_path: Pa
     trained = invoke("train-student --model kd_cnn --epochs 1 --alpha 0.5 --image-size 32 --data",
                      root, "--cache", store, "--out", tmp_path / "s")  # fmt: skip
     assert trained.exit_code == 0, trained.output
+    # a student at its own size, smaller than the source: --input-size renders every view at it
+    small = replace(config, input_size=16)
+    plan = plan_run(small, "student", soft, print, World())
+    assert plan.data_config.input_size == (3, 16, 16)
+    gathered = plan.data.gather(rows, 1, 0, config.seed)
+    batch = TrainData.to_model(gathered, plan.data_config, CPU)
+    params = soft.views[rows, view_schedule(len(plan.data), 3, config.seed, 1)[rows]]
+    at_16 = render(source[soft.indices[rows]], params, None, (16, 16))
+    torch.testing.assert_close(batch["inputs"], (at_16 - student_mean) / student_std,
+                               rtol=0, atol=1e-5)  # fmt: skip
+    trained = invoke("train-student --model kd_cnn --epochs 1 --alpha 0.5 --image-size 32 --data",
+                     root, "--cache", store, "--input-size 16 --out", tmp_path / "s16")  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    card = json.loads((tmp_path / "s16" / "model.json").read_text())
+    assert card["data_config"]["input_size"] == [3, 16, 16]
+    assert card["model_kwargs"]["img_size"] == [16, 16]
 
 
 # --- the transfer-set options on a folder --------------------------------------------------------

@@ -331,6 +331,8 @@ def test_bad_pretrained_starts_are_one_line(weights: Path, tmp_path: Path) -> No
     fails(invoke(start, "--pretrained timm:resnet10t --weights", tmp_path / "none.pth"),
           "does not exist")  # fmt: skip
     fails(invoke(start), "Missing option '--model' (or --pretrained SOURCE)", 2)
+    fails(invoke(start, "--pretrained timm:resnet10t --input-size 64 --weights", weights),
+          "--input-size and --pretrained: a pretrained model takes its own input size")  # fmt: skip
     assert not (tmp_path / "r").exists()
 
 

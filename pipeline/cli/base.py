@@ -231,6 +231,14 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
     # longer than a screen on purpose: one entry per option of the three training commands
     options = [
         click.option(
+            "--input-size",
+            type=click.IntRange(min=1),
+            default=None,
+            help="The model's input size S: every image and stored view is rendered at S x S "
+            "from the decoded data (default: the data's size), e.g. a student smaller than "
+            "its teacher.",
+        ),
+        click.option(
             "--model",
             "model",
             help="A timm architecture (resnet18, kd_cnn, kd_mlp_800x2, ...).",

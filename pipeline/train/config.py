@@ -36,6 +36,9 @@ class TrainConfig:
     data_root: str = "data"
     image_size: int | None = None
     channels: int | None = None
+    # the model's own input size S: every image and stored view rendered at S x S from the
+    # decoded source (FKD's rule), so a student need not see the teacher's size
+    input_size: int | None = None
     batch_size: int = 128
     eval_every: int = 1  # test-set evaluation every N epochs (and after the last)
     val_fraction: float | None = None  # hold out these rows of train (validation_rows)
@@ -87,6 +90,14 @@ class TrainConfig:
         checks = (
             (self.epochs >= 1, f"--epochs must be >= 1, not {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, not {self.batch_size}"),
+            (
+                self.input_size is None or self.input_size >= 1,
+                f"--input-size must be >= 1, not {self.input_size}",
+            ),
+            (
+                self.input_size is None or self.pretrained is None,
+                "--input-size and --pretrained: a pretrained model takes its own input size",
+            ),
             (self.eval_every >= 1, f"--eval-every must be >= 1, not {self.eval_every}"),
             (
                 math.isfinite(self.lr) and self.lr > 0,

@@ -111,7 +111,10 @@ def plan_run(
         data, validation = _hold_out(data, train_set, config, soft_labels)
     test_set = _load_test_set(config, classes, log)
     mean, std = train_set.pixel_stats()
-    data_config = DataConfig(input_size=train_set.input_size, mean=mean, std=std)
+    input_size = train_set.input_size
+    if config.input_size is not None:  # the model's own size: views rendered at it
+        input_size = (input_size[0], config.input_size, config.input_size)
+    data_config = DataConfig(input_size=input_size, mean=mean, std=std)
     pretrained = _pretrained(config, kind, train_set)
     if pretrained is not None:  # the weights' own preprocessing, not the dataset's statistics
         data_config = pretrained.data_config
