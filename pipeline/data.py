@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -33,7 +34,9 @@ from pipeline.imagefolder import (
     LazyImages,
     build_index,
     first_image_shape,
+    image_files,
     is_image_file,
+    relative_path,
 )
 from pipeline.imagefolder import pixel_stats as folder_pixel_stats
 from pipeline.shards import ShardImages, ShardIndex, is_shard_spec, open_shards, pack_shards
@@ -305,9 +308,10 @@ def load_image_folder(
             f"{root} has a single class ({classes[0]}): a classifier needs two or more class "
             "folders (a folder of images without class folders is an unlabeled split)"
         )
-    images = sorted(p for p in split_dir.rglob("*") if is_image_file(p))
+    images = image_files(split_dir)
     # exactly one level: an image in a nested folder or at the top has no class
-    dropped = [p for p in images if p.parent.parent != split_dir]
+    top = str(split_dir)
+    dropped = sorted(p for p in images if os.path.dirname(os.path.dirname(p)) != top)
     if dropped:
         raise DatasetError(
             f"{split_dir}: {len(dropped)} image(s) outside a class folder, e.g. {dropped[0]} "
@@ -316,7 +320,7 @@ def load_image_folder(
     if not images:
         raise DatasetError(f"{split_dir} holds no images")
     class_map = {name: index for index, name in enumerate(classes)}
-    samples = [(str(p), class_map[p.parent.name]) for p in images]
+    samples = [(p, class_map[os.path.basename(os.path.dirname(p))]) for p in images]
     counts = np.bincount([label for _, label in samples], minlength=len(classes))
     empty = [classes[i] for i in np.flatnonzero(counts == 0) if (split_dir / classes[i]).is_dir()]
     if empty:
@@ -324,7 +328,7 @@ def load_image_folder(
             f"{split_dir / empty[0]} holds no images ({len(empty)} empty class folder(s)): add "
             "images or remove the folder"
         )
-    samples.sort(key=lambda s: (s[1], Path(s[0]).relative_to(split_dir).as_posix()))
+    samples.sort(key=lambda s: (s[1], relative_path(s[0], split_dir)))
     return _decode(root, split, samples, classes, image_size, channels)
 
 

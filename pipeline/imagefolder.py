@@ -46,6 +46,31 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
+def image_files(top: Path) -> list[str]:
+    """Every image file under ``top`` (:func:`is_image_file`), at any depth, as paths joined
+    onto ``str(top)``, unsorted; symlinked folders are listed, not entered (as
+    ``Path.rglob``). ``os.scandir`` rather than ``rglob``: its entries know their type
+    without a ``stat`` each, so listing 50,000 files takes a tenth of the time."""
+    found, folders = [], [str(top)]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                    found.append(entry.path)
+    return found
+
+
+def relative_path(path: str, split_dir: Path) -> str:
+    """``path`` relative to ``split_dir``, POSIX separators: a string operation where the
+    path was joined onto ``str(split_dir)`` (every listed file), pathlib otherwise."""
+    prefix = str(split_dir) + os.sep
+    if path.startswith(prefix):
+        return path[len(prefix) :].replace(os.sep, "/")
+    return Path(path).relative_to(split_dir).as_posix()
+
+
 def index_path(root: Path, split: str) -> Path:
     """Where a split's index is kept: beside the data, one hidden file per split."""
     return Path(root) / f".kdpipe-index-{split}.json"
@@ -71,7 +96,8 @@ class FolderIndex:
     entries: tuple[IndexEntry, ...]
 
     def paths(self) -> tuple[str, ...]:
-        return tuple(str(self.split_dir / entry.path) for entry in self.entries)
+        top = str(self.split_dir)  # what str(split_dir / path) gives, without a Path each
+        return tuple(os.path.join(top, *entry.path.split("/")) for entry in self.entries)
 
     def labels(self) -> torch.Tensor:
         return torch.tensor([entry.label for entry in self.entries], dtype=torch.int64)
@@ -118,7 +144,7 @@ def build_index(
     entries = []
     progress = tqdm(samples, desc=f"indexing {split_dir}", unit="file", disable=None)
     for path, label in progress:
-        relative = Path(path).relative_to(split_dir).as_posix()
+        relative = relative_path(path, split_dir)
         try:
             stat = os.stat(path)
         except OSError as exc:
