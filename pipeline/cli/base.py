@@ -189,6 +189,13 @@ def data_options(command: Callable[..., Any], required: bool = True) -> Callable
 
 
 DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+INPUT_SIZE_OPTION = click.option(
+    "--input-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="The model's input size S: every image and stored view is rendered at S x S from "
+    "the decoded data (default: the data's size), e.g. a student smaller than its teacher.",
+)
 WORKERS_OPTION = click.option(
     "--workers",
     type=click.IntRange(min=0),
@@ -231,18 +238,11 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
     # longer than a screen on purpose: one entry per option of the three training commands
     options = [
         click.option(
-            "--input-size",
-            type=click.IntRange(min=1),
-            default=None,
-            help="The model's input size S: every image and stored view is rendered at S x S "
-            "from the decoded data (default: the data's size), e.g. a student smaller than "
-            "its teacher.",
-        ),
-        click.option(
             "--model",
             "model",
             help="A timm architecture (resnet18, kd_cnn, kd_mlp_800x2, ...).",
         ),
+        INPUT_SIZE_OPTION,
         click.option("--epochs", type=click.IntRange(min=1), help="Number of epochs."),
         click.option("--out", type=click.Path(), help="Run directory to create."),
         click.option("--batch-size", type=click.IntRange(min=1), default=128),
