@@ -106,16 +106,27 @@ class FolderIndex:
         """Count, classes and a SHA-256 over the decode shape and, per file in canonical
         order, its relative path, label and content digest: renaming, adding, removing or
         editing a file changes it, and so does decoding at another size or channel count."""
-        digest = hashlib.sha256(FINGERPRINT_TAG)
-        digest.update(repr((len(self.entries), *shape)).encode())
-        for entry in self.entries:
-            digest.update(f"{entry.path}\t{entry.label}\t{entry.sha256}\n".encode())
-        return {
-            "count": len(self.entries),
-            "num_classes": len(self.classes),
-            "classes": list(self.classes),
-            "sha256": digest.hexdigest(),
-        }
+        rows = [(entry.path, entry.label, entry.sha256) for entry in self.entries]
+        return index_fingerprint(FINGERPRINT_TAG, rows, self.classes, shape)
+
+
+def index_fingerprint(
+    tag: bytes, rows: Sequence[tuple[str, int, str]], classes: Sequence[str],
+    shape: tuple[int, int, int],
+) -> dict:  # fmt: skip
+    """A dataset's fingerprint from its index: count, classes and a SHA-256 over ``tag``, the
+    count and decode shape, then per row in canonical order its name (a folder's relative
+    path, a shard sample's key), label and content digest. Shared by folders and shards."""
+    digest = hashlib.sha256(tag)
+    digest.update(repr((len(rows), *shape)).encode())
+    for name, label, sha256 in rows:
+        digest.update(f"{name}\t{label}\t{sha256}\n".encode())
+    return {
+        "count": len(rows),
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "sha256": digest.hexdigest(),
+    }
 
 
 def file_digest(path: Path) -> str:

@@ -44,7 +44,13 @@ from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
 
 from pipeline.errors import DatasetError
-from pipeline.imagefolder import IMAGE_EXTENSIONS, LazyImages, check_image, decode_image
+from pipeline.imagefolder import (
+    IMAGE_EXTENSIONS,
+    LazyImages,
+    check_image,
+    decode_image,
+    index_fingerprint,
+)
 
 INDEX_FORMAT = 1
 FINGERPRINT_TAG = b"kdpipe webdataset index 1\n"  # what the shards' fingerprint digest covers
@@ -100,16 +106,8 @@ class ShardIndex:
     def fingerprint(self, shape: tuple[int, int, int]) -> dict:
         """Count, classes and a SHA-256 over the decode shape and, per sample in canonical
         order, its key, label and image digest (the shard it sits in is not covered)."""
-        digest = hashlib.sha256(FINGERPRINT_TAG)
-        digest.update(repr((len(self.entries), *shape)).encode())
-        for entry in self.entries:
-            digest.update(f"{entry.key}\t{entry.label}\t{entry.sha256}\n".encode())
-        return {
-            "count": len(self.entries),
-            "num_classes": len(self.classes),
-            "classes": list(self.classes),
-            "sha256": digest.hexdigest(),
-        }
+        rows = [(entry.key, entry.label, entry.sha256) for entry in self.entries]
+        return index_fingerprint(FINGERPRINT_TAG, rows, self.classes, shape)
 
 
 # --- finding the shards ------------------------------------------------------------------------
