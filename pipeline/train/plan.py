@@ -27,13 +27,14 @@ from pipeline.data import (
 )
 from pipeline.distributed import World
 from pipeline.errors import CacheMismatchError, DatasetError, UsageError
-from pipeline.features import LayerRequest, LayerTaps, resolve_layer
+from pipeline.features import LayerRequest, resolve_layer
 from pipeline.inputs import DataConfig
 from pipeline.pretrained import Pretrained, create_pretrained
 from pipeline.runs import ModelCard, load_model
 from pipeline.runtime import resolve_device
 from pipeline.train.batches import TrainData
 from pipeline.train.config import TrainConfig
+from pipeline.train.step import probe
 
 KINDS = ("teacher", "student", "online-student")
 
@@ -225,11 +226,8 @@ def online_layer(teacher: nn.Module, card: ModelCard, config: TrainConfig) -> Ca
     kind = "attention" if config.feature_loss == "attention" else "features"
     name = resolve_layer(teacher, config.teacher_layer, f"teacher {config.teacher}")
     request = LayerRequest(name, kind)
-    blank = torch.zeros(1, *card.data.input_size, device=next(teacher.parameters()).device)
-    with torch.no_grad(), LayerTaps(teacher.eval(), [request]) as taps:
-        teacher(blank)
-        output = taps.outputs()[request.array]
-    return request.record(output.shape[1:], spatial=output.dim() == 4)
+    shape = probe(teacher, request, card.data.input_size)
+    return request.record(shape, spatial=len(shape) == 3)
 
 
 def _check_online_teacher(config: TrainConfig, card: ModelCard, train_set: ImageSet) -> None:

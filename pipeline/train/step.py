@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,7 @@ class FeatureTerm(nn.Module):
         cannot be compared with is one clear line."""
         who = f"student {config.model}"
         name = resolve_layer(model, config.student_layer, who)
-        shape = _probe(model, name)
+        shape = probe(model, LayerRequest(name, "features"), model.pretrained_cfg["input_size"])
         target = tuple(teacher.shape)
         spatial, wanted = len(shape) == 3, len(target) == 3 or config.feature_loss == "attention"
         if config.feature_loss == "attention":
@@ -86,14 +87,14 @@ class FeatureTerm(nn.Module):
         return feature_loss(self.loss, self.projector(student), target)
 
 
-def _probe(model: nn.Module, layer: str) -> tuple[int, ...]:
-    """The per-sample shape of ``layer``'s output, from one blank forward pass."""
-    data = getattr(model, "pretrained_cfg", {})
-    blank = torch.zeros(1, *data["input_size"], device=next(model.parameters()).device)
+def probe(model: nn.Module, request: LayerRequest, input_size: Sequence[int]) -> tuple[int, ...]:
+    """The per-sample shape of ``request``'s output as its taps give it (the layer's own, or
+    its attention map), from one blank forward pass of ``input_size``."""
+    blank = torch.zeros(1, *input_size, device=next(model.parameters()).device)
     was_training = model.training
-    with torch.no_grad(), LayerTaps(model.eval(), [LayerRequest(layer, "features")]) as taps:
+    with torch.no_grad(), LayerTaps(model.eval(), [request]) as taps:
         model(blank)
-        shape = tuple(taps.captured[layer].shape[1:])
+        shape = tuple(taps.outputs()[request.array].shape[1:])
     model.train(was_training)
     return shape
 
