@@ -128,8 +128,8 @@ class Cache:
         pass that gave the soft targets; what a hint or attention loss of your own needs."""
         layer = self.manifest.layer(kind, name)
         if layer is None:
-            cached = ", ".join(f"{x.name} ({x.kind})" for x in self.layers) or "none"
-            raise UsageError(f"{self.path} has no cached {kind} of layer {name!r}; it has {cached}")
+            raise UsageError(f"{self.path} has no cached {kind} of layer {name!r}; it has "
+                             f"{self.manifest.describe_layers()}")  # fmt: skip
         if self.streamed:
             raise UsageError(f"{self.path}: cached layers are read whole; open it without memory=")
         rows, views = _rows_and_views(rows, views)

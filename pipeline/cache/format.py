@@ -316,6 +316,11 @@ class Manifest:
         """The cached layer of ``kind`` named ``name``, or None."""
         return next((x for x in self.features if (x.kind, x.name) == (kind, name)), None)
 
+    def describe_layers(self) -> str:
+        """The cached layers for a message: ``features.3 (features), features.7 (attention)``,
+        or ``none``."""
+        return ", ".join(f"{x.name} ({x.kind})" for x in self.features) or "none"
+
     @property
     def teacher_generation(self) -> int | None:
         """The generation of the cache's teacher: 0 trained on labels, 1 a student of a

@@ -204,10 +204,9 @@ def _teacher_layer(
                          "NAME for attention)")  # fmt: skip
     layer = manifest.layer(kind, config.teacher_layer)
     if layer is None:
-        cached = ", ".join(f"{x.name} ({x.kind})" for x in manifest.features)
         raise UsageError(f"--teacher-layer {config.teacher_layer}: {soft.path} has no cached "
                          f"{kind} of that layer (--feature-loss {config.feature_loss}); it "
-                         f"has {cached}")  # fmt: skip
+                         f"has {manifest.describe_layers()}")  # fmt: skip
     if isinstance(soft, StreamedSoftLabels):
         raise UsageError("--feature-loss reads the cached layers whole: raise --cache-memory "
                          "so that the cache fits, or drop it")  # fmt: skip
