@@ -190,6 +190,9 @@ class OnlineDistillation:
         )
         self.student, self.teacher = student, teacher
         self.temperature, self.amp, self.feature = temperature, amp, feature
+        # the teacher's layer, tapped as a cache would have stored it (never pooled online)
+        layer = None if feature is None else feature.teacher
+        self.teacher_request = None if layer is None else LayerRequest(layer.name, layer.kind)
 
     def train(self) -> None:
         self.student.train()
@@ -200,16 +203,14 @@ class OnlineDistillation:
     def __call__(self, batch: dict[str, torch.Tensor | None]) -> StepOutput:
         student_taps = teacher_taps = contextlib.nullcontext()
         if self.feature is not None:
-            layer = self.feature.teacher
-            teacher_request = LayerRequest(layer.name, layer.kind)
             student_taps = LayerTaps(self.student, [self.feature.request])
-            teacher_taps = LayerTaps(self.teacher, [teacher_request])
+            teacher_taps = LayerTaps(self.teacher, [self.teacher_request])
         with self.amp, student_taps, teacher_taps:
             output = self.task(batch["inputs"], soft_one_hot(batch, self.student.num_classes))
         loss = output["loss"].float()
         if self.feature is not None:
             tapped = student_taps.captured[self.feature.request.name]
-            target = teacher_taps.outputs()[teacher_request.array].detach()
+            target = teacher_taps.outputs()[self.teacher_request.array].detach()
             loss = loss + self.feature.weight * self.feature(tapped, target)
         return {
             "loss": loss,
