@@ -271,7 +271,7 @@ HINTON_EXPERIMENTS := hinton-table hinton-temperature hinton-3pct hinton-omitted
 
 # the summary at the top of results.md: paper figure, kdpipe figure, ratio and goal per experiment
 hinton-summary: $(HINTON_EXPERIMENTS)
-	$(BIN)/python -m pipeline.goals $(RESULTS)/results --csv $(RESULTS)/results/summary.csv \
+	$(BIN)/python -m kdpipe.goals $(RESULTS)/results --csv $(RESULTS)/results/summary.csv \
 		--markdown $(RESULTS)/results.md
 
 # The two teachers train side by side, then everything else two at a time, each with one
@@ -562,14 +562,14 @@ edge: install data
 	OMP_NUM_THREADS=1 $(MAKE) -j1 edge-tables
 
 edge-tables: $(EDGE_CSVS)
-	$(BIN)/python -m pipeline.export.results $(EDGE_CSVS) --csv docs/results/edge.csv \
+	$(BIN)/python -m kdpipe.export.results $(EDGE_CSVS) --csv docs/results/edge.csv \
 		--markdown docs/results.md --section edge
 
 clean-runs:
 	rm -rf $(RUNS)
 
 cli-docs: install
-	$(BIN)/python -m pipeline.clidoc > docs/cli.md
+	$(BIN)/python -m kdpipe.clidoc > docs/cli.md
 
 # --- fault campaign (issue: crash-safe, verifiable caches) -------------------------------------
 # 20 random SIGKILLs of cache-teacher on a Fashion-MNIST cache, each resumed, and 200 random

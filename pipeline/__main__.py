@@ -1,5 +1,5 @@
-"""``python -m pipeline`` is the ``kdpipe`` command."""
+"""``python -m kdpipe`` is the ``kdpipe`` command."""
 
-from pipeline.cli import main
+from kdpipe.cli import main
 
 main(prog_name="kdpipe")

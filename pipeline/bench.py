@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-
-from pipeline.cache import (
+from kdpipe.cache import (
     Manifest,
     StreamedSoftLabels,
     decoded_bytes,
@@ -37,24 +36,24 @@ from pipeline.cache import (
     read_manifest,
     smallest_budget,
 )
-from pipeline.data import ImageSet, load_dataset, select_rows
-from pipeline.distributed import SINGLE
-from pipeline.errors import UsageError
-from pipeline.flags import flag
-from pipeline.inputs import resolve_precision
-from pipeline.runs import load_model, read_config
-from pipeline.runtime import check_disjoint, resolve_device
-from pipeline.storage import storage_table
-from pipeline.teach import CacheConfig, cache_teacher
-from pipeline.teacher import predict_logits
-from pipeline.train import (
+from kdpipe.data import ImageSet, load_dataset, select_rows
+from kdpipe.distributed import SINGLE
+from kdpipe.errors import UsageError
+from kdpipe.flags import flag
+from kdpipe.inputs import resolve_precision
+from kdpipe.runs import load_model, read_config
+from kdpipe.runtime import check_disjoint, resolve_device
+from kdpipe.storage import storage_table
+from kdpipe.teach import CacheConfig, cache_teacher
+from kdpipe.teacher import predict_logits
+from kdpipe.train import (
     EpochBatches,
     TrainConfig,
     TrainData,
     distill_online,
     train_student,
 )
-from pipeline.train import train_teacher as train_model
+from kdpipe.train import train_teacher as train_model
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -337,7 +336,7 @@ def publish_measured(
     """A measured table (name, value, unit, what) as CSV, and as a Markdown section: the
     command and date that made it and its setting, the machine, the values to 3 figures.
     Shared by ``kdpipe bench`` and ``kdpipe bench-folder``."""
-    from pipeline.publish import machine_line, publish
+    from kdpipe.publish import machine_line, publish
 
     shown = table.assign(value=table["value"].map(lambda v: f"{v:.3g}"))
     publish(

@@ -31,9 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from pipeline.errors import DatasetError, KdpipeError, OutputExistsError, UsageError
-from pipeline.flags import flag
+from kdpipe.errors import DatasetError, KdpipeError, OutputExistsError, UsageError
+from kdpipe.flags import flag
 
 # --- the JPEG folder -----------------------------------------------------------------------------
 
@@ -118,10 +117,9 @@ def build_jpeg_folder(
     each split of ``source``, by :data:`RECIPE`, in ``workers`` processes; then
     ``out/RECIPE.json`` (the recipe, counts, Pillow's versions and a SHA-256 over every
     file's path and digest), which it returns."""
+    from kdpipe.data import load_dataset
     from PIL import __version__ as pillow_version
     from PIL import features
-
-    from pipeline.data import load_dataset
 
     recipe.validate()
     out = Path(out)
@@ -221,7 +219,7 @@ class Measured:
 
 
 def run_arm(spec: dict, work: Path) -> Measured:
-    """One measurement in a fresh ``python -m pipeline.benchfolder`` process: its output in
+    """One measurement in a fresh ``python -m kdpipe.benchfolder`` process: its output in
     ``work/<name>.log``, its result (seconds, rows, its peak RSS) in ``work/<name>.json``."""
     work.mkdir(parents=True, exist_ok=True)
     name = spec["name"]
@@ -229,8 +227,10 @@ def run_arm(spec: dict, work: Path) -> Measured:
     result_file.unlink(missing_ok=True)
     spec = {**spec, "result": str(result_file)}
     with open(log_file, "w") as log:
-        command = [sys.executable, "-m", "pipeline.benchfolder", json.dumps(spec)]
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
+        command = [sys.executable, "-m", "kdpipe.benchfolder", json.dumps(spec)]
+        child = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=_child_env(work)
+        )
         child.wait()
     if child.returncode != 0 or not result_file.exists():
         lines = [line for line in log_file.read_text().splitlines() if line.strip()]
@@ -241,24 +241,31 @@ def run_arm(spec: dict, work: Path) -> Measured:
     return Measured(result["seconds"], result["rows"], result["peak_rss_mib"], result["run_dir"])
 
 
-def _child_env() -> dict[str, str]:
-    """The environment of an arm: this one, with this ``pipeline`` package first on the
-    path, so the arm runs the code the bench runs (not another checkout's install)."""
-    import pipeline
+def _child_env(work: Path) -> dict[str, str]:
+    """The environment of an arm: this one, with the ``kdpipe`` package the bench runs first
+    on the path (a link ``work/.path/kdpipe`` to its folder: the source folder is
+    ``pipeline/``), so the arm runs the same code, not another checkout's install."""
+    import kdpipe
 
-    here = str(Path(pipeline.__file__).resolve().parents[1])
+    package = Path(kdpipe.__file__).resolve().parent
+    path = work / ".path"
+    link = path / "kdpipe"
+    path.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink() or link.resolve() != package:
+        link.unlink(missing_ok=True)
+        link.symlink_to(package, target_is_directory=True)
     rest = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": here + (os.pathsep + rest if rest else "")}
+    return {**os.environ, "PYTHONPATH": str(path) + (os.pathsep + rest if rest else "")}
 
 
 def _arm_main(spec: dict) -> None:
     """The subprocess side of :func:`run_arm`: run one arm, time it from after the imports
     (loading the model and listing the data included), write the result."""
-    from pipeline.data import load_dataset
-    from pipeline.runtime import resolve_device
-    from pipeline.teach import CacheConfig, cache_teacher
-    from pipeline.train import TrainConfig, train_student
-    from pipeline.train import train_teacher as train_model
+    from kdpipe.data import load_dataset
+    from kdpipe.runtime import resolve_device
+    from kdpipe.teach import CacheConfig, cache_teacher
+    from kdpipe.train import TrainConfig, train_student
+    from kdpipe.train import train_teacher as train_model
 
     kind, folder, size, workers = spec["kind"], spec["folder"], spec["image_size"], spec["workers"]
     common = {"data": folder, "image_size": size, "batch_size": spec["batch_size"],
@@ -316,10 +323,9 @@ def _timm_loop(spec: dict, device: object) -> int:
     feeding the same teacher as kdpipe loads it (channels_last, the same precision); the
     logits to the host as ``predict_logits`` keeps them. Returns the rows seen."""
     import torch
+    from kdpipe.inputs import autocast
+    from kdpipe.runs import load_model
     from timm.data import create_dataset, create_loader
-
-    from pipeline.inputs import autocast
-    from pipeline.runs import load_model
 
     model, card = load_model(Path(spec["teacher"]), device)
     data = card.data
@@ -344,13 +350,12 @@ def _timm_loop(spec: dict, device: object) -> int:
 def run_folder_bench(config: FolderBenchConfig, log: Callable[[str], None] = print) -> pd.DataFrame:
     """The measured section: one row per quantity (name, value, unit, what)."""
     import torch
-
-    from pipeline.bench import _epoch_seconds
-    from pipeline.data import load_dataset
-    from pipeline.inputs import resolve_precision
-    from pipeline.runtime import check_disjoint, resolve_device
-    from pipeline.train import TrainConfig
-    from pipeline.train import train_teacher as train_model
+    from kdpipe.bench import _epoch_seconds
+    from kdpipe.data import load_dataset
+    from kdpipe.inputs import resolve_precision
+    from kdpipe.runtime import check_disjoint, resolve_device
+    from kdpipe.train import TrainConfig
+    from kdpipe.train import train_teacher as train_model
 
     config.validate()
     device = resolve_device(config.device)
@@ -468,7 +473,7 @@ def folder_bench_report(
     section: str | None = None, log: Callable[[str], None] = print,
 ) -> pd.DataFrame:  # fmt: skip
     """Run the measured section, then write its CSV and its section of ``markdown_path``."""
-    from pipeline.bench import publish_measured
+    from kdpipe.bench import publish_measured
 
     table = run_folder_bench(config, log)
     attrs = table.attrs

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from pipeline.data import ImageSet, check_same_dataset, validation_rows
-from pipeline.errors import UsageError
-from pipeline.inputs import check_channels
-from pipeline.runs import load_model, read_config, write_json
-from pipeline.runtime import resolve_device
-from pipeline.teacher import predict_logits
+from kdpipe.data import ImageSet, check_same_dataset, validation_rows
+from kdpipe.errors import UsageError
+from kdpipe.inputs import check_channels
+from kdpipe.runs import load_model, read_config, write_json
+from kdpipe.runtime import resolve_device
+from kdpipe.teacher import predict_logits
 
 BIAS_FILE = "bias.json"
 

@@ -8,12 +8,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pandas as pd
-
-from pipeline.cache import MANIFEST_KEY, TeacherMember, Upstream, read_manifest
-from pipeline.data import load_dataset
-from pipeline.errors import KdpipeError, RunDirError
-from pipeline.pretrained import file_sha256, looks_like_source
-from pipeline.runs import load_model, read_card
+from kdpipe.cache import MANIFEST_KEY, TeacherMember, Upstream, read_manifest
+from kdpipe.data import load_dataset
+from kdpipe.errors import KdpipeError, RunDirError
+from kdpipe.pretrained import file_sha256, looks_like_source
+from kdpipe.runs import load_model, read_card
 
 CATALOG_COLUMNS = [
     "path",
@@ -119,7 +118,7 @@ def lineage(
     file starts the chain: file → run → cache → teacher(s) → dataset.
     """
     if Path(run_dir).suffix == ".onnx":
-        from pipeline.export.lineage import file_lineage
+        from kdpipe.export.lineage import file_lineage
 
         return file_lineage(
             Path(run_dir), data_root=data_root, image_size=image_size, channels=channels

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from kdpipe.errors import ManifestError, RunDirError
+from kdpipe.runs import cpu_state, write_json, write_safetensors
 from torch import nn
-
-from pipeline.errors import ManifestError, RunDirError
-from pipeline.runs import cpu_state, write_json, write_safetensors
 
 STATE_FILE = "checkpoint.json"
 BEST_FILE = "best.safetensors"  # early stopping: the best epoch's weights so far

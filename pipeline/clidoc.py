@@ -9,11 +9,10 @@ from __future__ import annotations
 import sys
 
 from click.testing import CliRunner
-
-from pipeline.cli import main
+from kdpipe.cli import main
 
 HEADER = (
-    "Every command below is `kdpipe COMMAND` (or `python -m pipeline COMMAND`). Each block is "
+    "Every command below is `kdpipe COMMAND` (or `python -m kdpipe COMMAND`). Each block is "
     "the command's `--help` output, verbatim; `tests/test_cli.py` fails when a block here "
     "differs from the program's (regenerate with `make cli-docs`). Errors print one line "
     "(`Error: ...`) and exit with status 1; option values that can never work (T ≤ 0, α "
@@ -106,7 +105,7 @@ INTRODUCTIONS = {
         "beside the outputs; `--subset` and `--exclude-classes` choose the transfer set (the "
         "dataset index of every row is stored); `--top-k K` stores the K largest "
         "log-probabilities and their classes; `--ignore-labels` caches no labels. Under "
-        "`torchrun --nproc_per_node N -m pipeline cache-teacher …` each process writes whole "
+        "`torchrun --nproc_per_node N -m kdpipe cache-teacher …` each process writes whole "
         "chunks of its own; the store is byte-identical to a one-process run, and a partial "
         "store resumes with any number of processes. `--precision auto` runs the teacher in "
         "bf16 autocast on CUDA (recorded in the manifest as `precision`; it is part of the "
@@ -136,7 +135,7 @@ INTRODUCTIONS = {
         "larger than `--cache-memory` (decoded) is streamed: whole chunks, in a shuffled order, "
         "rows shuffled within windows of chunks, the next window read ahead in a thread, at most "
         "three windows in memory (per process "
-        "and DataLoader worker). Under `torchrun --nproc_per_node N -m pipeline "
+        "and DataLoader worker). Under `torchrun --nproc_per_node N -m kdpipe "
         "train-student …` the model is wrapped in DistributedDataParallel and each process "
         "takes every N-th row of each batch of `--batch-size` rows (the global batch), its loss "
         "weighted by its share: the same order, views and gradients as one process, apart "
@@ -150,7 +149,7 @@ INTRODUCTIONS = {
         "mapped to the teacher's by a learned 1×1 convolution or linear projector (trained with "
         "the student, kept in its checkpoints, not in the saved model), and the teacher's layer "
         "as the cache holds it for the same view. The same training from your own "
-        "loop: `pipeline.DistillationDataset` and `pipeline.distillation_loss` "
+        "loop: `pipeline.DistillationDataset` and `kdpipe.distillation_loss` "
         "([python-api.md](python-api.md))."
     ),
     "storage": (

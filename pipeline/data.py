@@ -10,9 +10,9 @@ Sources: Fashion-MNIST from its four gzipped IDX files and a deterministic
 synthetic set for tests, both held in memory (their digest covers labels and
 pixels), and image folders (``root/train/<class>/*.png``), listed through timm's
 dataset factory and never decoded whole: their index and rows decoded on demand
-live in :mod:`pipeline.imagefolder`, and their digest covers the index. WebDataset tar
+live in :mod:`kdpipe.imagefolder`, and their digest covers the index. WebDataset tar
 shards (a folder or fsspec URL of ``train-*.tar``/``test-*.tar``) are the same, with a row
-per sample key: :mod:`pipeline.shards`.
+per sample key: :mod:`kdpipe.shards`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
-from pipeline.errors import DatasetError
-from pipeline.imagefolder import (
+from kdpipe.errors import DatasetError
+from kdpipe.imagefolder import (
     FolderImages,
     FolderIndex,
     LazyImages,
@@ -38,8 +36,9 @@ from pipeline.imagefolder import (
     is_image_file,
     relative_path,
 )
-from pipeline.imagefolder import pixel_stats as folder_pixel_stats
-from pipeline.shards import ShardImages, ShardIndex, is_shard_spec, open_shards, pack_shards
+from kdpipe.imagefolder import pixel_stats as folder_pixel_stats
+from kdpipe.shards import ShardImages, ShardIndex, is_shard_spec, open_shards, pack_shards
+from tqdm.auto import tqdm
 
 SPLITS = ("train", "test")
 DEFAULT_DATA_ROOT = Path("data")
@@ -68,8 +67,8 @@ class ImageSet:
 
     ``images`` is a uint8 tensor ``(N, C, H, W)`` for the small sets held in memory
     (Fashion-MNIST, synthetic, a dataset given to the API), or, for an image folder,
-    a :class:`~pipeline.imagefolder.FolderImages` (for shards, a
-    :class:`~pipeline.shards.ShardImages`) that decodes only the rows asked for
+    a :class:`~kdpipe.imagefolder.FolderImages` (for shards, a
+    :class:`~kdpipe.shards.ShardImages`) that decodes only the rows asked for
     (``images[rows]`` is uint8 rows either way); ``index`` is then the folder's or the
     shards' index, which the fingerprint comes from.
     """
@@ -106,7 +105,7 @@ class ImageSet:
 
     def with_workers(self, workers: int) -> ImageSet:
         """This dataset with a folder's rows decoded ahead by ``workers`` DataLoader
-        processes in a pass (:func:`pipeline.imagefolder.batches_of`); the same dataset
+        processes in a pass (:func:`kdpipe.imagefolder.batches_of`); the same dataset
         when it is held in memory."""
         if not self.streamed or workers == self.images.workers:
             return self
@@ -185,7 +184,7 @@ def load_dataset(
     channels: int | None = None,
 ) -> ImageSet:
     """Load ``fashion-mnist``, ``synthetic``, an image folder path or WebDataset shards (a
-    folder, an fsspec URL or a ``{split}`` pattern: :mod:`pipeline.shards`), one split."""
+    folder, an fsspec URL or a ``{split}`` pattern: :mod:`kdpipe.shards`), one split."""
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     if spec == "fashion-mnist":
@@ -289,7 +288,7 @@ def load_image_folder(
     root: Path, split: str, *, image_size: int | None = None, channels: int | None = None
 ) -> ImageSet:
     """An image folder in canonical order: by class name, then by path relative to the
-    split folder. Files are listed by extension (:data:`~pipeline.imagefolder.IMAGE_EXTENSIONS`;
+    split folder. Files are listed by extension (:data:`~kdpipe.imagefolder.IMAGE_EXTENSIONS`;
     other files are ignored), indexed, and decoded only when rows are asked for. Channels
     and size come from the first image unless given; every image is converted to that
     mode and resized to that size.
@@ -348,7 +347,7 @@ def _decode(
     image_size: int | None,
     channels: int | None,
 ) -> ImageSet:
-    """The split as its index and rows decoded on demand (:mod:`pipeline.imagefolder`):
+    """The split as its index and rows decoded on demand (:mod:`kdpipe.imagefolder`):
     nothing is decoded here but the first file's header, for its mode and size."""
     first_channels, first_size = first_image_shape(samples[0][0])
     channels = first_channels if channels is None else channels
@@ -375,7 +374,7 @@ def _decode(
 def load_shards(
     spec: str, split: str, *, image_size: int | None = None, channels: int | None = None
 ) -> ImageSet:
-    """A split of WebDataset shards (:mod:`pipeline.shards`) in canonical order (by sample
+    """A split of WebDataset shards (:mod:`kdpipe.shards`) in canonical order (by sample
     key), as its index and rows read and decoded on demand; channels and size as for an
     image folder (the first image's unless given)."""
     index, images, (first_channels, first_size) = open_shards(spec, split)
@@ -502,7 +501,7 @@ def check_same_dataset(record: dict, dataset: ImageSet, what: str) -> None:
     ``dataset``; the error shows both sides."""
     mismatch = dataset_mismatch(record, dataset)
     if mismatch is not None:
-        from pipeline.errors import CacheMismatchError
+        from kdpipe.errors import CacheMismatchError
 
         raise CacheMismatchError(
             f"{what} was made from another dataset than {dataset.name} {dataset.split}: " + mismatch

@@ -18,8 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-
-from pipeline.errors import KdpipeError, UsageError
+from kdpipe.errors import KdpipeError, UsageError
 
 T = TypeVar("T")
 

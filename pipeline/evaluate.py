@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
-from pipeline.cache import load_soft_labels
-from pipeline.data import ImageSet, check_same_dataset
-from pipeline.errors import CacheMismatchError, UsageError
-from pipeline.inputs import check_channels, prepare_input
-from pipeline.runs import WEIGHTS_FILE, load_model
-from pipeline.runtime import resolve_device
-from pipeline.teacher import load_teacher, predict_logits
+from kdpipe.cache import load_soft_labels
+from kdpipe.data import ImageSet, check_same_dataset
+from kdpipe.errors import CacheMismatchError, UsageError
+from kdpipe.inputs import check_channels, prepare_input
+from kdpipe.runs import WEIGHTS_FILE, load_model
+from kdpipe.runtime import resolve_device
+from kdpipe.teacher import load_teacher, predict_logits
 
 
 def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
@@ -58,7 +57,7 @@ def cpu_speed(
     model: torch.nn.Module, dataset: ImageSet, data_config, batch_size: int = 256
 ) -> dict:
     """Latency of one image (median and p95 of 200 calls) and throughput of batches of 64
-    and of ``batch_size``, on the CPU (the columns :mod:`pipeline.evaluate_onnx` reports)."""
+    and of ``batch_size``, on the CPU (the columns :mod:`kdpipe.evaluate_onnx` reports)."""
     model = model.cpu().eval().to(memory_format=torch.channels_last)
     device = torch.device("cpu")
     single = prepare_input(dataset.images[:1], data_config, device)
@@ -113,12 +112,12 @@ def evaluate_run(
     Agreement with the teacher needs the teacher's predictions on the same
     split: from a cache of that split (``cache``), or by running ``teachers``.
     An exported ``.onnx`` file is evaluated on ONNX Runtime instead
-    (:func:`pipeline.evaluate_onnx.evaluate_onnx`), with the same columns.
+    (:func:`kdpipe.evaluate_onnx.evaluate_onnx`), with the same columns.
     With ``per_class`` the row also has each class's accuracy (:func:`per_class_accuracy`,
     class ids in the order of the model card's ``classes``).
     """
     if Path(run_dir).suffix == ".onnx":
-        from pipeline.evaluate_onnx import evaluate_onnx
+        from kdpipe.evaluate_onnx import evaluate_onnx
 
         return evaluate_onnx(Path(run_dir), dataset, teachers=teachers, cache=cache)
     if teachers and cache is not None:

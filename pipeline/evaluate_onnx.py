@@ -1,6 +1,6 @@
 """Metrics of a deployed model: an exported ``.onnx`` file run by ONNX Runtime's CPU provider.
 
-The same columns as :func:`pipeline.evaluate.evaluate_run` gives a PyTorch run, so
+The same columns as :func:`kdpipe.evaluate.evaluate_run` gives a PyTorch run, so
 a float32 run, its ONNX file and its int8 files compare side by side: accuracy,
 errors, agreement with the teacher, ECE, size on disk, latency p50/p95 at batch 1,
 throughput at batch 64 (and 256), and the thread count both runtimes were given.
@@ -18,17 +18,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-
-from pipeline.data import ImageSet
-from pipeline.errors import CacheMismatchError
-from pipeline.evaluate import _teacher_predictions, quality_columns
-from pipeline.export.onnx import (
+from kdpipe.data import ImageSet
+from kdpipe.errors import CacheMismatchError
+from kdpipe.evaluate import _teacher_predictions, quality_columns
+from kdpipe.export.onnx import (
     file_size_bytes,
     onnx_logits,
     onnx_session,
     read_onnx_card,
 )
-from pipeline.inputs import DataConfig, check_channels, prepare_input
+from kdpipe.inputs import DataConfig, check_channels, prepare_input
 
 
 def onnx_speed(session: Any, dataset: ImageSet, data_config: DataConfig, rounds: int = 200) -> dict:

@@ -7,8 +7,8 @@ A layer is named the way timm names it: a module name of the model's ``feature_i
 (the pooled input of the classifier, ``forward_head(pre_logits=True)``). Outputs are
 captured by forward hooks during the ordinary forward, so the features of a view are
 those of the very pass that gave its logits, never recomputed or transformed after the
-fact. The teacher pass (:mod:`pipeline.teach`) stores them; the student's training step
-(:mod:`pipeline.train.step`) taps its own layer the same way, with gradients.
+fact. The teacher pass (:mod:`kdpipe.teach`) stores them; the student's training step
+(:mod:`kdpipe.train.step`) taps its own layer the same way, with gradients.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from kdpipe.cache import CachedLayer, layer_array
+from kdpipe.errors import UsageError
 from torch import nn
-
-from pipeline.cache import CachedLayer, layer_array
-from pipeline.errors import UsageError
 
 PRE_LOGITS = "pre_logits"
 

@@ -17,7 +17,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from pipeline.errors import DatasetError
+from kdpipe.errors import DatasetError
 
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 DEBIAN_FOLDER = "usr/share/datasets/fashion-mnist"

@@ -28,9 +28,8 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
+from kdpipe.errors import DatasetError
 from tqdm.auto import tqdm
-
-from pipeline.errors import DatasetError
 
 INDEX_FORMAT = 1
 FINGERPRINT_TAG = b"kdpipe image folder index 1\n"  # what the folder fingerprint's digest covers
@@ -309,7 +308,7 @@ def first_image_shape(path: str | BinaryIO, name: str | None = None) -> tuple[in
 
 class LazyImages:
     """Rows of a dataset decoded only when asked for: the common shape of an image folder
-    (:class:`FolderImages`) and WebDataset shards (:class:`pipeline.shards.ShardImages`).
+    (:class:`FolderImages`) and WebDataset shards (:class:`kdpipe.shards.ShardImages`).
 
     Stands where an in-memory dataset's uint8 tensor ``(N, C, H, W)`` stands: ``len``,
     ``shape``, ``dtype`` and ``images[rows]`` (an int, a slice, or an index tensor or

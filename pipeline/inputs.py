@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from pipeline.cache import IDENTITY_VIEW, PRECISIONS, VIEW_COLUMNS
-from pipeline.errors import UsageError
+from kdpipe.cache import IDENTITY_VIEW, PRECISIONS, VIEW_COLUMNS
+from kdpipe.errors import UsageError
 
 # the --precision words a user types, and the resolved precision each means (None: decide
 # by the device); the resolved words are the manifest's (cache.format.PRECISIONS)

@@ -92,7 +92,7 @@ def cosine_feature_loss(projected: torch.Tensor, teacher: torch.Tensor) -> torch
 def attention_transfer_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
     r"""Zagoruyko & Komodakis (2017), "Paying More Attention to Attention" (attention
     transfer): with :math:`Q = \mathrm{vec}(\frac{1}{C}\sum_c A_c^2)` the flattened
-    spatial attention map of a layer (:func:`pipeline.features.attention_map`),
+    spatial attention map of a layer (:func:`kdpipe.features.attention_map`),
 
     .. math:: L_{AT} = \frac{1}{N\,HW} \sum_i \Big\lVert \frac{Q_s^i}{\lVert Q_s^i \rVert_2}
               - \frac{Q_t^i}{\lVert Q_t^i \rVert_2} \Big\rVert_2^2

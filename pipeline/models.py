@@ -15,12 +15,11 @@ from dataclasses import asdict
 
 import timm
 import torch
+from kdpipe.errors import ModelError
+from kdpipe.inputs import DataConfig
 from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
-
-from pipeline.errors import ModelError
-from pipeline.inputs import DataConfig
 
 
 class _FeaturesThenHead(nn.Module):

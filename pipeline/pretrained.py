@@ -30,11 +30,10 @@ import safetensors
 import safetensors.torch
 import timm
 import torch
+from kdpipe.errors import ModelError, UsageError
+from kdpipe.inputs import DataConfig
+from kdpipe.models import check_architecture, state_mismatch, weights_sha256
 from torch import nn
-
-from pipeline.errors import ModelError, UsageError
-from pipeline.inputs import DataConfig
-from pipeline.models import check_architecture, state_mismatch, weights_sha256
 
 SOURCE_KINDS = ("timm", "hf-hub", "local-dir")
 # what a SOURCE looks like: a scheme, a colon, and no "//" (an fsspec URL is a path)

@@ -16,8 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
-
-from pipeline.errors import UsageError
+from kdpipe.errors import UsageError
 
 FORMATS = ("table", "csv", "json")
 

@@ -18,19 +18,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
-
-from pipeline.bias import BIAS_FILE
-from pipeline.cache import read_manifest
-from pipeline.errors import KdpipeError, RunDirError, UsageError
-from pipeline.flags import COMMANDS, REQUIRED_TO_START, flag
-from pipeline.publish import machine_line, publish
-from pipeline.runs import CONFIG_FILE, METRICS_FILE, read_card, read_config
-from pipeline.runtime import check_disjoint
-from pipeline.storage import stored_bytes_per_view
-from pipeline.teach import CacheConfig
-from pipeline.train import TrainConfig
-from pipeline.train.config import LEGACY_DEFAULTS
-from pipeline.views import CROP_SCALE
+from kdpipe.bias import BIAS_FILE
+from kdpipe.cache import read_manifest
+from kdpipe.errors import KdpipeError, RunDirError, UsageError
+from kdpipe.flags import COMMANDS, REQUIRED_TO_START, flag
+from kdpipe.publish import machine_line, publish
+from kdpipe.runs import CONFIG_FILE, METRICS_FILE, read_card, read_config
+from kdpipe.runtime import check_disjoint
+from kdpipe.storage import stored_bytes_per_view
+from kdpipe.teach import CacheConfig
+from kdpipe.train import TrainConfig
+from kdpipe.train.config import LEGACY_DEFAULTS
+from kdpipe.views import CROP_SCALE
 
 SEED_SUFFIX = re.compile(r"-s(\d+)$")
 
@@ -83,7 +82,7 @@ def command_line(config: dict, *, seed_placeholder: bool = False) -> str:
 
 def _qat_command_line(config: dict, *, seed_placeholder: bool) -> str:
     """``kdpipe qat`` from a QAT run's config.json (its ``qat`` entry: the QatConfig)."""
-    from pipeline.export.qat import QatConfig
+    from kdpipe.export.qat import QatConfig
 
     qat = config["qat"]
     defaults = {f.name: f.default for f in fields(QatConfig)}

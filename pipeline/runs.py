@@ -23,15 +23,14 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from kdpipe.cache import utc_now
+from kdpipe.errors import ManifestError, RunDirError, UsageError
+from kdpipe.inputs import CROP_MODES, INTERPOLATIONS, DataConfig
+from kdpipe.models import create_model, param_count, state_mismatch, weights_sha256
+from kdpipe.pretrained import Pretrained, create_pretrained, read_class_names
+from kdpipe.runtime import prepare_output, software_versions
+from kdpipe.spec import check_keys, check_object
 from torch import nn
-
-from pipeline.cache import utc_now
-from pipeline.errors import ManifestError, RunDirError, UsageError
-from pipeline.inputs import CROP_MODES, INTERPOLATIONS, DataConfig
-from pipeline.models import create_model, param_count, state_mismatch, weights_sha256
-from pipeline.pretrained import Pretrained, create_pretrained, read_class_names
-from pipeline.runtime import prepare_output, software_versions
-from pipeline.spec import check_keys, check_object
 
 RUN_FORMAT_VERSION = 1
 CARD_FILE = "model.json"

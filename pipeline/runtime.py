@@ -8,9 +8,8 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-
-from pipeline.cache import Location
-from pipeline.errors import OutputExistsError, UsageError
+from kdpipe.cache import Location
+from kdpipe.errors import OutputExistsError, UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
 

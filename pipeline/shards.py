@@ -18,7 +18,7 @@ meant to be read from an object store), stored beside the shards
 (``.kdpipe-index-<split>.json``) when that location is writable, otherwise kept in
 memory, and reused per shard while the shard's size and modification stamp hold. A
 random row is then one ranged read of its member (a seek locally, an HTTP range request
-on an object store), decoded by :func:`pipeline.imagefolder.decode_image`, its bytes
+on an object store), decoded by :func:`kdpipe.imagefolder.decode_image`, its bytes
 checked against the index's digest. The fingerprint comes from the index (keys, labels,
 digests and the decode shape): adding, removing, editing, relabelling or renaming a
 sample changes it; moving samples between shards (re-sharding) does not.
@@ -41,16 +41,15 @@ import fsspec
 import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
-from tqdm.auto import tqdm
-
-from pipeline.errors import DatasetError
-from pipeline.imagefolder import (
+from kdpipe.errors import DatasetError
+from kdpipe.imagefolder import (
     IMAGE_EXTENSIONS,
     LazyImages,
     check_image,
     decode_image,
     index_fingerprint,
 )
+from tqdm.auto import tqdm
 
 INDEX_FORMAT = 1
 FINGERPRINT_TAG = b"kdpipe webdataset index 1\n"  # what the shards' fingerprint digest covers
@@ -313,7 +312,7 @@ def _write_stored(fs: fsspec.AbstractFileSystem, path: str, classes: tuple[str, 
 
 
 class ShardImages(LazyImages):
-    """The pixels of a sharded split (see :class:`~pipeline.imagefolder.LazyImages`): row
+    """The pixels of a sharded split (see :class:`~kdpipe.imagefolder.LazyImages`): row
     *i* is the index's sample *i*, one ranged read of its image member, checked against
     the member's digest, then decoded."""
 
@@ -364,7 +363,7 @@ def open_shards(
 ) -> tuple[ShardIndex, ShardImages, tuple[int, tuple[int, int]]]:
     """The split's index, its rows (decoded on demand, at the first image's channels and
     size until the caller says otherwise) and the first image's (channels, (H, W))."""
-    from pipeline.imagefolder import first_image_shape
+    from kdpipe.imagefolder import first_image_shape
 
     index, fs = build_index(spec, split)
     images = ShardImages(fs, index.root, index.entries, 3, (1, 1))

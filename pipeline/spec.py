@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import MISSING, fields
 from typing import Any
 
-from pipeline.errors import ManifestError
+from kdpipe.errors import ManifestError
 
 
 def check_object(data: Any, where: str) -> dict:

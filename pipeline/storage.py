@@ -17,9 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 import zarr
-from tqdm.auto import tqdm
-
-from pipeline.cache import (
+from kdpipe.cache import (
     Dense,
     array_codecs,
     index_dtype,
@@ -27,7 +25,8 @@ from pipeline.cache import (
     read_manifest,
     reconstruct_top_k,
 )
-from pipeline.errors import KdpipeError, UsageError
+from kdpipe.errors import KdpipeError, UsageError
+from tqdm.auto import tqdm
 
 
 def _stored_bytes(arrays: dict[str, np.ndarray], chunk_rows: int) -> int:
@@ -153,8 +152,8 @@ def storage_report(
     """Measure the table, then write the CSV and the Markdown section (with its command)."""
     from datetime import UTC, datetime
 
-    from pipeline.publish import machine_line, publish
-    from pipeline.runtime import check_disjoint
+    from kdpipe.publish import machine_line, publish
+    from kdpipe.runtime import check_disjoint
 
     for output in (csv_path, markdown_path):
         if output is not None:

@@ -1,7 +1,7 @@
 """Stage one: run the teacher (or an ensemble) once and store its soft labels.
 
 This is where a teacher meets the cache: the teacher is loaded and run by
-:mod:`pipeline.teacher`, values go to the store (:mod:`pipeline.cache`), and
+:mod:`kdpipe.teacher`, values go to the store (:mod:`kdpipe.cache`), and
 neither knows about the other.
 """
 
@@ -15,9 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
-from pipeline.cache import (
+from kdpipe.cache import (
     COMBINE_RULES,
     FORMAT_VERSION,
     STATUS_COMPLETE,
@@ -38,9 +36,9 @@ from pipeline.cache import (
     temperature_problem,
     utc_now,
 )
-from pipeline.data import ImageSet, select_rows, source_folder
-from pipeline.distributed import World, current_world
-from pipeline.errors import (
+from kdpipe.data import ImageSet, select_rows, source_folder
+from kdpipe.distributed import World, current_world
+from kdpipe.errors import (
     CacheMismatchError,
     ManifestError,
     NotACacheError,
@@ -48,17 +46,18 @@ from pipeline.errors import (
     TeacherOutputError,
     UsageError,
 )
-from pipeline.features import LayerRequest, LayerTaps
-from pipeline.inputs import resolve_precision
-from pipeline.runtime import (
+from kdpipe.features import LayerRequest, LayerTaps
+from kdpipe.inputs import resolve_precision
+from kdpipe.runtime import (
     check_disjoint,
     prepare_output,
     quiet,
     resolve_device,
     software_versions,
 )
-from pipeline.teacher import Teacher, load_teacher
-from pipeline.views import PLAIN, ViewPolicy, sample_views
+from kdpipe.teacher import Teacher, load_teacher
+from kdpipe.views import PLAIN, ViewPolicy, sample_views
+from tqdm.auto import tqdm
 
 
 @dataclass(frozen=True, kw_only=True)

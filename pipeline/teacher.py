@@ -4,7 +4,7 @@ an ensemble's members are combined.
 Every pass of a model over images or stored views goes through
 :func:`predict_logits`: the teacher pass that writes a cache, ``verify
 --recompute``, agreement in ``evaluate``, and the scoring of students during
-training. Its inputs come from :mod:`pipeline.inputs`, the function the student's
+training. Its inputs come from :mod:`kdpipe.inputs`, the function the student's
 training loop calls with the same view parameters. Nothing here writes a cache.
 """
 
@@ -17,17 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kdpipe.cache import COMBINE_RULES, TeacherMember, Upstream, read_manifest
+from kdpipe.data import ImageSet
+from kdpipe.errors import CacheMismatchError, KdpipeError, UsageError
+from kdpipe.features import LayerRequest, LayerTaps, resolve_layer
+from kdpipe.imagefolder import LazyImages, batches_of
+from kdpipe.inputs import DataConfig, autocast, check_channels, view_input
+from kdpipe.pretrained import looks_like_source
+from kdpipe.runs import ModelCard, load_model, open_pretrained
 from torch import nn
 from tqdm.auto import tqdm
-
-from pipeline.cache import COMBINE_RULES, TeacherMember, Upstream, read_manifest
-from pipeline.data import ImageSet
-from pipeline.errors import CacheMismatchError, KdpipeError, UsageError
-from pipeline.features import LayerRequest, LayerTaps, resolve_layer
-from pipeline.imagefolder import LazyImages, batches_of
-from pipeline.inputs import DataConfig, autocast, check_channels, view_input
-from pipeline.pretrained import looks_like_source
-from pipeline.runs import ModelCard, load_model, open_pretrained
 
 
 @dataclass(frozen=True)
@@ -178,7 +177,7 @@ def upstream_of(card: ModelCard) -> Upstream | None:
 
 def load_teacher(sources: Sequence[str | Path], device: torch.device) -> Teacher:
     """Load every member once: a run directory (weights hash checked by
-    :func:`pipeline.runs.load_model`), or a SOURCE (``timm:ARCH``, ``hf-hub:ORG/NAME``,
+    :func:`kdpipe.runs.load_model`), or a SOURCE (``timm:ARCH``, ``hf-hub:ORG/NAME``,
     ``local-dir:PATH``) imported on the fly through timm, its source recorded in its card."""
     if not sources:
         raise UsageError("at least one --teacher run directory or SOURCE is needed")
@@ -238,11 +237,11 @@ def predict_logits(
     taps: LayerTaps | None = None,
 ) -> torch.Tensor:
     """float32 logits on the CPU, the model in eval mode, its forward passes in
-    ``precision`` (:func:`pipeline.inputs.autocast`).
+    ``precision`` (:func:`kdpipe.inputs.autocast`).
 
     One row per image of ``images``, or per dataset index of ``rows``; with
     ``params`` (and ``partners``), each row is the stored view those parameters
-    describe, rendered by :func:`pipeline.inputs.view_input`. ``progress`` names the pass
+    describe, rendered by :func:`kdpipe.inputs.view_input`. ``progress`` names the pass
     in a progress bar. With ``taps`` (hooks on ``model``), each batch's layer outputs
     are collected from the same forward as its logits (:meth:`LayerTaps.take`).
     """

@@ -19,9 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import zarr
-from tqdm.auto import tqdm
-
-from pipeline.cache import (
+from kdpipe.cache import (
     DIGEST_BYTES,
     DIGESTS,
     PROGRESS,
@@ -34,10 +32,11 @@ from pipeline.cache import (
     digest_matches,
     read_manifest,
 )
-from pipeline.data import ImageSet, dataset_mismatch
-from pipeline.errors import KdpipeError, UsageError
-from pipeline.features import LayerRequest, LayerTaps
-from pipeline.runtime import resolve_device
+from kdpipe.data import ImageSet, dataset_mismatch
+from kdpipe.errors import KdpipeError, UsageError
+from kdpipe.features import LayerRequest, LayerTaps
+from kdpipe.runtime import resolve_device
+from tqdm.auto import tqdm
 
 # float16 keeps 11 significant bits: a row's logsumexp drifts by up to ~1e-3 per
 # term near 0; 2e-2 leaves room for 10+ classes without hiding real damage.
@@ -297,7 +296,7 @@ def _recompute(
     report: VerifyReport,
 ) -> None:
     """A fresh teacher pass over every view of ``count`` random rows, against the store."""
-    from pipeline.teacher import load_teacher
+    from kdpipe.teacher import load_teacher
 
     torch_device = resolve_device(device)
     teacher = load_teacher(teachers, torch_device)

@@ -9,7 +9,7 @@ teacher labels a view at its input size, the student replays it at its own.
 
 One view is a row of the cache format's ``VIEW_FIELDS`` (float32) plus a partner
 index (int64, -1 when there is no mixing). ``docs/cache-format.md`` documents both;
-:func:`pipeline.inputs.render` replays a view at any model's input size.
+:func:`kdpipe.inputs.render` replays a view at any model's input size.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from pipeline.cache import IDENTITY_VIEW, VIEW_COLUMNS
-from pipeline.errors import UsageError
+from kdpipe.cache import IDENTITY_VIEW, VIEW_COLUMNS
+from kdpipe.errors import UsageError
 
 AUGMENTS = ("none", "flip", "shift-flip", "crop-flip")
 MIXES = ("none", "mixup", "cutmix")

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-
-from pipeline.cache import CHECKSUM_KEY, MANIFEST_KEY, manifest_checksum
-from pipeline.cli import main
+from kdpipe.cache import CHECKSUM_KEY, MANIFEST_KEY, manifest_checksum
+from kdpipe.cli import main
 
 
 def edit_manifest(store: Path, **changes: object) -> None:

@@ -22,15 +22,15 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.errors import KdpipeError
-from pipeline.publish import machine_line, replace_section
+from kdpipe.errors import KdpipeError
+from kdpipe.publish import machine_line, replace_section
 
 
 def cache_command(args: argparse.Namespace, out: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "pipeline",
+        "kdpipe",
         "cache-teacher",
         "--teacher",
         args.teacher,
@@ -153,8 +153,8 @@ def tally(counts: dict[str, list[int]], kind: str, by_verify: bool, by_reader: b
 
 def detected(store: Path) -> tuple[bool, bool]:
     """Whether ``kdpipe verify`` and the training reader each refuse the store."""
-    from pipeline.cache import load_soft_labels
-    from pipeline.verify import verify_cache
+    from kdpipe.cache import load_soft_labels
+    from kdpipe.verify import verify_cache
 
     by_verify = not verify_cache(store).ok
     try:

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Used for the layout change (issue 13): run it on two checkouts and diff OUT/parity.txt.
 # Parity for the layout refactor: the same caches and students before and after.
-# usage: run.sh OUT   (run from the repo root; uses python -m pipeline)
+# usage: run.sh OUT   (run from the repo root; uses python -m kdpipe)
 set -euo pipefail
 OUT=$1; rm -rf "$OUT"; mkdir -p "$OUT"
-K="python -m pipeline"
+K="python -m kdpipe"
 export OMP_NUM_THREADS=1
 D="--data synthetic"
 $K train-teacher --model kd_cnn $D --epochs 2 --out $OUT/t >/dev/null

@@ -12,18 +12,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import kdpipe as kd
 import pandas as pd
 import pytest
 import torch
 from conftest import cache, invoke, student
+from kdpipe.cache import StreamedSoftLabels, load_soft_labels, retemper, smallest_budget
+from kdpipe.inputs import render
+from kdpipe.views import view_schedule
 from PIL import Image
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-
-import pipeline as kd
-from pipeline.cache import StreamedSoftLabels, load_soft_labels, retemper, smallest_budget
-from pipeline.inputs import render
-from pipeline.views import view_schedule
 
 DOCS = Path(__file__).parents[1] / "docs"
 
@@ -59,7 +58,7 @@ def caches(teacher_run: Path, train_cache: Path, tmp_path_factory: pytest.TempPa
 
 def test_the_public_surface_is_all_documented() -> None:
     """__all__ is the surface: each name resolves, has its own docstring and is on the
-    API page; nothing else is exported, and importing pipeline does not import torch."""
+    API page; nothing else is exported, and importing kdpipe does not import torch."""
     assert set(kd.__all__) == {"__version__", *kd._SURFACE}
     page = (DOCS / "python-api.md").read_text()
     for name in kd._SURFACE:
@@ -71,7 +70,7 @@ def test_the_public_surface_is_all_documented() -> None:
     with pytest.raises(AttributeError):
         kd.plan_run  # noqa: B018 (internal: not on the surface)
     light = subprocess.run(
-        [sys.executable, "-c", "import sys, pipeline; print('torch' in sys.modules)"],
+        [sys.executable, "-c", "import sys, kdpipe; print('torch' in sys.modules)"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert light.stdout.strip() == "False"
@@ -310,7 +309,7 @@ def test_a_run_is_watched_in_mlflow_and_a_resumed_run_continues_it(
                             log="mlflow")  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         kd.train_student(config, log=interrupted_after(2))
-    from pipeline.train import resume_training
+    from kdpipe.train import resume_training
 
     card = resume_training(run)
     uri = (run / "mlruns").resolve().as_uri()
@@ -340,7 +339,7 @@ def test_a_run_saved_before_log_existed_resumes(caches: dict, tmp_path: Path) ->
     saved = json.loads((run / "config.json").read_text())
     del saved["log"], saved["log_dir"]
     (run / "config.json").write_text(json.dumps(saved))
-    from pipeline.train import resume_training
+    from kdpipe.train import resume_training
 
     assert resume_training(run).weights_sha256 == whole.weights_sha256
 
@@ -386,7 +385,7 @@ def test_report_plots_training_curves_per_group(caches: dict, tmp_path: Path) ->
         "![training curves: test errors and loss terms against the epoch](all.png)"
         in (tmp_path / "results.md").read_text()
     )
-    from pipeline.report import training_curves
+    from kdpipe.report import training_curves
 
     curves = training_curves([tmp_path / "soft-s0", tmp_path / "soft-s1"])
     assert len(curves) == 4 and set(curves["group"]) == {"soft"}
@@ -397,7 +396,7 @@ def test_report_plots_training_curves_per_group(caches: dict, tmp_path: Path) ->
 def test_cached_layers_are_read_per_row_and_view_or_refused_in_one_line(
     teacher_run: Path, tmp_path: Path
 ) -> None:
-    from pipeline.cache import decoded_bytes, load_soft_labels, read_manifest
+    from kdpipe.cache import decoded_bytes, load_soft_labels, read_manifest
 
     out = tmp_path / "layers.zarr"
     made = cache(

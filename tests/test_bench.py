@@ -62,7 +62,7 @@ def test_committed_benchmarks_match_their_csvs() -> None:
 
 
 def _jpeg_folder(out: Path, train: int, test: int) -> dict:
-    from pipeline.benchfolder import build_jpeg_folder
+    from kdpipe.benchfolder import build_jpeg_folder
 
     return build_jpeg_folder(out, {"train": train, "test": test}, source="synthetic",
                              workers=2, log=lambda line: None)  # fmt: skip
@@ -97,7 +97,7 @@ def test_jpeg_folder_is_rebuilt_bit_identically(tmp_path: Path) -> None:
     assert len(sides) > 10 and len(colours) > 10  # drawn per image, not one for all
     assert (tmp_path / "a" / "RECIPE.json").is_file()
     # another seed is another folder
-    from pipeline.benchfolder import JpegRecipe, build_jpeg_folder
+    from kdpipe.benchfolder import JpegRecipe, build_jpeg_folder
 
     other = build_jpeg_folder(tmp_path / "d", {"train": 40, "test": 10}, source="synthetic",
                               recipe=JpegRecipe(seed=1), workers=1,
@@ -150,7 +150,7 @@ def test_bench_folder_writes_every_ratio(tmp_path: Path) -> None:
         "timm_loop", "cache_teacher_large", "cache_teacher_small", "hard_large",
         "student_large", "student_small"))  # fmt: skip
     for label, count in (("large", 48), ("small", 24)):
-        from pipeline.cache import read_manifest
+        from kdpipe.cache import read_manifest
 
         assert read_manifest(tmp_path / "work" / f"cache-{label}.zarr").num_samples == count
     text = markdown.read_text()

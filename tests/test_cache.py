@@ -8,12 +8,11 @@ import pytest
 import torch
 import zarr
 from conftest import edit_manifest
-
-from pipeline.cache import Manifest, load_soft_labels, read_manifest, retemper
-from pipeline.data import make_synthetic
-from pipeline.errors import CacheError, CacheIncompleteError, ManifestError, NotACacheError
-from pipeline.runs import load_model
-from pipeline.teacher import combine_members, predict_logits
+from kdpipe.cache import Manifest, load_soft_labels, read_manifest, retemper
+from kdpipe.data import make_synthetic
+from kdpipe.errors import CacheError, CacheIncompleteError, ManifestError, NotACacheError
+from kdpipe.runs import load_model
+from kdpipe.teacher import combine_members, predict_logits
 
 
 def test_stored_values_are_the_teachers_log_softmax_at_t(
@@ -123,7 +122,7 @@ def test_incomplete_and_foreign_stores_are_refused(train_cache: Path, tmp_path: 
 
 
 def test_cache_id_depends_on_what_produced_the_values(train_cache: Path) -> None:
-    from pipeline.cache import derive_cache_id
+    from kdpipe.cache import derive_cache_id
 
     manifest = read_manifest(train_cache)
     assert derive_cache_id(manifest) == manifest.cache_id

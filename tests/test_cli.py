@@ -10,10 +10,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner, Result
 from conftest import cache, edit_manifest, invoke, student
+from kdpipe.cli import main
+from kdpipe.runs import read_card
 from PIL import Image
-
-from pipeline.cli import main
-from pipeline.runs import read_card
 
 
 def manifest_of(store: Path) -> dict:
@@ -174,8 +173,8 @@ def test_out_of_range_options(
 
 
 def test_library_rejects_bad_values_too(train_cache: Path, tmp_path: Path) -> None:
-    from pipeline.errors import UsageError
-    from pipeline.train import TrainConfig, train_student
+    from kdpipe.errors import UsageError
+    from kdpipe.train import TrainConfig, train_student
 
     for bad, message in (
         ({"alpha": 2.0}, "--alpha must be in"),
@@ -217,8 +216,7 @@ def test_not_a_cache_and_incomplete_cache(train_cache: Path, tmp_path: Path) -> 
 
 def test_nan_teacher_outputs_stop_the_pass(teacher_run: Path, tmp_path: Path) -> None:
     import safetensors.torch
-
-    from pipeline.models import create_model, weights_sha256
+    from kdpipe.models import create_model, weights_sha256
 
     broken = tmp_path / "nan-teacher"
     shutil.copytree(teacher_run, broken)

@@ -6,11 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kdpipe import fetch
+from kdpipe.data import fingerprint, load_dataset, make_synthetic
+from kdpipe.errors import DatasetError
 from PIL import Image
-
-from pipeline import fetch
-from pipeline.data import fingerprint, load_dataset, make_synthetic
-from pipeline.errors import DatasetError
 
 
 def test_synthetic_is_deterministic_and_pinned() -> None:

@@ -12,9 +12,8 @@ import numpy as np
 import safetensors.torch
 import torch
 from conftest import cache, edit_manifest, invoke
+from kdpipe.cache import load_soft_labels, read_manifest
 from test_resume import chunk_files
-
-from pipeline.cache import load_soft_labels, read_manifest
 
 
 def kdpipe(*args: str | Path, processes: int = 1) -> subprocess.CompletedProcess:
@@ -24,7 +23,7 @@ def kdpipe(*args: str | Path, processes: int = 1) -> subprocess.CompletedProcess
         launcher += ["-m", "torch.distributed.run", "--standalone",
                      f"--nproc_per_node={processes}"]  # fmt: skip
     result = subprocess.run(
-        [*launcher, "-m", "pipeline", *map(str, args)], capture_output=True, text=True
+        [*launcher, "-m", "kdpipe", *map(str, args)], capture_output=True, text=True
     )
     return result
 

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import kdpipe.export.quantize as quantize_module
 import numpy as np
 import onnx
 import pandas as pd
@@ -13,16 +14,14 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import cache, invoke, student
+from kdpipe.cache import load_soft_labels
+from kdpipe.data import load_dataset
+from kdpipe.export import calibration_set, onnx_logits, onnx_session, read_onnx_card
+from kdpipe.inputs import prepare_input
+from kdpipe.runs import load_model, read_card
+from kdpipe.teacher import predict_logits
 from timm.models import register_model
 from torch import nn
-
-import pipeline.export.quantize as quantize_module
-from pipeline.cache import load_soft_labels
-from pipeline.data import load_dataset
-from pipeline.export import calibration_set, onnx_logits, onnx_session, read_onnx_card
-from pipeline.inputs import prepare_input
-from pipeline.runs import load_model, read_card
-from pipeline.teacher import predict_logits
 
 
 class BesselNet(nn.Module):
@@ -349,9 +348,8 @@ def test_the_qat_graph_trains_like_the_float_model(kd_student: Path) -> None:
     """With fake quantization off, the prepared PT2E graph in train mode computes what the
     float32 model computes in train mode: no dropout rewritten to p=0.5 (torchao 0.18's
     train/eval switch does that to every dropout it finds), BatchNorm on batch statistics."""
+    from kdpipe.export.qat import prepare_qat
     from torchao.quantization.pt2e import disable_fake_quant
-
-    from pipeline.export.qat import prepare_qat
 
     model, card = load_model(kd_student)
     images = load_dataset("synthetic", "train").images[:64]
@@ -385,7 +383,7 @@ def test_qat_refuses_bad_input(
 
 
 def test_edge_table_groups_seeds_and_measures_the_goals() -> None:
-    from pipeline.export.results import arm_of, edge_table, goals
+    from kdpipe.export.results import arm_of, edge_table, goals
 
     assert arm_of("runs/edge/kd-s1.int8.onnx") == "kd"
     assert arm_of("runs/edge/qad-s2/model.int8.onnx") == "qad"

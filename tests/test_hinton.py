@@ -13,13 +13,12 @@ import pandas as pd
 import pytest
 import torch
 from conftest import cache, invoke, student
-
-from pipeline.data import load_dataset, validation_rows
-from pipeline.errors import DatasetError, ManifestError, UsageError
-from pipeline.report import report, to_markdown
-from pipeline.runs import load_model
-from pipeline.teacher import predict_logits
-from pipeline.train import TrainConfig, resume_training, train_student
+from kdpipe.data import load_dataset, validation_rows
+from kdpipe.errors import DatasetError, ManifestError, UsageError
+from kdpipe.report import report, to_markdown
+from kdpipe.runs import load_model
+from kdpipe.teacher import predict_logits
+from kdpipe.train import TrainConfig, resume_training, train_student
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import cache, fails, invoke, snapshot, student
+from kdpipe.data import load_dataset
+from kdpipe.runs import read_card
+from kdpipe.train import TrainConfig, resume_training, train_student
 from PIL import Image
-
-from pipeline.data import load_dataset
-from pipeline.runs import read_card
-from pipeline.train import TrainConfig, resume_training, train_student
 
 
 class Killed(Exception):
@@ -258,7 +257,7 @@ def test_tune_bias_refuses_a_grid_too_large_to_try(train_cache: Path, tmp_path: 
 def test_report_names_the_test_split_size_and_the_cache_chunking(
     teacher_run: Path, tmp_path: Path
 ) -> None:
-    from pipeline.report import cache_command, collect, summarize, to_markdown
+    from kdpipe.report import cache_command, collect, summarize, to_markdown
 
     made = cache(teacher_run, tmp_path / "c.zarr", "--temperature 2 --chunk-size 100")
     assert made.exit_code == 0

@@ -33,14 +33,14 @@ def test_only_the_cli_imports_click() -> None:
 def test_the_cache_package_is_imported_through_its_surface_and_knows_no_models() -> None:
     for name, found in modules().items():
         inside = name.startswith("pipeline/cache/")
-        private = {m for m in found if m.startswith("pipeline.cache.")}
-        assert inside or not private, f"{name} imports {private}: use pipeline.cache"
+        private = {m for m in found if m.startswith("kdpipe.cache.")}
+        assert inside or not private, f"{name} imports {private}: use kdpipe.cache"
         if inside:
             knows = {
                 m
                 for m in found
-                if m.startswith("pipeline.")
-                and not m.startswith(("pipeline.cache", "pipeline.errors", "pipeline.spec"))
+                if m.startswith("kdpipe.")
+                and not m.startswith(("kdpipe.cache", "kdpipe.errors", "kdpipe.spec"))
             }
             assert not knows, f"{name} imports {knows}: the cache knows no models"
 
@@ -61,3 +61,18 @@ def test_no_function_is_much_longer_than_a_screen() -> None:
                 if length > 90:
                     too_long.append(f"{path.name}:{node.name} ({length} lines)")
     assert not too_long, too_long
+
+
+def test_every_package_folder_is_installed_as_kdpipe() -> None:
+    """The source folder is pipeline/, the import name kdpipe: setuptools cannot rename a
+    folder it finds, so pyproject.toml lists the packages; a new folder must be added."""
+    import tomllib
+
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    folders = {
+        ".".join(("kdpipe", *init.parent.relative_to(PACKAGE).parts))
+        for init in PACKAGE.rglob("__init__.py")
+    }
+    assert pyproject["tool"]["setuptools"]["package-dir"] == {"kdpipe": "pipeline"}
+    assert listed == folders, f"pyproject.toml's packages differ: {sorted(listed ^ folders)}"

@@ -4,11 +4,10 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from kdpipe.errors import ModelError
+from kdpipe.inputs import DataConfig
+from kdpipe.models import create_model, param_count, weights_sha256
 from timm.data import resolve_data_config
-
-from pipeline.errors import ModelError
-from pipeline.inputs import DataConfig
-from pipeline.models import create_model, param_count, weights_sha256
 
 GRAY28 = DataConfig(input_size=(1, 28, 28), mean=(0.3,), std=(0.35,))
 

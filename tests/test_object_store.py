@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import zarr
 from conftest import cache, invoke, student
-
-from pipeline.cache import (
+from kdpipe.cache import (
     CHECKSUM_KEY,
     MANIFEST_KEY,
     load_soft_labels,

@@ -16,14 +16,13 @@ import safetensors.torch
 import timm
 import torch
 from conftest import fails, invoke, snapshot
+from kdpipe.cache import load_soft_labels, read_manifest
+from kdpipe.data import load_dataset
+from kdpipe.export.onnx import read_onnx_card
+from kdpipe.inputs import DataConfig, prepare_input
+from kdpipe.models import weights_sha256
+from kdpipe.runs import load_model, read_card
 from PIL import Image
-
-from pipeline.cache import load_soft_labels, read_manifest
-from pipeline.data import load_dataset
-from pipeline.export.onnx import read_onnx_card
-from pipeline.inputs import DataConfig, prepare_input
-from pipeline.models import weights_sha256
-from pipeline.runs import load_model, read_card
 
 ARCH = "resnet10t"
 NUM_CLASSES = 3
@@ -475,7 +474,7 @@ class Killed(Exception):
 def test_a_killed_fine_tune_resumes_to_the_same_weights(weights: Path, tmp_path: Path) -> None:
     """--resume of a --pretrained run: config.json names the source and the file, the
     checkpoint holds the rest; it ends as an uninterrupted run does."""
-    from pipeline.train import TrainConfig, resume_training, train_teacher
+    from kdpipe.train import TrainConfig, resume_training, train_teacher
 
     folder = rgb_folder(tmp_path / "imgs")
 

@@ -18,10 +18,9 @@ import safetensors.torch
 import timm
 import torch
 from conftest import fails, invoke
+from kdpipe.cache import read_manifest
+from kdpipe.runs import read_card
 from PIL import Image
-
-from pipeline.cache import read_manifest
-from pipeline.runs import read_card
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 MARKER = "<!-- tests/test_readme.py runs the next block"

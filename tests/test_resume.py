@@ -14,15 +14,14 @@ import numpy as np
 import pytest
 import zarr
 from conftest import cache, edit_manifest
-
-from pipeline.cache import load_soft_labels, read_manifest
+from kdpipe.cache import load_soft_labels, read_manifest
 
 
 def command(teacher: Path, out: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "pipeline",
+        "kdpipe",
         "cache-teacher",
         "--data",
         "synthetic",
@@ -151,7 +150,7 @@ def student_command(cache_path: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "pipeline",
+        "kdpipe",
         "train-student",
         "--model",
         "kd_cnn",
@@ -185,8 +184,7 @@ def test_train_student_killed_then_resumed_matches_uninterrupted(
     train_cache: Path, tmp_path: Path
 ) -> None:
     import pandas as pd
-
-    from pipeline.runs import read_card
+    from kdpipe.runs import read_card
 
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run(
@@ -206,7 +204,7 @@ def test_train_student_killed_then_resumed_matches_uninterrupted(
     process.wait()
     assert not (killed / "model.json").exists(), "training finished before the kill"
     resumed = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train-student", "--resume", str(killed)],
+        [sys.executable, "-m", "kdpipe", "train-student", "--resume", str(killed)],
         capture_output=True,
         text=True,
     )

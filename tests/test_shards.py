@@ -17,13 +17,12 @@ import torch
 import webdataset
 import zarr
 from conftest import invoke
+from kdpipe.api import DistillationDataset
+from kdpipe.data import load_dataset
+from kdpipe.errors import CacheMismatchError, DatasetError
+from kdpipe.imagefolder import batches_of
 from PIL import Image
 from test_imagefolder import colour_folder, error_lines, peak_bytes
-
-from pipeline.api import DistillationDataset
-from pipeline.data import load_dataset
-from pipeline.errors import CacheMismatchError, DatasetError
-from pipeline.imagefolder import batches_of
 
 
 def png(shade: int, size: int = 6) -> bytes:

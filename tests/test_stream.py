@@ -8,18 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import invoke, student
-
-from pipeline.cache import load_soft_labels
-from pipeline.cache.stream import (
+from kdpipe.cache import load_soft_labels
+from kdpipe.cache.stream import (
     StreamedSoftLabels,
     decoded_bytes,
     decoded_bytes_per_row,
     open_soft_labels,
     windowed_order,
 )
-from pipeline.distributed import SINGLE
-from pipeline.errors import CacheError, UsageError
-from pipeline.train import EpochBatches, TrainData
+from kdpipe.distributed import SINGLE
+from kdpipe.errors import CacheError, UsageError
+from kdpipe.train import EpochBatches, TrainData
 
 
 def test_windowed_order_is_a_permutation_in_windows_of_chunks() -> None:

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 from conftest import edit_manifest, invoke, student
-
-from pipeline.data import make_synthetic
-from pipeline.verify import verify_cache
+from kdpipe.data import make_synthetic
+from kdpipe.verify import verify_cache
 
 
 @pytest.fixture

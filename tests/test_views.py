@@ -8,22 +8,21 @@ import numpy as np
 import pytest
 import torch
 from conftest import cache, invoke, student
-
-from pipeline.cache import (
+from kdpipe.cache import (
     VIEW_COLUMNS,
     VIEW_FIELDS,
     load_soft_labels,
     read_manifest,
     reconstruct_top_k,
 )
-from pipeline.data import make_synthetic
-from pipeline.errors import CacheError
-from pipeline.inputs import render
-from pipeline.report import cache_command, command_line, report
-from pipeline.runs import load_model, read_config
-from pipeline.teacher import predict_logits
-from pipeline.train import TrainConfig, TrainData, cache_data
-from pipeline.views import ViewPolicy, sample_views, view_schedule
+from kdpipe.data import make_synthetic
+from kdpipe.errors import CacheError
+from kdpipe.inputs import render
+from kdpipe.report import cache_command, command_line, report
+from kdpipe.runs import load_model, read_config
+from kdpipe.teacher import predict_logits
+from kdpipe.train import TrainConfig, TrainData, cache_data
+from kdpipe.views import ViewPolicy, sample_views, view_schedule
 
 CPU = torch.device("cpu")
 DATA = make_synthetic("train")
@@ -437,7 +436,7 @@ def test_storage_table_measures_bytes_and_top_k_loss(train_cache: Path, tmp_path
 
 
 def test_training_subsets_are_the_cache_subsets(train_cache: Path, tmp_path: Path) -> None:
-    from pipeline.data import select_rows
+    from kdpipe.data import select_rows
 
     store = tmp_path / "subset.zarr"
     teacher = Path(load_soft_labels(train_cache).manifest.teachers[0].run_dir)

@@ -14,7 +14,7 @@ import argparse
 import lightning
 import torch
 
-import pipeline as kd
+import kdpipe as kd
 
 
 class Distillation(lightning.LightningModule):

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-import pipeline as kd
+import kdpipe as kd
 
 
 def test_accuracy(

@@ -20,7 +20,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import AverageMeter, accuracy
 
-import pipeline as kd
+import kdpipe as kd
 
 
 def train_one_epoch(epoch, model, loader, optimizer, scheduler, alpha, temperature) -> dict:

@@ -1,6 +1,6 @@
 """The soft-label cache: format (manifest), storage layouts, writer and readers.
 
-This is the package's only import surface: code outside ``pipeline.cache`` imports
+This is the package's only import surface: code outside ``kdpipe.cache`` imports
 from here, never from its modules. It knows nothing about models.
 
 - ``format``: the manifest and the ids derived from it, apart from any I/O;
@@ -10,7 +10,7 @@ from here, never from its modules. It knows nothing about models.
 - ``location``: a local folder or an fsspec URL.
 """
 
-from pipeline.cache.format import (
+from kdpipe.cache.format import (
     CHECKSUM_KEY,
     COMBINE_RULES,
     FEATURE_DTYPE,
@@ -39,9 +39,9 @@ from pipeline.cache.format import (
     preprocessing_for,
     temperature_problem,
 )
-from pipeline.cache.layout import Dense, Layout, TopK, index_dtype, layout_for, reconstruct_top_k
-from pipeline.cache.location import Location
-from pipeline.cache.store import (
+from kdpipe.cache.layout import Dense, Layout, TopK, index_dtype, layout_for, reconstruct_top_k
+from kdpipe.cache.location import Location
+from kdpipe.cache.store import (
     DIGEST_BYTES,
     DIGESTS,
     PROGRESS,
@@ -59,7 +59,7 @@ from pipeline.cache.store import (
     retemper,
     utc_now,
 )
-from pipeline.cache.stream import (
+from kdpipe.cache.stream import (
     StreamedRows,
     StreamedSoftLabels,
     chunk_plan,

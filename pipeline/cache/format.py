@@ -14,10 +14,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.cache.layout import STORAGE_KINDS, Layout, storage_layout
-from pipeline.errors import ManifestError
-from pipeline.spec import check_field as _check
-from pipeline.spec import check_keys, check_object
+from kdpipe.cache.layout import STORAGE_KINDS, Layout, storage_layout
+from kdpipe.errors import ManifestError
+from kdpipe.spec import check_field as _check
+from kdpipe.spec import check_keys, check_object
 
 FORMAT_VERSION = 3  # 2: views, transfer-set rows, top-k storage; 3: chunk position digests
 MANIFEST_KEY = "kdpipe"
@@ -29,7 +29,7 @@ COMBINE_RULES = ("mean-probs", "mean-logits")
 DTYPES = ("float16", "float32")
 PRECISIONS = ("float32", "bfloat16")
 # the columns of the ``views`` array (float32, one row per sample and view): the explicit
-# parameters of a view, replayed by pipeline.inputs.render and drawn by pipeline.views
+# parameters of a view, replayed by kdpipe.inputs.render and drawn by kdpipe.views
 VIEW_FIELDS = (
     "top",  # crop box in the source image, as fractions of its height and width;
     "left",  # a box may reach outside the image (shifts): outside pixels are 0
@@ -417,7 +417,7 @@ class Manifest:
 
     @property
     def layout(self) -> Layout:
-        """How the teacher's distribution is stored (:mod:`pipeline.cache.layout`)."""
+        """How the teacher's distribution is stored (:mod:`kdpipe.cache.layout`)."""
         return storage_layout(self.storage, self.num_classes)
 
     @property

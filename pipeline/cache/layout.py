@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from pipeline.errors import UsageError
+from kdpipe.errors import UsageError
 
 STORAGE_KINDS = ("dense", "top-k")
 ArraySpecs = dict[str, tuple[tuple[int, ...], str, int | float]]

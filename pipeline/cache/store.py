@@ -27,9 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
-
-from pipeline.cache.format import (
+from kdpipe.cache.format import (
     CHECKSUM_KEY,
     MANIFEST_KEY,
     STATUS_COMPLETE,
@@ -39,13 +37,14 @@ from pipeline.cache.format import (
     derive_teacher_id,
     manifest_checksum,
 )
-from pipeline.cache.location import Location
-from pipeline.errors import (
+from kdpipe.cache.location import Location
+from kdpipe.errors import (
     CacheError,
     CacheIncompleteError,
     ManifestError,
     NotACacheError,
 )
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 PROGRESS = "progress"
 # one digest per data array and chunk, binding the chunk's values to its position and to

@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-
-from pipeline.cache.format import Manifest, array_specs
-from pipeline.cache.location import Location
-from pipeline.cache.store import (
+from kdpipe.cache.format import Manifest, array_specs
+from kdpipe.cache.location import Location
+from kdpipe.cache.store import (
     Positions,
     SoftLabels,
     check_flagged,
@@ -43,7 +42,7 @@ from pipeline.cache.store import (
     read_positions,
     to_log_probs,
 )
-from pipeline.errors import CacheError, UsageError
+from kdpipe.errors import CacheError, UsageError
 
 PER_VIEW = ("targets", "views", "partners")
 

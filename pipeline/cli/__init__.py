@@ -9,7 +9,7 @@ itself (ranges, choices) are rejected by click with exit status 2.
 - ``tools``: evaluate, tune-bias, report, storage, verify, caches, lineage, bench.
 """
 
-from pipeline.cli import stages, tools  # registers the commands, in this order
-from pipeline.cli.base import main
+from kdpipe.cli import stages, tools  # registers the commands, in this order
+from kdpipe.cli.base import main
 
 __all__ = ["main", "stages", "tools"]

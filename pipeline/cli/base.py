@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from pipeline import __version__
-from pipeline.errors import KdpipeError
-from pipeline.flags import SCHED_ON, flag
+from kdpipe import __version__
+from kdpipe.errors import KdpipeError
+from kdpipe.flags import SCHED_ON, flag
 
 CONTEXT = {
     "help_option_names": ["-h", "--help"],
@@ -330,7 +329,7 @@ def load_data(
     data: str, split: str, data_root: str, image_size: int | None, channels: str | None
 ) -> Any:
     """The dataset that --data and its companion options name."""
-    from pipeline.data import load_dataset
+    from kdpipe.data import load_dataset
 
     return load_dataset(
         data,

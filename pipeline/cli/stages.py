@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from pipeline.cli.base import (
+from kdpipe.cli.base import (
     CONTEXT,
     DEVICE_OPTION,
     POSITIVE,
@@ -26,7 +25,7 @@ from pipeline.cli.base import (
     training_options,
     view_options,
 )
-from pipeline.flags import REQUIRED_TO_START, flag
+from kdpipe.flags import REQUIRED_TO_START, flag
 
 
 @main.command("fetch-data", context_settings=CONTEXT)
@@ -39,7 +38,7 @@ from pipeline.flags import REQUIRED_TO_START, flag
 @reports_errors
 def fetch_data(dest: str) -> None:
     """Fetch Fashion-MNIST (Debian package or official URLs) and verify its checksums."""
-    from pipeline.fetch import fetch_fashion_mnist
+    from kdpipe.fetch import fetch_fashion_mnist
 
     fetch_fashion_mnist(Path(dest), log=echo)
 
@@ -60,7 +59,7 @@ def pack_shards(folder: str, out: str, shard_size: int) -> None:
     """Write an image folder as WebDataset tar shards (train-NNNNNN.tar, test-NNNNNN.tar,
     classes.txt) in its canonical order: each file's bytes as they are, keyed by position,
     so --data OUT gives the same rows, pixels and cache values as --data FOLDER."""
-    from pipeline.data import pack_image_folder
+    from kdpipe.data import pack_image_folder
 
     counts = pack_image_folder(Path(folder), Path(out), shard_size)
     shards = ", ".join(f"{split}: {count} shard(s)" for split, count in counts.items())
@@ -136,7 +135,7 @@ def import_teacher_command(
     exists) or from --weights FILE; the preprocessing (input size, mean, std,
     interpolation, crop_pct) is the model's own pretrained_cfg, recorded in model.json.
     """
-    from pipeline.runs import import_teacher
+    from kdpipe.runs import import_teacher
 
     card = import_teacher(
         source,
@@ -262,8 +261,8 @@ def cache_teacher_command(
     replay exactly the images the teacher saw. --features and --attention store
     intermediate layers of the same forward passes beside the log-probabilities.
     """
-    from pipeline.teach import CacheConfig, cache_teacher
-    from pipeline.views import ViewPolicy
+    from kdpipe.teach import CacheConfig, cache_teacher
+    from kdpipe.views import ViewPolicy
 
     workers = options.pop("workers")
     config = CacheConfig(
@@ -378,8 +377,7 @@ def distill_online_command(**options: Any) -> None:
 def start_or_resume(command: str, options: dict, log: Callable[[str], None]) -> Any:
     """A new run from the options, or with --resume RUN_DIR alone, the unfinished run there."""
     from click.core import ParameterSource
-
-    from pipeline.train import (
+    from kdpipe.train import (
         TrainConfig,
         distill_online,
         resume_training,

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from pipeline.cli.base import (
+from kdpipe.cli.base import (
     CONTEXT,
     DEVICE_OPTION,
     POSITIVE,
@@ -77,11 +76,11 @@ def evaluate_command(
     provider with the file's own preprocessing (--device does not apply).
     """
     if output:
-        from pipeline.runtime import check_disjoint
+        from kdpipe.runtime import check_disjoint
 
         check_disjoint(output, [run_dir, cache, *teachers])  # never over a run's own files
-    from pipeline.evaluate import evaluate_run
-    from pipeline.publish import render
+    from kdpipe.evaluate import evaluate_run
+    from kdpipe.publish import render
 
     dataset = load_data(data, split, data_root, image_size, channels)
     frame = evaluate_run(
@@ -134,7 +133,7 @@ def tune_bias_command(
     The run must have been trained with --val-fraction: its held-out rows choose
     the bias, never the test set. Writes RUN_DIR/bias.json.
     """
-    from pipeline.bias import BIAS_FILE, tune_bias
+    from kdpipe.bias import BIAS_FILE, tune_bias
 
     result = tune_bias(
         Path(run_dir),
@@ -204,7 +203,7 @@ def report_command(
     Runs whose directory names differ only by a trailing -s<seed> form one group. A
     cache of a labelled test split is a row too: its teacher's (or ensemble's) result.
     """
-    from pipeline.report import report, to_markdown
+    from kdpipe.report import report, to_markdown
 
     table = report(
         [Path(p) for p in run_dirs],
@@ -239,7 +238,7 @@ def storage_command(
 ) -> None:
     """Bytes per sample-view of a dense cache as float32, float16 and top-k, and what top-k
     loses (mean KL to the reconstruction)."""
-    from pipeline.storage import storage_report, to_markdown
+    from kdpipe.storage import storage_report, to_markdown
 
     table = storage_report(
         cache_path,  # a folder or an fsspec URL
@@ -286,7 +285,7 @@ def verify_command(
     With --data, also the dataset's fingerprint and labels (the cache's split is used).
     Exits with status 1, naming the chunk or sample at fault, when a check fails.
     """
-    from pipeline.verify import verify_cache
+    from kdpipe.verify import verify_cache
 
     dataset = None
     if data is not None:
@@ -309,7 +308,7 @@ def verify_command(
 
 def _cache_split(path: str) -> str:
     """The split a cache was made from, so --data loads the same one."""
-    from pipeline.cache import read_manifest
+    from kdpipe.cache import read_manifest
 
     return read_manifest(path).dataset["split"]
 
@@ -320,8 +319,8 @@ def _cache_split(path: str) -> str:
 @reports_errors
 def caches_command(paths: tuple[str, ...], fmt: str) -> None:
     """List the kdpipe caches under PATHS (default: the current folder) and what made each."""
-    from pipeline.catalog import catalog
-    from pipeline.publish import render_rows
+    from kdpipe.catalog import catalog
+    from kdpipe.publish import render_rows
 
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
@@ -361,8 +360,8 @@ def lineage_command(
     taken from the manifests' records; exits with status 1 when a file is present but
     does not match its record (MISMATCH).
     """
-    from pipeline.catalog import lineage
-    from pipeline.publish import render_rows
+    from kdpipe.catalog import lineage
+    from kdpipe.publish import render_rows
 
     frame = lineage(
         Path(run_dir),
@@ -420,7 +419,7 @@ def bench_command(
     (memory, streamed) / student training rate; P5 bytes per sample-view and the
     cost of S students offline against online.
     """
-    from pipeline.bench import BenchConfig, bench_report
+    from kdpipe.bench import BenchConfig, bench_report
 
     bench_report(BenchConfig(**options), markdown_path, csv_path, section=section, log=echo)
 
@@ -449,7 +448,7 @@ def jpeg_folder_command(
     (seed, split, i), resized with PIL bicubic, saved at a fixed quality; DEST/RECIPE.json
     records the recipe and a digest of every file (pipeline/benchfolder.py).
     """
-    from pipeline.benchfolder import JpegRecipe, build_jpeg_folder
+    from kdpipe.benchfolder import JpegRecipe, build_jpeg_folder
 
     record = build_jpeg_folder(
         Path(dest), {"train": train_count, "test": test_count}, data_root=Path(data_root),
@@ -511,7 +510,7 @@ def bench_folder_command(
     Peak RSS at the small and the large folder; cache-teacher rows/s against timm's own
     loader running the same teacher; a cached epoch against a hard-label epoch.
     """
-    from pipeline.benchfolder import FolderBenchConfig, folder_bench_report
+    from kdpipe.benchfolder import FolderBenchConfig, folder_bench_report
 
     folder_bench_report(FolderBenchConfig(**options), markdown_path, csv_path,
                         section=section, log=echo)  # fmt: skip
@@ -574,7 +573,7 @@ def export_command(
     The file's metadata records the preprocessing, the class names, the weights hash
     and the lineage (run, cache, teacher). --data defaults to the run's dataset.
     """
-    from pipeline.export import export_run
+    from kdpipe.export import export_run
 
     result = export_run(
         Path(run_dir),
@@ -648,7 +647,7 @@ def qat_command(run_dir: str, channels: str | None, **options: Any) -> None:
     Writes a run directory (kind qat-student) with OUT/model.int8.onnx, the int8 model
     converted from the ranges learned in training (torchao PT2E, X86InductorQuantizer).
     """
-    from pipeline.export import INT8_FILE, QatConfig, qat_distill
+    from kdpipe.export import INT8_FILE, QatConfig, qat_distill
 
     config = QatConfig(run=run_dir, channels=int(channels) if channels else None, **options)
     card = qat_distill(config, log=echo)

@@ -9,7 +9,7 @@
   teacher, and writes the converted int8 model as the same kind of file.
 """
 
-from pipeline.export.onnx import (
+from kdpipe.export.onnx import (
     METADATA_KEY,
     ExportResult,
     OnnxCard,
@@ -19,8 +19,8 @@ from pipeline.export.onnx import (
     onnx_session,
     read_onnx_card,
 )
-from pipeline.export.qat import INT8_FILE, QatConfig, qat_distill
-from pipeline.export.quantize import CalibrationSet, calibration_set, quantize_static_int8
+from kdpipe.export.qat import INT8_FILE, QatConfig, qat_distill
+from kdpipe.export.quantize import CalibrationSet, calibration_set, quantize_static_int8
 
 __all__ = [
     "INT8_FILE",

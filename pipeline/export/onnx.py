@@ -23,15 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from kdpipe.cache import utc_now
+from kdpipe.data import ImageSet, load_dataset
+from kdpipe.errors import ExportError, OutputExistsError, UsageError
+from kdpipe.inputs import DataConfig, check_channels, prepare_input
+from kdpipe.runs import ModelCard, load_model, read_card
+from kdpipe.runtime import software_versions
+from kdpipe.teacher import predict_logits
 from torch import nn
-
-from pipeline.cache import utc_now
-from pipeline.data import ImageSet, load_dataset
-from pipeline.errors import ExportError, OutputExistsError, UsageError
-from pipeline.inputs import DataConfig, check_channels, prepare_input
-from pipeline.runs import ModelCard, load_model, read_card
-from pipeline.runtime import software_versions
-from pipeline.teacher import predict_logits
 
 METADATA_KEY = "kdpipe"
 ONNX_FORMAT_VERSION = 1
@@ -334,7 +333,7 @@ def export_run(
     rows of the training split: the transfer rows and stored views of the run's cache
     (or of ``calibration_cache``), never the test split.
     """
-    from pipeline.export.quantize import calibration_set, quantize_static_int8
+    from kdpipe.export.quantize import calibration_set, quantize_static_int8
 
     run_dir = Path(run_dir)
     run_card = read_card(run_dir)  # an unfinished or foreign run stops here

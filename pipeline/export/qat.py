@@ -33,21 +33,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
-
-from pipeline.cache import load_soft_labels, temperature_problem, utc_now
-from pipeline.checkpoint import remove_checkpoint
-from pipeline.data import ImageSet
-from pipeline.errors import CacheMismatchError, ExportError, UsageError
-from pipeline.export.onnx import (
+from kdpipe.cache import load_soft_labels, temperature_problem, utc_now
+from kdpipe.checkpoint import remove_checkpoint
+from kdpipe.data import ImageSet
+from kdpipe.errors import CacheMismatchError, ExportError, UsageError
+from kdpipe.export.onnx import (
     FP32_TOLERANCE,
     check_against,
     check_inputs,
     to_onnx,
     write_checked,
 )
-from pipeline.models import create_model, param_count, weights_sha256
-from pipeline.runs import (
+from kdpipe.models import create_model, param_count, weights_sha256
+from kdpipe.runs import (
     CONFIG_FILE,
     RUN_FORMAT_VERSION,
     ModelCard,
@@ -56,10 +54,11 @@ from pipeline.runs import (
     save_model,
     write_json,
 )
-from pipeline.runtime import prepare_output, quiet, software_versions
+from kdpipe.runtime import prepare_output, quiet, software_versions
+from torch import nn
 
 if TYPE_CHECKING:
-    from pipeline.train import TrainConfig
+    from kdpipe.train import TrainConfig
 
 INT8_FILE = "model.int8.onnx"
 QUANTIZER = "torchao X86InductorQuantizer (is_qat=True)"
@@ -109,7 +108,7 @@ class QatConfig:
 def _train_config(config: QatConfig, fp32_card: ModelCard, fp32_config: dict) -> TrainConfig:
     """The training room's configuration for the fine-tuning: the float32 run's α and T
     (or the ones given), its model options, a CPU float32 step (PT2E's fake-quant)."""
-    from pipeline.train import TrainConfig
+    from kdpipe.train import TrainConfig
 
     lineage = fp32_card.lineage or {}
     alpha = config.alpha if config.alpha is not None else lineage.get("alpha", 1.0)
@@ -252,8 +251,8 @@ def float_weights(prepared: nn.Module, fp32: nn.Module) -> nn.Module:
 def qat_distill(config: QatConfig, log: Callable[[str], None] = quiet) -> ModelCard:
     """Fine-tune ``config.run`` with fake quantization against ``config.cache``'s soft labels
     (no teacher loaded), and write a ``qat-student`` run with its int8 ONNX file."""
-    from pipeline.distributed import SINGLE
-    from pipeline.train import TrainData, fit, plan_run
+    from kdpipe.distributed import SINGLE
+    from kdpipe.train import TrainData, fit, plan_run
 
     config.validate()
     fp32_model, fp32_card = load_model(Path(config.run))  # the student: never the teacher

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from pipeline.cache import load_soft_labels
-from pipeline.data import load_dataset
-from pipeline.errors import ExportError, KdpipeError, UsageError
-from pipeline.runs import ModelCard
+from kdpipe.cache import load_soft_labels
+from kdpipe.data import load_dataset
+from kdpipe.errors import ExportError, KdpipeError, UsageError
+from kdpipe.runs import ModelCard
 
 METHODS = ("minmax", "entropy", "percentile")
 
@@ -61,7 +60,7 @@ def calibration_set(
 ) -> CalibrationSet:
     """``rows`` random rows of the transfer set in the run's cache (or ``cache_path``),
     each in the stored view that epoch 1 of training replays, as the student's input."""
-    from pipeline.train import TrainConfig, TrainData, cache_data
+    from kdpipe.train import TrainConfig, TrainData, cache_data
 
     if rows < 1:
         raise UsageError(f"--calibration-rows must be >= 1, not {rows}")

@@ -11,12 +11,12 @@ into memory once (or streamed), indexed by the same sample ids as the images.
 - ``entry``: the entry points (teacher, student, online, resume).
 """
 
-from pipeline.train.batches import EpochBatches, TrainData, random_shift, share_of
-from pipeline.train.config import TrainConfig
-from pipeline.train.entry import distill_online, resume_training, train_student, train_teacher
-from pipeline.train.loop import METRIC_COLUMNS, accuracy, early_stop, fit
-from pipeline.train.plan import RunPlan, cache_data, plan_run
-from pipeline.train.step import CachedDistillation, OnlineDistillation
+from kdpipe.train.batches import EpochBatches, TrainData, random_shift, share_of
+from kdpipe.train.config import TrainConfig
+from kdpipe.train.entry import distill_online, resume_training, train_student, train_teacher
+from kdpipe.train.loop import METRIC_COLUMNS, accuracy, early_stop, fit
+from kdpipe.train.plan import RunPlan, cache_data, plan_run
+from kdpipe.train.step import CachedDistillation, OnlineDistillation
 
 __all__ = [
     "METRIC_COLUMNS",

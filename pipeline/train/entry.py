@@ -1,6 +1,6 @@
 """The run entry points: train a teacher, a student from a cache, a student online, or
-resume an unfinished run. Each validates, plans (:mod:`pipeline.train.plan`), creates
-the model and the run directory, fits (:mod:`pipeline.train.loop`) and writes the
+resume an unfinished run. Each validates, plans (:mod:`kdpipe.train.plan`), creates
+the model and the run directory, fits (:mod:`kdpipe.train.loop`) and writes the
 model card that marks the run finished."""
 
 from __future__ import annotations
@@ -11,15 +11,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from pipeline.cache import SoftLabels, StreamedSoftLabels, open_soft_labels, utc_now
-from pipeline.checkpoint import remove_checkpoint
-from pipeline.distributed import World, current_world
-from pipeline.errors import ManifestError, UsageError
-from pipeline.models import create_model, param_count, resolve_model_kwargs, weights_sha256
-from pipeline.pretrained import source_architecture
-from pipeline.runs import (
+from kdpipe.cache import SoftLabels, StreamedSoftLabels, open_soft_labels, utc_now
+from kdpipe.checkpoint import remove_checkpoint
+from kdpipe.distributed import World, current_world
+from kdpipe.errors import ManifestError, UsageError
+from kdpipe.models import create_model, param_count, resolve_model_kwargs, weights_sha256
+from kdpipe.pretrained import source_architecture
+from kdpipe.runs import (
     CARD_FILE,
     CONFIG_FILE,
     RUN_FORMAT_VERSION,
@@ -28,11 +26,12 @@ from pipeline.runs import (
     save_model,
     write_json,
 )
-from pipeline.runtime import prepare_output, quiet, software_versions
-from pipeline.spec import check_keys
-from pipeline.train.config import LEGACY_DEFAULTS, TrainConfig
-from pipeline.train.loop import early_stop, feature_term, fit
-from pipeline.train.plan import KINDS, RunPlan, plan_run
+from kdpipe.runtime import prepare_output, quiet, software_versions
+from kdpipe.spec import check_keys
+from kdpipe.train.config import LEGACY_DEFAULTS, TrainConfig
+from kdpipe.train.loop import early_stop, feature_term, fit
+from kdpipe.train.plan import KINDS, RunPlan, plan_run
+from torch import nn
 
 
 def train_teacher(config: TrainConfig, log: Callable[[str], None] = quiet) -> ModelCard:

@@ -3,8 +3,8 @@
 Per epoch: stop early? → the epoch's order → for each batch: input → task (forward
 and loss) → backward → step → scheduler (per update) → account → check the loss →
 scheduler (per epoch) → score, log, checkpoint. What the run trains on and with which α
-and T was decided by the plan (:mod:`pipeline.train.plan`); the step is a task
-(:mod:`pipeline.train.step`). The schedule counts updates or epochs (``sched_on``):
+and T was decided by the plan (:mod:`kdpipe.train.plan`); the step is a task
+(:mod:`kdpipe.train.step`). The schedule counts updates or epochs (``sched_on``):
 timm's ``step_update`` and ``step`` are both called, and each ignores the other's.
 """
 
@@ -18,24 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from kdpipe.checkpoint import load_best, load_checkpoint, save_best, save_checkpoint
+from kdpipe.data import ImageSet
+from kdpipe.distributed import SINGLE, World
+from kdpipe.errors import TrainingDivergedError
+from kdpipe.inputs import autocast
+from kdpipe.runs import METRICS_FILE
+from kdpipe.runtime import quiet
+from kdpipe.teacher import predict_logits
+from kdpipe.train.batches import EpochBatches
+from kdpipe.train.config import TrainConfig
+from kdpipe.train.plan import RunPlan
+from kdpipe.train.step import CachedDistillation, FeatureTerm, OnlineDistillation, Trainee
+from kdpipe.train.watch import Watch, open_watch
 from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
-
-from pipeline.checkpoint import load_best, load_checkpoint, save_best, save_checkpoint
-from pipeline.data import ImageSet
-from pipeline.distributed import SINGLE, World
-from pipeline.errors import TrainingDivergedError
-from pipeline.inputs import autocast
-from pipeline.runs import METRICS_FILE
-from pipeline.runtime import quiet
-from pipeline.teacher import predict_logits
-from pipeline.train.batches import EpochBatches
-from pipeline.train.config import TrainConfig
-from pipeline.train.plan import RunPlan
-from pipeline.train.step import CachedDistillation, FeatureTerm, OnlineDistillation, Trainee
-from pipeline.train.watch import Watch, open_watch
 
 METRIC_COLUMNS = (
     "epoch",

@@ -14,10 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from pipeline.cache import CachedLayer, SoftLabels, StreamedSoftLabels
-from pipeline.data import (
+from kdpipe.cache import CachedLayer, SoftLabels, StreamedSoftLabels
+from kdpipe.data import (
     ImageSet,
     check_same_dataset,
     select_rows,
@@ -25,16 +23,17 @@ from pipeline.data import (
     take_rows,
     validation_rows,
 )
-from pipeline.distributed import World
-from pipeline.errors import CacheMismatchError, DatasetError, UsageError
-from pipeline.features import LayerRequest, resolve_layer
-from pipeline.inputs import DataConfig
-from pipeline.pretrained import Pretrained, create_pretrained
-from pipeline.runs import ModelCard, load_model
-from pipeline.runtime import resolve_device
-from pipeline.train.batches import TrainData
-from pipeline.train.config import TrainConfig
-from pipeline.train.step import probe
+from kdpipe.distributed import World
+from kdpipe.errors import CacheMismatchError, DatasetError, UsageError
+from kdpipe.features import LayerRequest, resolve_layer
+from kdpipe.inputs import DataConfig
+from kdpipe.pretrained import Pretrained, create_pretrained
+from kdpipe.runs import ModelCard, load_model
+from kdpipe.runtime import resolve_device
+from kdpipe.train.batches import TrainData
+from kdpipe.train.config import TrainConfig
+from kdpipe.train.step import probe
+from torch import nn
 
 KINDS = ("teacher", "student", "online-student")
 

@@ -1,13 +1,13 @@
 """One training step's forward pass and loss, as a task in timm's shape.
 
-A task takes a batch (from :meth:`pipeline.train.batches.TrainData.to_model`) and
+A task takes a batch (from :meth:`kdpipe.train.batches.TrainData.to_model`) and
 returns ``{loss, output, task_loss, kd_loss}``, as ``timm.task`` tasks do: the
 loss to backpropagate, the student's float32 logits, the hard-label term (CE) and
 the soft term (KL, before its T² and 1 − α weights), either None where it does not
 apply. The loop around it is the same for every kind of run:
 
 - :class:`CachedDistillation`: the soft targets are the cache's (or none: a
-  teacher or a hard-label baseline), :func:`pipeline.losses.distillation_loss`;
+  teacher or a hard-label baseline), :func:`kdpipe.losses.distillation_loss`;
   with a :class:`FeatureTerm` (``--feature-loss``), β times a loss between a student
   layer, through a learned projector, and the teacher's layer cached for the same view;
 - :class:`OnlineDistillation`: timm's own ``LogitDistillationTask`` runs the
@@ -23,13 +23,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from kdpipe.cache import CachedLayer
+from kdpipe.errors import UsageError
+from kdpipe.features import LayerRequest, LayerTaps, attention_map, resolve_layer
+from kdpipe.losses import attention_transfer_loss, distillation_loss, feature_loss
+from kdpipe.train.config import TrainConfig
 from torch import nn
-
-from pipeline.cache import CachedLayer
-from pipeline.errors import UsageError
-from pipeline.features import LayerRequest, LayerTaps, attention_map, resolve_layer
-from pipeline.losses import attention_transfer_loss, distillation_loss, feature_loss
-from pipeline.train.config import TrainConfig
 
 StepOutput = dict[str, torch.Tensor | None]
 

@@ -24,10 +24,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.errors import UsageError
+from kdpipe.errors import UsageError
 
 if TYPE_CHECKING:
-    from pipeline.train.plan import RunPlan
+    from kdpipe.train.plan import RunPlan
 
 TRACKERS = ("none", "tensorboard", "mlflow")
 EXPERIMENT = "kdpipe"
