@@ -1,7 +1,7 @@
-"""The README's path for a new user, run as README.md writes it (issue 18, acceptance 1).
+"""The README's quickstart and the guide's path for a new user, run as they are written.
 
-The commands come from README.md itself (the block after the marker below), so that the
-test fails when the README drifts from what kdpipe does. A timm model's weights saved to
+The commands come from README.md and docs/guide.md themselves (the block after the marker
+below), so that the test fails when the docs drift from what kdpipe does. A timm model's weights saved to
 files stand in for a download; the image folder is small and made here.
 """
 
@@ -23,15 +23,16 @@ from kdpipe.runs import read_card
 from PIL import Image
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+GUIDE = README.parent / "docs" / "guide.md"
 MARKER = "<!-- tests/test_readme.py runs the next block"
 CLASSES = ("ant", "bee", "cat")
 
 
-def readme_commands() -> list[str]:
-    """The kdpipe commands of the README's marked block: continuation lines joined, comments
+def readme_commands(page: Path = README) -> list[str]:
+    """The kdpipe commands of the page's marked block: continuation lines joined, comments
     dropped; any other line is an error (the block is a script a user pastes)."""
-    text = README.read_text()
-    assert MARKER in text, "README.md lost the marked block of the new user's path"
+    text = page.read_text()
+    assert MARKER in text, f"{page.name} lost the marked block of the new user's path"
     block = re.search(r"```bash\n(.*?)```", text[text.index(MARKER) :], re.DOTALL)
     assert block is not None
     joined = block.group(1).replace("\\\n", " ")
@@ -82,10 +83,32 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
 
 
-def test_the_readmes_new_user_path_runs_as_written(
+def test_the_readmes_quickstart_runs_as_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Ten lines at the top of README.md: your own weights for a timm architecture, the
+    cache, a student, its evaluation, an int8 file; no decode option repeated."""
     commands = readme_commands()
+    assert [stage(c) for c in commands] == [
+        "import-teacher timm:resnet10t", "cache-teacher", "train-student", "evaluate", "export",
+    ]  # fmt: skip
+    assert len(README.read_text().split(MARKER)[1].split("```")[1].splitlines()) <= 12
+    monkeypatch.chdir(tmp_path)
+    new_users_files(tmp_path)
+    for command in commands:
+        result = invoke(command.removeprefix("kdpipe "))
+        assert result.exit_code == 0, f"{command}\n{result.output}"
+    runs = tmp_path / "runs"
+    manifest = read_manifest(runs / "t.zarr")
+    assert manifest.teachers[0].weights_sha256 == read_card(runs / "teacher").weights_sha256
+    assert read_card(runs / "student").lineage["cache_id"] == manifest.cache_id
+    assert (runs / "student.int8.onnx").exists()
+
+
+def test_the_guides_new_user_path_runs_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands = readme_commands(GUIDE)
     # the path of acceptance 1, in this order: a pretrained timm teacher, its cache, a
     # student, its evaluation, a table
     assert [stage(c) for c in commands] == [
