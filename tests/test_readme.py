@@ -1,8 +1,8 @@
 """The README's quickstart and the guide's path for a new user, run as they are written.
 
 The commands come from README.md and docs/guide.md themselves (the block after the marker
-below), so that the test fails when the docs drift from what kdpipe does. A timm model's weights saved to
-files stand in for a download; the image folder is small and made here.
+below), so that the test fails when the docs drift from what kdpipe does. A timm model's
+weights saved to files stand in for a download; the image folder is small and made here.
 """
 
 from __future__ import annotations
