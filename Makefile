@@ -7,6 +7,7 @@
 #   make bench         P1-P5: what the offline pipeline costs, as ratios (docs/benchmarks.md),
 #                      then bench-folder: memory and speed on a folder of 50,000 JPEGs
 #   make jpeg-folder   that folder (and its first 6,000), rebuilt bit-identically
+#   make fmnist-detect a YOLO-format detection set from Fashion-MNIST, rebuilt bit-identically
 #   make edge          distil -> ONNX -> int8 (PTQ and QAT from the cache), not in `all`
 #   make beyond        beyond logits: hints, attention, a teacher assistant, born-again, not in `all`
 
@@ -27,7 +28,7 @@ endif
 .PHONY: all install data test lint format hinton hinton-table hinton-temperature hinton-3pct \
 	hinton-omitted hinton-ensemble hinton-summary consistency consistency-tables consistency-curves \
 	clean-runs bench bench-folder jpeg-folder edge edge-tables beyond beyond-tables \
-	cli-docs faults
+	cli-docs faults fmnist-detect
 # keep every file target, including those made by pattern rules (make would
 # otherwise delete the cache stamps as "intermediate" files when it exits)
 .SECONDARY:
@@ -82,6 +83,17 @@ $(JPEG_FOLDER)/RECIPE.json: | data
 $(JPEG_SMALL)/RECIPE.json: | data
 	$(KDPIPE) jpeg-folder --dest $(JPEG_SMALL) --data-root $(DATA_ROOT) \
 		--train-count 6000 --test-count 1000 --workers 2 --overwrite
+
+# A detection set in Ultralytics' YOLO format (issue 25): 1-4 Fashion-MNIST garments per
+# 128-192 px textured canvas, by the fixed recipe of pipeline/detectfolder.py (seed 0):
+# images/, labels/, data.yaml, and RECIPE.json with a SHA-256 over every file.
+DETECT_FOLDER ?= $(DATA_ROOT)/fmnist-detect
+DETECT_COUNTS ?= --train-count 2000 --val-count 400 --test-count 400
+fmnist-detect: $(DETECT_FOLDER)/RECIPE.json
+
+$(DETECT_FOLDER)/RECIPE.json: | data
+	$(KDPIPE) detect-folder --dest $(DETECT_FOLDER) --data-root $(DATA_ROOT) $(DETECT_COUNTS) \
+		--overwrite
 
 lint: install
 	$(BIN)/ruff check pipeline tests

@@ -178,6 +178,15 @@ INTRODUCTIONS = {
         "cost of S students offline against online. `make bench` writes "
         "[benchmarks.md](benchmarks.md)."
     ),
+    "detect-folder": (
+        "Builds a detection set in Ultralytics' YOLO format from Fashion-MNIST by a fixed "
+        "recipe: canvas i of a split (128-192 px a side, a coloured background with a wave "
+        "texture) holds 1-4 garments at random sizes and places, all drawn from a generator "
+        "seeded with (seed, split, i); `images/<split>/`, `labels/<split>/` (one `class cx cy "
+        "w h` line per garment), `data.yaml` and `RECIPE.json` (the recipe and a digest of "
+        "every file). Train and val canvases take training garments, test canvases test "
+        "garments. `make fmnist-detect` builds 2,000 + 400 + 400 canvases."
+    ),
     "jpeg-folder": (
         "Builds an image folder of RGB JPEGs from Fashion-MNIST by a fixed recipe: image i of "
         "a split gets two colours and a side in 140-200 px from a generator seeded with "
