@@ -45,6 +45,16 @@ def test_the_cache_package_is_imported_through_its_surface_and_knows_no_models()
             assert not knows, f"{name} imports {knows}: the cache knows no models"
 
 
+def test_only_the_detection_room_imports_ultralytics() -> None:
+    """Ultralytics is AGPL-3.0 and an optional extra: the MIT core never imports it."""
+    users = {
+        name
+        for name, found in modules().items()
+        if any(m.split(".")[0] == "ultralytics" for m in found)
+    }
+    assert users and all(name.startswith("pipeline/detect/") for name in users), users
+
+
 def test_losses_do_no_io() -> None:
     found = modules()["pipeline/losses.py"]
     assert found <= {"__future__", "torch", "torch.nn.functional"}, found

@@ -1,0 +1,141 @@
+"""The detection room (issue 25, part 2): Ultralytics behind one door, YOLO teachers trained
+by its own trainer or imported from its own checkpoints, as kdpipe run directories."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import snapshot
+from kdpipe.detectfolder import DetectRecipe, build_detect_folder
+from kdpipe.errors import KdpipeError, ModelError, RunDirError
+
+pytest.importorskip("ultralytics", reason="the detect extra: pip install 'kdpipe[detect]'")
+
+from kdpipe.detect.runs import (
+    DetectionTeacherConfig,
+    import_detection_teacher,
+    load_detection_run,
+    train_detection_teacher,
+)
+from kdpipe.detect.yolo import head_outputs, load_checkpoint, ultralytics
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def detect_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("detect") / "set"
+    build_detect_folder(out, {"train": 16, "val": 4, "test": 4}, source="synthetic",
+                        recipe=DetectRecipe(), log=lambda line: None)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def ultralytics_checkpoint(detect_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint saved by Ultralytics' own trainer, as a user has one (best.pt)."""
+    project = tmp_path_factory.mktemp("ultralytics")
+    ultralytics()  # offline, kdpipe's settings folder
+    from ultralytics import YOLO
+
+    YOLO("yolo11n.yaml").train(data=str(detect_set / "data.yaml"), epochs=1, imgsz=SIZE,
+                               batch=8, workers=0, amp=False, plots=False, device="cpu",
+                               project=str(project), name="t", exist_ok=True, seed=0,
+                               verbose=False)  # fmt: skip
+    return project / "t" / "weights" / "best.pt"
+
+
+def test_an_imported_checkpoint_computes_what_ultralytics_own_loader_computes(
+    ultralytics_checkpoint: Path, tmp_path: Path
+) -> None:
+    from ultralytics import YOLO
+
+    run = import_detection_teacher(ultralytics_checkpoint, tmp_path / "teacher")
+    model, card = load_detection_run(run)
+    assert card.task == "detect" and card.kind == "teacher" and card.architecture == "yolo11n.yaml"
+    assert card.num_classes == 5 and card.classes == ["a", "b", "c", "d", "e"]
+    assert card.strides == [8, 16, 32] and card.reg_max == 16 and card.image_size == SIZE
+    assert card.source["kind"] == "ultralytics-checkpoint" and not card.end2end
+    theirs = YOLO(str(ultralytics_checkpoint)).model.float().eval()
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ours, reference = head_outputs(model, images), head_outputs(theirs, images)
+    assert ours["scores"].shape == (2, 5, (SIZE // 8) ** 2 + (SIZE // 16) ** 2 + (SIZE // 32) ** 2)
+    for name in ("boxes", "scores"):
+        torch.testing.assert_close(ours[name], reference[name], rtol=0, atol=1e-5)
+
+
+def test_a_teacher_trained_by_ultralytics_trainer_is_a_run_directory(
+    detect_set: Path, tmp_path: Path
+) -> None:
+    before = snapshot(detect_set / "images")
+    out = train_detection_teacher(DetectionTeacherConfig(
+        model="yolo11n.yaml", data=str(detect_set / "data.yaml"), out=str(tmp_path / "t"),
+        epochs=1, image_size=SIZE, batch_size=8))  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors",
+                                                     "ultralytics"]  # fmt: skip
+    assert (out / "ultralytics" / "results.csv").is_file()
+    _, card = load_detection_run(out)
+    assert card.source["kind"] == "ultralytics-train" and card.dataset["split"] == "train"
+    assert card.dataset["fingerprint"]["count"] == 16
+    assert snapshot(detect_set / "images") == before  # the images are never written
+    # the card binds the weights: an edited model.json is refused
+    record = json.loads((out / "model.json").read_text())
+    record["image_size"] = 320
+    (out / "model.json").write_text(json.dumps(record))
+    with pytest.raises(RunDirError, match="changed since the weights were written"):
+        load_detection_run(out)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"model": subprocess.Popen}, path)  # a global no weights-only reader allows
+    with pytest.raises(ModelError, match="without running code from it"):
+        load_checkpoint(path)
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    with pytest.raises(ModelError, match=r"text\.pt is not an Ultralytics checkpoint"):
+        load_checkpoint(tmp_path / "text.pt")
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "linear.pt")
+    with pytest.raises(ModelError, match="holds no Ultralytics detection model"):
+        load_checkpoint(tmp_path / "linear.pt")
+    with pytest.raises(ModelError, match="no Ultralytics checkpoint at"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_a_classification_run_is_not_a_detection_model(teacher_run: Path) -> None:
+    with pytest.raises(RunDirError, match="is a classification run, not a detection model"):
+        load_detection_run(teacher_run)
+
+
+def test_bad_detection_teacher_options_are_refused_before_anything_is_written(
+    detect_set: Path, tmp_path: Path
+) -> None:
+    def config(**changes: object) -> DetectionTeacherConfig:
+        base = dict(model="yolo11n.yaml", data=str(detect_set / "data.yaml"),
+                    out=str(tmp_path / "t"), epochs=1, image_size=SIZE)  # fmt: skip
+        return DetectionTeacherConfig(**{**base, **changes})
+
+    with pytest.raises(KdpipeError, match="multiple of 32"):
+        train_detection_teacher(config(image_size=100))
+    with pytest.raises(KdpipeError, match="an Ultralytics model YAML"):
+        train_detection_teacher(config(model="resnet18"))
+    with pytest.raises(KdpipeError, match="cannot read data YAML"):
+        train_detection_teacher(config(data=str(tmp_path / "x.yaml")))
+    assert not (tmp_path / "t").exists()
+
+
+def test_without_the_extra_detection_is_one_line_naming_it() -> None:
+    """The core never needs Ultralytics; the detection room says how to install it."""
+    code = (
+        "import sys; sys.modules['ultralytics'] = None\n"
+        "from kdpipe.detect.yolo import ultralytics\n"
+        "try:\n    ultralytics()\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.startswith("KdpipeError detection needs the optional extra: "
+                                    "pip install 'kdpipe[detect]'")  # fmt: skip
+    assert "AGPL-3.0" in result.stdout
