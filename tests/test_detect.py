@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import snapshot
@@ -139,3 +140,55 @@ def test_without_the_extra_detection_is_one_line_naming_it() -> None:
     assert result.stdout.startswith("KdpipeError detection needs the optional extra: "
                                     "pip install 'kdpipe[detect]'")  # fmt: skip
     assert "AGPL-3.0" in result.stdout
+
+
+# --- views: stored parameters, one renderer ---------------------------------------------------
+
+
+def test_view_zero_is_ultralytics_letterbox_of_image_and_boxes() -> None:
+    """Pixels and boxes of the plain view against Ultralytics' own LetterBox run on its own
+    label format (Instances), an independent path for the boxes."""
+    from kdpipe.detect.views import PLAIN_VIEW, render
+    from ultralytics.data.augment import LetterBox
+    from ultralytics.utils.instance import Instances
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (90, 140, 3), dtype=np.uint8)
+    boxes = np.array([[1, 0.3, 0.4, 0.2, 0.3], [3, 0.7, 0.6, 0.3, 0.5]], np.float32)
+    canvas, rendered = render(image, boxes, PLAIN_VIEW, SIZE)
+    instances = Instances(boxes[:, 1:].copy(), bbox_format="xywh", normalized=True)
+    labels = {"img": image.copy(), "cls": boxes[:, :1], "instances": instances}
+    theirs = LetterBox(new_shape=(SIZE, SIZE), auto=False, scaleup=True, center=True)(labels)
+    np.testing.assert_array_equal(canvas, theirs["img"])
+    instances = theirs["instances"]
+    instances.convert_bbox("xywh")
+    np.testing.assert_allclose(rendered[:, 1:] * SIZE, instances.bboxes, atol=1e-3)
+
+
+def test_a_stored_view_renders_the_same_pixels_and_boxes_twice_and_boxes_follow_pixels() -> None:
+    from kdpipe.detect.views import DetectAugment, draw_views, render
+
+    image = np.zeros((100, 160, 3), np.uint8)
+    image[20:60, 30:70] = 255  # one white object; its box is exactly its pixels
+    boxes = np.array([[0, 50 / 160, 40 / 100, 40 / 160, 40 / 100]], np.float32)
+    augment = DetectAugment(hsv_h=0, hsv_s=0, hsv_v=0)
+    views = draw_views(np.array([0, 7]), 6, seed=3, augment=augment)
+    assert np.array_equal(views[:, 0], [[1, 0, 0, 0, 0, 1, 1]] * 2)
+    # row 7's views are its own, whichever rows are drawn with it
+    assert np.array_equal(draw_views(np.array([7]), 6, 3, augment)[0], views[1])
+    assert len({tuple(v) for v in views[1]}) == 6 and views[1, 1:, 3].sum() >= 1
+    checked = 0
+    for view in views[1]:
+        canvas, out = render(image, boxes, view, SIZE)
+        again = render(image, boxes, view, SIZE)
+        assert np.array_equal(canvas, again[0]) and np.array_equal(out, again[1])
+        white = np.argwhere(canvas.min(axis=2) > 128)
+        if len(out) == 0:
+            continue
+        _, cx, cy, w, h = out[0] * [1, SIZE, SIZE, SIZE, SIZE]
+        y0, x0 = white.min(axis=0)
+        y1, x1 = white.max(axis=0) + 1
+        np.testing.assert_allclose([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2],
+                                   [x0, y0, x1, y1], atol=1.5)  # fmt: skip
+        checked += 1
+    assert checked >= 4
