@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import signal
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -81,3 +83,17 @@ def check_disjoint(
 def quiet(line: str) -> None:
     """The default log of library functions, and of every rank but 0 under torchrun: print
     nothing unless asked to."""
+
+
+KILL_AFTER = "KDPIPE_TEST_KILL_AFTER"  # tests only: "chunks:N" or "epochs:N"
+
+
+def kill_point(unit: str, done: int) -> None:
+    """Where a test kills the process instead of racing it: with ``KDPIPE_TEST_KILL_AFTER``
+    set to ``UNIT:N``, the process SIGKILLs itself once ``done`` (this process's durable
+    chunks of ``cache-teacher``, or the epochs of ``train-student`` whose checkpoint is
+    written) reaches N. A kill that lands at exactly N, whatever the machine's load, is what
+    makes the resume tests deterministic; nothing outside the tests sets the variable."""
+    wanted = os.environ.get(KILL_AFTER, "")
+    if wanted and wanted.partition(":")[0] == unit and done >= int(wanted.partition(":")[2]):
+        os.kill(os.getpid(), signal.SIGKILL)

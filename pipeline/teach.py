@@ -50,6 +50,7 @@ from kdpipe.features import LayerRequest, LayerTaps
 from kdpipe.inputs import resolve_precision
 from kdpipe.runtime import (
     check_disjoint,
+    kill_point,
     prepare_output,
     quiet,
     resolve_device,
@@ -350,7 +351,10 @@ def _write_chunks(
     writer: CacheWriter, chunks: TeacherChunks, world: World, log: Callable[[str], None]
 ) -> None:
     """Compute and write this rank's chunks still to write, then wait for every rank."""
-    finished = writer.finished_chunks()
+    # rank 0 reads what is done and every rank takes its answer: read by each rank, a rank
+    # still starting would count a chunk another rank has just written, and the ranks
+    # would share out different lists (a chunk left out, or written twice)
+    finished = world.on_main(writer.finished_chunks)
     if finished:
         log(f"{writer.location}: resuming, {len(finished)} of {writer.num_chunks} chunks "
             "already written")  # fmt: skip
@@ -368,13 +372,17 @@ def _write_chunks(
     # computes chunk k+1: the store's I/O hides behind the teacher instead of adding to it
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdpipe-writer") as pool:
         pending: Future | None = None
+        durable = 0
         for index in mine:
             chunk = chunks.compute(index, progress)
             if pending is not None:
                 pending.result()  # one chunk in flight at most: memory stays bounded
+                durable += 1
+                kill_point("chunks", durable)  # tests only (KDPIPE_TEST_KILL_AFTER)
             pending = pool.submit(writer.write, index, chunk)
         if pending is not None:
             pending.result()
+            kill_point("chunks", durable + 1)
     progress.close()
     world.barrier()  # every rank's chunks are flagged: only now may the cache be complete
 

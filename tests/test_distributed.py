@@ -65,6 +65,55 @@ def test_resume_with_another_number_of_processes(teacher_run: Path, tmp_path: Pa
     assert read_manifest(partial).teacher_accuracy == read_manifest(one).teacher_accuracy
 
 
+LATE_RANK_ZERO = """
+import os, sys, time
+from kdpipe.cache.store import CacheWriter
+from kdpipe.cli import main
+
+read = CacheWriter.finished_chunks
+late = [os.environ["RANK"] == "0"]
+
+
+def finished_chunks(self):
+    # rank 0 looks late (a loaded machine): until another rank has written a chunk, or 5 s
+    if late.pop() if late else False:
+        first, deadline = len(read(self)), time.monotonic() + 5
+        while len(read(self)) == first and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return read(self)
+
+
+CacheWriter.finished_chunks = finished_chunks
+main(args=sys.argv[1:], prog_name="kdpipe")
+"""
+
+
+def test_ranks_resume_from_one_count_of_the_finished_chunks(
+    teacher_run: Path, tmp_path: Path
+) -> None:
+    """The load failure of 27.5 made certain: rank 0 reads the store late, after rank 1 may
+    have written a chunk. Every rank takes rank 0's count, read before any rank writes, so
+    the message says 6 of 10 and the shares cover each missing chunk once."""
+    one = tmp_path / "one.zarr"
+    assert kdpipe(*cache_args(teacher_run, one)).returncode == 0
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(one, partial)
+    edit_manifest(partial, status="writing", teacher_accuracy=None, completed=None)
+    for index in (1, 4, 5, 8):
+        (partial / "logprobs" / "c" / str(index) / "0" / "0").unlink()
+    launcher = tmp_path / "late_rank_zero.py"
+    launcher.write_text(LATE_RANK_ZERO)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         launcher, *map(str, cache_args(teacher_run, partial))],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "resuming, 6 of 10 chunks already written" in result.stdout + result.stderr
+    assert chunk_files(partial) == chunk_files(one)
+    assert read_manifest(partial).status == "complete"
+
+
 def student_args(cache: Path, out: Path) -> list[str | Path]:
     # batch 7: 600 rows end in a batch of 5, shared 3 + 2 between the two processes
     return ["train-student", "--model", "kd_mlp_30x2", "--data", "synthetic", "--cache", cache,

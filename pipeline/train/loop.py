@@ -24,7 +24,7 @@ from kdpipe.distributed import SINGLE, World
 from kdpipe.errors import TrainingDivergedError
 from kdpipe.inputs import autocast
 from kdpipe.runs import METRICS_FILE
-from kdpipe.runtime import quiet
+from kdpipe.runtime import kill_point, quiet
 from kdpipe.teacher import predict_logits
 from kdpipe.train.batches import EpochBatches
 from kdpipe.train.config import TrainConfig
@@ -277,6 +277,7 @@ class Evaluation:
         if patience is not None and early_stop(self.rows, patience)[0] == epoch:
             save_best(self.run_dir, state)  # before the checkpoint that counts on it
         save_checkpoint(self.run_dir, epoch, state, self.optimizer, self.generator, self.rows)
+        kill_point("epochs", epoch)  # tests only (KDPIPE_TEST_KILL_AFTER)
         validated = f"  val acc {val_accuracy:.4f}" if plan.validation is not None else ""
         self.log(
             f"epoch {epoch}/{config.epochs}: loss {row['loss']:.4f}  "
