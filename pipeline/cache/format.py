@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from kdpipe.cache.layout import STORAGE_KINDS, Layout, storage_layout
+from kdpipe.checks import TEMPERATURE_RANGE, temperature_problem  # noqa: F401 (re-exported)
 from kdpipe.errors import ManifestError
 from kdpipe.spec import check_field as _check
 from kdpipe.spec import check_keys, check_object
@@ -45,19 +45,6 @@ VIEW_FIELDS = (
 VIEW_COLUMNS = {name: index for index, name in enumerate(VIEW_FIELDS)}
 IDENTITY_VIEW = (0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # the plain image
 VALUES = "log_softmax(logits / temperature)"
-# the temperatures a cache holds: below 0.01, float16 turns every class but the top one
-# into -inf; above 1000 every distribution is uniform to float16 precision
-TEMPERATURE_RANGE = (0.01, 1000.0)
-
-
-def temperature_problem(value: float, option: str = "--temperature") -> str | None:
-    """Why ``value`` cannot be a distillation temperature, or None when it can."""
-    low, high = TEMPERATURE_RANGE
-    if not (isinstance(value, int | float) and math.isfinite(value) and low <= value <= high):
-        return f"{option} must be a number from {low:g} to {high:g}, not {value}"
-    return None
-
-
 PREPROCESSING = (
     "uint8 pixels / 255, resized (bilinear) to the member's input_size when the dataset's "
     "differs, then (x - mean) / std per channel"

@@ -38,6 +38,7 @@ from kdpipe.cache.format import (
     manifest_checksum,
 )
 from kdpipe.cache.location import Location
+from kdpipe.checks import check_temperature as check_temperature_value
 from kdpipe.errors import (
     CacheError,
     CacheIncompleteError,
@@ -357,7 +358,10 @@ class SoftLabels:
 def check_temperature(
     manifest: Manifest, temperature: float | None, path: str | Path | Location
 ) -> None:
-    """Refuse to re-temper a layout that cannot be (top-k holds only T's top K)."""
+    """Refuse a temperature that cannot be one (0, NaN, ...: the command line's message),
+    and re-tempering a layout that cannot be (top-k holds only T's top K)."""
+    if temperature is not None:
+        check_temperature_value(temperature)
     stored = manifest.temperature
     layout = manifest.layout
     if not layout.retemperable and temperature is not None and temperature != stored:

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from kdpipe.cache import load_soft_labels, temperature_problem, utc_now
+from kdpipe.cache import load_soft_labels, utc_now
 from kdpipe.checkpoint import remove_checkpoint
+from kdpipe.checks import alpha_problem, temperature_problem
 from kdpipe.data import ImageSet
 from kdpipe.errors import CacheMismatchError, ExportError, UsageError
 from kdpipe.export.onnx import (
@@ -100,8 +101,8 @@ class QatConfig:
             (self.lr > 0, f"--lr must be > 0, not {self.lr}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, not {self.batch_size}"),
             (
-                self.alpha is None or 0.0 <= self.alpha <= 1.0,
-                f"--alpha must be in [0, 1], not {self.alpha}",
+                self.alpha is None or alpha_problem(self.alpha) is None,
+                "" if self.alpha is None else alpha_problem(self.alpha),
             ),
             (
                 self.temperature is None or temperature_problem(self.temperature) is None,
