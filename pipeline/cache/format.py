@@ -452,6 +452,44 @@ def _parse_layers(data: dict, where: str) -> tuple[CachedLayer, ...]:
     return layers
 
 
+def field_problems(manifest: Manifest) -> list[str]:
+    """What the manifest's fields outside the ``cache_id`` contradict, in each other or in
+    the fields it is derived from (an empty list: nothing). ``verify`` reports them; the
+    fields it recomputes from the arrays (shapes, chunks, teacher accuracy) and from the
+    teacher (classes, parameter counts) are checked there. docs/cache-format.md lists
+    every field and which of the two covers it."""
+    problems = []
+    if manifest.values != VALUES:
+        problems.append(f"values {manifest.values!r} is not {VALUES!r}")
+    samples, fingerprint = manifest.transfer["dataset_samples"], manifest.dataset["fingerprint"]
+    if not isinstance(fingerprint, dict) or fingerprint.get("count") != samples:
+        count = fingerprint.get("count") if isinstance(fingerprint, dict) else fingerprint
+        problems.append(f"dataset fingerprint count {count!r} is not transfer.dataset_samples "
+                        f"{samples!r}")  # fmt: skip
+    elif manifest.labeled and fingerprint.get("num_classes") != manifest.num_classes:
+        problems.append(f"dataset fingerprint num_classes {fingerprint.get('num_classes')!r} "
+                        f"is not num_classes {manifest.num_classes}")  # fmt: skip
+    if isinstance(samples, int) and not 0 < manifest.num_samples <= samples:
+        problems.append(f"num_samples {manifest.num_samples} is not 1..{samples} rows of the "
+                        "dataset")  # fmt: skip
+    if not 1 <= manifest.chunk_size <= max(manifest.num_samples, 1):
+        problems.append(f"chunk_size {manifest.chunk_size} is not 1..{manifest.num_samples}")
+    for i, member in enumerate(manifest.teachers):
+        if member.num_classes != manifest.num_classes:
+            problems.append(f"teachers[{i}] has {member.num_classes} classes, the cache "
+                            f"{manifest.num_classes}")  # fmt: skip
+        if member.lineage is not None and not member.lineage.consistent():
+            problems.append(f"teachers[{i}]: lineage teacher_id {member.lineage.teacher_id} is "
+                            "not the one its recorded teachers give")  # fmt: skip
+    if (manifest.status == STATUS_COMPLETE) != (manifest.completed is not None):
+        problems.append(f"status {manifest.status!r} with completed {manifest.completed!r}")
+    accuracy = manifest.teacher_accuracy
+    if accuracy is not None and not (manifest.labeled and 0 <= accuracy <= 1):
+        kind = "labeled" if manifest.labeled else "label-free"
+        problems.append(f"teacher_accuracy {accuracy!r} for a {kind} transfer set")
+    return problems
+
+
 def manifest_checksum(data: dict) -> str:
     """SHA-256 of a manifest's canonical JSON: any edited or flipped byte changes it."""
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
