@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from kdpipe.checks import check_alpha, check_temperature
 
 
 def distillation_loss(
@@ -37,7 +38,13 @@ def distillation_loss(
     while the teacher's term needs nothing special: the teacher labelled the
     same mixed image. Returns ``loss`` (to backpropagate) and its terms
     ``hard`` (CE, when alpha > 0) and ``soft`` (KL, before the T² and 1 − α weights).
+
+    ``alpha`` outside [0, 1] and ``temperature`` outside [0.01, 1000] (or not finite) are
+    refused with the messages the command line gives (:mod:`kdpipe.checks`): a weight
+    above 1 would make the soft term count negatively, T = 0 divides by zero.
     """
+    check_alpha(alpha)
+    check_temperature(temperature)
     terms: dict[str, torch.Tensor] = {}
     if alpha > 0 or bool((labels >= 0).all()):  # the CE is reported whenever labels exist
         hard = F.cross_entropy(student_logits, labels, reduction="none")

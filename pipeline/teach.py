@@ -21,7 +21,6 @@ from kdpipe.cache import (
     STATUS_COMPLETE,
     STATUS_WRITING,
     VALUES,
-    VIEW_COLUMNS,
     CachedLayer,
     CacheWriter,
     Layout,
@@ -33,6 +32,7 @@ from kdpipe.cache import (
     layout_for,
     preprocessing_for,
     read_manifest,
+    stored_teacher_accuracy,
     temperature_problem,
     utc_now,
 )
@@ -271,6 +271,12 @@ def _new_manifest(
     return replace(manifest, cache_id=derive_cache_id(manifest))
 
 
+# the share of a chunk's rows and views whose stored values may lose the teacher's top
+# class (a near-tie rounded the other way) before the temperature is refused as too high
+# for the dtype; at a usable T it is 0 on kdpipe's caches, at T = 1000 in float16 nearly 1
+LOST_RANKING_SHARE = 0.01
+
+
 @dataclass(frozen=True)
 class TeacherChunks:
     """What the teacher pass computes, one chunk of rows at a time: every view of each row
@@ -337,14 +343,56 @@ class TeacherChunks:
                 f"the teacher produced NaN or Inf{where} for sample(s) {samples}{more}; "
                 f"{config.out} is left incomplete"
             )
+        encoded = self.layout.encode(values)
+        self._check_ranking(index, chunk_rows, values, encoded)
         return {
-            **self.layout.encode(values),
+            **encoded,
             "labels": self.labels[mine].numpy(),
             "indices": chunk_rows,
             "views": chunk_params,
             "partners": chunk_partners,
             **{array: value.numpy() for array, value in layers.items()},
         }
+
+    def _check_ranking(
+        self,
+        index: int,
+        chunk_rows: np.ndarray,
+        values: torch.Tensor,
+        encoded: dict[str, np.ndarray],
+    ) -> None:
+        """Refuse a chunk whose stored values no longer hold the teacher's top class.
+
+        ``log_softmax(z / T)`` squeezes the classes together as T grows: at T = 1000 a
+        5-class teacher's log-probabilities differ by thousandths, below float16's step
+        near log(1/5), and every row is stored as the same uniform distribution (teacher
+        accuracy 0.72 became 0.21). Measured here, as stored, before the chunk is
+        written: the layout's arrays in the cache's dtype, decoded as every reader
+        decodes them. A row and view is lost when its decoded maximum is not the
+        teacher's top class alone (another class above it, or tied with it); rows where
+        the float32 teacher itself ties are not counted.
+        """
+        dtype = self.config.dtype
+        stored = {name: torch.from_numpy(array.astype(dtype) if array.dtype.kind == "f" else array)
+                  for name, array in encoded.items()}  # fmt: skip
+        decoded = self.layout.decode(stored)
+        top = values.argmax(-1, keepdim=True)
+        full_ties = (values == values.gather(-1, top)).sum(-1) > 1
+        best = decoded.max(-1, keepdim=True).values
+        lost = (decoded.gather(-1, top) < best)[..., 0] | ((decoded == best).sum(-1) > 1)
+        lost &= ~full_ties
+        share = float(lost.float().mean()) if lost.numel() else 0.0
+        if share <= LOST_RANKING_SHARE:
+            return
+        uniform = int((decoded.amax(-1) == decoded.amin(-1)).sum())
+        first, last = int(chunk_rows[0]), int(chunk_rows[-1])
+        raise TeacherOutputError(
+            f"--temperature {self.config.temperature:g} is too high for --dtype {dtype}: "
+            f"in chunk {index} (samples {first}-{last}) {share:.0%} of the rows and views "
+            f"stored no longer have the teacher's top class ({uniform} exactly uniform); "
+            f"lower --temperature or pass --dtype float32 (train-student --temperature "
+            f"re-tempers a dense cache exactly); {self.config.out} is left incomplete"
+        )
 
 
 def _write_chunks(
@@ -423,29 +471,6 @@ def open_writer(
 
 def teacher_accuracy(writer: CacheWriter) -> float | None:
     """Top-1 accuracy of the stored (combined) teacher over every view, read back from the
-    store, so that a resumed pass reports the same figure as an uninterrupted one.
-
-    A mixed view counts as right when the teacher's top class is the label of the
-    sample with the larger share of the mix.
-    """
-    manifest = writer.manifest
-    arrays = writer.arrays
-    step = manifest.chunk_size
-    indices = arrays["indices"][:]
-    labels = arrays["labels"][:]
-    label_of = np.full(manifest.transfer["dataset_samples"], -1, dtype=np.int64)
-    label_of[indices] = labels
-    correct = total = 0
-    for start in range(0, manifest.num_samples, step):
-        top = manifest.layout.top1(
-            {name: arrays[name][start : start + step] for name in manifest.layout.names}
-        )
-        lam = arrays["views"][start : start + step][..., VIEW_COLUMNS["lam"]]
-        partners = arrays["partners"][start : start + step]
-        own = labels[start : start + step, None]
-        # a partner outside the labeled rows (never, for kdpipe's own caches) counts as -1
-        partner_labels = np.where(partners >= 0, label_of[np.clip(partners, 0, None)], -1)
-        target = np.where(lam >= 0.5, np.broadcast_to(own, top.shape), partner_labels)
-        correct += int((top == target).sum())
-        total += top.size
-    return correct / total if total else None
+    store (:func:`kdpipe.cache.stored_teacher_accuracy`, which ``verify`` recomputes too),
+    so that a resumed pass reports the same figure as an uninterrupted one."""
+    return stored_teacher_accuracy(writer.manifest, writer.arrays)

@@ -3,7 +3,8 @@
 Checks, in order: the manifest (strict schema), the arrays (shape, dtype, the
 crc32c codec), then every chunk: its completion flag, its files, its checksum
 (zarr verifies crc32c when decoding), finite values, each row a probability
-distribution (logsumexp ≈ 0), labels in range. With a dataset: its fingerprint
+distribution (logsumexp ≈ 0) and not uniform (every stored value equal: the ranking
+lost to a T too high for the dtype), labels in range. With a dataset: its fingerprint
 and labels. With teachers: the stored values against a fresh teacher pass on a
 random sample.
 """
@@ -30,7 +31,9 @@ from kdpipe.cache import (
     check_array_metadata,
     chunk_key,
     digest_matches,
+    field_problems,
     read_manifest,
+    stored_teacher_accuracy,
 )
 from kdpipe.data import ImageSet, dataset_mismatch
 from kdpipe.errors import KdpipeError, UsageError
@@ -95,10 +98,14 @@ def verify_cache(
         f"status {manifest.status!r}" + ("" if manifest.status == STATUS_COMPLETE else
                                          ": the teacher pass did not finish"),
     )  # fmt: skip
+    problems = field_problems(manifest)
+    report.add("fields", not problems, "; ".join(problems) or "consistent with each other")
     arrays = _open_arrays(path, manifest, report)
     if arrays is None:
         return report
     rows = _check_chunks(path, manifest, arrays, report)
+    if rows is not None:
+        _check_accuracy(manifest, arrays, report)
     if dataset is not None and rows is not None:
         _check_dataset(manifest, rows, dataset, report)
     if recompute:
@@ -108,7 +115,8 @@ def verify_cache(
 
 def _open_arrays(path: Location, manifest: Manifest, report: VerifyReport) -> dict | None:
     num_chunks = -(-manifest.num_samples // manifest.chunk_size)
-    expected = {name: (shape, dtype) for name, (shape, dtype, _) in array_specs(manifest).items()}
+    specs = array_specs(manifest)
+    expected = {name: (shape, dtype) for name, (shape, dtype, _) in specs.items()}
     expected[DIGESTS] = ((num_chunks, len(array_specs(manifest)), DIGEST_BYTES), "uint8")
     expected[PROGRESS] = ((num_chunks,), "uint8")
     try:  # before zarr parses the metadata: a damaged or swapped zarr.json is named here
@@ -131,6 +139,9 @@ def _open_arrays(path: Location, manifest: Manifest, report: VerifyReport) -> di
         codecs = [c["name"] for c in array.metadata.to_dict().get("codecs", [])]
         if array.shape != shape or str(array.dtype) != dtype:
             problems.append(f"{name} is {array.shape} {array.dtype}, expected {shape} {dtype}")
+        elif name in specs and array.chunks[0] != min(manifest.chunk_size, shape[0]):
+            problems.append(f"{name} is chunked by {array.chunks[0]} rows, the manifest's "
+                            f"chunk_size is {manifest.chunk_size}")  # fmt: skip
         if "crc32c" not in codecs:
             problems.append(f"{name} has no crc32c checksum codec ({', '.join(codecs)})")
     report.add(
@@ -205,6 +216,21 @@ def _check_chunks(
     return rows if readable else None
 
 
+def _check_accuracy(manifest: Manifest, arrays: dict, report: VerifyReport) -> None:
+    """The manifest's teacher_accuracy, recomputed from the stored values and labels: it is
+    in no id, so a re-signed manifest could claim any figure (and report would show it)."""
+    if manifest.status != STATUS_COMPLETE:
+        return  # recorded only when the pass completes
+    expected = stored_teacher_accuracy(manifest, arrays) if manifest.labeled else None
+    claimed = manifest.teacher_accuracy
+    same = (claimed is None and expected is None) or (
+        claimed is not None and expected is not None and abs(claimed - expected) <= 1e-9
+    )
+    report.add("teacher accuracy", same,
+               f"{claimed} recorded, {expected} from the stored values and labels"
+               if not same else f"{expected} recomputed from the stored values")  # fmt: skip
+
+
 def _layer_problems(manifest: Manifest, chunk: dict, start: int) -> list[str]:
     """The cached layers of one chunk: finite values, and attention maps of unit L2 norm
     (to float16 precision)."""
@@ -248,6 +274,12 @@ def _chunk_problems(
         bad = start + np.flatnonzero((drift > tolerance).any(axis=-1))
         problems.append(
             f"not a distribution (logsumexp off by up to {drift.max():.3g}) at row(s) {_first(bad)}"
+        )
+    if checked["uniform"].any():
+        bad = start + np.flatnonzero(checked["uniform"].any(axis=-1))
+        problems.append(
+            f"uniform rows (every stored value equal: the teacher's ranking is lost, T="
+            f"{manifest.temperature:g} too high for {manifest.dtype}?) at row(s) {_first(bad)}"
         )
     if checked["invalid"].any():
         bad = start + np.flatnonzero(checked["invalid"].any(axis=-1))
@@ -306,6 +338,15 @@ def _recompute(
         return
     if dataset_mismatch(manifest.dataset, dataset) is not None:
         report.add("recompute", False, "--data is not the cache's dataset")
+        return
+    # in no id, so recomputed from the teacher: its class names and parameter counts
+    counts = sorted((card.weights_sha256, card.param_count) for card in teacher.cards)
+    if counts != sorted((m.weights_sha256, m.param_count) for m in manifest.teachers):
+        report.add("recompute", False, "the manifest's param_count is not the teachers'")
+        return
+    if teacher.class_names(dataset) != list(manifest.classes):
+        report.add("recompute", False, f"classes {manifest.classes} recorded, the teacher "
+                   f"names {teacher.class_names(dataset)}")  # fmt: skip
         return
     picked = np.sort(np.random.default_rng(seed).choice(
         manifest.num_samples, min(count, manifest.num_samples), replace=False

@@ -418,3 +418,47 @@ def test_cached_layers_are_read_per_row_and_view_or_refused_in_one_line(
         kd.open_cache(out, memory=decoded_bytes(read_manifest(out)) - 1).layer_targets(
             "features.7", rows, 0
         )
+
+
+@pytest.mark.parametrize(
+    "temperature,shown", [(0, "0"), (float("nan"), "nan"), (-2.0, "-2.0"), (5000.0, "5000.0")]
+)
+def test_the_api_refuses_the_temperatures_the_cli_refuses(
+    train_cache: Path, tmp_path: Path, temperature: float, shown: str
+) -> None:
+    from kdpipe.errors import UsageError
+
+    message = f"--temperature must be a number from 0.01 to 1000, not {shown}"
+    opened = kd.open_cache(train_cache)
+    with pytest.raises(UsageError) as raised:  # was ZeroDivisionError at 0, NaN targets at nan
+        opened.soft_targets([0, 1], 0, temperature=temperature)
+    assert str(raised.value) == message
+    with pytest.raises(UsageError, match=re.escape(message)):
+        kd.DistillationDataset(kd.load_dataset("synthetic", "train"), opened,
+                               temperature=temperature)  # fmt: skip
+    logits, labels = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(UsageError) as raised:
+        kd.distillation_loss(logits, labels, torch.log_softmax(logits, -1), alpha=0.5,
+                             temperature=temperature)  # fmt: skip
+    assert str(raised.value) == message
+    # the command line's refusal is the same sentence, from the same check
+    result = student(train_cache, tmp_path / "s", f"--alpha 0.5 --temperature {temperature}")
+    said = f"--temperature must be a number from 0.01 to 1000, not {float(temperature)}"
+    assert result.exit_code == 2 and said in result.output, result.output
+
+
+@pytest.mark.parametrize("alpha", [2.0, -0.5, float("nan")])
+def test_the_loss_refuses_a_weight_outside_zero_one(
+    train_cache: Path, tmp_path: Path, alpha: float
+) -> None:
+    from kdpipe.errors import UsageError
+
+    logits, labels = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    message = f"--alpha must be in [0, 1], not {alpha}"
+    with pytest.raises(UsageError) as raised:  # alpha 2 gave a loss with the KL weighted -1
+        kd.distillation_loss(logits, labels, torch.log_softmax(logits, -1), alpha=alpha,
+                             temperature=4.0)  # fmt: skip
+    assert str(raised.value) == message
+    result = student(train_cache, tmp_path / "s", f"--alpha {alpha}")
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "s").exists()

@@ -158,10 +158,11 @@ def test_class_count_mismatch(teacher_run: Path, tmp_path: Path) -> None:
     [
         (
             "--alpha 0.5 --temperature 0",
-            r"Invalid value for '--temperature': 0.0 is not in the range x>0",
+            "Invalid value for '--temperature': --temperature must be a number from 0.01 to 1000, "
+            "not 0.0",
         ),
         ("--alpha 0.5 --temperature -1", r"Invalid value for '--temperature'"),
-        ("--alpha 1.5", r"Invalid value for '--alpha': 1.5 is not in the range 0<=x<=1"),
+        ("--alpha 1.5", r"Invalid value for '--alpha': --alpha must be in \[0, 1\], not 1.5"),
         ("--alpha -0.1", r"Invalid value for '--alpha'"),
     ],
 )

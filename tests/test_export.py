@@ -201,6 +201,7 @@ def test_qat_from_the_cache_loads_no_teacher(
     assert int8.check["max_abs_logit_difference"] <= 0.1
     ops = {node.op_type for node in onnx.load(str(out / "model.int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert same_on_every_cpu(out / "model.int8.onnx") < 0.05
 
     # the int8 file on ONNX Runtime, its lineage back to the float32 run and the cache
     result = invoke("evaluate", out / "model.int8.onnx", "--data synthetic --format json "
@@ -230,6 +231,41 @@ def test_qat_from_the_cache_loads_no_teacher(
     # QAT runs are converted from the ranges they learned, not calibrated again
     result = invoke("export", out, "--out", tmp_path / "again.onnx", "--int8")
     assert result.exit_code == 1 and "is a QAT run" in result.output
+
+
+def int8_weights(path: Path) -> list[np.ndarray]:
+    """The int8 initializers of a file: its quantized weights."""
+    tensors = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
+    return [t for t in tensors if t.dtype == np.int8 and t.size > 1]
+
+
+def same_on_every_cpu(path: Path) -> float:
+    """How far ONNX Runtime's fused integer kernels (QLinearConv, QGemm: on a CPU without
+    VNNI, uint8 x int8 pairs summed in a saturating int16) move the file's logits from its
+    QDQ graph computed as written (optimizations off: dequantize, float op, quantize), on
+    the test split; the weights must fit 7 bits, so that no pair can saturate."""
+    import onnxruntime as ort
+
+    assert int8_weights(path) and all(w.min() >= -64 and w.max() <= 64 for w in int8_weights(path))
+    test_set = load_dataset("synthetic", "test")
+    card = read_onnx_card(path)
+    inputs = prepare_input(test_set.images, card.data, torch.device("cpu")).numpy()
+    logits = []
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  ort.GraphOptimizationLevel.ORT_ENABLE_ALL):  # fmt: skip
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        logits.append(session.run(None, {session.get_inputs()[0].name: inputs})[0])
+    return float(np.abs(logits[0] - logits[1]).max())
+
+
+def test_int8_ptq_computes_the_same_on_every_cpu(kd_student: Path, tmp_path: Path) -> None:
+    int8 = tmp_path / "int8.onnx"
+    result = invoke("export", kd_student, "--out", int8, "--int8 --calibration-rows 100")
+    assert result.exit_code == 0, result.output
+    assert "7 bits" in read_onnx_card(int8).quantization["weights"]
+    assert same_on_every_cpu(int8) < 0.05
 
 
 def read_csv_rows(path: Path) -> list[str]:

@@ -134,11 +134,12 @@ def test_sixteen_bit_pngs_are_scaled_not_clipped(tmp_path: Path) -> None:
 def test_extreme_temperatures_are_refused_up_front(
     teacher_run: Path, train_cache: Path, tmp_path: Path, value: str
 ) -> None:
+    # a bad option value: click's exit status 2, the library's own sentence (kdpipe.checks)
     fails(cache(teacher_run, tmp_path / "c.zarr", f"--temperature {value}"),
-          "--temperature must be a number from 0.01 to 1000")  # fmt: skip
+          "--temperature must be a number from 0.01 to 1000", code=2)  # fmt: skip
     assert not (tmp_path / "c.zarr").exists()
     fails(student(train_cache, tmp_path / "s", f"--alpha 0.5 --temperature {value}"),
-          "--temperature must be a number from 0.01 to 1000")  # fmt: skip
+          "--temperature must be a number from 0.01 to 1000", code=2)  # fmt: skip
     assert not (tmp_path / "s").exists()
 
 

@@ -40,7 +40,9 @@ def test_the_cache_package_is_imported_through_its_surface_and_knows_no_models()
                 m
                 for m in found
                 if m.startswith("kdpipe.")
-                and not m.startswith(("kdpipe.cache", "kdpipe.errors", "kdpipe.spec"))
+                and not m.startswith(
+                    ("kdpipe.cache", "kdpipe.errors", "kdpipe.spec", "kdpipe.checks")
+                )
             }
             assert not knows, f"{name} imports {knows}: the cache knows no models"
 
@@ -57,7 +59,10 @@ def test_only_the_detection_room_imports_ultralytics() -> None:
 
 def test_losses_do_no_io() -> None:
     found = modules()["pipeline/losses.py"]
-    assert found <= {"__future__", "torch", "torch.nn.functional"}, found
+    assert found <= {"__future__", "torch", "torch.nn.functional", "kdpipe.checks"}, found
+    # the checks of T and alpha the losses share with the CLI are pure too
+    checks = modules()["pipeline/checks.py"]
+    assert checks <= {"__future__", "math", "numbers", "kdpipe.errors"}, checks
 
 
 def test_no_function_is_much_longer_than_a_screen() -> None:

@@ -285,3 +285,61 @@ def test_a_killed_pass_over_streamed_data_resumes_to_the_same_cache(
     assert ours.teacher_accuracy == theirs.teacher_accuracy
     for index, stamp in kept.items():  # flagged before the kill: never written again
         assert (out / "logprobs" / "c" / str(index) / "0" / "0").stat().st_mtime_ns == stamp
+
+
+# --- a resumed run learns from the inputs it started with (issue 24.2) -------------------------
+
+
+class Stopped(Exception):
+    pass
+
+
+def stopped_after_epoch_1(line: str) -> None:
+    if line.startswith("epoch 1/"):
+        raise Stopped
+
+
+def test_resume_refuses_a_cache_remade_at_the_same_path(teacher_run: Path, tmp_path: Path) -> None:
+    """Epochs 1-5 from one cache_id, 6-300 from another, and model.json naming only the
+    second: the cache remade at the same path is refused, both ids named."""
+    from conftest import invoke
+    from kdpipe.train import TrainConfig, train_student
+
+    path = tmp_path / "c.zarr"
+    assert cache(teacher_run, path, "--temperature 2").exit_code == 0
+    first = read_manifest(path).cache_id
+    config = TrainConfig(model="kd_mlp_30x2", data="synthetic", out=str(tmp_path / "run"),
+                         epochs=3, cache=str(path), alpha=0.5)  # fmt: skip
+    with pytest.raises(Stopped):
+        train_student(config, log=stopped_after_epoch_1)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    assert cache(teacher_run, path, "--temperature 4 --overwrite").exit_code == 0
+    second = read_manifest(path).cache_id
+    assert first != second
+    result = invoke("train-student --resume", tmp_path / "run")
+    assert result.exit_code == 1, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error: ")]
+    assert f"cache (--cache) was {first}, is now {second}" in line
+    assert "cannot resume on other inputs" in line
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+def test_resume_refuses_an_online_teacher_retrained_at_the_same_path(tmp_path: Path) -> None:
+    from conftest import invoke
+    from kdpipe.runs import read_card
+    from kdpipe.train import TrainConfig, distill_online
+
+    teacher = tmp_path / "teacher"
+    train = "train-teacher --model kd_mlp_30x2 --data synthetic --epochs 1 --out"
+    assert invoke(train, teacher, "--seed 0").exit_code == 0
+    first = read_card(teacher).weights_sha256
+    config = TrainConfig(model="kd_mlp_30x2", data="synthetic", out=str(tmp_path / "run"),
+                         epochs=3, teacher=str(teacher), alpha=0.5, temperature=4.0)  # fmt: skip
+    with pytest.raises(Stopped):
+        distill_online(config, log=stopped_after_epoch_1)
+    assert invoke(train, teacher, "--seed 1 --overwrite").exit_code == 0
+    second = read_card(teacher).weights_sha256
+    result = invoke("distill-online --resume", tmp_path / "run")
+    assert result.exit_code == 1, result.output
+    assert f"teacher (teacher) was {first}, is now {second}" in result.output
+    assert not (tmp_path / "run" / "model.json").exists()

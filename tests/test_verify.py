@@ -207,3 +207,84 @@ def test_a_group_in_an_array_s_place_is_named(copy: Path) -> None:
     assert result.exit_code == 1
     assert "logprobs/zarr.json does not match its checksum in the manifest" in result.output
     assert "Traceback" not in result.output and "KeyError" not in result.output
+
+
+# --- a temperature the stored dtype cannot hold (issue 24.1) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def soft_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A teacher with small logits (one epoch at a low learning rate): at T = 1000 its
+    log-probabilities differ by less than float16's step, as Fashion-MNIST's did."""
+    out = tmp_path_factory.mktemp("soft-teacher") / "run"
+    result = invoke("train-teacher --model kd_mlp_30x2 --data synthetic --epochs 1 --lr 0.001 "
+                    "--seed 0 --out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def cache_of(teacher: Path, out: Path, options: str) -> object:
+    return invoke("cache-teacher --data synthetic --teacher", teacher, "--out", out, options)
+
+
+@pytest.mark.parametrize("options", ["--temperature 1000", "--temperature 500 --top-k 3"])
+def test_a_temperature_the_dtype_cannot_hold_is_refused(
+    soft_teacher: Path, tmp_path: Path, options: str
+) -> None:
+    """T = 1000 (the documented maximum) stored an exactly uniform float16 cache that
+    verify passed; T = 500 in a top-3 cache stores its three values tied, or in the wrong
+    order. Both are refused before the cache is complete, saying what to do."""
+    from kdpipe.cache import read_manifest
+
+    out = tmp_path / "c.zarr"
+    result = cache_of(soft_teacher, out, options)
+    assert result.exit_code == 1, result.output
+    assert "is too high for --dtype float16" in result.output
+    assert "lower --temperature or pass --dtype float32" in result.output
+    assert sum(line.startswith("Error: ") for line in result.output.splitlines()) == 1
+    assert read_manifest(out).status == "writing"  # never complete: no reader takes it
+    # float32 holds the ranking at the same T: the cache is made, and verify passes it
+    result = cache_of(soft_teacher, tmp_path / "f32.zarr", f"{options} --dtype float32")
+    assert result.exit_code == 0, result.output
+    assert run_verify(tmp_path / "f32.zarr").exit_code == 0
+
+
+def test_verify_names_a_cache_whose_rows_are_uniform(
+    soft_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache written without the writer's check (as before it) at T = 1000: every row
+    the same uniform distribution, which verify called 'values ok'."""
+    import kdpipe.teach
+
+    monkeypatch.setattr(kdpipe.teach, "LOST_RANKING_SHARE", 1.0, raising=False)  # old writer
+    out = tmp_path / "uniform.zarr"
+    result = cache_of(soft_teacher, out, "--temperature 1000")
+    assert result.exit_code == 0, result.output
+    assert "teacher accuracy 0.2" in result.output  # argmax of ties: class 0, 1 in 5
+    report = verify_cache(out)
+    assert not report.ok
+    (line,) = report.failures()
+    assert line.startswith("chunks: ") and "uniform rows" in line and "T=1000" in line
+
+
+# --- every manifest field in the cache_id or recomputed by verify (issue 24.3) -----------------
+
+
+def test_a_re_signed_teacher_accuracy_is_recomputed(copy: Path) -> None:
+    """teacher_accuracy edited (to 0.995) with the checksum recomputed passed verify, and
+    report then showed the cache's teacher at 1 error: it is recomputed from the values."""
+    true = json.loads((copy / "zarr.json").read_text())["attributes"]["kdpipe"]["teacher_accuracy"]
+    edit_manifest(copy, teacher_accuracy=0.995)
+    report = verify_cache(copy)
+    (line,) = report.failures()
+    assert line == f"teacher accuracy: 0.995 recorded, {true} from the stored values and labels"
+
+
+def test_re_signed_fields_outside_the_id_are_named(copy: Path) -> None:
+    """Counts and the completion record are in no id: each edit contradicts another field
+    or the arrays, and verify says which."""
+    manifest = json.loads((copy / "zarr.json").read_text())["attributes"]["kdpipe"]
+    edit_manifest(copy, chunk_size=manifest["chunk_size"] // 2, completed=None)
+    failures = " | ".join(verify_cache(copy).failures())
+    assert "status 'complete' with completed None" in failures
+    assert "chunked by 128 rows, the manifest's chunk_size is 64" in failures

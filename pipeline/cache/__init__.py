@@ -34,6 +34,7 @@ from kdpipe.cache.format import (
     derive_cache_id,
     derive_teacher_id,
     describe_differences,
+    field_problems,
     layer_array,
     manifest_checksum,
     preprocessing_for,
@@ -57,6 +58,7 @@ from kdpipe.cache.store import (
     open_complete,
     read_manifest,
     retemper,
+    stored_teacher_accuracy,
     utc_now,
 )
 from kdpipe.cache.stream import (
@@ -112,6 +114,7 @@ __all__ = [
     "derive_teacher_id",
     "describe_differences",
     "digest_matches",
+    "field_problems",
     "index_dtype",
     "layer_array",
     "layout_for",
@@ -124,6 +127,7 @@ __all__ = [
     "reconstruct_top_k",
     "retemper",
     "smallest_budget",
+    "stored_teacher_accuracy",
     "temperature_problem",
     "utc_now",
     "windowed_order",

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from kdpipe.cache.layout import STORAGE_KINDS, Layout, storage_layout
+from kdpipe.checks import TEMPERATURE_RANGE, temperature_problem  # noqa: F401 (re-exported)
 from kdpipe.errors import ManifestError
 from kdpipe.spec import check_field as _check
 from kdpipe.spec import check_keys, check_object
@@ -45,19 +45,6 @@ VIEW_FIELDS = (
 VIEW_COLUMNS = {name: index for index, name in enumerate(VIEW_FIELDS)}
 IDENTITY_VIEW = (0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # the plain image
 VALUES = "log_softmax(logits / temperature)"
-# the temperatures a cache holds: below 0.01, float16 turns every class but the top one
-# into -inf; above 1000 every distribution is uniform to float16 precision
-TEMPERATURE_RANGE = (0.01, 1000.0)
-
-
-def temperature_problem(value: float, option: str = "--temperature") -> str | None:
-    """Why ``value`` cannot be a distillation temperature, or None when it can."""
-    low, high = TEMPERATURE_RANGE
-    if not (isinstance(value, int | float) and math.isfinite(value) and low <= value <= high):
-        return f"{option} must be a number from {low:g} to {high:g}, not {value}"
-    return None
-
-
 PREPROCESSING = (
     "uint8 pixels / 255, resized (bilinear) to the member's input_size when the dataset's "
     "differs, then (x - mean) / std per channel"
@@ -463,6 +450,44 @@ def _parse_layers(data: dict, where: str) -> tuple[CachedLayer, ...]:
     if len(set(arrays)) != len(arrays):
         raise ManifestError(f"{where}: features lists one layer twice ({', '.join(arrays)})")
     return layers
+
+
+def field_problems(manifest: Manifest) -> list[str]:
+    """What the manifest's fields outside the ``cache_id`` contradict, in each other or in
+    the fields it is derived from (an empty list: nothing). ``verify`` reports them; the
+    fields it recomputes from the arrays (shapes, chunks, teacher accuracy) and from the
+    teacher (classes, parameter counts) are checked there. docs/cache-format.md lists
+    every field and which of the two covers it."""
+    problems = []
+    if manifest.values != VALUES:
+        problems.append(f"values {manifest.values!r} is not {VALUES!r}")
+    samples, fingerprint = manifest.transfer["dataset_samples"], manifest.dataset["fingerprint"]
+    if not isinstance(fingerprint, dict) or fingerprint.get("count") != samples:
+        count = fingerprint.get("count") if isinstance(fingerprint, dict) else fingerprint
+        problems.append(f"dataset fingerprint count {count!r} is not transfer.dataset_samples "
+                        f"{samples!r}")  # fmt: skip
+    elif manifest.labeled and fingerprint.get("num_classes") != manifest.num_classes:
+        problems.append(f"dataset fingerprint num_classes {fingerprint.get('num_classes')!r} "
+                        f"is not num_classes {manifest.num_classes}")  # fmt: skip
+    if isinstance(samples, int) and not 0 < manifest.num_samples <= samples:
+        problems.append(f"num_samples {manifest.num_samples} is not 1..{samples} rows of the "
+                        "dataset")  # fmt: skip
+    if not 1 <= manifest.chunk_size <= max(manifest.num_samples, 1):
+        problems.append(f"chunk_size {manifest.chunk_size} is not 1..{manifest.num_samples}")
+    for i, member in enumerate(manifest.teachers):
+        if member.num_classes != manifest.num_classes:
+            problems.append(f"teachers[{i}] has {member.num_classes} classes, the cache "
+                            f"{manifest.num_classes}")  # fmt: skip
+        if member.lineage is not None and not member.lineage.consistent():
+            problems.append(f"teachers[{i}]: lineage teacher_id {member.lineage.teacher_id} is "
+                            "not the one its recorded teachers give")  # fmt: skip
+    if (manifest.status == STATUS_COMPLETE) != (manifest.completed is not None):
+        problems.append(f"status {manifest.status!r} with completed {manifest.completed!r}")
+    accuracy = manifest.teacher_accuracy
+    if accuracy is not None and not (manifest.labeled and 0 <= accuracy <= 1):
+        kind = "labeled" if manifest.labeled else "label-free"
+        problems.append(f"teacher_accuracy {accuracy!r} for a {kind} transfer set")
+    return problems
 
 
 def manifest_checksum(data: dict) -> str:

@@ -30,6 +30,15 @@ def _logsumexp(values: np.ndarray) -> np.ndarray:
     return (top + np.log(np.exp(values - top).sum(axis=-1, keepdims=True)))[..., 0]
 
 
+def _all_equal(values: np.ndarray) -> np.ndarray:
+    """Rows whose stored values are all the same: a uniform distribution (dense), or top K
+    without an order (top-k), where the teacher's ranking is lost (a T too high for the
+    dtype). One stored value (K = 1, C = 1) says nothing either way."""
+    if values.shape[-1] < 2:
+        return np.zeros(values.shape[:-1], dtype=bool)
+    return values.max(axis=-1) == values.min(axis=-1)
+
+
 @dataclass(frozen=True)
 class Dense:
     """Every class's log-probability: ``logprobs`` ``(N, V, C)``."""
@@ -68,9 +77,11 @@ class Dense:
         return log_probs
 
     def problems(self, values: np.ndarray, stored: dict[str, np.ndarray], tolerance: float) -> dict:
-        """Rows (as a boolean mask per check) whose stored values break this layout's rules."""
+        """Rows (as a boolean mask per check) whose stored values break this layout's rules:
+        ``mass`` (how far from a distribution), ``invalid`` (indices), ``uniform``."""
         drift = np.abs(_logsumexp(values))  # each row is a distribution: it sums to 1
-        return {"mass": drift, "invalid": np.zeros(values.shape[:-1], dtype=bool)}
+        return {"mass": drift, "invalid": np.zeros(values.shape[:-1], dtype=bool),
+                "uniform": _all_equal(values)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -121,7 +132,7 @@ class TopK:
         ordered = (np.diff(values, axis=-1) <= 0).all(axis=-1)
         distinct = (np.diff(np.sort(top, axis=-1), axis=-1) > 0).all(axis=-1)
         valid = ((top >= 0) & (top < self.num_classes)).all(axis=-1) & ordered & distinct
-        return {"mass": drift, "invalid": ~valid}
+        return {"mass": drift, "invalid": ~valid, "uniform": _all_equal(values)}
 
 
 Layout = Dense | TopK

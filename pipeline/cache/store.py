@@ -31,6 +31,7 @@ from kdpipe.cache.format import (
     CHECKSUM_KEY,
     MANIFEST_KEY,
     STATUS_COMPLETE,
+    VIEW_COLUMNS,
     Manifest,
     array_specs,
     derive_cache_id,
@@ -38,6 +39,7 @@ from kdpipe.cache.format import (
     manifest_checksum,
 )
 from kdpipe.cache.location import Location
+from kdpipe.checks import check_temperature as check_temperature_value
 from kdpipe.errors import (
     CacheError,
     CacheIncompleteError,
@@ -357,7 +359,10 @@ class SoftLabels:
 def check_temperature(
     manifest: Manifest, temperature: float | None, path: str | Path | Location
 ) -> None:
-    """Refuse to re-temper a layout that cannot be (top-k holds only T's top K)."""
+    """Refuse a temperature that cannot be one (0, NaN, ...: the command line's message),
+    and re-tempering a layout that cannot be (top-k holds only T's top K)."""
+    if temperature is not None:
+        check_temperature_value(temperature)
     stored = manifest.temperature
     layout = manifest.layout
     if not layout.retemperable and temperature is not None and temperature != stored:
@@ -489,3 +494,32 @@ def load_soft_labels(path: str | Path | Location) -> SoftLabels:
         torch.from_numpy(data["partners"]),
         {layer.array: torch.from_numpy(data[layer.array]) for layer in manifest.features},
     )
+
+
+def stored_teacher_accuracy(manifest: Manifest, arrays: dict) -> float | None:
+    """Top-1 accuracy of the stored (combined) teacher over every view, from the stored
+    values and labels: what the writer records as ``teacher_accuracy`` and ``verify``
+    recomputes (a re-signed manifest could otherwise claim any figure).
+
+    A mixed view counts as right when the teacher's top class is the label of the
+    sample with the larger share of the mix.
+    """
+    step = manifest.chunk_size
+    indices = arrays["indices"][:]
+    labels = arrays["labels"][:]
+    label_of = np.full(manifest.transfer["dataset_samples"], -1, dtype=np.int64)
+    label_of[indices] = labels
+    correct = total = 0
+    for start in range(0, manifest.num_samples, step):
+        top = manifest.layout.top1(
+            {name: arrays[name][start : start + step] for name in manifest.layout.names}
+        )
+        lam = arrays["views"][start : start + step][..., VIEW_COLUMNS["lam"]]
+        partners = arrays["partners"][start : start + step]
+        own = labels[start : start + step, None]
+        # a partner outside the labeled rows (never, for kdpipe's own caches) counts as -1
+        partner_labels = np.where(partners >= 0, label_of[np.clip(partners, 0, None)], -1)
+        target = np.where(lam >= 0.5, np.broadcast_to(own, top.shape), partner_labels)
+        correct += int((top == target).sum())
+        total += top.size
+    return correct / total if total else None

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 from kdpipe import __version__
+from kdpipe.checks import alpha_problem, temperature_problem
 from kdpipe.errors import KdpipeError
 from kdpipe.flags import SCHED_ON, flag
 
@@ -21,6 +22,24 @@ CONTEXT = {
     "max_content_width": 100,
 }
 POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
+def _checked(problem: Callable[[object, str], str | None]) -> Callable[..., Any]:
+    """An option callback that asks the library's own check (:mod:`kdpipe.checks`), so the
+    command line refuses what the Python API refuses, with the same message."""
+
+    def callback(_ctx: click.Context, param: click.Parameter, value: float | None) -> Any:
+        message = None if value is None else problem(value, param.opts[0])
+        if message:
+            raise click.BadParameter(message)
+        return value
+
+    return callback
+
+
+# --temperature and --alpha, wherever a command takes them
+TEMPERATURE = {"type": float, "metavar": "T (0.01-1000)", "callback": _checked(temperature_problem)}
+ALPHA = {"type": float, "metavar": "A (0-1)", "callback": _checked(alpha_problem)}
 
 
 def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:

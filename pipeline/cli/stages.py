@@ -9,10 +9,11 @@ from typing import Any
 
 import click
 from kdpipe.cli.base import (
+    ALPHA,
     CONTEXT,
     DEVICE_OPTION,
-    POSITIVE,
     PRECISION_OPTION,
+    TEMPERATURE,
     data_options,
     echo,
     load_data,
@@ -164,7 +165,7 @@ def import_teacher_command(
 )
 @data_options
 @click.option("--split", type=click.Choice(["train", "test"]), default="train")
-@click.option("--temperature", type=POSITIVE, required=True, help="Softmax temperature T.")
+@click.option("--temperature", **TEMPERATURE, required=True, help="Softmax temperature T.")
 @click.option("--out", type=click.Path(), required=True, help="Cache (Zarr store) to create.")
 @click.option(
     "--combine",
@@ -314,12 +315,12 @@ def feature_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--cache", type=click.Path(), help="Cache written by cache-teacher.")
 @click.option(
     "--alpha",
-    type=click.FloatRange(0, 1),
+    **ALPHA,
     help="Weight of the hard-label CE term; 1 trains on hard labels alone (baseline).",
 )
 @click.option(
     "--temperature",
-    type=POSITIVE,
+    **TEMPERATURE,
     default=None,
     help="Distillation temperature [default: the cache's]; re-tempered exactly.",
 )
@@ -356,10 +357,10 @@ def train_student_command(**options: Any) -> None:
 @click.option("--teacher", type=click.Path(), help="Teacher run directory, run on every batch.")
 @click.option(
     "--alpha",
-    type=click.FloatRange(0, 1),
+    **ALPHA,
     help="Weight of the hard-label term (timm's task_loss_weight).",
 )
-@click.option("--temperature", type=POSITIVE, default=None, help="Distillation temperature.")
+@click.option("--temperature", **TEMPERATURE, default=None, help="Distillation temperature.")
 @feature_options
 @training_options
 @reports_errors

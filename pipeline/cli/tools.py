@@ -9,10 +9,12 @@ from typing import Any
 
 import click
 from kdpipe.cli.base import (
+    ALPHA,
     CONTEXT,
     DEVICE_OPTION,
     POSITIVE,
     PRECISION_OPTION,
+    TEMPERATURE,
     WORKERS_OPTION,
     data_options,
     echo,
@@ -644,13 +646,13 @@ def export_command(
 @click.option("--batch-size", type=click.IntRange(min=1), default=128)
 @click.option(
     "--alpha",
-    type=click.FloatRange(0, 1),
+    **ALPHA,
     default=None,
     help="Weight of the hard-label term [default: the float32 run's].",
 )
 @click.option(
     "--temperature",
-    type=POSITIVE,
+    **TEMPERATURE,
     default=None,
     help="Soft-label temperature [default: the float32 run's].",
 )

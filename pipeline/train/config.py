@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from kdpipe.cache import temperature_problem
+from kdpipe.checks import alpha_problem, temperature_problem
 from kdpipe.data import ImageSet, load_dataset
 from kdpipe.errors import UsageError
 from kdpipe.flags import SCHED_ON
@@ -110,7 +110,7 @@ class TrainConfig:
                 math.isfinite(self.weight_decay) and self.weight_decay >= 0,
                 f"--weight-decay must be a finite number >= 0, not {self.weight_decay}",
             ),
-            (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], not {self.alpha}"),
+            (alpha_problem(self.alpha) is None, alpha_problem(self.alpha)),
             (
                 self.temperature is None or temperature_problem(self.temperature) is None,
                 "" if self.temperature is None else temperature_problem(self.temperature),

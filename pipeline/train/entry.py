@@ -14,7 +14,7 @@ import torch
 from kdpipe.cache import SoftLabels, StreamedSoftLabels, open_soft_labels, utc_now
 from kdpipe.checkpoint import remove_checkpoint
 from kdpipe.distributed import World, current_world
-from kdpipe.errors import ManifestError, UsageError
+from kdpipe.errors import CacheMismatchError, ManifestError, UsageError
 from kdpipe.models import create_model, param_count, resolve_model_kwargs, weights_sha256
 from kdpipe.pretrained import source_architecture
 from kdpipe.runs import (
@@ -144,10 +144,56 @@ def _run(
         )
     feature = feature_term(model, plan)  # its projector's weights drawn after the model's
     out = Path(config.out)
-    if not resume:
+    if resume:  # every rank: each refuses alike, before any work
+        check_same_inputs(out, plan, log)
+    else:
         world.on_main(_start, out, plan, world)
     rows = fit(model, plan, out, resume=resume, log=log, world=world, feature=feature)
     return world.on_main(_finish, out, model, plan, rows)
+
+
+# what each input of input_ids is called in a refusal, and the option that names it
+_INPUTS = {"cache": "--cache", "teacher": "teacher", "data": "--data",
+           "test data": "--data (test split)", "pretrained": "--pretrained"}  # fmt: skip
+
+
+def input_ids(plan: RunPlan) -> dict[str, str]:
+    """The identity of every input the run learns from, as its own records give it: the
+    cache's ``cache_id`` and ``teacher_id``, an online teacher's weights hash, a
+    pretrained start's weights hash, the training and test splits' fingerprints. Stored
+    in ``config.json`` at the start, so that a resumed run learns from the same ones."""
+    lineage = plan.lineage or {}
+    ids = {"data": plan.train_set.fingerprint()["sha256"]}
+    if plan.test_set is not None:
+        ids["test data"] = plan.test_set.fingerprint()["sha256"]
+    if "cache_id" in lineage:
+        ids["cache"], ids["teacher"] = lineage["cache_id"], lineage["teacher_id"]
+    if "teacher_weights_sha256" in lineage:
+        ids["teacher"] = lineage["teacher_weights_sha256"]
+    if plan.pretrained is not None:
+        ids["pretrained"] = plan.pretrained.source["weights_sha256"]
+    return ids
+
+
+def check_same_inputs(out: Path, plan: RunPlan, log: Callable[[str], None]) -> None:
+    """Refuse to resume a run on other inputs than it started with (a cache remade at the
+    same path, other data, another teacher): the epochs before and after would have
+    learned from two sources while the model card names only the second."""
+    started = (read_config(out).get("resolved") or {}).get("inputs")
+    if started is None:
+        log(f"{out} was started before kdpipe recorded its inputs' ids: they are not checked")
+        return
+    now = input_ids(plan)
+    changed = [
+        f"{name} ({_INPUTS.get(name, name)}) was {started.get(name)}, is now {now.get(name)}"
+        for name in sorted(set(started) | set(now))
+        if started.get(name) != now.get(name)
+    ]
+    if changed:
+        raise CacheMismatchError(
+            f"{out} cannot resume on other inputs than it started with: {'; '.join(changed)}; "
+            "give it back the inputs it started with, or start again with --overwrite"
+        )
 
 
 def _start(out: Path, plan: RunPlan, world: World) -> None:
@@ -157,7 +203,8 @@ def _start(out: Path, plan: RunPlan, world: World) -> None:
     resolved = {"device": str(plan.device), "temperature": plan.temperature,
                 "alpha": plan.alpha, "processes": world.size,
                 "schedule": plan.config.schedule_record(plan.updates_per_epoch),
-                "cwd": os.getcwd()}  # relative paths above are relative to it  # fmt: skip
+                "cwd": os.getcwd(),  # relative paths above are relative to it
+                "inputs": input_ids(plan)}  # what --resume must find again  # fmt: skip
     write_json(out / CONFIG_FILE, {**asdict(plan.config), "kind": plan.kind, "resolved": resolved})
 
 
