@@ -32,7 +32,7 @@ from kdpipe.cache import (
     digest_matches,
     read_manifest,
 )
-from kdpipe.data import ImageSet, dataset_mismatch
+from kdpipe.data import ImageSet, class_mismatch, dataset_mismatch
 from kdpipe.errors import KdpipeError, UsageError
 from kdpipe.features import LayerRequest, LayerTaps
 from kdpipe.runtime import resolve_device
@@ -306,6 +306,11 @@ def _recompute(
         return
     if dataset_mismatch(manifest.dataset, dataset) is not None:
         report.add("recompute", False, "--data is not the cache's dataset")
+        return
+    named = class_mismatch(teacher.class_names(dataset), manifest.classes,
+                           "the --teacher", "the cache")  # fmt: skip
+    if named is not None:
+        report.add("recompute", False, named)
         return
     picked = np.sort(np.random.default_rng(seed).choice(
         manifest.num_samples, min(count, manifest.num_samples), replace=False
