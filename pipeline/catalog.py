@@ -228,19 +228,46 @@ def _teacher_link(link: Callable[..., None], member: TeacherMember) -> dict | No
 
 
 def _source_link(link: Callable[..., None], source: dict) -> None:
-    """The pretrained weights a teacher was imported or fine-tuned from: the weights file's
-    SHA-256 recomputed where there is one, else what the record says."""
+    """The pretrained weights a teacher was imported or fine-tuned from, named by where they
+    came from (:func:`weights_origin`): the weights file's SHA-256 recomputed where there is
+    one (a --weights file, a local-dir folder's), else what the record says."""
     file, recorded = source.get("weights_file"), source.get("weights_file_sha256")
     name = f"{source['source']} ({source.get('pretrained_cfg')})"
+    origin = weights_origin(source)
     if file is None:
-        link("source", name, "", "recorded", "weights from timm's download")
+        link("source", name, "", "recorded", origin)
     elif not Path(file).is_file():
-        link("source", f"{name} {file}", (recorded or "")[:16], "missing", f"{file} is gone")
+        link("source", f"{name} {file}", (recorded or "")[:16], "missing",
+             f"{origin}: {file} is gone")  # fmt: skip
     else:
         same = file_sha256(Path(file)) == recorded
         link("source", f"{name} {file}", (recorded or "")[:16],
              "verified" if same else "MISMATCH",
-             "file hash recomputed" if same else "the file has changed since")  # fmt: skip
+             f"{origin}: " + ("file hash recomputed" if same
+                              else "the file has changed since"))  # fmt: skip
+
+
+def weights_origin(source: dict) -> str:
+    """Where a pretrained teacher's weights came from, in words: its record's
+    ``weights_from``, or for a record made before it, what its SOURCE and weights file say."""
+    text = str(source["source"])
+    kind, _, name = text.partition(":")
+    origin = source.get("weights_from")
+    if origin is None:  # an older record: a file was a --weights file, except a folder's
+        origin = (
+            "weights-file"
+            if source.get("weights_file")
+            else {"timm": "timm-download", "hf-hub": "hf-hub", "local-dir": "local-dir"}.get(kind)
+        )
+    if origin == "weights-file":
+        return f"weights from the file {source.get('weights_file')}"
+    if origin == "local-dir":
+        return f"weights from the local folder {name}"
+    if origin == "hf-hub":
+        return f"weights from the Hugging Face hub repository {name} (huggingface_hub's download)"
+    if origin == "timm-download":
+        return f"weights from timm's download of {source.get('pretrained_cfg')}"
+    return f"weights from {text}"
 
 
 def _dataset_link(link, record: dict, load: dict) -> None:

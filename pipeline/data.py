@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -506,3 +507,33 @@ def check_same_dataset(record: dict, dataset: ImageSet, what: str) -> None:
         raise CacheMismatchError(
             f"{what} was made from another dataset than {dataset.name} {dataset.split}: " + mismatch
         )
+
+
+def class_mismatch(
+    ours: Sequence[str], theirs: Sequence[str], our_name: str, their_name: str
+) -> str | None:
+    """The one "same classes, in the same order?" comparison of a model with the data it is
+    paired with (a teacher and a folder, a cache and its students' data): None when class
+    *i* has the same name on both sides for every *i*, else one line listing each position
+    that differs with both names (the first few, and how many in all)."""
+    ours, theirs = [str(n) for n in ours], [str(n) for n in theirs]
+    if ours == theirs:
+        return None
+    if len(ours) != len(theirs):
+        return f"{our_name} has {len(ours)} classes, {their_name} has {len(theirs)}"
+    differ = [i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b]
+    shown = "; ".join(f"class {i}: {ours[i]!r} vs {theirs[i]!r}" for i in differ[:5])
+    more = f" (and {len(differ) - 5} more)" if len(differ) > 5 else ""
+    moved = " (the same names in another order)" if sorted(ours) == sorted(theirs) else ""
+    return (f"{our_name} and {their_name} name the classes differently at "
+            f"{len(differ)} position(s){moved}: {shown}{more}")  # fmt: skip
+
+
+def check_classes(ours: Sequence[str], theirs: Sequence[str], our_name: str,
+                  their_name: str) -> None:  # fmt: skip
+    """:func:`class_mismatch` as an error (``CacheMismatchError``) where one is found."""
+    mismatch = class_mismatch(ours, theirs, our_name, their_name)
+    if mismatch is not None:
+        from kdpipe.errors import CacheMismatchError
+
+        raise CacheMismatchError(mismatch)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from kdpipe.cache import load_soft_labels
-from kdpipe.data import ImageSet, check_same_dataset
+from kdpipe.data import ImageSet, check_classes, check_same_dataset
 from kdpipe.errors import CacheMismatchError, UsageError
 from kdpipe.inputs import check_channels, prepare_input
 from kdpipe.runs import WEIGHTS_FILE, load_model
@@ -132,6 +132,9 @@ def evaluate_run(
             f"{run_dir} predicts {card.num_classes} classes but {dataset.name} has "
             f"{dataset.num_classes}"
         )
+    if card.classes and dataset.classes:
+        check_classes(card.classes, dataset.classes, str(run_dir),
+                      f"{dataset.name} ({dataset.split})")  # fmt: skip
     logits = predict_logits(model, dataset.images, card.data, device=torch_device,
                             progress=f"evaluating {run_dir}")  # fmt: skip
     predicted = logits.argmax(-1)

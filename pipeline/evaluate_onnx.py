@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from kdpipe.data import ImageSet
+from kdpipe.data import ImageSet, check_classes
 from kdpipe.errors import CacheMismatchError
 from kdpipe.evaluate import _teacher_predictions, quality_columns
 from kdpipe.export.onnx import (
@@ -80,6 +80,8 @@ def evaluate_onnx(
             f"{path} predicts {len(card.classes)} classes but {dataset.name} has "
             f"{dataset.num_classes}"
         )
+    if dataset.classes:
+        check_classes(card.classes, dataset.classes, str(path), f"{dataset.name} ({dataset.split})")
     threads = threads or torch.get_num_threads()
     session = onnx_session(path, threads)
     # a batch of images at a time: an image folder is decoded per batch, never whole

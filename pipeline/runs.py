@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,16 @@ from typing import Any
 import safetensors.torch
 import torch
 from kdpipe.cache import utc_now
+from kdpipe.data import class_mismatch
 from kdpipe.errors import ManifestError, RunDirError, UsageError
 from kdpipe.inputs import CROP_MODES, INTERPOLATIONS, DataConfig
 from kdpipe.models import create_model, param_count, state_mismatch, weights_sha256
-from kdpipe.pretrained import Pretrained, create_pretrained, read_class_names
+from kdpipe.pretrained import (
+    Pretrained,
+    create_pretrained,
+    read_class_names,
+    read_data_config,
+)
 from kdpipe.runtime import prepare_output, software_versions
 from kdpipe.spec import check_keys, check_object
 from torch import nn
@@ -210,7 +217,7 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Mo
         card.architecture,
         num_classes=card.num_classes,
         data_config=card.data,
-        model_kwargs=card.model_kwargs,
+        model_kwargs=_constructor_kwargs(card),
     )
     try:
         state = safetensors.torch.load_file(str(weights))
@@ -238,6 +245,18 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Mo
     # channels_last as the inputs (inputs.prepare_input): a convolution given NCHW weights
     # and NHWC inputs converts one of them on every call; MLPs are not affected
     return model.to(device).to(memory_format=torch.channels_last).eval(), card
+
+
+def _constructor_kwargs(card: ModelCard) -> dict:
+    """The card's model_kwargs without num_classes and in_chans, which the card records as
+    fields of their own and create_model passes itself (teachers imported from a folder of
+    timm's save_for_hf before kdpipe dropped them carry both in model_kwargs)."""
+    kwargs = dict(card.model_kwargs)
+    for key, value in (("num_classes", card.num_classes), ("in_chans", card.in_chans)):
+        if key in kwargs and kwargs.pop(key) != value:
+            raise RunDirError(f"{card.architecture}: model_kwargs {key} {kwargs.get(key)!r} "
+                              f"is not the card's {key} {value}")  # fmt: skip
+    return kwargs
 
 
 def pretrained_card(pretrained: Pretrained, classes: list[str]) -> ModelCard:
@@ -270,16 +289,30 @@ def open_pretrained(
     weights: Path | None = None,
     num_classes: int | None = None,
     classes_file: Path | None = None,
+    data_config: dict | None = None,
+    log: Callable[[str], None] = print,
 ) -> tuple[nn.Module, ModelCard]:
-    """A SOURCE teacher and its card, in memory (cache-teacher imports one on the fly)."""
+    """A SOURCE teacher and its card, in memory (cache-teacher imports one on the fly).
+
+    Its class names are ``classes_file``'s, else the config's ``label_names`` (a folder
+    of timm's save_for_hf, a hub model), else none (by index); both given must agree.
+    ``data_config`` (timm's keys) replaces the pretrained_cfg's preprocessing; warnings
+    (a weights file at the tag's preprocessing) go to ``log``."""
     names = [] if classes_file is None else read_class_names(classes_file)
     if names and num_classes is not None and len(names) != num_classes:
         raise UsageError(f"{classes_file} names {len(names)} classes, --num-classes says "
                          f"{num_classes}")  # fmt: skip
     pretrained = create_pretrained(source, weights=weights, num_classes=num_classes or
-                                   (len(names) or None))  # fmt: skip
+                                   (len(names) or None), data_config=data_config)  # fmt: skip
+    labels = list(pretrained.classes)
+    if names and labels:
+        differ = class_mismatch(names, labels, str(classes_file), f"{source}'s label_names")
+        if differ:
+            raise UsageError(differ)
+    for warning in pretrained.warnings:
+        log(warning)
     model = pretrained.model.cpu().to(memory_format=torch.contiguous_format)
-    return model, pretrained_card(pretrained, names)
+    return model, pretrained_card(pretrained, names or labels)
 
 
 def import_teacher(
@@ -289,17 +322,26 @@ def import_teacher(
     weights: Path | None = None,
     num_classes: int | None = None,
     classes_file: Path | None = None,
+    data_config: dict | None = None,
+    data_config_file: Path | None = None,
     overwrite: bool = False,
+    log: Callable[[str], None] = print,
 ) -> ModelCard:
     """``kdpipe import-teacher``: a teacher run directory (the contract of train-teacher's:
     model.safetensors and model.json with the weights' hash) from a pretrained SOURCE.
 
-    Everything is read and checked before ``out`` is touched: a bad SOURCE, weights file
-    or head size leaves an existing ``out`` as it was."""
+    The preprocessing is the pretrained_cfg's, with ``data_config_file``'s values (timm's
+    data-config keys) and then ``data_config``'s in their place. Everything is read and
+    checked before ``out`` is touched: a bad SOURCE, weights file or head size leaves an
+    existing ``out`` as it was."""
+    given = {} if data_config_file is None else read_data_config(data_config_file)
+    given |= {k: v for k, v in (data_config or {}).items() if v is not None}
     model, card = open_pretrained(source, weights=weights, num_classes=num_classes,
-                                  classes_file=classes_file)  # fmt: skip
+                                  classes_file=classes_file, data_config=given,
+                                  log=log)  # fmt: skip
     out = Path(out)
-    prepare_output(out, overwrite, [weights, classes_file, *_local_dir(source)])
+    prepare_output(out, overwrite, [weights, classes_file, data_config_file,
+                                    *_local_dir(source)])  # fmt: skip
     out.mkdir(parents=True)
     save_model(out, model, card)
     return card

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from kdpipe.cache import COMBINE_RULES, TeacherMember, Upstream, read_manifest
-from kdpipe.data import ImageSet
+from kdpipe.data import ImageSet, check_classes
 from kdpipe.errors import CacheMismatchError, KdpipeError, UsageError
 from kdpipe.features import LayerRequest, LayerTaps, resolve_layer
 from kdpipe.imagefolder import LazyImages, batches_of
@@ -53,9 +53,9 @@ class Teacher:
         return [str(i) for i in range(self.num_classes)]
 
     def check(self, dataset: ImageSet) -> None:
-        """Every member predicts the dataset's classes (when it has labels; a pretrained
-        member that names them, by name too), the members share their classes, and each
-        takes the dataset's channels."""
+        """Every member predicts the dataset's classes (when it has labels), by name and in
+        order where both name them (:func:`kdpipe.data.check_classes`), the members share
+        their classes, and each takes the dataset's channels."""
         count = self.num_classes
         for source, card in zip(self.sources, self.cards, strict=True):
             if dataset.labeled and card.num_classes != dataset.num_classes:
@@ -68,7 +68,13 @@ class Teacher:
                     f"teacher {source} has {card.num_classes} classes, {self.sources[0]} has "
                     f"{count}: ensemble members must share their classes"
                 )
-            _check_names(source, card, dataset)
+            named = [(s, c) for s, c in zip(self.sources, self.cards, strict=True) if c.classes]
+            if card.classes and named:
+                check_classes(card.classes, named[0][1].classes, f"teacher {source}",
+                              f"teacher {named[0][0]}")  # fmt: skip
+            if card.classes and dataset.classes:
+                check_classes(card.classes, dataset.classes, f"teacher {source}",
+                              f"{dataset.name} ({dataset.split})")  # fmt: skip
             check_channels(f"teacher {source}", card.data, dataset.images)
 
     def records(self) -> list[TeacherMember]:
@@ -143,19 +149,6 @@ class Teacher:
         return [r.record(outputs[r.array].shape[1:], spatial[r.name]) for r in requests]
 
 
-def _check_names(source: str, card: ModelCard, dataset: ImageSet) -> None:
-    """A pretrained teacher given class names (import-teacher --classes) predicts the
-    dataset's classes in the dataset's order: the first class named otherwise is an error.
-    (kdpipe's own runs are checked by count, as they always were.)"""
-    if card.source is None or not card.classes or not dataset.labeled:
-        return
-    for index, (mine, theirs) in enumerate(zip(card.classes, dataset.classes, strict=False)):
-        if mine != theirs:
-            raise CacheMismatchError(
-                f"teacher {source} names class {index} {mine!r}, {dataset.name} names it {theirs!r}"
-            )
-
-
 def upstream_of(card: ModelCard) -> Upstream | None:
     """The record of the cache a student-teacher learned from, read from that cache's
     manifest (and so carrying that cache's teachers' own records, recursively). When the
@@ -182,6 +175,15 @@ def load_teacher(sources: Sequence[str | Path], device: torch.device) -> Teacher
     if not sources:
         raise UsageError("at least one --teacher run directory or SOURCE is needed")
     loaded = [_load_member(source, device) for source in sources]
+    first: dict[str, int] = {}
+    for index, (source, (_, card)) in enumerate(zip(sources, loaded, strict=True)):
+        same = first.setdefault(card.weights_sha256, index)
+        if same != index:
+            raise UsageError(
+                f"teachers {sources[same]} and {source} have the same weights (hash "
+                f"{card.weights_sha256[:16]}): an ensemble of a model with itself is that "
+                "model, under another teacher_id; give each member once"
+            )
     return Teacher(
         sources=tuple(str(source) for source in sources),
         models=tuple(model for model, _ in loaded),

@@ -35,7 +35,7 @@ from kdpipe.cache import (
     read_manifest,
     stored_teacher_accuracy,
 )
-from kdpipe.data import ImageSet, dataset_mismatch
+from kdpipe.data import ImageSet, class_mismatch, dataset_mismatch
 from kdpipe.errors import KdpipeError, UsageError
 from kdpipe.features import LayerRequest, LayerTaps
 from kdpipe.runtime import resolve_device
@@ -344,9 +344,10 @@ def _recompute(
     if counts != sorted((m.weights_sha256, m.param_count) for m in manifest.teachers):
         report.add("recompute", False, "the manifest's param_count is not the teachers'")
         return
-    if teacher.class_names(dataset) != list(manifest.classes):
-        report.add("recompute", False, f"classes {manifest.classes} recorded, the teacher "
-                   f"names {teacher.class_names(dataset)}")  # fmt: skip
+    named = class_mismatch(teacher.class_names(dataset), manifest.classes,
+                           "the --teacher", "the cache")  # fmt: skip
+    if named is not None:
+        report.add("recompute", False, named)
         return
     picked = np.sort(np.random.default_rng(seed).choice(
         manifest.num_samples, min(count, manifest.num_samples), replace=False

@@ -288,7 +288,7 @@ def test_a_head_that_does_not_fit_the_dataset_names_both(weights: Path, tmp_path
                   "--out", named)  # fmt: skip
     assert made.exit_code == 0, made.output
     fails(invoke("cache-teacher --data", folder, "--teacher", named, "--out", tmp_path / "c",
-                 "--temperature 2"), "names class 2 'dog'")  # fmt: skip
+                 "--temperature 2"), "class 2: 'dog' vs 'cat'")  # fmt: skip
     assert not (tmp_path / "c").exists()
 
 
@@ -344,6 +344,10 @@ def test_a_source_teacher_straight_into_cache_teacher_and_a_student(
     folder = rgb_folder(tmp_path / "imgs")
     hub = hub_folder(tmp_path / "hub", state)
     imported = tmp_path / "imported"
+    torch.manual_seed(5)  # other weights: the same weights twice is no ensemble (issue 24)
+    weights = tmp_path / "other.safetensors"
+    safetensors.torch.save_file(timm.create_model(ARCH, num_classes=NUM_CLASSES).state_dict(),
+                                str(weights))  # fmt: skip
     assert (
         invoke("import-teacher timm:resnet10t --weights", weights, "--out", imported).exit_code == 0
     )
@@ -358,8 +362,8 @@ def test_a_source_teacher_straight_into_cache_teacher_and_a_student(
         and on_the_fly.source["source"] == f"local-dir:{hub}"
     )
     assert from_run.source["weights_file"] == str(weights)
-    # the same weights, two preprocessings (64 px bilinear, 176 px bicubic): two members
-    assert on_the_fly.weights_sha256 == from_run.weights_sha256
+    # two weights, two preprocessings (64 px bilinear, 176 px bicubic): two members
+    assert on_the_fly.weights_sha256 != from_run.weights_sha256
     assert on_the_fly.data_config != from_run.data_config
     assert manifest.classes == ["ant", "bee", "cat"]
     verified = invoke("verify", store, "--data", folder, "--recompute 3 --teacher",
@@ -504,3 +508,268 @@ def test_bad_source_teachers_in_cache_teacher_are_one_line(tmp_path: Path) -> No
     fails(invoke(start, f"local-dir:{tmp_path / 'nowhere'}"), "cannot read the model config")
     fails(invoke(start, tmp_path / "no-run"), "does not exist")
     assert not store.exists()
+
+
+# --- issue 27 and 24: teachers people bring ---------------------------------------------------
+
+
+def saved_for_hf(folder: Path, state: dict, **options: object) -> Path:
+    """A folder written by timm's own save_for_hf (model_args with num_classes, in_chans)."""
+    from timm.models import save_for_hf
+
+    model = timm.create_model(ARCH, num_classes=NUM_CLASSES)
+    model.load_state_dict(state)
+    save_for_hf(model, str(folder), **options)
+    assert "num_classes" in json.loads((folder / "config.json").read_text())["model_args"]
+    return folder
+
+
+def test_a_save_for_hf_folder_imports_caches_and_names_its_classes(
+    state: dict, tmp_path: Path
+) -> None:
+    folder = rgb_folder(tmp_path / "imgs", count=1)
+    labelled = saved_for_hf(tmp_path / "hf", state,
+                            model_config={"label_names": ["ant", "bee", "cat"]},
+                            data_config={"input_size": (3, 32, 32)})  # fmt: skip
+    teacher = tmp_path / "t"
+    made = invoke(f"import-teacher local-dir:{labelled} --classes", names_file(tmp_path),
+                  "--out", teacher)  # fmt: skip
+    assert made.exit_code == 0, made.output
+    card = read_card(teacher)
+    assert "num_classes" not in card.model_kwargs and "in_chans" not in card.model_kwargs
+    cached = invoke("cache-teacher --data", folder, "--teacher", teacher, "--out",
+                    tmp_path / "c.zarr", "--temperature 2")  # fmt: skip
+    assert cached.exit_code == 0, cached.output
+    # without --classes: the config's label_names; safetensors this time
+    plain = saved_for_hf(tmp_path / "hf2", state, safe_serialization=True,
+                         model_config={"label_names": ["ant", "bee", "cat"]})  # fmt: skip
+    named = tmp_path / "named"
+    assert invoke(f"import-teacher local-dir:{plain} --out", named).exit_code == 0
+    assert read_card(named).classes == ["ant", "bee", "cat"]
+    assert read_card(named).weights_sha256 == expected_hash(state)
+    other = tmp_path / "other.txt"
+    other.write_text("ant\ncat\nbee\n")
+    fails(invoke(f"import-teacher local-dir:{plain} --classes", other, "--out", tmp_path / "x"),
+          "class 1: 'cat' vs 'bee'")  # fmt: skip
+
+
+def test_given_preprocessing_is_timms_own_transform(weights: Path, state: dict,
+                                                    tmp_path: Path) -> None:  # fmt: skip
+    folder = rgb_folder(tmp_path / "imgs", count=1, size=(36, 44))
+    teacher = tmp_path / "t"
+    made = invoke("import-teacher timm:resnet10t --weights", weights, "--out", teacher,
+                  "--input-size 32 --mean 0.5,0.4,0.3 --std 0.2 --interpolation bilinear "
+                  "--crop-pct 0.8")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert "warning" not in made.output
+    given = {"img_size": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2], "interpolation": "bilinear",
+             "crop_pct": 0.8}  # fmt: skip
+    config_file = tmp_path / "data-config.json"
+    config_file.write_text(json.dumps({**given, "img_size": None, "input_size": [3, 32, 32]}))
+    again = tmp_path / "again"
+    made = invoke("import-teacher timm:resnet10t --weights", weights, "--data-config",
+                  config_file, "--out", again)  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert read_card(again).data_config == read_card(teacher).data_config
+    store = tmp_path / "c.zarr"
+    cached = invoke("cache-teacher --data", folder, "--teacher", teacher, "--out", store,
+                    "--temperature 1 --dtype float32")  # fmt: skip
+    assert cached.exit_code == 0, cached.output
+    model = timm.create_model(ARCH, num_classes=NUM_CLASSES).eval()
+    model.load_state_dict(state)
+    config = timm.data.resolve_data_config(args=given, pretrained_cfg=model.pretrained_cfg)
+    transform = timm.data.create_transform(**config, is_training=False)
+    paths = sorted((folder / "train").rglob("*.png"), key=lambda p: (p.parent.name, p.name))
+    with torch.no_grad():
+        batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+        expected = torch.log_softmax(model(batch), dim=-1)
+    assert tuple(batch.shape[-2:]) == (32, 32)
+    torch.testing.assert_close(load_soft_labels(store).log_probs()[:, 0], expected,
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    # a weights file given no preprocessing: the tag's, said out loud
+    loud = invoke("import-teacher timm:resnet10t --weights", weights, "--out", tmp_path / "l")
+    assert loud.exit_code == 0 and "warning" in loud.output and "176x176" in loud.output
+    for options, message in (("--std 0,1,1", "std [0.0, 1.0, 1.0] is not a list of numbers > 0"),
+                             ("--interpolation cubic", "interpolation 'cubic' is not one of"),
+                             ("--mean 0.5,0.5", "need 1 or 3 values")):  # fmt: skip
+        fails(invoke("import-teacher timm:resnet10t --weights", weights, options, "--out",
+                     tmp_path / "bad"), message)  # fmt: skip
+    config_file.write_text(json.dumps({"input_size": [3, 32, 32], "size": 3}))
+    fails(
+        invoke(
+            "import-teacher timm:resnet10t --weights",
+            weights,
+            "--data-config",
+            config_file,
+            "--out",
+            tmp_path / "bad",
+        ),
+        "unknown data config key(s) size",
+    )
+    assert not (tmp_path / "bad").exists()
+
+
+def test_no_download_fails_at_once_and_names_hf_hub_offline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Offline (the autouse fixture) and empty cache: one line naming HF_HUB_OFFLINE; with
+    the flag unset and a hub that does not answer, the line says to set it."""
+    fails(invoke("import-teacher timm:resnet10t --out", tmp_path / "a"),
+          "HF_HUB_OFFLINE is set and huggingface_hub's cache")  # fmt: skip
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused
+    for source, what in (("timm:resnet10t", "cannot fetch the pretrained weights"),
+                         ("hf-hub:nobody/nothing", "cannot read the model config")):  # fmt: skip
+        result = invoke("import-teacher", source, "--out", tmp_path / "b")
+        fails(result, f"{what} of {source}: 127.0.0.1 cannot be reached")
+        assert "set HF_HUB_OFFLINE=1" in result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_lineage_names_where_the_weights_came_from(
+    state: dict, weights: Path, tmp_path: Path, teacher_run: Path
+) -> None:
+    import huggingface_hub.constants as hub
+
+    revision = "1" * 40
+    for repo_name, files in (
+        ("models--timm--resnet10t.c3_in1k",
+         {"model.safetensors": timm.create_model(ARCH).state_dict()}),
+        ("models--kdpipe-test--tiny-resnet", None),
+    ):  # fmt: skip
+        repo = Path(hub.HF_HUB_CACHE) / repo_name
+        snapshot_dir = repo / "snapshots" / revision
+        if files is None:
+            hub_folder(snapshot_dir, state)
+        else:
+            snapshot_dir.mkdir(parents=True)
+            safetensors.torch.save_file(files["model.safetensors"],
+                                        str(snapshot_dir / "model.safetensors"))  # fmt: skip
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+    folder = saved_for_hf(tmp_path / "hf", state, safe_serialization=True)
+    expected = {
+        "timm:resnet10t": "weights from timm's download of resnet10t.c3_in1k",
+        "hf-hub:kdpipe-test/tiny-resnet": "weights from the Hugging Face hub repository "
+        "kdpipe-test/tiny-resnet",
+        f"local-dir:{folder}": f"weights from the local folder {folder}: file hash recomputed",
+        f"timm:resnet10t --weights {weights}": f"weights from the file {weights}: file hash",
+    }
+    for index, (source, detail) in enumerate(expected.items()):
+        out = tmp_path / f"t{index}"
+        made = invoke("import-teacher", source, "--out", out)
+        assert made.exit_code == 0, made.output
+        chain = json.loads(invoke("lineage", out, "--format json").output)
+        links = [row for row in chain if row["link"] == "source"]
+        assert len(links) == 1 and links[0]["detail"].startswith(detail), (source, links)
+    # a kdpipe run: its weights hash, and no pretrained source
+    chain = json.loads(invoke("lineage", teacher_run, "--format json").output)
+    assert [row["link"] for row in chain] == ["teacher", "dataset"]
+    assert chain[0]["detail"] == "weights hash recomputed"
+
+
+def test_the_same_weights_twice_is_not_an_ensemble(weights: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = rgb_folder(tmp_path / "imgs", count=1)
+    one = tmp_path / "one"
+    assert invoke("import-teacher timm:resnet10t --input-size 32 --weights", weights,
+                  "--out", one).exit_code == 0  # fmt: skip
+    copy = tmp_path / "copy"
+    shutil.copytree(one, copy)
+    resized = tmp_path / "resized"  # the same weights at another preprocessing
+    assert invoke("import-teacher timm:resnet10t --input-size 40 --weights", weights,
+                  "--out", resized).exit_code == 0  # fmt: skip
+    store = tmp_path / "c.zarr"
+    for other in (one, copy, resized):
+        fails(invoke("cache-teacher --data", folder, "--teacher", one, "--teacher", other,
+                     "--out", store, "--temperature 2"), "have the same weights")  # fmt: skip
+    assert not store.exists()
+    fails(invoke("evaluate", one, "--data", folder, "--teacher", one, "--teacher", copy),
+          "have the same weights")  # fmt: skip
+
+
+def class_folder(root: Path, names: tuple[str, ...]) -> Path:
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for name in names:
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(
+                    root / split / name / f"{i}.png"
+                )
+    return root
+
+
+def test_class_names_are_compared_wherever_a_model_meets_data(tmp_path: Path) -> None:
+    from kdpipe.data import class_mismatch
+
+    ours = class_folder(tmp_path / "ours", ("cat", "dog", "fox"))
+    theirs = class_folder(tmp_path / "theirs", ("bat", "cat", "dog"))
+    teacher = tmp_path / "t"
+    made = invoke("train-teacher --model kd_cnn_tiny --epochs 1 --data", ours, "--out", teacher)
+    assert made.exit_code == 0, made.output
+    differ = "class 0: 'cat' vs 'bat'; class 1: 'dog' vs 'cat'; class 2: 'fox' vs 'dog'"
+    fails(invoke("cache-teacher --data", theirs, "--teacher", teacher, "--out",
+                 tmp_path / "c.zarr", "--temperature 2"), differ)  # fmt: skip
+    assert not (tmp_path / "c.zarr").exists()
+    fails(invoke("evaluate", teacher, "--data", theirs), differ)
+    fails(
+        invoke(
+            "distill-online --model kd_cnn_tiny --epochs 1 --alpha 0.5 --temperature 2 --teacher",
+            teacher,
+            "--data",
+            theirs,
+            "--out",
+            tmp_path / "o",
+        ),
+        differ,
+    )
+    # a cache whose teacher names its classes otherwise (made before the check existed)
+    store = tmp_path / "ok.zarr"
+    made = invoke("cache-teacher --data", ours, "--teacher", teacher, "--out", store,
+                  "--temperature 2")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    from conftest import edit_manifest
+
+    edit_manifest(store, classes=["cat", "fox", "dog"])
+    fails(
+        invoke(
+            "train-student --model kd_cnn_tiny --epochs 1 --alpha 0.5 --data",
+            ours,
+            "--cache",
+            store,
+            "--out",
+            tmp_path / "s",
+        ),
+        "class 1: 'fox' vs 'dog'; class 2: 'dog' vs 'fox'",
+    )
+    assert "another order" in class_mismatch(["a", "b"], ["b", "a"], "x", "y")
+    assert class_mismatch(["a"], ["a", "b"], "x", "y") == "x has 1 classes, y has 2"
+
+
+def test_weak_answers_of_import_teacher_are_one_clear_line(state: dict, tmp_path: Path) -> None:
+    text = tmp_path / "teacher.pth"
+    text.write_text("epoch 3, accuracy 0.39\n")
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    for path, message in ((text, "it is a text file (it starts 'epoch 3, accuracy 0.39')"),
+                          (empty, "it is empty")):  # fmt: skip
+        fails(invoke("import-teacher timm:resnet10t --weights", path, "--out", tmp_path / "o"),
+              f"{path} is not a weights file: {message}")  # fmt: skip
+    cases = {
+        "broken": ('{"architecture": "resnet10t", ', "config.json is not valid JSON"),
+        "listed": ("[1, 2]", "config.json holds a JSON list, not the object"),
+        "nameless": ('{"num_classes": 3}', "config.json has no 'architecture'"),
+        "cfg-list": ('{"architecture": "resnet10t", "pretrained_cfg": []}',
+                     "'pretrained_cfg' is a list, not a JSON object"),
+    }  # fmt: skip
+    for name, (config, message) in cases.items():
+        folder = hub_folder(tmp_path / name, state)
+        (folder / "config.json").write_text(config)
+        result = invoke(f"import-teacher local-dir:{folder} --out", tmp_path / "o")
+        fails(result, f"{folder / 'config.json'}")
+        assert message in result.output and "offline?" not in result.output, result.output
+    assert not (tmp_path / "o").exists()

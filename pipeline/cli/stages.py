@@ -29,6 +29,16 @@ from kdpipe.cli.base import (
 from kdpipe.flags import REQUIRED_TO_START, flag
 
 
+def parse_floats(text: str, option: str) -> list[float]:
+    """``0.5,0.4,0.3`` as numbers, or a usage error naming the option."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not comma-separated numbers", param_hint=option
+        ) from None
+
+
 @main.command("fetch-data", context_settings=CONTEXT)
 @click.option(
     "--dest",
@@ -119,6 +129,33 @@ def train_teacher_command(**options: Any) -> None:
     default=None,
     help="File of the class names the head predicts, one per line [default: by index].",
 )
+@click.option(
+    "--data-config",
+    "data_config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="JSON file of the preprocessing the weights were trained with, in timm's "
+    "data-config keys (input_size, mean, std, interpolation, crop_pct, crop_mode) "
+    "[default: the pretrained_cfg's].",
+)
+@click.option(
+    "--input-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Input side S (S x S) the weights were trained at [default: the pretrained_cfg's].",
+)
+@click.option("--mean", default=None, help="Per-channel mean, e.g. 0.5,0.5,0.5.")
+@click.option("--std", default=None, help="Per-channel std, e.g. 0.25,0.25,0.25.")
+@click.option(
+    "--interpolation", default=None, help="timm's name of the eval resize: bicubic, bilinear..."
+)
+@click.option(
+    "--crop-pct",
+    type=click.FloatRange(0, 4, min_open=True),
+    default=None,
+    help="Eval resize to S / crop_pct, then centre crop S (1: no crop).",
+)
+@click.option("--crop-mode", default=None, help="timm's eval crop: center, squash or border.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @reports_errors
 def import_teacher_command(
@@ -127,24 +164,38 @@ def import_teacher_command(
     weights: str | None,
     num_classes: int | None,
     classes_file: str | None,
+    data_config_file: str | None,
     overwrite: bool,
+    **preprocessing: Any,
 ) -> None:
     """Write a teacher run directory from pretrained weights: SOURCE is timm:ARCH[.TAG],
     hf-hub:ORG/NAME or local-dir:PATH.
 
     Weights come through timm.create_model(pretrained=True) (downloaded when a network
-    exists) or from --weights FILE; the preprocessing (input size, mean, std,
-    interpolation, crop_pct) is the model's own pretrained_cfg, recorded in model.json.
+    exists, or the local-dir folder's file) or from --weights FILE. The preprocessing
+    (input size, mean, std, interpolation, crop_pct) is the model's pretrained_cfg, with
+    the values of --data-config FILE.json, then of --input-size, --mean, --std,
+    --interpolation, --crop-pct and --crop-mode in their place; it is recorded in
+    model.json. A --weights file given none of them is evaluated at the pretrained_cfg's
+    and a warning says so. Class names: --classes, else the config's label_names.
     """
     from kdpipe.runs import import_teacher
 
+    given = dict(preprocessing)
+    side = given.pop("input_size")
+    given["img_size"] = side
+    for key in ("mean", "std"):
+        given[key] = None if given[key] is None else parse_floats(given[key], f"--{key}")
     card = import_teacher(
         source,
         Path(out),
         weights=None if weights is None else Path(weights),
         num_classes=num_classes,
         classes_file=None if classes_file is None else Path(classes_file),
+        data_config=given,
+        data_config_file=None if data_config_file is None else Path(data_config_file),
         overwrite=overwrite,
+        log=echo,
     )
     size = "x".join(str(v) for v in card.data_config["input_size"][1:])
     say(

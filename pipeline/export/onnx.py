@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from kdpipe.cache import utc_now
-from kdpipe.data import ImageSet, load_dataset
+from kdpipe.data import ImageSet, class_mismatch, load_dataset
 from kdpipe.errors import ExportError, OutputExistsError, UsageError
 from kdpipe.inputs import DataConfig, check_channels, prepare_input
 from kdpipe.runs import ModelCard, load_model, read_card
@@ -360,8 +360,9 @@ def export_run(
     if not run_card.classes and run_card.num_classes == test_set.num_classes:
         # an imported teacher knows its classes by index: the file names them as the data does
         run_card = replace(run_card, classes=list(test_set.classes))
-    if test_set.classes != tuple(run_card.classes):
-        raise UsageError(f"{name} test has other classes than {run_dir} was trained on")
+    differ = class_mismatch(test_set.classes, run_card.classes, f"{name} (test)", str(run_dir))
+    if differ is not None:
+        raise UsageError(differ)
     inputs = check_inputs(run_card, test_set, check_rows)
     reference = predict_logits(
         model, test_set.images[:check_rows], run_card.data, device=torch.device("cpu")

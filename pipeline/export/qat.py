@@ -36,7 +36,7 @@ import torch
 from kdpipe.cache import load_soft_labels, utc_now
 from kdpipe.checkpoint import remove_checkpoint
 from kdpipe.checks import alpha_problem, temperature_problem
-from kdpipe.data import ImageSet
+from kdpipe.data import ImageSet, check_classes
 from kdpipe.errors import CacheMismatchError, ExportError, UsageError
 from kdpipe.export.onnx import (
     FP32_TOLERANCE,
@@ -272,8 +272,7 @@ def qat_distill(config: QatConfig, log: Callable[[str], None] = quiet) -> ModelC
     soft_labels = load_soft_labels(config.cache)
     # the training room's own plan: the cache's rows, views, alpha and T, checked
     plan = plan_run(train_config, "qat-student", soft_labels, log, SINGLE)
-    if list(plan.classes) != list(fp32_card.classes):
-        raise CacheMismatchError(f"{config.cache} has other classes than {config.run}")
+    check_classes(plan.classes, fp32_card.classes, str(config.cache), str(config.run))
     plan = replace(plan, data_config=fp32_card.data)  # the float32 run's normalisation
     data, alpha, temperature = plan.data, plan.alpha, plan.temperature
     train_set, test_set = plan.train_set, plan.test_set

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from kdpipe.cache import load_soft_labels
-from kdpipe.data import load_dataset
+from kdpipe.data import class_mismatch, load_dataset
 from kdpipe.errors import ExportError, KdpipeError, UsageError
 from kdpipe.runs import ModelCard
 
@@ -81,8 +81,9 @@ def calibration_set(
         raise ExportError(
             f"{cache_path} is a cache of the {split} split: calibration uses training rows only"
         )
-    if list(manifest.classes) != list(run_card.classes):
-        raise ExportError(f"{cache_path} has other classes than {run_dir}")
+    differ = class_mismatch(manifest.classes, run_card.classes, str(cache_path), str(run_dir))
+    if differ is not None:
+        raise ExportError(differ)
     train_set = load_dataset(
         manifest.dataset["name"],
         "train",

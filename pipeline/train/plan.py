@@ -17,7 +17,9 @@ import torch
 from kdpipe.cache import CachedLayer, SoftLabels, StreamedSoftLabels
 from kdpipe.data import (
     ImageSet,
+    check_classes,
     check_same_dataset,
+    class_mismatch,
     select_rows,
     source_folder,
     take_rows,
@@ -230,10 +232,12 @@ def online_layer(teacher: nn.Module, card: ModelCard, config: TrainConfig) -> Ca
 
 def _check_online_teacher(config: TrainConfig, card: ModelCard, train_set: ImageSet) -> None:
     # a pretrained teacher imported without --classes knows its classes by index only
-    if (card.classes or list(train_set.classes[: card.num_classes])) != list(train_set.classes):
-        raise CacheMismatchError(
-            f"teacher {config.teacher} was trained on other classes than {config.data}"
-        )
+    if card.num_classes != train_set.num_classes:
+        raise CacheMismatchError(f"teacher {config.teacher} has {card.num_classes} classes "
+                                 f"but {config.data} has {train_set.num_classes}")  # fmt: skip
+    if card.classes:
+        check_classes(card.classes, train_set.classes, f"teacher {config.teacher}",
+                      f"{config.data} (train)")  # fmt: skip
     if not train_set.labeled:
         raise UsageError("distill-online needs labels (timm's task always has a CE term)")
 
@@ -247,6 +251,9 @@ def cache_data(
     """The training rows of a cache, checked against the dataset: (data, classes, alpha)."""
     manifest = soft.manifest
     check_same_dataset(manifest.dataset, train_set, str(soft.path))
+    if train_set.classes:  # the teacher's names (cached before teachers were compared)
+        check_classes(manifest.classes, train_set.classes, f"{soft.path} (its teacher)",
+                      f"{config.data} (train)")  # fmt: skip
     indices = soft.indices
     if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= len(train_set)):
         raise CacheMismatchError(
@@ -327,9 +334,7 @@ def _load_test_set(
     if not test_set.labeled:
         log(f"note: {folder} has no class folders (no labels): no test accuracy is measured")
         return None
-    if test_set.classes != tuple(classes):
-        raise DatasetError(
-            f"{config.data}: the test split's classes differ from the model's "
-            f"({', '.join(test_set.classes)} != {', '.join(classes)})"
-        )
+    differ = class_mismatch(test_set.classes, classes, f"{config.data} (test)", "the model")
+    if differ is not None:
+        raise DatasetError(differ)
     return test_set
