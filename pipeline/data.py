@@ -38,6 +38,7 @@ from kdpipe.imagefolder import (
 )
 from kdpipe.imagefolder import pixel_stats as folder_pixel_stats
 from kdpipe.shards import ShardImages, ShardIndex, is_shard_spec, open_shards, pack_shards
+from kdpipe.shards import has_split as shards_have_split
 from tqdm.auto import tqdm
 
 SPLITS = ("train", "test")
@@ -201,6 +202,17 @@ def load_dataset(
         "folder (with train/ and test/ inside, one subfolder per class) or a folder or URL of "
         "WebDataset shards (train-*.tar, test-*.tar)"
     )
+
+
+def has_split(spec: str, split: str) -> bool:
+    """Whether the dataset ``spec`` has ``split`` at all: the named sets have both, an image
+    folder its ``split/`` folder, shards their ``split-*.tar`` files. A split that is there
+    but cannot be read is :func:`load_dataset`'s error, never a missing split."""
+    if spec in ("fashion-mnist", "synthetic"):
+        return True
+    if is_shard_spec(spec):
+        return shards_have_split(spec, split)
+    return (Path(spec) / split).is_dir()
 
 
 # --- Fashion-MNIST -----------------------------------------------------------------------------

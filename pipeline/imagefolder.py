@@ -18,6 +18,7 @@ DataLoader workers when asked.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from kdpipe.errors import DatasetError
 from tqdm.auto import tqdm
 
 INDEX_FORMAT = 1
-FINGERPRINT_TAG = b"kdpipe image folder index 1\n"  # what the folder fingerprint's digest covers
+FINGERPRINT_TAG = b"kdpipe image folder index 2\n"  # what the folder fingerprint's digest covers
 HASH_BLOCK = 2**20
 
 
@@ -115,17 +116,26 @@ def index_fingerprint(
 ) -> dict:  # fmt: skip
     """A dataset's fingerprint from its index: count, classes and a SHA-256 over ``tag``, the
     count and decode shape, then per row in canonical order its name (a folder's relative
-    path, a shard sample's key), label and content digest. Shared by folders and shards."""
+    path, a shard sample's key), label and content digest. Shared by folders and shards.
+
+    Each row is one JSON line (``["NAME", LABEL, "SHA256"]``): JSON escapes every tab,
+    newline and quote a name may hold, so no name can end one row and forge the next
+    (with ``NAME\\tLABEL\\tSHA\\n`` lines, two different folders could share a digest)."""
     digest = hashlib.sha256(tag)
-    digest.update(repr((len(rows), *shape)).encode())
+    digest.update(_json_line([len(rows), *shape]))
     for name, label, sha256 in rows:
-        digest.update(f"{name}\t{label}\t{sha256}\n".encode())
+        digest.update(_json_line([name, int(label), sha256]))
     return {
         "count": len(rows),
         "num_classes": len(classes),
         "classes": list(classes),
         "sha256": digest.hexdigest(),
     }
+
+
+def _json_line(value: list) -> bytes:
+    """``value`` as one line of JSON (ASCII, no spaces): its own framing, unforgeable."""
+    return (json.dumps(value, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
 
 
 def file_digest(path: Path) -> str:
@@ -186,7 +196,10 @@ def _read_stored(path: Path) -> dict[str, IndexEntry]:
 
 
 def _write_stored(path: Path, index: FolderIndex) -> None:
-    """Written aside, then moved into place, so a reader never sees half an index."""
+    """Written aside, then moved into place, so a reader never sees half an index. Where
+    nothing can be written (a read-only mount, a folder of another user) the index stays
+    in memory: every failure here, the clean-up's included, is swallowed, since the index
+    is a shortcut and never the data."""
     record = {
         "format": INDEX_FORMAT,
         "classes": list(index.classes),
@@ -194,10 +207,13 @@ def _write_stored(path: Path, index: FolderIndex) -> None:
     }
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_text(json.dumps(record, indent=0))
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(json.dumps(record, indent=0))
         os.replace(temporary, path)
     except OSError:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only mount unlink fails too (EROFS)
+            os.unlink(temporary)
 
 
 # --- decoding ----------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from kdpipe.imagefolder import (
 from tqdm.auto import tqdm
 
 INDEX_FORMAT = 1
-FINGERPRINT_TAG = b"kdpipe webdataset index 1\n"  # what the shards' fingerprint digest covers
+FINGERPRINT_TAG = b"kdpipe webdataset index 2\n"  # what the shards' fingerprint digest covers
 CLASS_FILES = ("classes.txt", "classes.json")
 # a sample's image member, by extension (WebDataset's names, and the image folder's)
 SHARD_IMAGE_EXTENSIONS = tuple(
@@ -138,6 +138,16 @@ def _root_and_shards(spec: str, split: str) -> tuple[fsspec.AbstractFileSystem, 
     return fs, root, sorted(names)
 
 
+def has_split(spec: str, split: str) -> bool:
+    """Whether ``spec`` holds shards of ``split`` (a ``{split}`` pattern names its shards:
+    those missing are the loader's error, not an absent split)."""
+    if "{split}" in spec:
+        return True
+    fs, root = fsspec.core.url_to_fs(spec)
+    root = root.rstrip("/") or "/"
+    return fs.isdir(root) and bool(fs.glob(f"{root}/{split}-*.tar"))
+
+
 def read_classes(fs: fsspec.AbstractFileSystem, root: str, where: str) -> tuple[str, ...]:
     """The class names from ``classes.txt`` or ``classes.json`` beside the shards."""
     for name in CLASS_FILES:
@@ -183,10 +193,21 @@ def _samples_of(fs: fsspec.AbstractFileSystem, root: str, shard: str,
     where = f"{root}/{shard}"
     try:
         with fs.open(where, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-            return [_entry(where, shard, key, members, classes)
-                    for key, members in _samples_in(tar, where)]  # fmt: skip
+            samples = [_entry(where, shard, key, members, classes)
+                       for key, members in _samples_in(tar, where)]  # fmt: skip
+            end = tar.offset  # where tarfile stopped: the end-of-archive block, if any
+        ending = fs.cat_file(where, start=end, end=end + tarfile.BLOCKSIZE)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DatasetError(f"shard {where} is not a readable tar file: {exc}") from None
+    if len(ending) < tarfile.BLOCKSIZE or ending.count(0) != tarfile.BLOCKSIZE:
+        # tarfile ends quietly at a missing or partial header: a shard cut at a member
+        # boundary would read as a shorter one
+        raise DatasetError(
+            f"shard {where} is cut short: it stops at byte {end}, after {len(samples)} "
+            "sample(s), without tar's end-of-archive block (a copy or download that stopped "
+            "early?): copy the shard again"
+        )
+    return samples
 
 
 def _samples_in(tar: tarfile.TarFile, where: str) -> Iterator[tuple[str, dict]]:

@@ -18,6 +18,7 @@ from kdpipe.cache import CachedLayer, SoftLabels, StreamedSoftLabels
 from kdpipe.data import (
     ImageSet,
     check_same_dataset,
+    has_split,
     select_rows,
     source_folder,
     take_rows,
@@ -30,6 +31,7 @@ from kdpipe.inputs import DataConfig
 from kdpipe.pretrained import Pretrained, create_pretrained
 from kdpipe.runs import ModelCard, load_model
 from kdpipe.runtime import resolve_device
+from kdpipe.shards import is_shard_spec
 from kdpipe.train.batches import TrainData
 from kdpipe.train.config import TrainConfig
 from kdpipe.train.step import probe
@@ -315,17 +317,18 @@ def _hold_out(
 def _load_test_set(
     config: TrainConfig, classes: tuple[str, ...], log: Callable[[str], None]
 ) -> ImageSet | None:
-    """The test split to report on each epoch. An image folder may have no test/ folder, or
-    one without labels: then there is nothing to score, and the run says so. A test split
-    that is there but cannot be read (a damaged image, a class train/ lacks) is an error,
-    never skipped."""
-    folder = Path(config.data) / "test"
-    if config.data not in ("fashion-mnist", "synthetic") and not folder.is_dir():
-        log(f"note: {config.data} has no test/ folder: no test accuracy will be measured")
+    """The test split to report on each epoch. An image folder may have no test/ folder (or
+    shards no test-*.tar), or one without labels: then there is nothing to score, and the
+    run says so. A test split that is there but cannot be read (a damaged image, a class
+    train/ lacks) is an error, never skipped."""
+    if not has_split(config.data, "test"):
+        missing = "test shards (test-*.tar)" if is_shard_spec(config.data) else "test/ folder"
+        log(f"note: {config.data} has no {missing}: no test accuracy will be measured")
         return None
     test_set = config.load("test")
     if not test_set.labeled:
-        log(f"note: {folder} has no class folders (no labels): no test accuracy is measured")
+        log(f"note: {Path(config.data) / 'test'} has no class folders (no labels): no test "
+            "accuracy is measured")  # fmt: skip
         return None
     if test_set.classes != tuple(classes):
         raise DatasetError(
