@@ -24,7 +24,7 @@ from kdpipe.train.batches import EpochBatches, TrainData
 from PIL import Image
 
 CPU = torch.device("cpu")
-PINNED = "888830dd29e7d351464ef60237a71198d7cfee4e2f7adf8f6f69783c0bf48be4"
+PINNED = "18d64b9afee48562fdee0d5b23f0e9537c0fe058002c5bd169ddae1a36e91500"
 
 
 def error_lines(result: object) -> list[str]:

@@ -220,6 +220,9 @@ def test_the_shard_fingerprint_changes_with_each_kind_of_edit_and_only_then(
         "size": len(png(30)),
         "label": 1,
         "sha256": hashlib.sha256(png(30)).hexdigest(),
+        "height": 6,
+        "width": 6,
+        "channels": 3,
     }
     with open(shards / "train-000000.tar", "rb") as tar:  # the offset is the member's data
         tar.seek(record["shards"][0]["samples"][1]["offset"])

@@ -82,6 +82,7 @@ class QatConfig:
     data_root: str = "data"
     image_size: int | None = None
     channels: int | None = None
+    resize: str | None = None
     check_rows: int = 256
     overwrite: bool = False
 
@@ -122,6 +123,7 @@ def _train_config(config: QatConfig, fp32_card: ModelCard, fp32_config: dict) ->
         data_root=config.data_root,
         image_size=config.image_size,
         channels=config.channels,
+        resize=config.resize,
         batch_size=config.batch_size,
         eval_every=config.eval_every,
         lr=config.lr,
@@ -324,6 +326,7 @@ def _qat_card(
             "name": train_set.name,
             "split": "train",
             "fingerprint": train_set.fingerprint(),
+            **({"decode": train_set.decode} if train_set.decode else {}),
             "rows": rows,
             "validation_rows": 0,
         },

@@ -18,6 +18,7 @@ from kdpipe.cache import CachedLayer, SoftLabels, StreamedSoftLabels
 from kdpipe.data import (
     ImageSet,
     check_same_dataset,
+    decode_options,
     has_split,
     select_rows,
     source_folder,
@@ -81,7 +82,12 @@ def plan_run(
         raise UsageError("distill-online runs in one process (it is the reference, not a "
                          "scaled path); start it without torchrun")  # fmt: skip
     device = resolve_device(config.device)
+    config = _decoded_as_recorded(config, soft_labels)
     train_set = config.load("train")
+    if train_set.decode is not None:  # what config.json records: the test split, a resume
+        decode = train_set.decode
+        config = replace(config, image_size=tuple(decode["size"]), channels=decode["channels"],
+                         resize=decode["resize"])  # fmt: skip
     data = TrainData.plain(train_set, config.policy)
     if config.subset is not None:
         data = _subset(config, data, train_set, soft_labels)
@@ -134,6 +140,28 @@ def plan_run(
                    lineage=lineage, online_teacher=online_teacher,
                    inputs=tuple(str(p) for p in inputs if p is not None),
                    teacher_layer=teacher_layer, pretrained=pretrained)  # fmt: skip
+
+
+def _decoded_as_recorded(
+    config: TrainConfig, soft: SoftLabels | StreamedSoftLabels | None
+) -> TrainConfig:
+    """The configuration with each decode setting not given taken from what the data was
+    decoded with before: the cache's manifest (a student), or the online teacher's model
+    card where it was trained on the same ``--data`` (distill-online); one given and
+    different is a one-line error naming both values."""
+    if soft is not None:
+        record, what = soft.manifest.dataset, str(soft.path)
+    elif config.teacher is not None and (Path(config.teacher) / "model.json").is_file():
+        from kdpipe.runs import read_card
+
+        record, what = read_card(Path(config.teacher)).dataset, f"teacher {config.teacher}"
+        if record.get("name") != config.data:
+            return config
+    else:
+        return config
+    decode = decode_options(record, what, image_size=config.image_size,
+                            channels=config.channels, resize=config.resize)  # fmt: skip
+    return replace(config, **decode)
 
 
 def _pretrained(config: TrainConfig, kind: str, train_set: ImageSet) -> Pretrained | None:
