@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 from kdpipe.cache import MANIFEST_KEY, TeacherMember, Upstream, read_manifest
-from kdpipe.data import load_dataset
+from kdpipe.data import decode_options, load_dataset
 from kdpipe.errors import KdpipeError, RunDirError
 from kdpipe.pretrained import file_sha256, looks_like_source
 from kdpipe.runs import load_model, read_card
@@ -273,8 +273,11 @@ def weights_origin(source: dict) -> str:
 def _dataset_link(link, record: dict, load: dict) -> None:
     name = f"{record['name']} ({record['split']})"
     expected = record["fingerprint"]
-    try:
-        dataset = load_dataset(record["name"], record["split"], **load)
+    try:  # decoded as the record says (dataset.decode) unless --image-size/--channels say
+        given = {"image_size": load.get("image_size"), "channels": load.get("channels")}
+        decode = decode_options(record, name, **given)
+        dataset = load_dataset(record["name"], record["split"],
+                               data_root=load["data_root"], **decode)  # fmt: skip
     except KdpipeError as exc:
         link("dataset", name, expected["sha256"][:16], "missing", str(exc))
         return

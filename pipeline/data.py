@@ -26,19 +26,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from kdpipe.errors import DatasetError
+from kdpipe.errors import CacheMismatchError, DatasetError
 from kdpipe.imagefolder import (
+    DEFAULT_RESIZE,
+    RESIZE_MODES,
     FolderImages,
     FolderIndex,
     LazyImages,
     build_index,
-    first_image_shape,
+    decode_shape,
     image_files,
     is_image_file,
     relative_path,
 )
 from kdpipe.imagefolder import pixel_stats as folder_pixel_stats
-from kdpipe.shards import ShardImages, ShardIndex, is_shard_spec, open_shards, pack_shards
+from kdpipe.shards import ShardImages, ShardIndex, is_shard_spec, pack_shards
+from kdpipe.shards import build_index as build_shard_index
+from kdpipe.shards import has_split as shards_have_split
 from tqdm.auto import tqdm
 
 SPLITS = ("train", "test")
@@ -100,6 +104,23 @@ class ImageSet:
         return int(c), int(h), int(w)
 
     @property
+    def decode(self) -> dict | None:
+        """How an image folder's or shards' files became these pixels (``size`` [H, W],
+        ``channels``, ``resize``): recorded with every cache and run made from them, so that
+        later commands decode the same way without being told; None for a set in memory."""
+        if self.index is None:
+            return None
+        c, h, w = self.input_size
+        return {"size": [h, w], "channels": c, "resize": self.images.resize}
+
+    def record(self) -> dict:
+        """What a cache's manifest and a run's model card say about the dataset: ``name``,
+        ``split``, ``fingerprint`` and, for a folder or shards, ``decode``."""
+        decode = self.decode
+        return {"name": self.name, "split": self.split, "fingerprint": self.fingerprint(),
+                **({"decode": decode} if decode is not None else {})}  # fmt: skip
+
+    @property
     def streamed(self) -> bool:
         """True for an image folder: rows are decoded per batch, never held whole."""
         return isinstance(self.images, LazyImages)
@@ -118,7 +139,8 @@ class ImageSet:
         digest for an image folder (its index)."""
         if not self._fingerprint:
             if self.index is not None:
-                self._fingerprint.update(self.index.fingerprint(self.input_size))
+                shape, resize = self.input_size, self.images.resize
+                self._fingerprint.update(self.index.fingerprint(shape, resize))
             elif self.streamed:  # some rows of a folder (a validation split)
                 raise DatasetError(
                     f"{self.name} {self.split} is a part of an image folder: the fingerprint "
@@ -181,27 +203,94 @@ def load_dataset(
     split: str,
     *,
     data_root: Path = DEFAULT_DATA_ROOT,
-    image_size: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
     channels: int | None = None,
+    resize: str | None = None,
 ) -> ImageSet:
     """Load ``fashion-mnist``, ``synthetic``, an image folder path or WebDataset shards (a
-    folder, an fsspec URL or a ``{split}`` pattern: :mod:`kdpipe.shards`), one split."""
+    folder, an fsspec URL or a ``{split}`` pattern: :mod:`kdpipe.shards`), one split.
+    ``image_size`` (S, or (H, W)), ``channels`` and ``resize`` (``crop``, the default, or
+    ``squash``) say how a folder's or shards' files are decoded; where not given, the one
+    rule of :func:`kdpipe.imagefolder.decode_shape` on the train split decides, the same
+    for every split."""
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    resize = resize or DEFAULT_RESIZE
+    if resize not in RESIZE_MODES:
+        raise DatasetError(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
     if spec == "fashion-mnist":
         return load_fashion_mnist(Path(data_root) / "fashion-mnist", split)
     if spec == "synthetic":
         return make_synthetic(split)
+    decode = {"image_size": image_size, "channels": channels, "resize": resize}
     if is_shard_spec(spec):
-        return load_shards(spec, split, image_size=image_size, channels=channels)
+        return load_shards(spec, split, **decode)
     path = Path(spec)
     if path.is_dir():
-        return load_image_folder(path, split, image_size=image_size, channels=channels)
+        return load_image_folder(path, split, **decode)
     raise DatasetError(
         f"unknown dataset {spec!r}: use 'fashion-mnist', 'synthetic', the path of an image "
         "folder (with train/ and test/ inside, one subfolder per class) or a folder or URL of "
         "WebDataset shards (train-*.tar, test-*.tar)"
     )
+
+
+DECODE_FLAGS = {"image_size": "--image-size", "channels": "--channels", "resize": "--resize"}
+
+
+def recorded_decode(record: dict | None) -> dict:
+    """``load_dataset``'s decode keywords as a dataset record (a cache manifest's or a model
+    card's ``dataset``) stores them in ``decode``: ``image_size`` (H, W), ``channels``,
+    ``resize``. Empty for a set held in memory, and for a record older than ``decode``
+    (its folder or shards were decoded by the old default: the first file's size, squashed;
+    their fingerprints, of an older framing, no longer match anyway)."""
+    decode = (record or {}).get("decode")
+    if not decode:
+        return {}
+    return {"image_size": tuple(decode["size"]), "channels": decode["channels"],
+            "resize": decode["resize"]}  # fmt: skip
+
+
+def decode_options(
+    record: dict | None, what: str, *, image_size: int | tuple[int, int] | None = None,
+    channels: int | None = None, resize: str | None = None,
+) -> dict:  # fmt: skip
+    """The decode keywords of ``load_dataset`` for data that must be what ``what`` (a cache,
+    a run) was made from: each setting given is kept, each not given is taken from the
+    record, so no command needs ``--image-size`` repeated. A setting given and different
+    from the record is one line naming it and both values."""
+    given = {"image_size": image_size, "channels": channels, "resize": resize}
+    recorded = recorded_decode(record)
+    for name, value in given.items():
+        if value is None or name not in recorded:
+            continue
+        wanted, stored = _shown(name, value), _shown(name, recorded[name])
+        if wanted != stored:
+            flag = DECODE_FLAGS[name]
+            raise CacheMismatchError(
+                f"{flag} {wanted} differs from the {stored} that {what} was made with (its "
+                f"dataset.decode): drop {flag} to decode the data as it was"
+            )
+    return {name: recorded.get(name) if value is None else value for name, value in given.items()}
+
+
+def _shown(name: str, value: object) -> str:
+    """A decode setting as a person reads it: a size as HxW (S alone is S x S)."""
+    if name != "image_size":
+        return str(value)
+    size = (value, value) if isinstance(value, int) else tuple(value)
+    return "x".join(str(int(v)) for v in size)
+
+
+def has_split(spec: str, split: str) -> bool:
+    """Whether the dataset ``spec`` has ``split`` at all: the named sets have both, an image
+    folder its ``split/`` folder, shards their ``split-*.tar`` files. A split that is there
+    but cannot be read is :func:`load_dataset`'s error, never a missing split."""
+    if spec in ("fashion-mnist", "synthetic"):
+        return True
+    if is_shard_spec(spec):
+        return shards_have_split(spec, split)
+    return (Path(spec) / split).is_dir()
 
 
 # --- Fashion-MNIST -----------------------------------------------------------------------------
@@ -286,19 +375,40 @@ def _class_names(root: Path) -> tuple[str, ...]:
 
 
 def load_image_folder(
-    root: Path, split: str, *, image_size: int | None = None, channels: int | None = None
-) -> ImageSet:
+    root: Path, split: str, *, image_size: int | tuple[int, int] | None = None,
+    channels: int | None = None, resize: str = DEFAULT_RESIZE,
+) -> ImageSet:  # fmt: skip
     """An image folder in canonical order: by class name, then by path relative to the
     split folder. Files are listed by extension (:data:`~kdpipe.imagefolder.IMAGE_EXTENSIONS`;
     other files are ignored), indexed, and decoded only when rows are asked for. Channels
-    and size come from the first image unless given; every image is converted to that
-    mode and resized to that size.
+    and size, unless given, come from the train split's index by one rule
+    (:func:`~kdpipe.imagefolder.decode_shape`), the same for every split; every image is
+    converted to that mode and brought to that size (``resize``: ``crop`` keeps the aspect
+    ratio, ``squash`` stretches).
     """
+    index = folder_index(root, split)
+    reference = index
+    if split != "train" and (image_size is None or channels is None) and (root / "train").is_dir():
+        reference = folder_index(root, "train")
+    channels, size = decode_shape(reference.shapes(), image_size, channels)
+    return ImageSet(
+        name=str(root),
+        split=split,
+        images=FolderImages(index.paths(), channels, size, resize=resize),
+        labels=index.labels(),
+        classes=index.classes,
+        index=index,
+    )
+
+
+def folder_index(root: Path, split: str) -> FolderIndex:
+    """The index of an image folder's split (:func:`kdpipe.imagefolder.build_index`), after
+    the folder's layout is checked: class folders, one level, no empty class."""
     split_dir = root / split
     if not split_dir.is_dir():
         raise DatasetError(f"{root} has no {split}/ folder (expected {split_dir})")
     if not any(p.is_dir() for p in split_dir.iterdir()):
-        return _decode(root, split, _unlabeled_samples(split_dir), (), image_size, channels)
+        return build_index(root, split, _unlabeled_samples(split_dir), ())
     classes = _class_names(root)
     extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classes)
     if extra:
@@ -329,7 +439,10 @@ def load_image_folder(
             "images or remove the folder"
         )
     samples.sort(key=lambda s: (s[1], relative_path(s[0], split_dir)))
-    return _decode(root, split, samples, classes, image_size, channels)
+    # Each file is decoded by kdpipe rather than through timm's dataset[i]: timm's
+    # ImageDataset silently substitutes the next sample for an unreadable one, which
+    # would shift every later row of a cache.
+    return build_index(root, split, samples, classes)
 
 
 def _unlabeled_samples(split_dir: Path) -> list[tuple[str, int]]:
@@ -340,53 +453,26 @@ def _unlabeled_samples(split_dir: Path) -> list[tuple[str, int]]:
     return [(str(p), -1) for p in paths]
 
 
-def _decode(
-    root: Path,
-    split: str,
-    samples: list[tuple[str, int]],
-    classes: tuple[str, ...],
-    image_size: int | None,
-    channels: int | None,
-) -> ImageSet:
-    """The split as its index and rows decoded on demand (:mod:`kdpipe.imagefolder`):
-    nothing is decoded here but the first file's header, for its mode and size."""
-    first_channels, first_size = first_image_shape(samples[0][0])
-    channels = first_channels if channels is None else channels
-    if channels not in (1, 3):
-        raise DatasetError(f"--channels must be 1 or 3, not {channels}")
-    size = (image_size, image_size) if image_size else first_size
-    # Each file is decoded by kdpipe rather than through timm's dataset[i]: timm's
-    # ImageDataset silently substitutes the next sample for an unreadable one, which
-    # would shift every later row of a cache.
-    index = build_index(root, split, samples, classes)
-    return ImageSet(
-        name=str(root),
-        split=split,
-        images=FolderImages(index.paths(), channels, size),
-        labels=index.labels(),
-        classes=classes,
-        index=index,
-    )
-
-
 # --- WebDataset shards -------------------------------------------------------------------------
 
 
 def load_shards(
-    spec: str, split: str, *, image_size: int | None = None, channels: int | None = None
-) -> ImageSet:
+    spec: str, split: str, *, image_size: int | tuple[int, int] | None = None,
+    channels: int | None = None, resize: str = DEFAULT_RESIZE,
+) -> ImageSet:  # fmt: skip
     """A split of WebDataset shards (:mod:`kdpipe.shards`) in canonical order (by sample
-    key), as its index and rows read and decoded on demand; channels and size as for an
-    image folder (the first image's unless given)."""
-    index, images, (first_channels, first_size) = open_shards(spec, split)
-    channels = first_channels if channels is None else channels
-    if channels not in (1, 3):
-        raise DatasetError(f"--channels must be 1 or 3, not {channels}")
-    size = (image_size, image_size) if image_size else first_size
+    key), as its index and rows read and decoded on demand; channels, size and resize as
+    for an image folder (from the train split's index unless given)."""
+    index, fs = build_shard_index(spec, split)
+    reference = index
+    derived = image_size is None or channels is None
+    if split != "train" and derived and shards_have_split(spec, "train"):
+        reference = build_shard_index(spec, "train")[0]
+    channels, size = decode_shape(reference.shapes(), image_size, channels)
     return ImageSet(
         name=spec,
         split=split,
-        images=ShardImages(images.fs, images.root, images.entries, channels, size),
+        images=ShardImages(fs, index.root, index.entries, channels, size, resize=resize),
         labels=index.labels(),
         classes=index.classes,
         index=index,

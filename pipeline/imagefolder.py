@@ -18,6 +18,7 @@ DataLoader workers when asked.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,9 +32,14 @@ import torch
 from kdpipe.errors import DatasetError
 from tqdm.auto import tqdm
 
-INDEX_FORMAT = 1
-FINGERPRINT_TAG = b"kdpipe image folder index 1\n"  # what the folder fingerprint's digest covers
+INDEX_FORMAT = 2  # 2: each file's decoded height, width and channels
+FINGERPRINT_TAG = b"kdpipe image folder index 2\n"  # what the folder fingerprint's digest covers
 HASH_BLOCK = 2**20
+# how a file of another size than the decode size is resized (``--resize``): ``crop`` keeps its
+# aspect ratio (shorter side to the size, then the centre cut out: timm's eval transform,
+# ``Resize(S)`` + ``CenterCrop(S)``), ``squash`` stretches both edges to it
+RESIZE_MODES = ("crop", "squash")
+DEFAULT_RESIZE = "crop"
 
 
 # the files an image folder holds, by extension (case ignored): PIL reads each of them
@@ -84,6 +90,9 @@ class IndexEntry:
     size: int  # bytes
     mtime_ns: int  # st_mtime_ns when it was hashed: (size, mtime_ns) unchanged means reuse
     sha256: str  # of the file's bytes
+    height: int  # as decoded (after its EXIF orientation): what the decode size is chosen from
+    width: int
+    channels: int  # 1 for a grayscale mode, 3 for every other (channels_of)
 
 
 @dataclass(frozen=True)
@@ -101,31 +110,46 @@ class FolderIndex:
     def labels(self) -> torch.Tensor:
         return torch.tensor([entry.label for entry in self.entries], dtype=torch.int64)
 
-    def fingerprint(self, shape: tuple[int, int, int]) -> dict:
-        """Count, classes and a SHA-256 over the decode shape and, per file in canonical
-        order, its relative path, label and content digest: renaming, adding, removing or
-        editing a file changes it, and so does decoding at another size or channel count."""
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """Each file's (channels, height, width) as decoded: what :func:`decode_shape` reads."""
+        return [(entry.channels, entry.height, entry.width) for entry in self.entries]
+
+    def fingerprint(self, shape: tuple[int, int, int], resize: str = DEFAULT_RESIZE) -> dict:
+        """Count, classes and a SHA-256 over the decode shape and resize mode and, per file in
+        canonical order, its relative path, label and content digest: renaming, adding,
+        removing or editing a file changes it, and so does decoding at another size, channel
+        count or resize mode."""
         rows = [(entry.path, entry.label, entry.sha256) for entry in self.entries]
-        return index_fingerprint(FINGERPRINT_TAG, rows, self.classes, shape)
+        return index_fingerprint(FINGERPRINT_TAG, rows, self.classes, shape, resize)
 
 
 def index_fingerprint(
     tag: bytes, rows: Sequence[tuple[str, int, str]], classes: Sequence[str],
-    shape: tuple[int, int, int],
+    shape: tuple[int, int, int], resize: str,
 ) -> dict:  # fmt: skip
     """A dataset's fingerprint from its index: count, classes and a SHA-256 over ``tag``, the
-    count and decode shape, then per row in canonical order its name (a folder's relative
-    path, a shard sample's key), label and content digest. Shared by folders and shards."""
+    count, decode shape and resize mode, then per row in canonical order its name (a folder's
+    relative path, a shard sample's key), label and content digest. Shared by folders and
+    shards.
+
+    Each row is one JSON line (``["NAME", LABEL, "SHA256"]``): JSON escapes every tab,
+    newline and quote a name may hold, so no name can end one row and forge the next
+    (with ``NAME\\tLABEL\\tSHA\\n`` lines, two different folders could share a digest)."""
     digest = hashlib.sha256(tag)
-    digest.update(repr((len(rows), *shape)).encode())
+    digest.update(_json_line([len(rows), *shape, resize]))
     for name, label, sha256 in rows:
-        digest.update(f"{name}\t{label}\t{sha256}\n".encode())
+        digest.update(_json_line([name, int(label), sha256]))
     return {
         "count": len(rows),
         "num_classes": len(classes),
         "classes": list(classes),
         "sha256": digest.hexdigest(),
     }
+
+
+def _json_line(value: list) -> bytes:
+    """``value`` as one line of JSON (ASCII, no spaces): its own framing, unforgeable."""
+    return (json.dumps(value, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
 
 
 def file_digest(path: Path) -> str:
@@ -161,11 +185,12 @@ def build_index(
             raise DatasetError(f"cannot read image {path}: {exc.strerror or exc}") from None
         known = stored.get(relative)
         if known is not None and (known.size, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
-            sha = known.sha256
+            sha, channels, height, width = known.sha256, known.channels, known.height, known.width
         else:  # a new or changed file: hashed, and opened once to prove it is an image
             sha = file_digest(Path(path))
-            check_image(path)
-        entries.append(IndexEntry(relative, int(label), stat.st_size, stat.st_mtime_ns, sha))
+            channels, (height, width) = check_image(path)
+        entries.append(IndexEntry(relative, int(label), stat.st_size, stat.st_mtime_ns, sha,
+                                  height, width, channels))  # fmt: skip
     index = FolderIndex(split_dir, classes, tuple(entries))
     if {e.path: e for e in entries} != stored:
         _write_stored(stored_file, index)
@@ -186,7 +211,10 @@ def _read_stored(path: Path) -> dict[str, IndexEntry]:
 
 
 def _write_stored(path: Path, index: FolderIndex) -> None:
-    """Written aside, then moved into place, so a reader never sees half an index."""
+    """Written aside, then moved into place, so a reader never sees half an index. Where
+    nothing can be written (a read-only mount, a folder of another user) the index stays
+    in memory: every failure here, the clean-up's included, is swallowed, since the index
+    is a shortcut and never the data."""
     record = {
         "format": INDEX_FORMAT,
         "classes": list(index.classes),
@@ -194,10 +222,13 @@ def _write_stored(path: Path, index: FolderIndex) -> None:
     }
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_text(json.dumps(record, indent=0))
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(json.dumps(record, indent=0))
         os.replace(temporary, path)
     except OSError:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only mount unlink fails too (EROFS)
+            os.unlink(temporary)
 
 
 # --- decoding ----------------------------------------------------------------------------------
@@ -251,26 +282,52 @@ def _on_white(image: object) -> object:
 
 
 def decode_image(
-    path: str | BinaryIO, channels: int, size: tuple[int, int], name: str | None = None
-) -> np.ndarray:
+    path: str | BinaryIO, channels: int, size: tuple[int, int], name: str | None = None,
+    resize: str = DEFAULT_RESIZE,
+) -> np.ndarray:  # fmt: skip
     """One file (a path, or an open binary file such as a shard's member) to uint8
     ``(channels, *size)``: EXIF orientation applied (``ImageOps.exif_transpose``), converted
-    to 8 bits (:func:`to_8bit_mode`), alpha composited on white, then to L or RGB and
-    resized (bilinear) to ``size`` (H, W). An unreadable or truncated file is an error
-    naming it (``name``, else the path), never skipped."""
+    to 8 bits (:func:`to_8bit_mode`), alpha composited on white, then to L or RGB and, when
+    its size is not ``size`` (H, W), resized by PIL's bilinear filter (:func:`resized`).
+    An unreadable or truncated file is an error naming it (``name``, else the path), never
+    skipped."""
     from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as opened:
             opened.load()
             image = _on_white(to_8bit_mode(ImageOps.exif_transpose(opened)))
-            image = image.convert("L" if channels == 1 else "RGB")
-            if (image.height, image.width) != tuple(size):
-                image = image.resize((size[1], size[0]), Image.BILINEAR)
+            image = resized(image.convert("L" if channels == 1 else "RGB"), size, resize)
             pixels = np.asarray(image, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise _unreadable(name or path, exc) from None
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def resized(image: object, size: tuple[int, int], resize: str = DEFAULT_RESIZE) -> object:
+    """A PIL image at ``size`` (H, W). ``squash``: both edges resized to it. ``crop``: the
+    aspect ratio kept, resized (bilinear) until it covers ``size``, then the centre cut out:
+    for a square size S exactly torchvision's ``Resize(S)`` (the shorter side to S, the
+    longer to ``int(S * long / short)``) then ``CenterCrop(S)``, which timm's eval transform
+    is, so a file decodes to the pixels timm's loader gives it."""
+    from PIL import Image
+
+    height, width = int(size[0]), int(size[1])
+    if (image.height, image.width) == (height, width):
+        return image
+    if resize == "squash":
+        return image.resize((width, height), Image.BILINEAR)
+    if resize != "crop":
+        raise DatasetError(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
+    if height * image.width <= width * image.height:  # the width decides: scaled to it
+        scaled = (width, max(height, int(width * image.height / image.width)))
+    else:
+        scaled = (max(width, int(height * image.width / image.height)), height)
+    if scaled != image.size:
+        image = image.resize(scaled, Image.BILINEAR)
+    top = round((image.height - height) / 2.0)  # torchvision's CenterCrop, to the pixel
+    left = round((image.width - width) / 2.0)
+    return image.crop((left, top, left + width, top + height))
 
 
 def _unreadable(name: object, exc: BaseException) -> DatasetError:
@@ -278,29 +335,54 @@ def _unreadable(name: object, exc: BaseException) -> DatasetError:
     return DatasetError(f"cannot read image {name}: {reason}")
 
 
-def check_image(path: str | BinaryIO, name: str | None = None) -> None:
-    """Fail now, naming the file (``name``, else the path), when ``path`` is not an image
-    PIL can identify and verify (header and, for PNG, chunk checksums); damage only a full
-    decode finds is named when the row is decoded."""
+EXIF_ORIENTATION = 0x0112  # orientations 5-8 turn the image a quarter: height and width swap
+
+
+def check_image(path: str | BinaryIO, name: str | None = None) -> tuple[int, tuple[int, int]]:
+    """The file's channels and (H, W) as decoded (after its EXIF orientation), read from
+    its header; fails now, naming the file (``name``, else the path), when ``path`` is not
+    an image PIL can identify and verify (header and, for PNG, chunk checksums). Damage only
+    a full decode finds is named when the row is decoded."""
     from PIL import Image
 
     try:
         with Image.open(path) as opened:
+            (width, height), channels = opened.size, channels_of(opened.mode)
             opened.verify()
+        if not isinstance(path, str):
+            path.seek(0)
+        with Image.open(path) as opened:  # verify() leaves the file unusable: opened again
+            if opened.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
+                width, height = height, width
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise _unreadable(name or path, exc) from None
+    return channels, (height, width)
 
 
-def first_image_shape(path: str | BinaryIO, name: str | None = None) -> tuple[int, tuple[int, int]]:
-    """Channels and (H, W) of the first file, as decoded (after its EXIF orientation)."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as opened:
-            oriented = ImageOps.exif_transpose(opened)
-            return channels_of(opened.mode), (oriented.height, oriented.width)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise _unreadable(name or path, exc) from None
+def decode_shape(
+    shapes: Sequence[tuple[int, int, int]], image_size: int | tuple[int, int] | None,
+    channels: int | None,
+) -> tuple[int, tuple[int, int]]:  # fmt: skip
+    """The one decode shape of every split of a dataset, from its reference split's files
+    (``shapes``: each file's channels, height, width; the train split's, see
+    ``docs/cache-format.md``) where not given: channels 3 when any file is in colour, else
+    1; size the files' own when they all share one, otherwise S x S with S the median
+    (the lower one) of their shorter sides, so one odd file (a 1 x 1 icon first in order)
+    cannot set the size of the rest."""
+    if channels is None:
+        channels = 3 if any(c == 3 for c, _, _ in shapes) else 1
+    if channels not in (1, 3):
+        raise DatasetError(f"--channels must be 1 or 3, not {channels}")
+    if isinstance(image_size, int):
+        return channels, (image_size, image_size)
+    if image_size is not None:
+        return channels, (int(image_size[0]), int(image_size[1]))
+    sizes = sorted({(h, w) for _, h, w in shapes})
+    if len(sizes) == 1:
+        return channels, sizes[0]
+    sides = sorted(min(h, w) for _, h, w in shapes)
+    side = sides[(len(sides) - 1) // 2]
+    return channels, (side, side)
 
 
 # --- rows decoded on demand --------------------------------------------------------------------
@@ -322,10 +404,13 @@ class LazyImages:
     dtype = torch.uint8
     ndim = 4
 
-    def __init__(self, channels: int, size: tuple[int, int], workers: int = 0) -> None:
+    def __init__(
+        self, channels: int, size: tuple[int, int], workers: int = 0, resize: str = DEFAULT_RESIZE
+    ) -> None:
         self.channels = int(channels)
         self.size = (int(size[0]), int(size[1]))
         self.workers = int(workers)
+        self.resize = resize  # how a file of another size is brought to ``size`` (resized)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -377,9 +462,10 @@ class FolderImages(LazyImages):
     """The pixels of an image folder split (see :class:`LazyImages`), one file per row."""
 
     def __init__(
-        self, paths: Sequence[str], channels: int, size: tuple[int, int], workers: int = 0
-    ) -> None:
-        super().__init__(channels, size, workers)
+        self, paths: Sequence[str], channels: int, size: tuple[int, int], workers: int = 0,
+        resize: str = DEFAULT_RESIZE,
+    ) -> None:  # fmt: skip
+        super().__init__(channels, size, workers, resize)
         self.paths = tuple(paths)
 
     def __len__(self) -> int:
@@ -389,14 +475,15 @@ class FolderImages(LazyImages):
         return f"FolderImages({len(self)} files, {self.channels}x{self.size[0]}x{self.size[1]})"
 
     def with_workers(self, workers: int) -> FolderImages:
-        return FolderImages(self.paths, self.channels, self.size, workers)
+        return FolderImages(self.paths, self.channels, self.size, workers, self.resize)
 
     def subset(self, rows: torch.Tensor | np.ndarray | Sequence[int]) -> FolderImages:
         picked = np.asarray(rows, dtype=np.int64).reshape(-1)
-        return FolderImages([self.paths[i] for i in picked], self.channels, self.size, self.workers)
+        return FolderImages([self.paths[i] for i in picked], self.channels, self.size,
+                            self.workers, self.resize)  # fmt: skip
 
     def decode_row(self, row: int) -> np.ndarray:
-        return decode_image(self.paths[row], self.channels, self.size)
+        return decode_image(self.paths[row], self.channels, self.size, resize=self.resize)
 
 
 class _Requests(torch.utils.data.Dataset):

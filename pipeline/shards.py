@@ -43,6 +43,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from kdpipe.errors import DatasetError
 from kdpipe.imagefolder import (
+    DEFAULT_RESIZE,
     IMAGE_EXTENSIONS,
     LazyImages,
     check_image,
@@ -51,8 +52,8 @@ from kdpipe.imagefolder import (
 )
 from tqdm.auto import tqdm
 
-INDEX_FORMAT = 1
-FINGERPRINT_TAG = b"kdpipe webdataset index 1\n"  # what the shards' fingerprint digest covers
+INDEX_FORMAT = 2  # 2: each image's decoded height, width and channels
+FINGERPRINT_TAG = b"kdpipe webdataset index 2\n"  # what the shards' fingerprint digest covers
 CLASS_FILES = ("classes.txt", "classes.json")
 # a sample's image member, by extension (WebDataset's names, and the image folder's)
 SHARD_IMAGE_EXTENSIONS = tuple(
@@ -82,6 +83,9 @@ class ShardEntry:
     size: int  # bytes
     label: int
     sha256: str  # of the image member's bytes
+    height: int  # as decoded (after its EXIF orientation): what the decode size is chosen from
+    width: int
+    channels: int  # 1 for a grayscale mode, 3 for every other
 
 
 @dataclass(frozen=True)
@@ -102,11 +106,16 @@ class ShardIndex:
     def labels(self) -> torch.Tensor:
         return torch.tensor([entry.label for entry in self.entries], dtype=torch.int64)
 
-    def fingerprint(self, shape: tuple[int, int, int]) -> dict:
-        """Count, classes and a SHA-256 over the decode shape and, per sample in canonical
-        order, its key, label and image digest (the shard it sits in is not covered)."""
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """Each image's (channels, height, width) as decoded (``imagefolder.decode_shape``)."""
+        return [(entry.channels, entry.height, entry.width) for entry in self.entries]
+
+    def fingerprint(self, shape: tuple[int, int, int], resize: str = DEFAULT_RESIZE) -> dict:
+        """Count, classes and a SHA-256 over the decode shape and resize mode and, per sample
+        in canonical order, its key, label and image digest (the shard it sits in is not
+        covered)."""
         rows = [(entry.key, entry.label, entry.sha256) for entry in self.entries]
-        return index_fingerprint(FINGERPRINT_TAG, rows, self.classes, shape)
+        return index_fingerprint(FINGERPRINT_TAG, rows, self.classes, shape, resize)
 
 
 # --- finding the shards ------------------------------------------------------------------------
@@ -136,6 +145,16 @@ def _root_and_shards(spec: str, split: str) -> tuple[fsspec.AbstractFileSystem, 
             f"{spec} has no {split} shards (expected {split}-*.tar, e.g. {split}-000000.tar)"
         )
     return fs, root, sorted(names)
+
+
+def has_split(spec: str, split: str) -> bool:
+    """Whether ``spec`` holds shards of ``split`` (a ``{split}`` pattern names its shards:
+    those missing are the loader's error, not an absent split)."""
+    if "{split}" in spec:
+        return True
+    fs, root = fsspec.core.url_to_fs(spec)
+    root = root.rstrip("/") or "/"
+    return fs.isdir(root) and bool(fs.glob(f"{root}/{split}-*.tar"))
 
 
 def read_classes(fs: fsspec.AbstractFileSystem, root: str, where: str) -> tuple[str, ...]:
@@ -183,10 +202,21 @@ def _samples_of(fs: fsspec.AbstractFileSystem, root: str, shard: str,
     where = f"{root}/{shard}"
     try:
         with fs.open(where, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-            return [_entry(where, shard, key, members, classes)
-                    for key, members in _samples_in(tar, where)]  # fmt: skip
+            samples = [_entry(where, shard, key, members, classes)
+                       for key, members in _samples_in(tar, where)]  # fmt: skip
+            end = tar.offset  # where tarfile stopped: the end-of-archive block, if any
+        ending = fs.cat_file(where, start=end, end=end + tarfile.BLOCKSIZE)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DatasetError(f"shard {where} is not a readable tar file: {exc}") from None
+    if len(ending) < tarfile.BLOCKSIZE or ending.count(0) != tarfile.BLOCKSIZE:
+        # tarfile ends quietly at a missing or partial header: a shard cut at a member
+        # boundary would read as a shorter one
+        raise DatasetError(
+            f"shard {where} is cut short: it stops at byte {end}, after {len(samples)} "
+            "sample(s), without tar's end-of-archive block (a copy or download that stopped "
+            "early?): copy the shard again"
+        )
+    return samples
 
 
 def _samples_in(tar: tarfile.TarFile, where: str) -> Iterator[tuple[str, dict]]:
@@ -235,9 +265,9 @@ def _entry(where: str, shard: str, key: str, members: dict, classes: Sequence[st
         )
     member, data = members[images[0]]
     name = f"{key}.{images[0]} (shard {where})"
-    check_image(io.BytesIO(data), name)
+    channels, (height, width) = check_image(io.BytesIO(data), name)
     return ShardEntry(key, shard, member.name, member.offset_data, member.size, label,
-                      hashlib.sha256(data).hexdigest())  # fmt: skip
+                      hashlib.sha256(data).hexdigest(), height, width, channels)  # fmt: skip
 
 
 def build_index(spec: str, split: str) -> tuple[ShardIndex, fsspec.AbstractFileSystem]:
@@ -318,8 +348,8 @@ class ShardImages(LazyImages):
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str,
                  entries: Sequence[ShardEntry], channels: int, size: tuple[int, int],
-                 workers: int = 0) -> None:  # fmt: skip
-        super().__init__(channels, size, workers)
+                 workers: int = 0, resize: str = DEFAULT_RESIZE) -> None:  # fmt: skip
+        super().__init__(channels, size, workers, resize)
         self.fs, self.root, self.entries = fs, root, tuple(entries)
 
     def __len__(self) -> int:
@@ -330,12 +360,14 @@ class ShardImages(LazyImages):
         return f"ShardImages({len(self)} samples of {self.root}, {c}x{h}x{w})"
 
     def with_workers(self, workers: int) -> ShardImages:
-        return ShardImages(self.fs, self.root, self.entries, self.channels, self.size, workers)
+        return ShardImages(self.fs, self.root, self.entries, self.channels, self.size, workers,
+                           self.resize)  # fmt: skip
 
     def subset(self, rows: torch.Tensor | np.ndarray | Sequence[int]) -> ShardImages:
         picked = np.asarray(rows, dtype=np.int64).reshape(-1)
         entries = [self.entries[i] for i in picked]
-        return ShardImages(self.fs, self.root, entries, self.channels, self.size, self.workers)
+        return ShardImages(self.fs, self.root, entries, self.channels, self.size, self.workers,
+                           self.resize)  # fmt: skip
 
     def member_bytes(self, row: int) -> bytes:
         """The image member's bytes of row ``row``, as indexed (a changed shard is an error)."""
@@ -355,21 +387,8 @@ class ShardImages(LazyImages):
     def decode_row(self, row: int) -> np.ndarray:
         entry = self.entries[row]
         name = f"{entry.member} (shard {self.root}/{entry.shard})"
-        return decode_image(io.BytesIO(self.member_bytes(row)), self.channels, self.size, name)
-
-
-def open_shards(
-    spec: str, split: str
-) -> tuple[ShardIndex, ShardImages, tuple[int, tuple[int, int]]]:
-    """The split's index, its rows (decoded on demand, at the first image's channels and
-    size until the caller says otherwise) and the first image's (channels, (H, W))."""
-    from kdpipe.imagefolder import first_image_shape
-
-    index, fs = build_index(spec, split)
-    images = ShardImages(fs, index.root, index.entries, 3, (1, 1))
-    first = index.entries[0]
-    name = f"{first.member} (shard {index.where}/{first.shard})"
-    return index, images, first_image_shape(io.BytesIO(images.member_bytes(0)), name)
+        data = io.BytesIO(self.member_bytes(row))
+        return decode_image(data, self.channels, self.size, name, self.resize)
 
 
 # --- writing shards ----------------------------------------------------------------------------

@@ -240,11 +240,7 @@ def _new_manifest(
         temperature=float(config.temperature),
         values=VALUES,
         preprocessing=preprocessing_for([m.data_config for m in members]),
-        dataset={
-            "name": dataset.name,
-            "split": dataset.split,
-            "fingerprint": dataset.fingerprint(),
-        },
+        dataset=dataset.record(),  # name, split, fingerprint and, for files, decode
         classes=teacher.class_names(dataset),
         transfer={
             "dataset_samples": len(dataset),

@@ -24,7 +24,7 @@ from kdpipe.train.batches import EpochBatches, TrainData
 from PIL import Image
 
 CPU = torch.device("cpu")
-PINNED = "3dc9d5bc200b39213151f6c8e7d1ed07dde3fb9abcd048f1b7bb9ce65902d10b"
+PINNED = "18d64b9afee48562fdee0d5b23f0e9537c0fe058002c5bd169ddae1a36e91500"
 
 
 def error_lines(result: object) -> list[str]:
@@ -525,3 +525,68 @@ def test_subset_excluded_classes_and_views_on_a_folder(tmp_path: Path) -> None:
                      "--cache", store, "--out", pupil)  # fmt: skip
     assert trained.exit_code == 0, trained.output
     assert json.loads((pupil / "model.json").read_text())["dataset"]["rows"] == 6
+
+
+# --- the fingerprint's framing, and a folder that cannot be written ----------------------------
+
+
+def bmp(shade: int, size: int = 3) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (size, size), shade).save(buffer, "BMP")
+    return buffer.getvalue()
+
+
+def test_names_with_tabs_and_newlines_cannot_forge_another_folder(tmp_path: Path) -> None:
+    """Two unlabeled folders of two files each whose ``PATH\\tLABEL\\tSHA\\n`` lines joined
+    to the same bytes (a name holding a tab, a digest and a newline ends one row and starts
+    the next): they shared a fingerprint; JSON lines keep them apart."""
+    import hashlib
+
+    first, second = bmp(10), bmp(200)
+    forged = f"\t-1\t{hashlib.sha256(first).hexdigest()}\n"
+    folders = {
+        "one": {"a.bmp": first, f"b.bmp{forged}c.bmp": second},
+        "two": {f"a.bmp{forged}b.bmp": first, "c.bmp": second},
+    }
+    old_lines = {}
+    for name, files in folders.items():
+        for file_name, data in files.items():
+            (tmp_path / name / "train").mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / "train" / file_name).write_bytes(data)
+        index = load_dataset(str(tmp_path / name), "train").index
+        old_lines[name] = "".join(f"{e.path}\t{e.label}\t{e.sha256}\n" for e in index.entries)
+    assert old_lines["one"] == old_lines["two"]  # what the old digest covered: the same bytes
+    one, two = (load_dataset(str(tmp_path / name), "train") for name in folders)
+    assert one.fingerprint()["sha256"] != two.fingerprint()["sha256"]
+
+
+def test_a_read_only_folder_keeps_its_index_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder on a read-only mount: every write under it fails with EROFS, the clean-up
+    of the index's temporary file included (root writes anywhere, so the mount is played
+    at the OS boundary: os.open for writing, os.unlink, os.replace)."""
+    import errno
+
+    root = colour_folder(tmp_path / "imgs", {"train": 3})
+    expected = load_dataset(str(root), "train").fingerprint()
+    index_path(root, "train").unlink()
+    inside = str(root)
+
+    def read_only(call: object) -> object:
+        def guarded(path: object, *args: object, **kwargs: object) -> object:
+            flags = args[0] if args and isinstance(args[0], int) else os.O_WRONLY
+            writes = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            if os.fspath(path).startswith(inside) and (call is not os.open or writes):
+                raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+            return call(path, *args, **kwargs)
+
+        return guarded
+
+    for name in ("open", "unlink", "replace"):
+        monkeypatch.setattr(os, name, read_only(getattr(os, name)))
+    for _ in range(2):  # rebuilt in memory on each open
+        data = load_dataset(str(root), "train")
+        assert data.fingerprint() == expected and len(data) == 6
+    monkeypatch.undo()
+    assert sorted(p.name for p in root.iterdir()) == ["train"]  # nothing written

@@ -220,6 +220,9 @@ def test_the_shard_fingerprint_changes_with_each_kind_of_edit_and_only_then(
         "size": len(png(30)),
         "label": 1,
         "sha256": hashlib.sha256(png(30)).hexdigest(),
+        "height": 6,
+        "width": 6,
+        "channels": 3,
     }
     with open(shards / "train-000000.tar", "rb") as tar:  # the offset is the member's data
         tar.seek(record["shards"][0]["samples"][1]["offset"])
@@ -339,3 +342,64 @@ def test_pack_shards_refuses_what_it_cannot_pack_and_leaves_nothing(tmp_path: Pa
     assert len(lines) == 1 and "is unlabeled: a shard's sample needs a cls label" in lines[0]
     assert not (tmp_path / "new").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".new")]  # nothing aside
+
+
+# --- forged keys, a shard cut short, and the test split of a run -------------------------------
+
+
+def test_keys_with_tabs_and_newlines_cannot_forge_other_shards(tmp_path: Path) -> None:
+    """Keys holding a tab, a label, a digest and a newline made two different sets of
+    samples join to the same ``KEY\\tLABEL\\tSHA\\n`` lines, and so one fingerprint."""
+    first, second = png(10), png(200)
+    forged = f"\t0\t{hashlib.sha256(first).hexdigest()}\n"
+    sets = {"one": [("a", first), (f"b{forged}c", second)],
+            "two": [(f"a{forged}b", first), ("c", second)]}  # fmt: skip
+    prints, lines = {}, {}
+    for name, samples in sets.items():
+        root = small_shards(tmp_path / name, count=0)
+        write_shard(root / "train-000000.tar",
+                    [{"__key__": key, "png": data, "cls": 0} for key, data in samples])  # fmt: skip
+        dataset = load_dataset(str(root), "train")
+        lines[name] = "".join(f"{e.key}\t{e.label}\t{e.sha256}\n" for e in dataset.index.entries)
+        prints[name] = dataset.fingerprint()["sha256"]
+    assert lines["one"] == lines["two"] and prints["one"] != prints["two"]
+
+
+def test_a_shard_cut_at_a_member_boundary_is_refused(tmp_path: Path) -> None:
+    """A shard copied short: cut right after a sample's last member (no end-of-archive
+    blocks) it used to read as 6 of its 20 samples; cut inside a header, the same."""
+    root = small_shards(tmp_path / "cut", count=0)
+    shard = write_shard(root / "train-000000.tar",
+                        [{"__key__": f"k{i:02d}", "png": png(9 * i), "cls": i % 2}
+                         for i in range(20)])  # fmt: skip
+    whole = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    boundary = members[12].offset  # the 7th sample's first header: 6 whole samples before it
+    for cut, where in ((boundary, "a member boundary"), (boundary + 100, "inside a header")):
+        shard.write_bytes(whole[:cut])
+        with pytest.raises(DatasetError, match=rf"train-000000\.tar is cut short: it stops at "
+                           rf"byte {boundary}, after 6 sample"):  # fmt: skip
+            load_dataset(str(root), "train")
+        assert not (root / ".kdpipe-index-train.json").exists(), where
+    shard.write_bytes(whole)
+    assert len(load_dataset(str(root), "train")) == 20
+
+
+def test_training_on_shards_scores_their_test_split(tmp_path: Path) -> None:
+    """train-teacher on shards with test-*.tar: the test split is scored (it was "has no
+    test/ folder", test accuracy nan); without test shards the run says so."""
+    folder = colour_folder(tmp_path / "imgs", {"train": 6, "test": 3}, size=6)
+    shards = tmp_path / "shards"
+    assert invoke("pack-shards", folder, "--out", shards).exit_code == 0
+    made = invoke("train-teacher --model kd_mlp_30x2 --epochs 1 --data", shards, "--out",
+                  tmp_path / "t")  # fmt: skip
+    assert made.exit_code == 0 and "no test" not in made.output, made.output
+    rows = (tmp_path / "t" / "metrics.csv").read_text().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    assert float(last[header.index("test_accuracy")]) >= 0.0  # a number, not nan
+    for test_shard in shards.glob("test-*.tar"):
+        test_shard.unlink()
+    made = invoke("train-teacher --model kd_mlp_30x2 --epochs 1 --data", shards, "--out",
+                  tmp_path / "t2")  # fmt: skip
+    assert made.exit_code == 0 and "has no test shards (test-*.tar)" in made.output

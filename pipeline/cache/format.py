@@ -375,6 +375,8 @@ class Manifest:
         for key in ("name", "split", "fingerprint"):
             if key not in manifest.dataset:
                 raise ManifestError(f"{where}: dataset has no {key!r}")
+        if "decode" in manifest.dataset:  # absent: a set in memory, or a cache older than it
+            parse_decode(manifest.dataset["decode"], f"{where}: dataset.decode")
         for name, keys in (
             ("transfer", ("dataset_samples", "subset", "exclude_classes", "labeled")),
             ("views", ("augment", "mix", "mix_alpha")),
@@ -436,6 +438,38 @@ class Manifest:
             # only with cached layers: the ids of caches without them stay what they were
             **({"features": [x.to_dict() for x in self.features]} if self.features else {}),
         }
+
+
+# how a folder's or shards' files became the cached rows' pixels (kdpipe.imagefolder's
+# RESIZE_MODES: crop keeps the aspect ratio, squash stretches)
+DECODE_KEYS = ("size", "channels", "resize")
+RESIZE_MODES = ("crop", "squash")
+
+
+def parse_decode(data: Any, where: str) -> dict:
+    """The dataset record's ``decode``: ``size`` [H, W] (positive integers), ``channels``
+    1 or 3, ``resize`` one of :data:`RESIZE_MODES`; anything else names the field."""
+    check_object(data, where)
+    unknown, missing = (
+        sorted(set(data) - set(DECODE_KEYS)),
+        [k for k in DECODE_KEYS if k not in data],
+    )
+    if unknown or missing:
+        what = f"unknown field {unknown[0]!r}" if unknown else f"no {missing[0]!r}"
+        raise ManifestError(f"{where}: {what}")
+    size = data["size"]
+    if not (
+        isinstance(size, list)
+        and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+    ):
+        raise ManifestError(f"{where}: size {size!r} is not [HEIGHT, WIDTH]")  # fmt: skip
+    if data["channels"] not in (1, 3) or isinstance(data["channels"], bool):
+        raise ManifestError(f"{where}: channels {data['channels']!r} is not 1 or 3")
+    if data["resize"] not in RESIZE_MODES:
+        raise ManifestError(f"{where}: resize {data['resize']!r} is not one of "
+                            f"{', '.join(RESIZE_MODES)}")  # fmt: skip
+    return data
 
 
 def _parse_layers(data: dict, where: str) -> tuple[CachedLayer, ...]:

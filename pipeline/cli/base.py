@@ -192,13 +192,24 @@ def data_options(command: Callable[..., Any], required: bool = True) -> Callable
             "--image-size",
             type=click.IntRange(min=1),
             default=None,
-            help="Image folders and shards: resize to this size (default: the first image's).",
+            help="Image folders and shards: decode at S x S (default: what the cache or run "
+            "was made with, else the train split's own size, or S x S at the median shorter "
+            "side when its sizes differ).",
         ),
         click.option(
             "--channels",
             type=click.Choice(["1", "3"]),
             default=None,
-            help="Image folders and shards: 1 (grayscale) or 3 (RGB) (default: the first image's).",
+            help="Image folders and shards: 1 (grayscale) or 3 (RGB) (default: the cache's or "
+            "run's, else 3 when any train image is in colour).",
+        ),
+        click.option(
+            "--resize",
+            type=click.Choice(["crop", "squash"]),
+            default=None,
+            help="Image folders and shards: a file of another size keeps its aspect ratio "
+            "(crop: shorter side, then the centre, as timm's eval transform) or is stretched "
+            "(squash) (default: the cache's or run's, else crop).",
         ),
     ]
     for option in reversed(options):
@@ -345,18 +356,17 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def load_data(
-    data: str, split: str, data_root: str, image_size: int | None, channels: str | None
-) -> Any:
-    """The dataset that --data and its companion options name."""
-    from kdpipe.data import load_dataset
+    data: str, split: str, data_root: str, image_size: int | None, channels: str | None,
+    resize: str | None = None, recorded: dict | None = None, what: str = "",
+) -> Any:  # fmt: skip
+    """The dataset that --data and its companion options name; the decode settings not
+    given are those of ``recorded`` (the dataset record of the cache or run ``what``)."""
+    from kdpipe.data import decode_options, load_dataset
 
-    return load_dataset(
-        data,
-        split,
-        data_root=Path(data_root),
-        image_size=image_size,
-        channels=int(channels) if channels else None,
-    )
+    given = {"image_size": image_size, "channels": int(channels) if channels else None,
+             "resize": resize}  # fmt: skip
+    return load_dataset(data, split, data_root=Path(data_root),
+                        **decode_options(recorded, what, **given))  # fmt: skip
 
 
 def echo(line: str) -> None:

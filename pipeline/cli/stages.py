@@ -299,6 +299,7 @@ def cache_teacher_command(
     data_root: str,
     image_size: int | None,
     channels: str | None,
+    resize: str | None,
     split: str,
     augment: str,
     mix: str,
@@ -321,7 +322,7 @@ def cache_teacher_command(
         **{**options, "teachers": tuple(options["teachers"])},
         policy=ViewPolicy(augment, mix, mix_alpha, crop_scale),
     )
-    dataset = load_data(data, split, data_root, image_size, channels).with_workers(workers)
+    dataset = load_data(data, split, data_root, image_size, channels, resize).with_workers(workers)
     cache_teacher(config, dataset, log=click.echo)
 
 

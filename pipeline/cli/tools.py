@@ -4,6 +4,7 @@ verify, caches, lineage, bench."""
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ def evaluate_command(
     data_root: str,
     image_size: int | None,
     channels: str | None,
+    resize: str | None,
     split: str,
     teachers: tuple[str, ...],
     cache: str | None,
@@ -84,7 +86,9 @@ def evaluate_command(
     from kdpipe.evaluate import evaluate_run
     from kdpipe.publish import render
 
-    dataset = load_data(data, split, data_root, image_size, channels)
+    card = Path(run_dir) / "model.json"  # a run's data is decoded as it was trained on
+    recorded = json.loads(card.read_text()).get("dataset") if card.is_file() else None
+    dataset = load_data(data, split, data_root, image_size, channels, resize, recorded, run_dir)
     frame = evaluate_run(
         Path(run_dir),
         dataset,
@@ -125,6 +129,7 @@ def tune_bias_command(
     data_root: str,
     image_size: int | None,
     channels: str | None,
+    resize: str | None,
     classes: tuple[int, ...],
     max_bias: float,
     step: float,
@@ -140,8 +145,8 @@ def tune_bias_command(
     result = tune_bias(
         Path(run_dir),
         classes,
-        load_data(data, "train", data_root, image_size, channels),
-        load_data(data, "test", data_root, image_size, channels),
+        load_data(data, "train", data_root, image_size, channels, resize),
+        load_data(data, "test", data_root, image_size, channels, resize),
         limit=max_bias,
         step=step,
         device=device,
@@ -277,6 +282,7 @@ def verify_command(
     data_root: str,
     image_size: int | None,
     channels: str | None,
+    resize: str | None,
     recompute: int,
     teachers: tuple[str, ...],
     seed: int,
@@ -291,8 +297,9 @@ def verify_command(
 
     dataset = None
     if data is not None:
-        manifest_split = _cache_split(cache_path)
-        dataset = load_data(data, manifest_split, data_root, image_size, channels)
+        recorded = _cache_dataset(cache_path)  # its split, decoded as the cache's data was
+        dataset = load_data(data, recorded["split"], data_root, image_size, channels, resize,
+                            recorded, cache_path)  # fmt: skip
     report = verify_cache(
         cache_path,  # a folder or an fsspec URL
         dataset=dataset,
@@ -308,11 +315,11 @@ def verify_command(
         )
 
 
-def _cache_split(path: str) -> str:
-    """The split a cache was made from, so --data loads the same one."""
+def _cache_dataset(path: str) -> dict:
+    """The dataset record of a cache, so --data loads the same split, decoded the same way."""
     from kdpipe.cache import read_manifest
 
-    return read_manifest(path).dataset["split"]
+    return read_manifest(path).dataset
 
 
 @main.command("caches", context_settings=CONTEXT)

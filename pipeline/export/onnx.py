@@ -317,6 +317,7 @@ def export_run(
     data_root: Path = Path("data"),
     image_size: int | None = None,
     channels: int | None = None,
+    resize: str | None = None,
     int8: bool = False,
     calibration_cache: str | None = None,
     calibration_rows: int = 512,
@@ -350,7 +351,12 @@ def export_run(
     if name is None:
         raise UsageError(f"{run_dir} was imported (no training dataset recorded): give --data "
                          "for the rows the export is checked on")  # fmt: skip
-    load = {"data_root": Path(data_root), "image_size": image_size, "channels": channels}
+    from kdpipe.data import decode_options
+
+    # decoded as the run's training data was (its card's dataset.decode) unless told
+    decode = decode_options(run_card.dataset, str(run_dir), image_size=image_size,
+                            channels=channels, resize=resize)  # fmt: skip
+    load = {"data_root": Path(data_root), **decode}
     calibration = None
     if int8:  # every input checked before any work is written
         calibration = calibration_set(

@@ -37,7 +37,7 @@ from kdpipe.cache import load_soft_labels, utc_now
 from kdpipe.checkpoint import remove_checkpoint
 from kdpipe.checks import alpha_problem, temperature_problem
 from kdpipe.data import ImageSet, check_classes
-from kdpipe.errors import CacheMismatchError, ExportError, UsageError
+from kdpipe.errors import ExportError, UsageError
 from kdpipe.export.onnx import (
     FP32_TOLERANCE,
     check_against,
@@ -92,6 +92,7 @@ class QatConfig:
     data_root: str = "data"
     image_size: int | None = None
     channels: int | None = None
+    resize: str | None = None
     check_rows: int = 256
     overwrite: bool = False
 
@@ -132,6 +133,7 @@ def _train_config(config: QatConfig, fp32_card: ModelCard, fp32_config: dict) ->
         data_root=config.data_root,
         image_size=config.image_size,
         channels=config.channels,
+        resize=config.resize,
         batch_size=config.batch_size,
         eval_every=config.eval_every,
         lr=config.lr,
@@ -334,6 +336,7 @@ def _qat_card(
             "name": train_set.name,
             "split": "train",
             "fingerprint": train_set.fingerprint(),
+            **({"decode": train_set.decode} if train_set.decode else {}),
             "rows": rows,
             "validation_rows": 0,
         },

@@ -55,8 +55,9 @@ def calibration_set(
     *,
     seed: int = 0,
     data_root: Path = Path("data"),
-    image_size: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
     channels: int | None = None,
+    resize: str | None = None,
 ) -> CalibrationSet:
     """``rows`` random rows of the transfer set in the run's cache (or ``cache_path``),
     each in the stored view that epoch 1 of training replays, as the student's input."""
@@ -84,13 +85,12 @@ def calibration_set(
     differ = class_mismatch(manifest.classes, run_card.classes, str(cache_path), str(run_dir))
     if differ is not None:
         raise ExportError(differ)
-    train_set = load_dataset(
-        manifest.dataset["name"],
-        "train",
-        data_root=Path(data_root),
-        image_size=image_size,
-        channels=channels,
-    )
+    from kdpipe.data import decode_options
+
+    decode = decode_options(manifest.dataset, cache_path, image_size=image_size,
+                            channels=channels, resize=resize)  # fmt: skip
+    train_set = load_dataset(manifest.dataset["name"], "train", data_root=Path(data_root),
+                             **decode)  # fmt: skip
     # the training room's own reader of a cache's rows and views (alpha 1: no soft labels)
     config = TrainConfig(model=run_card.architecture, data=manifest.dataset["name"], out="",
                          epochs=1, alpha=1.0)  # fmt: skip

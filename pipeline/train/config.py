@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from timm.scheduler.scheduler import Scheduler
 
 # the value a config.json written before a field existed meant: resume and report use it
-LEGACY_DEFAULTS = {"sched_on": "epoch"}
+# (resize: before it, a file of another size was squashed to the decode size)
+LEGACY_DEFAULTS = {"sched_on": "epoch", "resize": "squash"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,8 +34,12 @@ class TrainConfig:
     out: str
     epochs: int
     data_root: str = "data"
-    image_size: int | None = None
+    # how an image folder's or shards' files are decoded (S, or (H, W) as resolved from a
+    # cache or the data), data.decode_options: None where the cache, the teacher or the
+    # rule decides, and config.json records what was used
+    image_size: int | tuple[int, int] | None = None
     channels: int | None = None
+    resize: str | None = None
     # the model's own input size S: every image and stored view rendered at S x S from the
     # decoded source (FKD's rule), so a student need not see the teacher's size
     input_size: int | None = None
@@ -245,6 +250,7 @@ class TrainConfig:
             data_root=Path(self.data_root),
             image_size=self.image_size,
             channels=self.channels,
+            resize=self.resize,
         )
 
     def model_kwargs(self) -> dict:

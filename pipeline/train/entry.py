@@ -237,9 +237,7 @@ def _finish(out: Path, model: nn.Module, plan: RunPlan, rows: list[dict]) -> Mod
         weights_sha256=weights_sha256(model),
         param_count=param_count(model),
         dataset={
-            "name": plan.train_set.name,
-            "split": "train",
-            "fingerprint": plan.train_set.fingerprint(),
+            **plan.train_set.record(),  # name, split, fingerprint and, for files, decode
             "rows": len(plan.data),
             "validation_rows": 0 if plan.validation is None else len(plan.validation),
         },

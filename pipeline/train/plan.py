@@ -20,6 +20,8 @@ from kdpipe.data import (
     check_classes,
     check_same_dataset,
     class_mismatch,
+    decode_options,
+    has_split,
     select_rows,
     source_folder,
     take_rows,
@@ -32,6 +34,7 @@ from kdpipe.inputs import DataConfig
 from kdpipe.pretrained import Pretrained, create_pretrained
 from kdpipe.runs import ModelCard, load_model
 from kdpipe.runtime import resolve_device
+from kdpipe.shards import is_shard_spec
 from kdpipe.train.batches import TrainData
 from kdpipe.train.config import TrainConfig
 from kdpipe.train.step import probe
@@ -81,7 +84,12 @@ def plan_run(
         raise UsageError("distill-online runs in one process (it is the reference, not a "
                          "scaled path); start it without torchrun")  # fmt: skip
     device = resolve_device(config.device)
+    config = _decoded_as_recorded(config, soft_labels)
     train_set = config.load("train")
+    if train_set.decode is not None:  # what config.json records: the test split, a resume
+        decode = train_set.decode
+        config = replace(config, image_size=tuple(decode["size"]), channels=decode["channels"],
+                         resize=decode["resize"])  # fmt: skip
     data = TrainData.plain(train_set, config.policy)
     if config.subset is not None:
         data = _subset(config, data, train_set, soft_labels)
@@ -134,6 +142,28 @@ def plan_run(
                    lineage=lineage, online_teacher=online_teacher,
                    inputs=tuple(str(p) for p in inputs if p is not None),
                    teacher_layer=teacher_layer, pretrained=pretrained)  # fmt: skip
+
+
+def _decoded_as_recorded(
+    config: TrainConfig, soft: SoftLabels | StreamedSoftLabels | None
+) -> TrainConfig:
+    """The configuration with each decode setting not given taken from what the data was
+    decoded with before: the cache's manifest (a student), or the online teacher's model
+    card where it was trained on the same ``--data`` (distill-online); one given and
+    different is a one-line error naming both values."""
+    if soft is not None:
+        record, what = soft.manifest.dataset, str(soft.path)
+    elif config.teacher is not None and (Path(config.teacher) / "model.json").is_file():
+        from kdpipe.runs import read_card
+
+        record, what = read_card(Path(config.teacher)).dataset, f"teacher {config.teacher}"
+        if record.get("name") != config.data:
+            return config
+    else:
+        return config
+    decode = decode_options(record, what, image_size=config.image_size,
+                            channels=config.channels, resize=config.resize)  # fmt: skip
+    return replace(config, **decode)
 
 
 def _pretrained(config: TrainConfig, kind: str, train_set: ImageSet) -> Pretrained | None:
@@ -322,17 +352,18 @@ def _hold_out(
 def _load_test_set(
     config: TrainConfig, classes: tuple[str, ...], log: Callable[[str], None]
 ) -> ImageSet | None:
-    """The test split to report on each epoch. An image folder may have no test/ folder, or
-    one without labels: then there is nothing to score, and the run says so. A test split
-    that is there but cannot be read (a damaged image, a class train/ lacks) is an error,
-    never skipped."""
-    folder = Path(config.data) / "test"
-    if config.data not in ("fashion-mnist", "synthetic") and not folder.is_dir():
-        log(f"note: {config.data} has no test/ folder: no test accuracy will be measured")
+    """The test split to report on each epoch. An image folder may have no test/ folder (or
+    shards no test-*.tar), or one without labels: then there is nothing to score, and the
+    run says so. A test split that is there but cannot be read (a damaged image, a class
+    train/ lacks) is an error, never skipped."""
+    if not has_split(config.data, "test"):
+        missing = "test shards (test-*.tar)" if is_shard_spec(config.data) else "test/ folder"
+        log(f"note: {config.data} has no {missing}: no test accuracy will be measured")
         return None
     test_set = config.load("test")
     if not test_set.labeled:
-        log(f"note: {folder} has no class folders (no labels): no test accuracy is measured")
+        log(f"note: {Path(config.data) / 'test'} has no class folders (no labels): no test "
+            "accuracy is measured")  # fmt: skip
         return None
     differ = class_mismatch(test_set.classes, classes, f"{config.data} (test)", "the model")
     if differ is not None:
