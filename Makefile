@@ -59,12 +59,12 @@ BENCH_OPTIONS ?=
 BENCH_FOLDER_OPTIONS ?=
 BENCH_DEVICE = $$($(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 bench: install data jpeg-folder
-	$(KDPIPE) bench --out $(RUNS)/bench --data-root $(DATA_ROOT) $(BENCH_OPTIONS) \
+	$(KDPIPE) bench --overwrite --out $(RUNS)/bench --data-root $(DATA_ROOT) $(BENCH_OPTIONS) \
 		--markdown docs/benchmarks.md --csv docs/results/bench-$(BENCH_DEVICE).csv
 	$(MAKE) bench-folder
 
 bench-folder: install jpeg-folder
-	$(KDPIPE) bench-folder --out $(RUNS)/bench-folder --folder $(JPEG_FOLDER) \
+	$(KDPIPE) bench-folder --overwrite --out $(RUNS)/bench-folder --folder $(JPEG_FOLDER) \
 		--small $(JPEG_SMALL) $(BENCH_FOLDER_OPTIONS) --markdown docs/benchmarks.md \
 		--csv docs/results/bench-folder-$(BENCH_DEVICE).csv
 
@@ -167,7 +167,7 @@ HIGH_T_LR ?= 0.02
 sweep_lr = $(if $(filter $(1),$(HIGH_T)),$(HIGH_T_LR),$(STUDENT_LR))
 PCT := --model kd_mlp_800x2 --epochs $(PCT_EPOCHS) --eval-every 5 $(RECIPE) \
 	--val-fraction $(VAL) $(COMMON)
-REPORT_TO = --csv $(RESULTS)/results/$(1).csv --markdown $(RESULTS)/results.md --section $(1)
+REPORT_TO = --overwrite --csv $(RESULTS)/results/$(1).csv --markdown $(RESULTS)/results.md --section $(1)
 
 $(H)/teacher-cnn/model.json:
 	$(KDPIPE) train-teacher --model kd_cnn --epochs $(TEACHER_EPOCHS) --dropout 0.3 --out $(@D) $(COMMON)
@@ -238,7 +238,7 @@ OMIT_RUNS := $(foreach s,$(SEEDS),$(H)/omit$(OMIT)-s$(s))
 # the students whose transfer set had the class (table 1's), scored per class on the test split
 SEEN_RUNS := $(foreach s,$(SEEDS),$(H)/student-from-cnn-s$(s))
 $(H)/eval/%.csv: $(H)/%/model.json
-	mkdir -p $(@D) && $(KDPIPE) evaluate $(H)/$* --data fashion-mnist --data-root $(DATA_ROOT) --per-class --format csv --output $@
+	mkdir -p $(@D) && $(KDPIPE) evaluate $(H)/$* --data fashion-mnist --data-root $(DATA_ROOT) --per-class --format csv --overwrite --output $@
 
 # 5: three regularised 800-800 members (dropout, jitter: the paper's kind of model, not
 # memorising their training set) as one ensemble (Hinton's arithmetic mean of their
@@ -390,16 +390,16 @@ consistency: install data $(K)/teacher-r10t/model.json
 	OMP_NUM_THREADS=1 $(MAKE) -j2 consistency-tables
 
 consistency-tables: $(addsuffix /model.json,$(CONSISTENCY_RUNS)) $(K)/views-f32.done
-	$(KDPIPE) report $(CONSISTENCY_RUNS) --baseline a-hard --csv docs/results/consistency.csv \
+	$(KDPIPE) report $(CONSISTENCY_RUNS) --baseline a-hard --overwrite --csv docs/results/consistency.csv \
 		--markdown docs/results.md --section consistency --plot docs/results/consistency-curves.png
-	$(KDPIPE) storage $(K)/views-f32.zarr --top-k 1,2,3,5 --csv docs/results/storage.csv \
+	$(KDPIPE) storage $(K)/views-f32.zarr --top-k 1,2,3,5 --overwrite --csv docs/results/storage.csv \
 		--markdown docs/results.md --section storage
 
 # the training curves alone (test errors and loss terms per epoch, seeds shaded), from the
 # consistency runs already in $(K); nothing is trained (runs/ is not in git: run
 # `make consistency` first on a machine without them)
 consistency-curves: install
-	$(KDPIPE) report $(CONSISTENCY_RUNS) --plot docs/results/consistency-curves.png > /dev/null
+	$(KDPIPE) report $(CONSISTENCY_RUNS) --overwrite --plot docs/results/consistency-curves.png > /dev/null
 
 # --- Beyond logits (issue 16): hints, attention maps, a teacher assistant, born-again chains ---
 # The table's kd_cnn teacher (421,834 parameters, $(H)/teacher-cnn) labels the training split
@@ -554,7 +554,7 @@ $(G)/%.int8.onnx: $(G)/%/model.json
 $(G)/%.onnx: $(G)/%/model.json
 	$(KDPIPE) export $(G)/$* --out $@ --data-root $(DATA_ROOT) --overwrite
 
-EVALUATE = $(KDPIPE) evaluate $(1) $(G_DATA) --cache $(G)/teacher-test.zarr --format csv --output $@
+EVALUATE = $(KDPIPE) evaluate $(1) $(G_DATA) --cache $(G)/teacher-test.zarr --format csv --overwrite --output $@
 $(G)/eval/%-torch.csv: $(G)/%/model.json $(G)/teacher-test.done
 	mkdir -p $(@D) && $(call EVALUATE,$(G)/$*)
 $(G)/eval/%-fp32.csv: $(G)/%.onnx $(G)/teacher-test.done

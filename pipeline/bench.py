@@ -41,8 +41,9 @@ from kdpipe.distributed import SINGLE
 from kdpipe.errors import UsageError
 from kdpipe.flags import flag
 from kdpipe.inputs import resolve_precision
+from kdpipe.outputs import BENCH_CSV, BENCH_WORK, MARKDOWN, guard_output, mark_folder
 from kdpipe.runs import load_model, read_config
-from kdpipe.runtime import check_disjoint, resolve_device
+from kdpipe.runtime import resolve_device
 from kdpipe.storage import storage_table
 from kdpipe.teach import CacheConfig, cache_teacher
 from kdpipe.teacher import predict_logits
@@ -58,7 +59,7 @@ from kdpipe.train import train_teacher as train_model
 
 @dataclass(frozen=True, kw_only=True)
 class BenchConfig:
-    out: str  # a work folder, replaced
+    out: str  # a work folder, made here (replaced with overwrite when bench made it)
     data: str = "fashion-mnist"
     data_root: str = "data"
     fraction: float = 1 / 6  # of the training split: the transfer set
@@ -74,13 +75,14 @@ class BenchConfig:
     students: tuple[int, ...] = (1, 4, 16)
     student_epochs: int = 30  # E in P5's cost of S students x E epochs
     top_k: tuple[int, ...] = (1, 2, 3, 5)
+    overwrite: bool = False  # replace an --out (and a --csv) that bench wrote
 
     def command(self, markdown: Path | None, csv_path: Path | None) -> str:
         """The kdpipe bench command line for this configuration (defaults left out)."""
         parts = ["kdpipe bench", f"--out {self.out}"]
         for item in fields(self):
             value = getattr(self, item.name)
-            if item.name in ("out", "students", "student_epochs", "top_k"):
+            if item.name in ("out", "students", "student_epochs", "top_k", "overwrite"):
                 continue
             if value != item.default:
                 parts.append(f"{flag(item.name)} {value}")
@@ -147,8 +149,10 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.Dat
     config.validate()
     device = resolve_device(config.device)
     data_folder = config.data if Path(config.data).is_dir() else config.data_root
-    check_disjoint(config.out, [data_folder])  # --out is replaced: never the data
     train_set = load_dataset(config.data, "train", data_root=Path(config.data_root))
+    guard_output(config.out, BENCH_WORK, overwrite=config.overwrite, inputs=[data_folder])
+    Path(config.out).mkdir(parents=True, exist_ok=True)  # absent, or an empty folder
+    mark_folder(Path(config.out), "bench")
     bench = _Bench(
         config=config, log=log, out=Path(config.out), device=device,
         precision=resolve_precision(device, config.precision), train_set=train_set,
@@ -312,6 +316,7 @@ def bench_report(
     section: str | None = None, log: Callable[[str], None] = print,
 ) -> pd.DataFrame:  # fmt: skip
     """Run the benchmark, then write its CSV and its section of ``markdown_path``."""
+    guard_tables(csv_path, markdown_path, overwrite=config.overwrite)  # before the hour's work
     table = run_bench(config, log)
     attrs = table.attrs
     publish_measured(
@@ -327,6 +332,14 @@ def bench_report(
         section=section or f"bench-{torch.device(attrs['device']).type}",
     )
     return table
+
+
+def guard_tables(csv_path: Path | None, markdown_path: Path | None, *, overwrite: bool) -> None:
+    """The --csv and --markdown of a benchmark, checked before anything is measured."""
+    if csv_path is not None:
+        guard_output(csv_path, BENCH_CSV, overwrite=overwrite, option="--csv")
+    if markdown_path is not None:
+        guard_output(markdown_path, MARKDOWN, overwrite=overwrite, option="--markdown")
 
 
 def publish_measured(

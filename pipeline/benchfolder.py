@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from kdpipe.errors import DatasetError, KdpipeError, OutputExistsError, UsageError
+from kdpipe.errors import DatasetError, KdpipeError, UsageError
 from kdpipe.flags import flag
 
 # --- the JPEG folder -----------------------------------------------------------------------------
@@ -118,17 +117,16 @@ def build_jpeg_folder(
     ``out/RECIPE.json`` (the recipe, counts, Pillow's versions and a SHA-256 over every
     file's path and digest), which it returns."""
     from kdpipe.data import load_dataset
+    from kdpipe.outputs import JPEG_FOLDER, guard_output, mark_folder
     from PIL import __version__ as pillow_version
     from PIL import features
 
     recipe.validate()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(
-                f"{out} exists and is not empty: pass --overwrite to rebuild it"
-            )
-        shutil.rmtree(out)
+    guard_output(out, JPEG_FOLDER, overwrite=overwrite, inputs=[Path(data_root) / source],
+                 option="--dest")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    mark_folder(out, "jpeg-folder")  # first: a build killed half-way is still known as ours
     written: list[tuple[str, str]] = []
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         for split, count in counts.items():
@@ -165,7 +163,7 @@ CUDA_ARMS = {"teacher": "resnet50", "image_size": 224}  # the GPU line: bf16 by 
 
 @dataclass(frozen=True, kw_only=True)
 class FolderBenchConfig:
-    out: str  # a work folder, replaced
+    out: str  # a work folder, made here (replaced with overwrite when bench-folder made it)
     folder: str  # the large folder (make jpeg-folder: 50,000 train images)
     small: str  # the small folder of the memory comparison (its first 6,000)
     teacher: str | None = None  # None: resnet10t on the CPU, resnet50 on CUDA
@@ -177,13 +175,14 @@ class FolderBenchConfig:
     workers: int = 2  # DataLoader processes of every arm, kdpipe's and timm's alike
     device: str = "auto"
     precision: str = "auto"
+    overwrite: bool = False  # replace an --out (and a --csv) that bench-folder wrote
 
     def command(self, markdown: Path | None, csv_path: Path | None) -> str:
         parts = ["kdpipe bench-folder", f"--out {self.out}", f"--folder {self.folder}",
                  f"--small {self.small}"]  # fmt: skip
         for item in fields(self):
             value = getattr(self, item.name)
-            if item.name not in ("out", "folder", "small") and value != item.default:
+            if item.name not in ("out", "folder", "small", "overwrite") and value != item.default:
                 parts.append(f"{flag(item.name)} {value}")
         parts += [f"--markdown {markdown}"] if markdown else []
         parts += [f"--csv {csv_path}"] if csv_path else []
@@ -353,7 +352,8 @@ def run_folder_bench(config: FolderBenchConfig, log: Callable[[str], None] = pri
     from kdpipe.bench import _epoch_seconds
     from kdpipe.data import load_dataset
     from kdpipe.inputs import resolve_precision
-    from kdpipe.runtime import check_disjoint, resolve_device
+    from kdpipe.outputs import BENCH_WORK, guard_output, mark_folder
+    from kdpipe.runtime import resolve_device
     from kdpipe.train import TrainConfig
     from kdpipe.train import train_teacher as train_model
 
@@ -361,10 +361,9 @@ def run_folder_bench(config: FolderBenchConfig, log: Callable[[str], None] = pri
     device = resolve_device(config.device)
     config = config.resolved(device.type == "cuda")
     out = Path(config.out)
-    check_disjoint(out, [config.folder, config.small])  # --out is replaced: never the data
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    guard_output(out, BENCH_WORK, overwrite=config.overwrite, inputs=[config.folder, config.small])
+    out.mkdir(parents=True, exist_ok=True)  # absent, or an empty folder
+    mark_folder(out, "bench-folder")
     sizes = {}
     for label, folder in (("large", config.folder), ("small", config.small)):
         # the index (a SHA-256 per file) built once here, before any arm is timed
@@ -473,8 +472,9 @@ def folder_bench_report(
     section: str | None = None, log: Callable[[str], None] = print,
 ) -> pd.DataFrame:  # fmt: skip
     """Run the measured section, then write its CSV and its section of ``markdown_path``."""
-    from kdpipe.bench import publish_measured
+    from kdpipe.bench import guard_tables, publish_measured
 
+    guard_tables(csv_path, markdown_path, overwrite=config.overwrite)
     table = run_folder_bench(config, log)
     attrs = table.attrs
     resolved = attrs["config"]

@@ -20,6 +20,7 @@ import torch
 from kdpipe.data import ImageSet, check_same_dataset, validation_rows
 from kdpipe.errors import UsageError
 from kdpipe.inputs import check_channels
+from kdpipe.outputs import BIAS_RESULT, guard_output
 from kdpipe.runs import load_model, read_config, write_json
 from kdpipe.runtime import resolve_device
 from kdpipe.teacher import predict_logits
@@ -97,6 +98,8 @@ def tune_bias(
             "would be optimistic; train it with --val-fraction F"
         )
     check_same_dataset(card.dataset, train_set, str(run_dir))
+    # rerun, it replaces its own result; never a file of that name that it did not write
+    guard_output(run_dir / BIAS_FILE, BIAS_RESULT, overwrite=True, option="tune-bias's")
     if not test_set.labeled:
         raise UsageError(f"{test_set.name} test has no labels: nothing to score")
     for split in (train_set, test_set):
@@ -124,5 +127,5 @@ def tune_bias(
             "after": _scores(test_logits + shift, test_set.labels, classes),
         },
     }
-    write_json(run_dir / BIAS_FILE, result)
+    write_json(run_dir / BIAS_FILE, result)  # guarded in tune_bias before any work
     return result

@@ -497,6 +497,9 @@ def pack_image_folder(folder: Path, out: Path, shard_size: int) -> dict[str, int
                 "images in class folders)"
             )
         splits[split], classes = (dataset.images.paths, dataset.labels.tolist()), dataset.classes
+    from kdpipe.outputs import check_output
+
+    check_output(out, [folder])  # new or empty (pack_shards), never the folder or the cwd
     return pack_shards(splits, classes, Path(out), shard_size)
 
 

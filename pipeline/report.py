@@ -22,9 +22,9 @@ from kdpipe.bias import BIAS_FILE
 from kdpipe.cache import read_manifest
 from kdpipe.errors import KdpipeError, RunDirError, UsageError
 from kdpipe.flags import COMMANDS, REQUIRED_TO_START, flag
+from kdpipe.outputs import MARKDOWN, PNG, REPORT_CSV, guard_output, png_metadata
 from kdpipe.publish import machine_line, publish
-from kdpipe.runs import CONFIG_FILE, METRICS_FILE, read_card, read_config
-from kdpipe.runtime import check_disjoint
+from kdpipe.runs import CONFIG_FILE, METRICS_FILE, ModelCard, read_card, read_config
 from kdpipe.storage import stored_bytes_per_view
 from kdpipe.teach import CacheConfig
 from kdpipe.train import TrainConfig
@@ -38,14 +38,62 @@ def _group_name(run_dir: Path) -> str:
     return SEED_SUFFIX.sub("", run_dir.name)
 
 
+METRICS_COLUMNS = ("epoch", "test_accuracy", "test_errors", "seconds")
+
+
 def _read_metrics(run_dir: Path) -> pd.DataFrame:
+    """A run's metrics.csv, one row per epoch; a damaged file is one line naming it."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise RunDirError(f"{run_dir} has no {METRICS_FILE}")
-    metrics = pd.read_csv(path)
+    try:
+        metrics = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise RunDirError(f"{path} is empty: the run recorded no epoch there") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        reason = str(exc).strip().splitlines()[-1]
+        raise RunDirError(f"{path} is not a readable metrics table ({reason})") from None
+    missing = [name for name in METRICS_COLUMNS if name not in metrics]
+    if missing:
+        raise RunDirError(f"{path} lacks the column(s) {', '.join(missing)}: it is damaged or "
+                          "not a kdpipe metrics.csv")  # fmt: skip
+    metrics = metrics[pd.to_numeric(metrics["epoch"], errors="coerce").notna()]
     if metrics.empty:
         raise RunDirError(f"{path} has no epochs")
-    return metrics
+    return metrics.astype({"epoch": int})
+
+
+def _final_result(run_dir: Path, card: ModelCard, config: dict,
+                  metrics: pd.DataFrame) -> tuple[dict, str]:  # fmt: skip
+    """The test result of the weights the run kept, and a note when metrics.csv disagrees.
+
+    The result is what the run recorded as final in model.json (``result``); a card from
+    before that record has the kept epoch (early stopping's choice, else the last epoch
+    configured), whose row metrics.csv must still hold."""
+    selection = card.selection or {}
+    recorded = card.result
+    epoch = selection.get("kept_epoch") or (recorded or {}).get("epoch") or \
+        selection.get("epochs_run") or config.get("epochs")  # fmt: skip
+    rows = metrics[metrics["epoch"] == epoch] if epoch is not None else metrics.iloc[-1:]
+    row = rows.iloc[-1] if len(rows) else None
+    if recorded is not None:
+        if row is None:
+            return recorded, f"{METRICS_FILE} lacks epoch {epoch}: the result is model.json's"
+        if (int(row["test_errors"]) if pd.notna(row["test_errors"]) else None) != recorded[
+            "test_errors"
+        ]:
+            return recorded, (f"{METRICS_FILE} disagrees with model.json at epoch {epoch}: "
+                              "the result is model.json's")  # fmt: skip
+        return recorded, ""
+    if row is None or pd.isna(row["test_errors"]):
+        raise RunDirError(
+            f"{run_dir / METRICS_FILE} has no test result for epoch {epoch}, the run's final "
+            f"(its rows end at epoch {int(metrics['epoch'].iloc[-1])}), and its model.json, "
+            "older than the record of the result, holds none: re-score it with "
+            f"`kdpipe evaluate {run_dir} --data DATA`"
+        )
+    return {"epoch": int(row["epoch"]), "test_accuracy": float(row["test_accuracy"]),
+            "test_errors": int(row["test_errors"])}, ""  # fmt: skip
 
 
 def command_line(config: dict, *, seed_placeholder: bool = False) -> str:
@@ -107,6 +155,34 @@ def _qat_command_line(config: dict, *, seed_placeholder: bool) -> str:
     return " ".join([*parts, f"--out {out}"])
 
 
+def distinct_runs(run_dirs: Sequence[Path]) -> list[Path]:
+    """Each run once, however it is spelled: ``runs/s``, ``runs/./s/``, an absolute path and
+    a symlink are one folder, and a copy of a run (the same model.json: weights and time
+    of creation) or of a cache (the same cache_id) is the same run; the first spelling
+    given is kept."""
+    seen: set[tuple] = set()
+    kept = []
+    for run_dir in map(Path, run_dirs):
+        keys = {("folder", run_dir.resolve())}
+        identity = _run_identity(run_dir)
+        if identity is not None:
+            keys.add(identity)
+        if not keys & seen:
+            kept.append(run_dir)
+        seen |= keys
+    return kept
+
+
+def _run_identity(run_dir: Path) -> tuple | None:
+    try:
+        if (run_dir / "zarr.json").is_file():
+            return ("cache", read_manifest(run_dir).cache_id)
+        card = json.loads((run_dir / "model.json").read_text())
+        return ("run", card["weights_sha256"], card["created"])
+    except (KdpipeError, OSError, ValueError, KeyError, TypeError):
+        return None  # collect names what is wrong with it
+
+
 def collect(run_dirs: list[Path], evaluations: Sequence[Path] = ()) -> pd.DataFrame:
     """One row per run: what it is and the test result of the weights it kept (the last
     epoch's, or with early stopping the chosen epoch's). A cache of a labelled test split
@@ -123,10 +199,7 @@ def collect(run_dirs: list[Path], evaluations: Sequence[Path] = ()) -> pd.DataFr
             raise UsageError(_imported_teacher_problem(run_dir, card.source))
         config = read_config(run_dir)
         metrics = _read_metrics(run_dir)
-        final = metrics.iloc[-1]
-        selection = card.selection or {}
-        if selection.get("kept_epoch") is not None:
-            final = metrics[metrics["epoch"] == selection["kept_epoch"]].iloc[0]
+        final, note = _final_result(run_dir, card, config, metrics)
         lineage = card.lineage or {}
         # with alpha = 1 no soft target is used: the cache only serves as lineage
         student = card.kind in ("student", "online-student", "qat-student")
@@ -145,7 +218,10 @@ def collect(run_dirs: list[Path], evaluations: Sequence[Path] = ()) -> pd.DataFr
                 "temperature": lineage.get("temperature") if soft else None,
                 "seed": config["seed"],
                 "epochs": int(final["epoch"]),
-                "epochs_run": int(metrics["epoch"].iloc[-1]),
+                "epochs_run": int(
+                    (card.selection or {}).get("epochs_run")
+                    or max(final["epoch"], metrics["epoch"].iloc[-1])
+                ),
                 "train_rows": card.dataset.get("rows"),
                 "test_accuracy": float(final["test_accuracy"]),
                 "test_errors": int(final["test_errors"]),
@@ -155,6 +231,7 @@ def collect(run_dirs: list[Path], evaluations: Sequence[Path] = ()) -> pd.DataFr
                 "feature": _feature_words(config),
                 "cache_bytes_per_view": stored_bytes_per_view(lineage.get("cache_path")),
                 "members": "",
+                "note": note,
                 **_bias_columns(run_dir),
                 "command": command_line(
                     config, seed_placeholder=bool(SEED_SUFFIX.search(run_dir.name))
@@ -265,6 +342,7 @@ def _cache_row(path: Path) -> dict:
         "feature": "",
         "cache_bytes_per_view": math.nan,
         "members": "+".join(members),
+        "note": "",
         "command": cache_command(path) or "",
     }
 
@@ -288,9 +366,9 @@ def _soft_label_source(lineage: dict, config: dict) -> str:
     except KdpipeError:
         return "cache (not found)"
     views = _view_words(manifest.views)
-    if views == "none":
-        return "cache, fixed (1 plain view)"
     storage = "" if manifest.storage["kind"] == "dense" else f", {manifest.layout.describe()}"
+    if views == "none":
+        return f"cache, fixed (1 plain view){storage}"
     return f"cache, {manifest.num_views} {views} views{storage}"
 
 
@@ -342,6 +420,7 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
             "cache_bytes_per_view": group["cache_bytes_per_view"].mean()
             if "cache_bytes_per_view" in group
             else math.nan,
+            "note": "; ".join(dict.fromkeys(n for n in group.get("note", []) if n)),
         }
         if "class_accuracy_before" in group and group["class_accuracy_before"].notna().any():
             summary.update(
@@ -375,7 +454,20 @@ def summarize(runs: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
                 return None
             return (scratch - row["test_errors_mean"]) / (scratch - teacher_errors)
 
+        def why_none(row: pd.Series) -> str:
+            """Why a distilled group has no gap-recovery share: said, not left blank."""
+            teacher_errors = errors_of.get(row["teacher"])
+            if row["kind"] == "teacher" or row["group"] == baseline or not row["teacher"]:
+                return ""
+            if teacher_errors is None:
+                return f"teacher {row['teacher']} is not in the report"
+            if teacher_errors >= scratch:
+                return (f"teacher no better than {baseline} ({teacher_errors:.0f} vs "
+                        f"{scratch:.0f} test errors): no gap to recover")  # fmt: skip
+            return ""
+
         table["gap_recovered"] = table.apply(recovery, axis=1)
+        table["gap_note"] = table.apply(why_none, axis=1) if len(table) else []
     return table
 
 
@@ -414,6 +506,11 @@ def to_markdown(table: pd.DataFrame) -> str:
         shown["test errors after bias"] = _cells(table["test_errors_after_bias"], "{:.1f}")
     if "gap_recovered" in table:
         shown["gap recovered"] = _cells(table["gap_recovered"], "{:.0%}")
+        if "gap_note" in table:
+            why = table["gap_note"].fillna("") != ""
+            shown.loc[why, "gap recovered"] = "none: " + table.loc[why, "gap_note"]
+    if "note" in table and (table["note"].fillna("") != "").any():
+        shown["note"] = table["note"].fillna("").replace("", "—")
     return shown.to_markdown(index=False, disable_numparse=True)  # cells are formatted
 
 
@@ -461,7 +558,7 @@ def temperature_plot(table: pd.DataFrame, path: Path) -> None:
     axes.legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, metadata=png_metadata())
     plt.close(figure)
 
 
@@ -520,7 +617,7 @@ def curves_plot(run_dirs: list[Path], path: Path) -> None:
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, metadata=png_metadata())
     plt.close(figure)
 
 
@@ -653,14 +750,24 @@ def report(
     plot_path: Path | None = None,
     curves_path: Path | None = None,
     evaluations: Sequence[Path] = (),
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Collect runs, summarise them, and write the CSV, the Markdown section and the plots
-    (``plot_path``: test errors against T; ``curves_path``: the training curves)."""
+    (``plot_path``: test errors against T; ``curves_path``: the training curves); an
+    existing CSV or plot is replaced only with ``overwrite`` and only if kdpipe wrote it."""
     if not run_dirs:
         raise UsageError("give at least one run directory")
-    for output in (csv_path, markdown_path, plot_path, curves_path):
-        if output is not None:  # a table written over a run's own files would destroy them
-            check_disjoint(output, [*run_dirs, *evaluations])
+    run_dirs = distinct_runs(run_dirs)
+    for option, path in (("--temperature-plot", plot_path), ("--plot", curves_path)):
+        if path is not None and Path(path).suffix.lower() != ".png":
+            raise UsageError(f"{option} {path}: the plot is a PNG; give a path ending in .png")
+    for output, kind, option in ((csv_path, REPORT_CSV, "--csv"),
+                                 (markdown_path, MARKDOWN, "--markdown"),
+                                 (plot_path, PNG, "--temperature-plot"),
+                                 (curves_path, PNG, "--plot")):  # fmt: skip
+        if output is not None:  # never over a run's own files, nor over what kdpipe did not write
+            guard_output(output, kind, overwrite=overwrite, inputs=[*run_dirs, *evaluations],
+                         option=option)  # fmt: skip
     runs = collect([Path(p) for p in run_dirs], evaluations)
     table = summarize(runs, baseline)
     if plot_path is not None:

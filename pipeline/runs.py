@@ -70,11 +70,15 @@ class ModelCard:
     # a pretrained teacher (import-teacher, train-teacher --pretrained): the SOURCE, its
     # pretrained_cfg, the weights file and its SHA-256 (pretrained.Pretrained.source)
     source: dict | None = None
+    # the test result of the weights kept (epoch, test_accuracy, test_errors), as the run
+    # recorded it on finishing: what ``report`` shows, whatever became of metrics.csv
+    result: dict | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        if self.source is None:  # absent, not null: cards made before it keep their digests
-            del data["source"]
+        for name in ("source", "result"):  # absent, not null: older cards keep their digests
+            if data[name] is None:
+                del data[name]
         return data
 
     @classmethod

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 from kdpipe.cache import Location
-from kdpipe.errors import OutputExistsError, UsageError
+from kdpipe.errors import UsageError
+from kdpipe.outputs import RUN_DIR, Output, check_output, guard_output
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -41,43 +42,22 @@ def prepare_output(
     path: str | Path | Location,
     overwrite: bool,
     inputs: Sequence[str | Path | Location | None] = (),
+    kind: Output = RUN_DIR,
 ) -> None:
-    """Refuse an existing output (a folder, a file, or a cache at an fsspec URL) unless
-    ``--overwrite``, and always an output that is, contains or lies inside one of the
-    command's ``inputs``; call only once inputs are validated, so that a bad input never
-    costs the user what is already there."""
-    location = Location(path)
-    check_disjoint(location, inputs)
-    if location.exists():
-        if not overwrite:
-            raise OutputExistsError(
-                f"{location} already exists: choose another path or pass --overwrite"
-            )
-        location.remove()
+    """Ready ``path`` for a new ``kind`` (a run directory unless told): the one output
+    guard, :func:`kdpipe.outputs.guard_output`, which refuses an existing output unless
+    ``--overwrite`` and kdpipe made it, and always one that is, holds or lies inside an
+    input or holds the working directory; call only once inputs are validated."""
+    guard_output(path, kind, overwrite=overwrite, inputs=inputs)
 
 
 def check_disjoint(
     output: str | Path | Location, inputs: Sequence[str | Path | Location | None]
 ) -> None:
-    """An output that is an input, holds one or lies inside one would destroy or change
-    it (``--overwrite`` removes the output first): refused, naming both."""
-    output = Location(output)
-    if not output.local:
-        return  # object-store URLs: a bucket key holds no other key's data
-    target = output.path.resolve()
-    for given in inputs:
-        if given is None or not Location(given).local:
-            continue
-        source = Location(given).path.resolve()
-        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
-            relation = (
-                "is" if target == source else "holds" if source.is_relative_to(target) else
-                "lies inside"
-            )  # fmt: skip
-            raise UsageError(
-                f"the output {output} {relation} the input {given}: writing it would destroy "
-                "or change an input; choose another output path"
-            )
+    """An output that is an input, holds one or lies inside one, or holds the working
+    directory, would destroy or change it: refused, naming both
+    (:func:`kdpipe.outputs.check_output`)."""
+    check_output(output, inputs)
 
 
 def quiet(line: str) -> None:

@@ -148,16 +148,19 @@ def storage_report(
     csv_path: Path | None = None,
     markdown_path: Path | None = None,
     section: str = "storage",
+    overwrite: bool = False,
 ) -> pd.DataFrame:
-    """Measure the table, then write the CSV and the Markdown section (with its command)."""
+    """Measure the table, then write the CSV and the Markdown section (with its command);
+    an existing CSV is replaced only with ``overwrite`` and only if kdpipe storage wrote it."""
     from datetime import UTC, datetime
 
+    from kdpipe.outputs import MARKDOWN, STORAGE_CSV, guard_output
     from kdpipe.publish import machine_line, publish
-    from kdpipe.runtime import check_disjoint
 
-    for output in (csv_path, markdown_path):
+    for output, kind, option in ((csv_path, STORAGE_CSV, "--csv"),
+                                 (markdown_path, MARKDOWN, "--markdown")):  # fmt: skip
         if output is not None:
-            check_disjoint(output, [cache])
+            guard_output(output, kind, overwrite=overwrite, inputs=[cache], option=option)
     table = storage_table(cache, ks)
     attrs = table.attrs
     publish(

@@ -48,6 +48,7 @@ from kdpipe.errors import (
 )
 from kdpipe.features import LayerRequest, LayerTaps
 from kdpipe.inputs import resolve_precision
+from kdpipe.outputs import CACHE
 from kdpipe.runtime import (
     check_disjoint,
     kill_point,
@@ -461,7 +462,7 @@ def open_writer(
         except KeyError:
             # killed before its arrays were created: no chunk was flagged, start again
             overwrite = True
-    prepare_output(out, overwrite)  # inputs are valid: only now touch the output
+    prepare_output(out, overwrite, kind=CACHE)  # inputs are valid: only now touch the output
     return CacheWriter(out, manifest)
 
 

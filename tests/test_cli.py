@@ -202,8 +202,12 @@ def test_existing_output_is_kept(train_cache: Path, tmp_path: Path) -> None:
     # a bad input with --overwrite still deletes nothing
     fails(cache(tmp_path / "nope", existing, "--temperature 2 --overwrite"), "does not exist")
     assert sorted(p.relative_to(existing) for p in existing.rglob("*")) == before
-    assert student(train_cache, out, "--alpha 0.5 --overwrite").exit_code == 0
-    assert not (out / "precious.txt").exists()
+    # --overwrite replaces only what kdpipe wrote (issue 24): a folder of a person's files stays
+    fails(student(train_cache, out, "--alpha 0.5 --overwrite"), "is not a run directory")
+    assert (out / "precious.txt").read_text() == "keep me"
+    (out / "precious.txt").unlink()
+    assert student(train_cache, out, "--alpha 0.5").exit_code == 0  # an empty folder is free
+    assert student(train_cache, out, "--alpha 0.5 --overwrite").exit_code == 0  # a run: replaced
 
 
 def test_not_a_cache_and_incomplete_cache(train_cache: Path, tmp_path: Path) -> None:

@@ -50,12 +50,15 @@ def test_table_is_read_from_the_runs(runs: list, tmp_path: Path) -> None:
     assert "--alpha 1.0 " in text or text.count("--alpha 1.0\n") == 1  # the baseline says so
     assert "kdpipe cache-teacher --teacher" in text and "--split train --temperature 4" in text
 
-    # edit one run's metrics: the regenerated table follows the file, not a copy
+    # edit one run's metrics: the result stays the one the run recorded as final (model.json)
+    # and the table says that metrics.csv disagrees (issue 24)
     metrics = pd.read_csv(runs[1] / "metrics.csv")
     metrics.loc[metrics.index[-1], "test_errors"] = 123
     metrics.to_csv(runs[1] / "metrics.csv", index=False)
     again = report(runs, baseline="hard", markdown_path=markdown)
-    assert again.set_index("group").loc["hard", "test_errors_mean"] == (123 + errors["hard-s1"]) / 2
+    hard_again = again.set_index("group").loc["hard"]
+    assert hard_again["test_errors_mean"] == hard["test_errors_mean"]
+    assert "metrics.csv disagrees with model.json" in hard_again["note"]
     assert markdown.read_text().count("<!-- kdpipe:results:begin -->") == 1
 
 

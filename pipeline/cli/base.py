@@ -47,12 +47,18 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from kdpipe.outputs import forget_outputs, writing
+
+        forget_outputs()
         try:
             return command(*args, **kwargs)
         except KdpipeError as exc:
             raise click.ClickException(str(exc)) from exc
         except OSError as exc:  # a full disk, a read-only folder: the file and the reason
-            where = f"{exc.filename}: " if exc.filename else ""
+            # a write that fails for lack of space names no file: name what was being written
+            outputs = writing()
+            where = (f"{exc.filename}: " if exc.filename else
+                     f"writing {outputs[-1]}: " if outputs else "")  # fmt: skip
             raise click.ClickException(f"{where}{exc.strerror or exc}") from exc
 
     return wrapper
@@ -145,9 +151,13 @@ def view_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def table_options(
-    *, csv_help: str, section: str | None, section_help: str = "Name of the section's markers."
+    *,
+    csv_help: str,
+    section: str | None,
+    section_help: str = "Name of the section's markers.",
+    overwrite_help: str = "Replace an existing --csv (or plot) that kdpipe wrote.",
 ) -> Callable[..., Any]:
-    """--csv, --markdown and --section: where a generated table goes."""
+    """--csv, --markdown, --section and --overwrite: where a generated table goes."""
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         options = [
@@ -166,6 +176,11 @@ def table_options(
                 help="Replace this section of a Markdown file (or append it).",
             ),
             click.option("--section", default=section, help=section_help),
+            click.option(
+                "--overwrite",
+                is_flag=True,
+                help=overwrite_help,
+            ),
         ]
         for option in reversed(options):
             command = option(command)

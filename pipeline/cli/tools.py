@@ -57,6 +57,7 @@ from kdpipe.cli.base import (
     default=None,
     help="Write the report to this file instead of the screen.",
 )
+@click.option("--overwrite", is_flag=True, help="Replace an --output that kdpipe evaluate wrote.")
 @DEVICE_OPTION
 @reports_errors
 def evaluate_command(
@@ -72,6 +73,7 @@ def evaluate_command(
     per_class: bool,
     fmt: str,
     output: str | None,
+    overwrite: bool,
     device: str,
 ) -> None:
     """Accuracy, agreement with the teacher, calibration (ECE), size and CPU speed of a run.
@@ -80,9 +82,10 @@ def evaluate_command(
     provider with the file's own preprocessing (--device does not apply).
     """
     if output:
-        from kdpipe.runtime import check_disjoint
+        from kdpipe.outputs import EVALUATION, guard_output
 
-        check_disjoint(output, [run_dir, cache, *teachers])  # never over a run's own files
+        guard_output(output, EVALUATION, overwrite=overwrite, inputs=[run_dir, cache, *teachers],
+                     option="--output")  # fmt: skip
     from kdpipe.evaluate import evaluate_run
     from kdpipe.publish import render
 
@@ -168,7 +171,11 @@ def tune_bias_command(
     default=None,
     help="Group of the student trained from scratch, for the gap-recovery column.",
 )
-@table_options(csv_help="Write one row per run here.", section="results")
+@table_options(
+    csv_help="Write one row per run here.",
+    section="results",
+    overwrite_help="Replace a --csv, --plot or --temperature-plot that kdpipe report wrote.",
+)
 @click.option(
     "--temperature-plot",
     "plot_path",
@@ -204,6 +211,7 @@ def report_command(
     plot_path: Path | None,
     curves_path: Path | None,
     evaluations: tuple[Path, ...],
+    overwrite: bool,
 ) -> None:
     """Summarise runs (mean ± std over seeds) from their own metrics.csv and model.json.
 
@@ -221,6 +229,7 @@ def report_command(
         plot_path=plot_path,
         curves_path=curves_path,
         evaluations=evaluations,
+        overwrite=overwrite,
     )
     click.echo(to_markdown(table))
 
@@ -234,7 +243,11 @@ def report_command(
     default="1,2,3,5",
     help="The K values to measure, comma-separated.",
 )
-@table_options(csv_help="Write one row per layout here.", section="storage")
+@table_options(
+    csv_help="Write one row per layout here.",
+    section="storage",
+    overwrite_help="Replace a --csv that kdpipe storage wrote.",
+)
 @reports_errors
 def storage_command(
     cache_path: str,
@@ -242,6 +255,7 @@ def storage_command(
     csv_path: Path | None,
     markdown_path: Path | None,
     section: str,
+    overwrite: bool,
 ) -> None:
     """Bytes per sample-view of a dense cache as float32, float16 and top-k, and what top-k
     loses (mean KL to the reconstruction)."""
@@ -253,6 +267,7 @@ def storage_command(
         csv_path=csv_path,
         markdown_path=markdown_path,
         section=section,
+        overwrite=overwrite,
     )
     click.echo(to_markdown(table))
 
@@ -384,7 +399,12 @@ def lineage_command(
 
 
 @main.command("bench", context_settings=CONTEXT)
-@click.option("--out", type=click.Path(), required=True, help="Work folder (replaced).")
+@click.option(
+    "--out",
+    type=click.Path(),
+    required=True,
+    help="Work folder to create (--overwrite replaces one this command made).",
+)
 @click.option("--data", default="fashion-mnist", help="Dataset to time on.")
 @click.option("--data-root", type=click.Path(), default="data")
 @click.option(
@@ -416,6 +436,7 @@ def lineage_command(
     csv_help="Write the rows here.",
     section=None,
     section_help="Name of the section's markers  [default: bench-<device>]",
+    overwrite_help="Replace an --out work folder and a --csv that kdpipe bench wrote.",
 )
 @reports_errors
 def bench_command(
@@ -445,7 +466,7 @@ def bench_command(
 @click.option("--seed", type=int, default=0, help="Seeds every image's colours and size.")
 @click.option("--quality", type=click.IntRange(1, 95), default=90, help="JPEG quality.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, help="Writing processes.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --dest.")
+@click.option("--overwrite", is_flag=True, help="Replace a --dest that jpeg-folder built.")
 @reports_errors
 def jpeg_folder_command(
     dest: str, train_count: int, test_count: int, data_root: str, seed: int, quality: int,
@@ -498,7 +519,12 @@ def detect_folder_command(
 
 
 @main.command("bench-folder", context_settings=CONTEXT)
-@click.option("--out", type=click.Path(), required=True, help="Work folder (replaced).")
+@click.option(
+    "--out",
+    type=click.Path(),
+    required=True,
+    help="Work folder to create (--overwrite replaces one this command made).",
+)
 @click.option("--folder", type=click.Path(), required=True, help="The large JPEG folder.")
 @click.option("--small", type=click.Path(), required=True,
               help="The small folder of the memory comparison.")  # fmt: skip
@@ -539,6 +565,7 @@ def detect_folder_command(
     csv_help="Write the rows here.",
     section=None,
     section_help="Name of the section's markers  [default: bench-folder-<device>]",
+    overwrite_help="Replace an --out work folder and a --csv that kdpipe bench-folder wrote.",
 )
 @reports_errors
 def bench_folder_command(

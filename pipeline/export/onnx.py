@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from kdpipe.cache import utc_now
 from kdpipe.data import ImageSet, class_mismatch, load_dataset
-from kdpipe.errors import ExportError, OutputExistsError, UsageError
+from kdpipe.errors import ExportError, UsageError
 from kdpipe.inputs import DataConfig, check_channels, prepare_input
+from kdpipe.outputs import ONNX_FILE, guard_output
 from kdpipe.runs import ModelCard, load_model, read_card
 from kdpipe.runtime import software_versions
 from kdpipe.teacher import predict_logits
@@ -295,10 +296,9 @@ def write_checked(
     checks it there), stamp the card, then move it into place: a failed export leaves
     ``out`` as it was."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists: choose another path or pass --overwrite")
-    if out.is_dir():
+    if out.is_dir() and not out.is_symlink():
         raise UsageError(f"{out} is a folder: --out names the .onnx file to write")
+    guard_output(out, ONNX_FILE, overwrite=overwrite, inputs=[run_dir])  # replaced at the end
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
         work = Path(work)

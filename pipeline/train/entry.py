@@ -208,6 +208,17 @@ def _start(out: Path, plan: RunPlan, world: World) -> None:
     write_json(out / CONFIG_FILE, {**asdict(plan.config), "kind": plan.kind, "resolved": resolved})
 
 
+def final_result(rows: list[dict], selection: dict | None) -> dict | None:
+    """The kept epoch's test result (the last epoch's, or early stopping's choice), for the
+    model card: the run's own record of its result, kept beside metrics.csv."""
+    kept = (selection or {}).get("kept_epoch") or rows[-1]["epoch"]
+    row = next((r for r in rows if r["epoch"] == kept), None)
+    if row is None or row.get("test_errors") is None or row["test_errors"] != row["test_errors"]:
+        return None  # no test split scored (an unlabeled one)
+    return {"epoch": int(kept), "test_accuracy": float(row["test_accuracy"]),
+            "test_errors": int(row["test_errors"])}  # fmt: skip
+
+
 def _finish(out: Path, model: nn.Module, plan: RunPlan, rows: list[dict]) -> ModelCard:
     """The model card and weights that mark a run complete; its resume state goes."""
     config, data_config = plan.config, plan.data_config
@@ -246,6 +257,7 @@ def _finish(out: Path, model: nn.Module, plan: RunPlan, rows: list[dict]) -> Mod
         created=utc_now(),
         software=software_versions(),
         source=None if plan.pretrained is None else dict(plan.pretrained.source),
+        result=final_result(rows, selection),
     )
     save_model(out, model, card)
     remove_checkpoint(out)
