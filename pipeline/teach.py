@@ -20,6 +20,7 @@ from kdpipe.cache import (
     FORMAT_VERSION,
     STATUS_COMPLETE,
     STATUS_WRITING,
+    UNIFORM_SHARE,
     VALUES,
     CachedLayer,
     CacheWriter,
@@ -271,7 +272,7 @@ def _new_manifest(
 # the share of a chunk's rows and views whose stored values may lose the teacher's top
 # class (a near-tie rounded the other way) before the temperature is refused as too high
 # for the dtype; at a usable T it is 0 on kdpipe's caches, at T = 1000 in float16 nearly 1
-LOST_RANKING_SHARE = 0.01
+LOST_RANKING_SHARE = 0.25  # near-ties of an unsure teacher tie in float16: harmless
 
 
 @dataclass(frozen=True)
@@ -379,9 +380,9 @@ class TeacherChunks:
         lost = (decoded.gather(-1, top) < best)[..., 0] | ((decoded == best).sum(-1) > 1)
         lost &= ~full_ties
         share = float(lost.float().mean()) if lost.numel() else 0.0
-        if share <= LOST_RANKING_SHARE:
-            return
         uniform = int((decoded.amax(-1) == decoded.amin(-1)).sum())
+        if share <= LOST_RANKING_SHARE and uniform <= UNIFORM_SHARE * max(lost.numel(), 1):
+            return
         first, last = int(chunk_rows[0]), int(chunk_rows[-1])
         raise TeacherOutputError(
             f"--temperature {self.config.temperature:g} is too high for --dtype {dtype}: "

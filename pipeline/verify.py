@@ -25,6 +25,7 @@ from kdpipe.cache import (
     DIGESTS,
     PROGRESS,
     STATUS_COMPLETE,
+    UNIFORM_SHARE,
     Location,
     Manifest,
     array_specs,
@@ -275,11 +276,13 @@ def _chunk_problems(
         problems.append(
             f"not a distribution (logsumexp off by up to {drift.max():.3g}) at row(s) {_first(bad)}"
         )
-    if checked["uniform"].any():
-        bad = start + np.flatnonzero(checked["uniform"].any(axis=-1))
+    uniform = checked["uniform"]
+    if uniform.size and uniform.mean() > UNIFORM_SHARE:
+        bad = start + np.flatnonzero(uniform.any(axis=-1))
         problems.append(
-            f"uniform rows (every stored value equal: the teacher's ranking is lost, T="
-            f"{manifest.temperature:g} too high for {manifest.dtype}?) at row(s) {_first(bad)}"
+            f"{uniform.mean():.0%} of rows and views uniform (every stored value equal: the "
+            f"teacher's ranking is lost, T={manifest.temperature:g} too high for "
+            f"{manifest.dtype}?) at row(s) {_first(bad)}"
         )
     if checked["invalid"].any():
         bad = start + np.flatnonzero(checked["invalid"].any(axis=-1))

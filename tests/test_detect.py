@@ -3,9 +3,12 @@ by its own trainer or imported from its own checkpoints, as kdpipe run directori
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,8 @@ from conftest import snapshot
 from kdpipe.detectfolder import DetectRecipe, build_detect_folder
 from kdpipe.errors import KdpipeError, ModelError, RunDirError
 
-pytest.importorskip("ultralytics", reason="the detect extra: pip install 'kdpipe[detect]'")
+if importlib.util.find_spec("ultralytics") is None:  # not imported: kdpipe's door does it
+    pytest.skip("the detect extra: pip install 'kdpipe[detect]'", allow_module_level=True)
 
 from kdpipe.detect.runs import (
     DetectionTeacherConfig,
@@ -192,3 +196,17 @@ def test_a_stored_view_renders_the_same_pixels_and_boxes_twice_and_boxes_follow_
                                    [x0, y0, x1, y1], atol=1.5)  # fmt: skip
         checked += 1
     assert checked >= 4
+
+
+def test_importing_the_detect_room_leaves_pillow_and_torch_as_they_were() -> None:
+    """Ultralytics rebinds Image.open (a pip check on every unreadable file) and torch.save
+    on import; after kdpipe's door they are the libraries' own again."""
+    script = ("from PIL import Image; import torch\n"
+              "before = (Image.open, torch.save)\n"
+              "from kdpipe.detect.yolo import ultralytics; ultralytics()\n"
+              "import ultralytics.utils.patches\n"
+              "print((Image.open, torch.save) == before)\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=os.environ | {"YOLO_CONFIG_DIR": tempfile.mkdtemp()})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "True"

@@ -332,14 +332,13 @@ def test_export_names_the_operator_it_cannot_translate(tmp_path: Path) -> None:
     result = invoke("train-teacher --model bessel_net --data synthetic --epochs 1 --out", run)
     assert result.exit_code == 0, result.output
     out = tmp_path / "bessel.onnx"
-    out.write_bytes(b"an earlier file")
-    result = invoke("export", run, "--out", out, "--overwrite")
+    result = invoke("export", run, "--out", out)
     assert result.exit_code == 1
     assert "cannot be exported to ONNX: operator prims.bessel_j0 has no ONNX translation" in (
         result.output
     )
     assert len(result.output.strip().splitlines()) == 1
-    assert out.read_bytes() == b"an earlier file"  # left as it was
+    assert not out.exists()  # nothing written
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -413,9 +412,11 @@ def test_qat_refuses_bad_input(
     assert result.exit_code == 1
     assert f"{test_cache} was made from another dataset than synthetic train" in result.output
     assert not out.exists()
-    out.mkdir()
+    out.mkdir()  # an empty folder is made afresh; one holding anything is refused, kept
+    (out / "notes.txt").write_text("mine")
     result = invoke("qat", kd_student, "--cache", train_cache, "--data synthetic --out", out)
     assert result.exit_code == 1 and "already exists: choose another path" in result.output
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_edge_table_groups_seeds_and_measures_the_goals() -> None:

@@ -90,17 +90,19 @@ def test_replace_section_keeps_the_rest(tmp_path: Path) -> None:
 def test_command_line_shows_only_what_differs_from_defaults() -> None:
     config = {"kind": "student", "model": "kd_cnn", "data": "synthetic", "out": "o", "epochs": 3}
     config |= {"alpha": 0.1, "lr": 0.05, "drop_rate": 0.5, "hidden_sizes": [8, 4]}
-    line = command_line({**config, "overwrite": True, "sched_on": "update"})
+    line = command_line({**config, "overwrite": True, "sched_on": "update", "resize": None})
     assert line == (
         "kdpipe train-student --model kd_cnn --data synthetic --out o --epochs 3 "
         "--dropout 0.5 --hidden-sizes 8,4 --alpha 0.1"
     )
     # a config.json from before --sched-on was made per epoch, and its command says so
-    assert command_line(config) == line.replace("--epochs 3", "--epochs 3 --sched-on epoch")
+    assert command_line(config) == line.replace(
+        "--epochs 3", "--epochs 3 --resize squash --sched-on epoch"
+    )
     # one line for every seed of a chain: each seed's link is its own cache, the same seed's
     chain = {"kind": "student", "model": "kd_cnn", "data": "synthetic", "out": "r/b-s1",
              "epochs": 3, "alpha": 0.1, "seed": 1, "cache": "r/a-s1.zarr",
-             "sched_on": "update"}  # fmt: skip
+             "sched_on": "update", "resize": None}  # fmt: skip
     assert command_line(chain, seed_placeholder=True) == (
         "kdpipe train-student --model kd_cnn --data synthetic --out r/b-sSEED --epochs 3 "
         "--seed SEED --cache r/a-sSEED.zarr --alpha 0.1"

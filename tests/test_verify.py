@@ -257,6 +257,7 @@ def test_verify_names_a_cache_whose_rows_are_uniform(
     import kdpipe.teach
 
     monkeypatch.setattr(kdpipe.teach, "LOST_RANKING_SHARE", 1.0, raising=False)  # old writer
+    monkeypatch.setattr(kdpipe.teach, "UNIFORM_SHARE", 1.0, raising=False)
     out = tmp_path / "uniform.zarr"
     result = cache_of(soft_teacher, out, "--temperature 1000")
     assert result.exit_code == 0, result.output
@@ -264,7 +265,7 @@ def test_verify_names_a_cache_whose_rows_are_uniform(
     report = verify_cache(out)
     assert not report.ok
     (line,) = report.failures()
-    assert line.startswith("chunks: ") and "uniform rows" in line and "T=1000" in line
+    assert line.startswith("chunks: ") and "rows and views uniform" in line and "T=1000" in line
 
 
 # --- every manifest field in the cache_id or recomputed by verify (issue 24.3) -----------------

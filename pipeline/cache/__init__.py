@@ -40,7 +40,15 @@ from kdpipe.cache.format import (
     preprocessing_for,
     temperature_problem,
 )
-from kdpipe.cache.layout import Dense, Layout, TopK, index_dtype, layout_for, reconstruct_top_k
+from kdpipe.cache.layout import (
+    UNIFORM_SHARE,
+    Dense,
+    Layout,
+    TopK,
+    index_dtype,
+    layout_for,
+    reconstruct_top_k,
+)
 from kdpipe.cache.location import Location
 from kdpipe.cache.store import (
     DIGEST_BYTES,
@@ -87,6 +95,7 @@ __all__ = [
     "STATUS_COMPLETE",
     "STATUS_WRITING",
     "TEMPERATURE_RANGE",
+    "UNIFORM_SHARE",
     "VALUES",
     "VIEW_COLUMNS",
     "VIEW_FIELDS",

@@ -30,6 +30,12 @@ def _logsumexp(values: np.ndarray) -> np.ndarray:
     return (top + np.log(np.exp(values - top).sum(axis=-1, keepdims=True)))[..., 0]
 
 
+# the share of a chunk's rows and views stored exactly uniform above which a cache is refused
+# (writer) or failed (verify): an unsure teacher's odd flat row at a usable T is harmless,
+# a T too high for the dtype flattens most rows (T = 1000 in float16: all of them)
+UNIFORM_SHARE = 0.25
+
+
 def _all_equal(values: np.ndarray) -> np.ndarray:
     """Rows whose stored values are all the same: a uniform distribution (dense), or top K
     without an order (top-k), where the teacher's ranking is lost (a T too high for the

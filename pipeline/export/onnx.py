@@ -298,7 +298,9 @@ def write_checked(
     out = Path(out)
     if out.is_dir() and not out.is_symlink():
         raise UsageError(f"{out} is a folder: --out names the .onnx file to write")
-    guard_output(out, ONNX_FILE, overwrite=overwrite, inputs=[run_dir])  # replaced at the end
+    # a file of the run's own folder (qat ships model.int8.onnx there) changes no input file
+    inside = out.resolve().parent == Path(run_dir).resolve()
+    guard_output(out, ONNX_FILE, overwrite=overwrite, inputs=[] if inside else [run_dir])
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
         work = Path(work)
