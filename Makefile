@@ -50,9 +50,9 @@ data: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Ratios measured side by side in one process (pipeline/bench.py); the section written is
+# Ratios measured side by side in one process (pipeline/tools/bench.py); the section written is
 # bench-cpu or bench-cuda, after the device it ran on. BENCH_OPTIONS=--workers 4 ...
-# Then the measured section on real files (pipeline/benchfolder.py, `make bench-folder`):
+# Then the measured section on real files (pipeline/tools/benchfolder.py, `make bench-folder`):
 # peak RSS, rows/s against timm's own loader, cached against hard-label epochs, on the JPEG
 # folders of `make jpeg-folder`, each arm a subprocess; its section is bench-folder-<device>.
 BENCH_OPTIONS ?=
@@ -69,7 +69,7 @@ bench-folder: install jpeg-folder
 		--csv docs/results/bench-folder-$(BENCH_DEVICE).csv
 
 # 60,000 RGB JPEGs (the first 50,000 training and all 10,000 test images of Fashion-MNIST),
-# 140-200 px, by the fixed recipe of pipeline/benchfolder.py (seed 0, quality 90, two
+# 140-200 px, by the fixed recipe of pipeline/tools/benchfolder.py (seed 0, quality 90, two
 # processes): the same Pillow rebuilds them bit-identically (RECIPE.json's files_sha256).
 # The small folder is the first 6,000 + 1,000 of the same recipe: the same files.
 JPEG_FOLDER ?= $(DATA_ROOT)/fmnist-jpeg
@@ -85,7 +85,7 @@ $(JPEG_SMALL)/RECIPE.json: | data
 		--train-count 6000 --test-count 1000 --workers 2 --overwrite
 
 # A detection set in Ultralytics' YOLO format (issue 25): 1-4 Fashion-MNIST garments per
-# 128-192 px textured canvas, by the fixed recipe of pipeline/detectfolder.py (seed 0):
+# 128-192 px textured canvas, by the fixed recipe of pipeline/data/detectfolder.py (seed 0):
 # images/, labels/, data.yaml, and RECIPE.json with a SHA-256 over every file.
 DETECT_FOLDER ?= $(DATA_ROOT)/fmnist-detect
 DETECT_COUNTS ?= --train-count 2000 --val-count 400 --test-count 400
@@ -283,7 +283,7 @@ HINTON_EXPERIMENTS := hinton-table hinton-temperature hinton-3pct hinton-omitted
 
 # the summary at the top of results.md: paper figure, kdpipe figure, ratio and goal per experiment
 hinton-summary: $(HINTON_EXPERIMENTS)
-	$(BIN)/python -m kdpipe.goals $(RESULTS)/results --csv $(RESULTS)/results/summary.csv \
+	$(BIN)/python -m kdpipe.tools.goals $(RESULTS)/results --csv $(RESULTS)/results/summary.csv \
 		--markdown $(RESULTS)/results.md
 
 # The two teachers train side by side, then everything else two at a time, each with one
@@ -581,7 +581,7 @@ clean-runs:
 	rm -rf $(RUNS)
 
 cli-docs: install
-	$(BIN)/python -m kdpipe.clidoc > docs/cli.md
+	$(BIN)/python -m kdpipe.tools.clidoc > docs/cli.md
 
 # --- fault campaign (issue: crash-safe, verifiable caches) -------------------------------------
 # 20 random SIGKILLs of cache-teacher on a Fashion-MNIST cache, each resumed, and 200 random

@@ -25,19 +25,19 @@ _SURFACE = {
     "open_cache": "kdpipe.api",
     "Cache": "kdpipe.api",
     "DistillationDataset": "kdpipe.api",
-    "distillation_loss": "kdpipe.losses",
-    "load_dataset": "kdpipe.data",
-    "ImageSet": "kdpipe.data",
-    "CacheConfig": "kdpipe.teach",
-    "cache_teacher": "kdpipe.teach",
-    "ViewPolicy": "kdpipe.views",
+    "distillation_loss": "kdpipe.tasks.classify.loss",
+    "load_dataset": "kdpipe.data.datasets",
+    "ImageSet": "kdpipe.data.datasets",
+    "CacheConfig": "kdpipe.models.teach",
+    "cache_teacher": "kdpipe.models.teach",
+    "ViewPolicy": "kdpipe.views.policy",
     "TrainConfig": "kdpipe.train",
     "train_teacher": "kdpipe.train",
     "train_student": "kdpipe.train",
-    "create_model": "kdpipe.models",
-    "weights_sha256": "kdpipe.models",
-    "DataConfig": "kdpipe.inputs",
-    "KdpipeError": "kdpipe.errors",
+    "create_model": "kdpipe.models.registry",
+    "weights_sha256": "kdpipe.models.registry",
+    "DataConfig": "kdpipe.views.inputs",
+    "KdpipeError": "kdpipe.base.errors",
 }
 
 __all__ = [  # the public surface (tests/test_api.py keeps it equal to _SURFACE, documented)
@@ -62,14 +62,14 @@ __all__ = [  # the public surface (tests/test_api.py keeps it equal to _SURFACE,
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time, __getattr__ below
     from kdpipe.api import Cache, DistillationDataset, open_cache
-    from kdpipe.data import ImageSet, load_dataset
-    from kdpipe.errors import KdpipeError
-    from kdpipe.inputs import DataConfig
-    from kdpipe.losses import distillation_loss
-    from kdpipe.models import create_model, weights_sha256
-    from kdpipe.teach import CacheConfig, cache_teacher
+    from kdpipe.base.errors import KdpipeError
+    from kdpipe.data.datasets import ImageSet, load_dataset
+    from kdpipe.models.registry import create_model, weights_sha256
+    from kdpipe.models.teach import CacheConfig, cache_teacher
+    from kdpipe.tasks.classify.loss import distillation_loss
     from kdpipe.train import TrainConfig, train_student, train_teacher
-    from kdpipe.views import ViewPolicy
+    from kdpipe.views.inputs import DataConfig
+    from kdpipe.views.policy import ViewPolicy
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,7 @@ A training loop of your own (timm's, Lightning's, a plain one) gets what
 log-probabilities through the cache package's readers (decoded by its storage
 layout, re-tempered exactly, checked against checksums), and
 :class:`DistillationDataset` pairs each cache row with its sample of your
-dataset, replays the stored view through :mod:`kdpipe.inputs` (the renderer
+dataset, replays the stored view through :mod:`kdpipe.views.inputs` (the renderer
 training uses) and refuses a dataset whose fingerprint is not the cache's, with
 the message the command line gives.
 """
@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from kdpipe.base.errors import DatasetError, UsageError
+from kdpipe.base.runtime import quiet
 from kdpipe.cache import (
     VIEW_COLUMNS,
     CachedLayer,
@@ -27,11 +29,9 @@ from kdpipe.cache import (
     StreamedSoftLabels,
     open_soft_labels,
 )
-from kdpipe.data import ImageSet, check_same_dataset
-from kdpipe.errors import DatasetError, UsageError
-from kdpipe.inputs import DataConfig, prepare_input, render
-from kdpipe.runtime import quiet
-from kdpipe.views import view_schedule
+from kdpipe.data.datasets import ImageSet, check_same_dataset
+from kdpipe.views.inputs import DataConfig, prepare_input, render
+from kdpipe.views.policy import view_schedule
 from tqdm.auto import tqdm
 
 Rows = Sequence[int] | np.ndarray | torch.Tensor
@@ -232,13 +232,13 @@ class DistillationDataset(torch.utils.data.Dataset):
     fingerprint its own and its images decoded one item at a time.
 
     ``image`` is the model's input: the stored view of the row, replayed by
-    :func:`kdpipe.inputs.render` (crop, flip, mix), resized to
+    :func:`kdpipe.views.inputs.render` (crop, flip, mix), resized to
     ``data_config.input_size`` and normalised, float32 ``(C, H, W)``. ``label`` is
     the row's label (-1 in a cache without labels), ``soft_target`` the teacher's
     float32 log-probabilities for that view at ``temperature``. From a cache that
     mixes samples (mixup, cutmix) an item is
     ``(image, label, soft_target, partner_label, lam)``, what
-    :func:`kdpipe.losses.distillation_loss` takes for the hard term.
+    :func:`kdpipe.tasks.classify.loss.distillation_loss` takes for the hard term.
 
     Views: with ``view`` every row uses that stored view; otherwise epoch ``e``
     (:meth:`set_epoch`, 1-based like training's, as with DistributedSampler) uses

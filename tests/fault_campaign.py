@@ -22,8 +22,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kdpipe.errors import KdpipeError
-from kdpipe.publish import machine_line, replace_section
+from kdpipe.base.errors import KdpipeError
+from kdpipe.tools.publish import machine_line, replace_section
 
 
 def cache_command(args: argparse.Namespace, out: Path) -> list[str]:
@@ -154,7 +154,7 @@ def tally(counts: dict[str, list[int]], kind: str, by_verify: bool, by_reader: b
 def detected(store: Path) -> tuple[bool, bool]:
     """Whether ``kdpipe verify`` and the training reader each refuse the store."""
     from kdpipe.cache import load_soft_labels
-    from kdpipe.verify import verify_cache
+    from kdpipe.check.verify import verify_cache
 
     by_verify = not verify_cache(store).ok
     try:

@@ -18,8 +18,8 @@ import pytest
 import torch
 from conftest import cache, invoke, student
 from kdpipe.cache import StreamedSoftLabels, load_soft_labels, retemper, smallest_budget
-from kdpipe.inputs import render
-from kdpipe.views import view_schedule
+from kdpipe.views.inputs import render
+from kdpipe.views.policy import view_schedule
 from PIL import Image
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -385,7 +385,7 @@ def test_report_plots_training_curves_per_group(caches: dict, tmp_path: Path) ->
         "![training curves: test errors and loss terms against the epoch](all.png)"
         in (tmp_path / "results.md").read_text()
     )
-    from kdpipe.report import training_curves
+    from kdpipe.tools.report import training_curves
 
     curves = training_curves([tmp_path / "soft-s0", tmp_path / "soft-s1"])
     assert len(curves) == 4 and set(curves["group"]) == {"soft"}
@@ -426,7 +426,7 @@ def test_cached_layers_are_read_per_row_and_view_or_refused_in_one_line(
 def test_the_api_refuses_the_temperatures_the_cli_refuses(
     train_cache: Path, tmp_path: Path, temperature: float, shown: str
 ) -> None:
-    from kdpipe.errors import UsageError
+    from kdpipe.base.errors import UsageError
 
     message = f"--temperature must be a number from 0.01 to 1000, not {shown}"
     opened = kd.open_cache(train_cache)
@@ -451,7 +451,7 @@ def test_the_api_refuses_the_temperatures_the_cli_refuses(
 def test_the_loss_refuses_a_weight_outside_zero_one(
     train_cache: Path, tmp_path: Path, alpha: float
 ) -> None:
-    from kdpipe.errors import UsageError
+    from kdpipe.base.errors import UsageError
 
     logits, labels = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
     message = f"--alpha must be in [0, 1], not {alpha}"

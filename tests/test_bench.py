@@ -58,11 +58,11 @@ def test_committed_benchmarks_match_their_csvs() -> None:
             assert float(shown[name]) == float(f"{value:.3g}"), (section, name)
 
 
-# --- the measured section on real files (pipeline/benchfolder.py) ------------------------------
+# --- the measured section on real files (pipeline/tools/benchfolder.py) ----------------------
 
 
 def _jpeg_folder(out: Path, train: int, test: int) -> dict:
-    from kdpipe.benchfolder import build_jpeg_folder
+    from kdpipe.tools.benchfolder import build_jpeg_folder
 
     return build_jpeg_folder(out, {"train": train, "test": test}, source="synthetic",
                              workers=2, log=lambda line: None)  # fmt: skip
@@ -97,7 +97,7 @@ def test_jpeg_folder_is_rebuilt_bit_identically(tmp_path: Path) -> None:
     assert len(sides) > 10 and len(colours) > 10  # drawn per image, not one for all
     assert (tmp_path / "a" / "RECIPE.json").is_file()
     # another seed is another folder
-    from kdpipe.benchfolder import JpegRecipe, build_jpeg_folder
+    from kdpipe.tools.benchfolder import JpegRecipe, build_jpeg_folder
 
     other = build_jpeg_folder(tmp_path / "d", {"train": 40, "test": 10}, source="synthetic",
                               recipe=JpegRecipe(seed=1), workers=1,

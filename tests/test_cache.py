@@ -8,11 +8,11 @@ import pytest
 import torch
 import zarr
 from conftest import edit_manifest
+from kdpipe.base.errors import CacheError, CacheIncompleteError, ManifestError, NotACacheError
 from kdpipe.cache import Manifest, load_soft_labels, read_manifest, retemper
-from kdpipe.data import make_synthetic
-from kdpipe.errors import CacheError, CacheIncompleteError, ManifestError, NotACacheError
-from kdpipe.runs import load_model
-from kdpipe.teacher import combine_members, predict_logits
+from kdpipe.data.datasets import make_synthetic
+from kdpipe.models.runs import load_model
+from kdpipe.models.teacher import combine_members, predict_logits
 
 
 def test_stored_values_are_the_teachers_log_softmax_at_t(

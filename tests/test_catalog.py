@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import cache, invoke, student
+from kdpipe.base.errors import ManifestError
 from kdpipe.cache import Upstream, derive_cache_id, read_manifest
-from kdpipe.errors import ManifestError
-from kdpipe.runs import read_card
+from kdpipe.models.runs import read_card
 
 
 def test_three_caches_from_two_teacher_versions(teacher_run: Path, tmp_path: Path) -> None:

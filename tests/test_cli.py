@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import cache, edit_manifest, invoke, student
 from kdpipe.cli import main
-from kdpipe.runs import read_card
+from kdpipe.models.runs import read_card
 from PIL import Image
 
 
@@ -174,7 +174,7 @@ def test_out_of_range_options(
 
 
 def test_library_rejects_bad_values_too(train_cache: Path, tmp_path: Path) -> None:
-    from kdpipe.errors import UsageError
+    from kdpipe.base.errors import UsageError
     from kdpipe.train import TrainConfig, train_student
 
     for bad, message in (
@@ -221,7 +221,7 @@ def test_not_a_cache_and_incomplete_cache(train_cache: Path, tmp_path: Path) -> 
 
 def test_nan_teacher_outputs_stop_the_pass(teacher_run: Path, tmp_path: Path) -> None:
     import safetensors.torch
-    from kdpipe.models import create_model, weights_sha256
+    from kdpipe.models.registry import create_model, weights_sha256
 
     broken = tmp_path / "nan-teacher"
     shutil.copytree(teacher_run, broken)

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kdpipe import fetch
-from kdpipe.data import fingerprint, load_dataset, make_synthetic
-from kdpipe.errors import DatasetError
+from kdpipe.base.errors import DatasetError
+from kdpipe.data import fetch
+from kdpipe.data.datasets import fingerprint, load_dataset, make_synthetic
 from PIL import Image
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import fails, invoke
-from kdpipe.data import decode_options, load_dataset
-from kdpipe.errors import CacheMismatchError
+from kdpipe.base.errors import CacheMismatchError
+from kdpipe.data.datasets import decode_options, load_dataset
 from PIL import Image
 
 

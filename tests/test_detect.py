@@ -15,19 +15,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import snapshot
-from kdpipe.detectfolder import DetectRecipe, build_detect_folder
-from kdpipe.errors import KdpipeError, ModelError, RunDirError
+from kdpipe.base.errors import KdpipeError, ModelError, RunDirError
+from kdpipe.data.detectfolder import DetectRecipe, build_detect_folder
 
 if importlib.util.find_spec("ultralytics") is None:  # not imported: kdpipe's door does it
     pytest.skip("the detect extra: pip install 'kdpipe[detect]'", allow_module_level=True)
 
-from kdpipe.detect.runs import (
+from kdpipe.tasks.detect.runs import (
     DetectionTeacherConfig,
     import_detection_teacher,
     load_detection_run,
     train_detection_teacher,
 )
-from kdpipe.detect.yolo import head_outputs, load_checkpoint, ultralytics
+from kdpipe.tasks.detect.yolo import head_outputs, load_checkpoint, ultralytics
 
 SIZE = 64
 
@@ -137,7 +137,7 @@ def test_without_the_extra_detection_is_one_line_naming_it() -> None:
     """The core never needs Ultralytics; the detection room says how to install it."""
     code = (
         "import sys; sys.modules['ultralytics'] = None\n"
-        "from kdpipe.detect.yolo import ultralytics\n"
+        "from kdpipe.tasks.detect.yolo import ultralytics\n"
         "try:\n    ultralytics()\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -152,7 +152,7 @@ def test_without_the_extra_detection_is_one_line_naming_it() -> None:
 def test_view_zero_is_ultralytics_letterbox_of_image_and_boxes() -> None:
     """Pixels and boxes of the plain view against Ultralytics' own LetterBox run on its own
     label format (Instances), an independent path for the boxes."""
-    from kdpipe.detect.views import PLAIN_VIEW, render
+    from kdpipe.tasks.detect.views import PLAIN_VIEW, render
     from ultralytics.data.augment import LetterBox
     from ultralytics.utils.instance import Instances
 
@@ -170,7 +170,7 @@ def test_view_zero_is_ultralytics_letterbox_of_image_and_boxes() -> None:
 
 
 def test_a_stored_view_renders_the_same_pixels_and_boxes_twice_and_boxes_follow_pixels() -> None:
-    from kdpipe.detect.views import DetectAugment, draw_views, render
+    from kdpipe.tasks.detect.views import DetectAugment, draw_views, render
 
     image = np.zeros((100, 160, 3), np.uint8)
     image[20:60, 30:70] = 255  # one white object; its box is exactly its pixels
@@ -203,7 +203,7 @@ def test_importing_the_detect_room_leaves_pillow_and_torch_as_they_were() -> Non
     on import; after kdpipe's door they are the libraries' own again."""
     script = ("from PIL import Image; import torch\n"
               "before = (Image.open, torch.save)\n"
-              "from kdpipe.detect.yolo import ultralytics; ultralytics()\n"
+              "from kdpipe.tasks.detect.yolo import ultralytics; ultralytics()\n"
               "import ultralytics.utils.patches\n"
               "print((Image.open, torch.save) == before)\n")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

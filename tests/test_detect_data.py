@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import fails, invoke
-from kdpipe.detectfolder import DetectRecipe, build_detect_folder
-from kdpipe.errors import DatasetError
-from kdpipe.yolodata import label_file, load_detection_split, read_data_yaml, read_labels
+from kdpipe.base.errors import DatasetError
+from kdpipe.data.detectfolder import DetectRecipe, build_detect_folder
+from kdpipe.data.yolo import label_file, load_detection_split, read_data_yaml, read_labels
 from PIL import Image
 
 COUNTS = {"train": 12, "val": 4, "test": 4}

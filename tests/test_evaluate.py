@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 from conftest import invoke, student
-from kdpipe.data import load_dataset
-from kdpipe.evaluate import evaluate_run, per_class_accuracy
-from kdpipe.runs import load_model
-from kdpipe.teacher import predict_logits
+from kdpipe.check.evaluate import evaluate_run, per_class_accuracy
+from kdpipe.data.datasets import load_dataset
+from kdpipe.models.runs import load_model
+from kdpipe.models.teacher import predict_logits
 
 
 def test_per_class_accuracy_counts_each_class_apart() -> None:

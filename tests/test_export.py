@@ -15,11 +15,11 @@ import safetensors.torch
 import torch
 from conftest import cache, invoke, student
 from kdpipe.cache import load_soft_labels
-from kdpipe.data import load_dataset
+from kdpipe.data.datasets import load_dataset
 from kdpipe.export import calibration_set, onnx_logits, onnx_session, read_onnx_card
-from kdpipe.inputs import prepare_input
-from kdpipe.runs import load_model, read_card
-from kdpipe.teacher import predict_logits
+from kdpipe.models.runs import load_model, read_card
+from kdpipe.models.teacher import predict_logits
+from kdpipe.views.inputs import prepare_input
 from timm.models import register_model
 from torch import nn
 

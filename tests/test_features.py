@@ -10,10 +10,10 @@ import torch.nn.functional as F
 import zarr
 from conftest import cache, invoke, student
 from kdpipe.cache import array_specs, load_soft_labels, read_manifest
-from kdpipe.data import load_dataset
-from kdpipe.inputs import view_input
-from kdpipe.runs import load_model
-from kdpipe.verify import verify_cache
+from kdpipe.check.verify import verify_cache
+from kdpipe.data.datasets import load_dataset
+from kdpipe.models.runs import load_model
+from kdpipe.views.inputs import view_input
 
 PLAIN_ARRAYS = {"logprobs", "labels", "indices", "views", "partners", "chunk_digests", "progress"}
 
@@ -80,7 +80,7 @@ def test_feature_arrays_are_plain_zarr_chunked_and_covered_by_the_digests(
     assert features.chunks == (256, 2, 32, 2, 2)
     report = verify_cache(feature_cache)
     assert report.ok, report.failures()
-    from kdpipe.report import cache_command
+    from kdpipe.tools.report import cache_command
 
     rebuilt = cache_command(feature_cache)  # report's rebuilt command names the layers
     assert "--features features.3,pre_logits --attention features.7 --feature-grid 2" in rebuilt
@@ -113,7 +113,7 @@ def test_verify_recompute_checks_the_cached_layers(
 ) -> None:
     import shutil
 
-    from kdpipe.data import make_synthetic
+    from kdpipe.data.datasets import make_synthetic
 
     def recompute(store: Path) -> str:
         report = verify_cache(store, dataset=make_synthetic("train"), recompute=600,
@@ -133,7 +133,7 @@ def test_verify_recompute_checks_the_cached_layers(
 
 def test_layer_values_are_checked_by_verify() -> None:
     from kdpipe.cache import CachedLayer
-    from kdpipe.verify import _layer_problems
+    from kdpipe.check.verify import _layer_problems
 
     class Fake:
         features = (CachedLayer(name="x", kind="attention", array="attention_x", shape=[4],
@@ -171,9 +171,9 @@ def _patch_load_model(monkeypatch: pytest.MonkeyPatch, forbidden: Path) -> None:
     """Every module's load_model fails on ``forbidden`` (the teacher's run directory)."""
     import sys
 
-    import kdpipe.runs
+    import kdpipe.models.runs
 
-    original = kdpipe.runs.load_model
+    original = kdpipe.models.runs.load_model
 
     def guarded(run_dir: Path, *args: object, **kwargs: object) -> object:
         assert Path(run_dir).resolve() != forbidden.resolve(), "the teacher was loaded"
@@ -188,7 +188,7 @@ def test_a_feature_student_trains_without_its_teacher_and_saves_no_projector(
     feature_cache: Path, teacher_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import safetensors.torch
-    from kdpipe.models import create_model
+    from kdpipe.models.registry import create_model
 
     _patch_load_model(monkeypatch, teacher_run)
     runs = {}
@@ -209,7 +209,7 @@ def test_a_feature_student_trains_without_its_teacher_and_saves_no_projector(
         if options:  # report's rebuilt command carries the feature options
             import json
 
-            from kdpipe.report import command_line
+            from kdpipe.tools.report import command_line
 
             rebuilt = command_line(json.loads((out / "config.json").read_text()))
             assert f"--feature-loss {name}" in rebuilt and "--teacher-layer " in rebuilt
@@ -222,7 +222,7 @@ def test_a_resumed_feature_run_ends_where_an_uninterrupted_one_does(
     """The projector is in the checkpoints: stopped after epoch 1 and resumed, a feature
     run ends with the weights of the run that was not stopped."""
     import kdpipe.train.loop as loop
-    from kdpipe.runs import read_card
+    from kdpipe.models.runs import read_card
 
     options = "--alpha 0.5 --feature-loss hint --student-layer 0 --teacher-layer features.3"
     options += " --model kd_cnn"
@@ -280,7 +280,7 @@ def test_timm_s_own_layer_names_and_indices_are_those_of_forward_intermediates()
     """A timm ResNet: feature_info module names, their indices (forward_intermediates'),
     and pre_logits, each tapped output equal to what timm's own API returns."""
     import timm
-    from kdpipe.features import LayerRequest, LayerTaps, feature_layers
+    from kdpipe.views.features import LayerRequest, LayerTaps, feature_layers
 
     model = timm.create_model("resnet10t", num_classes=5, in_chans=1).eval()
     names = feature_layers(model)
@@ -299,9 +299,9 @@ def test_timm_s_own_layer_names_and_indices_are_those_of_forward_intermediates()
 
 
 def test_kd_models_expose_named_layers_without_changing_their_weights() -> None:
-    from kdpipe.features import feature_layers
-    from kdpipe.inputs import DataConfig
-    from kdpipe.models import create_model
+    from kdpipe.models.registry import create_model
+    from kdpipe.views.features import feature_layers
+    from kdpipe.views.inputs import DataConfig
 
     config = DataConfig(input_size=(1, 12, 12), mean=(0.5,), std=(0.25,))
     mlp = create_model("kd_mlp", num_classes=5, data_config=config,
@@ -324,8 +324,8 @@ def test_online_feature_term_is_the_cached_term_paid_at_every_step(teacher_run: 
     import contextlib
     from types import SimpleNamespace
 
-    from kdpipe.losses import hint_loss
-    from kdpipe.models import create_model
+    from kdpipe.models.registry import create_model
+    from kdpipe.tasks.classify.loss import hint_loss
     from kdpipe.train.plan import online_layer
     from kdpipe.train.step import FeatureTerm, OnlineDistillation
 
@@ -359,7 +359,7 @@ def test_distill_online_with_a_feature_term_saves_no_projector(
     teacher_run: Path, tmp_path: Path
 ) -> None:
     import safetensors.torch
-    from kdpipe.models import create_model
+    from kdpipe.models.registry import create_model
 
     options = ("distill-online --model kd_cnn_tiny --data synthetic --epochs 1 --alpha 0.5 "
                "--temperature 2 --teacher")  # fmt: skip
@@ -383,7 +383,7 @@ def test_a_report_of_feature_runs_shows_each_term_and_the_bytes_of_its_cache(
 ) -> None:
     """Beyond logits, what a cache holds is part of the result: the table names each run's
     feature term and the bytes per sample-view of the cache it read, measured on disk."""
-    from kdpipe.report import report, to_markdown
+    from kdpipe.tools.report import report, to_markdown
 
     plain, hint = tmp_path / "plain-s0", tmp_path / "hint-s0"
     assert student(train_cache, plain, "--alpha 0.5 --model kd_cnn --epochs 1").exit_code == 0

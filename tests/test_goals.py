@@ -1,4 +1,4 @@
-"""The summary of the Hinton goals (kdpipe.goals): its arithmetic on known rows, and
+"""The summary of the Hinton goals (kdpipe.tools.goals): its arithmetic on known rows, and
 its messages when a table is missing or a group is absent."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from kdpipe.errors import UsageError
-from kdpipe.goals import main, summary
+from kdpipe.base.errors import UsageError
+from kdpipe.tools.goals import main, summary
 
 
 def _rows(groups: dict[str, list[float]], column: str = "test_errors") -> pd.DataFrame:

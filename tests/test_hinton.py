@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 import torch
 from conftest import cache, invoke, student
-from kdpipe.data import load_dataset, validation_rows
-from kdpipe.errors import DatasetError, ManifestError, UsageError
-from kdpipe.report import report, to_markdown
-from kdpipe.runs import load_model
-from kdpipe.teacher import predict_logits
+from kdpipe.base.errors import DatasetError, ManifestError, UsageError
+from kdpipe.data.datasets import load_dataset, validation_rows
+from kdpipe.models.runs import load_model
+from kdpipe.models.teacher import predict_logits
+from kdpipe.tools.report import report, to_markdown
 from kdpipe.train import TrainConfig, resume_training, train_student
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import cache, fails, invoke, snapshot, student
-from kdpipe.data import load_dataset
-from kdpipe.runs import read_card
+from kdpipe.data.datasets import load_dataset
+from kdpipe.models.runs import read_card
 from kdpipe.train import TrainConfig, resume_training, train_student
 from PIL import Image
 
@@ -134,7 +134,7 @@ def test_sixteen_bit_pngs_are_scaled_not_clipped(tmp_path: Path) -> None:
 def test_extreme_temperatures_are_refused_up_front(
     teacher_run: Path, train_cache: Path, tmp_path: Path, value: str
 ) -> None:
-    # a bad option value: click's exit status 2, the library's own sentence (kdpipe.checks)
+    # a bad option value: click's exit status 2, the library's own sentence (kdpipe.base.checks)
     fails(cache(teacher_run, tmp_path / "c.zarr", f"--temperature {value}"),
           "--temperature must be a number from 0.01 to 1000", code=2)  # fmt: skip
     assert not (tmp_path / "c.zarr").exists()
@@ -258,7 +258,7 @@ def test_tune_bias_refuses_a_grid_too_large_to_try(train_cache: Path, tmp_path: 
 def test_report_names_the_test_split_size_and_the_cache_chunking(
     teacher_run: Path, tmp_path: Path
 ) -> None:
-    from kdpipe.report import cache_command, collect, summarize, to_markdown
+    from kdpipe.tools.report import cache_command, collect, summarize, to_markdown
 
     made = cache(teacher_run, tmp_path / "c.zarr", "--temperature 2 --chunk-size 100")
     assert made.exit_code == 0

@@ -13,14 +13,14 @@ import pytest
 import torch
 from conftest import invoke
 from kdpipe.api import DistillationDataset
+from kdpipe.base.distributed import World
+from kdpipe.base.errors import CacheMismatchError, DatasetError
 from kdpipe.cache import load_soft_labels
-from kdpipe.data import load_dataset, make_synthetic, take_rows
-from kdpipe.distributed import World
-from kdpipe.errors import CacheMismatchError, DatasetError
-from kdpipe.imagefolder import FolderImages, batches_of, decode_image, index_path
-from kdpipe.inputs import DataConfig
-from kdpipe.teacher import predict_logits
+from kdpipe.data.datasets import load_dataset, make_synthetic, take_rows
+from kdpipe.data.imagefolder import FolderImages, batches_of, decode_image, index_path
+from kdpipe.models.teacher import predict_logits
 from kdpipe.train.batches import EpochBatches, TrainData
+from kdpipe.views.inputs import DataConfig
 from PIL import Image
 
 CPU = torch.device("cpu")
@@ -405,10 +405,10 @@ def test_a_teacher_and_a_student_at_different_sizes_replay_one_view(tmp_path: Pa
     render(view v of row r) at 32 px, and the cached value for (r, v) is the teacher on
     render(view v of row r) at 64 px, recomputed with timm alone."""
     import timm
-    from kdpipe.distributed import World
-    from kdpipe.inputs import render
+    from kdpipe.base.distributed import World
     from kdpipe.train import TrainConfig, TrainData, plan_run
-    from kdpipe.views import view_schedule
+    from kdpipe.views.inputs import render
+    from kdpipe.views.policy import view_schedule
 
     root = noise_folder(tmp_path / "imgs", ("a", "b"), count=4, size=40)
     hub = hub_teacher(tmp_path / "hub", 2)
@@ -490,8 +490,8 @@ def test_subset_excluded_classes_and_views_on_a_folder(tmp_path: Path) -> None:
     """--subset, --exclude-classes and --views with augmentation on an image folder: the rows
     are select_rows' (no excluded class), labels the folder's, each view's values the
     teacher's on that view; verify recomputes every row and a student trains on them."""
-    from kdpipe.data import select_rows
-    from kdpipe.runs import load_model
+    from kdpipe.data.datasets import select_rows
+    from kdpipe.models.runs import load_model
 
     root = noise_folder(tmp_path / "imgs", ("a", "b", "c"), count=6, size=12)
     teacher, store = tmp_path / "t", tmp_path / "c.zarr"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from kdpipe.losses import distillation_loss
+from kdpipe.tasks.classify.loss import distillation_loss
 
 STUDENT = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
 TEACHER_LOGITS = torch.tensor([[3.0, 2.0, 1.0], [1.0, 1.0, 4.0]])
@@ -83,13 +83,13 @@ def test_t_squared_keeps_soft_gradients_comparable_across_temperatures() -> None
 
 def test_feature_losses_against_golden_values() -> None:
     """Worked by hand from each formula (FitNets hint, cosine, attention transfer)."""
-    from kdpipe.features import attention_map
-    from kdpipe.losses import (
+    from kdpipe.tasks.classify.loss import (
         attention_transfer_loss,
         cosine_feature_loss,
         feature_loss,
         hint_loss,
     )
+    from kdpipe.views.features import attention_map
 
     projected = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     target = torch.tensor([[1.0, 0.0], [0.0, 4.0]])

@@ -4,9 +4,9 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from kdpipe.errors import ModelError
-from kdpipe.inputs import DataConfig
-from kdpipe.models import create_model, param_count, weights_sha256
+from kdpipe.base.errors import ModelError
+from kdpipe.models.registry import create_model, param_count, weights_sha256
+from kdpipe.views.inputs import DataConfig
 from timm.data import resolve_data_config
 
 GRAY28 = DataConfig(input_size=(1, 28, 28), mean=(0.3,), std=(0.35,))

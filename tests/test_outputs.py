@@ -172,7 +172,7 @@ def test_storage_csv_needs_overwrite(train_cache: Path, tmp_path: Path) -> None:
 
 
 def test_report_counts_one_run_once(finished_run: Path, tmp_path: Path) -> None:
-    from kdpipe.report import report
+    from kdpipe.tools.report import report
 
     spelled = finished_run.parent / "." / finished_run.name
     table = report([finished_run, Path(str(spelled) + "/")])
@@ -185,7 +185,7 @@ def test_report_counts_one_run_once(finished_run: Path, tmp_path: Path) -> None:
 def test_report_reads_the_final_result_from_model_json(finished_run: Path, tmp_path: Path) -> None:
     import shutil
 
-    from kdpipe.report import report
+    from kdpipe.tools.report import report
 
     run = tmp_path / "teacher-s0"
     shutil.copytree(finished_run, run)

@@ -20,11 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kdpipe.cache import load_soft_labels
-from kdpipe.data import load_dataset
-from kdpipe.inputs import DataConfig
-from kdpipe.models import create_model
-from kdpipe.runs import load_model
+from kdpipe.data.datasets import load_dataset
+from kdpipe.models.registry import create_model
+from kdpipe.models.runs import load_model
 from kdpipe.train import TrainConfig, resume_training, train_student
+from kdpipe.views.inputs import DataConfig
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 SEED, LR, BATCH, EPOCHS, WARMUP = 3, 0.05, 64, 2, 1
@@ -150,7 +150,7 @@ def test_a_run_saved_before_sched_on_resumes_per_epoch(train_cache: Path, tmp_pa
     """A config.json without ``sched_on`` was written when schedules moved once per epoch:
     it resumes so, to the weights of an uninterrupted per-epoch run, and its rebuilt
     command says --sched-on epoch."""
-    from kdpipe.report import command_line
+    from kdpipe.tools.report import command_line
 
     settings = {"model": MODEL, "data": "synthetic", "epochs": 3, "warmup_epochs": 1,
                 "cache": str(train_cache), "alpha": 0.5, "seed": SEED}  # fmt: skip
@@ -175,7 +175,7 @@ def test_a_run_saved_before_sched_on_resumes_per_epoch(train_cache: Path, tmp_pa
 
 
 def test_sched_on_is_checked_before_a_run_starts(tmp_path: Path) -> None:
-    from kdpipe.errors import UsageError
+    from kdpipe.base.errors import UsageError
 
     def config(**options: object) -> TrainConfig:
         return TrainConfig(model=MODEL, data="synthetic", epochs=2, out=str(tmp_path / "x"),

@@ -17,11 +17,11 @@ import timm
 import torch
 from conftest import fails, invoke, snapshot
 from kdpipe.cache import load_soft_labels, read_manifest
-from kdpipe.data import load_dataset
+from kdpipe.data.datasets import load_dataset
 from kdpipe.export.onnx import read_onnx_card
-from kdpipe.inputs import DataConfig, prepare_input
-from kdpipe.models import weights_sha256
-from kdpipe.runs import load_model, read_card
+from kdpipe.models.registry import weights_sha256
+from kdpipe.models.runs import load_model, read_card
+from kdpipe.views.inputs import DataConfig, prepare_input
 from PIL import Image
 
 ARCH = "resnet10t"
@@ -704,7 +704,7 @@ def class_folder(root: Path, names: tuple[str, ...]) -> Path:
 
 
 def test_class_names_are_compared_wherever_a_model_meets_data(tmp_path: Path) -> None:
-    from kdpipe.data import class_mismatch
+    from kdpipe.data.datasets import class_mismatch
 
     ours = class_folder(tmp_path / "ours", ("cat", "dog", "fox"))
     theirs = class_folder(tmp_path / "theirs", ("bat", "cat", "dog"))

@@ -19,7 +19,7 @@ import timm
 import torch
 from conftest import fails, invoke
 from kdpipe.cache import read_manifest
-from kdpipe.runs import read_card
+from kdpipe.models.runs import read_card
 from PIL import Image
 
 README = Path(__file__).resolve().parent.parent / "README.md"

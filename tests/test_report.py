@@ -5,9 +5,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import student
-from kdpipe.errors import UsageError
-from kdpipe.publish import replace_section
-from kdpipe.report import command_line, report
+from kdpipe.base.errors import UsageError
+from kdpipe.tools.publish import replace_section
+from kdpipe.tools.report import command_line, report
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_table_is_read_from_the_runs(runs: list, tmp_path: Path) -> None:
 
 
 def test_gap_recovery_needs_a_teacher_better_than_the_baseline(runs: list) -> None:
-    from kdpipe.report import collect, summarize
+    from kdpipe.tools.report import collect, summarize
 
     per_run = collect(runs)
     assert per_run.set_index("group").loc["hard", "teacher"].tolist() == ["", ""]  # alpha = 1

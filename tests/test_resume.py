@@ -174,7 +174,7 @@ def test_train_student_killed_then_resumed_matches_uninterrupted(
     train_cache: Path, tmp_path: Path
 ) -> None:
     import pandas as pd
-    from kdpipe.runs import read_card
+    from kdpipe.models.runs import read_card
 
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run(
@@ -326,7 +326,7 @@ def test_resume_refuses_a_cache_remade_at_the_same_path(teacher_run: Path, tmp_p
 
 def test_resume_refuses_an_online_teacher_retrained_at_the_same_path(tmp_path: Path) -> None:
     from conftest import invoke
-    from kdpipe.runs import read_card
+    from kdpipe.models.runs import read_card
     from kdpipe.train import TrainConfig, distill_online
 
     teacher = tmp_path / "teacher"

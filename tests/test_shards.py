@@ -18,9 +18,9 @@ import webdataset
 import zarr
 from conftest import invoke
 from kdpipe.api import DistillationDataset
-from kdpipe.data import load_dataset
-from kdpipe.errors import CacheMismatchError, DatasetError
-from kdpipe.imagefolder import batches_of
+from kdpipe.base.errors import CacheMismatchError, DatasetError
+from kdpipe.data.datasets import load_dataset
+from kdpipe.data.imagefolder import batches_of
 from PIL import Image
 from test_imagefolder import colour_folder, error_lines, peak_bytes
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import invoke, student
+from kdpipe.base.distributed import SINGLE
+from kdpipe.base.errors import CacheError, UsageError
 from kdpipe.cache import load_soft_labels
 from kdpipe.cache.stream import (
     StreamedSoftLabels,
@@ -16,8 +18,6 @@ from kdpipe.cache.stream import (
     open_soft_labels,
     windowed_order,
 )
-from kdpipe.distributed import SINGLE
-from kdpipe.errors import CacheError, UsageError
 from kdpipe.train import EpochBatches, TrainData
 
 

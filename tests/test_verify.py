@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 from conftest import edit_manifest, invoke, student
-from kdpipe.data import make_synthetic
-from kdpipe.verify import verify_cache
+from kdpipe.check.verify import verify_cache
+from kdpipe.data.datasets import make_synthetic
 
 
 @pytest.fixture
@@ -254,10 +254,10 @@ def test_verify_names_a_cache_whose_rows_are_uniform(
 ) -> None:
     """A cache written without the writer's check (as before it) at T = 1000: every row
     the same uniform distribution, which verify called 'values ok'."""
-    import kdpipe.teach
+    import kdpipe.models.teach
 
-    monkeypatch.setattr(kdpipe.teach, "LOST_RANKING_SHARE", 1.0, raising=False)  # old writer
-    monkeypatch.setattr(kdpipe.teach, "UNIFORM_SHARE", 1.0, raising=False)
+    monkeypatch.setattr(kdpipe.models.teach, "LOST_RANKING_SHARE", 1.0, raising=False)  # old writer
+    monkeypatch.setattr(kdpipe.models.teach, "UNIFORM_SHARE", 1.0, raising=False)
     out = tmp_path / "uniform.zarr"
     result = cache_of(soft_teacher, out, "--temperature 1000")
     assert result.exit_code == 0, result.output

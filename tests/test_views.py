@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import cache, invoke, student
+from kdpipe.base.errors import CacheError
 from kdpipe.cache import (
     VIEW_COLUMNS,
     VIEW_FIELDS,
@@ -15,14 +16,13 @@ from kdpipe.cache import (
     read_manifest,
     reconstruct_top_k,
 )
-from kdpipe.data import make_synthetic
-from kdpipe.errors import CacheError
-from kdpipe.inputs import render
-from kdpipe.report import cache_command, command_line, report
-from kdpipe.runs import load_model, read_config
-from kdpipe.teacher import predict_logits
+from kdpipe.data.datasets import make_synthetic
+from kdpipe.models.runs import load_model, read_config
+from kdpipe.models.teacher import predict_logits
+from kdpipe.tools.report import cache_command, command_line, report
 from kdpipe.train import TrainConfig, TrainData, cache_data
-from kdpipe.views import ViewPolicy, sample_views, view_schedule
+from kdpipe.views.inputs import render
+from kdpipe.views.policy import ViewPolicy, sample_views, view_schedule
 
 CPU = torch.device("cpu")
 DATA = make_synthetic("train")
@@ -436,7 +436,7 @@ def test_storage_table_measures_bytes_and_top_k_loss(train_cache: Path, tmp_path
 
 
 def test_training_subsets_are_the_cache_subsets(train_cache: Path, tmp_path: Path) -> None:
-    from kdpipe.data import select_rows
+    from kdpipe.data.datasets import select_rows
 
     store = tmp_path / "subset.zarr"
     teacher = Path(load_soft_labels(train_cache).manifest.teachers[0].run_dir)

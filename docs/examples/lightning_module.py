@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 
+import kdpipe as kd
 import lightning
 import torch
-
-import kdpipe as kd
 
 
 class Distillation(lightning.LightningModule):

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 import kdpipe as kd
+import torch
 
 
 def test_accuracy(

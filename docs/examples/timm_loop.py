@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 
+import kdpipe as kd
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import AverageMeter, accuracy
-
-import kdpipe as kd
 
 
 def train_one_epoch(epoch, model, loader, optimizer, scheduler, alpha, temperature) -> dict:

@@ -13,11 +13,11 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from kdpipe.base.checks import TEMPERATURE_RANGE, temperature_problem  # noqa: F401 (re-exported)
+from kdpipe.base.errors import ManifestError
+from kdpipe.base.spec import check_field as _check
+from kdpipe.base.spec import check_keys, check_object
 from kdpipe.cache.layout import STORAGE_KINDS, Layout, storage_layout
-from kdpipe.checks import TEMPERATURE_RANGE, temperature_problem  # noqa: F401 (re-exported)
-from kdpipe.errors import ManifestError
-from kdpipe.spec import check_field as _check
-from kdpipe.spec import check_keys, check_object
 
 FORMAT_VERSION = 3  # 2: views, transfer-set rows, top-k storage; 3: chunk position digests
 MANIFEST_KEY = "kdpipe"
@@ -29,7 +29,7 @@ COMBINE_RULES = ("mean-probs", "mean-logits")
 DTYPES = ("float16", "float32")
 PRECISIONS = ("float32", "bfloat16")
 # the columns of the ``views`` array (float32, one row per sample and view): the explicit
-# parameters of a view, replayed by kdpipe.inputs.render and drawn by kdpipe.views
+# parameters of a view, replayed by kdpipe.views.inputs.render and drawn by kdpipe.views.policy
 VIEW_FIELDS = (
     "top",  # crop box in the source image, as fractions of its height and width;
     "left",  # a box may reach outside the image (shifts): outside pixels are 0
@@ -440,7 +440,7 @@ class Manifest:
         }
 
 
-# how a folder's or shards' files became the cached rows' pixels (kdpipe.imagefolder's
+# how a folder's or shards' files became the cached rows' pixels (kdpipe.data.imagefolder's
 # RESIZE_MODES: crop keeps the aspect ratio, squash stretches)
 DECODE_KEYS = ("size", "channels", "resize")
 RESIZE_MODES = ("crop", "squash")

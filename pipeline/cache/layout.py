@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from kdpipe.errors import UsageError
+from kdpipe.base.errors import UsageError
 
 STORAGE_KINDS = ("dense", "top-k")
 ArraySpecs = dict[str, tuple[tuple[int, ...], str, int | float]]

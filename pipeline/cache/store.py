@@ -27,6 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from kdpipe.base.checks import check_temperature as check_temperature_value
+from kdpipe.base.errors import (
+    CacheError,
+    CacheIncompleteError,
+    ManifestError,
+    NotACacheError,
+)
 from kdpipe.cache.format import (
     CHECKSUM_KEY,
     MANIFEST_KEY,
@@ -39,13 +46,6 @@ from kdpipe.cache.format import (
     manifest_checksum,
 )
 from kdpipe.cache.location import Location
-from kdpipe.checks import check_temperature as check_temperature_value
-from kdpipe.errors import (
-    CacheError,
-    CacheIncompleteError,
-    ManifestError,
-    NotACacheError,
-)
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 PROGRESS = "progress"

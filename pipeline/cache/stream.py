@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from kdpipe.base.errors import CacheError, UsageError
 from kdpipe.cache.format import Manifest, array_specs
 from kdpipe.cache.location import Location
 from kdpipe.cache.store import (
@@ -42,7 +43,6 @@ from kdpipe.cache.store import (
     read_positions,
     to_log_probs,
 )
-from kdpipe.errors import CacheError, UsageError
 
 PER_VIEW = ("targets", "views", "partners")
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import click
 from kdpipe import __version__
-from kdpipe.checks import alpha_problem, temperature_problem
-from kdpipe.errors import KdpipeError
-from kdpipe.flags import SCHED_ON, flag
+from kdpipe.base.checks import alpha_problem, temperature_problem
+from kdpipe.base.errors import KdpipeError
+from kdpipe.base.flags import SCHED_ON, flag
 
 CONTEXT = {
     "help_option_names": ["-h", "--help"],
@@ -25,7 +25,7 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 
 
 def _checked(problem: Callable[[object, str], str | None]) -> Callable[..., Any]:
-    """An option callback that asks the library's own check (:mod:`kdpipe.checks`), so the
+    """An option callback that asks the library's own check (:mod:`kdpipe.base.checks`), so the
     command line refuses what the Python API refuses, with the same message."""
 
     def callback(_ctx: click.Context, param: click.Parameter, value: float | None) -> Any:
@@ -47,7 +47,7 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from kdpipe.outputs import forget_outputs, writing
+        from kdpipe.base.outputs import forget_outputs, writing
 
         forget_outputs()
         try:
@@ -376,7 +376,7 @@ def load_data(
 ) -> Any:  # fmt: skip
     """The dataset that --data and its companion options name; the decode settings not
     given are those of ``recorded`` (the dataset record of the cache or run ``what``)."""
-    from kdpipe.data import decode_options, load_dataset
+    from kdpipe.data.datasets import decode_options, load_dataset
 
     given = {"image_size": image_size, "channels": int(channels) if channels else None,
              "resize": resize}  # fmt: skip

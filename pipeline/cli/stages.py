@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from kdpipe.base.flags import REQUIRED_TO_START, flag
 from kdpipe.cli.base import (
     ALPHA,
     CONTEXT,
@@ -26,7 +27,6 @@ from kdpipe.cli.base import (
     training_options,
     view_options,
 )
-from kdpipe.flags import REQUIRED_TO_START, flag
 
 
 def parse_floats(text: str, option: str) -> list[float]:
@@ -49,7 +49,7 @@ def parse_floats(text: str, option: str) -> list[float]:
 @reports_errors
 def fetch_data(dest: str) -> None:
     """Fetch Fashion-MNIST (Debian package or official URLs) and verify its checksums."""
-    from kdpipe.fetch import fetch_fashion_mnist
+    from kdpipe.data.fetch import fetch_fashion_mnist
 
     fetch_fashion_mnist(Path(dest), log=echo)
 
@@ -70,7 +70,7 @@ def pack_shards(folder: str, out: str, shard_size: int) -> None:
     """Write an image folder as WebDataset tar shards (train-NNNNNN.tar, test-NNNNNN.tar,
     classes.txt) in its canonical order: each file's bytes as they are, keyed by position,
     so --data OUT gives the same rows, pixels and cache values as --data FOLDER."""
-    from kdpipe.data import pack_image_folder
+    from kdpipe.data.datasets import pack_image_folder
 
     counts = pack_image_folder(Path(folder), Path(out), shard_size)
     shards = ", ".join(f"{split}: {count} shard(s)" for split, count in counts.items())
@@ -179,7 +179,7 @@ def import_teacher_command(
     model.json. A --weights file given none of them is evaluated at the pretrained_cfg's
     and a warning says so. Class names: --classes, else the config's label_names.
     """
-    from kdpipe.runs import import_teacher
+    from kdpipe.models.runs import import_teacher
 
     given = dict(preprocessing)
     side = given.pop("input_size")
@@ -314,8 +314,8 @@ def cache_teacher_command(
     replay exactly the images the teacher saw. --features and --attention store
     intermediate layers of the same forward passes beside the log-probabilities.
     """
-    from kdpipe.teach import CacheConfig, cache_teacher
-    from kdpipe.views import ViewPolicy
+    from kdpipe.models.teach import CacheConfig, cache_teacher
+    from kdpipe.views.policy import ViewPolicy
 
     workers = options.pop("workers")
     config = CacheConfig(

@@ -82,12 +82,12 @@ def evaluate_command(
     provider with the file's own preprocessing (--device does not apply).
     """
     if output:
-        from kdpipe.outputs import EVALUATION, guard_output
+        from kdpipe.base.outputs import EVALUATION, guard_output
 
         guard_output(output, EVALUATION, overwrite=overwrite, inputs=[run_dir, cache, *teachers],
                      option="--output")  # fmt: skip
-    from kdpipe.evaluate import evaluate_run
-    from kdpipe.publish import render
+    from kdpipe.check.evaluate import evaluate_run
+    from kdpipe.tools.publish import render
 
     card = Path(run_dir) / "model.json"  # a run's data is decoded as it was trained on
     recorded = json.loads(card.read_text()).get("dataset") if card.is_file() else None
@@ -143,7 +143,7 @@ def tune_bias_command(
     The run must have been trained with --val-fraction: its held-out rows choose
     the bias, never the test set. Writes RUN_DIR/bias.json.
     """
-    from kdpipe.bias import BIAS_FILE, tune_bias
+    from kdpipe.tools.bias import BIAS_FILE, tune_bias
 
     result = tune_bias(
         Path(run_dir),
@@ -218,7 +218,7 @@ def report_command(
     Runs whose directory names differ only by a trailing -s<seed> form one group. A
     cache of a labelled test split is a row too: its teacher's (or ensemble's) result.
     """
-    from kdpipe.report import report, to_markdown
+    from kdpipe.tools.report import report, to_markdown
 
     table = report(
         [Path(p) for p in run_dirs],
@@ -259,7 +259,7 @@ def storage_command(
 ) -> None:
     """Bytes per sample-view of a dense cache as float32, float16 and top-k, and what top-k
     loses (mean KL to the reconstruction)."""
-    from kdpipe.storage import storage_report, to_markdown
+    from kdpipe.tools.storage import storage_report, to_markdown
 
     table = storage_report(
         cache_path,  # a folder or an fsspec URL
@@ -308,7 +308,7 @@ def verify_command(
     With --data, also the dataset's fingerprint and labels (the cache's split is used).
     Exits with status 1, naming the chunk or sample at fault, when a check fails.
     """
-    from kdpipe.verify import verify_cache
+    from kdpipe.check.verify import verify_cache
 
     dataset = None
     if data is not None:
@@ -343,8 +343,8 @@ def _cache_dataset(path: str) -> dict:
 @reports_errors
 def caches_command(paths: tuple[str, ...], fmt: str) -> None:
     """List the kdpipe caches under PATHS (default: the current folder) and what made each."""
-    from kdpipe.catalog import catalog
-    from kdpipe.publish import render_rows
+    from kdpipe.check.catalog import catalog
+    from kdpipe.tools.publish import render_rows
 
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
@@ -384,8 +384,8 @@ def lineage_command(
     taken from the manifests' records; exits with status 1 when a file is present but
     does not match its record (MISMATCH).
     """
-    from kdpipe.catalog import lineage
-    from kdpipe.publish import render_rows
+    from kdpipe.check.catalog import lineage
+    from kdpipe.tools.publish import render_rows
 
     frame = lineage(
         Path(run_dir),
@@ -449,7 +449,7 @@ def bench_command(
     (memory, streamed) / student training rate; P5 bytes per sample-view and the
     cost of S students offline against online.
     """
-    from kdpipe.bench import BenchConfig, bench_report
+    from kdpipe.tools.bench import BenchConfig, bench_report
 
     bench_report(BenchConfig(**options), markdown_path, csv_path, section=section, log=echo)
 
@@ -476,9 +476,9 @@ def jpeg_folder_command(
 
     Image i of a split: its two colours and its side drawn from a generator seeded with
     (seed, split, i), resized with PIL bicubic, saved at a fixed quality; DEST/RECIPE.json
-    records the recipe and a digest of every file (pipeline/benchfolder.py).
+    records the recipe and a digest of every file (pipeline/tools/benchfolder.py).
     """
-    from kdpipe.benchfolder import JpegRecipe, build_jpeg_folder
+    from kdpipe.tools.benchfolder import JpegRecipe, build_jpeg_folder
 
     record = build_jpeg_folder(
         Path(dest), {"train": train_count, "test": test_count}, data_root=Path(data_root),
@@ -506,9 +506,9 @@ def detect_folder_command(
 
     1-4 garments per canvas (128-192 px, a coloured, textured background) at random scales
     and positions; DEST/data.yaml names the splits and classes, DEST/RECIPE.json records
-    the recipe and a digest of every file (pipeline/detectfolder.py).
+    the recipe and a digest of every file (pipeline/data/detectfolder.py).
     """
-    from kdpipe.detectfolder import DetectRecipe, build_detect_folder
+    from kdpipe.data.detectfolder import DetectRecipe, build_detect_folder
 
     counts = {"train": train_count, "val": val_count, "test": test_count}
     record = build_detect_folder(Path(dest), counts, data_root=Path(data_root),
@@ -576,7 +576,7 @@ def bench_folder_command(
     Peak RSS at the small and the large folder; cache-teacher rows/s against timm's own
     loader running the same teacher; a cached epoch against a hard-label epoch.
     """
-    from kdpipe.benchfolder import FolderBenchConfig, folder_bench_report
+    from kdpipe.tools.benchfolder import FolderBenchConfig, folder_bench_report
 
     folder_bench_report(FolderBenchConfig(**options), markdown_path, csv_path,
                         section=section, log=echo)  # fmt: skip

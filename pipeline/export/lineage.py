@@ -6,9 +6,9 @@ import hashlib
 from pathlib import Path
 
 import pandas as pd
-from kdpipe.errors import KdpipeError
+from kdpipe.base.errors import KdpipeError
 from kdpipe.export.onnx import read_onnx_card
-from kdpipe.runs import load_model
+from kdpipe.models.runs import load_model
 
 
 def file_sha256(path: Path) -> str:
@@ -28,8 +28,8 @@ def file_lineage(
 ) -> pd.DataFrame:
     """The file's own link, the run it was made from (its weights hash recomputed and
     compared with the one the file records), a QAT run's float32 starting point, then
-    the run's chain as :func:`kdpipe.catalog.lineage` gives it."""
-    from kdpipe.catalog import lineage
+    the run's chain as :func:`kdpipe.check.catalog.lineage` gives it."""
+    from kdpipe.check.catalog import lineage
 
     card = read_onnx_card(path)  # a file that is not kdpipe's stops here
     rows = [

@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from kdpipe.base.errors import ExportError, UsageError
+from kdpipe.base.outputs import ONNX_FILE, guard_output
+from kdpipe.base.runtime import software_versions
 from kdpipe.cache import utc_now
-from kdpipe.data import ImageSet, class_mismatch, load_dataset
-from kdpipe.errors import ExportError, UsageError
-from kdpipe.inputs import DataConfig, check_channels, prepare_input
-from kdpipe.outputs import ONNX_FILE, guard_output
-from kdpipe.runs import ModelCard, load_model, read_card
-from kdpipe.runtime import software_versions
-from kdpipe.teacher import predict_logits
+from kdpipe.data.datasets import ImageSet, class_mismatch, load_dataset
+from kdpipe.models.runs import ModelCard, load_model, read_card
+from kdpipe.models.teacher import predict_logits
+from kdpipe.views.inputs import DataConfig, check_channels, prepare_input
 from torch import nn
 
 METADATA_KEY = "kdpipe"
@@ -353,7 +353,7 @@ def export_run(
     if name is None:
         raise UsageError(f"{run_dir} was imported (no training dataset recorded): give --data "
                          "for the rows the export is checked on")  # fmt: skip
-    from kdpipe.data import decode_options
+    from kdpipe.data.datasets import decode_options
 
     # decoded as the run's training data was (its card's dataset.decode) unless told
     decode = decode_options(run_card.dataset, str(run_dir), image_size=image_size,

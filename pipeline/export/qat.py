@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from kdpipe.base.checks import alpha_problem, temperature_problem
+from kdpipe.base.errors import ExportError, UsageError
+from kdpipe.base.runtime import prepare_output, quiet, software_versions
 from kdpipe.cache import load_soft_labels, utc_now
-from kdpipe.checkpoint import remove_checkpoint
-from kdpipe.checks import alpha_problem, temperature_problem
-from kdpipe.data import ImageSet, check_classes
-from kdpipe.errors import ExportError, UsageError
+from kdpipe.data.datasets import ImageSet, check_classes
 from kdpipe.export.onnx import (
     FP32_TOLERANCE,
     check_against,
@@ -45,8 +45,8 @@ from kdpipe.export.onnx import (
     to_onnx,
     write_checked,
 )
-from kdpipe.models import create_model, param_count, weights_sha256
-from kdpipe.runs import (
+from kdpipe.models.registry import create_model, param_count, weights_sha256
+from kdpipe.models.runs import (
     CONFIG_FILE,
     RUN_FORMAT_VERSION,
     ModelCard,
@@ -55,7 +55,7 @@ from kdpipe.runs import (
     save_model,
     write_json,
 )
-from kdpipe.runtime import prepare_output, quiet, software_versions
+from kdpipe.train.checkpoint import remove_checkpoint
 from torch import nn
 
 if TYPE_CHECKING:
@@ -264,7 +264,7 @@ def float_weights(prepared: nn.Module, fp32: nn.Module) -> nn.Module:
 def qat_distill(config: QatConfig, log: Callable[[str], None] = quiet) -> ModelCard:
     """Fine-tune ``config.run`` with fake quantization against ``config.cache``'s soft labels
     (no teacher loaded), and write a ``qat-student`` run with its int8 ONNX file."""
-    from kdpipe.distributed import SINGLE
+    from kdpipe.base.distributed import SINGLE
     from kdpipe.train import TrainData, fit, plan_run
 
     config.validate()

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from kdpipe.base.errors import ExportError, KdpipeError, UsageError
 from kdpipe.cache import load_soft_labels
-from kdpipe.data import class_mismatch, load_dataset
-from kdpipe.errors import ExportError, KdpipeError, UsageError
-from kdpipe.runs import ModelCard
+from kdpipe.data.datasets import class_mismatch, load_dataset
+from kdpipe.models.runs import ModelCard
 
 METHODS = ("minmax", "entropy", "percentile")
 
@@ -85,7 +85,7 @@ def calibration_set(
     differ = class_mismatch(manifest.classes, run_card.classes, str(cache_path), str(run_dir))
     if differ is not None:
         raise ExportError(differ)
-    from kdpipe.data import decode_options
+    from kdpipe.data.datasets import decode_options
 
     decode = decode_options(manifest.dataset, cache_path, image_size=image_size,
                             channels=channels, resize=resize)  # fmt: skip

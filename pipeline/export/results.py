@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
-from kdpipe.publish import machine_line, publish
+from kdpipe.tools.publish import machine_line, publish
 
 FORMATS = {
     "teacher": "PyTorch fp32",

@@ -5,7 +5,7 @@ from (its label, the teacher's log-probabilities, the stored view the teacher sa
 decides the epoch's order, and builds a batch in two steps: :meth:`TrainData.gather`
 (CPU tensors, a pure function of seed, epoch and rows, so DataLoader workers can
 build batches ahead) and :meth:`TrainData.to_model` (the model's input through
-:mod:`kdpipe.inputs`, and the loss's tensors, on the device).
+:mod:`kdpipe.views.inputs`, and the loss's tensors, on the device).
 :class:`EpochBatches` serves one epoch's batches in order, each process its share.
 """
 
@@ -15,12 +15,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
+from kdpipe.base.distributed import World
+from kdpipe.base.errors import DatasetError
 from kdpipe.cache import VIEW_COLUMNS, StreamedRows, chunk_plan, windowed_order
-from kdpipe.data import ImageSet
-from kdpipe.distributed import World
-from kdpipe.errors import DatasetError
-from kdpipe.inputs import DataConfig, view_input
-from kdpipe.views import PLAIN, ViewPolicy, sample_views, view_schedule
+from kdpipe.data.datasets import ImageSet
+from kdpipe.views.inputs import DataConfig, view_input
+from kdpipe.views.policy import PLAIN, ViewPolicy, sample_views, view_schedule
 
 
 def random_shift(

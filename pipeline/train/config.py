@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from kdpipe.checks import alpha_problem, temperature_problem
-from kdpipe.data import ImageSet, load_dataset
-from kdpipe.errors import UsageError
-from kdpipe.flags import SCHED_ON
-from kdpipe.inputs import PRECISION_CHOICES
-from kdpipe.losses import FEATURE_LOSSES
+from kdpipe.base.checks import alpha_problem, temperature_problem
+from kdpipe.base.errors import UsageError
+from kdpipe.base.flags import SCHED_ON
+from kdpipe.data.datasets import ImageSet, load_dataset
+from kdpipe.tasks.classify.loss import FEATURE_LOSSES
 from kdpipe.train.watch import require
-from kdpipe.views import CROP_SCALE, ViewPolicy
+from kdpipe.views.inputs import PRECISION_CHOICES
+from kdpipe.views.policy import CROP_SCALE, ViewPolicy
 
 if TYPE_CHECKING:
     from timm.scheduler.scheduler import Scheduler
@@ -81,11 +81,11 @@ class TrainConfig:
     log_dir: str | None = None  # default: the run directory (RUN_DIR/mlruns for MLflow)
     # a feature term beside the logits' (issue 16): a student layer, through a learned
     # projector, against a teacher layer cached by cache-teacher --features/--attention
-    feature_loss: str | None = None  # hint, cosine or attention (kdpipe.losses)
+    feature_loss: str | None = None  # hint, cosine or attention (kdpipe.tasks.classify.loss)
     feature_weight: float = 1.0  # beta: loss = distillation loss + beta * feature loss
     student_layer: str | None = None
     teacher_layer: str | None = None
-    # a pretrained start (train-teacher --pretrained): a SOURCE of kdpipe.pretrained and its
+    # a pretrained start (train-teacher --pretrained): a SOURCE of kdpipe.models.pretrained and its
     # weights file; the head is new (timm's reset_classifier), the preprocessing the source's
     pretrained: str | None = None
     weights: str | None = None

@@ -11,13 +11,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from kdpipe.base.distributed import World, current_world
+from kdpipe.base.errors import CacheMismatchError, ManifestError, UsageError
+from kdpipe.base.runtime import prepare_output, quiet, software_versions
+from kdpipe.base.spec import check_keys
 from kdpipe.cache import SoftLabels, StreamedSoftLabels, open_soft_labels, utc_now
-from kdpipe.checkpoint import remove_checkpoint
-from kdpipe.distributed import World, current_world
-from kdpipe.errors import CacheMismatchError, ManifestError, UsageError
-from kdpipe.models import create_model, param_count, resolve_model_kwargs, weights_sha256
-from kdpipe.pretrained import source_architecture
-from kdpipe.runs import (
+from kdpipe.models.pretrained import source_architecture
+from kdpipe.models.registry import create_model, param_count, resolve_model_kwargs, weights_sha256
+from kdpipe.models.runs import (
     CARD_FILE,
     CONFIG_FILE,
     RUN_FORMAT_VERSION,
@@ -26,8 +27,7 @@ from kdpipe.runs import (
     save_model,
     write_json,
 )
-from kdpipe.runtime import prepare_output, quiet, software_versions
-from kdpipe.spec import check_keys
+from kdpipe.train.checkpoint import remove_checkpoint
 from kdpipe.train.config import LEGACY_DEFAULTS, TrainConfig
 from kdpipe.train.loop import early_stop, feature_term, fit
 from kdpipe.train.plan import KINDS, RunPlan, plan_run

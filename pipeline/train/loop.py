@@ -18,19 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from kdpipe.checkpoint import load_best, load_checkpoint, save_best, save_checkpoint
-from kdpipe.data import ImageSet
-from kdpipe.distributed import SINGLE, World
-from kdpipe.errors import TrainingDivergedError
-from kdpipe.inputs import autocast
-from kdpipe.runs import METRICS_FILE
-from kdpipe.runtime import kill_point, quiet
-from kdpipe.teacher import predict_logits
+from kdpipe.base.distributed import SINGLE, World
+from kdpipe.base.errors import TrainingDivergedError
+from kdpipe.base.runtime import kill_point, quiet
+from kdpipe.data.datasets import ImageSet
+from kdpipe.models.runs import METRICS_FILE
+from kdpipe.models.teacher import predict_logits
 from kdpipe.train.batches import EpochBatches
+from kdpipe.train.checkpoint import load_best, load_checkpoint, save_best, save_checkpoint
 from kdpipe.train.config import TrainConfig
 from kdpipe.train.plan import RunPlan
 from kdpipe.train.step import CachedDistillation, FeatureTerm, OnlineDistillation, Trainee
 from kdpipe.train.watch import Watch, open_watch
+from kdpipe.views.inputs import autocast
 from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel

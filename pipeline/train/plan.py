@@ -14,8 +14,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from kdpipe.base.distributed import World
+from kdpipe.base.errors import CacheMismatchError, DatasetError, UsageError
+from kdpipe.base.runtime import resolve_device
 from kdpipe.cache import CachedLayer, SoftLabels, StreamedSoftLabels
-from kdpipe.data import (
+from kdpipe.data.datasets import (
     ImageSet,
     check_classes,
     check_same_dataset,
@@ -27,17 +30,14 @@ from kdpipe.data import (
     take_rows,
     validation_rows,
 )
-from kdpipe.distributed import World
-from kdpipe.errors import CacheMismatchError, DatasetError, UsageError
-from kdpipe.features import LayerRequest, resolve_layer
-from kdpipe.inputs import DataConfig
-from kdpipe.pretrained import Pretrained, create_pretrained
-from kdpipe.runs import ModelCard, load_model
-from kdpipe.runtime import resolve_device
-from kdpipe.shards import is_shard_spec
+from kdpipe.data.shards import is_shard_spec
+from kdpipe.models.pretrained import Pretrained, create_pretrained
+from kdpipe.models.runs import ModelCard, load_model
 from kdpipe.train.batches import TrainData
 from kdpipe.train.config import TrainConfig
 from kdpipe.train.step import probe
+from kdpipe.views.features import LayerRequest, resolve_layer
+from kdpipe.views.inputs import DataConfig
 from torch import nn
 
 KINDS = ("teacher", "student", "online-student")
@@ -154,7 +154,7 @@ def _decoded_as_recorded(
     if soft is not None:
         record, what = soft.manifest.dataset, str(soft.path)
     elif config.teacher is not None and (Path(config.teacher) / "model.json").is_file():
-        from kdpipe.runs import read_card
+        from kdpipe.models.runs import read_card
 
         record, what = read_card(Path(config.teacher)).dataset, f"teacher {config.teacher}"
         if record.get("name") != config.data:

@@ -7,7 +7,7 @@ the soft term (KL, before its T² and 1 − α weights), either None where it do
 apply. The loop around it is the same for every kind of run:
 
 - :class:`CachedDistillation`: the soft targets are the cache's (or none: a
-  teacher or a hard-label baseline), :func:`kdpipe.losses.distillation_loss`;
+  teacher or a hard-label baseline), :func:`kdpipe.tasks.classify.loss.distillation_loss`;
   with a :class:`FeatureTerm` (``--feature-loss``), β times a loss between a student
   layer, through a learned projector, and the teacher's layer cached for the same view;
 - :class:`OnlineDistillation`: timm's own ``LogitDistillationTask`` runs the
@@ -23,11 +23,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from kdpipe.base.errors import UsageError
 from kdpipe.cache import CachedLayer
-from kdpipe.errors import UsageError
-from kdpipe.features import LayerRequest, LayerTaps, attention_map, resolve_layer
-from kdpipe.losses import attention_transfer_loss, distillation_loss, feature_loss
+from kdpipe.tasks.classify.loss import attention_transfer_loss, distillation_loss, feature_loss
 from kdpipe.train.config import TrainConfig
+from kdpipe.views.features import LayerRequest, LayerTaps, attention_map, resolve_layer
 from torch import nn
 
 StepOutput = dict[str, torch.Tensor | None]

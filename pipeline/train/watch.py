@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kdpipe.errors import UsageError
+from kdpipe.base.errors import UsageError
 
 if TYPE_CHECKING:
     from kdpipe.train.plan import RunPlan
