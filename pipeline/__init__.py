@@ -25,6 +25,8 @@ _SURFACE = {
     "open_cache": "kdpipe.api",
     "Cache": "kdpipe.api",
     "DistillationDataset": "kdpipe.api",
+    "Run": "kdpipe.api",
+    "load_run": "kdpipe.api",
     "distillation_loss": "kdpipe.tasks.classify.loss",
     "load_dataset": "kdpipe.data.datasets",
     "ImageSet": "kdpipe.data.datasets",
@@ -47,6 +49,7 @@ __all__ = [  # the public surface (tests/test_api.py keeps it equal to _SURFACE,
     "DistillationDataset",
     "ImageSet",
     "KdpipeError",
+    "Run",
     "TrainConfig",
     "ViewPolicy",
     "__version__",
@@ -54,6 +57,7 @@ __all__ = [  # the public surface (tests/test_api.py keeps it equal to _SURFACE,
     "create_model",
     "distillation_loss",
     "load_dataset",
+    "load_run",
     "open_cache",
     "train_student",
     "train_teacher",
@@ -61,7 +65,7 @@ __all__ = [  # the public surface (tests/test_api.py keeps it equal to _SURFACE,
 ]
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time, __getattr__ below
-    from kdpipe.api import Cache, DistillationDataset, open_cache
+    from kdpipe.api import Cache, DistillationDataset, Run, load_run, open_cache
     from kdpipe.base.errors import KdpipeError
     from kdpipe.data.datasets import ImageSet, load_dataset
     from kdpipe.models.registry import create_model, weights_sha256

@@ -326,3 +326,43 @@ class DistillationDataset(torch.utils.data.Dataset):
             return item
         lam = params[0, VIEW_COLUMNS["lam"]] if params is not None else torch.tensor(1.0)
         return (*item, partner_label, lam)
+
+
+class Run:
+    """A finished run directory loaded for use: its model (rebuilt through timm, weights
+    hash and card digest checked, in eval mode), its card and its preprocessing, so that
+    code outside kdpipe gets the same inputs ``evaluate`` gives the model."""
+
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
+        from kdpipe.models.runs import load_model
+
+        self.path = Path(path)
+        self.device = torch.device(device)
+        self.model, self.card = load_model(self.path, self.device)
+
+    @property
+    def data_config(self) -> DataConfig:
+        """The input the model expects (size, mean, std and, for a pretrained model, its
+        own eval resize), as its card records it."""
+        return self.card.data
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.card.classes)
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(N, C, H, W)`` images to the model's input, by the one path every stage
+        uses (:func:`kdpipe.views.inputs.prepare_input`)."""
+        return prepare_input(images, self.data_config, self.device)
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's logits for uint8 ``(N, C, H, W)`` images."""
+        return self.model(self.inputs(images)).float()
+
+
+def load_run(path: str | Path, device: torch.device | str = "cpu") -> Run:
+    """A run directory that ``train-teacher``, ``train-student``, ``qat`` or
+    ``import-teacher`` wrote, as a :class:`Run` (model, card, preprocessing); a run that
+    is unfinished, edited or whose weights do not match its card is refused, named."""
+    return Run(path, device)

@@ -462,3 +462,32 @@ def test_the_loss_refuses_a_weight_outside_zero_one(
     result = student(train_cache, tmp_path / "s", f"--alpha {alpha}")
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_load_run_scores_what_evaluate_scores_and_refuses_a_tampered_run(
+    teacher_run: Path, tmp_path: Path
+) -> None:
+    """Issue 27.8: a trained run as a model, with its preprocessing; an unfinished or
+    edited run is refused with the message the command line gives."""
+    run = kd.load_run(teacher_run)
+    assert not run.model.training and run.data_config == run.card.data
+    test_set = kd.load_dataset("synthetic", "test")
+    errors = int((run.predict(test_set.images).argmax(1) != test_set.labels).sum())
+    scored = invoke("evaluate", teacher_run, "--data synthetic --split test --format json")
+    assert scored.exit_code == 0, scored.output
+    (shown,) = json.loads(scored.output)
+    assert errors == shown["errors"]
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text("{}")
+    with pytest.raises(kd.KdpipeError, match="unfinished run"):
+        kd.load_run(unfinished)
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for name in ("model.json", "model.safetensors"):
+        (edited / name).write_bytes((teacher_run / name).read_bytes())
+    card = json.loads((edited / "model.json").read_text())
+    card["data_config"]["mean"] = [0.0] * len(card["data_config"]["mean"])
+    (edited / "model.json").write_text(json.dumps(card))
+    with pytest.raises(kd.KdpipeError, match="edited after training"):
+        kd.load_run(edited)
