@@ -290,6 +290,7 @@ def test_evaluate_and_lineage_of_an_onnx_file(
     assert onnx_row["size_mb"] == round(out.stat().st_size / 2**20, 4)
     for row in (torch_row, onnx_row):
         assert row["latency_p95_ms"] >= row["latency_ms"] > 0
+        assert row["latency_calls"] >= 200 and row["latency_spread"] >= 0  # timing.py's window
         assert row["throughput_b64_img_s"] > 0 and row["threads"] >= 1
 
     result = invoke("lineage", out, "--format json")

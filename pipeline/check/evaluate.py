@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from kdpipe.base.errors import CacheMismatchError, UsageError
 from kdpipe.base.runtime import resolve_device
 from kdpipe.cache import load_soft_labels
+from kdpipe.check.timing import stable_latency
 from kdpipe.data.datasets import ImageSet, check_classes, check_same_dataset
 from kdpipe.models.runs import WEIGHTS_FILE, load_model
 from kdpipe.models.teacher import load_teacher, predict_logits
@@ -56,18 +56,13 @@ def quality_columns(
 def cpu_speed(
     model: torch.nn.Module, dataset: ImageSet, data_config, batch_size: int = 256
 ) -> dict:
-    """Latency of one image (median and p95 of 200 calls) and throughput of batches of 64
+    """Latency of one image (median and p95 of a stable window of 200 calls, its spread and
+    the load: :func:`kdpipe.check.timing.stable_latency`) and throughput of batches of 64
     and of ``batch_size``, on the CPU (the columns :mod:`kdpipe.check.evaluate_onnx` reports)."""
     model = model.cpu().eval().to(memory_format=torch.channels_last)
     device = torch.device("cpu")
     single = prepare_input(dataset.images[:1], data_config, device)
-    for _ in range(5):  # warm-up: first calls allocate and pick kernels
-        model(single)
-    latencies = []
-    for _ in range(200):
-        started = time.perf_counter()
-        model(single)
-        latencies.append(time.perf_counter() - started)
+    timed = stable_latency(lambda: model(single))
     rates = {}
     for size, rounds in ((64, 20), (batch_size, 5)):
         batch = prepare_input(dataset.images[:size], data_config, device)
@@ -76,12 +71,7 @@ def cpu_speed(
         for _ in range(rounds):
             model(batch)
         rates[size] = int(rounds * len(batch) / (time.perf_counter() - started))
-    return {
-        "latency_ms": round(statistics.median(latencies) * 1000, 4),
-        "latency_p95_ms": round(statistics.quantiles(latencies, n=20)[-1] * 1000, 4),
-        "throughput_b64_img_s": rates[64],
-        "throughput_img_s": rates[batch_size],
-    }
+    return {**timed, "throughput_b64_img_s": rates[64], "throughput_img_s": rates[batch_size]}
 
 
 def per_class_accuracy(

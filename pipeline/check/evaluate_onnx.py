@@ -9,7 +9,6 @@ The preprocessing is the file's own (its kdpipe metadata), not the caller's.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ import pandas as pd
 import torch
 from kdpipe.base.errors import CacheMismatchError
 from kdpipe.check.evaluate import _teacher_predictions, quality_columns
+from kdpipe.check.timing import stable_latency
 from kdpipe.data.datasets import ImageSet, check_classes
 from kdpipe.export.onnx import (
     file_size_bytes,
@@ -30,8 +30,8 @@ from kdpipe.export.onnx import (
 from kdpipe.views.inputs import DataConfig, check_channels, prepare_input
 
 
-def onnx_speed(session: Any, dataset: ImageSet, data_config: DataConfig, rounds: int = 200) -> dict:
-    """Latency of one image (p50, p95 of ``rounds`` calls) and throughput at batch 64
+def onnx_speed(session: Any, dataset: ImageSet, data_config: DataConfig) -> dict:
+    """Latency of one image (:func:`kdpipe.check.timing.stable_latency`) and throughput at batch 64
     and 256, after warm-up calls (the first ones allocate and pick kernels)."""
     name = session.get_inputs()[0].name
     cpu = torch.device("cpu")
@@ -49,10 +49,9 @@ def onnx_speed(session: Any, dataset: ImageSet, data_config: DataConfig, rounds:
             seconds.append(time.perf_counter() - started)
         return seconds
 
-    single = timed(as_input(1), rounds)
+    single = as_input(1)
     return {
-        "latency_ms": round(statistics.median(single) * 1000, 4),
-        "latency_p95_ms": round(statistics.quantiles(single, n=20)[-1] * 1000, 4),
+        **stable_latency(lambda: session.run(None, {name: single})),
         "throughput_b64_img_s": _rate(timed(as_input(64), 20), 64),
         "throughput_img_s": _rate(timed(as_input(256), 5), 256),
     }

@@ -87,6 +87,7 @@ def evaluate_command(
         guard_output(output, EVALUATION, overwrite=overwrite, inputs=[run_dir, cache, *teachers],
                      option="--output")  # fmt: skip
     from kdpipe.check.evaluate import evaluate_run
+    from kdpipe.check.timing import latency_note
     from kdpipe.tools.publish import render
 
     card = Path(run_dir) / "model.json"  # a run's data is decoded as it was trained on
@@ -105,6 +106,9 @@ def evaluate_command(
         Path(output).write_text(text if text.endswith("\n") else text + "\n")
     else:
         click.echo(text)
+    note = latency_note(frame.iloc[0].to_dict())
+    if note and fmt == "table":  # csv and json carry latency_spread and cpu_load as columns
+        click.echo(f"note: {note}")
 
 
 @main.command("tune-bias", context_settings=CONTEXT)

@@ -206,8 +206,11 @@ INTRODUCTIONS = {
     "evaluate": (
         "Test accuracy and errors, top-1 agreement with the teacher (from `--teacher` run "
         "directories, or from `--cache`, a cache of the same split), expected calibration "
-        "error (15 bins), parameter count, and CPU latency (batch 1, median of 50) and "
-        "throughput (batch 256). A table on screen, or `--format csv|json`, optionally into "
+        "error (15 bins), parameter count, and CPU latency (batch 1: rounds of 50 calls "
+        "until the medians of the last four agree within 10 %, at most 600 calls; the median "
+        "and p95 of those 200, their spread `latency_spread` and the load average per core "
+        "`cpu_load`, with a note on screen when either is high) and throughput (batch 256). "
+        "A table on screen, or `--format csv|json`, optionally into "
         "`--output`. Also the p95 latency, throughput at batch 64, size on disk and the "
         "thread count; an exported `.onnx` file gets the same columns from ONNX Runtime's CPU "
         "provider, so PyTorch runs and their float32 and int8 files compare side by side."
