@@ -153,6 +153,8 @@ def test_view_zero_is_ultralytics_letterbox_of_image_and_boxes() -> None:
     """Pixels and boxes of the plain view against Ultralytics' own LetterBox run on its own
     label format (Instances), an independent path for the boxes."""
     from kdpipe.tasks.detect.views import PLAIN_VIEW, render
+
+    ultralytics()  # through kdpipe's door: Pillow and torch stay as they were
     from ultralytics.data.augment import LetterBox
     from ultralytics.utils.instance import Instances
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -41,40 +40,31 @@ def ultralytics() -> ModuleType:
     if "YOLO_CONFIG_DIR" not in os.environ:
         settings_dir().mkdir(parents=True, exist_ok=True)
         os.environ["YOLO_CONFIG_DIR"] = str(settings_dir())
-    if sys.modules.get("ultralytics") is not None:
-        import ultralytics as package
-        from ultralytics.utils import SETTINGS
-    else:
-        # Ultralytics' import rebinds PIL.Image.open (its HEIF fallback calls a pip check
-        # on every file Pillow cannot identify), torch.save and both print options, for the
-        # whole process: kdpipe puts them back, so importing the detect room changes
-        # nothing that the classification rooms see (a not-an-image file stays one line)
-        import numpy as np
-        from PIL import Image
+    # Ultralytics' import rebinds PIL.Image.open (its HEIF fallback calls a pip check on
+    # every file Pillow cannot identify), torch.save and both print options, for the whole
+    # process: kdpipe puts them back, so importing the detect room changes nothing that the
+    # classification rooms see (a not-an-image file stays one line); after a first import
+    # the values saved are already the restored ones
+    import numpy as np
+    from PIL import Image
 
-        image_open, torch_save = Image.open, torch.save
-        torch_print, numpy_print = _torch_print_options(), np.get_printoptions()
-        try:
-            import ultralytics as package
-            from ultralytics.utils import SETTINGS
-        except ImportError as exc:
-            raise KdpipeError(f"detection needs the optional extra: {EXTRA} ({LICENSE_NOTE}); "
-                              f"importing ultralytics failed: {exc}") from None  # fmt: skip
-        finally:
-            Image.open, torch.save = image_open, torch_save
-            torch.set_printoptions(**torch_print)
-            np.set_printoptions(**numpy_print)
+    image_open, torch_save = Image.open, torch.save
+    torch_print, numpy_print = torch._tensor_str.get_printoptions(), np.get_printoptions()
+    try:
+        import ultralytics as package
+        import ultralytics.utils.patches  # lazy in 8.4: patch now, restore below
+        from ultralytics.utils import SETTINGS
+    except ImportError as exc:
+        raise KdpipeError(f"detection needs the optional extra: {EXTRA} ({LICENSE_NOTE}); "
+                          f"importing ultralytics failed: {exc}") from None  # fmt: skip
+    finally:
+        Image.open, torch.save = image_open, torch_save
+        torch.set_printoptions(**torch_print)
+        np.set_printoptions(**numpy_print)
     wanted = {key: False for key in INTEGRATIONS_OFF if key in SETTINGS}
     if any(SETTINGS.get(key) for key in wanted):
         SETTINGS.update(wanted)
     return package
-
-
-def _torch_print_options() -> dict:
-    options = torch._tensor_str.PRINT_OPTS
-    return {"precision": options.precision, "threshold": options.threshold,
-            "edgeitems": options.edgeitems, "linewidth": options.linewidth,
-            "sci_mode": options.sci_mode}  # fmt: skip
 
 
 @dataclass(frozen=True)
