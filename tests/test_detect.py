@@ -212,3 +212,24 @@ def test_importing_the_detect_room_leaves_pillow_and_torch_as_they_were() -> Non
                           env=os.environ | {"YOLO_CONFIG_DIR": tempfile.mkdtemp()})  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "True"
+
+
+# --- the batch contract every detection source gives the trainer -------------------------------
+
+
+def test_a_batch_from_rendered_views_and_head_outputs_has_ultralytics_keys() -> None:
+    from kdpipe.tasks.detect.targets import DetectBatch, TeacherTargets
+    from kdpipe.tasks.detect.views import PLAIN_VIEW, render
+
+    image = np.full((40, 60, 3), 90, np.uint8)
+    boxes = np.array([[2, 0.5, 0.5, 0.4, 0.4], [0, 0.2, 0.3, 0.2, 0.2]], np.float32)
+    views = [render(image, boxes, PLAIN_VIEW, SIZE), render(image, boxes[:0], PLAIN_VIEW, SIZE)]
+    head = {"scores": torch.zeros(2, 3, 84), "boxes": torch.zeros(2, 64, 84)}
+    batch = DetectBatch.from_views([c for c, _ in views], [b for _, b in views],
+                                   TeacherTargets.from_head(head))  # fmt: skip
+    assert batch.images.shape == (2, 3, SIZE, SIZE) and float(batch.images.max()) <= 1.0
+    assert batch.batch_idx.tolist() == [0.0, 0.0] and batch.cls[:, 0].tolist() == [2.0, 0.0]
+    assert set(batch.ultralytics_batch()) == {"batch_idx", "cls", "bboxes"}
+    assert batch.teacher.reg_max == 16 and bool(batch.teacher.stored.all())
+    with pytest.raises(KdpipeError, match="do not match its scores"):
+        TeacherTargets.from_head({"scores": torch.zeros(2, 3, 84), "boxes": torch.zeros(2, 64, 80)})
