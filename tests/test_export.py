@@ -17,6 +17,7 @@ from conftest import cache, invoke, student
 from kdpipe.cache import load_soft_labels
 from kdpipe.data.datasets import load_dataset
 from kdpipe.export import calibration_set, onnx_logits, onnx_session, read_onnx_card
+from kdpipe.export.onnx import graph_weights_digest
 from kdpipe.models.runs import load_model, read_card
 from kdpipe.models.teacher import predict_logits
 from kdpipe.views.inputs import prepare_input
@@ -468,3 +469,60 @@ def test_export_beyond_the_tolerance_writes_nothing(kd_student: Path, tmp_path: 
         result.output,
     ), result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_metadata_copied_into_another_graph_is_refused(kd_student: Path, tmp_path: Path) -> None:
+    """Issue 24: an unrelated graph carrying a copy of a student's kdpipe metadata was
+    "verified" by lineage and evaluated under the student's cache_id. The metadata binds
+    the file's own weights (initializers, external data included)."""
+    out = tmp_path / "student.onnx"
+    assert invoke("export", kd_student, "--out", out).exit_code == 0
+    block = {p.key: p.value for p in onnx.load(str(out)).metadata_props}["kdpipe"]
+    recorded = json.loads(block)["graph_weights_sha256"]
+
+    # the case as found: another model's graph, the student's metadata copied into it
+    foreign = tmp_path / "foreign.onnx"
+    torch.onnx.export(nn.Linear(144, 5).eval(), (torch.zeros(1, 144),), str(foreign), dynamo=True,
+                      verbose=False)  # fmt: skip
+    model = onnx.load(str(foreign))
+    model.metadata_props.add(key="kdpipe", value=block)
+    onnx.save(model, str(foreign))
+    found = graph_weights_digest(onnx.load(str(foreign)))
+    message = (
+        f"Error: {foreign}: its 'kdpipe' metadata was made for other weights (it records graph "
+        f"weights {recorded[:16]}, this graph has {found[:16]}): the metadata was copied from "
+        "another file or the graph was changed after export\n"
+    )
+    for command in ("lineage {}", "evaluate {} --data synthetic"):
+        result = invoke(command.format(foreign))
+        assert result.exit_code == 1 and result.output == message
+
+    # one more of the class: the student's own file, one weight changed in place
+    edited = tmp_path / "edited.onnx"
+    model = onnx.load(str(out))
+    first = model.graph.initializer[0]
+    values = onnx.numpy_helper.to_array(first).copy()
+    values.flat[0] += 1
+    first.CopyFrom(onnx.numpy_helper.from_array(values, first.name))
+    onnx.save(model, str(edited))
+    result = invoke("lineage", edited)
+    assert result.exit_code == 1 and "metadata was made for other weights" in result.output
+
+    # the weights moved to external data (.onnx.data) are the same weights: still bound;
+    # the data file changed or gone is caught, naming the file
+    split = tmp_path / "split" / "student.onnx"
+    split.parent.mkdir()
+    onnx.save(onnx.load(str(out)), str(split), save_as_external_data=True,
+              location="student.onnx.data", size_threshold=0)  # fmt: skip
+    assert read_onnx_card(split).graph_weights_sha256 == recorded
+    data = split.with_name("student.onnx.data")
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    result = invoke("lineage", split)
+    assert result.exit_code == 1 and "metadata was made for other weights" in result.output
+    data.unlink()
+    result = invoke("evaluate", split, "--data synthetic")
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {split}: its weights in {data} cannot be read (")
+    assert len(result.output.splitlines()) == 1

@@ -6,11 +6,16 @@ what gets copied to a device). Its input is the normalised float image batch
 ``(N, C, H, W)`` with a dynamic batch axis, its output the logits ``(N, classes)``.
 How to make the input from uint8 pixels, the class names, the weights hash and the
 lineage (run, cache, teacher) are stored as JSON in the model's ``metadata_props``
-under the key ``kdpipe``, so a file found on a device says where it came from.
+under the key ``kdpipe``, so a file found on a device says where it came from. The
+metadata is bound to the graph it sits in: it records a digest of the graph's own
+weights (:func:`graph_weights_digest`, over every initializer, external ``.onnx.data``
+included), and every reader (:func:`read_onnx_card`: ``lineage``, ``evaluate``, the
+output guard) recomputes it, so a block copied into another graph is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -34,7 +39,8 @@ from kdpipe.views.inputs import DataConfig, check_channels, prepare_input
 from torch import nn
 
 METADATA_KEY = "kdpipe"
-ONNX_FORMAT_VERSION = 1
+# 2: the metadata carries graph_weights_sha256, the digest of the file's own weights
+ONNX_FORMAT_VERSION = 2
 FORMATS = ("fp32", "int8-ptq", "int8-qat")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # float32 ONNX Runtime against PyTorch: both compute the same float32 graph, so only
@@ -57,6 +63,7 @@ class OnnxCard:
     classes: list
     preprocessing: dict  # input_size, channels, mean, std, how pixels become the input
     weights_sha256: str  # the run's weights (model.json), from which this file was made
+    graph_weights_sha256: str  # this file's own weights: graph_weights_digest, checked on read
     lineage: dict | None  # the run's: cache_id, teacher_id, cache_path, teacher_runs, qat_from
     dataset: dict  # the run's training set: name, split, fingerprint
     quantization: dict | None  # method, calibration rows and split, or the QAT run
@@ -71,6 +78,11 @@ class OnnxCard:
     def from_dict(cls, data: Any, where: str) -> OnnxCard:
         if not isinstance(data, dict):
             raise ExportError(f"{where}: the {METADATA_KEY!r} metadata is not a JSON object")
+        if data.get("format_version") == 1:
+            raise ExportError(
+                f"{where} was exported by an earlier kdpipe (metadata format 1, not bound to "
+                "the file's weights): export the run again"
+            )
         names = {f.name for f in fields(cls)}
         optional = {f.name for f in fields(cls) if f.default is not MISSING}
         unknown, missing = sorted(set(data) - names), sorted(names - set(data) - optional)
@@ -105,9 +117,15 @@ def preprocessing(data_config: DataConfig) -> dict:
 
 
 def card_for(
-    run_card: ModelCard, run_dir: Path, fmt: str, quantization: dict | None, check: dict
+    run_card: ModelCard,
+    run_dir: Path,
+    fmt: str,
+    quantization: dict | None,
+    check: dict,
+    graph_weights_sha256: str,
 ) -> OnnxCard:
-    """The metadata of a file made from ``run_card``'s run."""
+    """The metadata of a file made from ``run_card``'s run, whose graph has the weights
+    digest ``graph_weights_sha256``."""
     return OnnxCard(
         format_version=ONNX_FORMAT_VERSION,
         format=fmt,
@@ -117,6 +135,7 @@ def card_for(
         classes=list(run_card.classes),
         preprocessing=preprocessing(run_card.data),
         weights_sha256=run_card.weights_sha256,
+        graph_weights_sha256=graph_weights_sha256,
         lineage=run_card.lineage,
         dataset={k: run_card.dataset[k] for k in ("name", "split", "fingerprint")},
         quantization=quantization,
@@ -219,6 +238,65 @@ def check_against(
     }
 
 
+def graph_weights_digest(model: Any) -> str:
+    """SHA-256 of a graph's weights: every initializer (and every ``Constant`` node's
+    value, where an exporter folded a weight into one) of the graph and its subgraphs,
+    in order, each framed as a JSON header line (name, data type, dims, byte count)
+    and its values' little-endian bytes, so no two sets of weights share a digest.
+    External data must be loaded into ``model`` first (:func:`read_onnx_card` does)."""
+    from onnx import numpy_helper
+
+    digest = hashlib.sha256()
+    for name, tensor in _graph_tensors(model.graph):
+        values = numpy_helper.to_array(tensor)
+        if values.dtype == object:  # string tensors
+            raw = json.dumps([v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                              for v in values.ravel().tolist()]).encode()  # fmt: skip
+        else:
+            raw = np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"))).tobytes()
+        header = {"name": name, "type": int(tensor.data_type), "dims": list(tensor.dims),
+                  "bytes": len(raw)}  # fmt: skip
+        digest.update(json.dumps(header, sort_keys=True).encode() + b"\n")
+        digest.update(raw)
+    return digest.hexdigest()
+
+
+def _graph_tensors(graph: Any) -> Any:
+    """(name, TensorProto) of a graph's weights, subgraphs (If, Loop, Scan) included."""
+    import onnx
+
+    for tensor in graph.initializer:
+        yield tensor.name, tensor
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                output = node.output[0] if node.output else ""
+                yield f"{node.name}/{output}/{attribute.name}", attribute.t
+            elif attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_tensors(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from _graph_tensors(subgraph)
+
+
+def _load_weights(model: Any, path: Path) -> None:
+    """Read the external data (``.onnx.data``) a graph names into ``model``, or one
+    line naming the file that cannot be read."""
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    tensors = [t for _, t in _graph_tensors(model.graph) if uses_external_data(t)]
+    if not tensors:
+        return
+    names = sorted({e.value for t in tensors for e in t.external_data if e.key == "location"})
+    try:
+        load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:  # FileNotFoundError, onnx's checker errors on a path outside
+        where = ", ".join(str(path.parent / n) for n in names) or "its external data"
+        raise ExportError(
+            f"{path}: its weights in {where} cannot be read ({_first_line(exc)})"
+        ) from None
+
+
 def write_card(path: Path, card: OnnxCard) -> None:
     """Put the card into the file's ``metadata_props`` (replacing an earlier one)."""
     import onnx
@@ -257,7 +335,16 @@ def read_onnx_card(path: str | Path) -> OnnxCard:
         data = json.loads(entries[METADATA_KEY])
     except json.JSONDecodeError as exc:
         raise ExportError(f"{path}: the {METADATA_KEY!r} metadata is not JSON ({exc})") from None
-    return OnnxCard.from_dict(data, where=str(path))
+    card = OnnxCard.from_dict(data, where=str(path))
+    _load_weights(model, path)
+    found = graph_weights_digest(model)
+    if found != card.graph_weights_sha256:
+        raise ExportError(
+            f"{path}: its {METADATA_KEY!r} metadata was made for other weights (it records "
+            f"graph weights {card.graph_weights_sha256[:16]}, this graph has {found[:16]}): "
+            "the metadata was copied from another file or the graph was changed after export"
+        )
+    return card
 
 
 def file_size_bytes(path: Path) -> int:
@@ -295,6 +382,8 @@ def write_checked(
     """Build the file in a temporary folder beside ``out`` (``build`` exports, quantizes and
     checks it there), stamp the card, then move it into place: a failed export leaves
     ``out`` as it was."""
+    import onnx
+
     out = Path(out)
     if out.is_dir() and not out.is_symlink():
         raise UsageError(f"{out} is a folder: --out names the .onnx file to write")
@@ -305,7 +394,8 @@ def write_checked(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
         work = Path(work)
         final, fmt, quantization, check, fp32_size = build(work)
-        write_card(final, card_for(run_card, run_dir, fmt, quantization, check))
+        bound = graph_weights_digest(onnx.load(str(final)))
+        write_card(final, card_for(run_card, run_dir, fmt, quantization, check, bound))
         os.replace(final, out)
     card = read_onnx_card(out)
     return ExportResult(out, card, file_size_bytes(out), fp32_size)
