@@ -5,6 +5,7 @@ status, and, where something was already written, that every byte of it is still
 """
 
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -299,3 +300,96 @@ def test_infinite_sizes_and_biases_are_named(train_cache: Path, tmp_path: Path) 
     assert made.exit_code == 0, made.output
     result = invoke("tune-bias", tmp_path / "v", "--data synthetic --classes 1 --max-bias inf")
     fails(result, "--max-bias and --step must be finite numbers > 0, not inf and 0.1")
+
+
+def same_size_png(path: Path, shade: int) -> None:
+    """Rewrite ``path`` as a flat image of another shade whose PNG has the same byte size,
+    its modification time put back: an edit the quick index check cannot see."""
+    stat = path.stat()
+    original = path.read_bytes()
+    for other in range(256):
+        if other == shade:
+            continue
+        Image.new("L", (10, 10), other).save(path)
+        if path.stat().st_size == stat.st_size and path.read_bytes() != original:
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            return
+    raise AssertionError("no shade with a PNG of the same size")
+
+
+def test_verify_rehash_sees_what_the_quick_index_check_cannot(tmp_path: Path) -> None:
+    """Issue 24: a file edited with its size and mtime kept passed `verify --data`, and so
+    did a hand-edited index entry (new size and mtime, old digest). --rehash reads every
+    file again, names the ones that changed, and corrects the index."""
+    folder = image_folder(tmp_path / "imgs", {"train": {"a": 4, "b": 4}, "test": {"a": 2, "b": 2}})
+    assert teacher_on(folder, tmp_path / "t").exit_code == 0
+    store = tmp_path / "c.zarr"
+    made = invoke("cache-teacher --temperature 2 --data", folder, "--teacher", tmp_path / "t",
+                  "--out", store)  # fmt: skip
+    assert made.exit_code == 0, made.output
+    sound = invoke("verify", store, "--data", folder, "--rehash")
+    assert sound.exit_code == 0, sound.output
+    assert f"all 8 files of {folder / 'train'} read again" in sound.output
+
+    # the case as found: a file's bytes changed, its size and mtime as they were
+    same_size_png(folder / "train" / "a" / "1.png", shade=40)
+    assert invoke("verify", store, "--data", folder).exit_code == 0  # the quick check is blind
+    caught = invoke("verify", store, "--data", folder, "--rehash")
+    assert caught.exit_code == 1
+    assert (f"1 of 8 file(s) in {folder / 'train'} changed since they were indexed (size and "
+            "modification time kept, or the index edited): a/1.png") in caught.output  # fmt: skip
+    assert "dataset" in caught.output.splitlines()[-1]  # the fingerprint fails too
+    # the index was corrected: the quick check now sees it as well
+    assert invoke("verify", store, "--data", folder).exit_code == 1
+
+    # one more of the class: an index entry edited to a changed file's size and mtime
+    other = image_folder(tmp_path / "other", {"train": {"a": 4, "b": 4}})
+    store2 = tmp_path / "c2.zarr"
+    made = invoke("cache-teacher --temperature 2 --data", other, "--teacher", tmp_path / "t",
+                  "--out", store2)  # fmt: skip
+    assert made.exit_code == 0, made.output
+    edited = other / "train" / "b" / "2.png"
+    Image.new("L", (10, 10), 7).save(edited, optimize=False, compress_level=0)  # another size
+    index_file = other / ".kdpipe-index-train.json"
+    record = json.loads(index_file.read_text())
+    (entry,) = [e for e in record["files"] if e["path"] == "b/2.png"]
+    entry["size"], entry["mtime_ns"] = edited.stat().st_size, edited.stat().st_mtime_ns
+    index_file.write_text(json.dumps(record))
+    assert invoke("verify", store2, "--data", other).exit_code == 0  # the old digest trusted
+    caught = invoke("verify", store2, "--data", other, "--rehash")
+    assert caught.exit_code == 1 and "changed since they were indexed" in caught.output
+    assert ": b/2.png" in caught.output
+    fails(invoke("verify", store2, "--rehash"), "--rehash needs --data")
+
+
+def test_verify_rehash_reads_every_shard_again(tmp_path: Path) -> None:
+    """The same class on WebDataset shards: one sample's image bytes replaced inside a
+    shard whose size and mtime are kept (the shard's stamp)."""
+    folder = image_folder(tmp_path / "imgs", {"train": {"a": 3, "b": 3}})
+    shards = tmp_path / "shards"
+    assert invoke("pack-shards", folder, "--out", shards, "--shard-size 6").exit_code == 0
+    assert teacher_on(shards, tmp_path / "t").exit_code == 0
+    store = tmp_path / "c.zarr"
+    made = invoke("cache-teacher --temperature 2 --data", shards, "--teacher", tmp_path / "t",
+                  "--out", store)  # fmt: skip
+    assert made.exit_code == 0, made.output
+    samples = json.loads((shards / ".kdpipe-index-train.json").read_text())["shards"][0]["samples"]
+    first = samples[0]
+    tar = shards / first["shard"]
+    stat = tar.stat()
+    raw = bytearray(tar.read_bytes())
+    start, end = first["offset"], first["offset"] + first["size"]
+    for shade in range(256):  # another image whose PNG is as long: the tar's size is kept
+        buffer = io.BytesIO()
+        Image.new("L", (10, 10), shade).save(buffer, format="PNG")
+        replacement = buffer.getvalue()
+        if len(replacement) == first["size"] and replacement != raw[start:end]:
+            break
+    raw[start:end] = replacement
+    tar.write_bytes(bytes(raw))
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert invoke("verify", store, "--data", shards).exit_code == 0  # the stamp trusted
+    caught = invoke("verify", store, "--data", shards, "--rehash")
+    assert caught.exit_code == 1
+    assert f"1 of 6 file(s) in the train shards of {shards} changed" in caught.output
+    assert f"index edited): {first['key']}" in caught.output

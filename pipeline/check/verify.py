@@ -5,7 +5,9 @@ crc32c codec), then every chunk: its completion flag, its files, its checksum
 (zarr verifies crc32c when decoding), finite values, each row a probability
 distribution (logsumexp ≈ 0) and not uniform (every stored value equal: the ranking
 lost to a T too high for the dtype), labels in range. With a dataset: its fingerprint
-and labels. With teachers: the stored values against a fresh teacher pass on a
+and labels (the fingerprint of a folder or shards comes from their index, which trusts
+a file whose size and mtime are unchanged; ``rehash`` reads and hashes every file
+again first). With teachers: the stored values against a fresh teacher pass on a
 random sample.
 """
 
@@ -38,7 +40,7 @@ from kdpipe.cache import (
     read_manifest,
     stored_teacher_accuracy,
 )
-from kdpipe.data.datasets import ImageSet, class_mismatch, dataset_mismatch
+from kdpipe.data.datasets import ImageSet, class_mismatch, dataset_mismatch, rehashed
 from kdpipe.views.features import LayerRequest, LayerTaps
 from tqdm.auto import tqdm
 
@@ -79,12 +81,16 @@ def verify_cache(
     teachers: Sequence[Path] = (),
     device: str = "auto",
     seed: int = 0,
+    rehash: bool = False,
 ) -> VerifyReport:
     """Run every check on the cache at ``path`` (a folder or an fsspec URL); never raises for
-    damage it can name."""
+    damage it can name. ``rehash``: re-read every file of ``dataset`` before its
+    fingerprint is compared, trusting none of its index's stored digests."""
     if recompute and (dataset is None or not teachers):
         raise UsageError("--recompute needs --data (the cache's dataset) and --teacher (its "
                          "teacher run directories)")  # fmt: skip
+    if rehash and dataset is None:
+        raise UsageError("--rehash needs --data (the dataset whose files are hashed again)")
     path = Location(path)
     report = VerifyReport(path)
     try:
@@ -107,6 +113,8 @@ def verify_cache(
     rows = _check_chunks(path, manifest, arrays, report)
     if rows is not None:
         _check_accuracy(manifest, arrays, report)
+    if dataset is not None and rehash:
+        dataset = _rehash(dataset, report)
     if dataset is not None and rows is not None:
         _check_dataset(manifest, rows, dataset, report)
     if recompute:
@@ -306,6 +314,30 @@ def _chunk_problems(
         problems.append(f"dataset indices, partners or view parameters out of range at row(s) "
                         f"{_first(start + np.flatnonzero(bad_rows))}")  # fmt: skip
     return problems
+
+
+def _rehash(dataset: ImageSet, report: VerifyReport) -> ImageSet:
+    """Every file of the dataset read and hashed again; the files whose bytes are not what
+    the index said are named (the stored index is then corrected)."""
+    fresh, changed = rehashed(dataset)
+    if fresh.index is None:
+        report.add("rehash", True, f"{dataset.name} is held in memory: hashed whole on every open")
+        return fresh
+    where = fresh.index.split_dir
+    report.add(
+        "rehash",
+        not changed,
+        f"{len(changed)} of {len(fresh)} file(s) in {where} changed since they were indexed "
+        f"(size and modification time kept, or the index edited): {_names(changed)}"
+        if changed
+        else f"all {len(fresh)} files of {where} read again: their digests are the index's",
+    )
+    return fresh
+
+
+def _names(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _check_dataset(

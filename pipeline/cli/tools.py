@@ -293,6 +293,13 @@ def storage_command(
     help="The cache's teacher run directories (or SOURCEs), for --recompute.",
 )
 @click.option("--seed", type=int, default=0, help="Chooses the samples to recompute.")
+@click.option(
+    "--rehash",
+    is_flag=True,
+    help="With --data: read and hash every file of an image folder or shards again, "
+    "trusting no digest of their index (which reuses a file's digest while its size and "
+    "modification time hold).",
+)
 @DEVICE_OPTION
 @reports_errors
 def verify_command(
@@ -305,11 +312,15 @@ def verify_command(
     recompute: int,
     teachers: tuple[str, ...],
     seed: int,
+    rehash: bool,
     device: str,
 ) -> None:
     """Check a cache: manifest, completion, every chunk's checksum and values, labels.
 
     With --data, also the dataset's fingerprint and labels (the cache's split is used).
+    The fingerprint of a folder or shards comes from their index, quick to reopen but
+    blind to a file edited with its size and modification time kept; --rehash reads
+    every file again and names those that changed.
     Exits with status 1, naming the chunk or sample at fault, when a check fails.
     """
     from kdpipe.check.verify import verify_cache
@@ -326,6 +337,7 @@ def verify_command(
         teachers=[Path(t) for t in teachers],
         device=device,
         seed=seed,
+        rehash=rehash,
     )
     click.echo(report.frame().to_string(index=False))
     if not report.ok:

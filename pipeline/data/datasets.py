@@ -479,6 +479,28 @@ def load_shards(
     )
 
 
+def rehashed(dataset: ImageSet) -> tuple[ImageSet, list[str]]:
+    """``dataset`` with its index rebuilt from every file's bytes (``verify --data --rehash``)
+    and the names (a folder's relative paths, the shards' keys) whose digest differs from the
+    index it was opened with: the quick index trusts a file's size and mtime, this reads
+    everything. A dataset in memory is hashed whole on every open and comes back as it is."""
+    index = dataset.index
+    if index is None:
+        return dataset, []
+    if isinstance(index, ShardIndex):
+        fresh, _ = build_shard_index(dataset.name, dataset.split, rehash=True)
+        name_of = "key"
+    else:
+        samples = list(zip(index.paths(), index.labels().tolist(), strict=True))
+        fresh = build_index(index.split_dir.parent, index.split_dir.name, samples,
+                            index.classes, rehash=True)  # fmt: skip
+        name_of = "path"
+    before = {getattr(e, name_of): e.sha256 for e in index.entries}
+    after = {getattr(e, name_of): e.sha256 for e in fresh.entries}
+    changed = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+    return replace(dataset, index=fresh, _fingerprint={}), changed
+
+
 def pack_image_folder(folder: Path, out: Path, shard_size: int) -> dict[str, int]:
     """``kdpipe pack-shards``: an image folder's splits (those it has of train/ and test/)
     written as WebDataset shards in its canonical order, so row *i* of the shards is row *i*

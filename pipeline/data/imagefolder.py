@@ -165,16 +165,25 @@ def file_digest(path: Path) -> str:
 
 
 def build_index(
-    root: Path, split: str, samples: Sequence[tuple[str, int]], classes: tuple[str, ...]
+    root: Path,
+    split: str,
+    samples: Sequence[tuple[str, int]],
+    classes: tuple[str, ...],
+    rehash: bool = False,
 ) -> FolderIndex:
     """The index of ``samples`` (absolute paths and labels, in canonical order), reusing the
     stored index's digest of every file whose (size, mtime) has not changed, and storing
     the result when it differs from what was stored (skipped where the folder is read-only:
     the index is then rebuilt, in memory, on every open). Each file hashed is also opened
-    once (:func:`check_image`), so a file that is not an image stops the open, named."""
+    once (:func:`check_image`), so a file that is not an image stops the open, named.
+
+    With ``rehash`` nothing stored is trusted: every file is read and hashed again
+    (``verify --data --rehash``), and the stored index is replaced by what was found. The
+    quick path cannot see a file edited with its size and mtime put back, nor an index
+    entry edited to a file's new size and mtime with the old digest; this one can."""
     split_dir = Path(root) / split
     stored_file = index_path(root, split)
-    stored = _read_stored(stored_file)
+    stored = {} if rehash else _read_stored(stored_file)
     entries = []
     progress = tqdm(samples, desc=f"indexing {split_dir}", unit="file", disable=None)
     for path, label in progress:
@@ -192,7 +201,7 @@ def build_index(
         entries.append(IndexEntry(relative, int(label), stat.st_size, stat.st_mtime_ns, sha,
                                   height, width, channels))  # fmt: skip
     index = FolderIndex(split_dir, classes, tuple(entries))
-    if {e.path: e for e in entries} != stored:
+    if rehash or {e.path: e for e in entries} != stored:
         _write_stored(stored_file, index)
     return index
 

@@ -270,15 +270,19 @@ def _entry(where: str, shard: str, key: str, members: dict, classes: Sequence[st
                       hashlib.sha256(data).hexdigest(), height, width, channels)  # fmt: skip
 
 
-def build_index(spec: str, split: str) -> tuple[ShardIndex, fsspec.AbstractFileSystem]:
+def build_index(
+    spec: str, split: str, rehash: bool = False
+) -> tuple[ShardIndex, fsspec.AbstractFileSystem]:
     """The split's index (see the module docstring): shards whose stamp matches the stored
     index keep their entries, the others are read again; stored when it changed and the
-    location is writable. Duplicate keys (in one shard or across shards) are an error."""
+    location is writable. Duplicate keys (in one shard or across shards) are an error.
+    With ``rehash`` (``verify --data --rehash``) no stamp is trusted: every shard is read
+    and every sample hashed again, and the stored index replaced by what was found."""
     fs, root, shards = _root_and_shards(spec, split)
     where = spec.rsplit("/", 1)[0] if "{split}" in spec else spec
     classes = read_classes(fs, root, where)
     stored_file = f"{root}/.kdpipe-index-{split}.json"
-    stored = _read_stored(fs, stored_file, classes)
+    stored = {} if rehash else _read_stored(fs, stored_file, classes)
     records, entries = [], []
     for shard in tqdm(shards, desc=f"indexing {where} {split}", unit="shard", disable=None):
         stamp = _stamp(fs, f"{root}/{shard}")
@@ -296,7 +300,7 @@ def build_index(spec: str, split: str) -> tuple[ShardIndex, fsspec.AbstractFileS
                 f"{where}: key {after.key} appears twice (in shard {before.shard} and shard "
                 f"{after.shard}): a row is a sample key, each key must be unique"
             )
-    if {r["shard"]: (r["stamp"], r["samples"]) for r in records} != {
+    if rehash or {r["shard"]: (r["stamp"], r["samples"]) for r in records} != {
         k: (v[0], [s.__dict__ for s in v[1]]) for k, v in stored.items()
     }:
         _write_stored(fs, stored_file, classes, records)
