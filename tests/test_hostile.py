@@ -393,3 +393,28 @@ def test_verify_rehash_reads_every_shard_again(tmp_path: Path) -> None:
     assert caught.exit_code == 1
     assert f"1 of 6 file(s) in the train shards of {shards} changed" in caught.output
     assert f"index edited): {first['key']}" in caught.output
+
+
+def test_an_input_too_small_for_the_network_is_one_line(tmp_path: Path) -> None:
+    """Issue 24: a folder of 1 x 1 images reached kd_cnn's pooling and ended in a traceback
+    in the first epoch. Every model is tried once on its input size when it is built."""
+    icons = tmp_path / "icons"
+    for split in ("train", "test"):
+        for index, name in enumerate("ab"):
+            (icons / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.new("L", (1, 1), 40 + 150 * index).save(icons / split / name / f"{i}.png")
+    result = invoke("train-teacher --model kd_cnn --epochs 1 --data", icons, "--out",
+                    tmp_path / "t1")  # fmt: skip
+    fails(result, "kd_cnn cannot take a 1x1 input with 1 channel(s) (Given input size: (32x1x1)."
+                  " Calculated output size: (32x0x0). Output size is too small): choose an "
+                  "--image-size it accepts, or another --model")  # fmt: skip
+    assert "Warning" not in result.output and not (tmp_path / "t1").exists()
+    # the same class: --image-size too small for a CNN, a fixed-size network on 12 x 12
+    folder = image_folder(tmp_path / "imgs", {"train": {"a": 3, "b": 3}})
+    fails(invoke("train-teacher --model kd_cnn --epochs 1 --image-size 2 --data", folder,
+                 "--out", tmp_path / "t2"), "kd_cnn cannot take a 2x2 input")  # fmt: skip
+    fails(invoke("train-teacher --model vit_tiny_patch16_224 --epochs 1 --data synthetic --out",
+                 tmp_path / "t3"), "vit_tiny_patch16_224 cannot take a 12x12 input with 1 "
+                 "channel(s) (Input height (12) doesn't match model (224).)")  # fmt: skip
+    assert not (tmp_path / "t2").exists() and not (tmp_path / "t3").exists()

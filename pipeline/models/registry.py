@@ -10,6 +10,7 @@ calls one private builder.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 
@@ -235,9 +236,11 @@ def create_model(
     if drop_rate is not None:
         kwargs["drop_rate"] = drop_rate
     try:
-        model = timm.create_model(
-            architecture, num_classes=num_classes, in_chans=data_config.input_size[0], **kwargs
-        )
+        with warnings.catch_warnings():  # a layer sized 0 by a tiny input: named just below
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            model = timm.create_model(
+                architecture, num_classes=num_classes, in_chans=data_config.input_size[0], **kwargs
+            )
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ModelError(f"cannot build {architecture!r}: {exc}") from None
     model.pretrained_cfg = {
@@ -245,7 +248,30 @@ def create_model(
         **{k: v for k, v in asdict(data_config).items() if v is not None},
         "num_classes": num_classes,
     }
+    check_input_size(model, architecture, data_config)
     return model
+
+
+def check_input_size(model: nn.Module, architecture: str, data_config: DataConfig) -> None:
+    """One forward of a zero image at the model's input size, so that an input too small
+    for the network (a folder of 1 x 1 icons, ``--image-size 2`` for a CNN that pools
+    five times) or one a fixed-size network refuses is one line now, not a traceback in
+    the middle of the first epoch. Eval mode, no gradient: no weight or statistic moves."""
+    channels, height, width = data_config.input_size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, height, width))
+    except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ModelError(
+            f"{architecture} cannot take a {height}x{width} input with {channels} channel(s) "
+            f"({lines[0] if lines else type(exc).__name__}): choose an --image-size it "
+            "accepts, or another --model"
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def state_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
