@@ -114,3 +114,53 @@ def test_feature_losses_against_golden_values() -> None:
         feature_loss(kind, student, target).backward()
         assert student.grad is not None and student.grad.abs().sum() > 0
         student.grad = None
+
+
+def sun_kd_loss(student: np.ndarray, teacher: np.ndarray, temperature: float) -> float:
+    """Sun et al. (2024)'s logit-standardised KD term, in numpy: z-score each row (std with
+    N - 1), soften by T, KL summed over classes and averaged over rows (before T^2)."""
+
+    def zscore(z: np.ndarray) -> np.ndarray:
+        return (z - z.mean(1, keepdims=True)) / (z.std(1, ddof=1, keepdims=True) + 1e-7)
+
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    log_t = log_softmax(zscore(teacher) / temperature)
+    log_s = log_softmax(zscore(student) / temperature)
+    return float((np.exp(log_t) * (log_t - log_s)).sum(1).mean())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 20.0])
+def test_logit_standardize_is_sun_et_als_formula(temperature: float) -> None:
+    teacher = F.log_softmax(TEACHER_LOGITS / temperature, dim=-1)
+    terms = distillation_loss(STUDENT, LABELS, teacher, alpha=0.1, temperature=temperature,
+                              standardize=True)  # fmt: skip
+    soft = sun_kd_loss(STUDENT.double().numpy(), TEACHER_LOGITS.double().numpy(), temperature)
+    assert terms["soft"].item() == pytest.approx(soft, rel=1e-4, abs=1e-7)
+    hard = F.cross_entropy(STUDENT, LABELS)  # the hard term stays on the raw logits
+    assert terms["loss"].item() == pytest.approx(
+        0.1 * hard.item() + 0.9 * temperature**2 * soft, rel=1e-4
+    )
+
+
+def test_standardised_loss_ignores_a_per_row_affine_change_of_the_teacher() -> None:
+    """z -> a_i z + b_i (a_i > 0) per row leaves the standardised loss as it was, also when
+    the teacher arrives as log-probabilities at another cache temperature; the plain loss
+    changes (so the check can fail)."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 10) * 3, torch.randn(6, 10) * 5
+    labels = torch.arange(6) % 10
+    scale, shift = torch.rand(6, 1) * 4 + 0.25, torch.randn(6, 1) * 10
+    changed = scale * teacher + shift
+
+    def loss(z: torch.Tensor, standardize: bool, cached_at: float = 4.0) -> torch.Tensor:
+        stored = F.log_softmax(z / cached_at, dim=-1)  # what a cache at T = cached_at holds
+        return distillation_loss(student, labels, stored, alpha=0.0, temperature=4.0,
+                                 standardize=standardize)["loss"]  # fmt: skip
+
+    torch.testing.assert_close(loss(changed, True), loss(teacher, True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss(teacher, True, cached_at=20.0), loss(teacher, True),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert not torch.allclose(loss(changed, False), loss(teacher, False), rtol=1e-3)

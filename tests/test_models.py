@@ -26,6 +26,20 @@ def test_kdpipe_models_are_in_timms_registry() -> None:
     assert widths == [421834, 105962, 26746]
 
 
+def test_kd_cnn256_drops_before_and_after_its_hidden_layer() -> None:
+    """kd_cnn256 (issue 28's teacher): kd_cnn's convolutions, 256 hidden units, dropout on
+    both sides of them; kd_cnn's own layout (and its published weights) unchanged."""
+    wide = timm.create_model("kd_cnn256", num_classes=10, in_chans=1, drop_rate=0.3)
+    assert param_count(wide) == 421834 - 3136 * 128 - 128 - 1290 + 3136 * 256 + 256 + 2570
+    layers = list(wide.features)
+    hidden = next(i for i, m in enumerate(layers) if isinstance(m, torch.nn.Linear))
+    assert isinstance(layers[hidden - 1], torch.nn.Dropout) and layers[hidden - 1].p == 0.3
+    assert isinstance(layers[hidden + 2], torch.nn.Dropout) and layers[hidden + 2].p == 0.3
+    plain = timm.create_model("kd_cnn", num_classes=10, in_chans=1, drop_rate=0.3)
+    assert sum(isinstance(m, torch.nn.Dropout) for m in plain.modules()) == 1
+    assert "features.9.weight" in plain.state_dict()  # kd_cnn's hidden layer where it was
+
+
 @pytest.mark.parametrize("name", ["kd_mlp_30x2", "kd_cnn", "resnet10t"])
 def test_create_model_uses_the_datasets_shape_and_statistics(name: str) -> None:
     config = DataConfig(input_size=(3, 16, 16), mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))

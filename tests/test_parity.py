@@ -6,7 +6,9 @@ channels_last; plain ``torch.optim.SGD`` (timm's ``sgd`` is Nesterov SGD); the e
 order ``torch.randperm`` from a generator seeded with the seed; each batch normalised
 by hand; the loss ``α·CE + (1 − α)·T²·KL`` from ``torch.nn.functional`` (not kdpipe's
 ``distillation_loss``); and the learning rate of update k set by hand from the cosine
-formula with linear warm-up, counted in updates.
+formula with linear warm-up, counted in updates. With ``--clip-grad`` the reference calls
+timm's own ``dispatch_clip_grad`` between backward and step; with ``--logit-standardize``
+it z-scores both logits as Sun et al.'s ``normalize`` does before the temperature.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kdpipe.models.registry import create_model
 from kdpipe.models.runs import load_model
 from kdpipe.train import TrainConfig, resume_training, train_student
 from kdpipe.views.inputs import DataConfig
+from timm.utils import dispatch_clip_grad
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 SEED, LR, BATCH, EPOCHS, WARMUP = 3, 0.05, 64, 2, 1
@@ -65,7 +68,16 @@ def textbook_lr(update: int, updates_per_epoch: int) -> float:
     return 0.5 * LR * (1 + math.cos(math.pi * update / (EPOCHS * updates_per_epoch)))
 
 
-def reference_run(cache: Path, alpha: float) -> tuple[dict, list]:
+def sun_normalize(logits: torch.Tensor) -> torch.Tensor:
+    """Sun et al. (2024)'s ``normalize``, as in their code."""
+    mean = logits.mean(dim=-1, keepdims=True)
+    stdv = logits.std(dim=-1, keepdims=True)
+    return (logits - mean) / (1e-7 + stdv)
+
+
+def reference_run(
+    cache: Path, alpha: float, clip: tuple[float, str] | None = None, standardize: bool = False
+) -> tuple[dict, list]:
     """The textbook loop: its final weights and the lr of each of its steps."""
     train_set = load_dataset("synthetic", "train")
     soft = load_soft_labels(cache)
@@ -90,8 +102,11 @@ def reference_run(cache: Path, alpha: float) -> tuple[dict, list]:
             logits = model(x.contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(logits, labels[batch])
             if alpha < 1:
-                log_student = F.log_softmax(logits / temperature, dim=-1)
-                log_teacher = targets[batch]
+                student_logits, log_teacher = logits, targets[batch]
+                if standardize:
+                    student_logits = sun_normalize(logits)
+                    log_teacher = F.log_softmax(sun_normalize(log_teacher) / temperature, dim=-1)
+                log_student = F.log_softmax(student_logits / temperature, dim=-1)
                 kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1).mean()
                 loss = alpha * loss + (1 - alpha) * temperature**2 * kl
             for group in optimizer.param_groups:
@@ -99,6 +114,8 @@ def reference_run(cache: Path, alpha: float) -> tuple[dict, list]:
             lrs.append(optimizer.param_groups[0]["lr"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if clip is not None:
+                dispatch_clip_grad(model.parameters(), clip[0], mode=clip[1])
             optimizer.step()
             update += 1
     return model.state_dict(), lrs
@@ -113,6 +130,32 @@ def test_the_loop_matches_a_textbook_loop(train_cache: Path, tmp_path: Path, alp
     assert ours.keys() == theirs.keys()
     for name, value in ours.items():
         torch.testing.assert_close(value, theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("value,mode", [(0.05, "norm"), (0.002, "value"), (0.01, "agc")])
+def test_clip_grad_is_timms_dispatch_clip_grad(
+    train_cache: Path, tmp_path: Path, value: float, mode: str
+) -> None:
+    """--clip-grad VALUE --clip-mode MODE: the textbook loop with timm's own clipping."""
+    ours, _ = kdpipe_run(train_cache, tmp_path / "run", 0.3, clip_grad=value, clip_mode=mode)
+    theirs, _ = reference_run(train_cache, 0.3, clip=(value, mode))
+    unclipped, _ = reference_run(train_cache, 0.3)
+    for name, value_ in ours.items():
+        torch.testing.assert_close(value_, theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.allclose(ours["head.weight"], unclipped["head.weight"], atol=1e-4)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["clip_grad"], config["clip_mode"]) == (value, mode)
+
+
+def test_logit_standardize_is_sun_et_als_loss(train_cache: Path, tmp_path: Path) -> None:
+    """--logit-standardize trains as Sun et al.'s loss written out; config.json records it."""
+    ours, _ = kdpipe_run(train_cache, tmp_path / "run", 0.3, logit_standardize=True)
+    theirs, _ = reference_run(train_cache, 0.3, standardize=True)
+    plain, _ = reference_run(train_cache, 0.3)
+    for name, value in ours.items():
+        torch.testing.assert_close(value, theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.allclose(ours["head.weight"], plain["head.weight"], atol=1e-4)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["logit_standardize"]
 
 
 def test_the_lr_of_each_update_is_timms(train_cache: Path, tmp_path: Path) -> None:

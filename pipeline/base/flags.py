@@ -13,6 +13,10 @@ FLAG_NAMES = {"drop_rate": "dropout"}
 # when a training schedule moves: after every optimizer update, or once per epoch
 SCHED_ON = ("update", "epoch")
 
+# how --clip-grad clips, timm's dispatch_clip_grad modes: the gradients' global L2 norm, each
+# element's value, or adaptive clipping (AGC, Brock et al. 2021: VALUE is the clip factor)
+CLIP_MODES = ("norm", "value", "agc")
+
 # the command that makes each kind of run directory
 COMMANDS = {
     "teacher": "train-teacher",

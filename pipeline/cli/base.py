@@ -13,7 +13,7 @@ import click
 from kdpipe import __version__
 from kdpipe.base.checks import alpha_problem, temperature_problem
 from kdpipe.base.errors import KdpipeError
-from kdpipe.base.flags import SCHED_ON, flag
+from kdpipe.base.flags import CLIP_MODES, SCHED_ON, flag
 
 CONTEXT = {
     "help_option_names": ["-h", "--help"],
@@ -278,6 +278,31 @@ def log_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def clip_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--clip-grad and --clip-mode: the gradient clipped before each step (timm's
+    dispatch_clip_grad), what keeps a high-temperature student from diverging."""
+    options = [
+        click.option(
+            "--clip-grad",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            metavar="VALUE",
+            help="Clip the gradient before each optimizer step (timm's dispatch_clip_grad): "
+            "its global L2 norm to VALUE, each element to [-VALUE, VALUE], or by AGC with clip "
+            "factor VALUE, as --clip-mode says  [default: no clipping].",
+        ),
+        click.option(
+            "--clip-mode",
+            type=click.Choice(CLIP_MODES),
+            default="norm",
+            help="How --clip-grad clips: norm, value or agc (adaptive, Brock et al. 2021).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
     # longer than a screen on purpose: one entry per option of the three training commands
     options = [
@@ -364,7 +389,7 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "with its saved configuration (give no other option).",
         ),
     ]
-    command = log_options(command)  # listed last
+    command = clip_options(log_options(command))  # listed last
     for option in reversed(options):
         command = option(command)
     return data_options(view_options(command), required=False)

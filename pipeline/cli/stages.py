@@ -377,6 +377,13 @@ def feature_options(command: Callable[..., Any]) -> Callable[..., Any]:
     help="Distillation temperature [default: the cache's]; re-tempered exactly.",
 )
 @click.option(
+    "--logit-standardize",
+    is_flag=True,
+    help="Soft term on per-row z-scored teacher and student logits (Sun et al., CVPR 2024, "
+    "Logit Standardization in KD); --temperature is then a base temperature: each row is "
+    "softened at T times its own logits' standard deviation.",
+)
+@click.option(
     "--cache-memory",
     callback=parse_bytes,
     metavar="SIZE",

@@ -85,6 +85,7 @@ class SmallCNN(_FeaturesThenHead):
         channels: Sequence[int] = (32, 64),
         hidden: int = 128,
         drop_rate: float = 0.0,
+        drop_before_hidden: bool = False,
         **_: object,
     ) -> None:
         super().__init__()
@@ -102,6 +103,9 @@ class SmallCNN(_FeaturesThenHead):
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
             nn.Flatten(),
+            # dropout on the flattened conv features too (kd_cnn256): a new module only
+            # where asked, so kd_cnn's state-dict layout and published weights stay as they are
+            *([nn.Dropout(drop_rate)] if drop_before_hidden else []),
             nn.Linear(c2 * (height // 4) * (width // 4), hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(drop_rate),
@@ -139,6 +143,7 @@ default_cfgs = generate_default_cfgs(
         "kd_mlp_800x2.untrained": _cfg(),
         "kd_mlp_30x2.untrained": _cfg(),
         "kd_cnn.untrained": _cfg(first_conv="features.0"),
+        "kd_cnn256.untrained": _cfg(first_conv="features.0"),
         "kd_cnn_mid.untrained": _cfg(first_conv="features.0"),
         "kd_cnn_tiny.untrained": _cfg(first_conv="features.0"),
     }
@@ -177,6 +182,16 @@ def kd_mlp_30x2(pretrained: bool = False, **kwargs: object) -> MLP:
 def kd_cnn(pretrained: bool = False, **kwargs: object) -> SmallCNN:
     """Small CNN: conv32-pool-conv64-pool-fc128 (about 420K parameters at 28x28)."""
     return _create(SmallCNN, "kd_cnn", pretrained, **kwargs)
+
+
+@register_model
+def kd_cnn256(pretrained: bool = False, **kwargs: object) -> SmallCNN:
+    """kd_cnn with what a plain PyTorch loop's 692-error Fashion-MNIST teacher has (issue 28):
+    conv32-pool-conv64-pool-dropout-fc256-dropout (about 820K parameters at 28x28), the
+    dropout (``--dropout``) both before and after the hidden layer. A new name, so that
+    kd_cnn's published runs keep their architecture."""
+    return _create(SmallCNN, "kd_cnn256", pretrained,
+                   **{"hidden": 256, "drop_before_hidden": True, **kwargs})  # fmt: skip
 
 
 @register_model

@@ -122,6 +122,9 @@ def command_line(config: dict, *, seed_placeholder: bool = False) -> str:
             value = seeded.sub("-sSEED", str(value))
         elif name == "overwrite" or value is None or (value == default and name not in required):
             continue
+        if value is True:  # a flag (--logit-standardize) takes no value
+            parts.append(flag(name))
+            continue
         if isinstance(value, tuple):  # --crop-scale MIN MAX; --hidden-sizes 256,128
             value = (" " if name == "crop_scale" else ",").join(f"{v:g}" for v in value)
         parts.append(f"{flag(name)} {value}")

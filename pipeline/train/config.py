@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from kdpipe.base.checks import alpha_problem, temperature_problem
 from kdpipe.base.errors import UsageError
-from kdpipe.base.flags import SCHED_ON
+from kdpipe.base.flags import CLIP_MODES, SCHED_ON
 from kdpipe.data.datasets import ImageSet, load_dataset
 from kdpipe.tasks.classify.loss import FEATURE_LOSSES
 from kdpipe.train.watch import require
@@ -57,6 +57,9 @@ class TrainConfig:
     # step_update; "epoch": once per epoch, timm's step (a run saved before the field: LEGACY)
     sched_on: str = "update"
     seed: int = 0
+    # gradient clipping before each optimizer step (timm's dispatch_clip_grad): None is off
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
     drop_rate: float = 0.0
     jitter: int = 0
     hidden_sizes: tuple[int, ...] | None = None
@@ -76,6 +79,9 @@ class TrainConfig:
     teacher: str | None = None
     alpha: float = 1.0
     temperature: float | None = None
+    # Sun et al. (2024): teacher and student logits z-scored per row before the temperature,
+    # which is then a base temperature (tasks.classify.loss.distillation_loss)
+    logit_standardize: bool = False
     # watching the run (train.watch): a run saved before these existed resumes with them off
     log: str = "none"  # also send each metrics row to "tensorboard" or "mlflow"
     log_dir: str | None = None  # default: the run directory (RUN_DIR/mlruns for MLflow)
@@ -167,7 +173,20 @@ class TrainConfig:
         if self.jitter and not self.policy.is_identity:
             raise UsageError("--jitter and --augment/--mix both augment: choose one")
         self._check_feature_loss()
+        self._check_high_temperature()
         self._check_recipe()
+
+    def _check_high_temperature(self) -> None:
+        """--clip-grad/--clip-mode and --logit-standardize (issue 28)."""
+        clip = self.clip_grad
+        if clip is not None and not (math.isfinite(clip) and clip > 0):
+            raise UsageError(f"--clip-grad must be a finite number > 0, not {self.clip_grad}")
+        if self.clip_mode not in CLIP_MODES:
+            raise UsageError(f"--clip-mode must be one of {', '.join(CLIP_MODES)}, "
+                             f"not {self.clip_mode!r}")  # fmt: skip
+        if self.logit_standardize and (self.cache is None or self.alpha >= 1):
+            raise UsageError("--logit-standardize changes the soft term of train-student: it "
+                             f"needs --cache and --alpha below 1 (not {self.alpha})")  # fmt: skip
 
     def _check_feature_loss(self) -> None:
         given = [self.student_layer is not None, self.teacher_layer is not None]

@@ -4,7 +4,8 @@ Per epoch: stop early? → the epoch's order → for each batch: input → task 
 and loss) → backward → step → scheduler (per update) → account → check the loss →
 scheduler (per epoch) → score, log, checkpoint. What the run trains on and with which α
 and T was decided by the plan (:mod:`kdpipe.train.plan`); the step is a task
-(:mod:`kdpipe.train.step`). The schedule counts updates or epochs (``sched_on``):
+(:mod:`kdpipe.train.step`); ``--clip-grad`` clips the gradient between backward and
+step (timm's ``dispatch_clip_grad``). The schedule counts updates or epochs (``sched_on``):
 timm's ``step_update`` and ``step`` are both called, and each ignores the other's.
 """
 
@@ -32,6 +33,7 @@ from kdpipe.train.step import CachedDistillation, FeatureTerm, OnlineDistillatio
 from kdpipe.train.watch import Watch, open_watch
 from kdpipe.views.inputs import autocast
 from timm.optim import create_optimizer_v2
+from timm.utils import dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -121,6 +123,8 @@ def fit(
             output = task(batch)
             optimizer.zero_grad(set_to_none=True)
             (output["loss"] * weight if world.active else output["loss"]).backward()
+            if config.clip_grad is not None:  # the whole batch's gradient (DDP has reduced it)
+                dispatch_clip_grad(trained.parameters(), config.clip_grad, mode=config.clip_mode)
             optimizer.step()
             scheduler.step_update((epoch - 1) * updates + batch_index + 1)  # sched_on="update"
             sums.add(output, batch["labels"], weight, batch_index)
@@ -162,7 +166,8 @@ def _task(
             device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
         trainer = DistributedDataParallel(model, device_ids=device_ids)
     return CachedDistillation(trainer, alpha=plan.alpha, temperature=plan.temperature, amp=amp,
-                              feature=feature)  # fmt: skip
+                              feature=feature,
+                              standardize=plan.config.logit_standardize)  # fmt: skip
 
 
 def _progress(

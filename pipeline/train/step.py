@@ -109,7 +109,8 @@ class Trainee(nn.Module):
 
 class CachedDistillation:
     """α·CE + (1−α)·T²·KL against stored soft targets; CE alone where there are none; plus
-    β times the feature loss with ``feature``."""
+    β times the feature loss with ``feature``. ``standardize``: the soft term on z-scored
+    logits (Sun et al. 2024, ``--logit-standardize``)."""
 
     def __init__(
         self,
@@ -119,9 +120,10 @@ class CachedDistillation:
         temperature: float,
         amp: contextlib.AbstractContextManager,
         feature: FeatureTerm | None = None,
+        standardize: bool = False,
     ) -> None:
         self.model, self.alpha, self.temperature, self.amp = model, alpha, temperature, amp
-        self.feature = feature
+        self.feature, self.standardize = feature, standardize
 
     def train(self) -> None:
         self.model.train()
@@ -144,6 +146,7 @@ class CachedDistillation:
             temperature=self.temperature,
             partner_labels=batch["partner_labels"],
             lam=batch["lam"],
+            standardize=self.standardize,
         )
         loss = terms["loss"]
         if self.feature is not None:

@@ -16,6 +16,7 @@ def distillation_loss(
     temperature: float,
     partner_labels: torch.Tensor | None = None,
     lam: torch.Tensor | None = None,
+    standardize: bool = False,
 ) -> dict[str, torch.Tensor]:
     r"""Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural Network".
 
@@ -39,6 +40,24 @@ def distillation_loss(
     same mixed image. Returns ``loss`` (to backpropagate) and its terms
     ``hard`` (CE, when alpha > 0) and ``soft`` (KL, before the T² and 1 − α weights).
 
+    ``standardize`` (``--logit-standardize``): Sun et al. (2024), "Logit Standardization in
+    Knowledge Distillation" (CVPR). Both distributions of the soft term come from logits
+    z-scored per row, :math:`\mathcal{Z}(z) = (z - \bar z) / \sigma(z)` (``std`` with
+    N − 1, plus 1e-7, as the authors' code):
+
+    .. math:: p_t = \mathrm{softmax}(\mathcal{Z}(z_t) / T), \quad
+              p_s = \mathrm{softmax}(\mathcal{Z}(z_s) / T)
+
+    ``T`` is then a *base* temperature: row *i* is softened at :math:`T\,\sigma(z_i)`, its
+    own logits' spread, so the student need only match the teacher's logits up to a shift
+    and a scale, and one T suits a sharp teacher and a flat one alike. The same T is
+    not comparable with and without standardisation (z-scored logits of 10 classes span
+    about ±3, so at T = 20 both distributions are nearly uniform). The T²
+    factor and the hard term (on the raw logits) stay as above. The teacher's logits are
+    needed only up to a per-row shift and positive scale, so the stored
+    ``log_softmax(z_t / T_cache)`` gives :math:`\mathcal{Z}(z_t)` exactly, at any cache
+    temperature.
+
     ``alpha`` outside [0, 1] and ``temperature`` outside [0.01, 1000] (or not finite) are
     refused with the messages the command line gives (:mod:`kdpipe.base.checks`): a weight
     above 1 would make the soft term count negatively, T = 0 divides by zero.
@@ -59,12 +78,22 @@ def distillation_loss(
         if alpha != 1.0:
             raise ValueError("teacher_logprobs are required when alpha < 1")
         return {"loss": terms["hard"], **terms}
+    if standardize:
+        student_logits = standardized(student_logits)
+        teacher_logprobs = F.log_softmax(standardized(teacher_logprobs) / temperature, dim=-1)
     student_logprobs = F.log_softmax(student_logits / temperature, dim=-1)
     soft = F.kl_div(student_logprobs, teacher_logprobs, reduction="batchmean", log_target=True)
     loss = (1.0 - alpha) * temperature**2 * soft
     if alpha > 0:
         loss = alpha * terms["hard"] + loss
     return {"loss": loss, **terms, "soft": soft}
+
+
+def standardized(logits: torch.Tensor) -> torch.Tensor:
+    """Each row z-scored: its mean subtracted, divided by its standard deviation (N − 1)
+    plus 1e-7, as Sun et al.'s ``normalize``; unchanged by a per-row shift or positive scale."""
+    mean = logits.mean(dim=-1, keepdim=True)
+    return (logits - mean) / (logits.std(dim=-1, keepdim=True) + 1e-7)
 
 
 FEATURE_LOSSES = ("hint", "cosine", "attention")
