@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import cache, fails, invoke, snapshot, student
+from kdpipe.cache import read_manifest
 from kdpipe.data.datasets import load_dataset
 from kdpipe.models.runs import read_card
 from kdpipe.train import TrainConfig, resume_training, train_student
@@ -246,6 +247,30 @@ def test_degenerate_datasets(tmp_path: Path) -> None:
 def test_storage_top_k_zero_and_caches_on_a_missing_path(train_cache: Path) -> None:
     fails(invoke("storage", train_cache, "--top-k 0"), "every value must be an integer >= 1", 2)
     fails(invoke("caches", "/no/such/folder"), "/no/such/folder does not exist", 2)
+
+
+def test_caches_takes_file_urls_and_keeps_counts_integers(
+    train_cache: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(train_cache, tmp_path / "good.zarr")
+    result = invoke("caches", f"file://{tmp_path}", "--format json")
+    assert result.exit_code == 0, result.output
+    assert [row["samples"] for row in json.loads(result.output)] == [
+        read_manifest(train_cache).num_samples
+    ]
+    shutil.copytree(train_cache, tmp_path / "bad.zarr")
+    (tmp_path / "bad.zarr" / "zarr.json").write_text("{")
+    result = invoke("caches", tmp_path, "--format csv")
+    assert result.exit_code == 0, result.output
+    good = next(line for line in result.output.splitlines() if "good.zarr" in line)
+    assert f",{read_manifest(train_cache).num_samples},1,5," in good  # not 600.0,1.0,5.0
+
+
+def test_storage_default_top_k_fits_a_cache_of_five_classes(train_cache: Path) -> None:
+    result = invoke("storage", train_cache)  # 5 classes: the default 1,2,3,5 failed on K = 5
+    assert result.exit_code == 0, result.output
+    assert "top-3" in result.output and "top-5" not in result.output
+    fails(invoke("storage", train_cache, "--top-k 5"), "--top-k 5: K must be in 1..4")
 
 
 def test_tune_bias_refuses_a_grid_too_large_to_try(train_cache: Path, tmp_path: Path) -> None:

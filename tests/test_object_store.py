@@ -90,6 +90,13 @@ def test_write_verify_and_train_from_s3(
     result = invoke("lineage", tmp_path / "s3")
     assert result.exit_code == 0, result.output
     assert url in result.output and "cache_id matches" in result.output
+    # caches lists what lies below a bucket prefix (issue 24: URLs were refused outright)
+    result = invoke("caches", f"s3://{BUCKET}", "--format json")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert row["path"] == url and row["samples"] == remote.manifest.num_samples
+    fails = invoke("caches", f"s3://{BUCKET}/no-such-prefix")
+    assert fails.exit_code == 2 and "does not exist" in fails.output
     # and streamed from the bucket, chunk by chunk
     result = student(url, tmp_path / "streamed", "--alpha 0.5 --cache-memory 40K")
     assert result.exit_code == 0, result.output

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 from kdpipe.base.errors import KdpipeError, RunDirError
-from kdpipe.cache import MANIFEST_KEY, TeacherMember, Upstream, read_manifest
+from kdpipe.cache import MANIFEST_KEY, Location, TeacherMember, Upstream, read_manifest
 from kdpipe.data.datasets import decode_options, load_dataset
 from kdpipe.models.pretrained import file_sha256, looks_like_source
 from kdpipe.models.runs import load_model, read_card
@@ -34,38 +34,82 @@ CATALOG_COLUMNS = [
 ]
 
 
-def _is_cache(folder: Path) -> bool:
-    meta = folder / "zarr.json"
-    if not meta.is_file():
+# counts: pandas' nullable integers, so a row without them (an unreadable cache) leaves
+# the others' counts integers, not floats
+INTEGER_COLUMNS = ("generation", "samples", "views", "classes")
+
+
+def _is_cache(folder: Location) -> bool:
+    try:
+        meta = folder.read_bytes("zarr.json")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
         return False
     try:
-        return MANIFEST_KEY in json.loads(meta.read_text()).get("attributes", {})
+        return MANIFEST_KEY in json.loads(meta).get("attributes", {})
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return True  # a damaged manifest is still worth listing, as damaged
 
 
-def find_caches(paths: Iterable[Path]) -> list[Path]:
-    """kdpipe caches at or below each path (a cache's own folders are not searched)."""
+def unreachable(path: str | Path) -> str | None:
+    """Why ``path`` (a folder or an fsspec URL: ``file://``, ``s3://``...) cannot be listed,
+    or None when it can."""
+    try:
+        location = Location(path)
+        if location.exists():
+            return None
+    except Exception as exc:  # fsspec's unknown protocols, a store's client errors
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return f"{path} cannot be reached ({type(exc).__name__}: {lines[0] if lines else ''})"
+    return f"{path} does not exist"
+
+
+def find_caches(paths: Iterable[str | Path | Location]) -> list[Location]:
+    """kdpipe caches at or below each path, a folder or an fsspec URL (a cache's own
+    folders are not searched)."""
     found = []
     for root in paths:
-        root = Path(root)
+        root = Location(root)
         if _is_cache(root):
             found.append(root)
-            continue
-        for folder, subfolders, _ in os.walk(root):
-            subfolders.sort()
-            if _is_cache(Path(folder)):
-                found.append(Path(folder))
-                subfolders.clear()
+        elif root.local:
+            for folder, subfolders, _ in os.walk(root.path):
+                subfolders.sort()
+                if _is_cache(Location(folder)):
+                    found.append(Location(folder))
+                    subfolders.clear()
+        else:
+            found.extend(_remote_caches(root))
     return found
 
 
-def _size_mb(folder: Path) -> float:
-    return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20, 3)
+def _remote_caches(root: Location) -> list[Location]:
+    """The caches below a prefix of an object store, one listing per level, none inside a
+    cache (its chunks are never listed)."""
+    found, pending = [], [root.root]
+    while pending:
+        prefix = pending.pop(0)
+        root.fs.invalidate_cache()
+        for entry in sorted(root.fs.ls(prefix, detail=True), key=lambda e: e["name"]):
+            if entry.get("type") != "directory":
+                continue
+            folder = Location(root.fs.unstrip_protocol(entry["name"].rstrip("/")))
+            if _is_cache(folder):
+                found.append(folder)
+            else:
+                pending.append(entry["name"].rstrip("/"))
+    return found
 
 
-def catalog(paths: Iterable[Path]) -> pd.DataFrame:
-    """One row per cache found: what produced it and what it holds."""
+def _size_mb(folder: Location) -> float:
+    if folder.local:
+        files = (p for p in folder.path.rglob("*") if p.is_file())
+        return round(sum(p.stat().st_size for p in files) / 2**20, 3)
+    return round(folder.fs.du(folder.root, total=True) / 2**20, 3)
+
+
+def catalog(paths: Iterable[str | Path | Location]) -> pd.DataFrame:
+    """One row per cache found (below local folders and fsspec URLs): what produced it
+    and what it holds."""
     rows = []
     for path in find_caches(paths):
         try:
@@ -96,7 +140,8 @@ def catalog(paths: Iterable[Path]) -> pd.DataFrame:
                 "created": m.created,
             }
         )
-    return pd.DataFrame(rows, columns=CATALOG_COLUMNS)
+    frame = pd.DataFrame(rows, columns=CATALOG_COLUMNS)
+    return frame.astype({name: "Int64" for name in INTEGER_COLUMNS})
 
 
 def lineage(

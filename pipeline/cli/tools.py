@@ -244,8 +244,8 @@ def report_command(
     "--top-k",
     "ks",
     callback=parse_sizes,
-    default="1,2,3,5",
-    help="The K values to measure, comma-separated.",
+    help="The K values to measure, comma-separated (default: those of 1,2,3,5 below the "
+    "cache's class count).",
 )
 @table_options(
     csv_help="Write one row per layout here.",
@@ -255,7 +255,7 @@ def report_command(
 @reports_errors
 def storage_command(
     cache_path: str,
-    ks: tuple[int, ...],
+    ks: tuple[int, ...] | None,
     csv_path: Path | None,
     markdown_path: Path | None,
     section: str,
@@ -358,14 +358,17 @@ def _cache_dataset(path: str) -> dict:
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
 @reports_errors
 def caches_command(paths: tuple[str, ...], fmt: str) -> None:
-    """List the kdpipe caches under PATHS (default: the current folder) and what made each."""
-    from kdpipe.check.catalog import catalog
+    """List the kdpipe caches under PATHS (default: the current folder) and what made each.
+
+    A PATH may be a folder or an fsspec URL (file://, s3://, gs://...)."""
+    from kdpipe.check.catalog import catalog, unreachable
     from kdpipe.tools.publish import render_rows
 
-    missing = [p for p in paths if not Path(p).exists()]
-    if missing:
-        raise click.BadParameter(f"{missing[0]} does not exist", param_hint="PATHS")
-    frame = catalog([Path(p) for p in paths] or [Path(".")])
+    for path in paths:
+        problem = unreachable(path)
+        if problem is not None:
+            raise click.BadParameter(problem, param_hint="PATHS")
+    frame = catalog(paths or ["."])
     if frame.empty:
         click.echo("no kdpipe caches found", err=True)
         return
