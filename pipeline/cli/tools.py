@@ -310,12 +310,17 @@ def verify_command(
     """Check a cache: manifest, completion, every chunk's checksum and values, labels.
 
     With --data, also the dataset's fingerprint and labels (the cache's split is used).
+    A detection cache: its values, ground truth and, with --data DATA.yaml, the images'
+    and labels' fingerprint; --recompute renders stored views and runs the teacher again.
     Exits with status 1, naming the chunk or sample at fault, when a check fails.
     """
     from kdpipe.check.verify import verify_cache
+    from kdpipe.data.yolo import is_data_yaml
 
     dataset = None
-    if data is not None:
+    if data is not None and is_data_yaml(data):
+        dataset = data  # a detection set: verify reads the split its cache names
+    elif data is not None:
         recorded = _cache_dataset(cache_path)  # its split, decoded as the cache's data was
         dataset = load_data(data, recorded["split"], data_root, image_size, channels, resize,
                             recorded, cache_path)  # fmt: skip
