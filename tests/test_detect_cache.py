@@ -282,8 +282,9 @@ def test_top_k_stores_fewer_bytes_and_the_teachers_top_k_anchors(
         == 0
     )
     anchors = torch.from_numpy(cache.stored("topk_anchors", 2, 1).astype(np.int64))
-    torch.testing.assert_close(targets.boxes[0][:, anchors],
-                               torch.from_numpy(cache.stored("topk_boxes", 2, 1)).float())  # fmt: skip
+    torch.testing.assert_close(
+        targets.boxes[0][:, anchors], torch.from_numpy(cache.stored("topk_boxes", 2, 1)).float()
+    )
 
 
 # --- caches and lineage ----------------------------------------------------------------------
