@@ -201,10 +201,10 @@ def _is_cache(location: Location) -> bool:
     """A cache: a Zarr group whose ``zarr.json`` carries kdpipe's manifest (complete or
     still being written)."""
     from kdpipe.base.errors import CacheError
-    from kdpipe.cache import read_manifest
+    from kdpipe.cache import read_cache_manifest
 
     try:
-        read_manifest(location)
+        read_cache_manifest(location)  # classification or detection
     except (CacheError, OSError):
         return False
     return True

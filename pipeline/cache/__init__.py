@@ -7,9 +7,22 @@ from here, never from its modules. It knows nothing about models.
 - ``layout``: how the teacher's distribution is stored (dense, top-k), one object each;
 - ``store``: the writer (chunk by chunk, resumable, completion last) and the whole-cache
   reader; ``stream``: the reader of a cache larger than memory;
-- ``location``: a local folder or an fsspec URL.
+- ``location``: a local folder or an fsspec URL;
+- ``detection``: the detection cache's manifest and arrays (a detector's head outputs), in
+  the same store, written and checked by the same code.
 """
 
+from kdpipe.cache.detection import (
+    DETECT_FORMAT_VERSION,
+    DETECT_VALUES,
+    DETECT_VIEW_FIELDS,
+    RANKING,
+    DetectionManifest,
+    anchor_count,
+    derive_detection_cache_id,
+    derive_detection_teacher_id,
+    detection_field_problems,
+)
 from kdpipe.cache.format import (
     CHECKSUM_KEY,
     COMBINE_RULES,
@@ -59,12 +72,18 @@ from kdpipe.cache.store import (
     SoftLabels,
     array_codecs,
     check_array_metadata,
+    check_flagged,
     chunk_digest,
     chunk_key,
     digest_matches,
     load_soft_labels,
     open_complete,
+    read_array,
+    read_cache_manifest,
+    read_chunk,
+    read_detection_manifest,
     read_manifest,
+    read_positions,
     retemper,
     stored_teacher_accuracy,
     utc_now,
@@ -82,6 +101,9 @@ from kdpipe.cache.stream import (
 __all__ = [
     "CHECKSUM_KEY",
     "COMBINE_RULES",
+    "DETECT_FORMAT_VERSION",
+    "DETECT_VALUES",
+    "DETECT_VIEW_FIELDS",
     "DIGESTS",
     "DIGEST_BYTES",
     "FEATURE_DTYPE",
@@ -92,6 +114,7 @@ __all__ = [
     "PRECISIONS",
     "PREPROCESSING",
     "PROGRESS",
+    "RANKING",
     "STATUS_COMPLETE",
     "STATUS_WRITING",
     "TEMPERATURE_RANGE",
@@ -102,6 +125,7 @@ __all__ = [
     "CacheWriter",
     "CachedLayer",
     "Dense",
+    "DetectionManifest",
     "Layout",
     "Location",
     "Manifest",
@@ -112,16 +136,21 @@ __all__ = [
     "TeacherMember",
     "TopK",
     "Upstream",
+    "anchor_count",
     "array_codecs",
     "array_specs",
     "check_array_metadata",
+    "check_flagged",
     "chunk_digest",
     "chunk_key",
     "chunk_plan",
     "decoded_bytes",
     "derive_cache_id",
+    "derive_detection_cache_id",
+    "derive_detection_teacher_id",
     "derive_teacher_id",
     "describe_differences",
+    "detection_field_problems",
     "digest_matches",
     "field_problems",
     "index_dtype",
@@ -132,7 +161,12 @@ __all__ = [
     "open_complete",
     "open_soft_labels",
     "preprocessing_for",
+    "read_array",
+    "read_cache_manifest",
+    "read_chunk",
+    "read_detection_manifest",
     "read_manifest",
+    "read_positions",
     "reconstruct_top_k",
     "retemper",
     "smallest_budget",

@@ -17,6 +17,11 @@ from kdpipe.base.checks import TEMPERATURE_RANGE, temperature_problem  # noqa: F
 from kdpipe.base.errors import ManifestError
 from kdpipe.base.spec import check_field as _check
 from kdpipe.base.spec import check_keys, check_object
+from kdpipe.cache.detection import (
+    DetectionManifest,
+    describe_detection_differences,
+    detection_array_specs,
+)
 from kdpipe.cache.layout import STORAGE_KINDS, Layout, storage_layout
 
 FORMAT_VERSION = 3  # 2: views, transfer-set rows, top-k storage; 3: chunk position digests
@@ -534,11 +539,19 @@ def derive_cache_id(manifest: Manifest) -> str:
     return _digest(manifest.identity())
 
 
-def describe_differences(existing: Manifest, wanted: Manifest) -> list[str]:
+def describe_differences(
+    existing: Manifest | DetectionManifest, wanted: Manifest | DetectionManifest
+) -> list[str]:
     """What makes ``existing`` another cache than the one ``wanted`` describes, field by field.
 
     An empty list means the same cache: a partial one can be resumed.
     """
+    detection = (isinstance(existing, DetectionManifest), isinstance(wanted, DetectionManifest))
+    if detection[0] != detection[1]:
+        kinds = ["a classification cache", "a detection cache"]
+        return [f"{kinds[detection[0]]}, not {kinds[detection[1]]}"]
+    if detection[0]:
+        return describe_detection_differences(existing, wanted)
     differences = []
     existing_members = [(m.architecture, m.weights_sha256[:12]) for m in existing.teachers]
     wanted_members = [(m.architecture, m.weights_sha256[:12]) for m in wanted.teachers]
@@ -577,12 +590,17 @@ def describe_differences(existing: Manifest, wanted: Manifest) -> list[str]:
     return differences
 
 
-def array_specs(manifest: Manifest) -> dict[str, tuple[tuple[int, ...], str, int | float]]:
+def array_specs(
+    manifest: Manifest | DetectionManifest,
+) -> dict[str, tuple[tuple[int, ...], str, int | float]]:
     """Every data array of a cache: name -> (shape, dtype, fill value).
 
     All are chunked along the first (row) axis by ``chunk_size``; the writer,
-    the reader and ``kdpipe verify`` all take the layout from here.
+    the reader and ``kdpipe verify`` all take the layout from here (a detection cache's
+    arrays: :func:`kdpipe.cache.detection.detection_array_specs`).
     """
+    if isinstance(manifest, DetectionManifest):
+        return detection_array_specs(manifest)
     n, v = manifest.num_samples, manifest.num_views
     return {
         **manifest.layout.arrays(n, v, manifest.dtype),

@@ -31,8 +31,17 @@ from kdpipe.base.checks import check_temperature as check_temperature_value
 from kdpipe.base.errors import (
     CacheError,
     CacheIncompleteError,
+    CacheMismatchError,
     ManifestError,
     NotACacheError,
+)
+from kdpipe.cache.detection import (
+    TASK as DETECTION_TASK,
+)
+from kdpipe.cache.detection import (
+    DetectionManifest,
+    derive_detection_cache_id,
+    derive_detection_teacher_id,
 )
 from kdpipe.cache.format import (
     CHECKSUM_KEY,
@@ -208,14 +217,12 @@ class CacheWriter:
         self.arrays[PROGRESS][index] = 1
         self.location.sync(PROGRESS, chunk_key(self.arrays[PROGRESS], index))
 
-    def finish(self, teacher_accuracy: float | None) -> Manifest:
+    def finish(self, teacher_accuracy: float | None = None) -> Manifest | DetectionManifest:
         """Mark the cache complete: the last write, after all data is on disk."""
-        self.manifest = replace(
-            self.manifest,
-            status=STATUS_COMPLETE,
-            teacher_accuracy=teacher_accuracy,
-            completed=utc_now(),
-        )
+        changes = {"status": STATUS_COMPLETE, "completed": utc_now()}
+        if not isinstance(self.manifest, DetectionManifest):  # a detector has no accuracy
+            changes["teacher_accuracy"] = teacher_accuracy
+        self.manifest = replace(self.manifest, **changes)
         write_manifest(self.group, self.manifest)
         self.location.sync("zarr.json")
         return self.manifest
@@ -242,8 +249,35 @@ def array_metadata_sha256(path: str | Path | Location) -> dict:
 
 
 def read_manifest(path: str | Path | Location) -> Manifest:
-    """The manifest of a cache at ``path`` (a folder or an fsspec URL); a clear error when
-    it is not a kdpipe cache."""
+    """The manifest of a classification cache at ``path`` (a folder or an fsspec URL); a
+    clear error when it is not a kdpipe cache, or is a detection cache (every reader of
+    soft labels comes through here, so none mistakes head outputs for log-probabilities)."""
+    manifest = read_cache_manifest(path)
+    if isinstance(manifest, DetectionManifest):
+        raise CacheMismatchError(
+            f"{path} is a detection cache (a YOLO teacher's head outputs), not a classifier's "
+            "soft labels: a classification student cannot learn from it; give it to a "
+            "detection student"
+        )
+    return manifest
+
+
+def read_detection_manifest(path: str | Path | Location) -> DetectionManifest:
+    """The manifest of a detection cache at ``path``; a classification cache is one line."""
+    manifest = read_cache_manifest(path)
+    if not isinstance(manifest, DetectionManifest):
+        raise CacheMismatchError(
+            f"{path} is a classification cache (soft labels over {manifest.num_classes} "
+            "classes), not a detection cache: a detection student needs the cache of a "
+            "detection teacher (cache-teacher --teacher DETECTION_RUN --data DATA.yaml)"
+        )
+    return manifest
+
+
+def read_cache_manifest(path: str | Path | Location) -> Manifest | DetectionManifest:
+    """The manifest of any kdpipe cache at ``path``, classification or detection (its
+    ``task``), checksum and ids checked: for the tools that take both (verify, caches, the
+    output guard)."""
     path = Location(path)
     meta = f"{path}/zarr.json"
     try:
@@ -276,9 +310,22 @@ def read_manifest(path: str | Path | Location) -> Manifest:
             f"{meta}: the manifest does not match its checksum ({CHECKSUM_KEY}): it was edited "
             "or damaged"
         )
+    if isinstance(data, dict) and data.get("task") == DETECTION_TASK:
+        manifest = DetectionManifest.from_dict(data, where=f"{path}: manifest")
+        check_detection_ids(manifest, meta)
+        return manifest
     manifest = Manifest.from_dict(data, where=f"{path}: manifest")
     check_ids(manifest, meta)
     return manifest
+
+
+def check_detection_ids(manifest: DetectionManifest, where: str) -> None:
+    """:func:`check_ids` for a detection manifest: both ids derived, never trusted."""
+    for name, derived in (("teacher_id", derive_detection_teacher_id(manifest.teacher)),
+                          ("cache_id", derive_detection_cache_id(manifest))):  # fmt: skip
+        if getattr(manifest, name) != derived:
+            raise ManifestError(f"{where}: {name} {getattr(manifest, name)} is not the one its "
+                                f"fields give ({derived}): the manifest was edited")  # fmt: skip
 
 
 def check_ids(manifest: Manifest, where: str) -> None:
@@ -298,9 +345,12 @@ def check_ids(manifest: Manifest, where: str) -> None:
         )
 
 
-def open_complete(path: str | Path | Location) -> tuple[Manifest, dict[str, zarr.Array]]:
-    """Open a cache's arrays for reading; refuse one that is not complete or is damaged."""
-    manifest = read_manifest(path)
+def open_complete(
+    path: str | Path | Location, *, detection: bool = False
+) -> tuple[Manifest | DetectionManifest, dict[str, zarr.Array]]:
+    """Open a cache's arrays for reading (a detection cache's with ``detection``, else a
+    classification cache's); refuse one that is not complete or is damaged."""
+    manifest = read_detection_manifest(path) if detection else read_manifest(path)
     if manifest.status != STATUS_COMPLETE:
         raise CacheIncompleteError(
             f"{path} is not complete (status {manifest.status!r}): the teacher pass did not "

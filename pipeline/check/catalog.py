@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pandas as pd
 from kdpipe.base.errors import KdpipeError, RunDirError
-from kdpipe.cache import MANIFEST_KEY, Location, TeacherMember, Upstream, read_manifest
+from kdpipe.cache import (
+    MANIFEST_KEY,
+    DetectionManifest,
+    Location,
+    TeacherMember,
+    Upstream,
+    read_cache_manifest,
+    read_detection_manifest,
+    read_manifest,
+)
 from kdpipe.data.datasets import decode_options, load_dataset
 from kdpipe.models.pretrained import file_sha256, looks_like_source
 from kdpipe.models.runs import load_model, read_card
@@ -31,6 +40,7 @@ CATALOG_COLUMNS = [
     "dtype",
     "size_mb",
     "created",
+    "task",
 ]
 
 
@@ -113,9 +123,12 @@ def catalog(paths: Iterable[str | Path | Location]) -> pd.DataFrame:
     rows = []
     for path in find_caches(paths):
         try:
-            m = read_manifest(path)
+            m = read_cache_manifest(path)
         except KdpipeError as exc:
             rows.append({"path": str(path), "status": f"unreadable: {exc}"})
+            continue
+        if isinstance(m, DetectionManifest):
+            rows.append(_detection_row(path, m))
             continue
         rows.append(
             {
@@ -138,10 +151,24 @@ def catalog(paths: Iterable[str | Path | Location]) -> pd.DataFrame:
                 "dtype": m.dtype,
                 "size_mb": _size_mb(path),
                 "created": m.created,
+                "task": "classify",
             }
         )
     frame = pd.DataFrame(rows, columns=CATALOG_COLUMNS)
     return frame.astype({name: "Int64" for name in INTEGER_COLUMNS})
+
+
+def _detection_row(path: Location, m: DetectionManifest) -> dict:
+    """A detection cache's row: its teacher, data YAML, images x views, classes, storage
+    (dense, or the top-K anchors); no temperature (raw head outputs) nor generation yet."""
+    teacher = m.teacher
+    return {"path": str(path), "cache_id": m.cache_id, "status": m.status,
+            "teacher_id": m.teacher_id,
+            "teachers": f"{teacher['architecture']}@{teacher['weights_sha256'][:8]}",
+            "generation": 0, "dataset": m.dataset["name"], "split": m.dataset["split"],
+            "samples": m.num_samples, "views": m.num_views, "classes": m.num_classes,
+            "temperature": None, "storage": m.describe_storage(), "dtype": m.dtype,
+            "size_mb": _size_mb(path), "created": m.created, "task": "detect"}  # fmt: skip
 
 
 def lineage(
@@ -168,6 +195,10 @@ def lineage(
         return file_lineage(
             Path(run_dir), data_root=data_root, image_size=image_size, channels=channels
         )
+    from kdpipe.tasks.detect.runs import is_detection_run
+
+    if is_detection_run(Path(run_dir)):
+        return detection_lineage(Path(run_dir))
     rows: list[dict] = []
 
     def link(kind: str, name: str, identity: str, status: str, detail: str) -> None:
@@ -334,3 +365,73 @@ def _dataset_link(link, record: dict, load: dict) -> None:
         "verified" if same else "MISMATCH",
         "fingerprint recomputed" if same else "the data on disk has another fingerprint",
     )
+
+
+def detection_lineage(run_dir: Path) -> pd.DataFrame:
+    """The chain of a detection run: run → cache → teacher → data YAML (a student whose card
+    records the cache it learned from), or run → data YAML (a teacher trained here), each
+    link checked where its files are, with the statuses of :func:`lineage`."""
+    from kdpipe.tasks.detect.runs import load_detection_run, read_detection_card
+
+    rows: list[dict] = []
+
+    def link(kind: str, name: str, identity: str, status: str, detail: str) -> None:
+        rows.append({"link": kind, "path": name, "id": identity, "status": status,
+                     "detail": detail})  # fmt: skip
+
+    card = read_detection_card(run_dir)
+    _detection_run_link(link, card.kind, run_dir, card.weights_sha256, load_detection_run)
+    dataset = card.dataset
+    cache_id, cache_path = (card.lineage or {}).get("cache_id"), (card.lineage or {}).get(
+        "cache_path")  # fmt: skip
+    if cache_id is not None:
+        try:
+            manifest = read_detection_manifest(cache_path)
+        except KdpipeError as exc:
+            link("cache", str(cache_path), cache_id, "missing", str(exc))
+            return pd.DataFrame(rows)
+        same = manifest.cache_id == cache_id
+        link("cache", str(cache_path), cache_id, "verified" if same else "MISMATCH",
+             "cache_id matches the record" if same
+             else f"the record says cache {cache_id}, this is {manifest.cache_id}")  # fmt: skip
+        teacher = manifest.teacher
+        _detection_run_link(link, "teacher", Path(teacher["run_dir"]),
+                            teacher["weights_sha256"], load_detection_run)  # fmt: skip
+        dataset = manifest.dataset
+    if dataset:
+        _detection_data_link(link, dataset)
+    return pd.DataFrame(rows)
+
+
+def _detection_run_link(link: Callable[..., None], kind: str, run_dir: Path, recorded: str,
+                        load: Callable[[Path], tuple]) -> None:  # fmt: skip
+    """A detection run directory, its weights hash recomputed against the record."""
+    try:
+        _, card = load(run_dir)
+    except KdpipeError as exc:
+        status = "MISMATCH" if Path(run_dir, "model.json").is_file() else "missing"
+        link(kind, str(run_dir), recorded[:16], status, str(exc))
+        return
+    same = card.weights_sha256 == recorded
+    link(kind, str(run_dir), recorded[:16], "verified" if same else "MISMATCH",
+         "weights hash recomputed" if same
+         else f"the record says weights {recorded[:16]}, these are "
+         f"{card.weights_sha256[:16]}")  # fmt: skip
+
+
+def _detection_data_link(link: Callable[..., None], record: dict) -> None:
+    """A YOLO data YAML's split, its fingerprint (images and labels) recomputed."""
+    from kdpipe.data.yolo import load_detection_split
+
+    name = record.get("name") or record.get("data_yaml")
+    expected = record["fingerprint"]
+    label = f"{name} ({record['split']})"
+    try:
+        split = load_detection_split(name, record["split"])
+    except KdpipeError as exc:
+        link("dataset", label, expected["sha256"][:16], "missing", str(exc))
+        return
+    same = split.fingerprint == expected
+    link("dataset", label, expected["sha256"][:16], "verified" if same else "MISMATCH",
+         "fingerprint recomputed (images and labels)" if same
+         else "the images or labels on disk have another fingerprint")  # fmt: skip

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from kdpipe.cache import (
     PROGRESS,
     STATUS_COMPLETE,
     UNIFORM_SHARE,
+    DetectionManifest,
     Location,
     Manifest,
     array_specs,
@@ -37,7 +38,7 @@ from kdpipe.cache import (
     chunk_key,
     digest_matches,
     field_problems,
-    read_manifest,
+    read_cache_manifest,
     stored_teacher_accuracy,
 )
 from kdpipe.data.datasets import ImageSet, class_mismatch, dataset_mismatch, rehashed
@@ -76,7 +77,7 @@ class VerifyReport:
 def verify_cache(
     path: str | Path | Location,
     *,
-    dataset: ImageSet | None = None,
+    dataset: ImageSet | str | None = None,
     recompute: int = 0,
     teachers: Sequence[Path] = (),
     device: str = "auto",
@@ -85,7 +86,8 @@ def verify_cache(
 ) -> VerifyReport:
     """Run every check on the cache at ``path`` (a folder or an fsspec URL); never raises for
     damage it can name. ``rehash``: re-read every file of ``dataset`` before its
-    fingerprint is compared, trusting none of its index's stored digests."""
+    fingerprint is compared, trusting none of its index's stored digests. A detection cache
+    is checked by :mod:`kdpipe.check.verify_detect` (``dataset``: its data YAML)."""
     if recompute and (dataset is None or not teachers):
         raise UsageError("--recompute needs --data (the cache's dataset) and --teacher (its "
                          "teacher run directories)")  # fmt: skip
@@ -94,10 +96,18 @@ def verify_cache(
     path = Location(path)
     report = VerifyReport(path)
     try:
-        manifest = read_manifest(path)
+        manifest = read_cache_manifest(path)
     except KdpipeError as exc:
         report.add("manifest", False, str(exc))
         return report
+    if isinstance(manifest, DetectionManifest):
+        from kdpipe.check.verify_detect import verify_detection
+
+        return verify_detection(path, manifest, report, data=dataset, recompute=recompute,
+                                teachers=teachers, device=device, seed=seed)  # fmt: skip
+    if isinstance(dataset, str):
+        raise UsageError(f"{path} is a classification cache: --data {dataset} is a detection "
+                         "data YAML, not its dataset")  # fmt: skip
     report.add("manifest", True, f"format {manifest.format_version}, cache_id {manifest.cache_id}")
     report.add(
         "status",
@@ -160,18 +170,27 @@ def _open_arrays(path: Location, manifest: Manifest, report: VerifyReport) -> di
 
 
 def _check_chunks(
-    path: Location, manifest: Manifest, arrays: dict, report: VerifyReport
+    path: Location,
+    manifest: Manifest | DetectionManifest,
+    arrays: dict,
+    report: VerifyReport,
+    problems_of: Callable[[dict, int], list[str]] | None = None,
 ) -> dict[str, np.ndarray] | None:
-    """Every chunk: flag, files, checksum, position digest, values. Returns labels and row
-    indices if every chunk was readable."""
+    """Every chunk: flag, files, checksum, position digest, values (``problems_of(chunk,
+    first row)``: a detection cache's checks; default a classification cache's). Returns
+    labels (where the cache has them) and row indices if every chunk was readable."""
     step = manifest.chunk_size
-    tolerance = LOGSUMEXP_TOLERANCE[manifest.dtype]
     names = tuple(array_specs(manifest))
-    values_name = manifest.layout.values_name
-    rows = {
-        "labels": np.empty(manifest.num_samples, dtype=np.int64),
-        "indices": np.empty(manifest.num_samples, dtype=np.int64),
-    }
+    if problems_of is None:
+        tolerance = LOGSUMEXP_TOLERANCE[manifest.dtype]
+        values_name = manifest.layout.values_name
+
+        def problems_of(chunk: dict, start: int) -> list[str]:
+            values = chunk[values_name].astype(np.float32)
+            return _chunk_problems(manifest, chunk, values, start, tolerance)
+
+    rows = {name: np.empty(manifest.num_samples, dtype=np.int64)
+            for name in ("labels", "indices") if name in names}  # fmt: skip
     failures: list[str] = []
     unwritten: list[int] = []
     num_chunks = arrays[PROGRESS].shape[0]
@@ -202,13 +221,11 @@ def _check_chunks(
             failures.append(f"{where}: {', '.join(moved)} not what was written at chunk {index} "
                             "(moved from another position, copied from another cache, or "
                             "rewritten)")  # fmt: skip
-        rows["labels"][start:stop] = chunk["labels"]
-        rows["indices"][start:stop] = chunk["indices"]
+        for name, values in rows.items():
+            values[start:stop] = chunk[name]
         if flag != 1:
             failures.append(f"{where}: not flagged as written")
-        failures += [f"{where}: {problem}" for problem in _chunk_problems(
-            manifest, chunk, chunk[values_name].astype(np.float32), start, tolerance
-        )]  # fmt: skip
+        failures += [f"{where}: {problem}" for problem in problems_of(chunk, start)]
     if unwritten:
         failures.append(f"{len(unwritten)} of {num_chunks} chunk(s) not written yet "
                         f"({_ranges(unwritten)}): run cache-teacher again to finish")  # fmt: skip

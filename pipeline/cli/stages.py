@@ -216,7 +216,9 @@ def import_teacher_command(
 )
 @data_options
 @click.option("--split", type=click.Choice(["train", "test"]), default="train")
-@click.option("--temperature", **TEMPERATURE, required=True, help="Softmax temperature T.")
+@click.option(
+    "--temperature", **TEMPERATURE, help="Softmax temperature T (required; not for detection)."
+)
 @click.option("--out", type=click.Path(), required=True, help="Cache (Zarr store) to create.")
 @click.option(
     "--combine",
@@ -224,16 +226,25 @@ def import_teacher_command(
     default="mean-probs",
     help="How ensemble members are combined.",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=512)
 @click.option(
-    "--chunk-size", type=click.IntRange(min=1), default=4096, help="Samples per Zarr chunk."
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Teacher batch [default: 512; 32 for a detection teacher].",
+)
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Samples per Zarr chunk [default: 4096; 64 for a detection teacher].",
 )
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16")
 @click.option(
     "--top-k",
     type=click.IntRange(min=1),
     default=None,
-    help="Store only the K largest log-probabilities and their classes [default: all].",
+    help="Store only the K largest log-probabilities and their classes (a detection teacher: "
+    "the K anchors with the highest class logit) [default: all].",
 )
 @click.option(
     "--views",
@@ -313,10 +324,25 @@ def cache_teacher_command(
     teacher labels each, and their parameters are stored so that students
     replay exactly the images the teacher saw. --features and --attention store
     intermediate layers of the same forward passes beside the log-probabilities.
+
+    A detection teacher run with --data DATA.yaml (a YOLO data YAML): its raw head
+    outputs (class and box logits per anchor, dense or --top-k anchors) and each
+    view's ground truth over the train split; view 0 is the plain letterbox, the
+    others drawn from --seed; --image-size is the views' canvas [default: the
+    teacher's]. --temperature and the classification options do not apply.
     """
     from kdpipe.models.teach import CacheConfig, cache_teacher
+    from kdpipe.tasks.detect.teach import teacher_task
     from kdpipe.views.policy import ViewPolicy
 
+    if teacher_task(options["teachers"], data) == "detect":
+        _cache_detection(data, image_size, options)
+        return
+    if options["temperature"] is None:
+        raise click.UsageError("Missing option '--temperature'.")
+    for name in ("batch_size", "chunk_size"):  # the dataclass's defaults, per task
+        if options[name] is None:
+            options.pop(name)
     workers = options.pop("workers")
     config = CacheConfig(
         **{**options, "teachers": tuple(options["teachers"])},
@@ -324,6 +350,31 @@ def cache_teacher_command(
     )
     dataset = load_data(data, split, data_root, image_size, channels, resize).with_workers(workers)
     cache_teacher(config, dataset, log=click.echo)
+
+
+DETECTION_OPTIONS = ("data", "teachers", "out", "views", "top_k", "seed", "image_size",
+                     "batch_size", "chunk_size", "dtype", "device", "overwrite")  # fmt: skip
+
+
+def _cache_detection(data: str, image_size: int | None, options: dict[str, Any]) -> None:
+    """cache-teacher with a detection teacher: the options it takes, any other given one
+    refused by name."""
+    from click.core import ParameterSource
+    from kdpipe.tasks.detect.teach import DetectCacheConfig, cache_detection_teacher
+
+    context = click.get_current_context()
+    given = [p for p in context.command.params if p.name not in DETECTION_OPTIONS
+             and context.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]  # fmt: skip
+    if given:
+        names = ", ".join(p.opts[0] for p in given)
+        raise click.UsageError(f"{names}: not an option of a detection teacher's cache "
+                               "(raw head outputs; T is chosen when a student trains)")  # fmt: skip
+    keys = ("out", "views", "top_k", "seed", "batch_size", "chunk_size", "dtype", "device",
+            "overwrite")  # fmt: skip
+    wanted = {key: options[key] for key in keys}
+    config = DetectCacheConfig(teacher=options["teachers"][0], data=data, image_size=image_size,
+                               **{k: v for k, v in wanted.items() if v is not None})  # fmt: skip
+    cache_detection_teacher(config, log=click.echo)
 
 
 def feature_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -321,12 +321,17 @@ def verify_command(
     The fingerprint of a folder or shards comes from their index, quick to reopen but
     blind to a file edited with its size and modification time kept; --rehash reads
     every file again and names those that changed.
+    A detection cache: its values, ground truth and, with --data DATA.yaml, the images'
+    and labels' fingerprint; --recompute renders stored views and runs the teacher again.
     Exits with status 1, naming the chunk or sample at fault, when a check fails.
     """
     from kdpipe.check.verify import verify_cache
+    from kdpipe.data.yolo import is_data_yaml
 
     dataset = None
-    if data is not None:
+    if data is not None and is_data_yaml(data):
+        dataset = data  # a detection set: verify reads the split its cache names
+    elif data is not None:
         recorded = _cache_dataset(cache_path)  # its split, decoded as the cache's data was
         dataset = load_data(data, recorded["split"], data_root, image_size, channels, resize,
                             recorded, cache_path)  # fmt: skip

@@ -42,6 +42,7 @@ from kdpipe.cache import (
     VALUES,
     CachedLayer,
     CacheWriter,
+    DetectionManifest,
     Layout,
     Location,
     Manifest,
@@ -50,6 +51,7 @@ from kdpipe.cache import (
     describe_differences,
     layout_for,
     preprocessing_for,
+    read_cache_manifest,
     read_manifest,
     stored_teacher_accuracy,
     temperature_problem,
@@ -191,7 +193,7 @@ def _pass(
     labels = dataset.labels[torch.from_numpy(rows)] if labeled else torch.full((len(rows),), -1)
     chunks = TeacherChunks(config, teacher, layout, dataset, rows, labels, params, partners,
                            manifest, device, tuple(requests))  # fmt: skip
-    _write_chunks(writer, chunks, world, log)
+    write_chunks(writer, chunks, world, log)
     manifest = world.on_main(
         lambda: writer.finish(teacher_accuracy=teacher_accuracy(writer) if labeled else None)
     )
@@ -393,10 +395,12 @@ class TeacherChunks:
         )
 
 
-def _write_chunks(
+def write_chunks(
     writer: CacheWriter, chunks: TeacherChunks, world: World, log: Callable[[str], None]
 ) -> None:
-    """Compute and write this rank's chunks still to write, then wait for every rank."""
+    """Compute and write this rank's chunks still to write, then wait for every rank. Shared
+    by the detection pass (``kdpipe.tasks.detect.teach``): ``chunks`` is anything with
+    ``rows``, ``rows_of(index)``, ``compute(index, progress)`` and ``config.views``."""
     # rank 0 reads what is done and every rank takes its answer: read by each rank, a rank
     # still starting would count a chunk another rank has just written, and the ranks
     # would share out different lists (a chunk left out, or written twice)
@@ -434,7 +438,11 @@ def _write_chunks(
 
 
 def open_writer(
-    out: Location, manifest: Manifest, *, overwrite: bool, log: Callable[[str], None]
+    out: Location,
+    manifest: Manifest | DetectionManifest,
+    *,
+    overwrite: bool,
+    log: Callable[[str], None],
 ) -> CacheWriter:
     """A writer for ``out``: new, or resuming a partial cache made with the same arguments.
 
@@ -444,7 +452,7 @@ def open_writer(
     """
     if out.exists() and not overwrite:
         try:
-            existing = read_manifest(out)
+            existing = read_cache_manifest(out)  # a detection cache is another cache, named
         except (NotACacheError, ManifestError) as exc:
             raise OutputExistsError(
                 f"{out} already exists and is not a kdpipe cache to resume ({exc}): "

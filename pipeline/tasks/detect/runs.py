@@ -104,6 +104,16 @@ def save_detection_run(run_dir: Path, model: torch.nn.Module, card: DetectionCar
     write_json(run_dir / CARD_FILE, card.to_dict())
 
 
+def is_detection_run(path: Path) -> bool:
+    """Whether ``path`` is a run directory whose ``model.json`` says ``"task": "detect"``
+    (read as JSON only: no Ultralytics needed to tell the two tasks apart)."""
+    try:
+        record = json.loads((Path(path) / CARD_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("task") == "detect"
+
+
 def read_detection_card(run_dir: Path) -> DetectionCard:
     path = Path(run_dir) / CARD_FILE
     try:

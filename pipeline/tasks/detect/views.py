@@ -57,6 +57,22 @@ def draw_views(rows: np.ndarray, views: int, seed: int, augment: DetectAugment) 
     return out
 
 
+def read_image(path: str) -> np.ndarray:
+    """An image file as RGB uint8 ``(H, W, 3)``, decoded as Ultralytics' own loader decodes
+    it (its ``imread``: OpenCV, then BGR to RGB), so a view renders the pixels a teacher
+    trained by Ultralytics saw; an unreadable file is one error naming it."""
+    ultralytics()
+    from kdpipe.base.errors import DatasetError
+    from ultralytics.utils.patches import imread
+
+    image = imread(str(path))
+    if image is None:
+        raise DatasetError(f"cannot read the image {path} (OpenCV cannot decode it)")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(image[:, :, 2::-1])
+
+
 def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float, int, int]:
     """Ultralytics' ``LetterBox`` (not automatic, centred, scaled up) of an RGB uint8
     ``(H, W, 3)`` image to ``size`` x ``size``: the canvas, the ratio, left and top pads."""
