@@ -46,6 +46,10 @@ class DecodedHead(torch.nn.Module):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
+        # Detect caches its anchors for the last input shape it saw; a batch of that shape
+        # would trace them as constants and pin the batch size (Ultralytics' own exporter
+        # sets the same flag): recompute them on every call
+        model.model[-1].dynamic = True
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)[0]

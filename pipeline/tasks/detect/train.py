@@ -219,3 +219,41 @@ def _check_grid(model: torch.nn.Module, teacher_card, size: int, config) -> None
         raise UsageError(f"{config.model} has reg_max {head.reg_max} but the teacher "
                          f"{config.teacher} has {teacher_card.reg_max}: DFL distributions of "
                          "different bins cannot be compared")  # fmt: skip
+
+
+# the training commands' options a detection student takes, by their config field
+OPTION_FIELDS = {"model": "model", "data": "data", "out": "out", "epochs": "epochs",
+                 "image_size": "image_size", "batch_size": "batch_size", "opt": "opt",
+                 "lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
+                 "seed": "seed", "device": "device", "overwrite": "overwrite",
+                 "teacher": "teacher", "alpha": "alpha", "temperature": "temperature",
+                 "views": "views", "box_weight": "beta",
+                 "positive_score": "positive"}  # fmt: skip
+DISTILLATION = ("alpha", "temperature", "box_weight", "positive_score")
+
+
+def student_from_options(command: str, given: dict, log: Callable[[str], None] = quiet):
+    """``train-student --hard-labels`` or ``distill-online`` on a data YAML: the options
+    given on the command line (classification's defaults do not apply to a YOLO student;
+    an option that has no meaning here is refused, named), trained, its card returned."""
+    from kdpipe.base.flags import flag
+    from kdpipe.tasks.detect.runs import read_detection_card
+
+    given = {k: v for k, v in given.items() if k != "hard_labels" or v}
+    hard = bool(given.pop("hard_labels", False))
+    if command == "train-student" and not hard:
+        raise UsageError("train-student on a data YAML needs --hard-labels (the views' "
+                         "ground truth alone): this build has no reader of detection caches "
+                         "yet")  # fmt: skip
+    unknown = [flag(k) for k in given if k not in OPTION_FIELDS or (hard and k in DISTILLATION)]
+    if unknown:
+        what = "a hard-label detection student" if hard else "online detection distillation"
+        raise UsageError(f"{', '.join(unknown)} does not apply to {what} (--data is a data "
+                         "YAML)")  # fmt: skip
+    required = ("model", "data", "epochs", "out") + (() if hard else ("teacher", "alpha",
+                                                                        "temperature"))  # fmt: skip
+    missing = [flag(k) for k in required if given.get(k) is None]
+    if missing:
+        raise UsageError(f"Missing option {', '.join(missing)} for a detection student")
+    config = DetectStudentConfig(**{OPTION_FIELDS[k]: v for k, v in given.items()})
+    return read_detection_card(train_detection_student(config, log))
