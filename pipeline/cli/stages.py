@@ -414,6 +414,37 @@ def feature_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def detection_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A detection student's own options (--data a data YAML: kdpipe.tasks.detect.train)."""
+    options = [
+        click.option(
+            "--views",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Detection: views drawn per training image, view 0 the plain letterbox "
+            "[default: 4].",
+        ),
+        click.option(
+            "--box-weight",
+            type=click.FloatRange(min=0),
+            default=None,
+            metavar="BETA",
+            help="Detection: weight of the box distillation term beside the class term "
+            "[default: 1].",
+        ),
+        click.option(
+            "--positive-score",
+            type=click.FloatRange(0, 1, max_open=True),
+            default=None,
+            help="Detection: the teacher's score above which an anchor's box is distilled "
+            "[default: 0.5].",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("train-student", context_settings=CONTEXT)
 @click.option("--cache", type=click.Path(), help="Cache written by cache-teacher.")
 @click.option(
@@ -444,6 +475,13 @@ def feature_options(command: Callable[..., Any]) -> Callable[..., Any]:
 )
 @feature_options
 @training_options
+@click.option(
+    "--hard-labels",
+    is_flag=True,
+    help="Detection (a data YAML as --data): the reference student, on the views' ground "
+    "truth alone (no cache, no teacher).",
+)
+@detection_options
 @reports_errors
 def train_student_command(**options: Any) -> None:
     """Train a student from a cache: α·CE + (1−α)·T²·KL(p_teacher ‖ p_student).
@@ -457,6 +495,10 @@ def train_student_command(**options: Any) -> None:
     """
     card = start_or_resume("train-student", options, echo)
     lineage = card.lineage or {}
+    if getattr(card, "task", None) == "detect":
+        say(f"detection student {card.architecture} on hard labels, weights "
+            f"{card.weights_sha256[:16]}")  # fmt: skip
+        return
     say(
         f"student {card.architecture} from cache {lineage.get('cache_id')} "
         f"(teacher {lineage.get('teacher_id')})"
@@ -473,6 +515,7 @@ def train_student_command(**options: Any) -> None:
 @click.option("--temperature", **TEMPERATURE, default=None, help="Distillation temperature.")
 @feature_options
 @training_options
+@detection_options
 @reports_errors
 def distill_online_command(**options: Any) -> None:
     """Online distillation with timm's LogitDistillationTask: the reference for a cache.
@@ -497,6 +540,16 @@ def start_or_resume(command: str, options: dict, log: Callable[[str], None]) -> 
     )
 
     context = click.get_current_context()
+    detection = ("views", "box_weight", "positive_score", "hard_labels")
+    if command != "train-teacher" and str(options.get("data") or "").endswith((".yaml", ".yml")):
+        from kdpipe.tasks.detect.train import student_from_options
+
+        given = {name: value for name, value in options.items()
+                 if context.get_parameter_source(name) == ParameterSource.COMMANDLINE}  # fmt: skip
+        return student_from_options(command, given, log)
+    for name in detection:
+        if options.pop(name, None) not in (None, False):
+            raise click.UsageError(f"{flag(name)} is for detection students (--data DATA.yaml)")
     resume = options.pop("resume")
     if resume is not None:
         given = [

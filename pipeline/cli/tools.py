@@ -31,7 +31,12 @@ from kdpipe.cli.base import (
 @main.command("evaluate", context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path())
 @data_options
-@click.option("--split", type=click.Choice(["train", "test"]), default="test")
+@click.option(
+    "--split",
+    type=click.Choice(["train", "val", "test"]),
+    default="test",
+    help="The split to score (val: detection data YAMLs).",
+)
 @click.option(
     "--teacher",
     "teachers",
@@ -80,7 +85,15 @@ def evaluate_command(
 
     RUN_DIR may also be an exported .onnx file: it then runs on ONNX Runtime's CPU
     provider with the file's own preprocessing (--device does not apply).
+
+    A detection run (or its .onnx), with --data DATA.yaml: mAP50-95 and mAP50 on the split
+    in view 0 by Ultralytics' validator machinery, size and batch-1 CPU latency.
     """
+    from kdpipe.tasks.detect.evaluate import evaluate_detection, is_detection
+
+    detect = is_detection(run_dir)
+    if detect and (teachers or cache or per_class):
+        raise click.UsageError("--teacher, --cache and --per-class are for classification runs")
     if output:
         from kdpipe.base.outputs import EVALUATION, guard_output
 
@@ -92,15 +105,19 @@ def evaluate_command(
 
     card = Path(run_dir) / "model.json"  # a run's data is decoded as it was trained on
     recorded = json.loads(card.read_text()).get("dataset") if card.is_file() else None
-    dataset = load_data(data, split, data_root, image_size, channels, resize, recorded, run_dir)
-    frame = evaluate_run(
-        Path(run_dir),
-        dataset,
-        teachers=[Path(t) for t in teachers],
-        cache=cache,  # a folder or an fsspec URL
-        device=device,
-        per_class=per_class,
-    )
+    if detect:
+        frame = evaluate_detection(run_dir, data, split=split)
+    else:
+        dataset = load_data(data, split, data_root, image_size, channels, resize, recorded,
+                            run_dir)  # fmt: skip
+        frame = evaluate_run(
+            Path(run_dir),
+            dataset,
+            teachers=[Path(t) for t in teachers],
+            cache=cache,  # a folder or an fsspec URL
+            device=device,
+            per_class=per_class,
+        )
     text = render(frame, fmt)
     if output:
         Path(output).write_text(text if text.endswith("\n") else text + "\n")
@@ -662,8 +679,27 @@ def export_command(
 
     The file's metadata records the preprocessing, the class names, the weights hash
     and the lineage (run, cache, teacher). --data defaults to the run's dataset.
+
+    A detection run: its decoded head output before NMS, --int8 calibrated on images of the
+    data YAML's train split in view 0 (kdpipe.tasks.detect.export).
     """
     from kdpipe.export import export_run
+    from kdpipe.tasks.detect.evaluate import is_detection
+
+    if is_detection(run_dir):
+        from kdpipe.tasks.detect.export import export_detection
+
+        done = export_detection(run_dir, out, data=data, int8=options["int8"],
+                                calibration_rows=options["calibration_rows"],
+                                calibration_method=options["calibration_method"],
+                                check_rows=options["check_rows"], seed=options["seed"],
+                                overwrite=options["overwrite"])  # fmt: skip
+        check = done.record["check"]
+        click.echo(f"wrote {done.path}: {done.record['format']}, {done.size_bytes / 1024:.1f} "
+                   f"KiB; ONNX Runtime against {check['against']} on {check['rows']} "
+                   f"{check['split']} images: largest difference "
+                   f"{check['max_abs_difference']:.3g}")  # fmt: skip
+        return
 
     result = export_run(
         Path(run_dir),

@@ -132,10 +132,13 @@ class _Reader:
 
 
 def quantize_static_int8(
-    fp32_path: Path, out_path: Path, calibration: CalibrationSet, method: str = "minmax"
-) -> dict:
+    fp32_path: Path, out_path: Path, calibration: CalibrationSet, method: str = "minmax",
+    skip_symbolic_shape: bool = False,
+) -> dict:  # fmt: skip
     """ONNX Runtime static quantization: QDQ nodes, int8 weights per output channel,
-    uint8 activations with ranges from ``calibration``. Returns what was done."""
+    uint8 activations with ranges from ``calibration``. Returns what was done.
+    ``skip_symbolic_shape``: ONNX's own shape inference only, for graphs ONNX Runtime's
+    symbolic inference cannot finish (a YOLO head's anchors)."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -153,7 +156,7 @@ def quantize_static_int8(
         raise UsageError(f"unknown calibration method {method!r}: choose one of {METHODS}")
     prepared = out_path.with_name(out_path.stem + ".pre.onnx")
     # shape inference and graph fusions first (conv+bn and friends), as ORT recommends
-    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=skip_symbolic_shape)
     import onnx
 
     input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name

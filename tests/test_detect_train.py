@@ -1,0 +1,309 @@
+"""Detection students (issue 25, steps 4-6): the loss, the trainer over DetectBatch with its
+hard-label and online sources, mAP, ONNX export and int8, and their commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import fails, invoke, snapshot
+from kdpipe.base.errors import CacheMismatchError, UsageError
+from kdpipe.data.detectfolder import DetectRecipe, build_detect_folder
+
+if importlib.util.find_spec("ultralytics") is None:  # not imported: kdpipe's door does it
+    pytest.skip("the detect extra: pip install 'kdpipe[detect]'", allow_module_level=True)
+
+from kdpipe.tasks.detect.loss import DistillSettings, StudentLoss, box_term, class_term
+from kdpipe.tasks.detect.targets import DetectBatch, TeacherTargets
+from kdpipe.tasks.detect.yolo import create_detector, with_loss_settings
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def detect_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("detect") / "set"
+    build_detect_folder(out, {"train": 12, "val": 4, "test": 4}, source="synthetic",
+                        recipe=DetectRecipe(), log=lambda line: None)  # fmt: skip
+    return out / "data.yaml"
+
+
+def _student(architecture: str = "yolo11n.yaml", seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return with_loss_settings(create_detector(architecture, 5)).train()
+
+
+def _batch(
+    teacher: TeacherTargets | None = None, images: torch.Tensor | None = None
+) -> DetectBatch:
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    return DetectBatch(images=images, batch_idx=torch.tensor([0.0, 1.0, 1.0]),
+                       cls=torch.tensor([[1.0], [3.0], [0.0]]),
+                       bboxes=torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.3, 0.4, 0.2, 0.5],
+                                            [0.7, 0.7, 0.3, 0.2]]), teacher=teacher)  # fmt: skip
+
+
+def _targets(head: dict, score_shift: float = 0.0, box_shift: float = 0.0) -> TeacherTargets:
+    return TeacherTargets.from_head({"scores": head["scores"].detach() + score_shift,
+                                     "boxes": head["boxes"].detach() + box_shift})  # fmt: skip
+
+
+@pytest.mark.parametrize("architecture", ["yolo11n.yaml", "yolo26n.yaml"])
+def test_the_loss_without_a_teacher_is_ultralytics_own(architecture: str) -> None:
+    from ultralytics.utils.loss import E2ELoss, v8DetectionLoss
+
+    model = _student(architecture)
+    batch = _batch()
+    preds = model(batch.images)
+    ours, parts = StudentLoss(model)(preds, batch)
+    theirs_fn = E2ELoss if architecture.startswith("yolo26") else v8DetectionLoss
+    theirs, items = theirs_fn(model)(preds, batch.ultralytics_batch())
+    assert torch.equal(ours, theirs.sum()) and float(ours.detach()) > 0
+    assert set(parts) == {f"yolo_{k.removesuffix('_loss')}" for k in items}
+    # an image with no objects is Ultralytics' background image, the same loss
+    empty = dataclasses.replace(batch, batch_idx=torch.zeros(0), cls=torch.zeros(0, 1),
+                                bboxes=torch.zeros(0, 4))  # fmt: skip
+    assert torch.equal(StudentLoss(model)(preds, empty)[0],
+                       theirs_fn(model)(preds, empty.ultralytics_batch())[0].sum())  # fmt: skip
+
+
+def test_the_distillation_term_is_zero_at_agreement_and_grows_with_disagreement() -> None:
+    model = _student()
+    head = model(_batch().images)
+    same = _targets(head)
+    assert float(class_term(head["scores"], same, 2.0)) < 1e-6
+    assert float(box_term(head["boxes"], same, 2.0, positive=0.0)) < 1e-6
+    classes = [float(class_term(head["scores"], _targets(head, s), 2.0)) for s in (0.5, 2.0)]
+    noise = torch.randn(head["boxes"].shape, generator=torch.Generator().manual_seed(2))
+    boxes = [float(box_term(head["boxes"], _targets(head, box_shift=noise * s), 2.0, 0.0))
+             for s in (0.5, 3.0)]  # fmt: skip
+    assert 0 < classes[0] < classes[1] and 0 < boxes[0] < boxes[1]
+    # the whole loss: the same student and teacher add nothing beyond alpha * Ultralytics'
+    batch = _batch()
+    settings = DistillSettings(alpha=0.25, positive=0.0)
+    hard, _ = StudentLoss(model)(head, batch)
+    total, parts = StudentLoss(model, settings)(head, dataclasses.replace(batch, teacher=same))
+    torch.testing.assert_close(total, 0.25 * hard, atol=1e-5, rtol=0)
+    assert parts["kd_class"] < 1e-6 and parts["kd_box"] < 1e-6
+    apart, parts = StudentLoss(model, settings)(head, dataclasses.replace(
+        batch, teacher=_targets(head, 1.0, 1.0)))  # fmt: skip
+    assert float(apart) > float(total) and parts["kd_class"] > 0 and parts["kd_box"] > 0
+
+
+def test_a_reg_max_one_student_learns_a_dfl_teachers_expected_distances() -> None:
+    """YOLO26n (plain box values) under a YOLO11 teacher (DFL): L1 against the teacher's
+    decoded distances, zero when the student gives exactly those."""
+    teacher = _student("yolo11n.yaml")(_batch().images)
+    targets = _targets(teacher)
+    bins = torch.arange(16, dtype=torch.float32)
+    b, _, a = teacher["boxes"].shape
+    distances = (teacher["boxes"].detach().view(b, 4, 16, a).softmax(2) * bins[:, None]).sum(2)
+    assert float(box_term(distances, targets, 2.0, 0.0)) < 1e-6
+    assert float(box_term(distances + 1.0, targets, 2.0, 0.0)) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_student_on_another_grid_or_dfl_is_refused_with_the_reason() -> None:
+    model = _student()
+    batch = _batch()
+    head = model(batch.images)
+    teacher_at_96 = TeacherTargets.from_head({"scores": torch.zeros(2, 5, 189),
+                                              "boxes": torch.zeros(2, 64, 189)})  # fmt: skip
+    with pytest.raises(CacheMismatchError, match="84 anchors but the teacher's targets have 189"):
+        StudentLoss(model, DistillSettings())(
+            head, dataclasses.replace(batch, teacher=teacher_at_96)
+        )
+    with pytest.raises(CacheMismatchError, match="needs the teacher's strides and image size"):
+        StudentLoss(model, DistillSettings())(
+            head, dataclasses.replace(batch, teacher=teacher_at_96)
+        )
+    reg8 = TeacherTargets.from_head(
+        {"scores": torch.zeros(2, 5, 84), "boxes": torch.zeros(2, 32, 84)}
+    )
+    with pytest.raises(CacheMismatchError, match="reg_max 16 but the teacher's has 8"):
+        StudentLoss(model, DistillSettings())(head, dataclasses.replace(batch, teacher=reg8))
+    classes3 = TeacherTargets.from_head(
+        {"scores": torch.zeros(2, 3, 84), "boxes": torch.zeros(2, 64, 84)}
+    )
+    with pytest.raises(
+        CacheMismatchError, match="predicts 5 classes but the teacher's targets have 3"
+    ):
+        StudentLoss(model, DistillSettings())(head, dataclasses.replace(batch, teacher=classes3))
+
+
+# --- runs: hard labels and online ----------------------------------------------------------------
+
+
+def _config(data: Path, out: Path, **changes: object):
+    from kdpipe.tasks.detect.train import DetectStudentConfig
+
+    base = dict(model="yolo11n.yaml", data=str(data), out=str(out), epochs=1, image_size=SIZE,
+                batch_size=6, views=2, seed=3)  # fmt: skip
+    return DetectStudentConfig(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def hard_run(detect_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kdpipe.tasks.detect.train import train_detection_student
+
+    return train_detection_student(_config(detect_set, tmp_path_factory.mktemp("h") / "run"))
+
+
+def test_a_hard_label_run_writes_its_run_directory_and_repeats_exactly(
+    hard_run: Path, detect_set: Path, tmp_path: Path
+) -> None:
+    from kdpipe.tasks.detect.runs import load_detection_run
+    from kdpipe.tasks.detect.train import train_detection_student
+
+    names = sorted(p.name for p in hard_run.iterdir())
+    assert names == ["config.json", "metrics.csv", "model.json", "model.safetensors"]
+    _, card = load_detection_run(hard_run)
+    assert (
+        card.kind == "student" and card.source["kind"] == "hard-labels" and card.image_size == SIZE
+    )
+    assert card.dataset["fingerprint"]["count"] == 12 and card.lineage == {}
+    header, row = (hard_run / "metrics.csv").read_text().splitlines()
+    assert header.split(",")[:5] == ["epoch", "seconds", "lr", "batches", "loss"]
+    assert "yolo_box" in header and "kd_class" not in header and row.split(",")[3] == "2"
+    again = train_detection_student(_config(detect_set, tmp_path / "again"))
+    assert load_detection_run(again)[1].weights_sha256 == card.weights_sha256
+    other = train_detection_student(_config(detect_set, tmp_path / "other", seed=4))
+    assert load_detection_run(other)[1].weights_sha256 != card.weights_sha256
+
+
+def test_an_online_run_distils_from_the_teacher_on_every_batch_and_repeats_exactly(
+    hard_run: Path, detect_set: Path, tmp_path: Path
+) -> None:
+    from kdpipe.tasks.detect.runs import load_detection_run
+    from kdpipe.tasks.detect.train import train_detection_student
+
+    # the hard-label run stands in for a teacher: what matters is that it runs on each batch
+    config = _config(detect_set, tmp_path / "online", teacher=str(hard_run), image_size=None,
+                     positive=0.0)  # fmt: skip
+    first = train_detection_student(config)
+    _, card = load_detection_run(first)
+    teacher_card = load_detection_run(hard_run)[1]
+    assert card.source["kind"] == "online" and card.image_size == SIZE  # the teacher's size
+    assert card.lineage["teacher_weights_sha256"] == teacher_card.weights_sha256
+    header, row = (first / "metrics.csv").read_text().splitlines()
+    values = dict(zip(header.split(","), row.split(","), strict=True))
+    assert float(values["kd_class"]) > 0 and float(values["kd_box"]) > 0
+    assert json.loads((first / "config.json").read_text())["kind"] == "online-student"
+    second = train_detection_student(dataclasses.replace(config, out=str(tmp_path / "second")))
+    assert load_detection_run(second)[1].weights_sha256 == card.weights_sha256
+
+
+def test_an_online_student_on_another_grid_is_refused_before_anything_is_written(
+    hard_run: Path, detect_set: Path, tmp_path: Path
+) -> None:
+    from kdpipe.tasks.detect.train import train_detection_student
+
+    with pytest.raises(UsageError, match=r"at 96 px has 189 anchors .* gives 84 at 64 px"):
+        train_detection_student(_config(detect_set, tmp_path / "s", teacher=str(hard_run),
+                                        image_size=96))  # fmt: skip
+    with pytest.raises(UsageError, match="needs the teacher's strides and image size"):
+        train_detection_student(_config(detect_set, tmp_path / "s", teacher=str(hard_run),
+                                        image_size=128))  # fmt: skip
+    assert not (tmp_path / "s").exists()
+
+
+# --- evaluation and export ---------------------------------------------------------------------
+
+
+def test_map_of_the_ground_truth_itself_is_one_and_of_shifted_boxes_lower(detect_set: Path) -> None:
+    """The metric on predictions made from the labels (an independent check of the plumbing:
+    letterbox, NMS, matching, DetMetrics)."""
+    from kdpipe.data.yolo import load_detection_split
+    from kdpipe.tasks.detect.evaluate import mean_average_precision
+    from kdpipe.tasks.detect.sources import plain_views
+
+    split = load_detection_split(detect_set, "val")
+    truth = plain_views(split, np.arange(len(split)), SIZE)
+
+    def from_labels(shift: float):
+        def predict(images: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(len(images), 4 + 5, 16)
+            for n, (i, c, box) in enumerate(zip(truth.batch_idx.long(), truth.cls[:, 0].long(),
+                                                truth.bboxes, strict=True)):  # fmt: skip
+                out[i, :4, n] = box * SIZE + torch.tensor([shift * box[2] * SIZE, 0, 0, 0])
+                out[i, 4 + c, n] = 0.9
+            return out
+
+        return predict
+
+    classes = ["a", "b", "c", "d", "e"]
+    exact = mean_average_precision(from_labels(0.0), detect_set, "val", SIZE, classes)
+    assert exact["map50"] > 0.99 and exact["map50_95"] > 0.99 and exact["images"] == 4
+    moved = mean_average_precision(from_labels(0.2), detect_set, "val", SIZE, classes)
+    assert moved["map50"] > 0.99 and 0 < moved["map50_95"] < exact["map50_95"]
+
+
+def test_evaluate_and_export_give_the_same_map_for_pytorch_and_onnx_and_int8_evaluates(
+    hard_run: Path, detect_set: Path, tmp_path: Path
+) -> None:
+    from kdpipe.tasks.detect.evaluate import evaluate_detection
+    from kdpipe.tasks.detect.export import export_detection
+
+    torch_row = evaluate_detection(hard_run, detect_set, split="val", latency=False).iloc[0]
+    fp32 = export_detection(hard_run, tmp_path / "fp32.onnx")
+    assert fp32.record["task"] == "detect" and fp32.record["check"]["max_abs_difference"] < 1e-2
+    onnx_row = evaluate_detection(fp32.path, detect_set, split="val").iloc[0]
+    assert onnx_row["format"] == "onnx-fp32" and onnx_row["latency_ms"] > 0
+    for column in ("map50_95", "map50", "precision", "recall"):
+        assert 0 <= torch_row[column] <= 1
+        assert onnx_row[column] == pytest.approx(torch_row[column], abs=1e-3)
+    int8 = export_detection(hard_run, tmp_path / "int8.onnx", int8=True, calibration_rows=4)
+    assert int8.record["quantization"]["calibration"]["split"] == "train"
+    assert int8.size_bytes < fp32.size_bytes / 2
+    int8_row = evaluate_detection(int8.path, detect_set, split="val", latency=False).iloc[0]
+    assert int8_row["format"] == "onnx-int8-ptq" and 0 <= int8_row["map50_95"] <= 1
+
+
+# --- the commands --------------------------------------------------------------------------------
+
+
+def test_the_commands_train_evaluate_and_export_a_detection_student(
+    hard_run: Path, detect_set: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cli"
+    done = invoke("train-student --model yolo11n.yaml --data", detect_set, "--hard-labels "
+                  "--epochs 1 --image-size 64 --batch-size 6 --views 2 --seed 3 --out",
+                  out)  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert "detection student yolo11n.yaml on hard labels" in done.output
+    # the command line's run is the library's run of the same options
+    assert (json.loads((out / "model.json").read_text())["weights_sha256"]
+            == json.loads((hard_run / "model.json").read_text())["weights_sha256"])  # fmt: skip
+    online = invoke("distill-online --model yolo11n.yaml --data", detect_set, "--teacher", out,
+                    "--alpha 0.5 --temperature 2 --box-weight 2 --epochs 1 --batch-size 6 "
+                    "--views 2 --out", tmp_path / "online")  # fmt: skip
+    assert online.exit_code == 0, online.output
+    report = invoke("evaluate", out, "--data", detect_set, "--split val --format json")
+    assert report.exit_code == 0, report.output
+    row = json.loads(report.output)[0]
+    assert 0 <= row["map50_95"] <= 1 and row["split"] == "val"
+    exported = invoke("export", out, "--out", tmp_path / "s.onnx", "--check-rows 2")
+    assert exported.exit_code == 0, exported.output
+    assert "fp32" in exported.output
+
+
+def test_detection_options_that_do_not_apply_are_one_line(
+    hard_run: Path, detect_set: Path, tmp_path: Path
+) -> None:
+    before = snapshot(detect_set.parent)
+    start = f"--model yolo11n.yaml --data {detect_set} --epochs 1 --out {tmp_path / 'x'}"
+    fails(invoke("train-student", start), "needs --hard-labels")
+    fails(invoke("train-student --hard-labels --alpha 0.5", start), "--alpha does not apply")
+    fails(invoke("train-student --hard-labels --jitter 2", start), "--jitter does not apply")
+    fails(invoke("distill-online --alpha 0.5", start), "Missing option --teacher, --temperature")
+    fails(invoke("distill-online --alpha 0.5 --temperature 2 --teacher", hard_run, "--opt lamb",
+                 start), "--opt for a detection student is one of sgd, adamw")  # fmt: skip
+    fails(invoke("train-student --model kd_mlp_30x2 --data synthetic --epochs 1 --alpha 1 "
+                 "--cache c --out o --views 2"), "--views is for detection", 2)  # fmt: skip
+    fails(invoke("evaluate", hard_run, "--data", detect_set, "--per-class"),
+          "are for classification runs", code=2)  # fmt: skip
+    assert not (tmp_path / "x").exists() and snapshot(detect_set.parent) == before
