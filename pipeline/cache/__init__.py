@@ -48,6 +48,7 @@ from kdpipe.cache.layout import (
     index_dtype,
     layout_for,
     reconstruct_top_k,
+    reconstruct_top_k_numpy,
 )
 from kdpipe.cache.location import Location
 from kdpipe.cache.store import (
@@ -64,6 +65,7 @@ from kdpipe.cache.store import (
     digest_matches,
     load_soft_labels,
     open_complete,
+    read_arrays,
     read_manifest,
     retemper,
     stored_teacher_accuracy,
@@ -132,8 +134,10 @@ __all__ = [
     "open_complete",
     "open_soft_labels",
     "preprocessing_for",
+    "read_arrays",
     "read_manifest",
     "reconstruct_top_k",
+    "reconstruct_top_k_numpy",
     "retemper",
     "smallest_budget",
     "stored_teacher_accuracy",
