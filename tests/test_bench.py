@@ -19,7 +19,9 @@ def test_bench_writes_every_ratio(tmp_path: Path) -> None:
     names = set(table["name"])
     for name in ("P1", "P2", "P3", "P3_ideal", "P4_memory", "P4_streamed", "P4_train_streamed",
                  "P5_bytes_dense_float32", "P5_bytes_dense_float16", "P5_bytes_top-1_float16",
-                 "P5_cost_S1", "P5_cost_S4", "P5_cost_S16"):  # fmt: skip
+                 "P5_cost_S1", "P5_cost_S4", "P5_cost_S16",
+                 *(f"P6_{c}_{u}" for c in ("help", "caches", "verify", "lineage", "report",
+                                           "storage") for u in ("s", "peak_mib"))):  # fmt: skip
         assert name in names, name
     values = table.set_index("name")["value"]
     assert (values > 0).all()
@@ -29,6 +31,9 @@ def test_bench_writes_every_ratio(tmp_path: Path) -> None:
         16 * 30 * times["online_epoch"] / (times["teacher_pass"] + 16 * 30 * times["cached_epoch"])
     )
     assert abs(values["P5_cost_S16"] - expected) < 1e-9
+    # P6: a command that reads records says what it imported (issue 27.14)
+    what = table.set_index("name")["what"]
+    assert "imported no deep-learning library" in what["P6_caches_s"], what["P6_caches_s"]
     text = markdown.read_text()
     assert text.startswith("# Benchmarks\n\nwritten by hand\n")
     assert "<!-- kdpipe:bench-cpu:begin -->" in text and "| P4_streamed" in text

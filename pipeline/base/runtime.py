@@ -8,17 +8,23 @@ import signal
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from kdpipe.base.errors import UsageError
 from kdpipe.base.outputs import RUN_DIR, Output, check_output, guard_output
 from kdpipe.cache import Location
+
+if TYPE_CHECKING:  # for annotations: imported where they are used, so that a command
+    # that reads records only loads no deep-learning library
+    import torch
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+    import torch
+
     if name not in DEVICES:
         raise UsageError(f"unknown device {name!r}: choose one of {', '.join(DEVICES)}")
     if name == "auto":

@@ -61,6 +61,7 @@ from kdpipe.cache.layout import (
     index_dtype,
     layout_for,
     reconstruct_top_k,
+    reconstruct_top_k_numpy,
 )
 from kdpipe.cache.location import Location
 from kdpipe.cache.store import (
@@ -79,6 +80,7 @@ from kdpipe.cache.store import (
     load_soft_labels,
     open_complete,
     read_array,
+    read_arrays,
     read_cache_manifest,
     read_chunk,
     read_detection_manifest,
@@ -162,12 +164,14 @@ __all__ = [
     "open_soft_labels",
     "preprocessing_for",
     "read_array",
+    "read_arrays",
     "read_cache_manifest",
     "read_chunk",
     "read_detection_manifest",
     "read_manifest",
     "read_positions",
     "reconstruct_top_k",
+    "reconstruct_top_k_numpy",
     "retemper",
     "smallest_budget",
     "stored_teacher_accuracy",

@@ -11,10 +11,14 @@ arrays a layout has. A new layout (say, sampled classes) is a new class here and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from kdpipe.base.errors import UsageError
+
+if TYPE_CHECKING:  # for annotations: imported where they are used, so that a command
+    # that reads records only loads no deep-learning library
+    import torch
 
 STORAGE_KINDS = ("dense", "top-k")
 ArraySpecs = dict[str, tuple[tuple[int, ...], str, int | float]]
@@ -172,6 +176,8 @@ def reconstruct_top_k(
     floored at a tiny positive mass, so that every class keeps a finite
     log-probability (float16 rounding can make the top-K sum exceed 1).
     """
+    import torch
+
     k = top_logprobs.shape[-1]
     if k == num_classes:
         dense = torch.empty(*top_logprobs.shape[:-1], num_classes)
@@ -180,3 +186,20 @@ def reconstruct_top_k(
     fill = torch.log(leftover / (num_classes - k))
     dense = fill.expand(*top_logprobs.shape[:-1], num_classes).clone()
     return dense.scatter_(-1, top_indices.long(), top_logprobs)
+
+
+def reconstruct_top_k_numpy(
+    top_logprobs: np.ndarray, top_indices: np.ndarray, num_classes: int
+) -> np.ndarray:
+    """:func:`reconstruct_top_k` in numpy, the same rule in float32, for a table that reads
+    a cache without torch (``kdpipe storage``)."""
+    top_logprobs = top_logprobs.astype(np.float32)
+    shape = (*top_logprobs.shape[:-1], num_classes)
+    k = top_logprobs.shape[-1]
+    if k == num_classes:
+        dense = np.empty(shape, dtype=np.float32)
+    else:
+        leftover = np.maximum(1.0 - np.exp(top_logprobs).sum(-1, keepdims=True), 1e-8)
+        dense = np.broadcast_to(np.log(leftover / (num_classes - k)), shape).astype(np.float32)
+    np.put_along_axis(dense, top_indices.astype(np.int64), top_logprobs, axis=-1)
+    return dense

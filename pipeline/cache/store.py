@@ -23,9 +23,9 @@ import json
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 import zarr
 from kdpipe.base.checks import check_temperature as check_temperature_value
 from kdpipe.base.errors import (
@@ -56,6 +56,10 @@ from kdpipe.cache.format import (
 )
 from kdpipe.cache.location import Location
 from zarr.codecs import Crc32cCodec, ZstdCodec
+
+if TYPE_CHECKING:  # for annotations: imported where they are used, so that a command
+    # that reads records only loads no deep-learning library
+    import torch
 
 PROGRESS = "progress"
 # one digest per data array and chunk, binding the chunk's values to its position and to
@@ -443,6 +447,8 @@ def retemper(logprobs: torch.Tensor, stored: float, wanted: float) -> torch.Tens
     log_softmax(z/T1) = z/T1 - c, so (z/T1 - c) * T1/T2 = z/T2 - c*T1/T2 and the
     constant vanishes in the next log_softmax.
     """
+    import torch
+
     return torch.log_softmax(logprobs * (stored / wanted), dim=-1)
 
 
@@ -511,6 +517,27 @@ def read_array(
 def load_soft_labels(path: str | Path | Location) -> SoftLabels:
     """Read a complete cache (a folder or an fsspec URL) into memory once, checksums
     verified on the way."""
+    import torch
+
+    path = Location(path)
+    manifest, data = read_arrays(path)
+    layout = manifest.layout
+    return SoftLabels(
+        path,
+        manifest,
+        {name: torch.from_numpy(data[name]) for name in layout.names},
+        torch.from_numpy(data["labels"]),
+        torch.from_numpy(data["indices"]),
+        torch.from_numpy(data["views"]),
+        torch.from_numpy(data["partners"]),
+        {layer.array: torch.from_numpy(data[layer.array]) for layer in manifest.features},
+    )
+
+
+def read_arrays(path: str | Path | Location) -> tuple[Manifest, dict[str, np.ndarray]]:
+    """Every array of a complete cache as numpy, each checked (checksums, finite values,
+    shapes, positions): what :func:`load_soft_labels` wraps as tensors, and what a table
+    that needs no torch (``kdpipe storage``) reads."""
     path = Location(path)
     manifest, arrays = open_complete(path)
     data = {name: read_array(path, arrays[name], name) for name in array_specs(manifest)}
@@ -534,16 +561,7 @@ def load_soft_labels(path: str | Path | Location) -> SoftLabels:
             )
     # last: the checks above name a specific problem; this one, that a chunk moved or changed
     read_positions(path, manifest, arrays).check_all(data, manifest.chunk_size)
-    return SoftLabels(
-        path,
-        manifest,
-        {name: torch.from_numpy(data[name]) for name in layout.names},
-        torch.from_numpy(data["labels"]),
-        torch.from_numpy(data["indices"]),
-        torch.from_numpy(data["views"]),
-        torch.from_numpy(data["partners"]),
-        {layer.array: torch.from_numpy(data[layer.array]) for layer in manifest.features},
-    )
+    return manifest, data
 
 
 def stored_teacher_accuracy(manifest: Manifest, arrays: dict) -> float | None:

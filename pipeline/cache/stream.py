@@ -22,9 +22,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 import zarr
 from kdpipe.base.errors import CacheError, UsageError
 from kdpipe.cache.format import Manifest, array_specs
@@ -43,6 +43,10 @@ from kdpipe.cache.store import (
     read_positions,
     to_log_probs,
 )
+
+if TYPE_CHECKING:  # for annotations: imported where they are used, so that a command
+    # that reads records only loads no deep-learning library
+    import torch
 
 PER_VIEW = ("targets", "views", "partners")
 
@@ -91,6 +95,8 @@ class ChunkReader:
         temperature: float | None,
         positions: Positions,
     ) -> None:
+        import torch
+
         self.path, self.manifest, self.arrays = path, manifest, arrays
         self.positions = positions
         self.window, self.capacity = window, 2 * window
@@ -124,6 +130,8 @@ class ChunkReader:
         return buffer[slot_of[chunks] * step + rows - chunks * step, views]
 
     def _load(self, name: str, index: int, keep: list[int]) -> None:
+        import torch
+
         self._executor()  # in a forked DataLoader worker: drop the parent's reads in flight
         pending = self.ahead[name].pop(index, None)
         self.chunks_ahead += pending is not None
@@ -182,6 +190,8 @@ class ChunkReader:
         return read_chunk(self.path, self.arrays[name], name, index)
 
     def _read(self, name: str, index: int) -> torch.Tensor:
+        import torch
+
         self.chunks_read += 1
         if name != "targets":
             values = self._array(name, index)
@@ -218,6 +228,8 @@ class StreamedRows:
         return (len(self.rows), manifest.num_views, *tail)
 
     def __getitem__(self, key: object) -> StreamedRows | torch.Tensor:
+        import torch
+
         if isinstance(key, torch.Tensor) and key.dtype == torch.bool:
             return StreamedRows(self.reader, self.name, self.rows[key])
         if not isinstance(key, tuple) or len(key) != 2:
@@ -235,6 +247,8 @@ def windowed_order(
     """A permutation of ``range(len(rows))``: chunks in a random order, ``window`` at a time,
     the positions of a window's rows in a random order. ``rows[p]`` is the cache row of
     training position ``p``; the draws depend on (seed, epoch) alone."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     chunks = rows // chunk_size
     num_chunks = int(chunks.max()) + 1 if len(rows) else 0
@@ -246,6 +260,8 @@ def windowed_order(
 
 def chunk_plan(rows: torch.Tensor, order: torch.Tensor, chunk_size: int) -> list[int]:
     """The chunks of an epoch in the order its rows first reach them."""
+    import torch
+
     chunks = rows[order] // chunk_size
     first = torch.full((int(chunks.max()) + 1,), len(chunks), dtype=torch.long)
     first.scatter_reduce_(0, chunks, torch.arange(len(chunks)), reduce="amin")
@@ -258,6 +274,8 @@ class StreamedSoftLabels:
     with the per-view arrays read chunk by chunk."""
 
     def __init__(self, path: str | Path | Location, memory: int) -> None:
+        import torch
+
         self.path = Location(path)
         self.manifest, self.arrays = open_complete(self.path)
         manifest = self.manifest
@@ -291,6 +309,8 @@ class StreamedSoftLabels:
 
     def log_probs(self, temperature: float | None = None) -> StreamedRows:
         """Soft labels at ``temperature``, converted chunk by chunk as they are read."""
+        import torch
+
         check_temperature(self.manifest, temperature, self.path)  # before training starts
         self.reader.temperature = temperature
         return StreamedRows(self.reader, "targets", torch.arange(self.manifest.num_samples))

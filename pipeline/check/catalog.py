@@ -19,9 +19,9 @@ from kdpipe.cache import (
     read_detection_manifest,
     read_manifest,
 )
-from kdpipe.data.datasets import decode_options, load_dataset
+from kdpipe.data.datasets import dataset_fingerprint, decode_options
 from kdpipe.models.pretrained import file_sha256, looks_like_source
-from kdpipe.models.runs import load_model, read_card
+from kdpipe.models.runs import check_weights, read_card
 
 CATALOG_COLUMNS = [
     "path",
@@ -209,7 +209,7 @@ def lineage(
     load = {"data_root": data_root, "image_size": image_size, "channels": channels}
     card = read_card(run_dir)
     try:
-        load_model(run_dir)  # recomputes the weights hash
+        check_weights(run_dir)  # recomputes the weights hash from the file
         link(
             card.kind, str(run_dir), card.weights_sha256[:16], "verified", "weights hash recomputed"
         )
@@ -282,7 +282,7 @@ def _teacher_link(link: Callable[..., None], member: TeacherMember) -> dict | No
     if member.source is not None:
         _source_link(link, member.source)
     try:
-        _, teacher = load_model(Path(member.run_dir))
+        teacher = check_weights(Path(member.run_dir))
     except RunDirError as exc:
         status = "MISMATCH" if Path(member.run_dir, "model.json").is_file() else "missing"
         link("teacher", member.run_dir, member.weights_sha256[:16], status, str(exc))
@@ -352,12 +352,12 @@ def _dataset_link(link, record: dict, load: dict) -> None:
     try:  # decoded as the record says (dataset.decode) unless --image-size/--channels say
         given = {"image_size": load.get("image_size"), "channels": load.get("channels")}
         decode = decode_options(record, name, **given)
-        dataset = load_dataset(record["name"], record["split"],
-                               data_root=load["data_root"], **decode)  # fmt: skip
+        actual = dataset_fingerprint(record["name"], record["split"],
+                                     data_root=load["data_root"], **decode)  # fmt: skip
     except KdpipeError as exc:
         link("dataset", name, expected["sha256"][:16], "missing", str(exc))
         return
-    same = dataset.fingerprint() == expected
+    same = actual == expected
     link(
         "dataset",
         name,

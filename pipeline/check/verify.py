@@ -42,7 +42,6 @@ from kdpipe.cache import (
     stored_teacher_accuracy,
 )
 from kdpipe.data.datasets import ImageSet, class_mismatch, dataset_mismatch, rehashed
-from kdpipe.views.features import LayerRequest, LayerTaps
 from tqdm.auto import tqdm
 
 # float16 keeps 11 significant bits: a row's logsumexp drifts by up to ~1e-3 per
@@ -381,6 +380,7 @@ def _recompute(
 ) -> None:
     """A fresh teacher pass over every view of ``count`` random rows, against the store."""
     from kdpipe.models.teacher import load_teacher
+    from kdpipe.views.features import LayerRequest, LayerTaps
 
     torch_device = resolve_device(device)
     teacher = load_teacher(teachers, torch_device)

@@ -23,9 +23,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from kdpipe.base.errors import CacheMismatchError, DatasetError
 from kdpipe.data.imagefolder import (
     DEFAULT_RESIZE,
@@ -44,6 +44,10 @@ from kdpipe.data.shards import ShardImages, ShardIndex, is_shard_spec, pack_shar
 from kdpipe.data.shards import build_index as build_shard_index
 from kdpipe.data.shards import has_split as shards_have_split
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # for annotations: imported where they are used, so that a command
+    # that reads records only loads no deep-learning library
+    import torch
 
 SPLITS = ("train", "test")
 DEFAULT_DATA_ROOT = Path("data")
@@ -154,6 +158,8 @@ class ImageSet:
         """Per-channel mean and std of pixels scaled to [0, 1]: the normalisation a model
         trained on this set uses (stored in its data config, not recomputed later). A
         folder's are accumulated one decoded batch at a time."""
+        import torch
+
         if self.streamed:
             mean, std = folder_pixel_stats(self.images)
             std = np.maximum(std, 1e-6)
@@ -233,6 +239,31 @@ def load_dataset(
         "folder (with train/ and test/ inside, one subfolder per class) or a folder or URL of "
         "WebDataset shards (train-*.tar, test-*.tar)"
     )
+
+
+def dataset_fingerprint(
+    spec: str,
+    split: str,
+    *,
+    data_root: Path = DEFAULT_DATA_ROOT,
+    image_size: int | tuple[int, int] | None = None,
+    channels: int | None = None,
+    resize: str | None = None,
+) -> dict:
+    """``load_dataset(...).fingerprint()``; for an image folder or shards, from the index
+    alone, so that checking a record (``lineage``) loads no deep-learning library. The
+    sets held in memory (Fashion-MNIST, synthetic) are loaded as tensors."""
+    resize = resize or DEFAULT_RESIZE
+    indexed = spec not in ("fashion-mnist", "synthetic")
+    if indexed and resize in RESIZE_MODES and split in SPLITS:  # else load_dataset says why
+        if is_shard_spec(spec):
+            index, _, channels, size = _shard_parts(spec, split, image_size, channels)
+            return index.fingerprint((channels, *size), resize)
+        if Path(spec).is_dir():
+            index, channels, size = _folder_parts(Path(spec), split, image_size, channels)
+            return index.fingerprint((channels, *size), resize)
+    return load_dataset(spec, split, data_root=data_root, image_size=image_size,
+                        channels=channels, resize=resize).fingerprint()  # fmt: skip
 
 
 DECODE_FLAGS = {"image_size": "--image-size", "channels": "--channels", "resize": "--resize"}
@@ -318,6 +349,8 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
 
 def load_fashion_mnist(folder: Path, split: str) -> ImageSet:
     """Fashion-MNIST from its gzipped IDX files; the file order is the canonical order."""
+    import torch
+
     image_file, label_file = FASHION_MNIST_FILES[split]
     images = _read_idx(folder / image_file, 0x803, 3)
     labels = _read_idx(folder / label_file, 0x801, 1)
@@ -345,6 +378,8 @@ def make_synthetic(split: str) -> ImageSet:
     Same bytes on every machine (numpy's PCG64 with fixed seeds), so tests can
     pin fingerprints and expect a small model to beat chance quickly.
     """
+    import torch
+
     prototypes = np.random.default_rng(1234).uniform(
         0, 255, (len(SYNTHETIC_CLASSES), *SYNTHETIC_SHAPE)
     )
@@ -386,11 +421,7 @@ def load_image_folder(
     converted to that mode and brought to that size (``resize``: ``crop`` keeps the aspect
     ratio, ``squash`` stretches).
     """
-    index = folder_index(root, split)
-    reference = index
-    if split != "train" and (image_size is None or channels is None) and (root / "train").is_dir():
-        reference = folder_index(root, "train")
-    channels, size = decode_shape(reference.shapes(), image_size, channels)
+    index, channels, size = _folder_parts(root, split, image_size, channels)
     return ImageSet(
         name=str(root),
         split=split,
@@ -399,6 +430,18 @@ def load_image_folder(
         classes=index.classes,
         index=index,
     )
+
+
+def _folder_parts(
+    root: Path, split: str, image_size: int | tuple[int, int] | None, channels: int | None
+) -> tuple[FolderIndex, int, tuple[int, int]]:
+    """A folder split's index and the channels and size its files are decoded at."""
+    index = folder_index(root, split)
+    reference = index
+    if split != "train" and (image_size is None or channels is None) and (root / "train").is_dir():
+        reference = folder_index(root, "train")
+    channels, size = decode_shape(reference.shapes(), image_size, channels)
+    return index, channels, size
 
 
 def folder_index(root: Path, split: str) -> FolderIndex:
@@ -463,12 +506,7 @@ def load_shards(
     """A split of WebDataset shards (:mod:`kdpipe.data.shards`) in canonical order (by sample
     key), as its index and rows read and decoded on demand; channels, size and resize as
     for an image folder (from the train split's index unless given)."""
-    index, fs = build_shard_index(spec, split)
-    reference = index
-    derived = image_size is None or channels is None
-    if split != "train" and derived and shards_have_split(spec, "train"):
-        reference = build_shard_index(spec, "train")[0]
-    channels, size = decode_shape(reference.shapes(), image_size, channels)
+    index, fs, channels, size = _shard_parts(spec, split, image_size, channels)
     return ImageSet(
         name=spec,
         split=split,
@@ -477,6 +515,19 @@ def load_shards(
         classes=index.classes,
         index=index,
     )
+
+
+def _shard_parts(
+    spec: str, split: str, image_size: int | tuple[int, int] | None, channels: int | None
+) -> tuple[ShardIndex, Any, int, tuple[int, int]]:
+    """A shard split's index, its filesystem, and the channels and size it is decoded at."""
+    index, fs = build_shard_index(spec, split)
+    reference = index
+    derived = image_size is None or channels is None
+    if split != "train" and derived and shards_have_split(spec, "train"):
+        reference = build_shard_index(spec, "train")[0]
+    channels, size = decode_shape(reference.shapes(), image_size, channels)
+    return index, fs, channels, size
 
 
 def rehashed(dataset: ImageSet) -> tuple[ImageSet, list[str]]:

@@ -25,12 +25,15 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-import torch
 from kdpipe.base.errors import DatasetError
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # for annotations: imported where they are used, so that a command
+    # that reads records only loads no deep-learning library
+    import torch
 
 INDEX_FORMAT = 2  # 2: each file's decoded height, width and channels
 FINGERPRINT_TAG = b"kdpipe image folder index 2\n"  # what the folder fingerprint's digest covers
@@ -108,6 +111,8 @@ class FolderIndex:
         return tuple(os.path.join(top, *entry.path.split("/")) for entry in self.entries)
 
     def labels(self) -> torch.Tensor:
+        import torch
+
         return torch.tensor([entry.label for entry in self.entries], dtype=torch.int64)
 
     def shapes(self) -> list[tuple[int, int, int]]:
@@ -410,8 +415,13 @@ class LazyImages:
     decoded (``decode_row``) and how to make itself again (``subset``, ``with_workers``).
     """
 
-    dtype = torch.uint8
     ndim = 4
+
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch
+
+        return torch.uint8
 
     def __init__(
         self, channels: int, size: tuple[int, int], workers: int = 0, resize: str = DEFAULT_RESIZE
@@ -438,9 +448,13 @@ class LazyImages:
 
     @property
     def shape(self) -> torch.Size:
+        import torch
+
         return torch.Size((len(self), self.channels, *self.size))
 
     def __getitem__(self, index: object) -> torch.Tensor:
+        import torch
+
         if isinstance(index, tuple):  # rows first, then the rest on the decoded rows
             if not index:
                 return self[:]
@@ -495,9 +509,10 @@ class FolderImages(LazyImages):
         return decode_image(self.paths[row], self.channels, self.size, resize=self.resize)
 
 
-class _Requests(torch.utils.data.Dataset):
-    """A map-style dataset of whole batches of rows, so DataLoader workers decode them; an
-    error travels back as its message (a worker's exception would arrive as a traceback)."""
+class _Requests:
+    """A map-style dataset (what DataLoader indexes; no torch base class needed) of whole
+    batches of rows, so DataLoader workers decode them; an error travels back as its
+    message (a worker's exception would arrive as a traceback)."""
 
     def __init__(self, images: LazyImages, requests: Sequence[torch.Tensor]) -> None:
         self.images = images
@@ -520,6 +535,8 @@ def batches_of(
     gathered, lazy rows (a folder's, shards') decoded here or, with ``images.workers``, ahead
     in DataLoader worker processes (at most a few batches in flight: memory stays one
     batch's order)."""
+    import torch
+
     workers = getattr(images, "workers", 0)
     if not isinstance(images, LazyImages) or workers == 0 or len(requests) < 2:
         yield from (images[request] for request in requests)
@@ -539,6 +556,8 @@ def batches_of(
 def pixel_stats(images: LazyImages, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and (unbiased) std of pixels scaled to [0, 1], over every image,
     one batch decoded at a time."""
+    import torch
+
     total = np.zeros(images.channels)
     squares = np.zeros(images.channels)
     requests = [torch.arange(s, min(s + batch_size, len(images)))

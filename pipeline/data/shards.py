@@ -36,10 +36,10 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
-import torch
 from fsspec.implementations.local import LocalFileSystem
 from kdpipe.base.errors import DatasetError
 from kdpipe.data.imagefolder import (
@@ -51,6 +51,10 @@ from kdpipe.data.imagefolder import (
     index_fingerprint,
 )
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # for annotations: imported where they are used, so that a command
+    # that reads records only loads no deep-learning library
+    import torch
 
 INDEX_FORMAT = 2  # 2: each image's decoded height, width and channels
 FINGERPRINT_TAG = b"kdpipe webdataset index 2\n"  # what the shards' fingerprint digest covers
@@ -104,6 +108,8 @@ class ShardIndex:
         return f"the {self.split} shards of {self.where}"
 
     def labels(self) -> torch.Tensor:
+        import torch
+
         return torch.tensor([entry.label for entry in self.entries], dtype=torch.int64)
 
     def shapes(self) -> list[tuple[int, int, int]]:

@@ -27,15 +27,15 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import safetensors
-import safetensors.torch
-import timm
-import torch
 from kdpipe.base.errors import ModelError, UsageError
-from kdpipe.models.registry import check_architecture, state_mismatch, weights_sha256
 from kdpipe.views.inputs import CROP_MODES, INTERPOLATIONS, DataConfig
-from torch import nn
+
+if TYPE_CHECKING:  # for annotations: imported where they are used, so that a command
+    # that reads records only loads no deep-learning library
+    import torch
+    from torch import nn
 
 SOURCE_KINDS = ("timm", "hf-hub", "local-dir")
 # what a SOURCE looks like: a scheme, a colon, and no "//" (an fsspec URL is a path)
@@ -76,6 +76,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     ``torch.load(weights_only=True)`` (never arbitrary pickles), unwrapped the way timm
     unwraps checkpoints (``state_dict``, ``model``, EMA weights first; ``module.`` and
     ``_orig_mod.`` prefixes removed)."""
+    import safetensors.torch
+    import torch
     from timm.models import clean_state_dict, load_state_dict
 
     path = Path(path)
@@ -149,6 +151,9 @@ def _source_config(kind: str, name: str, text: str) -> tuple[dict, str, dict]:
     """The source's ``pretrained_cfg``, architecture and constructor arguments, before any
     model is built (for the hub: its config.json, fetched by timm). The config.json is
     checked here first, so that a broken one is a line naming the file and the field."""
+    import timm
+    from kdpipe.models.registry import check_architecture
+
     if kind == "timm":
         check_architecture(name)
         try:
@@ -195,6 +200,8 @@ def _check_hub_config(path: Path) -> None:
     """A hub config.json as timm reads it: a JSON object with an ``architecture`` timm
     knows, and ``pretrained_cfg``/``model_args`` objects, ``label_names`` a list (or a map
     of index to name) where they are given."""
+    from kdpipe.models.registry import check_architecture
+
     try:
         config = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError) as exc:
@@ -471,6 +478,9 @@ def create_pretrained(
     pretrained_cfg's preprocessing, with a warning in ``Pretrained.warnings``: those are
     the tag's weights' values, not necessarily the file's.
     """
+    import timm
+    from kdpipe.models.registry import weights_sha256
+
     kind, name = parse_source(text)
     cfg, architecture, model_kwargs = _source_config(kind, name, text)
     given = check_data_config(dict(data_config or {}), text)
@@ -568,6 +578,9 @@ def source_architecture(text: str) -> str:
 def _mismatch(architecture: str, state: dict | None, cfg: dict, model_kwargs: dict) -> str:
     """Why a state dict does not fit the source's architecture, in one line (a blank model
     is built only on this error path)."""
+    import timm
+    from kdpipe.models.registry import state_mismatch
+
     if state is None:
         return "no weights"
     blank = timm.create_model(

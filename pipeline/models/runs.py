@@ -20,10 +20,8 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import safetensors.torch
-import torch
 from kdpipe.base.errors import ManifestError, RunDirError, UsageError
 from kdpipe.base.runtime import prepare_output, software_versions
 from kdpipe.base.spec import check_keys, check_object
@@ -35,9 +33,12 @@ from kdpipe.models.pretrained import (
     read_class_names,
     read_data_config,
 )
-from kdpipe.models.registry import create_model, param_count, state_mismatch, weights_sha256
 from kdpipe.views.inputs import CROP_MODES, INTERPOLATIONS, DataConfig
-from torch import nn
+
+if TYPE_CHECKING:  # for annotations: imported where they are used, so that a command
+    # that reads records only loads no deep-learning library
+    import torch
+    from torch import nn
 
 RUN_FORMAT_VERSION = 1
 CARD_FILE = "model.json"
@@ -158,6 +159,8 @@ def write_safetensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     """Write tensors through a temporary file and a rename, as write_json does JSON."""
+    import safetensors.torch
+
     partial = path.with_name(f".{path.name}.partial")
     try:
         safetensors.torch.save_file(tensors, str(partial), metadata=metadata)
@@ -210,8 +213,70 @@ def read_card(run_dir: Path) -> ModelCard:
     return ModelCard.from_dict(data, where=str(card_path))
 
 
+# safetensors' dtype codes as torch names them: the framing weights_sha256 hashes
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+                       "U8": "uint8", "BOOL": "bool"}  # fmt: skip
+
+
+def stored_weights_sha256(path: Path) -> tuple[str, dict[str, str]]:
+    """:func:`kdpipe.models.registry.weights_sha256` of the model whose state dict a
+    safetensors file holds (each tensor's name, dtype, shape and little-endian bytes, in
+    name order), read from the file's own framing, and the file's metadata. No torch: the
+    commands that check records (``lineage``) re-hash weights without building a model."""
+    import struct
+
+    try:
+        with open(path, "rb") as file:
+            (size,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(size))
+            start = 8 + size
+            digest = hashlib.sha256()
+            for name in sorted(k for k in header if k != "__metadata__"):
+                entry = header[name]
+                begin, end = entry["data_offsets"]
+                dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+                digest.update(f"{name}|torch.{dtype}|{tuple(entry['shape'])}|".encode())
+                file.seek(start + begin)
+                data = file.read(end - begin)
+                if len(data) != end - begin:
+                    raise ValueError(f"{name} is cut short")
+                digest.update(data)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise RunDirError(f"{path} cannot be read: {exc}") from None
+    return digest.hexdigest(), dict(header.get("__metadata__") or {})
+
+
+def check_weights(run_dir: Path) -> ModelCard:
+    """A finished run's card, its weights file re-hashed against it and the card against
+    the digest the file carries (what :func:`load_model` checks), without building the
+    model."""
+    run_dir = Path(run_dir)
+    card = read_card(run_dir)
+    weights = run_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise RunDirError(f"{run_dir} has {CARD_FILE} but no {WEIGHTS_FILE}")
+    actual, metadata = stored_weights_sha256(weights)
+    if actual != card.weights_sha256:
+        raise RunDirError(
+            f"{weights} does not match {CARD_FILE}: weights hash {actual[:16]}… "
+            f"!= {card.weights_sha256[:16]}…"
+        )
+    recorded = metadata.get("card_sha256")
+    if recorded is not None and recorded != card_sha256(card):
+        raise RunDirError(
+            f"{run_dir / CARD_FILE} was edited after training: it no longer matches the card "
+            f"digest stored in {WEIGHTS_FILE}"
+        )
+    return card
+
+
 def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelCard]:
     """Rebuild a run's model through timm and load its weights, checking their hash."""
+    import safetensors.torch
+    import torch
+    from kdpipe.models.registry import create_model, state_mismatch, weights_sha256
+
     run_dir = Path(run_dir)
     card = read_card(run_dir)
     weights = run_dir / WEIGHTS_FILE
@@ -267,6 +332,8 @@ def pretrained_card(pretrained: Pretrained, classes: list[str]) -> ModelCard:
     """The model card of a pretrained teacher: its own preprocessing, its weights' content
     hash, and where it came from (``source``); it was not trained on a dataset of kdpipe's
     (``dataset`` is empty). ``classes`` empty: the head's classes are known by index only."""
+    from kdpipe.models.registry import param_count, weights_sha256
+
     model, data_config = pretrained.model, pretrained.data_config
     return ModelCard(
         format_version=RUN_FORMAT_VERSION,
@@ -302,6 +369,8 @@ def open_pretrained(
     of timm's save_for_hf, a hub model), else none (by index); both given must agree.
     ``data_config`` (timm's keys) replaces the pretrained_cfg's preprocessing; warnings
     (a weights file at the tag's preprocessing) go to ``log``."""
+    import torch
+
     names = [] if classes_file is None else read_class_names(classes_file)
     if names and num_classes is not None and len(names) != num_classes:
         raise UsageError(f"{classes_file} names {len(names)} classes, --num-classes says "

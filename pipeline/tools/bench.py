@@ -11,7 +11,10 @@ listed, so that the ratios compare runs under the same load:
 - P4 how fast batches of soft labels are read, from memory and streamed from
   disk (shuffled windows of chunks), as a multiple of the student's rows/s;
 - P5 bytes per sample-view of each storage layout, and the cost of S students
-  of E epochs offline (one teacher pass) against online.
+  of E epochs offline (one teacher pass) against online;
+- P6 each command that reads records (``caches``, ``verify``, ``lineage``, ``report``,
+  ``storage``; ``--help`` for reference) in a fresh interpreter: seconds from start to
+  exit and peak memory, and whether it imported a deep-learning library.
 
 The teacher's weights are whatever one short epoch gives: timing needs its
 architecture, not its accuracy.
@@ -172,6 +175,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> pd.Dat
     cached, online = _student_epochs(bench, bare)
     _soft_label_reads(bench, cached)
     _storage_and_cost(bench, teacher_pass, cached, online)
+    _command_costs(bench)
     table = pd.DataFrame(bench.results)
     table.attrs.update(
         {"config": asdict(config), "rows": len(bench.rows), "device": str(device),
@@ -309,6 +313,30 @@ def _storage_and_cost(bench: _Bench, teacher_pass: float, cached: float, online:
         bench.record(f"P5_cost_S{count}", online_cost / offline, "ratio",
                      f"online / offline for {count} student(s) x {epochs} epochs "
                      f"({online_cost:.0f} s / {offline:.0f} s)")  # fmt: skip
+
+
+def _command_costs(bench: _Bench) -> None:
+    """P6: start-up time and peak memory of each command that only reads records, on the
+    bench's own cache and student, each in a fresh interpreter."""
+    from kdpipe.tools.benchfolder import command_cost
+
+    cache, student = str(bench.cache_path), str(bench.out / "cached-0")
+    commands = {
+        "help": ["--help"],
+        "caches": ["caches", cache],
+        "verify": ["verify", cache],
+        "lineage": ["lineage", student],
+        "report": ["report", student],
+        "storage": ["storage", cache, "--top-k", "1"],
+    }
+    for name, args in commands.items():
+        cost = command_cost(args, bench.out / "commands")
+        imported = ", ".join(cost["imports"]) or "no deep-learning library"
+        bench.record(f"P6_{name}_s", cost["seconds"], "s",
+                     f"kdpipe {' '.join(args[:1])}: start to exit, fresh interpreter "
+                     f"(imported {imported})")  # fmt: skip
+        bench.record(f"P6_{name}_peak_mib", cost["peak_rss_mib"], "MiB",
+                     f"kdpipe {' '.join(args[:1])}: peak RSS")  # fmt: skip
 
 
 def bench_report(

@@ -240,6 +240,39 @@ def run_arm(spec: dict, work: Path) -> Measured:
     return Measured(result["seconds"], result["rows"], result["peak_rss_mib"], result["run_dir"])
 
 
+# a command run as the console script runs it, then what it cost: its peak RSS and the
+# deep-learning libraries it imported, written to the file named first
+_COMMAND_PROBE = """import json, sys
+out, sys.argv = sys.argv[1], ["kdpipe", *sys.argv[2:]]
+from kdpipe.cli import main
+from kdpipe.tools.benchfolder import peak_rss_mib
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code or 0
+heavy = [m for m in ("torch", "timm", "torchvision") if m in sys.modules]
+json.dump({"code": code, "peak_rss_mib": peak_rss_mib(), "imports": heavy}, open(out, "w"))
+"""
+
+
+def command_cost(args: list[str], work: Path) -> dict:
+    """One kdpipe command in a fresh interpreter: wall seconds from start to exit (imports
+    included: what a person waits for), its peak RSS (MiB) and the deep-learning libraries
+    it imported."""
+    work.mkdir(parents=True, exist_ok=True)
+    result_file = work / "command-cost.json"
+    result_file.unlink(missing_ok=True)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _COMMAND_PROBE, str(result_file), *args],
+                          capture_output=True, text=True, env=_child_env(work),
+                          check=False)  # fmt: skip
+    seconds = time.perf_counter() - started
+    if not result_file.exists() or json.loads(result_file.read_text())["code"] != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise KdpipeError(f"bench: kdpipe {' '.join(args)} failed: {last}")
+    return {"seconds": seconds, **json.loads(result_file.read_text())}
+
+
 def _child_env(work: Path) -> dict[str, str]:
     """The environment of an arm: this one, with the ``kdpipe`` package the bench runs first
     on the path (a link ``work/.path/kdpipe`` to its folder: the source folder is

@@ -14,16 +14,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from kdpipe.base.errors import UsageError
 from kdpipe.base.outputs import BIAS_RESULT, guard_output
 from kdpipe.base.runtime import resolve_device
 from kdpipe.data.datasets import ImageSet, check_same_dataset, validation_rows
 from kdpipe.models.runs import load_model, read_config, write_json
-from kdpipe.models.teacher import predict_logits
 from kdpipe.views.inputs import check_channels
+
+if TYPE_CHECKING:  # for annotations: imported where they are used, so that a command
+    # that reads records only loads no deep-learning library
+    import torch
 
 BIAS_FILE = "bias.json"
 
@@ -48,6 +51,8 @@ def best_bias(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]
               grid: np.ndarray) -> tuple[float, int]:  # fmt: skip
     """The grid value that, added to ``classes``' logits, leaves the fewest errors
     (ties: the smallest change), and that error count."""
+    import torch
+
     shift = torch.zeros(logits.shape[1], dtype=logits.dtype)
     shift[list(classes)] = 1.0
     errors = [int(((logits + b * shift).argmax(-1) != labels).sum()) for b in grid]
@@ -56,6 +61,8 @@ def best_bias(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]
 
 
 def _scores(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]) -> dict:
+    import torch
+
     predicted = logits.argmax(-1)
     inside = torch.isin(labels, torch.tensor(list(classes)))
     return {
@@ -80,6 +87,9 @@ def tune_bias(
 ) -> dict:
     """Choose one bias for ``classes`` on the run's validation rows; score the test split
     before and after; write and return ``bias.json``."""
+    import torch
+    from kdpipe.models.teacher import predict_logits
+
     run_dir = Path(run_dir)
     if not classes:
         raise UsageError("give the classes to bias with --classes, e.g. --classes 3")

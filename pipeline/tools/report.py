@@ -23,7 +23,6 @@ from kdpipe.base.flags import COMMANDS, REQUIRED_TO_START, flag
 from kdpipe.base.outputs import MARKDOWN, PNG, REPORT_CSV, guard_output, png_metadata
 from kdpipe.cache import read_manifest
 from kdpipe.models.runs import CONFIG_FILE, METRICS_FILE, ModelCard, read_card, read_config
-from kdpipe.models.teach import CacheConfig
 from kdpipe.tools.bias import BIAS_FILE
 from kdpipe.tools.publish import machine_line, publish
 from kdpipe.tools.storage import stored_bytes_per_view
@@ -637,6 +636,8 @@ def _percent(values: pd.Series, shown: pd.Series) -> pd.Series:
 
 def cache_command(path: Path) -> str | None:
     """The cache-teacher command that made a cache, rebuilt from its manifest."""
+    from kdpipe.models.teach import CacheConfig
+
     try:
         manifest = read_manifest(path)
     except KdpipeError:

@@ -15,16 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 import zarr
 from kdpipe.base.errors import KdpipeError, UsageError
 from kdpipe.cache import (
     Dense,
     array_codecs,
     index_dtype,
-    load_soft_labels,
+    read_arrays,
     read_manifest,
-    reconstruct_top_k,
+    reconstruct_top_k_numpy,
 )
 from tqdm.auto import tqdm
 
@@ -70,9 +69,9 @@ def storage_table(cache: str | Path, ks: Sequence[int] | None = None) -> pd.Data
     """One row per layout: bytes per sample-view (raw and stored), and the mean KL from
     the cache's distribution (best a float32 cache) to what each layout keeps. ``ks``
     given are each checked against the class count; left out, they are the values of
-    :data:`DEFAULT_KS` that a top-k layout of this cache can have (K below its classes)."""
-    soft = load_soft_labels(cache)
-    manifest = soft.manifest
+    :data:`DEFAULT_KS` that a top-k layout of this cache can have (K below its classes).
+    In numpy: a table of a cache loads no deep-learning library."""
+    manifest, data = read_arrays(cache)
     if not isinstance(manifest.layout, Dense):
         raise UsageError(
             f"{cache} is a {manifest.layout.describe()} cache: the table needs a dense one"
@@ -82,15 +81,16 @@ def storage_table(cache: str | Path, ks: Sequence[int] | None = None) -> pd.Data
     bad = [k for k in ks if not 1 <= k < manifest.num_classes]
     if bad:
         raise UsageError(f"--top-k {bad[0]}: K must be in 1..{manifest.num_classes - 1}")
-    dense = soft.values.float()  # (N, V, C) log-probabilities, as stored
+    dense = data[manifest.layout.values_name].astype(np.float32)  # (N, V, C), as stored
     n, v, c = dense.shape
     views = n * v
     rows = []
-    probs = dense.exp()
+    probs = np.exp(dense)
+    top1 = dense.argmax(-1)
     progress = tqdm(total=2 + len(ks), desc=f"measuring {cache}", unit="layout", disable=None)
     for dtype in ("float32", "float16"):
-        values = dense.numpy().astype(dtype)
-        rounded = torch.from_numpy(values).float()
+        values = dense.astype(dtype)
+        rounded = values.astype(np.float32)
         # against a float16 source, float32 adds nothing we could measure
         known = manifest.dtype == "float32" or dtype == "float16"
         rows.append(
@@ -101,15 +101,17 @@ def storage_table(cache: str | Path, ks: Sequence[int] | None = None) -> pd.Data
                 "mean_kl": float((probs * (dense - rounded)).sum(-1).mean())
                 if known
                 else float("nan"),
-                "top1_kept": float((rounded.argmax(-1) == dense.argmax(-1)).float().mean()),
+                "top1_kept": float((rounded.argmax(-1) == top1).mean()),
             }
         )
         progress.update()
+    # the classes by falling value, ties by index: the order torch.topk gives
+    order = np.argsort(-dense, axis=-1, kind="stable")
     for k in ks:
-        top = dense.topk(k, dim=-1)
-        values = top.values.numpy().astype("float16")
-        indices = top.indices.numpy().astype(index_dtype(c))
-        rebuilt = reconstruct_top_k(torch.from_numpy(values).float(), top.indices, c)
+        top_indices = order[..., :k]
+        values = np.take_along_axis(dense, top_indices, axis=-1).astype("float16")
+        indices = top_indices.astype(index_dtype(c))
+        rebuilt = reconstruct_top_k_numpy(values, top_indices, c)
         kl = (probs * (dense - rebuilt)).sum(-1)  # KL(full || reconstructed) per view
         rows.append(
             {
@@ -120,7 +122,7 @@ def storage_table(cache: str | Path, ks: Sequence[int] | None = None) -> pd.Data
                 )
                 / views,
                 "mean_kl": float(kl.mean()),
-                "top1_kept": float((rebuilt.argmax(-1) == dense.argmax(-1)).float().mean()),
+                "top1_kept": float((rebuilt.argmax(-1) == top1).mean()),
             }
         )
         progress.update()

@@ -7,17 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from kdpipe.base.checks import alpha_problem, temperature_problem
 from kdpipe.base.errors import UsageError
 from kdpipe.base.flags import CLIP_MODES, SCHED_ON
 from kdpipe.data.datasets import ImageSet, load_dataset
-from kdpipe.tasks.classify.loss import FEATURE_LOSSES
 from kdpipe.train.watch import require
 from kdpipe.views.inputs import PRECISION_CHOICES
 from kdpipe.views.policy import CROP_SCALE, ViewPolicy
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for annotations: imported where they are used, so that a command
+    # that reads records only loads no deep-learning library
+    import torch
     from timm.scheduler.scheduler import Scheduler
 
 # the value a config.json written before a field existed meant: resume and report use it
@@ -189,6 +189,8 @@ class TrainConfig:
                              f"needs --cache and --alpha below 1 (not {self.alpha})")  # fmt: skip
 
     def _check_feature_loss(self) -> None:
+        from kdpipe.tasks.classify.loss import FEATURE_LOSSES
+
         given = [self.student_layer is not None, self.teacher_layer is not None]
         if self.feature_loss is None:
             if any(given):
@@ -211,6 +213,7 @@ class TrainConfig:
     def _check_recipe(self) -> None:
         """--opt, --sched and their settings, tried on one parameter through timm's own
         factories, so that a misspelt name fails before any file is written."""
+        import torch
         from timm.optim import create_optimizer_v2
 
         parameter = torch.nn.Parameter(torch.zeros(1))

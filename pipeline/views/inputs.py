@@ -15,11 +15,14 @@ import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
 from kdpipe.base.errors import UsageError
 from kdpipe.cache import IDENTITY_VIEW, PRECISIONS, VIEW_COLUMNS
+
+if TYPE_CHECKING:  # for annotations: imported where they are used, so that a command
+    # that reads records only loads no deep-learning library
+    import torch
 
 # the --precision words a user types, and the resolved precision each means (None: decide
 # by the device); the resolved words are the manifest's (cache.format.PRECISIONS)
@@ -79,6 +82,8 @@ class DataConfig:
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """Float pixels in [0, 1] ``(N, C, H, W)`` to the input the model was trained on."""
+        import torch
+
         mean = torch.tensor(self.mean, device=pixels.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=pixels.device).view(1, -1, 1, 1)
         return (pixels - mean) / std
@@ -106,6 +111,7 @@ def eval_transform(data_config: DataConfig) -> Callable:
 def eval_resize(images: torch.Tensor, data_config: DataConfig) -> torch.Tensor:
     """uint8 images ``(N, C, H, W)`` through the model's eval transform, one PIL image each
     (as timm's own loader does), to uint8 ``(N, C, *input_size[1:])``."""
+    import torch
     from PIL import Image
 
     transform = eval_transform(data_config)
@@ -139,6 +145,8 @@ def resolve_precision(device: torch.device, precision: str) -> str:
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast for forward passes, or nothing for float32. Losses and soft labels are
     computed from ``.float()`` outputs either way."""
+    import torch
+
     if resolve_precision(device, precision) == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -158,6 +166,9 @@ def prepare_input(
 ) -> torch.Tensor:
     """uint8 images to the normalised float input a model expects, resized if need be (by
     the model's own eval transform when its data config has one: :func:`eval_resize`)."""
+    import torch
+    import torch.nn.functional as F
+
     if data_config.eval_resize:
         images = eval_resize(images, data_config)
     x = images.to(device, non_blocking=True)
@@ -172,6 +183,8 @@ def prepare_input(
 
 def is_identity(params: torch.Tensor) -> bool:
     """True when every view in the batch is the plain image (no crop, flip or mix)."""
+    import torch
+
     return bool((params == torch.tensor(IDENTITY_VIEW, dtype=params.dtype)).all())
 
 
@@ -188,6 +201,9 @@ def render(
     pixel-identical views at the same size. The partner goes through the same
     crop and flip, then is blended (mixup) or pasted into the box (cutmix).
     """
+    import torch
+    import torch.nn.functional as F
+
     x = images.float() / 255.0
     params = params.to(device=x.device, dtype=torch.float32)
     column = VIEW_COLUMNS
@@ -241,6 +257,8 @@ def view_input(
     an unaugmented pass, so a ``--views 1`` cache without augmentation holds
     the same values as a fixed-teacher cache.
     """
+    import torch
+
     if params is None or is_identity(params):
         return prepare_input(images, data_config, device)
     pixels = render(

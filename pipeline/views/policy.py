@@ -17,11 +17,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from kdpipe.base.errors import UsageError
 from kdpipe.cache import IDENTITY_VIEW, VIEW_COLUMNS
+
+if TYPE_CHECKING:  # for annotations: imported where they are used, so that a command
+    # that reads records only loads no deep-learning library
+    import torch
 
 AUGMENTS = ("none", "flip", "shift-flip", "crop-flip")
 MIXES = ("none", "mixup", "cutmix")
@@ -157,6 +161,8 @@ def view_schedule(num_rows: int, num_views: int, seed: int, epoch: int) -> torch
 @functools.lru_cache(maxsize=4)
 def _view_offsets(num_rows: int, num_views: int, seed: int) -> torch.Tensor:
     """Drawn once per training run (the schedule asks for it on every batch)."""
+    import torch
+
     return torch.randint(
         0, num_views, (num_rows,), generator=torch.Generator().manual_seed(seed + 7919)
     )
