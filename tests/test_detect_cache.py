@@ -277,14 +277,11 @@ def test_top_k_stores_fewer_bytes_and_the_teachers_top_k_anchors(
                                           full.stored("scores", row, view)[:, anchors])  # fmt: skip
     targets = cache.batch([(2, 1), (5, 0)]).teacher
     assert targets.stored.sum(dim=1).tolist() == [8, 8]
-    assert (
-        float(targets.scores[~targets.stored[:, None, :].expand_as(targets.scores)].abs().sum())
-        == 0
-    )
+    others = ~targets.stored[:, None, :].expand_as(targets.scores)
+    assert float(targets.scores[others].abs().sum()) == 0  # not stored: zeros
     anchors = torch.from_numpy(cache.stored("topk_anchors", 2, 1).astype(np.int64))
-    torch.testing.assert_close(
-        targets.boxes[0][:, anchors], torch.from_numpy(cache.stored("topk_boxes", 2, 1)).float()
-    )
+    stored = torch.from_numpy(cache.stored("topk_boxes", 2, 1)).float()
+    torch.testing.assert_close(targets.boxes[0][:, anchors], stored)
 
 
 # --- caches and lineage ----------------------------------------------------------------------
