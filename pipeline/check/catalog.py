@@ -21,7 +21,7 @@ from kdpipe.cache import (
 )
 from kdpipe.data.datasets import dataset_fingerprint, decode_options
 from kdpipe.models.pretrained import file_sha256, looks_like_source
-from kdpipe.models.runs import check_weights, read_card
+from kdpipe.models.runs import check_weights, is_detection_run, read_card
 
 CATALOG_COLUMNS = [
     "path",
@@ -195,8 +195,6 @@ def lineage(
         return file_lineage(
             Path(run_dir), data_root=data_root, image_size=image_size, channels=channels
         )
-    from kdpipe.tasks.detect.runs import is_detection_run
-
     if is_detection_run(Path(run_dir)):
         return detection_lineage(Path(run_dir))
     rows: list[dict] = []

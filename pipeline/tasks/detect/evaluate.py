@@ -12,7 +12,6 @@ compare; plus batch-1 latency (:func:`kdpipe.check.timing.stable_latency`) and s
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from kdpipe.base.errors import DatasetError, UsageError
 from kdpipe.check.timing import stable_latency
 from kdpipe.data.yolo import load_detection_split, read_data_yaml
-from kdpipe.models.runs import CARD_FILE, WEIGHTS_FILE
+from kdpipe.models.runs import WEIGHTS_FILE, is_detection_run
 from kdpipe.tasks.detect.sources import plain_views
 from kdpipe.tasks.detect.yolo import ultralytics
 
@@ -35,11 +34,7 @@ def is_detection(target: str | Path) -> bool:
         from kdpipe.tasks.detect.export import read_detection_onnx_card
 
         return read_detection_onnx_card(target, strict=False) is not None
-    try:
-        record = json.loads((target / CARD_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("task") == "detect"
+    return is_detection_run(target)
 
 
 def mean_average_precision(

@@ -27,7 +27,12 @@ from kdpipe.base.runtime import prepare_output
 from kdpipe.data.imagefolder import file_digest
 from kdpipe.data.yolo import DetectionData, load_detection_split, read_data_yaml
 from kdpipe.models.registry import weights_sha256
-from kdpipe.models.runs import CARD_FILE, WEIGHTS_FILE, write_json, write_safetensors
+from kdpipe.models.runs import (
+    CARD_FILE,
+    WEIGHTS_FILE,
+    write_json,
+    write_safetensors,
+)
 from kdpipe.tasks.detect.yolo import (
     create_detector,
     describe,
@@ -102,16 +107,6 @@ def save_detection_run(run_dir: Path, model: torch.nn.Module, card: DetectionCar
     metadata = {"weights_sha256": card.weights_sha256, "card_sha256": _card_digest(card)}
     write_safetensors(run_dir / WEIGHTS_FILE, state, metadata)
     write_json(run_dir / CARD_FILE, card.to_dict())
-
-
-def is_detection_run(path: Path) -> bool:
-    """Whether ``path`` is a run directory whose ``model.json`` says ``"task": "detect"``
-    (read as JSON only: no Ultralytics needed to tell the two tasks apart)."""
-    try:
-        record = json.loads((Path(path) / CARD_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("task") == "detect"
 
 
 def read_detection_card(run_dir: Path) -> DetectionCard:

@@ -37,8 +37,9 @@ from kdpipe.cache import (
 )
 from kdpipe.data.datasets import check_classes
 from kdpipe.data.yolo import DetectionSplit, is_data_yaml, load_detection_split, read_data_yaml
+from kdpipe.models.runs import is_detection_run
 from kdpipe.models.teach import open_writer, single_writer, write_chunks
-from kdpipe.tasks.detect.runs import DetectionCard, is_detection_run, load_detection_run
+from kdpipe.tasks.detect.runs import DetectionCard, load_detection_run
 from kdpipe.tasks.detect.targets import DetectBatch
 from kdpipe.tasks.detect.views import DetectAugment, draw_views, read_image, render
 from kdpipe.tasks.detect.yolo import head_outputs
