@@ -211,6 +211,89 @@ def test_an_online_student_on_another_grid_is_refused_before_anything_is_written
     assert not (tmp_path / "s").exists()
 
 
+# --- the cached source ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def detect_cache(
+    hard_run: Path, detect_set: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The hard-label run, standing in for a teacher, cached dense in float32 over the train
+    split with the student's views and seed (2 and 3)."""
+    out = tmp_path_factory.mktemp("cache") / "c.zarr"
+    done = invoke("cache-teacher --teacher", hard_run, "--data", detect_set, "--out", out,
+                  "--views 2 --seed 3 --chunk-size 5 --dtype float32 --device cpu")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    return out
+
+
+def test_a_cache_replays_the_online_students_pixels_and_teacher_outputs(
+    hard_run: Path, detect_set: Path, detect_cache: Path
+) -> None:
+    from kdpipe.data.yolo import load_detection_split
+    from kdpipe.tasks.detect.cache import DetectionCache
+    from kdpipe.tasks.detect.runs import load_detection_run
+    from kdpipe.tasks.detect.sources import CachedBatches, OnlineBatches, ViewBatches
+
+    train = load_detection_split(detect_set, "train")
+    teacher = load_detection_run(hard_run)[0].eval()
+    online = OnlineBatches(ViewBatches(train, SIZE, 5, 2, 3), teacher, torch.device("cpu"))
+    cached = CachedBatches(DetectionCache(detect_cache, train), 5, 3)
+    for epoch in (1, 2):  # two epochs: every row in each of its two views
+        pairs = list(zip(online.epoch(epoch), cached.epoch(epoch), strict=True))
+        assert len(pairs) == 3
+        for ran, read in pairs:
+            assert torch.equal(ran.images, read.images) and torch.equal(ran.bboxes, read.bboxes)
+            assert torch.equal(ran.cls, read.cls) and torch.equal(ran.batch_idx, read.batch_idx)
+            assert read.teacher.stored.all()
+            torch.testing.assert_close(read.teacher.scores, ran.teacher.scores, atol=1e-4, rtol=0)
+            torch.testing.assert_close(read.teacher.boxes, ran.teacher.boxes, atol=1e-4, rtol=0)
+
+
+def test_train_student_distils_a_detection_student_from_a_cache_without_its_teacher(
+    hard_run: Path, detect_set: Path, detect_cache: Path, tmp_path: Path
+) -> None:
+    from kdpipe.cache import Location, open_complete
+    from kdpipe.tasks.detect.runs import load_detection_run
+
+    out = tmp_path / "cached"
+    done = invoke("train-student --model yolo11n.yaml --data", detect_set, "--cache",
+                  detect_cache, "--alpha 0.5 --temperature 2 --epochs 2 --batch-size 6 "
+                  "--seed 3 --out", out)  # fmt: skip
+    assert done.exit_code == 0, done.output
+    manifest = open_complete(Location(detect_cache), detection=True)[0]
+    assert f"detection student yolo11n.yaml from cache {manifest.cache_id}" in done.output
+    _, card = load_detection_run(out)
+    assert card.source["kind"] == "cache" and card.source["views"] == 2
+    assert card.image_size == SIZE  # the cache's canvas
+    assert card.lineage["cache_id"] == manifest.cache_id
+    assert card.lineage["teacher_weights_sha256"] == load_detection_run(hard_run)[1].weights_sha256
+    rows = (out / "metrics.csv").read_text().splitlines()
+    values = dict(zip(rows[0].split(","), rows[2].split(","), strict=True))
+    assert len(rows) == 3 and float(values["kd_class"]) > 0 and float(values["kd_box"]) >= 0
+
+
+def test_a_cached_detection_student_refuses_what_does_not_match_before_writing(
+    detect_set: Path, detect_cache: Path, tmp_path: Path
+) -> None:
+    start = (f"--model yolo11n.yaml --cache {detect_cache} --alpha 0.5 --epochs 1 "
+             f"--out {tmp_path / 'x'}")  # fmt: skip
+    data = f"--data {detect_set}"
+    fails(invoke("train-student", data, start, "--temperature 2 --views 3"),
+          "--views does not apply to a cached detection student")  # fmt: skip
+    fails(invoke("train-student", data, start), "Missing option --temperature")
+    fails(invoke("train-student", data, start, "--temperature 2 --image-size 96"),
+          "at 96 px has 189 anchors")  # fmt: skip
+    fails(invoke("train-student", data, start, "--temperature 2 --hard-labels"),
+          "--cache, --alpha, --temperature does not apply to a hard-label")  # fmt: skip
+    other = tmp_path / "other"
+    build_detect_folder(other, {"train": 4, "val": 2, "test": 2}, source="synthetic",
+                        recipe=DetectRecipe(), log=lambda line: None)  # fmt: skip
+    fails(invoke("train-student --data", other / "data.yaml", start, "--temperature 2"),
+          "other images or labels")  # fmt: skip
+    assert not (tmp_path / "x").exists()
+
+
 # --- evaluation and export ---------------------------------------------------------------------
 
 
@@ -296,7 +379,7 @@ def test_detection_options_that_do_not_apply_are_one_line(
 ) -> None:
     before = snapshot(detect_set.parent)
     start = f"--model yolo11n.yaml --data {detect_set} --epochs 1 --out {tmp_path / 'x'}"
-    fails(invoke("train-student", start), "needs --hard-labels")
+    fails(invoke("train-student", start), "needs --cache (a detection cache")
     fails(invoke("train-student --hard-labels --alpha 0.5", start), "--alpha does not apply")
     fails(invoke("train-student --hard-labels --jitter 2", start), "--jitter does not apply")
     fails(invoke("distill-online --alpha 0.5", start), "Missing option --teacher, --temperature")

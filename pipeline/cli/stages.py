@@ -491,12 +491,16 @@ def train_student_command(**options: Any) -> None:
     layer cached for the same view. The teacher is never loaded.
 
     --model, --data, --cache, --alpha, --epochs and --out are required, unless
-    --resume RUN_DIR continues an unfinished run.
+    --resume RUN_DIR continues an unfinished run. With --data DATA.yaml (a YOLO
+    data YAML), a detection student from a detection cache (--temperature
+    required too) or, with --hard-labels, from the views' ground truth alone.
     """
     card = start_or_resume("train-student", options, echo)
     lineage = card.lineage or {}
     if getattr(card, "task", None) == "detect":
-        say(f"detection student {card.architecture} on hard labels, weights "
+        origin = (f"from cache {lineage['cache_id']} (teacher {lineage['teacher_id']})"
+                  if "cache_id" in lineage else "on hard labels")  # fmt: skip
+        say(f"detection student {card.architecture} {origin}, weights "
             f"{card.weights_sha256[:16]}")  # fmt: skip
         return
     say(

@@ -1,13 +1,16 @@
-"""Two of the three sources of :class:`DetectBatch`: hard labels and online distillation.
+"""The three sources of :class:`DetectBatch`: hard labels, online distillation, a cache.
 
-Both draw V views per training image once (:func:`kdpipe.tasks.detect.views.draw_views`,
+The first two draw V views per training image once (:func:`kdpipe.tasks.detect.views.draw_views`,
 view 0 the plain letterbox) and, in epoch ``e``, give each row the view
 ``views.policy.view_schedule`` picks for it (the schedule classification's cache uses, so
 V consecutive epochs use every view once), rows in an order drawn from the seed and the
 epoch. The views are rendered by :func:`kdpipe.tasks.detect.views.render`, the same pixels
 and boxes a cache stores and replays. Hard labels end there (``teacher`` None); online
 distillation runs the teacher on the rendered batch (:func:`yolo.head_outputs`), which is
-the cost a cache pays once.
+the cost a cache pays once. :class:`CachedBatches` replays a cache's stored views (drawn
+by the teacher pass from the cache's seed) with the same schedule and the same order of
+rows, so a cached student of the same seed and views sees the online student's pixels and
+its teacher's outputs, read instead of computed.
 """
 
 from __future__ import annotations
@@ -17,25 +20,20 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from kdpipe.data.imagefolder import decode_image
 from kdpipe.data.yolo import DetectionSplit
+from kdpipe.tasks.detect.cache import DetectionCache
 from kdpipe.tasks.detect.targets import DetectBatch, TeacherTargets
-from kdpipe.tasks.detect.views import PLAIN_VIEW, DetectAugment, draw_views, render
+from kdpipe.tasks.detect.views import PLAIN_VIEW, DetectAugment, draw_views, read_image, render
 from kdpipe.tasks.detect.yolo import head_outputs
 from kdpipe.views.policy import view_schedule
 
 
-def read_image(path: str) -> np.ndarray:
-    """An image file as RGB uint8 ``(H, W, 3)`` at its own size (EXIF orientation applied,
-    16-bit and palette images to 8-bit RGB, alpha on white: the image folders' decoder)."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as opened:
-            width, height = ImageOps.exif_transpose(opened).size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        width = height = 1  # decode_image names the file and its fault
-    return decode_image(path, 3, (height, width)).transpose(1, 2, 0)
+def epoch_order(
+    num_rows: int, num_views: int, seed: int, epoch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Epoch ``epoch``'s order of rows and each row's view: the same for every source."""
+    order = np.random.default_rng((seed, epoch)).permutation(num_rows)
+    return order, view_schedule(num_rows, num_views, seed, epoch).numpy()
 
 
 def plain_views(split: DetectionSplit, rows: np.ndarray, size: int) -> DetectBatch:
@@ -62,8 +60,7 @@ class ViewBatches:
 
     def epoch(self, epoch: int) -> Iterator[DetectBatch]:
         """Epoch ``epoch`` (1-based): every row once, in its view of that epoch."""
-        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.split))
-        chosen = view_schedule(len(self.split), self.views, self.seed, epoch).numpy()
+        order, chosen = epoch_order(len(self.split), self.views, self.seed, epoch)
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
             rendered = [render(read_image(self.split.paths[r]), self.split.boxes[r],
@@ -84,3 +81,20 @@ class OnlineBatches:
             with torch.no_grad():
                 outputs = head_outputs(self.teacher, batch.images.to(self.device))
             yield replace(batch, teacher=TeacherTargets.from_head(outputs))
+
+
+@dataclass(frozen=True)
+class CachedBatches:
+    """The cached source: a detection cache's rows in their scheduled stored views, each
+    batch re-rendered and paired with the teacher's stored outputs (the teacher not run)."""
+
+    cache: DetectionCache
+    batch_size: int
+    seed: int
+
+    def epoch(self, epoch: int) -> Iterator[DetectBatch]:
+        """Epoch ``epoch`` (1-based): every cached row once, in its stored view of that epoch."""
+        order, chosen = epoch_order(len(self.cache), self.cache.num_views, self.seed, epoch)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            yield self.cache.batch([(row, chosen[row]) for row in rows])

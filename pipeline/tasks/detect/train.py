@@ -29,9 +29,10 @@ from kdpipe.base.errors import UsageError
 from kdpipe.base.runtime import prepare_output, quiet, resolve_device
 from kdpipe.data.yolo import load_detection_split, read_data_yaml
 from kdpipe.models.runs import CONFIG_FILE, METRICS_FILE, write_json
+from kdpipe.tasks.detect.cache import DetectionCache
 from kdpipe.tasks.detect.loss import DistillSettings, StudentLoss, anchors_of
 from kdpipe.tasks.detect.runs import card_for, load_detection_run, save_detection_run
-from kdpipe.tasks.detect.sources import OnlineBatches, ViewBatches
+from kdpipe.tasks.detect.sources import CachedBatches, OnlineBatches, ViewBatches
 from kdpipe.tasks.detect.targets import DetectBatch
 from kdpipe.tasks.detect.yolo import create_detector, with_loss_settings
 
@@ -41,16 +42,18 @@ DEFAULT_SIZE = 160
 
 @dataclass(frozen=True, kw_only=True)
 class DetectStudentConfig:
-    """A detection student run: hard labels (``teacher`` None) or online distillation."""
+    """A detection student run: hard labels (neither ``teacher`` nor ``cache``), online
+    distillation from ``teacher``, or distillation from a detection ``cache``."""
 
     model: str  # an Ultralytics model YAML: yolo11n.yaml, yolo26n.yaml, ...
     data: str  # a data YAML
     out: str
     teacher: str | None = None  # a detection run directory, run on every batch
+    cache: str | None = None  # a detection cache of the data's train split (cache-teacher)
     epochs: int = 10
-    image_size: int | None = None  # None: the teacher's, else DEFAULT_SIZE
+    image_size: int | None = None  # None: the teacher's or the cache's, else DEFAULT_SIZE
     batch_size: int = 16
-    views: int = 4  # views per image; view 0 the plain letterbox
+    views: int = 4  # views per image; view 0 the plain letterbox (a cache: its own)
     opt: str = "sgd"
     lr: float = 0.01  # Ultralytics' lr0
     final_lr: float = 0.01  # as a fraction of lr, reached linearly at the last epoch (lrf)
@@ -75,7 +78,10 @@ class DetectStudentConfig:
                              f"not {self.opt!r}")  # fmt: skip
         if self.views < 1 or self.batch_size < 1:
             raise UsageError("--views and --batch-size must be >= 1")
-        if self.teacher is not None:
+        if self.teacher is not None and self.cache is not None:
+            raise UsageError("a detection student learns from --teacher (online) or from "
+                             "--cache, not both")  # fmt: skip
+        if self.distilled:
             self.settings().validate()
 
     def settings(self) -> DistillSettings:
@@ -83,8 +89,12 @@ class DetectStudentConfig:
                                positive=self.positive)  # fmt: skip
 
     @property
+    def distilled(self) -> bool:
+        return self.teacher is not None or self.cache is not None
+
+    @property
     def kind(self) -> str:
-        return "student" if self.teacher is None else "online-student"
+        return "online-student" if self.teacher is not None else "student"
 
 
 def optimizer_for(model: torch.nn.Module, opt: str, lr: float, momentum: float,
@@ -113,7 +123,7 @@ def fit_student(
     device = resolve_device(config.device)
     model = with_loss_settings(model).to(device)
     model.args.epochs = config.epochs  # an end-to-end head's one-to-many schedule reads it
-    loss_of = StudentLoss(model, config.settings() if config.teacher else None)
+    loss_of = StudentLoss(model, config.settings() if config.distilled else None)
     optimizer = optimizer_for(model, config.opt, config.lr, config.momentum, config.weight_decay)
     rows: list[dict] = []
     for epoch in range(1, config.epochs + 1):
@@ -163,38 +173,59 @@ def _append_metrics(path: Path, row: dict, first: bool) -> None:
 def train_detection_student(
     config: DetectStudentConfig, log: Callable[[str], None] = quiet
 ) -> Path:
-    """Train a detection student on a data YAML's train split, from its hard labels or
-    distilled online from ``config.teacher``, and write its run directory."""
+    """Train a detection student on a data YAML's train split, from its hard labels,
+    distilled online from ``config.teacher`` or from ``config.cache``, and write its run
+    directory. Everything is checked before anything is written: the teacher's (or the
+    cache's) classes against the data's, its grid against the student's, a cache's data
+    fingerprint against the data on disk."""
     config.validate()
     data = read_data_yaml(config.data)
     train = load_detection_split(data, "train")
-    teacher = teacher_card = None
+    teacher = teacher_card = cache = None
     if config.teacher is not None:
         teacher, teacher_card = load_detection_run(Path(config.teacher))
-        if list(teacher_card.classes) != list(data.names):
-            raise UsageError(f"the teacher {config.teacher} predicts {teacher_card.classes} but "
-                             f"{data.yaml_file} names {list(data.names)}")  # fmt: skip
-    size = config.image_size or (teacher_card.image_size if teacher_card else DEFAULT_SIZE)
+        grid = Grid(f"the teacher {config.teacher}", teacher_card.strides, teacher_card.image_size,
+                    teacher_card.reg_max, list(teacher_card.classes))  # fmt: skip
+    elif config.cache is not None:
+        cache = DetectionCache(config.cache, train)
+        m = cache.manifest
+        grid = Grid(f"the cache {config.cache}", m.strides, m.image_size, m.reg_max,
+                    list(m.classes))  # fmt: skip
+    else:
+        grid = None
+    if grid is not None and grid.classes != list(data.names):
+        raise UsageError(f"{grid.name} predicts {grid.classes} but {data.yaml_file} names "
+                         f"{list(data.names)}")  # fmt: skip
+    size = config.image_size or (grid.image_size if grid else DEFAULT_SIZE)
     torch.manual_seed(config.seed)  # the student's initial weights
     model = create_detector(config.model, len(data.names))
-    if teacher_card is not None:
-        _check_grid(model, teacher_card, size, config)
+    if grid is not None:
+        _check_grid(model, grid, size, config)
     out = Path(config.out)
-    prepare_output(out, config.overwrite, [config.data, data.root, config.teacher])
+    prepare_output(out, config.overwrite, [config.data, data.root, config.teacher, config.cache])
     out.mkdir(parents=True)
-    write_json(out / CONFIG_FILE, {"kind": config.kind, "task": "detect",
-                                   **asdict(config), "image_size": size})  # fmt: skip
-    views = ViewBatches(train, size, config.batch_size, config.views, config.seed)
+    views = cache.num_views if cache is not None else config.views
+    write_json(out / CONFIG_FILE, {"kind": config.kind, "task": "detect", **asdict(config),
+                                   "image_size": size, "views": views})  # fmt: skip
     device = resolve_device(config.device)
-    source = views if teacher is None else OnlineBatches(views, teacher.to(device), device)
+    if cache is not None:
+        source = CachedBatches(cache, config.batch_size, config.seed)
+    else:
+        source = ViewBatches(train, size, config.batch_size, config.views, config.seed)
+        if teacher is not None:
+            source = OnlineBatches(source, teacher.to(device), device)
     fit_student(model, source.epoch, config, out, log)
     lineage = {}
     if teacher_card is not None:
         lineage = {"teacher_run": str(config.teacher),
                    "teacher_weights_sha256": teacher_card.weights_sha256}  # fmt: skip
-    record = {"kind": "online" if teacher is not None else "hard-labels",
-              "architecture": config.model, "epochs": config.epochs, "seed": config.seed,
-              "views": config.views}  # fmt: skip
+    elif cache is not None:
+        lineage = {"cache": str(config.cache), "cache_id": cache.manifest.cache_id,
+                   "teacher_id": cache.manifest.teacher_id,
+                   "teacher_weights_sha256": cache.manifest.teacher["weights_sha256"]}  # fmt: skip
+    kind = "online" if teacher is not None else "cache" if cache is not None else "hard-labels"
+    record = {"kind": kind, "architecture": config.model, "epochs": config.epochs,
+              "seed": config.seed, "views": views}  # fmt: skip
     dataset = {"data_yaml": str(data.yaml_file), "split": "train",
                "fingerprint": train.fingerprint}  # fmt: skip
     card = card_for(model.cpu().eval(), kind="student", classes=list(data.names),
@@ -203,22 +234,33 @@ def train_detection_student(
     return out
 
 
-def _check_grid(model: torch.nn.Module, teacher_card, size: int, config) -> None:
+@dataclass(frozen=True)
+class Grid:
+    """What a student must share with the outputs it learns from (a teacher's or a cache's)."""
+
+    name: str  # "the teacher RUN" or "the cache PATH", for messages
+    strides: list
+    image_size: int
+    reg_max: int
+    classes: list
+
+
+def _check_grid(model: torch.nn.Module, grid: Grid, size: int, config) -> None:
     """The student's anchors must be the teacher's: refused before anything is written."""
     strides = [int(s) for s in model.stride.tolist()]
     ours = anchors_of(strides, size)
-    theirs = anchors_of(teacher_card.strides, teacher_card.image_size)
-    if strides != list(teacher_card.strides) or size != teacher_card.image_size:
+    theirs = anchors_of(grid.strides, grid.image_size)
+    if strides != list(grid.strides) or size != grid.image_size:
         raise UsageError(
-            f"{config.model} at {size} px has {ours} anchors (strides {strides}) but the "
-            f"teacher {config.teacher} gives {theirs} at {teacher_card.image_size} px (strides "
-            f"{teacher_card.strides}): a student needs the teacher's strides and image size"
+            f"{config.model} at {size} px has {ours} anchors (strides {strides}) but "
+            f"{grid.name} gives {theirs} at {grid.image_size} px (strides {grid.strides}): a "
+            "student needs the teacher's strides and image size"
         )
     head = model.model[-1]
-    if head.reg_max > 1 and head.reg_max != teacher_card.reg_max:
-        raise UsageError(f"{config.model} has reg_max {head.reg_max} but the teacher "
-                         f"{config.teacher} has {teacher_card.reg_max}: DFL distributions of "
-                         "different bins cannot be compared")  # fmt: skip
+    if head.reg_max > 1 and head.reg_max != grid.reg_max:
+        raise UsageError(f"{config.model} has reg_max {head.reg_max} but {grid.name} has "
+                         f"{grid.reg_max}: DFL distributions of different bins cannot be "
+                         "compared")  # fmt: skip
 
 
 # the training commands' options a detection student takes, by their config field
@@ -226,31 +268,40 @@ OPTION_FIELDS = {"model": "model", "data": "data", "out": "out", "epochs": "epoc
                  "image_size": "image_size", "batch_size": "batch_size", "opt": "opt",
                  "lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
                  "seed": "seed", "device": "device", "overwrite": "overwrite",
-                 "teacher": "teacher", "alpha": "alpha", "temperature": "temperature",
-                 "views": "views", "box_weight": "beta",
+                 "teacher": "teacher", "cache": "cache", "alpha": "alpha",
+                 "temperature": "temperature", "views": "views", "box_weight": "beta",
                  "positive_score": "positive"}  # fmt: skip
-DISTILLATION = ("alpha", "temperature", "box_weight", "positive_score")
+DISTILLATION = ("alpha", "temperature", "box_weight", "positive_score", "cache")
 
 
 def student_from_options(command: str, given: dict, log: Callable[[str], None] = quiet):
-    """``train-student --hard-labels`` or ``distill-online`` on a data YAML: the options
-    given on the command line (classification's defaults do not apply to a YOLO student;
+    """``train-student --cache`` or ``--hard-labels``, or ``distill-online``, on a data YAML:
+    the options given on the command line (classification's defaults do not apply to a YOLO student;
     an option that has no meaning here is refused, named), trained, its card returned."""
     from kdpipe.base.flags import flag
     from kdpipe.tasks.detect.runs import read_detection_card
 
     given = {k: v for k, v in given.items() if k != "hard_labels" or v}
     hard = bool(given.pop("hard_labels", False))
-    if command == "train-student" and not hard:
-        raise UsageError("train-student on a data YAML needs --hard-labels (the views' "
-                         "ground truth alone): this build has no reader of detection caches "
-                         "yet")  # fmt: skip
-    unknown = [flag(k) for k in given if k not in OPTION_FIELDS or (hard and k in DISTILLATION)]
+    cached = command == "train-student" and not hard
+    if cached and given.get("cache") is None:
+        raise UsageError("train-student on a data YAML needs --cache (a detection cache of its "
+                         "train split, from cache-teacher) or --hard-labels (the views' ground "
+                         "truth alone)")  # fmt: skip
+    unknown = [flag(k) for k in given if k not in OPTION_FIELDS or (hard and k in DISTILLATION)
+               or (cached and k == "views")]  # fmt: skip
     if unknown:
-        what = "a hard-label detection student" if hard else "online detection distillation"
+        what = (
+            "a hard-label detection student"
+            if hard
+            else "a cached detection student (the cache's views are its own)"
+            if cached
+            else "online detection distillation"
+        )
         raise UsageError(f"{', '.join(unknown)} does not apply to {what} (--data is a data "
                          "YAML)")  # fmt: skip
-    required = ("model", "data", "epochs", "out") + (() if hard else ("teacher", "alpha",
+    distilled = ("cache",) if cached else ("teacher",)
+    required = ("model", "data", "epochs", "out") + (() if hard else (*distilled, "alpha",
                                                                         "temperature"))  # fmt: skip
     missing = [flag(k) for k in required if given.get(k) is None]
     if missing:
