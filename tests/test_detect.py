@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import snapshot
+from conftest import fails, invoke, snapshot
 from kdpipe.base.errors import KdpipeError, ModelError, RunDirError
 from kdpipe.data.detectfolder import DetectRecipe, build_detect_folder
 
@@ -23,7 +23,6 @@ if importlib.util.find_spec("ultralytics") is None:  # not imported: kdpipe's do
 
 from kdpipe.tasks.detect.runs import (
     DetectionTeacherConfig,
-    import_detection_teacher,
     load_detection_run,
     train_detection_teacher,
 )
@@ -59,7 +58,11 @@ def test_an_imported_checkpoint_computes_what_ultralytics_own_loader_computes(
 ) -> None:
     from ultralytics import YOLO
 
-    run = import_detection_teacher(ultralytics_checkpoint, tmp_path / "teacher")
+    run = tmp_path / "teacher"
+    done = invoke("import-teacher", f"ultralytics:{ultralytics_checkpoint}", "--out", run)
+    assert done.exit_code == 0, done.output
+    assert "detection teacher yolo11n.yaml from ultralytics:" in done.output
+    assert "5 classes, 64 px, strides [8, 16, 32], reg_max 16" in done.output
     model, card = load_detection_run(run)
     assert card.task == "detect" and card.kind == "teacher" and card.architecture == "yolo11n.yaml"
     assert card.num_classes == 5 and card.classes == ["a", "b", "c", "d", "e"]
@@ -78,9 +81,11 @@ def test_a_teacher_trained_by_ultralytics_trainer_is_a_run_directory(
     detect_set: Path, tmp_path: Path
 ) -> None:
     before = snapshot(detect_set / "images")
-    out = train_detection_teacher(DetectionTeacherConfig(
-        model="yolo11n.yaml", data=str(detect_set / "data.yaml"), out=str(tmp_path / "t"),
-        epochs=1, image_size=SIZE, batch_size=8))  # fmt: skip
+    out = tmp_path / "t"
+    done = invoke("train-teacher --model yolo11n.yaml --data", detect_set / "data.yaml",
+                  "--epochs 1 --image-size 64 --batch-size 8 --device cpu --out", out)  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert "teacher yolo11n.yaml, weights" in done.output
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors",
                                                      "ultralytics"]  # fmt: skip
     assert (out / "ultralytics" / "results.csv").is_file()
@@ -130,6 +135,23 @@ def test_bad_detection_teacher_options_are_refused_before_anything_is_written(
         train_detection_teacher(config(model="resnet18"))
     with pytest.raises(KdpipeError, match="cannot read data YAML"):
         train_detection_teacher(config(data=str(tmp_path / "x.yaml")))
+    data = detect_set / "data.yaml"
+    start = f"--data {data} --epochs 1 --out {tmp_path / 't'}"
+    fails(invoke("train-teacher --model resnet18", start), "an Ultralytics model YAML")
+    fails(invoke("train-teacher --model yolo11n.yaml --jitter 2", start),
+          "--jitter does not apply to a detection teacher")  # fmt: skip
+    fails(invoke("train-teacher --model yolo11n.yaml --data", data, "--out", tmp_path / "t"),
+          "Missing option --epochs for a detection teacher")  # fmt: skip
+    checkpoint = tmp_path / "best.pt"
+    torch.save({"model": torch.nn.Linear(2, 2)}, checkpoint)
+    out = f"--out {tmp_path / 't'}"
+    fails(invoke("import-teacher", f"ultralytics:{checkpoint}", out, "--classes", checkpoint),
+          "--classes does not apply to an Ultralytics checkpoint")  # fmt: skip
+    fails(invoke("import-teacher", f"ultralytics:{checkpoint}", out, "--input-size 100"),
+          "must be a multiple of 32")  # fmt: skip
+    fails(invoke("import-teacher ultralytics:", out), "needs the checkpoint's path")
+    fails(invoke("import-teacher", f"ultralytics:{checkpoint}", out),
+          "holds no Ultralytics detection model")  # fmt: skip
     assert not (tmp_path / "t").exists()
 
 

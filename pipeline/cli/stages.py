@@ -100,7 +100,9 @@ def train_teacher_command(**options: Any) -> None:
     The run directory holds model.safetensors, model.json (architecture, data
     config, weights hash: the teacher version), config.json and metrics.csv.
     --model (or --pretrained), --data, --epochs and --out are required, unless
-    --resume RUN_DIR.
+    --resume RUN_DIR. With --data DATA.yaml (a YOLO data YAML) and --model an
+    Ultralytics model YAML (yolo11s.yaml), a detection teacher trained by
+    Ultralytics' own trainer (the detect extra).
     """
     card = start_or_resume("train-teacher", options, echo)
     say(f"teacher {card.architecture}, weights {card.weights_sha256[:16]}")
@@ -169,7 +171,8 @@ def import_teacher_command(
     **preprocessing: Any,
 ) -> None:
     """Write a teacher run directory from pretrained weights: SOURCE is timm:ARCH[.TAG],
-    hf-hub:ORG/NAME or local-dir:PATH.
+    hf-hub:ORG/NAME or local-dir:PATH, or a detection teacher's ultralytics:PATH.pt (an
+    Ultralytics checkpoint, read with torch.load(weights_only=True); --input-size only).
 
     Weights come through timm.create_model(pretrained=True) (downloaded when a network
     exists, or the local-dir folder's file) or from --weights FILE. The preprocessing
@@ -181,6 +184,16 @@ def import_teacher_command(
     """
     from kdpipe.models.runs import import_teacher
 
+    if source.startswith("ultralytics:"):
+        from kdpipe.tasks.detect.runs import import_from_source
+
+        others = {"weights": weights, "num_classes": num_classes, "classes": classes_file,
+                  "data_config": data_config_file, "overwrite": overwrite}  # fmt: skip
+        card = import_from_source(source, out, {**preprocessing, **others})
+        say(f"detection teacher {card.architecture} from {source}: {len(card.classes)} "
+            f"classes, {card.image_size} px, strides {card.strides}, reg_max {card.reg_max}, "
+            f"weights {card.weights_sha256[:16]}")  # fmt: skip
+        return
     given = dict(preprocessing)
     side = given.pop("input_size")
     given["img_size"] = side
@@ -545,11 +558,14 @@ def start_or_resume(command: str, options: dict, log: Callable[[str], None]) -> 
 
     context = click.get_current_context()
     detection = ("views", "box_weight", "positive_score", "hard_labels")
-    if command != "train-teacher" and str(options.get("data") or "").endswith((".yaml", ".yml")):
+    if str(options.get("data") or "").endswith((".yaml", ".yml")):
+        from kdpipe.tasks.detect.runs import teacher_from_options
         from kdpipe.tasks.detect.train import student_from_options
 
         given = {name: value for name, value in options.items()
                  if context.get_parameter_source(name) == ParameterSource.COMMANDLINE}  # fmt: skip
+        if command == "train-teacher":
+            return teacher_from_options(given)
         return student_from_options(command, given, log)
     for name in detection:
         if options.pop(name, None) not in (None, False):

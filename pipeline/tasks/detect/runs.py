@@ -23,7 +23,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from kdpipe.base.errors import DatasetError, ModelError, RunDirError, UsageError
-from kdpipe.base.runtime import prepare_output
+from kdpipe.base.runtime import prepare_output, resolve_device
 from kdpipe.data.imagefolder import file_digest
 from kdpipe.data.yolo import DetectionData, load_detection_split, read_data_yaml
 from kdpipe.models.registry import weights_sha256
@@ -247,3 +247,56 @@ def import_detection_teacher(
     out.mkdir(parents=True)
     save_detection_run(out, model, card)
     return out
+
+
+# train-teacher's options a detection teacher takes, by their config field
+TEACHER_OPTIONS = ("model", "data", "out", "epochs", "image_size", "batch_size", "lr", "seed",
+                   "device", "overwrite", "workers")  # fmt: skip
+ULTRALYTICS_SOURCE = "ultralytics:"
+
+
+def teacher_from_options(given: dict) -> DetectionCard:
+    """``train-teacher --data DATA.yaml``: the options given on the command line (an option
+    with no meaning for Ultralytics' trainer is refused, named), trained, its card returned."""
+    from kdpipe.base.flags import flag
+
+    unknown = [flag(k) for k, v in given.items() if k not in TEACHER_OPTIONS and v is not None]
+    if unknown:
+        raise UsageError(f"{', '.join(unknown)} does not apply to a detection teacher (--data "
+                         "is a data YAML: Ultralytics' own trainer trains it)")  # fmt: skip
+    missing = [flag(k) for k in ("model", "data", "epochs", "out") if given.get(k) is None]
+    if missing:
+        raise UsageError(f"Missing option {', '.join(missing)} for a detection teacher")
+    if not str(given["model"]).endswith((".yaml", ".yml")):
+        raise UsageError(f"--model for a detection teacher is an Ultralytics model YAML "
+                         f"(yolo11s.yaml, yolo26n.yaml, ...), not {given['model']!r}")  # fmt: skip
+    values = {k: v for k, v in given.items() if v is not None}
+    if "device" in values:  # Ultralytics names a GPU by its index
+        device = resolve_device(values["device"])
+        values["device"] = "cpu" if device.type == "cpu" else str(device.index or 0)
+    config = DetectionTeacherConfig(**values)
+    return read_detection_card(train_detection_teacher(config))
+
+
+def import_from_source(source: str, out: str | Path, given: dict) -> DetectionCard:
+    """``import-teacher ultralytics:PATH.pt``: the checkpoint as a teacher run directory;
+    ``given`` are import-teacher's other options, of which only ``input_size`` and
+    ``overwrite`` apply (any other given is refused, named)."""
+    from kdpipe.base.flags import flag
+
+    path = source[len(ULTRALYTICS_SOURCE) :]
+    if not path:
+        raise UsageError("ultralytics:PATH needs the checkpoint's path (ultralytics:best.pt)")
+    unknown = [flag(k) for k, v in given.items()
+               if k not in ("input_size", "overwrite") and v not in (None, False)]  # fmt: skip
+    if unknown:
+        raise UsageError(f"{', '.join(unknown)} does not apply to an Ultralytics checkpoint "
+                         "(its classes, preprocessing and head are its own; --input-size sets "
+                         "the image size)")  # fmt: skip
+    size = given.get("input_size")
+    if size is not None and (size < 32 or size % 32):
+        raise UsageError(f"--input-size of a detection teacher must be a multiple of 32 (the "
+                         f"largest stride), not {size}")  # fmt: skip
+    run = import_detection_teacher(path, out, image_size=size,
+                                   overwrite=bool(given.get("overwrite")))  # fmt: skip
+    return read_detection_card(run)
