@@ -28,12 +28,12 @@ MARKER = "<!-- tests/test_readme.py runs the next block"
 CLASSES = ("ant", "bee", "cat")
 
 
-def readme_commands(page: Path = README) -> list[str]:
+def readme_commands(page: Path = README, marker: str = MARKER) -> list[str]:
     """The kdpipe commands of the page's marked block: continuation lines joined, comments
     dropped; any other line is an error (the block is a script a user pastes)."""
     text = page.read_text()
-    assert MARKER in text, f"{page.name} lost the marked block of the new user's path"
-    block = re.search(r"```bash\n(.*?)```", text[text.index(MARKER) :], re.DOTALL)
+    assert marker in text, f"{page.name} lost the marked block of the new user's path"
+    block = re.search(r"```bash\n(.*?)```", text[text.index(marker) :], re.DOTALL)
     assert block is not None
     joined = block.group(1).replace("\\\n", " ")
     commands = []
@@ -164,3 +164,41 @@ def test_report_names_what_to_do_with_an_imported_teacher(
     assert "kdpipe cache-teacher --teacher runs/teacher --data DATA --split test" in result.output
     assert not (tmp_path / "runs" / "teacher" / "config.json").exists()
     assert json.loads((tmp_path / "runs" / "teacher" / "model.json").read_text())["source"]
+
+
+DETECTION_MARKER = MARKER + " (detection)"
+
+
+def test_the_readmes_detection_path_runs_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's detection block on a tiny YOLO-format set made here (8 training images),
+    each command as written but with one epoch: a teacher by Ultralytics' own trainer, its
+    cache, a student from the cache alone, mAP, an int8 file."""
+    import importlib.util
+
+    if importlib.util.find_spec("ultralytics") is None:
+        pytest.skip("the detect extra: pip install 'kdpipe[detect]'")
+    from kdpipe.cache import Location, open_complete
+    from kdpipe.data.detectfolder import DetectRecipe, build_detect_folder
+    from kdpipe.tasks.detect.runs import read_detection_card
+
+    commands = readme_commands(README, DETECTION_MARKER)
+    assert [stage(c) for c in commands] == [
+        "train-teacher", "cache-teacher", "train-student", "evaluate", "export",
+    ]  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    counts = {"train": 8, "val": 4, "test": 4}
+    build_detect_folder(tmp_path / "my_set", counts, source="synthetic", recipe=DetectRecipe(),
+                        log=lambda line: None)  # fmt: skip
+    for command in commands:
+        command = re.sub(r"--epochs \d+", "--epochs 1", command)
+        result = invoke(command.removeprefix("kdpipe "))
+        assert result.exit_code == 0, f"{command}\n{result.output}"
+    runs = tmp_path / "runs"
+    manifest = open_complete(Location(runs / "yolo.zarr"), detection=True)[0]
+    assert manifest.storage["kind"] == "top-k" and manifest.num_views == 4
+    assert manifest.teacher["weights_sha256"] == read_detection_card(runs / "yolo-t").weights_sha256
+    student = read_detection_card(runs / "yolo-s")
+    assert student.lineage["cache_id"] == manifest.cache_id and student.source["kind"] == "cache"
+    assert (runs / "yolo-s.int8.onnx").exists()
