@@ -10,6 +10,7 @@
 #   make fmnist-detect a YOLO-format detection set from Fashion-MNIST, rebuilt bit-identically
 #   make edge          distil -> ONNX -> int8 (PTQ and QAT from the cache), not in `all`
 #   make beyond        beyond logits: hints, attention, a teacher assistant, born-again, not in `all`
+#   make detect        YOLO students: hard labels, cached KD (dense, top-K), online KD; not in `all`
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -28,7 +29,7 @@ endif
 .PHONY: all install data test lint format hinton hinton-table hinton-temperature hinton-3pct \
 	hinton-omitted hinton-ensemble hinton-summary consistency consistency-tables consistency-curves \
 	clean-runs bench bench-folder jpeg-folder edge edge-tables beyond beyond-tables \
-	cli-docs faults fmnist-detect
+	cli-docs faults fmnist-detect detect detect-tables
 # keep every file target, including those made by pattern rules (make would
 # otherwise delete the cache stamps as "intermediate" files when it exits)
 .SECONDARY:
@@ -589,3 +590,99 @@ cli-docs: install
 faults: install data $(H)/teacher-cnn/model.json
 	$(BIN)/python tests/fault_campaign.py --teacher $(H)/teacher-cnn --data-root $(DATA_ROOT) \
 		--work $(RUNS)/faults --markdown docs/reliability.md
+
+# --- detection (issue 25): YOLO students from a cache, against hard labels and online KD --------
+# Not in `all`. A yolo11s teacher trained by Ultralytics' own trainer on a Fashion-MNIST
+# detection set; its head outputs cached once per stored view, dense and top-K; yolo11n and
+# yolo26n students on hard labels, from each cache and online, DETECT_SEEDS seeds; mAP50-95 on
+# the val split; one student exported to fp32 and int8 ONNX and evaluated. Sized for 2 CPU
+# cores with `make -j2 detect`: 400 training images at 128 px, 20 student epochs (see
+# docs/results.md for what was run). Every step is a file target; QUICK=1 is a smoke run.
+DT := $(RUNS)/detect
+ifeq ($(QUICK),1)
+DETECT_SET_COUNTS ?= --train-count 24 --val-count 12 --test-count 12
+DETECT_SET ?= $(DATA_ROOT)/fmnist-detect-quick
+DETECT_TEACHER ?= yolo11n
+DETECT_SIZE ?= 64
+DETECT_TEACHER_EPOCHS ?= 1
+DETECT_EPOCHS ?= 1
+DETECT_SEEDS ?= 0
+else
+DETECT_SET_COUNTS ?= --train-count 400 --val-count 100 --test-count 100
+DETECT_SET ?= $(DATA_ROOT)/fmnist-detect-400
+DETECT_TEACHER ?= yolo11s
+DETECT_SIZE ?= 128
+DETECT_TEACHER_EPOCHS ?= 60
+DETECT_EPOCHS ?= 20
+DETECT_SEEDS ?= 0 1 2
+endif
+DETECT_STUDENTS ?= yolo11n yolo26n
+DETECT_VIEWS ?= 4
+DETECT_TOPK ?= 64
+DETECT_KD ?= --alpha 0.5 --temperature 2
+DETECT_YAML := $(DETECT_SET)/data.yaml
+DETECT_ARMS := hard dense topk online
+DETECT_RUNS := $(foreach a,$(DETECT_STUDENTS),$(foreach m,$(DETECT_ARMS),$(foreach s,$(DETECT_SEEDS),$(a)-$(m)-s$(s))))
+DETECT_ONNX := $(firstword $(DETECT_STUDENTS))-dense-s$(firstword $(DETECT_SEEDS))
+DETECT_EVALS := $(DT)/eval/teacher.csv $(foreach r,$(DETECT_RUNS),$(DT)/eval/$(r).csv) \
+	$(DT)/eval/$(DETECT_ONNX).fp32.csv $(DT)/eval/$(DETECT_ONNX).int8.csv
+
+$(DETECT_SET)/RECIPE.json: | data
+	$(KDPIPE) detect-folder --dest $(DETECT_SET) --data-root $(DATA_ROOT) $(DETECT_SET_COUNTS) \
+		--overwrite
+
+$(DT)/teacher/model.json: $(DETECT_SET)/RECIPE.json
+	$(KDPIPE) train-teacher --model $(DETECT_TEACHER).yaml --data $(DETECT_YAML) \
+		--epochs $(DETECT_TEACHER_EPOCHS) --image-size $(DETECT_SIZE) --device cpu \
+		--out $(@D) --overwrite
+
+$(DT)/dense.zarr/zarr.json: $(DT)/teacher/model.json
+	$(KDPIPE) cache-teacher --teacher $(DT)/teacher --data $(DETECT_YAML) --views $(DETECT_VIEWS) \
+		--device cpu --out $(@D) --overwrite
+
+$(DT)/topk.zarr/zarr.json: $(DT)/teacher/model.json
+	$(KDPIPE) cache-teacher --teacher $(DT)/teacher --data $(DETECT_YAML) --views $(DETECT_VIEWS) \
+		--top-k $(DETECT_TOPK) --device cpu --out $(@D) --overwrite
+
+define DETECT_STUDENT
+$(DT)/$(1)-hard-s$(2)/model.json: $(DETECT_SET)/RECIPE.json
+	$(KDPIPE) train-student --model $(1).yaml --data $(DETECT_YAML) --hard-labels \
+		--image-size $(DETECT_SIZE) --views $(DETECT_VIEWS) --epochs $(DETECT_EPOCHS) --seed $(2) \
+		--device cpu --out $$(@D) --overwrite
+$(DT)/$(1)-dense-s$(2)/model.json: $(DT)/dense.zarr/zarr.json
+	$(KDPIPE) train-student --model $(1).yaml --data $(DETECT_YAML) --cache $(DT)/dense.zarr \
+		$(DETECT_KD) --epochs $(DETECT_EPOCHS) --seed $(2) --device cpu --out $$(@D) --overwrite
+$(DT)/$(1)-topk-s$(2)/model.json: $(DT)/topk.zarr/zarr.json
+	$(KDPIPE) train-student --model $(1).yaml --data $(DETECT_YAML) --cache $(DT)/topk.zarr \
+		$(DETECT_KD) --epochs $(DETECT_EPOCHS) --seed $(2) --device cpu --out $$(@D) --overwrite
+$(DT)/$(1)-online-s$(2)/model.json: $(DT)/teacher/model.json
+	$(KDPIPE) distill-online --model $(1).yaml --data $(DETECT_YAML) --teacher $(DT)/teacher \
+		$(DETECT_KD) --views $(DETECT_VIEWS) --epochs $(DETECT_EPOCHS) --seed $(2) --device cpu \
+		--out $$(@D) --overwrite
+endef
+$(foreach a,$(DETECT_STUDENTS),$(foreach s,$(DETECT_SEEDS),$(eval $(call DETECT_STUDENT,$(a),$(s)))))
+
+$(DT)/eval/%.csv: $(DT)/%/model.json
+	@mkdir -p $(@D)
+	$(KDPIPE) evaluate $(DT)/$* --data $(DETECT_YAML) --split val --format csv --output $@ \
+		--overwrite
+
+$(DT)/onnx/%.fp32.onnx: $(DT)/%/model.json
+	@mkdir -p $(@D)
+	$(KDPIPE) export $(DT)/$* --out $@ --overwrite
+
+$(DT)/onnx/%.int8.onnx: $(DT)/%/model.json
+	@mkdir -p $(@D)
+	$(KDPIPE) export $(DT)/$* --int8 --out $@ --overwrite
+
+$(DT)/eval/%.fp32.csv: $(DT)/onnx/%.fp32.onnx
+	$(KDPIPE) evaluate $< --data $(DETECT_YAML) --split val --format csv --output $@ --overwrite
+
+$(DT)/eval/%.int8.csv: $(DT)/onnx/%.int8.onnx
+	$(KDPIPE) evaluate $< --data $(DETECT_YAML) --split val --format csv --output $@ --overwrite
+
+detect: install data
+	$(MAKE) detect-tables
+
+detect-tables: $(DETECT_EVALS)
+	$(BIN)/python -m kdpipe.tasks.detect.results $(DT) $(RESULTS)/results.md

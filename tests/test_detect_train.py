@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import fails, invoke, snapshot
@@ -390,3 +391,43 @@ def test_detection_options_that_do_not_apply_are_one_line(
     fails(invoke("evaluate", hard_run, "--data", detect_set, "--per-class"),
           "are for classification runs", code=2)  # fmt: skip
     assert not (tmp_path / "x").exists() and snapshot(detect_set.parent) == before
+
+
+def test_make_detects_tables_come_from_the_runs_own_files(
+    hard_run: Path, detect_set: Path, detect_cache: Path, tmp_path: Path
+) -> None:
+    """The folder `make detect` fills, in small: a hard-label and a cached student, a dense
+    cache, their evaluations; the tables and goals read them and measure nothing."""
+    import shutil
+
+    from kdpipe.tasks.detect.results import detection_tables, goals, main
+    from kdpipe.tasks.detect.train import train_detection_student
+
+    folder = tmp_path / "detect"
+    shutil.copytree(hard_run, folder / "yolo11n-hard-s3")
+    shutil.copytree(detect_cache, folder / "dense.zarr")
+    train_detection_student(_config(detect_set, folder / "yolo11n-dense-s3",
+                                    cache=str(folder / "dense.zarr"), image_size=None))  # fmt: skip
+    (folder / "eval").mkdir()
+    for name in ("yolo11n-hard-s3", "yolo11n-dense-s3"):
+        done = invoke("evaluate", folder / name, "--data", detect_set, "--split val --format "
+                      "csv --output", folder / "eval" / f"{name}.csv")  # fmt: skip
+        assert done.exit_code == 0, done.output
+    runs, arms, caches = detection_tables(folder)
+    assert sorted(runs["arm"]) == ["cached-dense", "hard"] and list(runs["seed"]) == [3, 3]
+    for name, value in zip(runs["run"], runs["map50_95"], strict=True):
+        assert value == pd.read_csv(folder / "eval" / f"{name}.csv")["map50_95"].iloc[0]
+    assert list(arms["seeds"]) == [1, 1] and (runs["epochs"] == 1).all()
+    record = caches.iloc[0]
+    assert record["storage"] == "dense" and record["views"] == 2 and record["rows"] == 12
+    stored = sum(p.stat().st_size for p in (folder / "dense.zarr").rglob("*") if p.is_file())
+    assert record["bytes_per_view"] == stored / 24 and record["teacher_pass_s"] >= 0
+    lines = goals(runs, caches)
+    assert any(line.startswith("- yolo11n.yaml: cached KD - hard labels = ") for line in lines)
+    assert any("cached epoch / hard-label epoch = " for line in lines)
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\nkept\n")
+    main([str(folder), str(page)])
+    text = page.read_text()
+    assert text.startswith("# Results\n\nkept\n") and "<!-- kdpipe:detect:begin -->" in text
+    assert "cached-dense" in text and "Goals (issue 25):" in text
