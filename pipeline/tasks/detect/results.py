@@ -21,15 +21,14 @@ from pathlib import Path
 
 import pandas as pd
 
-ARMS = ("hard", "cached-dense", "cached-top-k", "online")
-
 
 def _cache_record(path: Path) -> dict:
     """A cache's storage, bytes per row and view on disk, and its teacher pass in seconds."""
     from kdpipe.cache import read_detection_manifest
 
     manifest = read_detection_manifest(path).to_dict()  # checked: its checksum, its fields
-    stored = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    files = [p for p in path.rglob("*") if p.is_file()]
+    stored = sum(p.stat().st_size for p in files)
     started, done = manifest["created"], manifest["completed"]
     seconds = (datetime.fromisoformat(done) - datetime.fromisoformat(started)).total_seconds()
     storage = manifest["storage"]
@@ -37,7 +36,7 @@ def _cache_record(path: Path) -> dict:
             else f"top-{storage['k']}", "views": manifest["num_views"],
             "rows": manifest["num_samples"], "image_size": manifest["image_size"],
             "bytes_per_view": stored / (manifest["num_samples"] * manifest["num_views"]),
-            "files": sum(1 for p in path.rglob("*") if p.is_file()),
+            "files": len(files),
             "teacher_pass_s": seconds, "kind": storage["kind"]}  # fmt: skip
 
 

@@ -160,6 +160,12 @@ def _ultralytics_yaml(data: DetectionData, folder: Path) -> Path:
     return path
 
 
+def check_image_size(size: int, option: str = "--image-size") -> None:
+    """A detector's square input must be a multiple of its largest stride (32)."""
+    if size < 32 or size % 32:
+        raise UsageError(f"{option} must be a multiple of 32 (the largest stride), not {size}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DetectionTeacherConfig:
     model: str  # an Ultralytics model YAML: yolo11s.yaml, ...
@@ -177,9 +183,7 @@ class DetectionTeacherConfig:
     def validate(self) -> None:
         if self.epochs < 1:
             raise UsageError(f"--epochs must be >= 1, not {self.epochs}")
-        if self.image_size < 32 or self.image_size % 32:
-            raise UsageError(f"--image-size must be a multiple of 32 (the largest stride), "
-                             f"not {self.image_size}")  # fmt: skip
+        check_image_size(self.image_size)
 
 
 def train_detection_teacher(config: DetectionTeacherConfig) -> Path:
@@ -294,9 +298,8 @@ def import_from_source(source: str, out: str | Path, given: dict) -> DetectionCa
                          "(its classes, preprocessing and head are its own; --input-size sets "
                          "the image size)")  # fmt: skip
     size = given.get("input_size")
-    if size is not None and (size < 32 or size % 32):
-        raise UsageError(f"--input-size of a detection teacher must be a multiple of 32 (the "
-                         f"largest stride), not {size}")  # fmt: skip
+    if size is not None:
+        check_image_size(size, "--input-size")
     run = import_detection_teacher(path, out, image_size=size,
                                    overwrite=bool(given.get("overwrite")))  # fmt: skip
     return read_detection_card(run)

@@ -27,11 +27,17 @@ from pathlib import Path
 import torch
 from kdpipe.base.errors import UsageError
 from kdpipe.base.runtime import prepare_output, quiet, resolve_device
+from kdpipe.data.datasets import class_mismatch
 from kdpipe.data.yolo import load_detection_split, read_data_yaml
 from kdpipe.models.runs import CONFIG_FILE, METRICS_FILE, write_json
 from kdpipe.tasks.detect.cache import DetectionCache
 from kdpipe.tasks.detect.loss import DistillSettings, StudentLoss, anchors_of
-from kdpipe.tasks.detect.runs import card_for, load_detection_run, save_detection_run
+from kdpipe.tasks.detect.runs import (
+    card_for,
+    check_image_size,
+    load_detection_run,
+    save_detection_run,
+)
 from kdpipe.tasks.detect.sources import CachedBatches, OnlineBatches, ViewBatches
 from kdpipe.tasks.detect.targets import DetectBatch
 from kdpipe.tasks.detect.yolo import create_detector, with_loss_settings
@@ -70,9 +76,8 @@ class DetectStudentConfig:
     def validate(self) -> None:
         if self.epochs < 1:
             raise UsageError(f"--epochs must be >= 1, not {self.epochs}")
-        if self.image_size is not None and (self.image_size < 32 or self.image_size % 32):
-            raise UsageError(f"--image-size must be a multiple of 32 (the largest stride), "
-                             f"not {self.image_size}")  # fmt: skip
+        if self.image_size is not None:
+            check_image_size(self.image_size)
         if self.opt not in OPTIMIZERS:
             raise UsageError(f"--opt for a detection student is one of {', '.join(OPTIMIZERS)}, "
                              f"not {self.opt!r}")  # fmt: skip
@@ -193,9 +198,9 @@ def train_detection_student(
                     list(m.classes))  # fmt: skip
     else:
         grid = None
-    if grid is not None and grid.classes != list(data.names):
-        raise UsageError(f"{grid.name} predicts {grid.classes} but {data.yaml_file} names "
-                         f"{list(data.names)}")  # fmt: skip
+    if grid is not None and (mismatch := class_mismatch(grid.classes, data.names, grid.name,
+                                                        str(data.yaml_file))):  # fmt: skip
+        raise UsageError(mismatch)
     size = config.image_size or (grid.image_size if grid else DEFAULT_SIZE)
     torch.manual_seed(config.seed)  # the student's initial weights
     model = create_detector(config.model, len(data.names))
