@@ -295,6 +295,31 @@ def test_a_cached_detection_student_refuses_what_does_not_match_before_writing(
     assert not (tmp_path / "x").exists()
 
 
+def test_a_detection_student_on_data_naming_the_classes_otherwise_is_refused(
+    hard_run: Path, detect_set: Path, detect_cache: Path, tmp_path: Path
+) -> None:
+    """The same images and labels under a YAML that names the classes in another order: the
+    teacher's and the cache's class ids would mean other garments, so both are refused."""
+    import shutil
+
+    import yaml
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(detect_set.parent, renamed)
+    spec = yaml.safe_load((renamed / "data.yaml").read_text())
+    names = [spec["names"][i] for i in sorted(spec["names"])]
+    spec["names"] = dict(enumerate([names[1], names[0], *names[2:]]))
+    (renamed / "data.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "x"
+    start = f"--model yolo11n.yaml --data {renamed / 'data.yaml'} --epochs 1 --out {out}"
+    fails(invoke("distill-online", start, "--teacher", hard_run, "--alpha 0.5 --temperature 2"),
+          f"name the classes differently at 2 position(s) (the same names in another order): "
+          f"class 0: {names[0]!r} vs {names[1]!r}")  # fmt: skip
+    fails(invoke("train-student", start, "--cache", detect_cache, "--alpha 0.5 --temperature 2"),
+          "name the classes differently at 2 position(s)")  # fmt: skip
+    assert not out.exists()
+
+
 # --- evaluation and export ---------------------------------------------------------------------
 
 

@@ -28,14 +28,19 @@ from kdpipe.cache import (
     read_chunk,
     read_positions,
 )
+from kdpipe.data.datasets import class_mismatch
 from kdpipe.data.yolo import DetectionSplit, load_detection_split
 from kdpipe.tasks.detect.targets import DetectBatch, TeacherTargets
 from kdpipe.tasks.detect.views import read_image, render
 
 
 def check_split(manifest: DetectionManifest, split: DetectionSplit, path: object) -> None:
-    """The data a cache is read with must be the data it was made from, images and labels
-    (one line naming both fingerprints)."""
+    """The data a cache is read with must be the data it was made from: the same class
+    names in the same order (checked first, as the fingerprint covers them too and would only
+    say "other"), then the same images and labels (one line naming both fingerprints)."""
+    if differ := class_mismatch(manifest.classes, split.data.names, f"the cache {path}",
+                                str(split.data.yaml_file)):  # fmt: skip
+        raise CacheMismatchError(differ)
     recorded, given = manifest.dataset["fingerprint"], split.fingerprint
     if recorded != given:
         raise CacheMismatchError(
