@@ -174,6 +174,63 @@ def test_the_dataset_replays_each_rows_stored_view(
         kd.DistillationDataset(samples, opened, view=3)
 
 
+def stacked_items(dataset: kd.DistillationDataset, rows: torch.Tensor) -> list[torch.Tensor]:
+    """The items of ``rows``, one at a time, stacked field by field."""
+    items = [dataset[int(row)] for row in rows]
+    return [torch.stack([torch.as_tensor(item[f]) for item in items]) for f in range(len(items[0]))]
+
+
+@pytest.mark.parametrize("name", ["plain", "views", "mixup"])
+def test_batches_are_the_items_stacked_in_train_students_order(
+    caches: dict, samples: torch.utils.data.TensorDataset, name: str
+) -> None:
+    """batches(): each batch is the items of its rows (views rendered together differ by
+    float rounding only), the rows a torch.randperm from the generator, every row once."""
+    opened = kd.open_cache(caches[name])
+    dataset = kd.DistillationDataset(samples, opened, seed=3)
+    for epoch in (1, 2):
+        dataset.set_epoch(epoch)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(epoch))
+        batches = list(dataset.batches(64, generator=torch.Generator().manual_seed(epoch)))
+        assert [len(b[0]) for b in batches[:-1]] == [64] * (len(batches) - 1)
+        assert sum(len(b[0]) for b in batches) == len(dataset)
+        for index in (0, len(batches) - 1):
+            batch = batches[index]
+            expected = stacked_items(dataset, order[index * 64 : (index + 1) * 64])
+            assert len(batch) == len(expected) == (5 if name == "mixup" else 3)
+            torch.testing.assert_close(batch[0], expected[0], atol=1e-5, rtol=0)
+            for ours, theirs in zip(batch[1:], expected[1:], strict=True):
+                assert torch.equal(ours, theirs.to(ours.dtype))
+    in_order = next(dataset.batches(10, shuffle=False))
+    assert torch.equal(in_order[1], stacked_items(dataset, torch.arange(10))[1])
+
+
+def test_batches_from_a_streamed_cache_and_their_refusals(
+    tmp_path: Path, samples: torch.utils.data.TensorDataset, caches: dict
+) -> None:
+    """A streamed cache gives whole chunks, each row once, each batch equal to its items;
+    a fixed view and a bad batch size are refused by name."""
+    reference = load_soft_labels(caches["views"])
+    streamed = kd.open_cache(caches["views"], memory=smallest_budget(reference.manifest))
+    assert streamed.streamed
+    dataset = kd.DistillationDataset(samples, streamed, seed=1)
+    every = reference.log_probs()[torch.arange(len(dataset)), view_schedule(len(dataset), 3, 1, 1)]
+    seen = []
+    for images, labels, targets in dataset.batches(32, workers=1):
+        # the rows of a batch are found by their soft targets: unique per row here
+        rows = [int(torch.nonzero((every == t).all(-1))[0]) for t in targets[:2]]
+        expected = stacked_items(dataset, torch.tensor(rows))
+        torch.testing.assert_close(images[:2], expected[0], atol=1e-5, rtol=0)
+        assert torch.equal(labels[:2], expected[1])
+        seen.append(len(images))
+    assert sum(seen) == len(dataset)
+    fixed = kd.DistillationDataset(samples, caches["views"], view=1)
+    with pytest.raises(kd.KdpipeError, match="fixes view 1: iterate its items instead"):
+        next(fixed.batches(8))
+    with pytest.raises(kd.KdpipeError, match="batch_size must be a positive integer, not 0"):
+        next(dataset.batches(0))
+
+
 def test_the_dataset_takes_pil_images_and_refuses_transformed_ones(
     caches: dict, samples: torch.utils.data.TensorDataset, train_set: kd.ImageSet
 ) -> None:

@@ -2,8 +2,10 @@
 
     python docs/examples/plain_loop.py --cache runs/teacher-T4.zarr --data synthetic
 
-Any indexable dataset of ``(image, label)`` with uint8 or PIL images works in place of
-``TensorDataset`` below (torchvision's FashionMNIST without a transform, for one), as
+The data is kdpipe's own (``load_dataset``: an image folder is decoded a batch at a time,
+never held whole), and the batches come from ``DistillationDataset.batches``, the path
+``train-student`` takes. Any indexable dataset of ``(image, label)`` with uint8 or PIL
+images works in place of it (torchvision's FashionMNIST without a transform, for one), as
 long as it is the data the cache was made from, in the same order: the dataset checks.
 """
 
@@ -20,10 +22,13 @@ def test_accuracy(
 ) -> float:
     """Accuracy on the plain test images, normalised as the training inputs are."""
     model.eval()
+    correct = 0
     with torch.no_grad():
-        inputs = data_config.normalize(test_set.images.float() / 255.0)
-        predicted = model(inputs).argmax(-1)
-    return float((predicted == test_set.labels).float().mean())
+        for start in range(0, len(test_set), 256):  # a folder decodes these rows only
+            images = test_set.images[start : start + 256]
+            inputs = data_config.normalize(images.float() / 255.0)
+            correct += int((model(inputs).argmax(-1) == test_set.labels[start : start + 256]).sum())
+    return correct / len(test_set)
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -37,14 +42,15 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0, help="processes decoding a folder")
     args = parser.parse_args(argv)
 
     cache = kd.open_cache(args.cache)
     split = cache.manifest.dataset["split"]
-    images = kd.load_dataset(args.data, split, data_root=args.data_root)
-    samples = torch.utils.data.TensorDataset(images.images, images.labels)
-    dataset = kd.DistillationDataset(samples, cache, seed=args.seed)  # refuses other data
-    test_set = kd.load_dataset(args.data, "test", data_root=args.data_root)
+    # decoded as the cache's data was (a folder's size and resize, from its manifest)
+    images = kd.load_dataset(args.data, split, data_root=args.data_root, **cache.decode)
+    dataset = kd.DistillationDataset(images, cache, seed=args.seed)  # refuses other data
+    test_set = kd.load_dataset(args.data, "test", data_root=args.data_root, **cache.decode)
 
     torch.manual_seed(args.seed)
     model = kd.create_model(
@@ -52,14 +58,12 @@ def main(argv: list[str] | None = None) -> float:
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     shuffle = torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=True, generator=shuffle
-    )
     accuracy = float("nan")
     for epoch in range(1, args.epochs + 1):
         dataset.set_epoch(epoch)  # this epoch's stored view of every row
         model.train()
-        for images_in, labels, soft_targets in loader:  # (mixup caches add two fields)
+        batches = dataset.batches(args.batch_size, generator=shuffle, workers=args.workers)
+        for images_in, labels, soft_targets in batches:  # (mixup caches add two fields)
             logits = model(images_in)
             terms = kd.distillation_loss(
                 logits, labels, soft_targets, alpha=args.alpha, temperature=dataset.temperature

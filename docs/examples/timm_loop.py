@@ -22,10 +22,10 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import AverageMeter, accuracy
 
 
-def train_one_epoch(epoch, model, loader, optimizer, scheduler, alpha, temperature) -> dict:
+def train_one_epoch(epoch, model, loader, updates_per_epoch, optimizer, scheduler, alpha,
+                    temperature) -> dict:  # fmt: skip
     model.train()
     losses, hard, soft = AverageMeter(), AverageMeter(), AverageMeter()
-    updates_per_epoch = len(loader)
     num_updates = (epoch - 1) * updates_per_epoch
     for images, labels, soft_targets, *mixed in loader:
         partner_labels, lam = mixed if mixed else (None, None)  # a mixup or cutmix cache
@@ -81,23 +81,19 @@ def main(argv: list[str] | None = None) -> float:
     args = parser.parse_args(argv)
 
     cache = kd.open_cache(args.cache)
-    source = kd.load_dataset(args.data, cache.manifest.dataset["split"], data_root=args.data_root)
-    dataset = kd.DistillationDataset(
-        torch.utils.data.TensorDataset(source.images, source.labels), cache, seed=args.seed
-    )
-    test_set = kd.load_dataset(args.data, "test", data_root=args.data_root)
+    # decoded as the cache's data was (a folder's size and resize, from its manifest)
+    split = cache.manifest.dataset["split"]
+    source = kd.load_dataset(args.data, split, data_root=args.data_root, **cache.decode)
+    dataset = kd.DistillationDataset(source, cache, seed=args.seed)
+    test_set = kd.load_dataset(args.data, "test", data_root=args.data_root, **cache.decode)
     torch.manual_seed(args.seed)
     model = kd.create_model(
         args.model, num_classes=cache.num_classes, data_config=dataset.data_config
     )
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        shuffle=True,
-        num_workers=args.workers,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    # whole batches by train-student's path (in place of timm's create_loader)
+    shuffle = torch.Generator().manual_seed(args.seed)
+    updates_per_epoch = -(-len(dataset) // args.batch_size)
     scheduler, num_epochs = create_scheduler_v2(
         optimizer,
         sched=args.sched,
@@ -105,14 +101,14 @@ def main(argv: list[str] | None = None) -> float:
         warmup_epochs=args.warmup_epochs,
         warmup_lr=args.lr * 0.01,
         step_on_epochs=True,
-        updates_per_epoch=len(loader),
+        updates_per_epoch=updates_per_epoch,
     )
     top1 = float("nan")
     for epoch in range(1, num_epochs + 1):
         dataset.set_epoch(epoch)
-        train_metrics = train_one_epoch(
-            epoch, model, loader, optimizer, scheduler, args.alpha, dataset.temperature
-        )
+        loader = dataset.batches(args.batch_size, generator=shuffle, workers=args.workers)
+        train_metrics = train_one_epoch(epoch, model, loader, updates_per_epoch, optimizer,
+                                        scheduler, args.alpha, dataset.temperature)  # fmt: skip
         top1 = validate(model, test_set, dataset.data_config)["top1"]
         scheduler.step(epoch, top1)
         print(
