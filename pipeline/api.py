@@ -354,8 +354,8 @@ class DistillationDataset(torch.utils.data.Dataset):
         cpu = torch.device("cpu")
         for gathered in epoch.load(workers, pin_memory=False):
             batch = TrainData.to_model(gathered, self.data_config, cpu)
-            inputs, labels = batch["inputs"].contiguous(), batch["labels"]
-            item = (inputs, labels, batch["targets"])
+            labels = batch["labels"]  # the inputs channels_last, as train-student's
+            item = (batch["inputs"], labels, batch["targets"])
             if not self.mixed:
                 yield item
                 continue

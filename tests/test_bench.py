@@ -137,7 +137,9 @@ def test_bench_folder_writes_every_ratio(tmp_path: Path) -> None:
                  "M1_rss_cache_teacher", "rss_train_student_small_MiB",
                  "rss_train_student_large_MiB", "M1_rss_train_student",
                  "cache_teacher_rows_per_s", "timm_loop_rows_per_s", "M2_teacher_rows",
-                 "cached_epoch_s", "hard_epoch_s", "M3_epoch"):  # fmt: skip
+                 "cached_epoch_s", "hard_epoch_s", "M3_epoch", "api_items_epoch_s",
+                 "api_batches_epoch_s", "api_items_vs_batches",
+                 "api_batches_vs_cached"):  # fmt: skip
         assert name in values.index, name
         assert values[name] > 0, name
     # each ratio is its measured quantities', and a peak RSS is a process's (over 50 MiB
@@ -149,11 +151,13 @@ def test_bench_folder_writes_every_ratio(tmp_path: Path) -> None:
     rates = values["cache_teacher_rows_per_s"] / values["timm_loop_rows_per_s"]
     assert abs(values["M2_teacher_rows"] - rates) < 1e-9
     assert abs(values["M3_epoch"] - values["cached_epoch_s"] / values["hard_epoch_s"]) < 1e-9
+    api = values["api_items_epoch_s"] / values["api_batches_epoch_s"]
+    assert abs(values["api_items_vs_batches"] - api) < 1e-9
     # every arm ran in its own process and left its log, and a cache of each folder exists
     arms = sorted(p.stem for p in (tmp_path / "work" / "arms").glob("*.log"))
     assert arms == sorted(f"{name}-0" for name in (
         "timm_loop", "cache_teacher_large", "cache_teacher_small", "hard_large",
-        "student_large", "student_small"))  # fmt: skip
+        "student_large", "student_small", "api_items", "api_batches"))  # fmt: skip
     for label, count in (("large", 48), ("small", 24)):
         from kdpipe.cache import read_manifest
 

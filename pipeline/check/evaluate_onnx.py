@@ -27,7 +27,7 @@ from kdpipe.export.onnx import (
     onnx_session,
     read_onnx_card,
 )
-from kdpipe.views.inputs import DataConfig, check_channels, prepare_input
+from kdpipe.views.inputs import DataConfig, check_channels, model_rows, prepare_input
 
 
 def onnx_speed(session: Any, dataset: ImageSet, data_config: DataConfig) -> dict:
@@ -85,8 +85,9 @@ def evaluate_onnx(
     session = onnx_session(path, threads)
     # a batch of images at a time: an image folder is decoded per batch, never whole
     cpu, step = torch.device("cpu"), 256
+    images, finish = model_rows(dataset.images, data_config)  # a teacher's: from the files
     logits = torch.cat([
-        onnx_logits(session, prepare_input(dataset.images[s : s + step], data_config, cpu))
+        onnx_logits(session, prepare_input(images[s : s + step], finish, cpu))
         for s in range(0, len(dataset), step)
     ])  # fmt: skip
     labels = dataset.labels

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:  # for annotations: imported where they are used, so that a command
     # that reads records only loads no deep-learning library
     import torch
+    from kdpipe.views.inputs import DataConfig
 
 INDEX_FORMAT = 2  # 2: each file's decoded height, width and channels
 FINGERPRINT_TAG = b"kdpipe image folder index 2\n"  # what the folder fingerprint's digest covers
@@ -297,12 +298,14 @@ def _on_white(image: object) -> object:
 
 def decode_image(
     path: str | BinaryIO, channels: int, size: tuple[int, int], name: str | None = None,
-    resize: str = DEFAULT_RESIZE,
+    resize: str = DEFAULT_RESIZE, through: DataConfig | None = None,
 ) -> np.ndarray:  # fmt: skip
     """One file (a path, or an open binary file such as a shard's member) to uint8
     ``(channels, *size)``: EXIF orientation applied (``ImageOps.exif_transpose``), converted
     to 8 bits (:func:`to_8bit_mode`), alpha composited on white, then to L or RGB and, when
-    its size is not ``size`` (H, W), resized by PIL's bilinear filter (:func:`resized`).
+    its size is not ``size`` (H, W), resized by PIL's bilinear filter (:func:`resized`);
+    with ``through`` (a pretrained model's data config), by that model's own eval transform
+    instead (:func:`kdpipe.views.inputs.eval_transform`), to its input size.
     An unreadable or truncated file is an error naming it (``name``, else the path), never
     skipped."""
     from PIL import Image, ImageOps
@@ -311,8 +314,12 @@ def decode_image(
         with Image.open(path) as opened:
             opened.load()
             image = _on_white(to_8bit_mode(ImageOps.exif_transpose(opened)))
-            image = resized(image.convert("L" if channels == 1 else "RGB"), size, resize)
-            pixels = np.asarray(image, dtype=np.uint8)
+            image = image.convert("L" if channels == 1 else "RGB")
+            if through is not None:
+                from kdpipe.views.inputs import eval_transform
+
+                return eval_transform(through)(image).numpy()  # uint8 (C, H, W) already
+            pixels = np.asarray(resized(image, size, resize), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise _unreadable(name or path, exc) from None
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
@@ -430,6 +437,7 @@ class LazyImages:
         self.size = (int(size[0]), int(size[1]))
         self.workers = int(workers)
         self.resize = resize  # how a file of another size is brought to ``size`` (resized)
+        self.through: DataConfig | None = None  # a model's eval transform, applied to files
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -445,6 +453,20 @@ class LazyImages:
     def with_workers(self, workers: int) -> LazyImages:
         """The same rows, decoded ahead by ``workers`` DataLoader processes in a pass."""
         raise NotImplementedError
+
+    def through_model(self, data_config: DataConfig) -> LazyImages:
+        """These rows as a pretrained model reads them: each file through the model's own
+        eval transform (resize by its interpolation, its crop) to its input size, what
+        timm's loader gives it, rather than the decoded row resized a second time."""
+        made = self._keep(self.with_workers(self.workers))
+        made.through, made.size = data_config, tuple(data_config.input_size[1:])
+        return made
+
+    def _keep(self, made: LazyImages) -> LazyImages:
+        """``made`` (a subset, another worker count) decoding as these rows do."""
+        if self.through is not None:
+            made.through, made.size = self.through, self.size
+        return made
 
     @property
     def shape(self) -> torch.Size:
@@ -498,15 +520,16 @@ class FolderImages(LazyImages):
         return f"FolderImages({len(self)} files, {self.channels}x{self.size[0]}x{self.size[1]})"
 
     def with_workers(self, workers: int) -> FolderImages:
-        return FolderImages(self.paths, self.channels, self.size, workers, self.resize)
+        return self._keep(FolderImages(self.paths, self.channels, self.size, workers, self.resize))
 
     def subset(self, rows: torch.Tensor | np.ndarray | Sequence[int]) -> FolderImages:
         picked = np.asarray(rows, dtype=np.int64).reshape(-1)
-        return FolderImages([self.paths[i] for i in picked], self.channels, self.size,
-                            self.workers, self.resize)  # fmt: skip
+        return self._keep(FolderImages([self.paths[i] for i in picked], self.channels,
+                                       self.size, self.workers, self.resize))  # fmt: skip
 
     def decode_row(self, row: int) -> np.ndarray:
-        return decode_image(self.paths[row], self.channels, self.size, resize=self.resize)
+        return decode_image(self.paths[row], self.channels, self.size, resize=self.resize,
+                            through=self.through)  # fmt: skip
 
 
 class _Requests:

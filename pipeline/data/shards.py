@@ -370,14 +370,14 @@ class ShardImages(LazyImages):
         return f"ShardImages({len(self)} samples of {self.root}, {c}x{h}x{w})"
 
     def with_workers(self, workers: int) -> ShardImages:
-        return ShardImages(self.fs, self.root, self.entries, self.channels, self.size, workers,
-                           self.resize)  # fmt: skip
+        return self._keep(ShardImages(self.fs, self.root, self.entries, self.channels,
+                                      self.size, workers, self.resize))  # fmt: skip
 
     def subset(self, rows: torch.Tensor | np.ndarray | Sequence[int]) -> ShardImages:
         picked = np.asarray(rows, dtype=np.int64).reshape(-1)
         entries = [self.entries[i] for i in picked]
-        return ShardImages(self.fs, self.root, entries, self.channels, self.size, self.workers,
-                           self.resize)  # fmt: skip
+        return self._keep(ShardImages(self.fs, self.root, entries, self.channels, self.size,
+                                      self.workers, self.resize))  # fmt: skip
 
     def member_bytes(self, row: int) -> bytes:
         """The image member's bytes of row ``row``, as indexed (a changed shard is an error)."""
@@ -398,7 +398,7 @@ class ShardImages(LazyImages):
         entry = self.entries[row]
         name = f"{entry.member} (shard {self.root}/{entry.shard})"
         data = io.BytesIO(self.member_bytes(row))
-        return decode_image(data, self.channels, self.size, name, self.resize)
+        return decode_image(data, self.channels, self.size, name, self.resize, self.through)
 
 
 # --- writing shards ----------------------------------------------------------------------------

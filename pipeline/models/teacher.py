@@ -24,7 +24,14 @@ from kdpipe.data.imagefolder import LazyImages, batches_of
 from kdpipe.models.pretrained import looks_like_source
 from kdpipe.models.runs import ModelCard, load_model, open_pretrained
 from kdpipe.views.features import LayerRequest, LayerTaps, resolve_layer
-from kdpipe.views.inputs import DataConfig, autocast, check_channels, view_input
+from kdpipe.views.inputs import (
+    DataConfig,
+    autocast,
+    check_channels,
+    is_identity,
+    model_rows,
+    view_input,
+)
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -248,6 +255,8 @@ def predict_logits(
     are collected from the same forward as its logits (:meth:`LayerTaps.take`).
     """
     model.eval()
+    if params is None or is_identity(torch.from_numpy(params)):  # plain images: the files
+        images, data_config = model_rows(images, data_config)
     outputs = []
     count = len(images) if rows is None else len(rows)
     starts = range(0, count, batch_size)

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +215,7 @@ class Measured:
     rows: int
     peak_rss_mib: float  # the arm process's own peak (peak_rss_mib), DataLoader workers aside
     run_dir: str | None = None
+    epochs: list[float] = field(default_factory=list)  # an API loop's seconds per epoch
 
 
 def run_arm(spec: dict, work: Path) -> Measured:
@@ -237,7 +238,8 @@ def run_arm(spec: dict, work: Path) -> Measured:
         raise KdpipeError(f"bench arm {name} failed (exit {child.returncode}): {last} "
                           f"(log: {log_file})")  # fmt: skip
     result = json.loads(result_file.read_text())
-    return Measured(result["seconds"], result["rows"], result["peak_rss_mib"], result["run_dir"])
+    return Measured(result["seconds"], result["rows"], result["peak_rss_mib"], result["run_dir"],
+                    result.get("epochs", []))  # fmt: skip
 
 
 # a command run as the console script runs it, then what it cost: its peak RSS and the
@@ -304,7 +306,7 @@ def _arm_main(spec: dict) -> None:
               "workers": workers, "device": spec["device"], "precision": spec["precision"],
               "overwrite": True}  # fmt: skip
     started = time.perf_counter()
-    run_dir = None
+    run_dir, epochs = None, []
     if kind == "cache-teacher":
         dataset = load_dataset(folder, "train", image_size=size).with_workers(workers)
         cache_teacher(CacheConfig(teachers=(spec["teacher"],), out=spec["cache"],
@@ -323,10 +325,14 @@ def _arm_main(spec: dict) -> None:
         else:
             train_model(TrainConfig(**student))
         rows = 0  # its epochs' seconds are read from the run's metrics.csv
+    elif kind in ("api-items", "api-batches"):
+        epochs = _api_loop(spec, resolve_device(spec["device"]), batched=kind == "api-batches")
+        rows = 0
     else:
         raise UsageError(f"unknown bench arm {kind!r}")
     seconds = time.perf_counter() - started
-    result = {"seconds": seconds, "rows": rows, "run_dir": run_dir, "peak_rss_mib": peak_rss_mib()}
+    result = {"seconds": seconds, "rows": rows, "run_dir": run_dir, "peak_rss_mib": peak_rss_mib(),
+              "epochs": epochs}  # fmt: skip
     Path(spec["result"]).write_text(json.dumps(result))
 
 
@@ -347,6 +353,48 @@ def peak_rss_mib() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _api_loop(spec: dict, device: object, *, batched: bool) -> list[float]:
+    """The Python API's loop (docs/examples/plain_loop.py's shape: the train-student arm's
+    student, SGD, kdpipe's loss at its alpha) over the folder's cache, fed by
+    ``DistillationDataset`` items through a ``DataLoader`` with the arm's workers, or by
+    its ``batches()`` with as many; the seconds of each epoch."""
+    import kdpipe as kd
+    import torch
+
+    cache = kd.open_cache(spec["cache"])
+    images = kd.load_dataset(spec["folder"], "train", **cache.decode)
+    dataset = kd.DistillationDataset(images, cache, seed=0)
+    torch.manual_seed(0)
+    model = kd.create_model(spec["student"], num_classes=cache.num_classes,
+                            data_config=dataset.data_config)  # fmt: skip
+    # channels_last, as train-student converts its model (its inputs are)
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    size, workers, seconds = spec["batch_size"], spec["workers"], []
+    for epoch in range(1, spec["epochs"] + 1):
+        dataset.set_epoch(epoch)
+        started = time.perf_counter()
+        batches = (
+            dataset.batches(size, generator=generator, workers=workers)
+            if batched
+            else torch.utils.data.DataLoader(dataset, batch_size=size, shuffle=True,
+                                             generator=generator, num_workers=workers)
+        )  # fmt: skip
+        model.train()
+        for inputs, labels, soft_targets, *_ in batches:
+            logits = model(inputs.to(device))
+            terms = kd.distillation_loss(logits, labels.to(device), soft_targets.to(device),
+                                         alpha=0.5, temperature=dataset.temperature)  # fmt: skip
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 def _timm_loop(spec: dict, device: object) -> int:
@@ -421,6 +469,8 @@ def run_folder_bench(config: FolderBenchConfig, log: Callable[[str], None] = pri
         "hard_large": {"kind": "hard", "folder": config.folder},
         "student_large": {"kind": "student", "folder": config.folder, "cache": caches["large"]},
         "student_small": {"kind": "student", "folder": config.small, "cache": caches["small"]},
+        "api_items": {"kind": "api-items", "folder": config.folder, "cache": caches["large"]},
+        "api_batches": {"kind": "api-batches", "folder": config.folder, "cache": caches["large"]},
     }  # fmt: skip
     measured: dict[str, list[Measured]] = {name: [] for name in arms}
     epochs: dict[str, list[float]] = {name: [] for name in arms}
@@ -432,6 +482,7 @@ def run_folder_bench(config: FolderBenchConfig, log: Callable[[str], None] = pri
             result = run_arm(spec, out / "arms")
             if result.run_dir is not None:
                 epochs[name] += _epoch_seconds(Path(result.run_dir))
+            epochs[name] += result.epochs[1:]  # an API loop's, its first (warm-up) left out
             measured[name].append(result)
             log(f"{spec['name']}: {result.seconds:.1f} s, peak RSS {result.peak_rss_mib:.0f} MiB")
     table = _folder_rows(config, sizes, measured, epochs)
@@ -497,6 +548,29 @@ def _folder_rows(
            f"{len(epochs['student_large'])})")  # fmt: skip
     record("hard_epoch_s", hard, "s", "the same student on hard labels, the same loader")
     record("M3_epoch", cached / hard, "ratio", "cached epoch / hard-label epoch (target <= 1.05)")
+    items, batches = min(epochs["api_items"]), min(epochs["api_batches"])
+    record("api_items_epoch_s", items, "s",
+           f"the Python API's loop over DistillationDataset items, a DataLoader of "
+           f"{config.workers} workers, {large} images (fastest of "
+           f"{len(epochs['api_items'])})")  # fmt: skip
+    record(
+        "api_batches_epoch_s",
+        batches,
+        "s",
+        "the same loop over DistillationDataset.batches(), as many workers",
+    )
+    record(
+        "api_items_vs_batches",
+        items / batches,
+        "ratio",
+        "items epoch / batches() epoch (issue 27.9: items ran at a fifth of train-student)",
+    )
+    record(
+        "api_batches_vs_cached",
+        batches / cached,
+        "ratio",
+        "batches() epoch / train-student epoch from the cache",
+    )
     return pd.DataFrame(rows)
 
 

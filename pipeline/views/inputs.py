@@ -23,6 +23,7 @@ from kdpipe.cache import IDENTITY_VIEW, PRECISIONS, VIEW_COLUMNS
 if TYPE_CHECKING:  # for annotations: imported where they are used, so that a command
     # that reads records only loads no deep-learning library
     import torch
+    from kdpipe.data.imagefolder import LazyImages
 
 # the --precision words a user types, and the resolved precision each means (None: decide
 # by the device); the resolved words are the manifest's (cache.format.PRECISIONS)
@@ -159,6 +160,24 @@ def check_channels(model_name: str, data_config: DataConfig, images: torch.Tenso
             f"{model_name} takes {data_config.input_size[0]}-channel input but the dataset has "
             f"{int(images.shape[1])} channel(s)"
         )
+
+
+def model_rows(
+    images: torch.Tensor | LazyImages, data_config: DataConfig
+) -> tuple[torch.Tensor | LazyImages, DataConfig]:
+    """The rows a model with its own eval transform (a pretrained teacher) reads, and the
+    config that finishes them: an image folder's or shards' files each through that
+    transform (:meth:`~kdpipe.data.imagefolder.LazyImages.through_model`), so a teacher
+    sees what timm's loader gives it from the file, not the row decoded at the dataset's
+    size and resized again; everything else as it is (then :func:`prepare_input` resizes)."""
+    from dataclasses import replace
+
+    from kdpipe.data.imagefolder import LazyImages
+
+    if not data_config.eval_resize or not isinstance(images, LazyImages):
+        return images, data_config
+    done = replace(data_config, interpolation=None, crop_pct=None, crop_mode=None)
+    return images.through_model(data_config), done
 
 
 def prepare_input(
