@@ -100,3 +100,32 @@ def test_a_record_without_decode_is_read_as_before() -> None:
     assert decode_options(recorded, "c")["image_size"] == (4, 6)
     with pytest.raises(CacheMismatchError, match="--channels 3 differs from the 1 that c"):
         decode_options(recorded, "c", channels=3)
+
+
+def test_a_pretrained_model_reads_each_file_through_its_own_transform(tmp_path: Path) -> None:
+    """model_rows: a folder's (and the same folder packed as shards') rows for a model with
+    its own eval transform are each file through timm's create_transform, not the row decoded
+    at the folder's size and resized again; subsets and workers keep it; a model of kdpipe's
+    own (no eval fields) gets the decoded rows."""
+    from kdpipe.data.datasets import pack_image_folder
+    from kdpipe.views.inputs import DataConfig, model_rows
+    from timm.data import create_transform
+
+    root = mixed_folder(tmp_path / "imgs", {"train": [(30, 47), (41, 23), (36, 36)],
+                                             "test": [(20, 20)]})  # fmt: skip
+    config = DataConfig((3, 16, 16), (0.5,) * 3, (0.25,) * 3, interpolation="bicubic",
+                        crop_pct=0.8)  # fmt: skip
+    timm_eval = create_transform(16, is_training=False, crop_pct=0.8, interpolation="bicubic",
+                                 mean=(0, 0, 0), std=(1, 1, 1))  # fmt: skip
+    folder = load_dataset(str(root), "train")
+    expected = torch.stack([timm_eval(Image.open(p).convert("RGB")) for p in folder.images.paths])
+    pack_image_folder(root, tmp_path / "shards", shard_size=2)
+    shards = load_dataset(str(tmp_path / "shards"), "train")
+    for images in (folder.images, shards.images):
+        rows, finish = model_rows(images, config)
+        assert not finish.eval_resize and finish.input_size == config.input_size
+        assert rows.shape == (len(images), 3, 16, 16) and images.shape[-2:] != (16, 16)
+        assert torch.equal(rows[:].float() / 255, expected)
+        assert torch.equal(rows.subset([2, 0]).with_workers(1)[:].float() / 255, expected[[2, 0]])
+    plain = DataConfig((3, 16, 16), (0.5,) * 3, (0.25,) * 3)
+    assert model_rows(folder.images, plain) == (folder.images, plain)
