@@ -321,6 +321,56 @@ def test_train_teacher_pretrained_fine_tunes_with_a_new_head(tmp_path: Path) -> 
     assert json.loads((out / "config.json").read_text())["pretrained"] == "timm:resnet10t"
 
 
+def test_train_teacher_pretrained_takes_the_weights_own_preprocessing(
+    weights: Path, tmp_path: Path
+) -> None:
+    """Issue 27.2 for a fine-tune: --data-config gives a weights file's own preprocessing
+    (its 32 px, not the tag's 176), recorded in model.json; a weights file given none keeps
+    the tag's and the run says so, as import-teacher does."""
+    folder = rgb_folder(tmp_path / "imgs")
+    config_file = tmp_path / "data-config.json"
+    config_file.write_text(
+        json.dumps(
+            {
+                "input_size": [3, 32, 32],
+                "interpolation": "bilinear",
+                "crop_pct": 1.0,
+                "mean": [0.5] * 3,
+                "std": [0.25] * 3,
+            }
+        )
+    )
+    start = (f"train-teacher --pretrained timm:resnet10t --data {folder} --epochs 1 "
+             "--batch-size 9 --weights")  # fmt: skip
+    out = tmp_path / "ft"
+    result = invoke(start, weights, "--data-config", config_file, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output
+    data = read_card(out).data_config
+    assert data["input_size"] == [3, 32, 32] and data["interpolation"] == "bilinear"
+    assert data["mean"] == [0.5] * 3 and data["crop_pct"] == 1.0
+    loud = invoke(start, weights, "--out", tmp_path / "loud")
+    assert loud.exit_code == 0 and "warning" in loud.output and "176x176" in loud.output
+    # and the tag's 176 px is far above the data's 40 x 52: said where it is used
+    assert "takes 176x176 px and the data is 40x52: each image is resized 4.4x" in loud.output
+    cached = invoke("cache-teacher --temperature 2 --data", folder, "--teacher", tmp_path / "loud",
+                    "--out", tmp_path / "c.zarr")  # fmt: skip
+    assert cached.exit_code == 0 and "resized 4.4x" in cached.output, cached.output
+    assert "import-teacher --input-size or --data-config" in cached.output
+    quiet = invoke("cache-teacher --temperature 2 --data", folder, "--teacher", out, "--out",
+                   tmp_path / "q.zarr")  # fmt: skip
+    assert quiet.exit_code == 0 and "warning" not in quiet.output, quiet.output
+    fails(invoke(f"train-teacher --model kd_cnn --data {folder} --epochs 1 --data-config",
+                 config_file, "--out", tmp_path / "r"),
+          "--data-config goes with --pretrained SOURCE")  # fmt: skip
+    config_file.write_text(json.dumps({"input_size": [3, 32, 32], "size": 3}))
+    fails(
+        invoke(start, weights, "--data-config", config_file, "--out", tmp_path / "r"),
+        "unknown data config key(s) size",
+    )
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_pretrained_starts_are_one_line(weights: Path, tmp_path: Path) -> None:
     folder = rgb_folder(tmp_path / "imgs")
     start = f"train-teacher --data {folder} --epochs 1 --out {tmp_path / 'r'}"

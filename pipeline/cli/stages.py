@@ -93,6 +93,14 @@ def pack_shards(folder: str, out: str, shard_size: int) -> None:
     help="With --pretrained: its weights from this file (safetensors or a torch checkpoint), "
     "not from timm's download.",
 )
+@click.option(
+    "--data-config",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="With --pretrained: a JSON file of the preprocessing its weights were trained with, "
+    "in timm's data-config keys (input_size, mean, std, interpolation, crop_pct, crop_mode) "
+    "[default: the pretrained_cfg's].",
+)
 @reports_errors
 def train_teacher_command(**options: Any) -> None:
     """Train a model on hard labels; write a teacher run directory.

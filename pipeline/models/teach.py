@@ -60,7 +60,7 @@ from kdpipe.cache import (
 from kdpipe.data.datasets import ImageSet, select_rows, source_folder
 from kdpipe.models.teacher import Teacher, load_teacher
 from kdpipe.views.features import LayerRequest, LayerTaps
-from kdpipe.views.inputs import resolve_precision
+from kdpipe.views.inputs import resolve_precision, size_note
 from kdpipe.views.policy import PLAIN, ViewPolicy, sample_views
 from tqdm.auto import tqdm
 
@@ -126,6 +126,11 @@ def cache_teacher(
     device = resolve_device(config.device)
     teacher = load_teacher(config.teachers, device)
     teacher.check(dataset)
+    for source, card in zip(teacher.sources, teacher.cards, strict=True):
+        note = size_note(f"teacher {source}", card.data, dataset.input_size[1:],
+                         "import-teacher --input-size or --data-config")  # fmt: skip
+        if note:
+            log(note)
     requests = teacher.layer_requests(config.features, config.attention, config.feature_grid)
     layers = teacher.layer_records(requests, device)
     check_disjoint(out, [*config.teachers, source_folder(dataset)])

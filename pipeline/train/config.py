@@ -95,6 +95,8 @@ class TrainConfig:
     # weights file; the head is new (timm's reset_classifier), the preprocessing the source's
     pretrained: str | None = None
     weights: str | None = None
+    # its preprocessing where not the pretrained_cfg's: a JSON file of timm's data-config keys
+    data_config: str | None = None
 
     def validate(self) -> None:
         checks = (
@@ -158,6 +160,10 @@ class TrainConfig:
             (
                 self.weights is None or self.pretrained is not None,
                 "--weights goes with --pretrained SOURCE (the architecture they are weights of)",
+            ),
+            (
+                self.data_config is None or self.pretrained is not None,
+                "--data-config goes with --pretrained SOURCE (the preprocessing of its weights)",
             ),
         )
         for ok, message in checks:

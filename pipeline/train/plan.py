@@ -31,13 +31,13 @@ from kdpipe.data.datasets import (
     validation_rows,
 )
 from kdpipe.data.shards import is_shard_spec
-from kdpipe.models.pretrained import Pretrained, create_pretrained
+from kdpipe.models.pretrained import Pretrained, create_pretrained, read_data_config
 from kdpipe.models.runs import ModelCard, load_model
 from kdpipe.train.batches import TrainData
 from kdpipe.train.config import TrainConfig
 from kdpipe.train.step import probe
 from kdpipe.views.features import LayerRequest, resolve_layer
-from kdpipe.views.inputs import DataConfig
+from kdpipe.views.inputs import DataConfig, size_note
 from torch import nn
 
 KINDS = ("teacher", "student", "online-student")
@@ -126,8 +126,14 @@ def plan_run(
         input_size = (input_size[0], config.input_size, config.input_size)
     data_config = DataConfig(input_size=input_size, mean=mean, std=std)
     pretrained = _pretrained(config, kind, train_set)
+    for warning in () if pretrained is None else pretrained.warnings:
+        log(warning)
     if pretrained is not None:  # the weights' own preprocessing, not the dataset's statistics
         data_config = pretrained.data_config
+        note = size_note(f"--pretrained {config.pretrained}", data_config, input_size[1:],
+                         "--data-config FILE.json")  # fmt: skip
+        if note:
+            log(note)
     if online_teacher is not None and teacher_card.data.input_size != data_config.input_size:
         raise UsageError(
             f"timm's LogitDistillationTask feeds the teacher the student's input: the teacher "
@@ -179,6 +185,9 @@ def _pretrained(config: TrainConfig, kind: str, train_set: ImageSet) -> Pretrain
         weights=None if config.weights is None else Path(config.weights),
         in_chans=train_set.input_size[0],
         drop_rate=config.drop_rate,
+        data_config=None
+        if config.data_config is None
+        else read_data_config(Path(config.data_config)),
     )
 
 

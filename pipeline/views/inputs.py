@@ -162,6 +162,27 @@ def check_channels(model_name: str, data_config: DataConfig, images: torch.Tenso
         )
 
 
+def size_note(
+    what: str, data_config: DataConfig, data_size: tuple[int, int], hint: str
+) -> str | None:
+    """A warning when a pretrained model's input side is more than twice the data's shorter
+    side (``data_size``, H x W as decoded): a weights file trained at the data's own small
+    size but recorded with a tag's 176 or 224 px is scored and cached at the wrong scale,
+    and the pass costs the square of the factor. None otherwise: downscaling large photos
+    is what eval transforms do, and kdpipe's own models are sized for the data."""
+    if not data_config.eval_resize:
+        return None
+    side, data_side = max(data_config.input_size[1:]), min(data_size)
+    if data_side <= 0 or side / data_side <= 2:
+        return None
+    size = "x".join(str(v) for v in data_config.input_size[1:])
+    return (
+        f"warning: {what} takes {size} px and the data is {data_size[0]}x{data_size[1]}: each "
+        f"image is resized {side / data_side:.2g}x; if its weights were trained at another "
+        f"size, give it ({hint})"
+    )
+
+
 def model_rows(
     images: torch.Tensor | LazyImages, data_config: DataConfig
 ) -> tuple[torch.Tensor | LazyImages, DataConfig]:
