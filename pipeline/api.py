@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from kdpipe.base.distributed import World
+from kdpipe.base.distributed import SINGLE
 from kdpipe.base.errors import DatasetError, UsageError
 from kdpipe.base.runtime import quiet
 from kdpipe.cache import (
@@ -344,13 +344,15 @@ class DistillationDataset(torch.utils.data.Dataset):
             raise UsageError(f"batch_size must be a positive integer, not {batch_size!r}")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise UsageError(f"workers must be an integer >= 0, not {workers!r}")
-        data = self._train_data(workers)
+        # the rows as train-student holds them (TrainData.cached, as kdpipe.train.plan)
+        data = TrainData.cached(self.samples.with_workers(workers), self.cache._soft,
+                                self.cache._log_probs(self.temperature))  # fmt: skip
         order = (
             data.epoch_order(generator, self.seed, self.epoch)
             if shuffle
             else torch.arange(len(data))
         )
-        epoch = EpochBatches(data, order, batch_size, self.epoch, self.seed, World())
+        epoch = EpochBatches(data, order, batch_size, self.epoch, self.seed, SINGLE)
         cpu = torch.device("cpu")
         for gathered in epoch.load(workers, pin_memory=False):
             batch = TrainData.to_model(gathered, self.data_config, cpu)
@@ -363,21 +365,6 @@ class DistillationDataset(torch.utils.data.Dataset):
                 yield (*item, labels.clone(), torch.ones(len(labels)))
             else:
                 yield (*item, batch["partner_labels"], batch["lam"])
-
-    def _train_data(self, workers: int) -> TrainData:
-        """The rows of the cache with their soft targets and views, as train-student holds
-        them (:func:`kdpipe.train.plan` builds the same from a cache)."""
-        cache, samples = self.cache, self.samples.with_workers(workers)
-        soft = cache._soft
-        return TrainData(
-            images=samples.images,
-            dataset_labels=samples.labels,
-            rows=cache.indices,
-            labels=cache.labels,
-            targets=cache._log_probs(self.temperature),
-            views=soft.views if cache.has_views else None,
-            partners=soft.partners if cache.has_views else None,
-        )
 
     def __getitem__(self, row: int) -> tuple:
         view = self._views[row]

@@ -458,7 +458,7 @@ class LazyImages:
         """These rows as a pretrained model reads them: each file through the model's own
         eval transform (resize by its interpolation, its crop) to its input size, what
         timm's loader gives it, rather than the decoded row resized a second time."""
-        made = self._keep(self.with_workers(self.workers))
+        made = self.with_workers(self.workers)  # a copy, decoding as these rows do
         made.through, made.size = data_config, tuple(data_config.input_size[1:])
         return made
 

@@ -285,9 +285,7 @@ def _soft_label_reads(bench: _Bench, cached: float) -> None:
         ("memory", soft),
         ("streamed", StreamedSoftLabels(bench.cache_path, budget)),  # even if it would fit
     ):
-        data = TrainData(images=train_set.images, dataset_labels=train_set.labels,
-                         rows=opened.indices, labels=opened.labels,
-                         targets=opened.log_probs())  # fmt: skip
+        data = TrainData.cached(train_set, opened, opened.log_probs())
         order = data.epoch_order(torch.Generator().manual_seed(0), seed=0, epoch=1)
         batches = EpochBatches(data, order, bench.config.batch_size, 1, 0, SINGLE)
         seconds = _timed(lambda b=batches: [None for _ in b.load(workers=0, pin_memory=False)])

@@ -239,7 +239,7 @@ def run_arm(spec: dict, work: Path) -> Measured:
                           f"(log: {log_file})")  # fmt: skip
     result = json.loads(result_file.read_text())
     return Measured(result["seconds"], result["rows"], result["peak_rss_mib"], result["run_dir"],
-                    result.get("epochs", []))  # fmt: skip
+                    result["epochs"])  # fmt: skip
 
 
 # a command run as the console script runs it, then what it cost: its peak RSS and the

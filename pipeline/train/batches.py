@@ -17,7 +17,14 @@ from dataclasses import dataclass, replace
 import torch
 from kdpipe.base.distributed import World
 from kdpipe.base.errors import DatasetError
-from kdpipe.cache import VIEW_COLUMNS, StreamedRows, chunk_plan, windowed_order
+from kdpipe.cache import (
+    VIEW_COLUMNS,
+    SoftLabels,
+    StreamedRows,
+    StreamedSoftLabels,
+    chunk_plan,
+    windowed_order,
+)
 from kdpipe.data.datasets import ImageSet
 from kdpipe.views.inputs import DataConfig, view_input
 from kdpipe.views.policy import PLAIN, ViewPolicy, sample_views, view_schedule
@@ -77,6 +84,29 @@ class TrainData:
     def plain(cls, dataset: ImageSet, policy: ViewPolicy = PLAIN) -> TrainData:
         rows = torch.arange(len(dataset))
         return cls(dataset.images, dataset.labels, rows, dataset.labels, policy=policy)
+
+    @classmethod
+    def cached(
+        cls,
+        dataset: ImageSet,
+        soft: SoftLabels | StreamedSoftLabels,
+        targets: torch.Tensor | StreamedRows | None,
+        policy: ViewPolicy = PLAIN,
+    ) -> TrainData:
+        """The rows of a cache over ``dataset`` (its indices, labels and stored views, when
+        it has any), learning from ``targets``: the cache's log-probabilities at the run's
+        temperature, or None for a loss without them."""
+        views = soft.has_views
+        return cls(
+            images=dataset.images,
+            dataset_labels=dataset.labels,
+            rows=soft.indices,
+            labels=soft.labels,
+            targets=targets,
+            views=soft.views if views else None,
+            partners=soft.partners if views else None,
+            policy=policy,
+        )
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -126,14 +126,12 @@ def plan_run(
         input_size = (input_size[0], config.input_size, config.input_size)
     data_config = DataConfig(input_size=input_size, mean=mean, std=std)
     pretrained = _pretrained(config, kind, train_set)
-    for warning in () if pretrained is None else pretrained.warnings:
-        log(warning)
     if pretrained is not None:  # the weights' own preprocessing, not the dataset's statistics
         data_config = pretrained.data_config
         note = size_note(f"--pretrained {config.pretrained}", data_config, input_size[1:],
                          "--data-config FILE.json")  # fmt: skip
-        if note:
-            log(note)
+        for warning in (*pretrained.warnings, *([note] if note else [])):
+            log(warning)
     if online_teacher is not None and teacher_card.data.input_size != data_config.input_size:
         raise UsageError(
             f"timm's LogitDistillationTask feeds the teacher the student's input: the teacher "
@@ -321,16 +319,8 @@ def cache_data(
             "becomes 0, the student learns from the teacher alone"
         )
         alpha = 0.0
-    data = TrainData(
-        images=train_set.images,
-        dataset_labels=train_set.labels,
-        rows=indices,
-        labels=soft.labels,
-        targets=soft.log_probs(config.temperature) if alpha < 1 else None,
-        views=soft.views if soft.has_views else None,
-        partners=soft.partners if soft.has_views else None,
-        policy=config.policy,
-    )
+    targets = soft.log_probs(config.temperature) if alpha < 1 else None
+    data = TrainData.cached(train_set, soft, targets, config.policy)
     return data, tuple(manifest.classes), alpha
 
 
