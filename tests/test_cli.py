@@ -4,6 +4,7 @@ import io
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +13,7 @@ from click.testing import CliRunner, Result
 from conftest import cache, edit_manifest, invoke, student
 from kdpipe.cli import main
 from kdpipe.models.runs import read_card
+from kdpipe.train.entry import chance_note
 from PIL import Image
 
 
@@ -246,6 +248,38 @@ def test_divergence_stops_training_with_advice(train_cache: Path, tmp_path: Path
     result = student(train_cache, tmp_path / "s", "--alpha 0.1 --lr 1e6")
     fails(result, r"training diverged in epoch 1, batch \d+: the loss is (nan|inf); lower --lr")
     assert not (tmp_path / "s" / "model.json").exists()
+
+
+def test_a_finite_loss_that_explodes_stops_training_with_advice(
+    train_cache: Path, tmp_path: Path
+) -> None:
+    """A loss that grows a hundredfold but stays finite left the basin: the run stops
+    (before, it went on at chance and exited 0), naming --clip-grad and --lr."""
+    result = student(train_cache, tmp_path / "s", "--alpha 0.5 --lr 10")
+    fails(result, r"training diverged in epoch 1, batch \d+: the loss is [0-9.e+]+, over 100 "
+                  r"times its start \([0-9.]+\), in \d+ batch\(es\); clip the gradient "
+                  r"\(--clip-grad 1\) or lower --lr \(now 10\)")  # fmt: skip
+    assert not (tmp_path / "s" / "model.json").exists()
+    clipped = student(train_cache, tmp_path / "c", "--alpha 0.5 --lr 10 --clip-grad 1")
+    assert clipped.exit_code == 0, clipped.output
+
+
+def test_a_student_left_at_chance_is_named(train_cache: Path, tmp_path: Path) -> None:
+    """A run that finishes at chance while its teacher is well above it says so (the
+    rule, on a real run's card with its result set: a real run's accuracy near the bar
+    would make the test hang on float noise)."""
+    fine = student(train_cache, tmp_path / "f", "--alpha 0.5")
+    assert fine.exit_code == 0 and "at chance" not in fine.output, fine.output
+    card = read_card(tmp_path / "f")
+    assert card.num_classes == 5 and chance_note(card, 0.99, 0.05) is None  # it learned
+    stuck = replace(card, result={**card.result, "test_accuracy": 0.255})
+    assert chance_note(stuck, 0.99, 2) == (
+        "warning: the student's test accuracy 0.2550 is at chance (5 classes: 0.2000) while "
+        "its teacher's is 0.9900 on the cache: it learned nothing; see metrics.csv for a loss "
+        "that grew, then clip the gradient (--clip-grad 1) or lower --lr (was 2)"
+    )
+    assert chance_note(stuck, 0.5, 2) is None  # a teacher near chance too: nothing to say
+    assert chance_note(replace(card, result=None), 0.99, 2) is None  # no test split scored
 
 
 def test_every_command_has_help_and_is_documented() -> None:

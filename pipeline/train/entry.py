@@ -149,7 +149,31 @@ def _run(
     else:
         world.on_main(_start, out, plan, world)
     rows = fit(model, plan, out, resume=resume, log=log, world=world, feature=feature)
-    return world.on_main(_finish, out, model, plan, rows)
+    card = world.on_main(_finish, out, model, plan, rows)
+    teacher_accuracy = None if soft_labels is None else soft_labels.manifest.teacher_accuracy
+    note = chance_note(card, teacher_accuracy, config.lr)
+    if note:
+        log(note)
+    return card
+
+
+def chance_note(card: ModelCard, teacher_accuracy: float | None, lr: float) -> str | None:
+    """A warning when a student ends near chance while its teacher is well above it: the
+    run finished, but learned nothing (a loss that exploded, then stuck, below the
+    divergence guard's bar); None when the result is not that."""
+    result, classes = card.result, card.num_classes
+    if result is None or teacher_accuracy is None or classes < 2:
+        return None
+    chance = 1 / classes
+    student = result["test_accuracy"]
+    if student > chance + 0.1 * (1 - chance) or teacher_accuracy < chance + 0.5 * (1 - chance):
+        return None
+    return (
+        f"warning: the student's test accuracy {student:.4f} is at chance ({classes} "
+        f"classes: {chance:.4f}) while its teacher's is {teacher_accuracy:.4f} on the "
+        "cache: it learned nothing; see metrics.csv for a loss that grew, then clip the "
+        f"gradient (--clip-grad 1) or lower --lr (was {lr:g})"
+    )
 
 
 # what each input of input_ids is called in a refusal, and the option that names it

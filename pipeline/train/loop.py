@@ -51,7 +51,13 @@ METRIC_COLUMNS = (
     "val_errors",
     "seconds",
 )
-SUM_KEYS = ("loss", "hard", "soft", "correct", "labeled")
+SUM_KEYS = ("loss", "hard", "soft", "correct", "labeled", "exploded")
+# A batch loss this many times the run's first-epoch loss (or, in epoch 1, its first
+# batch's; never under EXPLODED_FLOOR) has diverged though it is still finite: a
+# student that goes there sticks at chance (measured: the README's path on 180 images
+# went from 7.6 to 4718 in epoch 2, then stayed at chance to the end, exit 0).
+EXPLODED_FACTOR = 100.0
+EXPLODED_FLOOR = 100.0
 
 
 def fit(
@@ -114,7 +120,7 @@ def fit(
             order = order.to(device)  # batches are then sliced and gathered on the GPU
         batches = EpochBatches(data if resident is None else resident, order, config.batch_size,
                                epoch, config.seed, world)  # fmt: skip
-        sums = EpochSums(device)
+        sums = EpochSums(device, rows[0]["loss"] if rows else None)
         lr = optimizer.param_groups[0]["lr"]
         loaded = _progress(batches, config, device, resident is not None, world)
         for batch_index, gathered in enumerate(loaded):
@@ -130,6 +136,7 @@ def fit(
             sums.add(output, batch["labels"], weight, batch_index)
         sums.raise_if_diverged(epoch, config.lr)  # a run without model.json stays unfinished
         totals = dict(zip(SUM_KEYS, world.all_sum(sums.sums).tolist(), strict=True))
+        sums.raise_if_exploded(epoch, config, totals["exploded"])  # every rank, the same sum
         scheduler.step(epoch)  # sched_on="epoch"
         world.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, as evaluated
         row = world.on_main(evaluation.end_epoch, epoch, lr, totals, started)
@@ -188,30 +195,47 @@ def _progress(
 class EpochSums:
     """The epoch's loss terms and accuracy, summed on the device and read once per epoch:
     a ``.item()`` per step would make the host wait for every step before it prepares
-    the next batch. Remembers the first batch whose loss is not finite."""
+    the next batch. Remembers the first batch whose loss is not finite, and counts the
+    batches whose loss exploded (``EXPLODED_FACTOR`` times ``reference``, the run's
+    first-epoch loss; in epoch 1 the first batch's)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, reference: float | None = None) -> None:
         self.sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64, device=device)
         self.nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
         self.first_bad = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=device)
+        self.first_exploded = self.first_bad.clone()
+        self.reference = (
+            None if reference is None or not math.isfinite(reference)
+            else torch.tensor(reference, dtype=torch.float64, device=device)
+        )  # fmt: skip
 
     def add(self, output: dict, labels: torch.Tensor, weight: float, batch_index: int) -> None:
         size = len(labels) if weight else 0
         known = (labels >= 0) & (weight > 0)
         loss = output["loss"].detach().double()
         hard, soft = output["task_loss"], output["kd_loss"]
+        if self.reference is None:
+            self.reference = loss.clone()  # epoch 1's first batch: the loss at initialisation
+        limit = torch.clamp(self.reference * EXPLODED_FACTOR, min=EXPLODED_FLOOR)
+        exploded = torch.isfinite(loss) & (loss > limit) & (weight > 0)
         self.sums += torch.stack([
             loss * size,
             hard.detach().double() * size if hard is not None else self.nan,
             soft.detach().double() * size if soft is not None else self.nan,
             ((output["output"].argmax(-1) == labels) & known).sum().double(),
             known.sum().double(),
+            exploded.double(),
         ])  # fmt: skip
+        index = torch.zeros_like(loss) + batch_index
         self.first_bad = torch.where(  # the first batch whose loss is not finite, and that loss
             (self.first_bad[0] < 0) & ~torch.isfinite(loss),
-            torch.stack([torch.zeros_like(loss) + batch_index, loss]),
+            torch.stack([index, loss]),
             self.first_bad,
         )
+        self.first_exploded = torch.where(
+            (self.first_exploded[0] < 0) & exploded, torch.stack([index, loss]),
+            self.first_exploded,
+        )  # fmt: skip
 
     def raise_if_diverged(self, epoch: int, lr: float) -> None:
         bad_batch, bad_loss = self.first_bad.tolist()
@@ -220,6 +244,24 @@ class EpochSums:
                 f"training diverged in epoch {epoch}, batch {int(bad_batch) + 1}: "
                 f"the loss is {bad_loss}; lower --lr (now {lr:g})"
             )
+
+    def raise_if_exploded(self, epoch: int, config: TrainConfig, exploded: float) -> None:
+        """Raise when a batch's loss exploded (on any rank: ``exploded`` is the sum over
+        the ranks, so that all of them stop together). A finite loss that grew a hundred
+        times has left the basin: the run would go on at chance and exit 0."""
+        if not exploded:
+            return
+        batch, loss = self.first_exploded.tolist()
+        reference = float(self.reference) if self.reference is not None else math.nan
+        seen = (f"batch {int(batch) + 1}: the loss is {loss:.4g}," if batch >= 0
+                else "on another rank: the loss is")  # fmt: skip
+        clip = ("clip the gradient (--clip-grad 1)" if config.clip_grad is None
+                else f"clip harder (--clip-grad now {config.clip_grad:g})")  # fmt: skip
+        raise TrainingDivergedError(
+            f"training diverged in epoch {epoch}, {seen} over {EXPLODED_FACTOR:g} times "
+            f"its start ({reference:.4g}), in {int(exploded)} batch(es); "
+            f"{clip} or lower --lr (now {config.lr:g})"
+        )
 
 
 @dataclass
