@@ -14,9 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import cache, fails, invoke, snapshot, student
+from kdpipe.base.distributed import SINGLE
+from kdpipe.base.errors import UsageError
 from kdpipe.cache import read_manifest
+from kdpipe.cache.location import Location
 from kdpipe.data.datasets import load_dataset
 from kdpipe.models.runs import read_card
+from kdpipe.models.teach import single_writer
 from kdpipe.train import TrainConfig, resume_training, train_student
 from PIL import Image
 
@@ -203,6 +207,27 @@ def test_a_second_writer_on_one_store_is_refused(teacher_run: Path, tmp_path: Pa
         for options in ("--temperature 2", "--temperature 2 --overwrite"):
             fails(cache(teacher_run, out, options), "is being written by another cache-teacher")
     assert snapshot(out) == kept
+
+
+def test_cache_teacher_leaves_no_lock_behind(teacher_run: Path, tmp_path: Path) -> None:
+    """The writer's lock file goes with the pass: a finished cache, and a refused output
+    (a folder of the user's, found by make faults' guard sweep: the refusal left
+    ``.notes.lock`` beside it, and the folders made to hold it), leave nothing of it."""
+    assert cache(teacher_run, tmp_path / "c.zarr").exit_code == 0
+    assert not (tmp_path / ".c.zarr.lock").exists()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("three years of work\n")
+    kept = snapshot(tmp_path)
+    fails(cache(teacher_run, notes), "already exists and is not a kdpipe cache to resume")
+    fails(cache(teacher_run, notes / "thesis.txt"), "already exists and is not a kdpipe cache")
+    assert snapshot(tmp_path) == kept and not (tmp_path / ".notes.lock").exists()
+    # a pass that fails before writing anything takes away the folders made for the lock
+    deep = Location(str(tmp_path / "new" / "deep" / "c.zarr"))
+    with pytest.raises(UsageError), single_writer(deep, SINGLE):
+        assert (tmp_path / "new" / "deep" / ".c.zarr.lock").exists()
+        raise UsageError("refused inside the pass")
+    assert not (tmp_path / "new").exists()
 
 
 def test_weights_of_another_architecture_get_one_line(teacher_run: Path, tmp_path: Path) -> None:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -209,22 +212,51 @@ def _pass(
 def single_writer(out: Location, world: World) -> Iterator[None]:
     """Hold a lock beside a local output for the whole pass, so that a second cache-teacher
     started on the same --out is refused (it would be told to --overwrite the live store)
-    instead of writing into it. A hidden ``.NAME.lock`` file beside the store holds it;
-    object-store URLs have no such lock."""
+    instead of writing into it. A hidden ``.NAME.lock`` file beside the store holds it,
+    and goes when the pass ends (a refused output leaves nothing behind, not even the
+    folders made to hold it); object-store URLs have no such lock."""
     if not out.local or not world.is_main:
         yield
         return
     path = out.path
+    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a+") as handle:
+    lock = path.parent / f".{path.name}.lock"
+    try:
+        handle = _take_lock(lock, out)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # still held: a waiting writer sees it gone, retries
+            handle.close()
+    finally:
+        for folder in made:  # deepest first; one that now holds something stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _take_lock(lock: Path, out: Location) -> IO[str]:
+    """``lock`` opened and flocked, or the refusal. A lock file unlinked by the writer
+    that held it between this open and this flock is not the lock any more: open again."""
+    while True:
+        handle = open(lock, "a+")  # noqa: SIM115 - held open for the whole pass
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.close()
             raise OutputExistsError(
                 f"{out} is being written by another cache-teacher right now: wait for it to "
                 "finish (then run again to resume or reuse it) or choose another --out"
             ) from None
-        yield  # the lock goes with the file's closing
+        try:
+            same = os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return handle
+        handle.close()
 
 
 def _new_manifest(
