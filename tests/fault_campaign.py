@@ -6,7 +6,8 @@ store must end byte-identical to an uninterrupted one, and no chunk flagged
 as finished may be written again. Flips: one random bit of one random byte of
 the finished store (every byte of every file equally likely) is inverted;
 ``verify`` and the training reader must both refuse the store; the byte is
-then restored. The figures go into a section of docs/reliability.md.
+then restored. Then the output guard and the fingerprint framing are swept
+(:mod:`guard_campaign`). The figures go into a section of docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from guard_campaign import framing_campaign, guard_campaign
+from guard_campaign import section as guard_section
 from kdpipe.base.errors import KdpipeError
 from kdpipe.tools.publish import machine_line, replace_section
 
@@ -277,12 +280,25 @@ def main() -> None:
     parser.add_argument("--moves", type=int, default=60)
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--forgeries", type=int, default=100)
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument(
+        "--guard-only",
+        action="store_true",
+        help="only the output guard and the framing sweeps (no --markdown)",
+    )
     args = parser.parse_args()
     rng = random.Random(args.seed)
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     started = time.perf_counter()
+    guard = guard_campaign(args.work.resolve(), Path(args.data_root).resolve())
+    print(json.dumps(guard, indent=2), flush=True)
+    framing = framing_campaign(args.work.resolve(), rng, args.forgeries)
+    print(json.dumps(framing, indent=2), flush=True)
+    swept = not guard["failures"] and not framing["failures"]
+    if args.guard_only:
+        sys.exit(0 if swept else 1)
     kills = kill_campaign(args, args.work, rng)
     print(json.dumps(kills, indent=2), flush=True)
     flips = flip_campaign(args, args.work / "reference.zarr", rng)
@@ -291,12 +307,14 @@ def main() -> None:
     print(json.dumps(moves, indent=2), flush=True)
     if args.markdown:
         text = section(args, kills, flips, moves, time.perf_counter() - started)
+        text += "\n\n" + guard_section(guard, framing)
         replace_section(args.markdown, "faults", text)
     ok = (
         kills["identical"]
         and not kills["chunks_recomputed"]
         and not flips["missed"]
         and not moves["missed"]
+        and swept
     )
     sys.exit(0 if ok else 1)
 

@@ -180,12 +180,27 @@ def test_bad_data_yamls_are_one_line(detect_set: Path, tmp_path: Path) -> None:
         moved.rename(labels)
 
 
-def test_detect_folder_cli_keeps_what_it_did_not_make(tmp_path: Path) -> None:
+def test_detect_folder_cli_keeps_what_it_did_not_make(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """detect-folder asks the one output guard: a folder of the user's, the working
+    directory (empty, it was written into: make faults' guard sweep) and a JPEG folder
+    of jpeg-folder are each refused, with or without --overwrite."""
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.txt").write_text("mine")
     fails(invoke("detect-folder --dest", tmp_path / "mine"), "pass --overwrite")
     fails(invoke("detect-folder --overwrite --dest", tmp_path / "mine"),
-          "is not a detection set kdpipe made")  # fmt: skip
+          "is not a detection set (detect-folder) kdpipe wrote")  # fmt: skip
     assert (tmp_path / "mine" / "thesis.txt").read_text() == "mine"
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for overwrite in ("", "--overwrite"):
+        fails(invoke(f"detect-folder {overwrite} --data-root", tmp_path / "nothing", "--dest ."),
+              "--dest . is the working directory")  # fmt: skip
+    assert not any((tmp_path / "here").iterdir())
+    jpegs = tmp_path / "jpegs"
+    jpegs.mkdir()
+    (jpegs / "RECIPE.json").write_text('{"recipe": {}, "files_sha256": "0"}')
+    fails(invoke("detect-folder --overwrite --dest", jpegs), "is not a detection set")
     fails(invoke("detect-folder --data-root", tmp_path / "nothing", "--dest", tmp_path / "f"),
           "is missing: run 'make data'")  # fmt: skip

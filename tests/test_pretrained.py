@@ -105,6 +105,26 @@ def test_a_timm_arch_with_a_weights_file_is_a_teacher_run(
     assert loaded == card and weights_sha256(model.to(memory_format=torch.contiguous_format))
 
 
+def test_kdpipe_s_own_network_imports_at_its_input_size(teacher_run: Path, tmp_path: Path) -> None:
+    """timm:kd_cnn with a kdpipe run's weights at the run's input size: kdpipe's networks
+    size their dense layer by the input, so the model is built at --input-size (it was
+    built at the pretrained_cfg's 28 px, and every such file "did not fit"). Found by
+    make faults' guard sweep."""
+    card = read_card(teacher_run)
+    side = card.data_config["input_size"][1]
+    mean, std = (",".join(map(str, card.data_config[key])) for key in ("mean", "std"))
+    out = tmp_path / "imported"
+    result = invoke(f"import-teacher timm:{card.architecture} --weights",
+                    teacher_run / "model.safetensors", f"--input-size {side} --mean {mean} "
+                    f"--std {std} --out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    imported = read_card(out)
+    assert imported.weights_sha256 == card.weights_sha256  # the same tensors, loaded whole
+    assert imported.model_kwargs == {"img_size": [side, side]}
+    model, _ = load_model(out)  # rebuilt from its card at that size
+    assert weights_sha256(model.to(memory_format=torch.contiguous_format)) == card.weights_sha256
+
+
 def test_a_torch_checkpoint_with_nested_keys_and_ddp_prefixes(
     state: dict, weights: Path, tmp_path: Path
 ) -> None:

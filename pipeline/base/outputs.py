@@ -317,14 +317,27 @@ MARKDOWN = Output("a Markdown file (.md, or one holding kdpipe's section markers
                   _is_markdown, edits=True)  # fmt: skip
 PNG = Output("a PNG drawn by kdpipe", _is_png)
 BENCH_WORK = Output("a bench work folder", _marked("bench", "bench-folder"), folder=True)
-JPEG_FOLDER = Output(
-    "a JPEG folder of kdpipe jpeg-folder",
-    lambda where: (
-        _marked("jpeg-folder")(where)
-        or _is_json_with("recipe", "files_sha256")(Location(Path(where.url) / "RECIPE.json"))
-    ),
-    folder=True,
-)
+
+
+def _recipe_folder(kind: str, yaml: bool) -> Callable[[Location], bool]:
+    """A dataset folder kdpipe built: its marker, or (built before markers) its RECIPE.json
+    with the files' digest, and a data.yaml for a detection set only (so that neither kind
+    passes for the other)."""
+
+    def ours(where: Location) -> bool:
+        if _marked(kind)(where):
+            return True
+        if not where.local or (where.path / "data.yaml").is_file() != yaml:
+            return False
+        return _is_json_with("recipe", "files_sha256")(Location(where.path / "RECIPE.json"))
+
+    return ours
+
+
+JPEG_FOLDER = Output("a JPEG folder of kdpipe jpeg-folder", _recipe_folder("jpeg-folder", False),
+                     folder=True)  # fmt: skip
+DETECT_SET = Output("a detection set (detect-folder)",
+                    _recipe_folder("detect-folder", True), folder=True)  # fmt: skip
 SHARDS = Output("a shard folder", lambda _where: False, folder=True)  # new or empty only
 BIAS_RESULT = Output("a tune-bias result", _is_json_with("bias", "classes"))
 REPORT_CSV = Output("a CSV table of kdpipe report", table_file("run", "group", "kind"))

@@ -16,13 +16,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from kdpipe.base.errors import OutputExistsError, UsageError
+from kdpipe.base.errors import UsageError
 
 RECIPE = {
     "source": "Fashion-MNIST: train and val canvases from its training images, test canvases "
@@ -169,6 +168,7 @@ def build_detect_folder(
     """Write the detection set of :data:`RECIPE` into ``out`` (``counts`` canvases per split
     of train, val and test): images, labels, ``data.yaml`` and ``RECIPE.json`` (returned).
     ``source`` is another grayscale dataset in its place (``synthetic`` in the tests)."""
+    from kdpipe.base.outputs import DETECT_SET, guard_output, mark_folder
     from kdpipe.data.datasets import load_dataset
     from PIL import __version__ as pillow_version
     from PIL import features
@@ -178,14 +178,10 @@ def build_detect_folder(
     if unknown or any(count < 1 for count in counts.values()):
         raise UsageError(f"counts must be >= 1 for splits of {sorted(SPLIT_NUMBER)}: {counts}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(f"{out} exists and is not empty: pass --overwrite to "
-                                    "rebuild it")  # fmt: skip
-        if not (out / RECIPE_FILE).is_file():
-            raise OutputExistsError(f"{out} is not a detection set kdpipe made (no "
-                                    f"{RECIPE_FILE}): not replaced")  # fmt: skip
-        shutil.rmtree(out)
+    guard_output(out, DETECT_SET, overwrite=overwrite, inputs=[Path(data_root) / source],
+                 option="--dest")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    mark_folder(out, "detect-folder")  # first: a build killed half-way is still known as ours
     sources = {}
     written: list[tuple[str, str]] = []
     for split, count in counts.items():

@@ -479,12 +479,17 @@ def create_pretrained(
     the tag's weights' values, not necessarily the file's.
     """
     import timm
-    from kdpipe.models.registry import weights_sha256
+    from kdpipe.models.registry import resolve_model_kwargs, weights_sha256
 
     kind, name = parse_source(text)
     cfg, architecture, model_kwargs = _source_config(kind, name, text)
     given = check_data_config(dict(data_config or {}), text)
     resolved = preprocessing(cfg, text, in_chans, given)
+    # kdpipe's own networks (timm:kd_cnn...) are sized by their input: built at the size
+    # given, as train-teacher built them (timm's own adapt by themselves)
+    sized = resolve_model_kwargs(architecture, resolved, model_kwargs)
+    built = {k: v for k, v in sized.items() if k not in model_kwargs}
+    model_kwargs = sized
     file = _folder_weights(name) if weights is None and kind == "local-dir" else weights
     state = None if file is None else read_weights(file)
     head = cfg.get("num_classes") if state is None else head_size(state, cfg)
@@ -505,7 +510,7 @@ def create_pretrained(
     try:
         model = timm.create_model(
             timm_name, pretrained=True, num_classes=head, in_chans=in_chans,
-            drop_rate=drop_rate, pretrained_cfg_overlay=overlay,
+            drop_rate=drop_rate, pretrained_cfg_overlay=overlay, **built,
         )  # fmt: skip
     except RuntimeError as exc:  # timm's strict load_state_dict, or no weights to load
         if state is None:
