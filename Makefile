@@ -585,8 +585,10 @@ cli-docs: install
 	$(BIN)/python -m kdpipe.tools.clidoc > docs/cli.md
 
 # --- fault campaign (issue: crash-safe, verifiable caches) -------------------------------------
-# 20 random SIGKILLs of cache-teacher on a Fashion-MNIST cache, each resumed, and 200 random
-# single-bit flips, each to be caught by `kdpipe verify` and by the training reader.
+# 20 random SIGKILLs of cache-teacher on a Fashion-MNIST cache, each resumed, 200 random
+# single-bit flips and 60 moved chunks, each to be caught by `kdpipe verify` and by the training
+# reader; then the output guard (every writing command x every dangerous output) and the
+# fingerprint framing (forged folder pairs), tests/guard_campaign.py.
 faults: install data $(H)/teacher-cnn/model.json
 	$(BIN)/python tests/fault_campaign.py --teacher $(H)/teacher-cnn --data-root $(DATA_ROOT) \
 		--work $(RUNS)/faults --markdown docs/reliability.md

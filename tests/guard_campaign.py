@@ -320,18 +320,23 @@ def section(guard: dict, framing: dict) -> str:
     keys = ("probes", "refused", "replaced", "FAILED")
     totals = [sum(c[k] for c in guard["by_command"].values()) for k in keys]
     lines = [
-        f"**Output guard.** {len(guard['by_command'])} commands x {len(guard['outputs'])} "
+        f"**Output guard.** {len(guard['by_command'])} commands and output options x "
+        f"{len(guard['outputs'])} "
         "dangerous outputs x with and without `--overwrite`, each run from `project/work` "
         "in a sandbox (data, teacher, cache, student, ONNX file, evaluate's JSON, a folder "
-        "and a file of the user's); a probe passes when it ends in one `Error:` line and the "
-        "sandbox's tree (every path, every file's bytes) is unchanged. Outputs: "
-        + "; ".join(guard["outputs"])
-        + ".",
+        "and a file of the user's). Outputs: " + "; ".join(guard["outputs"]) + ". A probe "
+        "is *refused* when it ends in one `Error:` line and the sandbox's tree (every path, "
+        "every file's bytes) is unchanged; *replaced* when, with `--overwrite`, it replaced "
+        "an output of its own kind that kdpipe wrote and that is not its input (exit 0, "
+        "nothing else changed; the sandbox is then restored); anything else *failed*.",
         "",
-        "| command | probes | refused in one line | tree unchanged |",
-        "|---|---|---|---|",
-        *(f"| {name} | {n} | {r} | {u} |" for name, (n, r, u) in guard["by_command"].items()),
-        f"| **all** | **{totals[0]}** | **{totals[1]}** | **{totals[2]}** |",
+        "| command | probes | refused | replaced | failed |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {name} | " + " | ".join(str(c[k]) for k in keys) + " |"
+            for name, c in guard["by_command"].items()
+        ),
+        "| **all** | " + " | ".join(f"**{t}**" for t in totals) + " |",
         "",
         "Failed: " + ("; ".join(guard["failures"]) if guard["failures"] else "none."),
         "",
