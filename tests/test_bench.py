@@ -185,3 +185,22 @@ def test_bench_folder_bad_inputs_are_one_line(tmp_path: Path) -> None:
     for out in (folder, tmp_path):
         fails(invoke(base, out, "--folder", folder, "--small", other), str(folder))
     assert (folder / "RECIPE.json").is_file() and (other / "RECIPE.json").is_file()
+
+
+def test_the_scale_bench_measures_a_small_shape(tmp_path: Path) -> None:
+    """make scale's measurement on a tiny shape: the cache is written by cache-teacher's
+    path, verified, read whole by the student's access pattern from disk and from the
+    counting S3 server (its GETs and bytes counted there, in its own process)."""
+    from kdpipe.tools.scale import ScaleConfig, measure
+
+    config = ScaleConfig(work=tmp_path / "scale", rows=3000, classes=20, views=2, top_k=5,
+                         chunk_size=512, memory=64 << 20)  # fmt: skip
+    result = measure(config, log=lambda _line: None)
+    assert result["chunks"] == 6 and result["verify_ok"]
+    # per chunk: indices, labels, the top-K values and classes, views, partners, position
+    # digests, progress flag; plus the group's and each array's zarr.json
+    assert result["files"] == 6 * 8 + 9
+    assert result["local"]["rows"] == 3000 and result["object_store"]["rows"] == 3000
+    remote = result["object_store"]
+    assert remote["gets"] >= 6 * 5  # every chunk of every per-view array read, once at least
+    assert remote["get_bytes"] >= 0.5 * result["bytes"]

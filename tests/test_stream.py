@@ -126,6 +126,32 @@ def test_streamed_top_k_cache_is_not_retempered(teacher_run: Path, tmp_path: Pat
         StreamedSoftLabels(out, 20_000).log_probs(2.0)
 
 
+def test_a_streamed_top_k_cache_of_views_holds_its_stored_form(
+    teacher_run: Path, tmp_path: Path
+) -> None:
+    """A top-K cache of several views streams the same dense rows as the whole read, while
+    its window holds only the stored form (K values and classes per view, not the classes
+    dense for every view: issue 26's 1000-class, 8-view cache read at a third of the rate)."""
+    out = tmp_path / "top2.zarr"
+    result = invoke("cache-teacher --data synthetic --teacher", teacher_run, "--out", out,
+                    "--temperature 4 --top-k 2 --chunk-size 64 --views 3 "
+                    "--augment shift-flip")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    whole = load_soft_labels(out)
+    manifest = whole.manifest
+    streamed = StreamedSoftLabels(out, 3 * 64 * decoded_bytes_per_row(manifest))
+    count = manifest.num_samples
+    positions = torch.randperm(count, generator=torch.Generator().manual_seed(1))
+    views = torch.randint(0, 3, (count,), generator=torch.Generator().manual_seed(2))
+    read = streamed.log_probs()[positions, views]
+    assert read.dtype == torch.float32 and read.shape == (count, manifest.num_classes)
+    assert torch.equal(read, whole.log_probs()[positions, views])
+    stored_row = 3 * 2 * (2 + 2)  # views x K x (float16 value + int16 class)
+    held = streamed.reader.buffers["targets"]
+    assert sorted(held) == ["topk_indices", "topk_logprobs"]
+    assert sum(b[0].nelement() * b[0].element_size() for b in held.values()) == stored_row
+
+
 def test_dataloader_workers_stream_the_same_batches(train_cache: Path) -> None:
     """Workers forked while the parent reads ahead read for themselves, and agree with it."""
     soft = StreamedSoftLabels(train_cache, 30_000)

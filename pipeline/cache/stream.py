@@ -102,7 +102,7 @@ class ChunkReader:
         self.window, self.capacity = window, 2 * window
         self.temperature = temperature
         num_chunks = -(-manifest.num_samples // manifest.chunk_size)
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, dict[str, torch.Tensor]] = {}  # name: its stored arrays
         self.slot_of = {name: torch.full((num_chunks,), -1) for name in PER_VIEW}
         self.used: dict[str, OrderedDict[int, int]] = {n: OrderedDict() for n in PER_VIEW}
         self.ahead: dict[str, dict[int, Future]] = {name: {} for name in PER_VIEW}
@@ -126,8 +126,14 @@ class ChunkReader:
             if int(slot_of[index]) < 0:
                 self._load(name, index, keep=needed)
             self.used[name].move_to_end(index)
-        buffer = self.buffers[name]
-        return buffer[slot_of[chunks] * step + rows - chunks * step, views]
+        at = slot_of[chunks] * step + rows - chunks * step
+        parts = {part: buffer[at, views] for part, buffer in self.buffers[name].items()}
+        if name != "targets":
+            return parts[name]
+        # the stored form (top-K values and classes, or float16) decoded for these rows and
+        # views only: a window of a top-10 cache of 1000 classes and 8 views held dense
+        # would be 400 times its stored size, and decoding it whole cost 8 views per row
+        return to_log_probs(parts, self.manifest, self.temperature, self.path)
 
     def _load(self, name: str, index: int, keep: list[int]) -> None:
         import torch
@@ -135,24 +141,29 @@ class ChunkReader:
         self._executor()  # in a forked DataLoader worker: drop the parent's reads in flight
         pending = self.ahead[name].pop(index, None)
         self.chunks_ahead += pending is not None
-        values = pending.result() if pending is not None else self._read(name, index)
+        parts = pending.result() if pending is not None else self._read(name, index)
+        length = len(next(iter(parts.values())))
         if name not in self.buffers:
-            self.buffers[name] = torch.empty(
-                (self.capacity * self.chunk_size, *values.shape[1:]), dtype=values.dtype
-            )
+            self.buffers[name] = {
+                part: torch.empty((self.capacity * self.chunk_size, *values.shape[1:]),
+                                  dtype=values.dtype)
+                for part, values in parts.items()
+            }  # fmt: skip
+        buffers = self.buffers[name]
         used, slot_of = self.used[name], self.slot_of[name]
         victim = next((chunk for chunk in used if chunk not in keep), None)
-        if len(used) < self.buffers[name].shape[0] // self.chunk_size:
+        if len(used) < len(next(iter(buffers.values()))) // self.chunk_size:
             slot = len(used)
         elif victim is not None:  # the least recently used chunk this batch does not need
             slot = used.pop(victim)
             slot_of[victim] = -1
         else:  # one batch spans more chunks than the slots: one more slot, over budget
-            buffer = self.buffers[name]
-            self.buffers[name] = torch.cat([buffer, torch.empty_like(buffer[: self.chunk_size])])
+            for part, buffer in buffers.items():
+                buffers[part] = torch.cat([buffer, torch.empty_like(buffer[: self.chunk_size])])
             slot = len(used)
         start = slot * self.chunk_size
-        self.buffers[name][start : start + len(values)] = values
+        for part, values in parts.items():
+            buffers[part][start : start + length] = values
         used[index] = slot
         slot_of[index] = slot
         self._read_ahead(name, index)
@@ -179,9 +190,11 @@ class ChunkReader:
 
     def _account(self) -> None:
         row_bytes = {
-            name: b[0].element_size() * b[0].nelement() for name, b in self.buffers.items()
+            name: sum(b[0].element_size() * b[0].nelement() for b in parts.values())
+            for name, parts in self.buffers.items()
         }
-        total = sum(b.element_size() * b.nelement() for b in self.buffers.values())
+        total = sum(b.element_size() * b.nelement()
+                    for parts in self.buffers.values() for b in parts.values())  # fmt: skip
         total += sum(len(self.ahead[name]) * self.chunk_size * size
                      for name, size in row_bytes.items())  # fmt: skip
         self.peak_bytes = max(self.peak_bytes, total)
@@ -189,14 +202,16 @@ class ChunkReader:
     def _array(self, name: str, index: int) -> np.ndarray:
         return read_chunk(self.path, self.arrays[name], name, index)
 
-    def _read(self, name: str, index: int) -> torch.Tensor:
+    def _read(self, name: str, index: int) -> dict[str, torch.Tensor]:
+        """Chunk ``index`` of ``name``, checked, as its stored arrays (the soft labels stay
+        in the layout's stored form: :meth:`gather` decodes the rows it returns)."""
         import torch
 
         self.chunks_read += 1
         if name != "targets":
             values = self._array(name, index)
             self.positions.check(name, index, values, f"chunk {index}")
-            return torch.from_numpy(values)
+            return {name: torch.from_numpy(values)}
         stored = {
             name: torch.from_numpy(self._array(name, index)) for name in self.manifest.layout.names
         }
@@ -205,7 +220,7 @@ class ChunkReader:
             raise CacheError(f"{self.path}: NaN or Inf soft labels in chunk {index}")
         for layout_name, array in stored.items():  # after the check that names the problem
             self.positions.check(layout_name, index, array.numpy(), f"chunk {index}")
-        return to_log_probs(stored, self.manifest, self.temperature, self.path)
+        return stored
 
 
 class StreamedRows:

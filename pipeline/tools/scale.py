@@ -1,0 +1,286 @@
+"""An ImageNet-shaped cache on one machine (issue 26): what the store costs at 1.28M rows.
+
+The teacher pass is not what is measured: a fast stand-in teacher (timm's registered
+``kd_mlp_30x2`` with random weights, imported like any timm teacher) runs over tiny
+synthetic images (1 x 4 x 4, random, as many rows as ImageNet-1k's training split) through
+kdpipe's own ``cache-teacher`` path and writer, with the views and top-K people use. What
+is measured is the store: bytes on disk, files, write rate, ``verify`` time, and the
+rows per second a student's access pattern (``--cache-memory``: shuffled windows of
+whole chunks) reads from local disk and from an S3 server (moto's, started here in its
+own process, counting the requests it serves and the bytes it sends).
+
+Run by ``make scale`` (not by the tests: it takes minutes); the figures go into
+docs/scale.md between the markers of its ``scale`` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+# ImageNet-1k's training split, and timm issue 1491's ResNet-50 training rate on one A100
+# (AMP, channels-last, timm's benchmark.py): the student that reads the cache
+IMAGENET_ROWS = 1_281_167
+RESNET50_ROWS_PER_S = 2600
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """One shape of cache and how it is read."""
+
+    work: Path
+    rows: int = IMAGENET_ROWS
+    classes: int = 1000
+    views: int = 8
+    top_k: int | None = 10
+    chunk_size: int = 4096
+    side: int = 4
+    batch_size: int = 256
+    memory: int = 2 << 30  # --cache-memory of the reads: bytes of decoded rows
+    read_rows: int | None = None  # rows read per arm (None: one epoch)
+    object_store: bool = True
+    seed: int = 0
+
+
+def stand_in_data(config: ScaleConfig):  # -> ImageSet
+    """``rows`` random 1 x side x side images with random labels of ``classes`` classes."""
+    from kdpipe.data.datasets import ImageSet
+
+    generator = torch.Generator().manual_seed(config.seed)
+    images = torch.randint(0, 256, (config.rows, 1, config.side, config.side),
+                           dtype=torch.uint8, generator=generator)  # fmt: skip
+    labels = torch.randint(0, config.classes, (config.rows,), generator=generator)
+    classes = tuple(f"c{index:04d}" for index in range(config.classes))
+    return ImageSet(name="scale-synthetic", split="train", images=images, labels=labels,
+                    classes=classes)  # fmt: skip
+
+
+def stand_in_teacher(config: ScaleConfig, out: Path) -> Path:
+    """timm's ``kd_mlp_30x2`` at the data's size, random weights saved and imported as a
+    teacher run (the path a user's own weights file takes)."""
+    import safetensors.torch
+    import timm
+    from kdpipe.models.registry import check_architecture
+    from kdpipe.models.runs import import_teacher
+
+    check_architecture("kd_mlp_30x2")  # kdpipe's networks, registered in timm's registry
+
+    torch.manual_seed(config.seed)
+    model = timm.create_model("kd_mlp_30x2", num_classes=config.classes, in_chans=1,
+                              img_size=[config.side, config.side])  # fmt: skip
+    weights = out.parent / "stand-in-teacher.safetensors"
+    safetensors.torch.save_file(model.state_dict(), str(weights))
+    import_teacher("timm:kd_mlp_30x2", out, weights=weights,
+                   data_config={"img_size": config.side, "mean": (0.5,), "std": (0.25,)},
+                   log=lambda _line: None)  # fmt: skip
+    return out
+
+
+def tree_size(path: Path) -> tuple[int, int]:
+    """(bytes, files) under ``path``."""
+    total, count = 0, 0
+    for folder, _, names in os.walk(path):
+        for name in names:
+            total += os.path.getsize(os.path.join(folder, name))
+            count += 1
+    return total, count
+
+
+def read_rate(location: str, dataset, config: ScaleConfig) -> dict:
+    """Rows per second of a student's epoch order over the cache at ``location``, streamed
+    with ``config.memory`` of decoded rows: batches gathered as train-student gathers
+    them (soft labels of the epoch's view, and its images), nothing trained."""
+    from kdpipe.base.distributed import SINGLE
+    from kdpipe.cache import StreamedSoftLabels
+    from kdpipe.train.batches import EpochBatches, TrainData
+
+    started = time.perf_counter()
+    streamed = StreamedSoftLabels(location, config.memory)
+    data = TrainData.cached(dataset, streamed, streamed.log_probs())
+    order = data.epoch_order(torch.Generator().manual_seed(0), seed=0, epoch=1)
+    if config.read_rows is not None:
+        order = order[: config.read_rows]
+    opened = time.perf_counter() - started
+    batches = EpochBatches(data, order, config.batch_size, 1, 0, SINGLE)
+    started = time.perf_counter()
+    rows = 0
+    for batch in batches.load(workers=0, pin_memory=False):
+        rows += len(batch["labels"])
+    seconds = time.perf_counter() - started
+    return {"rows": rows, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
+            "open_seconds": round(opened, 2)}  # fmt: skip
+
+
+# --- an S3 server in its own process, counting what it serves ----------------------------------
+
+
+def serve(port: int) -> None:
+    """moto's S3 server on ``port`` behind a WSGI wrapper that counts requests by method
+    and the bytes of their responses; ``GET /_kdpipe_counts`` answers the counts."""
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
+
+    app = DomainDispatcherApplication(create_backend_app)
+    counts: dict[str, int] = {}
+
+    def counting(environ: dict, start_response: Callable) -> object:
+        if environ.get("PATH_INFO") == "/_kdpipe_counts":
+            body = json.dumps(counts).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [body]
+        method = environ["REQUEST_METHOD"]
+        counts[method] = counts.get(method, 0) + 1
+
+        def counted(status: str, headers: list, *rest: object) -> object:
+            size = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
+            counts[f"{method}_bytes"] = counts.get(f"{method}_bytes", 0) + size
+            return start_response(status, headers, *rest)
+
+        return app(environ, counted)
+
+    make_server("127.0.0.1", port, counting, True,
+                request_handler=MotoRequestHandler).serve_forever()  # fmt: skip
+
+
+class CountingS3:
+    """The counting server as a subprocess, fsspec pointed at it while in use."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> CountingS3:
+        import fsspec
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kdpipe.tools.scale", "--serve", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for _ in range(200):
+            try:
+                self.counts()
+                break
+            except OSError:
+                time.sleep(0.05)
+        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                          AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+        fsspec.config.conf["s3"] = {"endpoint_url": self.url}
+        self.fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        return self
+
+    def counts(self) -> dict[str, int]:
+        with urllib.request.urlopen(f"{self.url}/_kdpipe_counts", timeout=5) as answer:
+            return json.loads(answer.read())
+
+    def __exit__(self, *_: object) -> None:
+        import fsspec
+
+        fsspec.config.conf.pop("s3", None)
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def measure(config: ScaleConfig, log: Callable[[str], None] = print) -> dict:
+    """Write the cache, then measure it: the figures of docs/scale.md's section."""
+    from kdpipe.check.verify import verify_cache
+    from kdpipe.models.teach import CacheConfig, cache_teacher
+    from kdpipe.views.policy import ViewPolicy
+
+    work = config.work
+    work.mkdir(parents=True, exist_ok=True)
+    dataset = stand_in_data(config)
+    teacher = stand_in_teacher(config, work / "teacher")
+    cache = work / "cache.zarr"
+    policy = ViewPolicy(augment="shift-flip") if config.views > 1 else ViewPolicy()
+    started = time.perf_counter()
+    manifest = cache_teacher(
+        CacheConfig(teachers=(str(teacher),), out=str(cache), temperature=4.0,
+                    views=config.views, policy=policy, top_k=config.top_k,
+                    chunk_size=config.chunk_size, batch_size=8192, device="cpu",
+                    overwrite=True),
+        dataset, log=log,
+    )  # fmt: skip
+    write_seconds = time.perf_counter() - started
+    size, files = tree_size(cache)
+    log(f"written: {size / 2**20:.1f} MiB in {files} files, {write_seconds:.1f} s")
+    started = time.perf_counter()
+    report = verify_cache(cache)
+    verify_seconds = time.perf_counter() - started
+    log(f"verify: {'ok' if report.ok else 'FAILED'} in {verify_seconds:.1f} s")
+    local = read_rate(str(cache), dataset, config)
+    log(f"read from local disk: {local}")
+    result = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "chunks": -(-manifest.num_samples // manifest.chunk_size),
+        "bytes": size, "files": files, "write_seconds": round(write_seconds, 1),
+        "write_rows_per_s": round(config.rows / write_seconds),
+        "verify_ok": report.ok, "verify_seconds": round(verify_seconds, 1),
+        "local": local,
+    }  # fmt: skip
+    if config.object_store:
+        with CountingS3() as s3:
+            s3.fs.mkdir("kdpipe-scale")
+            started = time.perf_counter()
+            s3.fs.put(str(cache), "kdpipe-scale/cache.zarr", recursive=True)
+            result["upload_seconds"] = round(time.perf_counter() - started, 1)
+            before = s3.counts()
+            remote = read_rate("s3://kdpipe-scale/cache.zarr", dataset, config)
+            after = s3.counts()
+            gets = after.get("GET", 0) - before.get("GET", 0)
+            sent = after.get("GET_bytes", 0) - before.get("GET_bytes", 0)
+            remote |= {"gets": gets, "get_bytes": sent,
+                       "gets_per_s": round(gets / remote["seconds"], 1),
+                       "bytes_per_get": round(sent / gets) if gets else 0}  # fmt: skip
+            result["object_store"] = remote
+            log(f"read from the S3 server: {remote}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, default=Path("runs/scale"))
+    parser.add_argument("--rows", type=int, default=IMAGENET_ROWS)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--views", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=10, help="0: dense")
+    parser.add_argument("--chunk-size", type=int, default=4096)
+    parser.add_argument("--memory-mib", type=int, default=2048)
+    parser.add_argument("--read-rows", type=int, default=None)
+    parser.add_argument("--no-object-store", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return
+    config = ScaleConfig(work=args.work, rows=args.rows, classes=args.classes, views=args.views,
+                         top_k=args.top_k or None, chunk_size=args.chunk_size,
+                         memory=args.memory_mib << 20, read_rows=args.read_rows,
+                         object_store=not args.no_object_store)  # fmt: skip
+    result = measure(config)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
