@@ -6,9 +6,11 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import safetensors.torch
 import torch
 from conftest import cache, edit_manifest, invoke
@@ -210,3 +212,100 @@ def test_two_processes_over_an_image_folder_write_the_one_process_cache(tmp_path
     assert torch.equal(a.values, b.values) and torch.equal(a.views, b.views)
     assert (a.partners >= 0).all()
     assert result.stdout.count("cache_id") == 1, result.stdout
+
+
+def two_nodes(args: list[str | Path], kill_after: dict[int, str], logs: Path) -> list[int]:
+    """``kdpipe ARGS`` as two torchrun launches of one process each (``--nnodes 2``, a
+    localhost rendezvous: two nodes, simulated); node ``n`` in ``kill_after`` SIGKILLs
+    itself at that point (``KDPIPE_TEST_KILL_AFTER``). Returns both exit codes; a node left
+    waiting for its dead peer is stopped once the other has gone (it cannot finish). Each
+    node's output goes to ``logs``-node0.log and -node1.log."""
+    import os
+    import signal
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items() if k != "KDPIPE_TEST_KILL_AFTER"}
+        if rank in kill_after:
+            env["KDPIPE_TEST_KILL_AFTER"] = kill_after[rank]
+        with Path(f"{logs}-node{rank}.log").open("w") as log:  # the child keeps its copy
+            nodes.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                 f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                 "-m", "kdpipe", *map(str, args)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            ))  # fmt: skip
+    codes: list[int | None] = [None, None]
+    while None in codes:
+        for rank, node in enumerate(nodes):
+            codes[rank] = node.poll()
+        if any(code not in (None, 0) for code in codes):  # one node lost: stop the other
+            for node in nodes:
+                if node.poll() is None:
+                    try:
+                        node.wait(timeout=60)  # its own error first, if it sees the loss
+                    except subprocess.TimeoutExpired:
+                        os.killpg(node.pid, signal.SIGKILL)
+            codes = [node.wait() for node in nodes]
+        elif None in codes:
+            time.sleep(0.1)  # polling for an exit, not a timing the test depends on
+    return [int(code) for code in codes]
+
+
+def test_two_nodes_one_killed_then_resumed_equal_one_process(
+    teacher_run: Path, tmp_path: Path
+) -> None:
+    """Two simulated nodes write one cache; node 1 is SIGKILLed after its second durable
+    chunk (node 0 then fails or is stopped: the job is lost); the rerun on two nodes resumes
+    and the store equals the one-process store byte for byte. Then a two-node student whose
+    rank 0 is killed after its first epoch's checkpoint resumes in one process and ends
+    where the one-process run ends (issue 26.3)."""
+    one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
+    assert kdpipe(*cache_args(teacher_run, one)).returncode == 0
+    codes = two_nodes(cache_args(teacher_run, two), {1: "chunks:2"}, tmp_path / "killed")
+    assert codes[1] != 0 and read_manifest(two).status == "writing", codes
+    survivor = (tmp_path / "killed-node0.log").read_text()
+    assert "Error: rank 0 of 2: another process of this run stopped (" in survivor, survivor
+    assert two_nodes(cache_args(teacher_run, two), {}, tmp_path / "rerun") == [0, 0]
+    log = (tmp_path / "rerun-node0.log").read_text()
+    assert "resuming, " in log and "chunks already written" in log, log
+    assert chunk_files(two) == chunk_files(one)
+    assert read_manifest(two).status == "complete"
+    assert read_manifest(two).cache_id == read_manifest(one).cache_id
+
+    solo, pair = tmp_path / "solo", tmp_path / "pair"
+    assert kdpipe(*student_args(one, solo)).returncode == 0
+    codes = two_nodes(student_args(two, pair), {0: "epochs:1"}, tmp_path / "student")
+    assert codes[0] != 0 and not (pair / "model.json").exists(), codes
+    survivor = (tmp_path / "student-node1.log").read_text()
+    assert "Error: rank 1 of 2: another process of this run stopped (" in survivor, survivor
+    resumed = kdpipe("train-student", "--resume", pair)
+    assert resumed.returncode == 0, resumed.stderr
+    a = safetensors.torch.load_file(str(solo / "model.safetensors"))
+    b = safetensors.torch.load_file(str(pair / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_lost_peer_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gloo's error for a dead peer, as the two-node test meets it, becomes one line with
+    what to do; any other RuntimeError, or one outside torchrun, stays what it was."""
+    from kdpipe.cli.base import lost_peer
+
+    gloo = RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read "
+                        "error [127.0.0.1]:44697: Connection reset by peer. This is typically "
+                        "caused by a remote worker hanging")  # fmt: skip
+    assert lost_peer(gloo) is None  # not under torchrun
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert lost_peer(gloo) == (
+        "rank 1 of 2: another process of this run stopped (Read error [127.0.0.1]:44697: "
+        "Connection reset by peer. This is typically caused by a remote worker hanging); what "
+        "was written is kept: run the same command again on every node to resume "
+        "(train-student: --resume RUN_DIR)"
+    )
+    assert lost_peer(RuntimeError("CUDA out of memory")) is None

@@ -60,8 +60,39 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             where = (f"{exc.filename}: " if exc.filename else
                      f"writing {outputs[-1]}: " if outputs else "")  # fmt: skip
             raise click.ClickException(f"{where}{exc.strerror or exc}") from exc
+        except RuntimeError as exc:
+            message = lost_peer(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from exc
 
     return wrapper
+
+
+# what torch.distributed's backends say when the process at the other end has gone
+_LOST = ("connection reset by peer", "connection closed by peer", "broken pipe",
+         "connection refused")  # fmt: skip
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """One line for a process of a torchrun job whose peer died (a node lost, a rank
+    killed): gloo's or NCCL's error, first line only, and what to do; None for any other
+    error. Read from the exception alone: no torch import for the light commands."""
+    import os
+
+    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    text = str(exc)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    distributed = type(exc).__name__ in ("DistBackendError", "DistNetworkError") or "gloo" in text
+    if size <= 1 or not (distributed and any(sign in text.lower() for sign in _LOST)):
+        return None
+    if "]" in first:  # gloo's "[path/pair.cc:545] Read error ...": the source path goes
+        first = first.split("]", 1)[1].strip()
+    return (
+        f"rank {os.environ.get('RANK', '?')} of {size}: another process of this run "
+        f"stopped ({first[:160]}); what was written is kept: run the same command again "
+        "on every node to resume (train-student: --resume RUN_DIR)"
+    )
 
 
 def parse_sizes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple | None:
