@@ -33,6 +33,7 @@ import torch
 # (AMP, channels-last, timm's benchmark.py): the student that reads the cache
 IMAGENET_ROWS = 1_281_167
 RESNET50_ROWS_PER_S = 2600
+LOGIT_STD = 8.0  # the stand-in teacher's logit spread (what its rows hold: docs/scale.md)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,10 @@ def stand_in_data(config: ScaleConfig):  # -> ImageSet
 
 def stand_in_teacher(config: ScaleConfig, out: Path) -> Path:
     """timm's ``kd_mlp_30x2`` at the data's size, random weights saved and imported as a
-    teacher run (the path a user's own weights file takes)."""
+    teacher run (the path a user's own weights file takes). Its head is scaled so that
+    the logits' standard deviation over the data is ``LOGIT_STD``: a random network's
+    near-equal logits would store near-uniform rows, which compress far better than a
+    trained teacher's, and the bytes on disk would flatter the store."""
     import safetensors.torch
     import timm
     from kdpipe.models.registry import check_architecture
@@ -78,7 +82,13 @@ def stand_in_teacher(config: ScaleConfig, out: Path) -> Path:
 
     torch.manual_seed(config.seed)
     model = timm.create_model("kd_mlp_30x2", num_classes=config.classes, in_chans=1,
-                              img_size=[config.side, config.side])  # fmt: skip
+                              img_size=[config.side, config.side]).eval()  # fmt: skip
+    sample = torch.randint(0, 256, (4096, 1, config.side, config.side),
+                           generator=torch.Generator().manual_seed(config.seed))  # fmt: skip
+    with torch.no_grad():
+        spread = float(model((sample.float() / 255 - 0.5) / 0.25).std())
+        model.head.weight *= LOGIT_STD / spread
+        model.head.bias *= LOGIT_STD / spread
     weights = out.parent / "stand-in-teacher.safetensors"
     safetensors.torch.save_file(model.state_dict(), str(weights))
     import_teacher("timm:kd_mlp_30x2", out, weights=weights,
@@ -219,6 +229,10 @@ def measure(config: ScaleConfig, log: Callable[[str], None] = print) -> dict:
     )  # fmt: skip
     write_seconds = time.perf_counter() - started
     size, files = tree_size(cache)
+    import zarr
+
+    group = zarr.open_group(str(cache), mode="r")
+    raw = sum(int(group[name].nbytes) for name in group.array_keys())
     log(f"written: {size / 2**20:.1f} MiB in {files} files, {write_seconds:.1f} s")
     started = time.perf_counter()
     report = verify_cache(cache)
@@ -229,7 +243,7 @@ def measure(config: ScaleConfig, log: Callable[[str], None] = print) -> dict:
     result = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "chunks": -(-manifest.num_samples // manifest.chunk_size),
-        "bytes": size, "files": files, "write_seconds": round(write_seconds, 1),
+        "bytes": size, "raw_bytes": raw, "files": files, "write_seconds": round(write_seconds, 1),
         "write_rows_per_s": round(config.rows / write_seconds),
         "verify_ok": report.ok, "verify_seconds": round(verify_seconds, 1),
         "local": local,
@@ -253,6 +267,57 @@ def measure(config: ScaleConfig, log: Callable[[str], None] = print) -> dict:
     return result
 
 
+def section(result: dict, command: str, seconds: float) -> str:
+    """The Markdown of one measured shape, for docs/scale.md (between its markers)."""
+    from datetime import UTC, datetime
+
+    from kdpipe.tools.publish import machine_line
+
+    config = result["config"]
+    storage = f"top-{config['top_k']}" if config["top_k"] else "dense"
+    local, remote = result["local"], result.get("object_store")
+    per_row = result["bytes"] / config["rows"]
+    lines = [
+        f"Run on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine_line()}; "
+        f"{seconds / 60:.1f} minutes in all.",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Shape: {config['rows']:,} rows x {config['views']} views, {storage} of "
+        f"{config['classes']} classes, float16, chunks of {config['chunk_size']} rows; "
+        f"reads: batches of {config['batch_size']} in a student's epoch order, "
+        f"--cache-memory {config['memory'] / 2**30:g} GiB.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| bytes on disk | {result['bytes'] / 2**20:,.1f} MiB ({per_row:.1f} B a row, "
+        f"{per_row / config['views']:.1f} B a view); uncompressed "
+        f"{result['raw_bytes'] / 2**20:,.1f} MiB |",
+        f"| files | {result['files']:,} ({result['chunks']:,} chunks) |",
+        f"| write (stand-in teacher pass included) | {result['write_seconds']:,.1f} s, "
+        f"{result['write_rows_per_s']:,} rows/s |",
+        f"| `verify` | {result['verify_seconds']:,.1f} s, "
+        f"{'ok' if result['verify_ok'] else 'FAILED'} |",
+        f"| read, local disk | {local['rows_per_s']:,} rows/s ({local['rows']:,} rows in "
+        f"{local['seconds']} s; opened in {local['open_seconds']} s) = "
+        f"{local['rows_per_s'] / RESNET50_ROWS_PER_S:.1f} x a ResNet-50 student's "
+        f"{RESNET50_ROWS_PER_S:,} rows/s |",
+    ]
+    if remote is not None:
+        lines += [
+            f"| read, S3 server (moto, loopback) | {remote['rows_per_s']:,} rows/s "
+            f"({remote['rows']:,} rows in {remote['seconds']} s; opened in "
+            f"{remote['open_seconds']} s) = {remote['rows_per_s'] / RESNET50_ROWS_PER_S:.1f} "
+            "x the student |",
+            f"| requests of that read | {remote['gets']:,} GETs, {remote['gets_per_s']:,} a "
+            f"second, {remote['bytes_per_get'] / 2**10:,.1f} KiB a GET |",
+            f"| upload of the store (fsspec put) | {result['upload_seconds']} s |",
+        ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
@@ -266,6 +331,8 @@ def main() -> None:
     parser.add_argument("--read-rows", type=int, default=None)
     parser.add_argument("--no-object-store", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--section", default="scale")
     args = parser.parse_args()
     if args.serve:
         serve(args.serve)
@@ -274,8 +341,15 @@ def main() -> None:
                          top_k=args.top_k or None, chunk_size=args.chunk_size,
                          memory=args.memory_mib << 20, read_rows=args.read_rows,
                          object_store=not args.no_object_store)  # fmt: skip
+    started = time.perf_counter()
     result = measure(config)
     text = json.dumps(result, indent=1)
+    if args.markdown is not None:
+        from kdpipe.tools.publish import replace_section
+
+        command = "python -m kdpipe.tools.scale " + " ".join(sys.argv[1:])
+        replace_section(args.markdown, args.section,
+                        section(result, command, time.perf_counter() - started))  # fmt: skip
     print(text)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
