@@ -479,17 +479,13 @@ def create_pretrained(
     the tag's weights' values, not necessarily the file's.
     """
     import timm
-    from kdpipe.models.registry import resolve_model_kwargs, weights_sha256
+    from kdpipe.models.registry import weights_sha256
 
     kind, name = parse_source(text)
     cfg, architecture, model_kwargs = _source_config(kind, name, text)
     given = check_data_config(dict(data_config or {}), text)
     resolved = preprocessing(cfg, text, in_chans, given)
-    # kdpipe's own networks (timm:kd_cnn...) are sized by their input: built at the size
-    # given, as train-teacher built them (timm's own adapt by themselves)
-    sized = resolve_model_kwargs(architecture, resolved, model_kwargs)
-    built = {k: v for k, v in sized.items() if k not in model_kwargs}
-    model_kwargs = sized
+    model_kwargs, built = _sized(architecture, resolved, model_kwargs)
     file = _folder_weights(name) if weights is None and kind == "local-dir" else weights
     state = None if file is None else read_weights(file)
     head = cfg.get("num_classes") if state is None else head_size(state, cfg)
@@ -551,6 +547,16 @@ def create_pretrained(
     return Pretrained(model=model.eval(), architecture=architecture, model_kwargs=model_kwargs,
                       data_config=resolved, source=record, classes=tuple(classes),
                       warnings=tuple(notes))  # fmt: skip
+
+
+def _sized(architecture: str, resolved: DataConfig, model_kwargs: dict) -> tuple[dict, dict]:
+    """The source's constructor arguments with, for kdpipe's own networks (timm:kd_cnn...),
+    the input size they are built at (their dense layer is sized by it, as train-teacher
+    built them; timm's own adapt by themselves); and those added, for timm.create_model."""
+    from kdpipe.models.registry import resolve_model_kwargs
+
+    sized = resolve_model_kwargs(architecture, resolved, model_kwargs)
+    return sized, {k: v for k, v in sized.items() if k not in model_kwargs}
 
 
 def _short(values: tuple[float, ...]) -> str:
