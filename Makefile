@@ -29,7 +29,7 @@ endif
 .PHONY: all install data test lint format hinton hinton-table hinton-temperature hinton-3pct \
 	hinton-omitted hinton-ensemble hinton-summary consistency consistency-tables consistency-curves \
 	clean-runs bench bench-folder jpeg-folder edge edge-tables beyond beyond-tables \
-	cli-docs faults fmnist-detect detect detect-tables
+	cli-docs faults fmnist-detect detect detect-tables scale
 # keep every file target, including those made by pattern rules (make would
 # otherwise delete the cache stamps as "intermediate" files when it exits)
 .SECONDARY:
@@ -592,6 +592,18 @@ cli-docs: install
 faults: install data $(H)/teacher-cnn/model.json
 	$(BIN)/python tests/fault_campaign.py --teacher $(H)/teacher-cnn --data-root $(DATA_ROOT) \
 		--work $(RUNS)/faults --markdown docs/reliability.md
+
+# --- scale (issue 26): an ImageNet-shaped cache, measured (pipeline/tools/scale.py) -----------
+# 1,281,167 rows x 8 views from a stand-in teacher through cache-teacher's own path: bytes,
+# files, write rate, verify time, and a student's reads from local disk and from a local S3
+# server (moto, in its own process, counting requests); top-10 of 1000 classes, then dense
+# for 100. Into docs/scale.md. About 40 minutes on 2 CPU cores; not part of `all`.
+scale: install
+	$(BIN)/python -m kdpipe.tools.scale --work $(RUNS)/scale-top10 --markdown docs/scale.md \
+		--section scale-top10 --json docs/results/scale-top10.json
+	$(BIN)/python -m kdpipe.tools.scale --work $(RUNS)/scale-dense100 --classes 100 --top-k 0 \
+		--markdown docs/scale.md --section scale-dense100 --json docs/results/scale-dense100.json
+	rm -rf $(RUNS)/scale-top10 $(RUNS)/scale-dense100
 
 # --- detection (issue 25): YOLO students from a cache, against hard labels and online KD --------
 # Not in `all`. A yolo11s teacher trained by Ultralytics' own trainer on a Fashion-MNIST

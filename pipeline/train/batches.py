@@ -198,7 +198,7 @@ class TrainData:
         """
         params = partners = targets = layer_targets = None
         if self.views is not None:
-            chosen = view_schedule(len(self), self.views.shape[1], seed, epoch)[positions]
+            chosen = view_schedule(len(self), self.views.shape[1], seed, epoch, positions)
             params = self.views[positions, chosen]
             partners = self.partners[positions, chosen]
             if self.targets is not None:
