@@ -167,6 +167,8 @@ def test_the_dataset_replays_each_rows_stored_view(
             assert int(label) == int(train_set.labels[index])
             assert torch.equal(soft_target, opened.soft_targets([row], chosen[row])[0])
     assert not torch.equal(view_schedule(300, 3, 3, 1), view_schedule(300, 3, 3, 2))
+    batch = torch.tensor([299, 0, 7, 7, 150])  # a batch's positions: the schedule's rows
+    assert torch.equal(view_schedule(300, 3, 3, 2, batch), view_schedule(300, 3, 3, 2)[batch])
     fixed = kd.DistillationDataset(samples, opened, view=2, temperature=2.0)
     fixed.set_epoch(7)
     assert torch.equal(fixed[10][2], opened.soft_targets([10], 2, 2.0)[0])
