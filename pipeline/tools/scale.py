@@ -26,8 +26,13 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from kdpipe.cache.format import Manifest
+    from kdpipe.data.datasets import ImageSet
 
 # ImageNet-1k's training split, and timm issue 1491's ResNet-50 training rate on one A100
 # (AMP, channels-last, timm's benchmark.py): the student that reads the cache
@@ -51,10 +56,11 @@ class ScaleConfig:
     memory: int = 2 << 30  # --cache-memory of the reads: bytes of decoded rows
     read_rows: int | None = None  # rows read per arm (None: one epoch)
     object_store: bool = True
+    nodes: bool = False  # also write it over two simulated nodes, one killed, resumed
     seed: int = 0
 
 
-def stand_in_data(config: ScaleConfig):  # -> ImageSet
+def stand_in_data(config: ScaleConfig) -> ImageSet:
     """``rows`` random 1 x side x side images with random labels of ``classes`` classes."""
     from kdpipe.data.datasets import ImageSet
 
@@ -107,7 +113,7 @@ def tree_size(path: Path) -> tuple[int, int]:
     return total, count
 
 
-def read_rate(location: str, dataset, config: ScaleConfig) -> dict:
+def read_rate(location: str, dataset: ImageSet, config: ScaleConfig) -> dict:
     """Rows per second of a student's epoch order over the cache at ``location``, streamed
     with ``config.memory`` of decoded rows: batches gathered as train-student gathers
     them (soft labels of the epoch's view, and its images), nothing trained."""
@@ -207,26 +213,120 @@ class CountingS3:
         self.process.wait(timeout=30)
 
 
+def write_cache(
+    config: ScaleConfig,
+    dataset: ImageSet,
+    teacher: Path,
+    cache: Path,
+    *,
+    overwrite: bool,
+    log: Callable[[str], None] = print,
+) -> Manifest:
+    """The stand-in teacher's pass through ``cache_teacher``: in this process, or in each
+    process of a torchrun job (``--write-only``), resuming what is already flagged done."""
+    from kdpipe.models.teach import CacheConfig, cache_teacher
+    from kdpipe.views.policy import ViewPolicy
+
+    policy = ViewPolicy(augment="shift-flip") if config.views > 1 else ViewPolicy()
+    return cache_teacher(
+        CacheConfig(teachers=(str(teacher),), out=str(cache), temperature=4.0,
+                    views=config.views, policy=policy, top_k=config.top_k,
+                    chunk_size=config.chunk_size, batch_size=8192, device="cpu",
+                    overwrite=overwrite),
+        dataset, log=log,
+    )  # fmt: skip
+
+
+def data_digests(store: Path) -> dict[str, str]:
+    """SHA-256 of every file of a store but the metadata (``zarr.json`` records times)."""
+    import hashlib
+
+    return {
+        str(path.relative_to(store)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(store.rglob("*"))
+        if path.is_file() and path.name != "zarr.json"
+    }
+
+
+def two_nodes(config: ScaleConfig, teacher: Path, reference: Path,
+              log: Callable[[str], None] = print) -> dict:  # fmt: skip
+    """The same store over two simulated nodes (two ``torchrun --nnodes 2`` launches on
+    localhost, one process each), node 1 SIGKILLed (its whole process group: a node lost)
+    once a third of the chunks are flagged done, node 0 stopped too if it waits (torchrun's
+    agent does, at its exit barrier), then both launched again to resume; the result
+    against ``reference``, the one-process store, file by file."""
+    import signal
+
+    out = config.work / "two-nodes.zarr"
+    args = ["--work", str(config.work), "--rows", str(config.rows), "--classes",
+            str(config.classes), "--views", str(config.views), "--top-k",
+            str(config.top_k or 0), "--chunk-size", str(config.chunk_size),
+            "--write-only", str(out), "--teacher", str(teacher)]  # fmt: skip
+
+    def launch() -> list[subprocess.Popen]:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        nodes = []
+        for rank in (0, 1):
+            command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                       "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
+                       f"--master_port={port}", "-m", "kdpipe.tools.scale", *args]  # fmt: skip
+            nodes.append(
+                subprocess.Popen(
+                    command,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+        return nodes
+
+    chunks = -(-config.rows // config.chunk_size)
+    target = max(1, chunks // 3)  # a third of the chunks durable: the pass's middle
+    flags = out / "progress" / "c"
+    started = time.perf_counter()
+    nodes = launch()
+    while nodes[1].poll() is None and nodes[0].poll() is None:
+        if flags.is_dir() and len(list(flags.iterdir())) >= target:
+            os.killpg(nodes[1].pid, signal.SIGKILL)  # the node lost: its agent and its worker
+            break
+        time.sleep(0.2)  # polling the store's flags, not a timing the result depends on
+    flagged = len(list(flags.iterdir())) if flags.is_dir() else 0
+    codes = [None, nodes[1].wait()]
+    try:  # the survivor sees its peer gone; torchrun's agent may wait at its exit barrier
+        codes[0] = nodes[0].wait(timeout=60)
+        stopped_itself = True
+    except subprocess.TimeoutExpired:
+        os.killpg(nodes[0].pid, signal.SIGKILL)  # what a scheduler does with a broken job
+        codes[0], stopped_itself = nodes[0].wait(), False
+    killed = time.perf_counter() - started
+    started = time.perf_counter()
+    resumed = [node.wait() for node in launch()]
+    resume_seconds = time.perf_counter() - started
+    ours, theirs = data_digests(out), data_digests(reference)
+    result = {
+        "chunks": chunks, "exit_codes_killed": codes, "node0_stopped_itself": stopped_itself,
+        "chunks_flagged_at_kill": flagged, "killed_pass_seconds": round(killed, 1),
+        "exit_codes_resumed": resumed, "resume_seconds": round(resume_seconds, 1),
+        "files": len(ours), "identical": ours == theirs,
+        "differing": sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))[:5],
+    }  # fmt: skip
+    log(f"two nodes: {result}")
+    return result
+
+
 def measure(config: ScaleConfig, log: Callable[[str], None] = print) -> dict:
     """Write the cache, then measure it: the figures of docs/scale.md's section."""
     from kdpipe.check.verify import verify_cache
-    from kdpipe.models.teach import CacheConfig, cache_teacher
-    from kdpipe.views.policy import ViewPolicy
 
     work = config.work
     work.mkdir(parents=True, exist_ok=True)
     dataset = stand_in_data(config)
     teacher = stand_in_teacher(config, work / "teacher")
     cache = work / "cache.zarr"
-    policy = ViewPolicy(augment="shift-flip") if config.views > 1 else ViewPolicy()
     started = time.perf_counter()
-    manifest = cache_teacher(
-        CacheConfig(teachers=(str(teacher),), out=str(cache), temperature=4.0,
-                    views=config.views, policy=policy, top_k=config.top_k,
-                    chunk_size=config.chunk_size, batch_size=8192, device="cpu",
-                    overwrite=True),
-        dataset, log=log,
-    )  # fmt: skip
+    manifest = write_cache(config, dataset, teacher, cache, overwrite=True, log=log)
     write_seconds = time.perf_counter() - started
     size, files = tree_size(cache)
     import zarr
@@ -248,6 +348,8 @@ def measure(config: ScaleConfig, log: Callable[[str], None] = print) -> dict:
         "verify_ok": report.ok, "verify_seconds": round(verify_seconds, 1),
         "local": local,
     }  # fmt: skip
+    if config.nodes:
+        result["two_nodes"] = two_nodes(config, teacher, cache, log)
     if config.object_store:
         with CountingS3() as s3:
             s3.fs.mkdir("kdpipe-scale")
@@ -315,6 +417,22 @@ def section(result: dict, command: str, seconds: float) -> str:
             f"second, {remote['bytes_per_get'] / 2**10:,.1f} KiB a GET |",
             f"| upload of the store (fsspec put) | {result['upload_seconds']} s |",
         ]
+    nodes = result.get("two_nodes")
+    if nodes is not None:
+        lines.append(
+            f"| two simulated nodes, node 1 killed (agent and worker) once "
+            f"{nodes['chunks_flagged_at_kill']} of {nodes['chunks']} chunks were flagged; node 0 "
+            + (
+                "stopped by itself"
+                if nodes["node0_stopped_itself"]
+                else "still running a minute later (its own share, then torchrun's exit barrier), "
+                "so stopped too"
+            )
+            + "; both launched again | resumed "
+            f"in {nodes['resume_seconds']} s (exit {nodes['exit_codes_resumed']}); "
+            f"{nodes['files']:,} files byte-identical to the one-process store: "
+            f"**{nodes['identical']}** |"
+        )
     return "\n".join(lines)
 
 
@@ -330,6 +448,13 @@ def main() -> None:
     parser.add_argument("--memory-mib", type=int, default=2048)
     parser.add_argument("--read-rows", type=int, default=None)
     parser.add_argument("--no-object-store", action="store_true")
+    parser.add_argument(
+        "--two-nodes",
+        action="store_true",
+        help="also write the store over two simulated nodes, kill and resume",
+    )
+    parser.add_argument("--write-only", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--teacher", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--section", default="scale")
@@ -340,7 +465,12 @@ def main() -> None:
     config = ScaleConfig(work=args.work, rows=args.rows, classes=args.classes, views=args.views,
                          top_k=args.top_k or None, chunk_size=args.chunk_size,
                          memory=args.memory_mib << 20, read_rows=args.read_rows,
-                         object_store=not args.no_object_store)  # fmt: skip
+                         object_store=not args.no_object_store,
+                         nodes=args.two_nodes)  # fmt: skip
+    if args.write_only:  # one process of two_nodes' torchrun job
+        write_cache(config, stand_in_data(config), args.teacher, args.write_only,
+                    overwrite=False, log=lambda _line: None)  # fmt: skip
+        return
     started = time.perf_counter()
     result = measure(config)
     text = json.dumps(result, indent=1)
