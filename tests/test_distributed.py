@@ -221,8 +221,9 @@ def two_nodes(args: list[str | Path], kill_after: dict[int, str], logs: Path) ->
     waiting for its dead peer is stopped once the other has gone (it cannot finish). Each
     node's output goes to ``logs``-node0.log and -node1.log."""
     import os
-    import signal
     import socket
+
+    from kdpipe.tools.scale import kill_node
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -249,7 +250,7 @@ def two_nodes(args: list[str | Path], kill_after: dict[int, str], logs: Path) ->
                     try:
                         node.wait(timeout=60)  # its own error first, if it sees the loss
                     except subprocess.TimeoutExpired:
-                        os.killpg(node.pid, signal.SIGKILL)
+                        kill_node(node.pid)  # the agent and its workers (own sessions)
             codes = [node.wait() for node in nodes]
         elif None in codes:
             time.sleep(0.1)  # polling for an exit, not a timing the test depends on

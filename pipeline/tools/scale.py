@@ -248,6 +248,35 @@ def data_digests(store: Path) -> dict[str, str]:
     }
 
 
+def kill_node(pid: int) -> None:
+    """SIGKILL a launched node: every process under it first (torchrun starts its workers
+    in sessions of their own, so killing the agent's process group leaves them running,
+    still writing: the first large two-node run met that), then the agent ``pid``."""
+    import contextlib
+    import signal
+
+    for process in [*descendants(pid), pid]:
+        with contextlib.suppress(ProcessLookupError):  # gone already
+            os.kill(process, signal.SIGKILL)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: each process's parent), deepest last."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 def two_nodes(config: ScaleConfig, teacher: Path, reference: Path,
               log: Callable[[str], None] = print) -> dict:  # fmt: skip
     """The same store over two simulated nodes (two ``torchrun --nnodes 2`` launches on
@@ -255,7 +284,6 @@ def two_nodes(config: ScaleConfig, teacher: Path, reference: Path,
     once a third of the chunks are flagged done, node 0 stopped too if it waits (torchrun's
     agent does, at its exit barrier), then both launched again to resume; the result
     against ``reference``, the one-process store, file by file."""
-    import signal
 
     out = config.work / "two-nodes.zarr"
     args = ["--work", str(config.work), "--rows", str(config.rows), "--classes",
@@ -289,7 +317,7 @@ def two_nodes(config: ScaleConfig, teacher: Path, reference: Path,
     nodes = launch()
     while nodes[1].poll() is None and nodes[0].poll() is None:
         if flags.is_dir() and len(list(flags.iterdir())) >= target:
-            os.killpg(nodes[1].pid, signal.SIGKILL)  # the node lost: its agent and its worker
+            kill_node(nodes[1].pid)  # the node lost: its agent and its worker
             break
         time.sleep(0.2)  # polling the store's flags, not a timing the result depends on
     flagged = len(list(flags.iterdir())) if flags.is_dir() else 0
@@ -298,7 +326,7 @@ def two_nodes(config: ScaleConfig, teacher: Path, reference: Path,
         codes[0] = nodes[0].wait(timeout=60)
         stopped_itself = True
     except subprocess.TimeoutExpired:
-        os.killpg(nodes[0].pid, signal.SIGKILL)  # what a scheduler does with a broken job
+        kill_node(nodes[0].pid)  # what a scheduler does with a broken job
         codes[0], stopped_itself = nodes[0].wait(), False
     killed = time.perf_counter() - started
     started = time.perf_counter()
