@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from kdpipe.cache.format import Manifest
+    from kdpipe.cache import Manifest
     from kdpipe.data.datasets import ImageSet
 
 # ImageNet-1k's training split, and timm issue 1491's ResNet-50 training rate on one A100
