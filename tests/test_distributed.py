@@ -221,25 +221,17 @@ def two_nodes(args: list[str | Path], kill_after: dict[int, str], logs: Path) ->
     waiting for its dead peer is stopped once the other has gone (it cannot finish). Each
     node's output goes to ``logs``-node0.log and -node1.log."""
     import os
-    import socket
 
-    from kdpipe.tools.scale import kill_node
+    from kdpipe.tools.scale import kill_node, node_commands
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     nodes = []
-    for rank in (0, 1):
+    for rank, command in enumerate(node_commands(["-m", "kdpipe", *map(str, args)])):
         env = {k: v for k, v in os.environ.items() if k != "KDPIPE_TEST_KILL_AFTER"}
         if rank in kill_after:
             env["KDPIPE_TEST_KILL_AFTER"] = kill_after[rank]
         with Path(f"{logs}-node{rank}.log").open("w") as log:  # the child keeps its copy
-            nodes.append(subprocess.Popen(
-                [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                 f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}",
-                 "-m", "kdpipe", *map(str, args)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            ))  # fmt: skip
+            nodes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))  # fmt: skip
     codes: list[int | None] = [None, None]
     while None in codes:
         for rank, node in enumerate(nodes):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,11 +26,10 @@ BUCKET = "kdpipe-test"
 @pytest.fixture(scope="module")
 def s3() -> Iterator[fsspec.AbstractFileSystem]:
     """A moto S3 server on a free loopback port, with one bucket; fsspec pointed at it."""
+    from kdpipe.tools.scale import free_port
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     saved_env = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",

@@ -227,7 +227,7 @@ def single_writer(out: Location, world: World) -> Iterator[None]:
         try:
             yield
         finally:
-            lock.unlink(missing_ok=True)  # still held: a waiting writer sees it gone, retries
+            lock.unlink(missing_ok=True)  # while held: one that opened it before sees a stale inode
             handle.close()
     finally:
         for folder in made:  # deepest first; one that now holds something stays

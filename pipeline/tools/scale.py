@@ -177,9 +177,7 @@ class CountingS3:
     """The counting server as a subprocess, fsspec pointed at it while in use."""
 
     def __init__(self) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> CountingS3:
@@ -248,6 +246,23 @@ def data_digests(store: Path) -> dict[str, str]:
     }
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server or a rendezvous started next)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def node_commands(target: list[str]) -> list[list[str]]:
+    """The command lines of two simulated nodes running ``target`` (``-m MODULE ARGS``):
+    two ``torchrun --nnodes 2 --nproc_per_node 1`` launches, node ranks 0 and 1, meeting at
+    a fresh localhost port."""
+    port = free_port()
+    return [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+             f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}",
+             *target] for rank in (0, 1)]  # fmt: skip
+
+
 def kill_node(pid: int) -> None:
     """SIGKILL a launched node: every process under it first (torchrun starts its workers
     in sessions of their own, so killing the agent's process group leaves them running,
@@ -280,10 +295,10 @@ def descendants(pid: int) -> list[int]:
 def two_nodes(config: ScaleConfig, teacher: Path, reference: Path,
               log: Callable[[str], None] = print) -> dict:  # fmt: skip
     """The same store over two simulated nodes (two ``torchrun --nnodes 2`` launches on
-    localhost, one process each), node 1 SIGKILLed (its whole process group: a node lost)
-    once a third of the chunks are flagged done, node 0 stopped too if it waits (torchrun's
-    agent does, at its exit barrier), then both launched again to resume; the result
-    against ``reference``, the one-process store, file by file."""
+    localhost, one process each), node 1 SIGKILLed (its agent and every process under it:
+    a node lost) once a third of the chunks are flagged done, node 0 stopped too if it
+    waits (torchrun's agent does, at its exit barrier), then both launched again to
+    resume; the result against ``reference``, the one-process store, file by file."""
 
     out = config.work / "two-nodes.zarr"
     args = ["--work", str(config.work), "--rows", str(config.rows), "--classes",
@@ -292,23 +307,9 @@ def two_nodes(config: ScaleConfig, teacher: Path, reference: Path,
             "--write-only", str(out), "--teacher", str(teacher)]  # fmt: skip
 
     def launch() -> list[subprocess.Popen]:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        nodes = []
-        for rank in (0, 1):
-            command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
-                       "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
-                       f"--master_port={port}", "-m", "kdpipe.tools.scale", *args]  # fmt: skip
-            nodes.append(
-                subprocess.Popen(
-                    command,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            )
-        return nodes
+        return [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+                for command in node_commands(["-m", "kdpipe.tools.scale", *args])]  # fmt: skip
 
     chunks = -(-config.rows // config.chunk_size)
     target = max(1, chunks // 3)  # a third of the chunks durable: the pass's middle
@@ -346,6 +347,7 @@ def two_nodes(config: ScaleConfig, teacher: Path, reference: Path,
 
 def measure(config: ScaleConfig, log: Callable[[str], None] = print) -> dict:
     """Write the cache, then measure it: the figures of docs/scale.md's section."""
+    import zarr
     from kdpipe.check.verify import verify_cache
 
     work = config.work
@@ -357,8 +359,6 @@ def measure(config: ScaleConfig, log: Callable[[str], None] = print) -> dict:
     manifest = write_cache(config, dataset, teacher, cache, overwrite=True, log=log)
     write_seconds = time.perf_counter() - started
     size, files = tree_size(cache)
-    import zarr
-
     group = zarr.open_group(str(cache), mode="r")
     raw = sum(int(group[name].nbytes) for name in group.array_keys())
     log(f"written: {size / 2**20:.1f} MiB in {files} files, {write_seconds:.1f} s")

@@ -226,16 +226,9 @@ class EpochSums:
             known.sum().double(),
             exploded.double(),
         ])  # fmt: skip
-        index = torch.zeros_like(loss) + batch_index
-        self.first_bad = torch.where(  # the first batch whose loss is not finite, and that loss
-            (self.first_bad[0] < 0) & ~torch.isfinite(loss),
-            torch.stack([index, loss]),
-            self.first_bad,
-        )
-        self.first_exploded = torch.where(
-            (self.first_exploded[0] < 0) & exploded, torch.stack([index, loss]),
-            self.first_exploded,
-        )  # fmt: skip
+        seen = torch.stack([torch.zeros_like(loss) + batch_index, loss])
+        self.first_bad = _first(self.first_bad, ~torch.isfinite(loss), seen)
+        self.first_exploded = _first(self.first_exploded, exploded, seen)
 
     def raise_if_diverged(self, epoch: int, lr: float) -> None:
         bad_batch, bad_loss = self.first_bad.tolist()
@@ -262,6 +255,12 @@ class EpochSums:
             f"its start ({reference:.4g}), in {int(exploded)} batch(es); "
             f"{clip} or lower --lr (now {config.lr:g})"
         )
+
+
+def _first(kept: torch.Tensor, hit: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """``[batch, loss]`` of the first batch that ``hit`` (``kept`` is ``[-1, 0]`` until
+    one does), on the device: no host sync per step."""
+    return torch.where((kept[0] < 0) & hit, seen, kept)
 
 
 @dataclass
