@@ -612,7 +612,8 @@ scale: install
 # detection set; its head outputs cached once per stored view, dense and top-K; yolo11n and
 # yolo26n students on hard labels, from each cache and online, DETECT_SEEDS seeds; mAP50-95 on
 # the val split; one student exported to fp32 and int8 ONNX and evaluated. Sized for 2 CPU
-# cores with `make -j2 detect`: 400 training images at 128 px, 20 student epochs (see
+# cores with `make detect` (two jobs of one thread each; two-thread jobs side by side ran a
+# student epoch 12x slower): 400 training images at 128 px, 20 student epochs (see
 # docs/results.md for what was run). Every step is a file target; QUICK=1 is a smoke run.
 DT := $(RUNS)/detect
 ifeq ($(QUICK),1)
@@ -698,7 +699,7 @@ $(DT)/eval/%.int8.csv: $(DT)/onnx/%.int8.onnx
 	$(KDPIPE) evaluate $< --data $(DETECT_YAML) --split val --format csv --output $@ --overwrite
 
 detect: install data
-	$(MAKE) detect-tables
+	OMP_NUM_THREADS=1 $(MAKE) -j2 detect-tables
 
 detect-tables: $(DETECT_EVALS)
 	$(BIN)/python -m kdpipe.tasks.detect.results $(DT) $(RESULTS)/results.md

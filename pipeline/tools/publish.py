@@ -21,12 +21,26 @@ from kdpipe.base.errors import UsageError
 FORMATS = ("table", "csv", "json")
 
 
+def cpu_name() -> str:
+    """The processor's model name: ``platform.processor()`` says only ``x86_64`` on Linux,
+    and two x86_64 machines can train the same command to different weights."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_line() -> str:
+    """The machine a table was made on, with what decides its bits: torch's CPU kernel level
+    (``AVX512``, ``AVX2``...: the vector width changes the order of float sums) and threads."""
     import torch  # here, not at the top: a CSV or a table needs no torch
 
-    cpu = platform.processor() or platform.machine()
     return (
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores ({cpu}), "
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores ({cpu_name()}, "
+        f"torch kernels {torch.backends.cpu.get_cpu_capability()}), "
         f"torch {torch.__version__} with {torch.get_num_threads()} thread(s), "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
     )
