@@ -275,6 +275,50 @@ def test_train_student_distils_a_detection_student_from_a_cache_without_its_teac
     assert len(rows) == 3 and float(values["kd_class"]) > 0 and float(values["kd_box"]) >= 0
 
 
+def test_a_killed_detection_student_resumes_to_the_uninterrupted_weights(
+    detect_set: Path, detect_cache: Path, tmp_path: Path
+) -> None:
+    """SIGKILLed right after epoch 1's checkpoint (the test hook, not a timer), then
+    ``--resume RUN_DIR``: the weights of the same run left alone. Once from the cache with a
+    YOLO26 student (its one-to-many weight is a per-epoch schedule the resume must replay),
+    once on hard labels."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from kdpipe.tasks.detect.runs import load_detection_run
+
+    arms = {
+        "cached": f"--model yolo26n.yaml --cache {detect_cache} --alpha 0.5 --temperature 2",
+        "hard": f"--model yolo11n.yaml --hard-labels --views 2 --image-size {SIZE}",
+    }
+    for name, arm in arms.items():
+        start = f"train-student --data {detect_set} {arm} --epochs 3 --batch-size 6 --seed 3"
+        whole = tmp_path / f"{name}-whole"
+        assert invoke(start, "--out", whole).exit_code == 0
+        out = tmp_path / f"{name}-killed"
+        killed = subprocess.run(
+            [sys.executable, "-m", "kdpipe", *start.split(), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "KDPIPE_TEST_KILL_AFTER": "epochs:1"},
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert (out / "checkpoint.json").is_file() and not (out / "model.json").exists()
+        fails(invoke("train-student --resume", out, "--epochs 4"),
+              "--resume continues with RUN_DIR/config.json; drop --epochs", code=2)  # fmt: skip
+        done = invoke("train-student --resume", out)
+        assert done.exit_code == 0, done.output
+        assert "resuming" in done.output and "after epoch 1 of 3" in done.output
+        assert (load_detection_run(out)[1].weights_sha256
+                == load_detection_run(whole)[1].weights_sha256)  # fmt: skip
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in whole.iterdir())
+        assert [row.split(",")[0] for row in (out / "metrics.csv").read_text().splitlines()] == [
+            "epoch", "1", "2", "3"]  # fmt: skip
+        fails(invoke("train-student --resume", out), "is finished (it has model.json)")
+
+
 def test_a_cached_detection_student_refuses_what_does_not_match_before_writing(
     detect_set: Path, detect_cache: Path, tmp_path: Path
 ) -> None:

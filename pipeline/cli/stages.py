@@ -556,6 +556,7 @@ def distill_online_command(**options: Any) -> None:
 def start_or_resume(command: str, options: dict, log: Callable[[str], None]) -> Any:
     """A new run from the options, or with --resume RUN_DIR alone, the unfinished run there."""
     from click.core import ParameterSource
+    from kdpipe.models.runs import CONFIG_FILE, is_detection_run
     from kdpipe.train import (
         TrainConfig,
         distill_online,
@@ -588,6 +589,11 @@ def start_or_resume(command: str, options: dict, log: Callable[[str], None]) -> 
         if given:
             flags = ", ".join(flag(name) for name in given)
             raise click.UsageError(f"--resume continues with RUN_DIR/config.json; drop {flags}")
+        if is_detection_run(Path(resume), CONFIG_FILE):
+            from kdpipe.tasks.detect.runs import read_detection_card
+            from kdpipe.tasks.detect.train import resume_detection_student
+
+            return read_detection_card(resume_detection_student(Path(resume), log))
         return resume_training(Path(resume), log=log)
     for name in REQUIRED_TO_START[command]:
         if options[name] is None and not (name == "model" and options.get("pretrained")):

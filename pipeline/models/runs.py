@@ -143,12 +143,13 @@ def _check_data_config(config: dict, in_chans: int, where: str) -> None:
                             f"{', '.join(CROP_MODES)}")  # fmt: skip
 
 
-def is_detection_run(path: Path) -> bool:
-    """Whether ``path`` is a run directory whose ``model.json`` says ``"task": "detect"``
-    (read as JSON only: telling the two tasks apart needs neither torch nor Ultralytics,
-    so the commands that only read records stay light)."""
+def is_detection_run(path: Path, record_file: str = CARD_FILE) -> bool:
+    """Whether ``path`` is a run directory whose ``model.json`` (or ``record_file``: an
+    unfinished run has only its ``config.json``) says ``"task": "detect"`` (read as JSON
+    only: telling the two tasks apart needs neither torch nor Ultralytics, so the commands
+    that only read records stay light)."""
     try:
-        record = json.loads((Path(path) / CARD_FILE).read_text())
+        record = json.loads((Path(path) / record_file).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and record.get("task") == "detect"

@@ -13,23 +13,27 @@ an online and a hard-label student see the same pixels. Ultralytics' trainer is 
 :func:`train_detection_student` makes the run directory (``runs.py``'s conventions:
 ``model.safetensors``, ``model.json`` with ``"kind": "student"``, plus ``config.json`` and
 ``metrics.csv``). A run is seeded (the student's initial weights, the views, the order of
-rows) and deterministic on the CPU: the same seed gives the same weights.
+rows) and deterministic on the CPU: the same seed gives the same weights. Every epoch ends
+with a checkpoint (:mod:`kdpipe.train.checkpoint`, no pickle), so a killed run continues
+with :func:`resume_detection_student` (``train-student --resume RUN_DIR``) to the weights it
+would have reached uninterrupted.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from kdpipe.base.errors import UsageError
-from kdpipe.base.runtime import prepare_output, quiet, resolve_device
+from kdpipe.base.errors import ManifestError, UsageError
+from kdpipe.base.runtime import kill_point, prepare_output, quiet, resolve_device
 from kdpipe.data.datasets import class_mismatch
 from kdpipe.data.yolo import load_detection_split, read_data_yaml
-from kdpipe.models.runs import CONFIG_FILE, METRICS_FILE, write_json
+from kdpipe.models.runs import CARD_FILE, CONFIG_FILE, METRICS_FILE, write_json
 from kdpipe.tasks.detect.cache import DetectionCache
 from kdpipe.tasks.detect.loss import DistillSettings, StudentLoss, anchors_of
 from kdpipe.tasks.detect.runs import (
@@ -41,6 +45,7 @@ from kdpipe.tasks.detect.runs import (
 from kdpipe.tasks.detect.sources import CachedBatches, OnlineBatches, ViewBatches
 from kdpipe.tasks.detect.targets import DetectBatch
 from kdpipe.tasks.detect.yolo import create_detector, with_loss_settings
+from kdpipe.train.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 
 OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_SIZE = 160
@@ -121,42 +126,61 @@ def fit_student(
     config: DetectStudentConfig,
     run_dir: Path,
     log: Callable[[str], None] = quiet,
+    resume: bool = False,
 ) -> list[dict]:
     """Train ``model`` for ``config.epochs`` epochs over ``batches(epoch)`` (1-based), one
     ``metrics.csv`` row per epoch in ``run_dir``: epoch, seconds, lr, batches, the mean
-    loss and the mean of each part."""
+    loss and the mean of each part; then a checkpoint. With ``resume``, from the last one:
+    the sources draw each epoch from its number and the seed, so nothing else is needed."""
     device = resolve_device(config.device)
     model = with_loss_settings(model).to(device)
     model.args.epochs = config.epochs  # an end-to-end head's one-to-many schedule reads it
     loss_of = StudentLoss(model, config.settings() if config.distilled else None)
     optimizer = optimizer_for(model, config.opt, config.lr, config.momentum, config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)  # the checkpoint's format keeps one
     rows: list[dict] = []
-    for epoch in range(1, config.epochs + 1):
-        fraction = (epoch - 1) / max(config.epochs - 1, 1)  # Ultralytics' linear schedule
-        lr = config.lr * (1 - fraction * (1 - config.final_lr))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        started, sums, count = time.perf_counter(), {}, 0
-        for batch in batches(epoch):
-            batch = _on(batch, device)
-            loss, parts = loss_of(model(batch.images), batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)  # as Ultralytics
-            optimizer.step()
-            count += 1
-            for key, value in {"loss": float(loss.detach()), **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value
-        loss_of.end_epoch()
-        row = {"epoch": epoch, "seconds": round(time.perf_counter() - started, 3),
-               "lr": lr, "batches": count,
-               **{k: round(v / max(count, 1), 6) for k, v in sums.items()}}  # fmt: skip
-        _append_metrics(run_dir / METRICS_FILE, row, first=epoch == 1)
+    done = 0
+    if resume:
+        done, rows = load_checkpoint(run_dir, model, optimizer, generator)
+        for _ in range(done):  # replay the per-epoch loss schedule (YOLO26's one-to-many)
+            loss_of.end_epoch()
+        _write_metrics(run_dir / METRICS_FILE, rows)  # drops a row written after the checkpoint
+        log(f"resuming {run_dir} after epoch {done} of {config.epochs}")
+    for epoch in range(done + 1, config.epochs + 1):
+        row = _epoch(model, optimizer, loss_of, batches(epoch), config, epoch, device)
+        rows.append(row)
+        _write_metrics(run_dir / METRICS_FILE, rows)
+        save_checkpoint(run_dir, epoch, model, optimizer, generator, rows)
+        kill_point("epochs", epoch)  # tests only (KDPIPE_TEST_KILL_AFTER)
         log(f"epoch {epoch}/{config.epochs}: loss {row.get('loss', float('nan')):.4f} "
             f"({row['seconds']:.1f} s)")  # fmt: skip
-        rows.append(row)
     return rows
+
+
+def _epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_of: StudentLoss,
+           batches: Iterable[DetectBatch], config: DetectStudentConfig, epoch: int,
+           device: torch.device) -> dict:  # fmt: skip
+    """One epoch at Ultralytics' linear lr schedule; its ``metrics.csv`` row."""
+    fraction = (epoch - 1) / max(config.epochs - 1, 1)
+    lr = config.lr * (1 - fraction * (1 - config.final_lr))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    started, sums, count = time.perf_counter(), {}, 0
+    for batch in batches:
+        batch = _on(batch, device)
+        loss, parts = loss_of(model(batch.images), batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)  # as Ultralytics
+        optimizer.step()
+        count += 1
+        for key, value in {"loss": float(loss.detach()), **parts}.items():
+            sums[key] = sums.get(key, 0.0) + value
+    loss_of.end_epoch()
+    means = {k: round(v / max(count, 1), 6) for k, v in sums.items()}
+    seconds = round(time.perf_counter() - started, 3)
+    return {"epoch": epoch, "seconds": seconds, "lr": lr, "batches": count, **means}
 
 
 def _on(batch: DetectBatch, device: torch.device) -> DetectBatch:
@@ -167,16 +191,15 @@ def _on(batch: DetectBatch, device: torch.device) -> DetectBatch:
                        teacher)  # fmt: skip
 
 
-def _append_metrics(path: Path, row: dict, first: bool) -> None:
-    with path.open("w" if first else "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if first:
-            writer.writeheader()
-        writer.writerow(row)
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["epoch"])
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def train_detection_student(
-    config: DetectStudentConfig, log: Callable[[str], None] = quiet
+    config: DetectStudentConfig, log: Callable[[str], None] = quiet, resume: bool = False
 ) -> Path:
     """Train a detection student on a data YAML's train split, from its hard labels,
     distilled online from ``config.teacher`` or from ``config.cache``, and write its run
@@ -207,11 +230,13 @@ def train_detection_student(
     if grid is not None:
         _check_grid(model, grid, size, config)
     out = Path(config.out)
-    prepare_output(out, config.overwrite, [config.data, data.root, config.teacher, config.cache])
-    out.mkdir(parents=True)
     views = cache.num_views if cache is not None else config.views
-    write_json(out / CONFIG_FILE, {"kind": config.kind, "task": "detect", **asdict(config),
-                                   "image_size": size, "views": views})  # fmt: skip
+    if not resume:
+        prepare_output(out, config.overwrite, [config.data, data.root, config.teacher,
+                                               config.cache])  # fmt: skip
+        out.mkdir(parents=True)
+        write_json(out / CONFIG_FILE, {"kind": config.kind, "task": "detect", **asdict(config),
+                                       "image_size": size, "views": views})  # fmt: skip
     device = resolve_device(config.device)
     if cache is not None:
         source = CachedBatches(cache, config.batch_size, config.seed)
@@ -219,7 +244,7 @@ def train_detection_student(
         source = ViewBatches(train, size, config.batch_size, config.views, config.seed)
         if teacher is not None:
             source = OnlineBatches(source, teacher.to(device), device)
-    fit_student(model, source.epoch, config, out, log)
+    fit_student(model, source.epoch, config, out, log, resume=resume)
     lineage = {}
     if teacher_card is not None:
         lineage = {"teacher_run": str(config.teacher),
@@ -236,7 +261,28 @@ def train_detection_student(
     card = card_for(model.cpu().eval(), kind="student", classes=list(data.names),
                     image_size=size, source=record, dataset=dataset, lineage=lineage)  # fmt: skip
     save_detection_run(out, model, card)
+    remove_checkpoint(out)  # a finished run keeps its model, not its resume state
     return out
+
+
+def resume_detection_student(run_dir: Path, log: Callable[[str], None] = quiet) -> Path:
+    """Continue the unfinished detection student in ``run_dir`` from its last epoch
+    checkpoint, with its saved ``config.json`` (its inputs found by the paths saved there),
+    checked again as a new run is (the cache's data against the data on disk)."""
+    run_dir = Path(run_dir)
+    if (run_dir / CARD_FILE).is_file():
+        raise UsageError(f"{run_dir} is finished (it has {CARD_FILE}): nothing to resume")
+    try:
+        saved = json.loads((run_dir / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{run_dir / CONFIG_FILE} cannot be read ({exc})") from None
+    names = {f.name for f in fields(DetectStudentConfig)}
+    if saved.get("task") != "detect" or not {"model", "data", "out"} <= saved.keys():
+        raise ManifestError(f"{run_dir / CONFIG_FILE} is not a detection student's "
+                            "configuration")  # fmt: skip
+    config = DetectStudentConfig(**{**{k: v for k, v in saved.items() if k in names},
+                                    "out": str(run_dir), "overwrite": False})  # fmt: skip
+    return train_detection_student(config, log, resume=True)
 
 
 @dataclass(frozen=True)
