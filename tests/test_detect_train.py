@@ -440,6 +440,11 @@ def test_the_commands_train_evaluate_and_export_a_detection_student(
     assert report.exit_code == 0, report.output
     row = json.loads(report.output)[0]
     assert 0 <= row["map50_95"] <= 1 and row["split"] == "val"
+    csv_file = tmp_path / "eval.csv"
+    for _ in range(2):  # a detector's report is kdpipe's own: --overwrite replaces it (make detect)
+        again = invoke("evaluate", out, "--data", detect_set, "--split val --format csv --output",
+                       csv_file, "--overwrite")  # fmt: skip
+        assert again.exit_code == 0, again.output
     exported = invoke("export", out, "--out", tmp_path / "s.onnx", "--check-rows 2")
     assert exported.exit_code == 0, exported.output
     assert "fp32" in exported.output

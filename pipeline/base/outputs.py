@@ -343,7 +343,12 @@ BIAS_RESULT = Output("a tune-bias result", _is_json_with("bias", "classes"))
 REPORT_CSV = Output("a CSV table of kdpipe report", table_file("run", "group", "kind"))
 STORAGE_CSV = Output("a CSV table of kdpipe storage", table_file("storage", "mean_kl"))
 BENCH_CSV = Output("a CSV table of kdpipe bench", table_file("name", "value", "unit", "what"))
-EVALUATION = Output("a kdpipe evaluate report", table_file("run", "accuracy"))
+_CLASSIFY_REPORT, _DETECT_REPORT = table_file("run", "accuracy"), table_file("run", "map50_95")
+# a classifier's report or a detector's (make detect re-evaluates with --overwrite)
+EVALUATION = Output(
+    "a kdpipe evaluate report",
+    lambda location: _CLASSIFY_REPORT(location) or _DETECT_REPORT(location),
+)
 
 
 # --- what is being written, for the disk's own errors -----------------------------------------

@@ -133,12 +133,13 @@ class _Reader:
 
 def quantize_static_int8(
     fp32_path: Path, out_path: Path, calibration: CalibrationSet, method: str = "minmax",
-    skip_symbolic_shape: bool = False,
+    skip_symbolic_shape: bool = False, op_types: list[str] | None = None,
 ) -> dict:  # fmt: skip
     """ONNX Runtime static quantization: QDQ nodes, int8 weights per output channel,
     uint8 activations with ranges from ``calibration``. Returns what was done.
     ``skip_symbolic_shape``: ONNX's own shape inference only, for graphs ONNX Runtime's
-    symbolic inference cannot finish (a YOLO head's anchors)."""
+    symbolic inference cannot finish (a YOLO head's anchors). ``op_types``: quantize only
+    these operators (None: every one ONNX Runtime can), the rest stay float32."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -174,6 +175,7 @@ def quantize_static_int8(
             # weights make the file compute other logits there than on a VNNI CPU
             reduce_range=True,
             calibrate_method=methods[method],
+            op_types_to_quantize=op_types,
         )
     except Exception as exc:  # onnxruntime raises plain exceptions of many kinds
         raise ExportError(f"ONNX Runtime could not quantize {fp32_path.name}: {exc}") from None
@@ -187,4 +189,5 @@ def quantize_static_int8(
         "activations": "uint8, per tensor",
         "calibration_method": method,
         "calibration": calibration.record(),
+        "operators": op_types or "every operator ONNX Runtime quantizes",
     }
