@@ -14,12 +14,18 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from kdpipe.base.errors import ManifestError, RunDirError
-from kdpipe.models.runs import cpu_state, write_json, write_safetensors
+from kdpipe.base.errors import ManifestError, RunDirError, UsageError
+from kdpipe.models.runs import CARD_FILE, cpu_state, write_json, write_safetensors
 from torch import nn
 
 STATE_FILE = "checkpoint.json"
 BEST_FILE = "best.safetensors"  # early stopping: the best epoch's weights so far
+
+
+def refuse_finished(run_dir: Path) -> None:
+    """A run with its model card has nothing to resume (either task's ``--resume``)."""
+    if (run_dir / CARD_FILE).is_file():
+        raise UsageError(f"{run_dir} is finished (it has {CARD_FILE}): nothing to resume")
 
 
 def save_checkpoint(

@@ -19,7 +19,6 @@ from kdpipe.cache import SoftLabels, StreamedSoftLabels, open_soft_labels, utc_n
 from kdpipe.models.pretrained import source_architecture
 from kdpipe.models.registry import create_model, param_count, resolve_model_kwargs, weights_sha256
 from kdpipe.models.runs import (
-    CARD_FILE,
     CONFIG_FILE,
     RUN_FORMAT_VERSION,
     ModelCard,
@@ -27,7 +26,7 @@ from kdpipe.models.runs import (
     save_model,
     write_json,
 )
-from kdpipe.train.checkpoint import remove_checkpoint
+from kdpipe.train.checkpoint import refuse_finished, remove_checkpoint
 from kdpipe.train.config import LEGACY_DEFAULTS, TrainConfig
 from kdpipe.train.loop import early_stop, feature_term, fit
 from kdpipe.train.plan import KINDS, RunPlan, plan_run
@@ -71,8 +70,7 @@ def distill_online(config: TrainConfig, log: Callable[[str], None] = quiet) -> M
 def resume_training(run_dir: Path, log: Callable[[str], None] = quiet) -> ModelCard:
     """Continue an unfinished run from its last epoch checkpoint, with its saved config."""
     run_dir = Path(run_dir)
-    if (run_dir / CARD_FILE).is_file():
-        raise UsageError(f"{run_dir} is finished (it has {CARD_FILE}): nothing to resume")
+    refuse_finished(run_dir)
     saved = read_config(run_dir)
     kind = saved.pop("kind", None)
     if kind == "qat-student":

@@ -33,7 +33,7 @@ from kdpipe.base.errors import ManifestError, UsageError
 from kdpipe.base.runtime import kill_point, prepare_output, quiet, resolve_device
 from kdpipe.data.datasets import class_mismatch
 from kdpipe.data.yolo import load_detection_split, read_data_yaml
-from kdpipe.models.runs import CARD_FILE, CONFIG_FILE, METRICS_FILE, write_json
+from kdpipe.models.runs import CONFIG_FILE, METRICS_FILE, write_json
 from kdpipe.tasks.detect.cache import DetectionCache
 from kdpipe.tasks.detect.loss import DistillSettings, StudentLoss, anchors_of
 from kdpipe.tasks.detect.runs import (
@@ -45,7 +45,12 @@ from kdpipe.tasks.detect.runs import (
 from kdpipe.tasks.detect.sources import CachedBatches, OnlineBatches, ViewBatches
 from kdpipe.tasks.detect.targets import DetectBatch
 from kdpipe.tasks.detect.yolo import create_detector, with_loss_settings
-from kdpipe.train.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
+from kdpipe.train.checkpoint import (
+    load_checkpoint,
+    refuse_finished,
+    remove_checkpoint,
+    save_checkpoint,
+)
 
 OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_SIZE = 160
@@ -270,8 +275,7 @@ def resume_detection_student(run_dir: Path, log: Callable[[str], None] = quiet) 
     checkpoint, with its saved ``config.json`` (its inputs found by the paths saved there),
     checked again as a new run is (the cache's data against the data on disk)."""
     run_dir = Path(run_dir)
-    if (run_dir / CARD_FILE).is_file():
-        raise UsageError(f"{run_dir} is finished (it has {CARD_FILE}): nothing to resume")
+    refuse_finished(run_dir)
     try:
         saved = json.loads((run_dir / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
