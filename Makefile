@@ -115,8 +115,8 @@ format: install
 #                       rows, soft targets from the teacher trained on all the data
 # 4 hinton-omitted      a transfer set without class 3, then a class-3 logit bias chosen on
 #                       the validation rows (tune-bias)
-# 5 hinton-ensemble     the three hard-label 800-800 students of table 1 as an ensemble, cached
-#                       once; one 800-800 student distilled from it
+# 5 hinton-ensemble     three 800-800 members (dropout MEMBER_DROPOUT, seeds SEEDS) as one
+#                       ensemble, cached once; one 800-800 student distilled from it
 # The student recipe (chosen on validation rows, docs/results.md "The recipe"): SGD with
 # Nesterov momentum, lr STUDENT_LR on a cosine schedule moved after every update, with
 # WARMUP epochs of warm-up counted in updates, batch 128; every arm shares it.
