@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from conftest import cache, fails, invoke, snapshot
+from kdpipe.base import outputs
+from kdpipe.cache.location import Location
 
 TEACHER = "train-teacher --model kd_cnn_tiny --data synthetic --epochs 1 --out"
 
@@ -227,17 +229,15 @@ def test_disk_full_names_the_file(finished_run: Path, tmp_path: Path) -> None:
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 # what the Makefile's report targets write over with --overwrite: a fresh clone's make all
 # refuses to replace any of them that kdpipe's guard does not know as its own
-SHIPPED = {"*.png": "PNG", "hinton*.csv": "REPORT_CSV", "beyond.csv": "REPORT_CSV",
-           "consistency.csv": "REPORT_CSV", "storage.csv": "STORAGE_CSV"}  # fmt: skip
+SHIPPED = {"results/*.png": outputs.PNG, "results/hinton*.csv": outputs.REPORT_CSV,
+           "results/beyond.csv": outputs.REPORT_CSV, "results/consistency.csv": outputs.REPORT_CSV,
+           "results/storage.csv": outputs.STORAGE_CSV, "results/bench-*.csv": outputs.BENCH_CSV,
+           "results.md": outputs.MARKDOWN}  # fmt: skip
 
 
-@pytest.mark.parametrize(("pattern", "kind"), sorted(SHIPPED.items()))
-def test_the_outputs_docs_ship_are_known_as_kdpipes_own(pattern: str, kind: str) -> None:
-    from kdpipe.base import outputs
-    from kdpipe.cache.location import Location
-
-    shipped = sorted((DOCS / "results").glob(pattern))
-    assert shipped, f"docs/results has no {pattern}"
-    strangers = [p.name for p in shipped if not getattr(outputs, kind).ours(Location(p))]
+@pytest.mark.parametrize("pattern", sorted(SHIPPED))
+def test_the_outputs_docs_ship_are_known_as_kdpipes_own(pattern: str) -> None:
+    shipped = sorted(DOCS.glob(pattern))
+    assert shipped, f"docs has no {pattern}"
+    strangers = [p.name for p in shipped if not SHIPPED[pattern].ours(Location(p))]
     assert strangers == [], f"make all could not --overwrite {strangers}"
-    assert outputs.MARKDOWN.ours(Location(DOCS / "results.md"))
