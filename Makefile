@@ -11,6 +11,7 @@
 #   make edge          distil -> ONNX -> int8 (PTQ and QAT from the cache), not in `all`
 #   make beyond        beyond logits: hints, attention, a teacher assistant, born-again, not in `all`
 #   make detect        YOLO students: hard labels, cached KD (dense, top-K), online KD; not in `all`
+#   make bench-detect  their epoch times side by side in one process, as ratios (docs/benchmarks.md)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -29,7 +30,7 @@ endif
 .PHONY: all install data test lint format hinton hinton-table hinton-temperature hinton-3pct \
 	hinton-omitted hinton-ensemble hinton-summary consistency consistency-tables consistency-curves \
 	clean-runs bench bench-folder jpeg-folder edge edge-tables beyond beyond-tables \
-	cli-docs faults fmnist-detect detect detect-tables scale
+	cli-docs faults fmnist-detect detect detect-tables bench-detect scale
 # keep every file target, including those made by pattern rules (make would
 # otherwise delete the cache stamps as "intermediate" files when it exits)
 .SECONDARY:
@@ -723,3 +724,14 @@ detect: install data
 
 detect-tables: $(DETECT_EVALS)
 	$(BIN)/python -m kdpipe.tasks.detect.results $(DT) $(RESULTS)/results.md
+
+# issue 25's epoch-cost goals, measured side by side (pipeline/tasks/detect/bench.py): make
+# detect times each arm in whichever pair of jobs shares the cores; here every arm of every
+# student runs in one one-thread process, alternated for two rounds, the fastest epoch counted
+comma := ,
+DETECT_BENCH_STUDENTS := $(subst $(eval) ,$(comma),$(addsuffix .yaml,$(DETECT_STUDENTS)))
+bench-detect: install $(DT)/teacher/model.json
+	OMP_NUM_THREADS=1 $(KDPIPE) bench-detect --teacher $(DT)/teacher --data $(DETECT_YAML) \
+		--students $(DETECT_BENCH_STUDENTS) --views $(DETECT_VIEWS) --top-k $(DETECT_TOPK) \
+		--device cpu --out $(RUNS)/bench-detect --overwrite --markdown $(RESULTS)/benchmarks.md \
+		--csv $(RESULTS)/results/bench-detect-cpu.csv

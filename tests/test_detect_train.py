@@ -506,3 +506,34 @@ def test_make_detects_tables_come_from_the_runs_own_files(
     text = page.read_text()
     assert text.startswith("# Results\n\nkept\n") and "<!-- kdpipe:detect:begin -->" in text
     assert "cached-dense" in text and "Goals (issue 25):" in text
+
+
+def test_bench_detect_times_every_arm_side_by_side_and_refuses_what_it_cannot_time(
+    hard_run: Path, detect_set: Path, tmp_path: Path
+) -> None:
+    """The hard-label run stands in for a teacher: D1-D3 for one student, every arm at the
+    teacher's canvas, each ratio the two arms' own fastest epochs."""
+    csv_file, page = tmp_path / "bench.csv", tmp_path / "bench.md"
+    args = ("bench-detect --teacher", hard_run, "--data", detect_set, "--out",
+            tmp_path / "work", "--views 2 --top-k 5 --epochs 2 --repeats 1 --batch-size 6",
+            "--csv", csv_file, "--markdown", page)  # fmt: skip
+    done = invoke(*args)
+    assert done.exit_code == 0, done.output
+    table = pd.read_csv(csv_file).set_index("name")["value"]
+    for arm in ("hard", "dense", "topk", "online"):
+        assert table[f"yolo11n_{arm}_epoch_s"] > 0
+    assert table["D2_yolo11n_dense"] == pytest.approx(
+        table["yolo11n_dense_epoch_s"] / table["yolo11n_hard_epoch_s"]
+    )
+    assert table["D3_yolo11n"] == pytest.approx(
+        table["yolo11n_online_epoch_s"] / table["yolo11n_dense_epoch_s"]
+    )
+    assert table["D1_topk_bytes_per_view"] < table["D1_dense_bytes_per_view"]
+    for arm in ("hard", "dense", "topk", "online"):  # the cache's canvas, the teacher's
+        config = json.loads((tmp_path / "work" / f"yolo11n-{arm}-0" / "config.json").read_text())
+        assert config["image_size"] == SIZE, arm
+    assert "<!-- kdpipe:bench-detect-cpu:begin -->" in page.read_text()
+    fails(invoke(*args), "already exists")  # nothing replaced without --overwrite
+    fails(invoke("bench-detect --teacher", hard_run, "--data", detect_set, "--out",
+                 tmp_path / "w2", "--epochs 1"), "--epochs", code=2)  # fmt: skip
+    assert not (tmp_path / "w2").exists()

@@ -316,7 +316,8 @@ ONNX_FILE = Output("an ONNX file kdpipe exported", _is_onnx)
 MARKDOWN = Output("a Markdown file (.md, or one holding kdpipe's section markers)",
                   _is_markdown, edits=True)  # fmt: skip
 PNG = Output("a PNG drawn by kdpipe", _is_png)
-BENCH_WORK = Output("a bench work folder", _marked("bench", "bench-folder"), folder=True)
+BENCH_WORK = Output("a bench work folder", _marked("bench", "bench-folder", "bench-detect"),
+                    folder=True)  # fmt: skip
 
 
 def _recipe_folder(kind: str, yaml: bool) -> Callable[[Location], bool]:

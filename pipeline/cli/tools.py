@@ -623,6 +623,61 @@ def bench_folder_command(
                         section=section, log=echo)  # fmt: skip
 
 
+@main.command("bench-detect", context_settings=CONTEXT)
+@click.option(
+    "--out",
+    type=click.Path(),
+    required=True,
+    help="Work folder to create (--overwrite replaces one this command made).",
+)
+@click.option("--teacher", type=click.Path(), required=True, help="A detection teacher run.")
+@click.option("--data", type=click.Path(), required=True,
+              help="A YOLO data YAML; every arm trains on its train split.")  # fmt: skip
+@click.option(
+    "--students",
+    default="yolo11n.yaml",
+    help="Comma-separated Ultralytics model YAMLs, each timed in every arm.",
+)
+@click.option("--views", type=click.IntRange(min=1), default=4, help="Views per image.")
+@click.option("--top-k", type=click.IntRange(min=1), default=24,
+              help="Anchors per view of the top-K cache.")  # fmt: skip
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=2),
+    default=3,
+    help="Epochs per student run; the first (warm-up) is not timed.",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=2,
+    help="Rounds of every arm, alternated; the fastest epoch counts (the machine is noisy).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu")
+@table_options(
+    csv_help="Write the rows here.",
+    section="bench-detect-cpu",
+    overwrite_help="Replace an --out work folder and a --csv that kdpipe bench-detect wrote.",
+)
+@reports_errors
+def bench_detect_command(
+    markdown_path: Path | None, csv_path: Path | None, section: str, students: str,
+    **options: Any,
+) -> None:  # fmt: skip
+    """Time a detection student's epoch in every arm, side by side in one process.
+
+    D1 the teacher pass, dense and top-K, and bytes per view; D2 a cached epoch
+    (dense, top-K) / a hard-label epoch; D3 an online epoch / a dense cached epoch
+    (the detect extra).
+    """
+    from kdpipe.tasks.detect.bench import DetectBenchConfig, detect_bench_report
+
+    names = tuple(name.strip() for name in students.split(",") if name.strip())
+    detect_bench_report(DetectBenchConfig(students=names, **options), markdown_path,
+                        csv_path, section=section, log=echo)  # fmt: skip
+
+
 @main.command("export", context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path())
 @click.option(

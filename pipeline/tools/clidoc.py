@@ -203,6 +203,13 @@ INTRODUCTIONS = {
         "Every measurement is a fresh subprocess, the arms alternated, the fastest of "
         "`--repeats` counted; writes [benchmarks.md](benchmarks.md)."
     ),
+    "bench-detect": (
+        "Issue 25's epoch-cost goals, measured side by side: the detection teacher cached "
+        "dense and top-K (its pass and bytes per view), then every student trained on hard "
+        "labels, from each cache and online, one after another in one process for `--repeats` "
+        "rounds, the fastest epoch after the first counted; writes "
+        "[benchmarks.md](benchmarks.md) (`make bench-detect`, the detect extra)."
+    ),
     "evaluate": (
         "Test accuracy and errors, top-1 agreement with the teacher (from `--teacher` run "
         "directories, or from `--cache`, a cache of the same split), expected calibration "

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 
-def _cache_record(path: Path) -> dict:
+def cache_record(path: Path) -> dict:
     """A cache's storage, bytes per row and view on disk, and its teacher pass in seconds."""
     from kdpipe.cache import read_detection_manifest
 
@@ -56,7 +56,7 @@ def _arm(config: dict, caches: dict[str, dict]) -> str:
 def detection_tables(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Per student run, per arm (mean over seeds) and per cache, from ``folder``'s files."""
     folder = Path(folder)
-    caches = {p.name: _cache_record(p) for p in sorted(folder.glob("*.zarr"))}
+    caches = {p.name: cache_record(p) for p in sorted(folder.glob("*.zarr"))}
     rows = []
     for card_file in sorted(folder.glob("*/model.json")):
         card = json.loads(card_file.read_text())
