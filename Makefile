@@ -138,6 +138,8 @@ ALPHA ?= 0.1
 # 465.7): the published tables are at T = 20; the next full rerun should take KD_T = 4.
 KD_T ?= 20
 KD_CLIP ?= --clip-grad 1
+# what every distilled arm adds to the student's options, before its --temperature
+SOFT = --alpha $(ALPHA) $(KD_CLIP)
 MEMBER_DROPOUT ?= 0.2
 MEMBER_JITTER ?= 0
 STUDENT_LR ?= 0.05
@@ -209,10 +211,10 @@ $(H)/student-hard-s%/model.json: $(H)/cnn-T$(TEMPERATURE).done
 	$(KDPIPE) train-student $(STUDENT) --cache $(H)/cnn-T$(TEMPERATURE).zarr --alpha 1 --seed $* --out $(@D)
 
 $(H)/student-from-cnn-s%/model.json: $(H)/cnn-T$(TEMPERATURE).done
-	$(KDPIPE) train-student $(STUDENT) --cache $(H)/cnn-T$(TEMPERATURE).zarr --alpha $(ALPHA) $(KD_CLIP) --temperature $(KD_T) --seed $* --out $(@D)
+	$(KDPIPE) train-student $(STUDENT) --cache $(H)/cnn-T$(TEMPERATURE).zarr $(SOFT) --temperature $(KD_T) --seed $* --out $(@D)
 
 $(H)/student-from-mlp-s%/model.json: $(H)/mlp-T$(TEMPERATURE).done
-	$(KDPIPE) train-student $(STUDENT) --cache $(H)/mlp-T$(TEMPERATURE).zarr --alpha $(ALPHA) $(KD_CLIP) --temperature $(KD_T) --seed $* --out $(@D)
+	$(KDPIPE) train-student $(STUDENT) --cache $(H)/mlp-T$(TEMPERATURE).zarr $(SOFT) --temperature $(KD_T) --seed $* --out $(@D)
 
 TABLE_RUNS := $(H)/teacher-cnn $(H)/teacher-mlp \
 	$(foreach s,$(SEEDS),$(H)/student-hard-s$(s) $(H)/student-from-cnn-s$(s) $(H)/student-from-mlp-s$(s))
@@ -223,10 +225,10 @@ $(H)/sweep30-hard-s%/model.json: $(H)/cnn-T$(TEMPERATURE).done
 
 define SWEEP_RULES
 $(H)/sweep800-T$(1)-s%/model.json: $(H)/cnn-T$(TEMPERATURE).done
-	$(KDPIPE) train-student $(call STUDENT_AT,$(call sweep_lr,$(1))) --cache $(H)/cnn-T$(TEMPERATURE).zarr --alpha $(ALPHA) $(KD_CLIP) --temperature $(1) --seed $$* --out $$(@D)
+	$(KDPIPE) train-student $(call STUDENT_AT,$(call sweep_lr,$(1))) --cache $(H)/cnn-T$(TEMPERATURE).zarr $(SOFT) --temperature $(1) --seed $$* --out $$(@D)
 
 $(H)/sweep30-T$(1)-s%/model.json: $(H)/cnn-T$(TEMPERATURE).done
-	$(KDPIPE) train-student $(call SMALL_AT,$(call sweep_lr,$(1))) --cache $(H)/cnn-T$(TEMPERATURE).zarr --alpha $(ALPHA) $(KD_CLIP) --temperature $(1) --seed $$* --out $$(@D)
+	$(KDPIPE) train-student $(call SMALL_AT,$(call sweep_lr,$(1))) --cache $(H)/cnn-T$(TEMPERATURE).zarr $(SOFT) --temperature $(1) --seed $$* --out $$(@D)
 endef
 $(foreach t,$(TEMPERATURES),$(eval $(call SWEEP_RULES,$(t))))
 
@@ -244,7 +246,7 @@ $(H)/pct3-hard-s%/model.json: $(H)/cnn-3pct.done
 	$(KDPIPE) train-student $(PCT) --cache $(H)/cnn-3pct.zarr --alpha 1 --early-stopping $(PCT_PATIENCE) --seed $* --out $(@D)
 
 $(H)/pct3-soft-s%/model.json: $(H)/cnn-3pct.done
-	$(KDPIPE) train-student $(PCT) --cache $(H)/cnn-3pct.zarr --alpha $(ALPHA) $(KD_CLIP) --temperature $(KD_T) --seed $* --out $(@D)
+	$(KDPIPE) train-student $(PCT) --cache $(H)/cnn-3pct.zarr $(SOFT) --temperature $(KD_T) --seed $* --out $(@D)
 
 PCT_RUNS := $(foreach s,$(SEEDS),$(H)/pct3-hard-s$(s) $(H)/pct3-soft-s$(s) $(H)/student-hard-s$(s))
 
@@ -254,7 +256,7 @@ $(H)/cnn-no$(OMIT).done: $(H)/teacher-cnn/model.json
 	touch $@
 
 $(H)/omit$(OMIT)-s%/model.json: $(H)/cnn-no$(OMIT).done
-	$(KDPIPE) train-student $(STUDENT) --cache $(H)/cnn-no$(OMIT).zarr --alpha $(ALPHA) $(KD_CLIP) --temperature $(KD_T) --val-fraction $(VAL) --seed $* --out $(@D)
+	$(KDPIPE) train-student $(STUDENT) --cache $(H)/cnn-no$(OMIT).zarr $(SOFT) --temperature $(KD_T) --val-fraction $(VAL) --seed $* --out $(@D)
 
 $(H)/%/bias.json: $(H)/%/model.json
 	$(KDPIPE) tune-bias $(H)/$* --classes $(OMIT) --data fashion-mnist --data-root $(DATA_ROOT)
@@ -281,7 +283,7 @@ $(H)/ensemble-test.done: $(addsuffix /model.json,$(MEMBERS))
 	touch $@
 
 $(H)/student-from-ensemble-s%/model.json: $(H)/ensemble.done
-	$(KDPIPE) train-student $(STUDENT) --cache $(H)/ensemble.zarr --alpha $(ALPHA) $(KD_CLIP) --temperature $(KD_T) --seed $* --out $(@D)
+	$(KDPIPE) train-student $(STUDENT) --cache $(H)/ensemble.zarr $(SOFT) --temperature $(KD_T) --seed $* --out $(@D)
 
 ENSEMBLE_RUNS := $(MEMBERS) $(H)/ensemble-test.zarr $(foreach s,$(SEEDS),$(H)/student-from-ensemble-s$(s))
 
