@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +214,95 @@ def test_an_online_student_on_another_grid_is_refused_before_anything_is_written
     assert not (tmp_path / "s").exists()
 
 
+def test_a_students_optimizer_groups_and_warmup_are_ultralytics_trainers() -> None:
+    """--opt auto against Ultralytics' own build_optimizer (its trainer's method, called on
+    the two attributes it reads): the same optimizer, lr, momentum and parameter groups; then
+    the warm-up's ends and middle."""
+    from types import SimpleNamespace
+
+    from kdpipe.tasks.detect.train import (
+        Schedule,
+        optimizer_choice,
+        optimizer_for,
+        warmup,
+    )
+    from ultralytics.engine.trainer import BaseTrainer
+
+    model = _student()
+    short = _config(Path("d.yaml"), Path("o"), epochs=20, batch_size=16)
+    opt, lr, momentum = optimizer_choice(short, 5, rows=400)
+    stub = SimpleNamespace(args=SimpleNamespace(lr0=0.01, optimizer="auto", warmup_bias_lr=0.1),
+                           data={"nc": 5})  # fmt: skip
+    theirs = BaseTrainer.build_optimizer(stub, model, "auto", 0.01, 0.937, 5e-4,
+                                         iterations=20 * 7)  # fmt: skip
+    ours = optimizer_for(model, opt, lr, momentum, 5e-4)
+    assert (opt, type(ours), type(theirs)) == ("adamw", torch.optim.AdamW, torch.optim.AdamW)
+    by_name = {g["param_group"]: g for g in theirs.param_groups}
+    for group in ours.param_groups:
+        other = by_name[{"norm": "bn"}.get(group["group"], group["group"])]
+        trained = [id(p) for p in other["params"] if p.requires_grad]  # not DFL's fixed conv
+        assert [id(p) for p in group["params"]] == trained
+        assert (group["lr"], group["betas"], group["weight_decay"]) == (
+            other["lr"], other["betas"], other["weight_decay"])  # fmt: skip
+    long = dataclasses.replace(short, epochs=2000)
+    assert optimizer_choice(long, 5, rows=400) == ("sgd", 0.01, 0.9)  # past 10,000 iterations
+    sgd = dataclasses.replace(short, opt="sgd")
+    assert optimizer_choice(sgd, 5, rows=400) == ("sgd", 0.01, 0.937)
+    optimizer = optimizer_for(model, "sgd", 0.01, 0.937, 5e-4)
+    schedule = Schedule.of(sgd, 0.01, 0.937, batches=25)
+    assert schedule.warmup_steps == 75 and schedule.bias_lr == 0.1
+    assert Schedule.of(dataclasses.replace(sgd, epochs=2), 0.01, 0.937, 25).warmup_steps == 25
+    lrs = {}
+    for step in (0, 30, 75):
+        warmup(optimizer, step, 75, 0.008, 0.937, 0.1)
+        lrs[step] = {g["group"]: (g["lr"], g["momentum"]) for g in optimizer.param_groups}
+    assert lrs[0] == {"weight": (0.0, 0.8), "norm": (0.0, 0.8), "bias": (0.1, 0.8)}
+    assert lrs[30]["weight"] == pytest.approx((0.008 * 0.4, 0.8 + 0.137 * 0.4))
+    assert lrs[30]["bias"][0] == pytest.approx(0.1 + (0.008 - 0.1) * 0.4)
+    assert set(lrs[75].values()) == {(0.008, 0.937)}
+
+
+def test_a_student_saves_its_weights_average_which_does_not_change_its_training(
+    detect_set: Path, hard_run: Path, tmp_path: Path
+) -> None:
+    """The saved weights are ModelEMA's (as Ultralytics' trainer saves): the same seed with
+    --ema-decay 0 trains through the same losses and saves other weights, its last ones."""
+    from kdpipe.tasks.detect.runs import load_detection_run
+    from kdpipe.tasks.detect.train import train_detection_student
+
+    last = train_detection_student(_config(detect_set, tmp_path / "last", ema_decay=0.0))
+    averaged = load_detection_run(hard_run)[1]
+    assert load_detection_run(last)[1].weights_sha256 != averaged.weights_sha256
+    losses = [pd.read_csv(run / "metrics.csv").drop(columns="seconds") for run in (last, hard_run)]
+    pd.testing.assert_frame_equal(*losses)
+
+
+def test_a_detection_student_saved_before_the_warmup_and_average_resumes_as_it_began(
+    detect_set: Path, tmp_path: Path
+) -> None:
+    """A config.json written before --warmup-epochs, --ema-decay and --opt auto existed
+    resumes with the recipe it started with (no warm-up, no average, SGD at 0.01), not with
+    today's defaults."""
+
+    from kdpipe.tasks.detect.runs import load_detection_run
+
+    start = (f"train-student --data {detect_set} --model yolo11n.yaml --hard-labels --views 2 "
+             f"--image-size {SIZE} --epochs 2 --batch-size 6 --seed 3 --opt sgd --lr 0.01 "
+             "--momentum 0.937 --warmup-epochs 0 --ema-decay 0")  # fmt: skip
+    whole = tmp_path / "whole"
+    assert invoke(start, "--out", whole).exit_code == 0
+    out = tmp_path / "old"
+    killed = _killed_after_epoch_1(start, out)
+    assert killed.returncode == -signal.SIGKILL and (out / "checkpoint.json").is_file()
+    saved = json.loads((out / "config.json").read_text())
+    for key in ("warmup_epochs", "ema_decay"):
+        del saved[key]  # as kdpipe wrote it before these existed
+    (out / "config.json").write_text(json.dumps(saved))
+    done = invoke("train-student --resume", out)
+    assert done.exit_code == 0, done.output
+    assert load_detection_run(out)[1].weights_sha256 == load_detection_run(whole)[1].weights_sha256
+
+
 # --- the cached source ---------------------------------------------------------------------
 
 
@@ -275,6 +365,21 @@ def test_train_student_distils_a_detection_student_from_a_cache_without_its_teac
     assert len(rows) == 3 and float(values["kd_class"]) > 0 and float(values["kd_box"]) >= 0
 
 
+def _killed_after_epoch_1(command: str, out: Path):
+    """``kdpipe COMMAND --out OUT`` in a child process that SIGKILLs itself once epoch 1's
+    checkpoint is written (the test hook, not a timer), at this process's thread count:
+    importing Ultralytics sets ``OMP_NUM_THREADS=1`` for children, and an epoch summed on
+    other threads than the in-process runs it is compared with gives other bits."""
+    import os
+    import subprocess
+    import sys
+
+    environment = {**os.environ, "KDPIPE_TEST_KILL_AFTER": "epochs:1",
+                   "OMP_NUM_THREADS": str(torch.get_num_threads())}  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "kdpipe", *command.split(), "--out", str(out)],
+                          capture_output=True, text=True, env=environment)  # fmt: skip
+
+
 def test_a_killed_detection_student_resumes_to_the_uninterrupted_weights(
     detect_set: Path, detect_cache: Path, tmp_path: Path
 ) -> None:
@@ -282,10 +387,6 @@ def test_a_killed_detection_student_resumes_to_the_uninterrupted_weights(
     ``--resume RUN_DIR``: the weights of the same run left alone. Once from the cache with a
     YOLO26 student (its one-to-many weight is a per-epoch schedule the resume must replay),
     once on hard labels."""
-    import os
-    import signal
-    import subprocess
-    import sys
 
     from kdpipe.tasks.detect.runs import load_detection_run
 
@@ -298,12 +399,7 @@ def test_a_killed_detection_student_resumes_to_the_uninterrupted_weights(
         whole = tmp_path / f"{name}-whole"
         assert invoke(start, "--out", whole).exit_code == 0
         out = tmp_path / f"{name}-killed"
-        killed = subprocess.run(
-            [sys.executable, "-m", "kdpipe", *start.split(), "--out", str(out)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "KDPIPE_TEST_KILL_AFTER": "epochs:1"},
-        )
+        killed = _killed_after_epoch_1(start, out)
         assert killed.returncode == -signal.SIGKILL, killed.stderr
         assert (out / "checkpoint.json").is_file() and not (out / "model.json").exists()
         fails(invoke("train-student --resume", out, "--epochs 4"),
@@ -460,9 +556,14 @@ def test_detection_options_that_do_not_apply_are_one_line(
     fails(invoke("train-student --hard-labels --jitter 2", start), "--jitter does not apply")
     fails(invoke("distill-online --alpha 0.5", start), "Missing option --teacher, --temperature")
     fails(invoke("distill-online --alpha 0.5 --temperature 2 --teacher", hard_run, "--opt lamb",
-                 start), "--opt for a detection student is one of sgd, adamw")  # fmt: skip
+                 start), "--opt for a detection student is one of auto, sgd, adamw")  # fmt: skip
     fails(invoke("train-student --model kd_mlp_30x2 --data synthetic --epochs 1 --alpha 1 "
                  "--cache c --out o --views 2"), "--views is for detection", 2)  # fmt: skip
+    fails(invoke("train-student --hard-labels --lr 0.02", start),
+          "--lr and --momentum need --opt sgd or --opt adamw: --opt auto")  # fmt: skip
+    fails(invoke("train-student --model kd_mlp_30x2 --data synthetic --epochs 1 --alpha 1 "
+                 "--cache c --out o --ema-decay 0.9"),
+          "--ema-decay is for detection", 2)  # fmt: skip
     fails(invoke("evaluate", hard_run, "--data", detect_set, "--per-class"),
           "are for classification runs", code=2)  # fmt: skip
     assert not (tmp_path / "x").exists() and snapshot(detect_set.parent) == before

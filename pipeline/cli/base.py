@@ -334,6 +334,13 @@ def clip_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+OPT_HELP = (
+    "Optimizer name for timm's create_optimizer_v2 (a detection student: auto, sgd or "
+    "adamw; auto, its default, picks the optimizer and lr as Ultralytics' trainer does)."
+)
+WARMUP_HELP = "Epochs of linear warm-up (a detection student: Ultralytics' warm-up, default 3)."
+
+
 def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
     # longer than a screen on purpose: one entry per option of the three training commands
     options = [
@@ -366,12 +373,12 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="Stop after N evaluations in a row without fewer validation errors and keep "
             "the best epoch's weights (needs --val-fraction).",
         ),
-        click.option("--opt", default="sgd", help="Optimizer name for timm's create_optimizer_v2."),
+        click.option("--opt", default="sgd", help=OPT_HELP),
         click.option("--lr", type=POSITIVE, default=0.05, help="Peak learning rate."),
         click.option("--momentum", type=float, default=0.9),
         click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0),
         click.option("--sched", default="cosine", help="Schedule for timm's create_scheduler_v2."),
-        click.option("--warmup-epochs", type=click.IntRange(min=0), default=0),
+        click.option("--warmup-epochs", type=click.IntRange(min=0), default=0, help=WARMUP_HELP),
         click.option(
             "--sched-on",
             type=click.Choice(SCHED_ON),

@@ -454,6 +454,14 @@ def detection_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "[default: 1].",
         ),
         click.option(
+            "--ema-decay",
+            type=click.FloatRange(0, 1, max_open=True),
+            default=None,
+            help="Detection: the student saved is a moving average of its weights (Ultralytics' "
+            "ModelEMA: this decay times 1 - exp(-updates / 2000)); 0 saves the last weights "
+            "[default: 0.9999].",
+        ),
+        click.option(
             "--positive-score",
             type=click.FloatRange(0, 1, max_open=True),
             default=None,
@@ -566,7 +574,7 @@ def start_or_resume(command: str, options: dict, log: Callable[[str], None]) -> 
     )
 
     context = click.get_current_context()
-    detection = ("views", "box_weight", "positive_score", "hard_labels")
+    detection = ("views", "box_weight", "positive_score", "hard_labels", "ema_decay")
     if str(options.get("data") or "").endswith((".yaml", ".yml")):
         from kdpipe.tasks.detect.runs import teacher_from_options
         from kdpipe.tasks.detect.train import student_from_options

@@ -4,9 +4,14 @@
 :class:`~kdpipe.tasks.detect.sources.OnlineBatches`, or
 :class:`~kdpipe.tasks.detect.sources.ViewBatches` for hard labels): for each epoch, each
 batch through the student in training mode, :class:`~kdpipe.tasks.detect.loss.StudentLoss`,
-one optimizer step; a row of ``metrics.csv`` per epoch (its time and the mean of each loss
-part). Ultralytics' own augmentation (mosaic, its random perspective, HSV, flips) is never
-applied: the stored views are the augmentation, rendered by kdpipe's renderer, so a cached,
+one optimizer step, and the step folded into an exponential moving average of the weights
+(Ultralytics' ``ModelEMA``, which is what its own trainer validates and saves: a student's
+saved weights are the average's); a row of ``metrics.csv`` per epoch (its time and the mean
+of each loss part). The optimizer, its warm-up and the average follow Ultralytics' trainer
+(:func:`optimizer_choice`, :func:`warmup`), except that a student steps after every batch
+(Ultralytics accumulates gradients to a nominal batch of 64). Ultralytics' own augmentation
+(mosaic, its random perspective, HSV, flips) is never applied: the stored views are the
+augmentation, rendered by kdpipe's renderer, so a cached,
 an online and a hard-label student see the same pixels. Ultralytics' trainer is not used
 (it would augment and build its own batches); its loss and model are.
 
@@ -23,11 +28,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from kdpipe.base.errors import ManifestError, UsageError
 from kdpipe.base.runtime import kill_point, prepare_output, quiet, resolve_device
@@ -52,8 +59,13 @@ from kdpipe.train.checkpoint import (
     save_checkpoint,
 )
 
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("auto", "sgd", "adamw")
 DEFAULT_SIZE = 160
+# Ultralytics' trainer defaults (ultralytics/cfg/default.yaml) a student shares with it
+NOMINAL_BATCH = 64  # nbs: "auto" counts iterations in batches of at least this size
+WARMUP_BIAS_LR = 0.1  # an SGD run's biases start here and fall to lr (auto: from 0)
+WARMUP_MOMENTUM = 0.8
+EMA_TAU = 2000  # ModelEMA's ramp: decay * (1 - exp(-updates / tau))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,11 +82,13 @@ class DetectStudentConfig:
     image_size: int | None = None  # None: the teacher's or the cache's, else DEFAULT_SIZE
     batch_size: int = 16
     views: int = 4  # views per image; view 0 the plain letterbox (a cache: its own)
-    opt: str = "sgd"
-    lr: float = 0.01  # Ultralytics' lr0
+    opt: str = "auto"  # Ultralytics' rule: AdamW at a fitted lr for short runs (optimizer_choice)
+    lr: float | None = None  # lr0 for sgd / adamw [0.01]; auto chooses its own
     final_lr: float = 0.01  # as a fraction of lr, reached linearly at the last epoch (lrf)
-    momentum: float = 0.937
+    momentum: float | None = None  # sgd / adamw [0.937]; auto chooses its own
     weight_decay: float = 5e-4
+    warmup_epochs: float = 3.0  # linear warm-up, in epochs counted in batches (0: none)
+    ema_decay: float = 0.9999  # the weights' moving average (0: none, the last weights saved)
     alpha: float = 0.5
     beta: float = 1.0
     temperature: float = 2.0
@@ -93,6 +107,13 @@ class DetectStudentConfig:
                              f"not {self.opt!r}")  # fmt: skip
         if self.views < 1 or self.batch_size < 1:
             raise UsageError("--views and --batch-size must be >= 1")
+        if self.opt == "auto" and (self.lr is not None or self.momentum is not None):
+            raise UsageError("--lr and --momentum need --opt sgd or --opt adamw: --opt auto "
+                             "(a detection student's default) chooses both, as Ultralytics' "
+                             "trainer does")  # fmt: skip
+        if self.warmup_epochs < 0 or not 0 <= self.ema_decay < 1:
+            raise UsageError(f"--warmup-epochs must be >= 0 and --ema-decay in [0, 1), not "
+                             f"{self.warmup_epochs} and {self.ema_decay}")  # fmt: skip
         if self.teacher is not None and self.cache is not None:
             raise UsageError("a detection student learns from --teacher (online) or from "
                              "--cache, not both")  # fmt: skip
@@ -112,17 +133,74 @@ class DetectStudentConfig:
         return "online-student" if self.teacher is not None else "student"
 
 
+def optimizer_choice(
+    config: DetectStudentConfig, num_classes: int, rows: int
+) -> tuple[str, float, float]:
+    """The optimizer, lr0 and momentum: ``--opt auto`` is Ultralytics' rule (its
+    ``build_optimizer``): AdamW at lr 0.002 * 5 / (4 + nc), beta1 0.9, for a run of at most
+    10,000 iterations counted in batches of at least 64, else SGD at 0.01 (Ultralytics
+    would take its MuSGD there; kdpipe takes its SGD). Otherwise the options, 0.01 and 0.937
+    where not given."""
+    if config.opt != "auto":
+        lr = config.lr if config.lr is not None else 0.01
+        return config.opt, lr, config.momentum if config.momentum is not None else 0.937
+    iterations = math.ceil(rows / max(config.batch_size, NOMINAL_BATCH)) * config.epochs
+    if iterations > 10_000:
+        return "sgd", 0.01, 0.9
+    return "adamw", round(0.002 * 5 / (4 + num_classes), 6), 0.9
+
+
 def optimizer_for(model: torch.nn.Module, opt: str, lr: float, momentum: float,
                   weight_decay: float) -> torch.optim.Optimizer:  # fmt: skip
-    """SGD (Nesterov) or AdamW with weight decay on weights only, as Ultralytics groups them
-    (no decay on biases and normalisation parameters)."""
-    decayed = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    others = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decayed, "weight_decay": weight_decay},
-              {"params": others, "weight_decay": 0.0}]  # fmt: skip
+    """SGD (Nesterov) or AdamW in Ultralytics' three groups: weights with decay, then
+    normalisation weights and biases without (the biases are the group :func:`warmup`
+    starts high)."""
+    groups: dict[str, list] = {"weight": [], "norm": [], "bias": []}
+    norms = tuple(v for k, v in vars(torch.nn).items() if "Norm" in k and isinstance(v, type))
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if not parameter.requires_grad:
+                continue
+            key = "bias" if name == "bias" else "norm" if isinstance(module, norms) else "weight"
+            groups[key].append(parameter)
+    params = [{"params": groups["weight"], "weight_decay": weight_decay, "group": "weight"},
+              {"params": groups["norm"], "weight_decay": 0.0, "group": "norm"},
+              {"params": groups["bias"], "weight_decay": 0.0, "group": "bias"}]  # fmt: skip
     if opt == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999))
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True)
+
+
+def warmup(optimizer: torch.optim.Optimizer, step: int, steps: int, lr: float, momentum: float,
+           bias_lr: float) -> None:  # fmt: skip
+    """Ultralytics' warm-up at batch ``step`` (0-based, ``steps`` of them): every lr rises
+    linearly from 0 to this epoch's ``lr``, the biases' falls from ``bias_lr`` to it, and
+    SGD's momentum rises from 0.8 to ``momentum``; at ``step == steps`` all sit on their
+    targets, where they stay."""
+    for group in optimizer.param_groups:
+        start = bias_lr if group.get("group") == "bias" else 0.0
+        group["lr"] = float(np.interp(step, [0, steps], [start, lr]))
+        if "momentum" in group:
+            group["momentum"] = float(np.interp(step, [0, steps], [WARMUP_MOMENTUM, momentum]))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What the loop needs besides the config: the optimizer's lr0 and momentum, the batches
+    in an epoch and the warm-up's length in batches (Ultralytics': its epochs times the
+    batches, leaving at least the last epoch out of it)."""
+
+    lr: float
+    momentum: float
+    batches: int
+    warmup_steps: int
+    bias_lr: float
+
+    @classmethod
+    def of(cls, config: DetectStudentConfig, lr: float, momentum: float, batches: int) -> Schedule:
+        epochs = min(config.warmup_epochs, max(config.epochs - 1, 0))
+        bias_lr = 0.0 if config.opt == "auto" else WARMUP_BIAS_LR
+        return cls(lr, momentum, batches, round(epochs * batches), bias_lr)
 
 
 def fit_student(
@@ -132,53 +210,84 @@ def fit_student(
     run_dir: Path,
     log: Callable[[str], None] = quiet,
     resume: bool = False,
-) -> list[dict]:
-    """Train ``model`` for ``config.epochs`` epochs over ``batches(epoch)`` (1-based), one
-    ``metrics.csv`` row per epoch in ``run_dir``: epoch, seconds, lr, batches, the mean
-    loss and the mean of each part; then a checkpoint. With ``resume``, from the last one:
-    the sources draw each epoch from its number and the seed, so nothing else is needed."""
+    *,
+    rows_per_epoch: int,
+) -> torch.nn.Module:
+    """Train ``model`` for ``config.epochs`` epochs over ``batches(epoch)`` (1-based, of
+    ``rows_per_epoch`` images), one ``metrics.csv`` row per epoch in ``run_dir``: epoch,
+    seconds, lr, batches, the mean loss and the mean of each part; then a checkpoint (the
+    weights, their average, the optimizer). With ``resume``, from the last one: the sources
+    draw each epoch from its number and the seed, so nothing else is needed. Returns the
+    model to save: the average of the weights, or the weights where ``ema_decay`` is 0."""
     device = resolve_device(config.device)
     model = with_loss_settings(model).to(device)
     model.args.epochs = config.epochs  # an end-to-end head's one-to-many schedule reads it
     loss_of = StudentLoss(model, config.settings() if config.distilled else None)
-    optimizer = optimizer_for(model, config.opt, config.lr, config.momentum, config.weight_decay)
+    opt, lr, momentum = optimizer_choice(config, int(model.model[-1].nc), rows_per_epoch)
+    optimizer = optimizer_for(model, opt, lr, momentum, config.weight_decay)
+    schedule = Schedule.of(config, lr, momentum, math.ceil(rows_per_epoch / config.batch_size))
+    ema = average_of(model, config.ema_decay)
+    state = model if ema is None else torch.nn.ModuleDict({"model": model, "ema": ema.ema})
     generator = torch.Generator().manual_seed(config.seed)  # the checkpoint's format keeps one
     rows: list[dict] = []
     done = 0
     if resume:
-        done, rows = load_checkpoint(run_dir, model, optimizer, generator)
+        done, rows = load_checkpoint(run_dir, state, optimizer, generator)
         for _ in range(done):  # replay the per-epoch loss schedule (YOLO26's one-to-many)
             loss_of.end_epoch()
+        if ema is not None:
+            ema.updates = sum(int(row["batches"]) for row in rows)
         _write_metrics(run_dir / METRICS_FILE, rows)  # drops a row written after the checkpoint
         log(f"resuming {run_dir} after epoch {done} of {config.epochs}")
+    else:
+        log(f"{opt} at lr {lr:g}, momentum {momentum:g}; warm-up {schedule.warmup_steps} "
+            f"batches; " + ("no weight average" if ema is None else
+                            f"weight average at decay {config.ema_decay:g}"))  # fmt: skip
     for epoch in range(done + 1, config.epochs + 1):
-        row = _epoch(model, optimizer, loss_of, batches(epoch), config, epoch, device)
+        row = _epoch(model, optimizer, loss_of, batches(epoch), config, epoch, device, schedule,
+                     ema)  # fmt: skip
         rows.append(row)
         _write_metrics(run_dir / METRICS_FILE, rows)
-        save_checkpoint(run_dir, epoch, model, optimizer, generator, rows)
+        save_checkpoint(run_dir, epoch, state, optimizer, generator, rows)
         kill_point("epochs", epoch)  # tests only (KDPIPE_TEST_KILL_AFTER)
         log(f"epoch {epoch}/{config.epochs}: loss {row.get('loss', float('nan')):.4f} "
             f"({row['seconds']:.1f} s)")  # fmt: skip
-    return rows
+    return model if ema is None else ema.ema
+
+
+def average_of(model: torch.nn.Module, decay: float):
+    """Ultralytics' ``ModelEMA`` of ``model`` (the detection room's own import), or None."""
+    if decay == 0:
+        return None
+    from ultralytics.utils.torch_utils import ModelEMA
+
+    return ModelEMA(model, decay=decay, tau=EMA_TAU)
 
 
 def _epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_of: StudentLoss,
            batches: Iterable[DetectBatch], config: DetectStudentConfig, epoch: int,
-           device: torch.device) -> dict:  # fmt: skip
-    """One epoch at Ultralytics' linear lr schedule; its ``metrics.csv`` row."""
+           device: torch.device, schedule: Schedule, ema) -> dict:  # fmt: skip
+    """One epoch at Ultralytics' linear lr schedule, warmed up over its first batches; its
+    ``metrics.csv`` row."""
     fraction = (epoch - 1) / max(config.epochs - 1, 1)
-    lr = config.lr * (1 - fraction * (1 - config.final_lr))
+    lr = schedule.lr * (1 - fraction * (1 - config.final_lr))
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
     started, sums, count = time.perf_counter(), {}, 0
     for batch in batches:
+        step = (epoch - 1) * schedule.batches + count
+        if schedule.warmup_steps and step <= schedule.warmup_steps:
+            warmup(optimizer, step, schedule.warmup_steps, lr, schedule.momentum,
+                   schedule.bias_lr)  # fmt: skip
         batch = _on(batch, device)
         loss, parts = loss_of(model(batch.images), batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)  # as Ultralytics
         optimizer.step()
+        if ema is not None:
+            ema.update(model)
         count += 1
         for key, value in {"loss": float(loss.detach()), **parts}.items():
             sums[key] = sums.get(key, 0.0) + value
@@ -249,7 +358,8 @@ def train_detection_student(
         source = ViewBatches(train, size, config.batch_size, config.views, config.seed)
         if teacher is not None:
             source = OnlineBatches(source, teacher.to(device), device)
-    fit_student(model, source.epoch, config, out, log, resume=resume)
+    rows = len(cache) if cache is not None else len(train)
+    model = fit_student(model, source.epoch, config, out, log, resume=resume, rows_per_epoch=rows)
     lineage = {}
     if teacher_card is not None:
         lineage = {"teacher_run": str(config.teacher),
@@ -281,6 +391,7 @@ def resume_detection_student(run_dir: Path, log: Callable[[str], None] = quiet) 
     except (OSError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{run_dir / CONFIG_FILE} cannot be read ({exc})") from None
     names = {f.name for f in fields(DetectStudentConfig)}
+    saved = {**BEFORE_EMA, **saved}  # a run started before the warm-up and average resumes so
     if saved.get("task") != "detect" or not {"model", "data", "out"} <= saved.keys():
         raise ManifestError(f"{run_dir / CONFIG_FILE} is not a detection student's "
                             "configuration")  # fmt: skip
@@ -318,6 +429,10 @@ def _check_grid(model: torch.nn.Module, grid: Grid, size: int, config) -> None:
                          "compared")  # fmt: skip
 
 
+# a config.json saved before warm-up, the weights' average and --opt auto: the recipe it ran
+BEFORE_EMA = {"warmup_epochs": 0.0, "ema_decay": 0.0, "opt": "sgd", "lr": 0.01,
+              "momentum": 0.937}  # fmt: skip
+
 # the training commands' options a detection student takes, by their config field
 OPTION_FIELDS = {"model": "model", "data": "data", "out": "out", "epochs": "epochs",
                  "image_size": "image_size", "batch_size": "batch_size", "opt": "opt",
@@ -325,7 +440,8 @@ OPTION_FIELDS = {"model": "model", "data": "data", "out": "out", "epochs": "epoc
                  "seed": "seed", "device": "device", "overwrite": "overwrite",
                  "teacher": "teacher", "cache": "cache", "alpha": "alpha",
                  "temperature": "temperature", "views": "views", "box_weight": "beta",
-                 "positive_score": "positive"}  # fmt: skip
+                 "positive_score": "positive", "warmup_epochs": "warmup_epochs",
+                 "ema_decay": "ema_decay"}  # fmt: skip
 DISTILLATION = ("alpha", "temperature", "box_weight", "positive_score", "cache")
 
 
