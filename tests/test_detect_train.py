@@ -581,6 +581,7 @@ def test_make_detects_tables_come_from_the_runs_own_files(
 
     folder = tmp_path / "detect"
     shutil.copytree(hard_run, folder / "yolo11n-hard-s3")
+    shutil.copytree(hard_run, folder / "teacher")  # a teacher from kdpipe's loop: not a row
     shutil.copytree(detect_cache, folder / "dense.zarr")
     train_detection_student(_config(detect_set, folder / "yolo11n-dense-s3",
                                     cache=str(folder / "dense.zarr"), image_size=None))  # fmt: skip

@@ -1,9 +1,10 @@
 """``make detect``'s tables, built only from what its runs, caches and evaluations wrote.
 
-The folder ``make detect`` fills holds ``teacher/`` (a detection teacher run), one cache per
-storage (``*.zarr``), student runs (``model.json`` with ``"task": "detect"``) and
-``eval/NAME.csv`` (``kdpipe evaluate --format csv --output``, one per run, ``NAME.fp32.csv``
-and ``NAME.int8.csv`` for its ONNX files). Nothing is measured here: a student's arm comes
+The folder ``make detect`` fills holds ``teacher/`` (a detection teacher run, from either
+trainer: its own line, not a row), one cache per storage (``*.zarr``), student runs
+(``model.json`` with ``"task": "detect"``) and ``eval/NAME.csv`` (``kdpipe evaluate
+--format csv --output``, one per run, ``NAME.fp32.csv`` and ``NAME.int8.csv`` for its ONNX
+files). Nothing is measured here: a student's arm comes
 from its ``config.json`` (a cache of which storage, a teacher run online, or hard labels),
 its epoch time from its ``metrics.csv``, its mAP from its evaluation, a cache's bytes from
 its files on disk and its teacher pass from its manifest (``created`` to ``completed``).
@@ -47,6 +48,9 @@ def _map(folder: Path, name: str) -> float:
     return float(pd.read_csv(path)["map50_95"].iloc[0])
 
 
+TEACHER = "teacher"  # the folder's teacher run, by either trainer
+
+
 def _arm(config: dict, caches: dict[str, dict]) -> str:
     if config.get("cache"):
         return f"cached-{caches[Path(config['cache']).name]['kind']}"
@@ -61,8 +65,8 @@ def detection_tables(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd
     for card_file in sorted(folder.glob("*/model.json")):
         card = json.loads(card_file.read_text())
         run = card_file.parent
-        if card.get("task") != "detect" or card.get("kind") != "student":
-            continue
+        if card.get("task") != "detect" or card.get("kind") != "student" or run.name == TEACHER:
+            continue  # the teacher (kdpipe's loop makes it a student-kind run) has its own line
         config = json.loads((run / "config.json").read_text())
         metrics = pd.read_csv(run / "metrics.csv")
         rows.append({"run": run.name, "architecture": card["architecture"],
@@ -132,7 +136,7 @@ def markdown(folder: str | Path) -> str:
 
     folder = Path(folder)
     runs, arms, caches = detection_tables(folder)
-    teacher = _map(folder, "teacher")
+    teacher = _map(folder, TEACHER)
     parts = [f"Runs in `{folder}` ({machine_line()}); teacher mAP50-95 {100 * teacher:.2f} "
              "(val split of the data YAML, as every row below).", "",
              "Per architecture and arm, mean of the seeds (mAP50-95 in [0, 1]):", ""]  # fmt: skip
