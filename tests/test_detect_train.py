@@ -608,6 +608,7 @@ def test_make_detects_tables_come_from_the_runs_own_files(
     text = page.read_text()
     assert text.startswith("# Results\n\nkept\n") and "<!-- kdpipe:detect:begin -->" in text
     assert "cached-dense" in text and "Goals (issue 25):" in text
+    assert "(val split of the data YAML, as every row below)" in text  # the files' own split
 
 
 def test_bench_detect_times_every_arm_side_by_side_and_refuses_what_it_cannot_time(

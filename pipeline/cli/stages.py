@@ -466,7 +466,7 @@ def detection_options(command: Callable[..., Any]) -> Callable[..., Any]:
             type=click.FloatRange(0, 1, max_open=True),
             default=None,
             help="Detection: the teacher's score above which an anchor's box is distilled "
-            "[default: 0.5].",
+            "(a teacher's scores are IoU-aware, rarely near 1) [default: 0.1].",
         ),
     ]
     for option in reversed(options):

@@ -48,6 +48,13 @@ def _map(folder: Path, name: str) -> float:
     return float(pd.read_csv(path)["map50_95"].iloc[0])
 
 
+def _splits(folder: Path) -> str:
+    """The split(s) the folder's evaluations read, as their own files say (``make detect``
+    evaluates on one: ``DETECT_SPLIT``)."""
+    names = sorted({str(pd.read_csv(p)["split"].iloc[0]) for p in (folder / "eval").glob("*.csv")})
+    return " and ".join(names) or "no"
+
+
 TEACHER = "teacher"  # the folder's teacher run, by either trainer
 
 
@@ -138,7 +145,7 @@ def markdown(folder: str | Path) -> str:
     runs, arms, caches = detection_tables(folder)
     teacher = _map(folder, TEACHER)
     parts = [f"Runs in `{folder}` ({machine_line()}); teacher mAP50-95 {100 * teacher:.2f} "
-             "(val split of the data YAML, as every row below).", "",
+             f"({_splits(folder)} split of the data YAML, as every row below).", "",
              "Per architecture and arm, mean of the seeds (mAP50-95 in [0, 1]):", ""]  # fmt: skip
     for frame in (arms, caches.drop(columns=["kind"], errors="ignore"), runs):
         if not frame.empty:

@@ -92,7 +92,7 @@ class DetectStudentConfig:
     alpha: float = 0.5
     beta: float = 1.0
     temperature: float = 2.0
-    positive: float = 0.5
+    positive: float = 0.1  # see DistillSettings
     seed: int = 0
     device: str = "cpu"
     overwrite: bool = False
