@@ -55,6 +55,22 @@ def _targets(head: dict, score_shift: float = 0.0, box_shift: float = 0.0) -> Te
                                      "boxes": head["boxes"].detach() + box_shift})  # fmt: skip
 
 
+def test_the_default_box_threshold_reaches_a_yolos_task_aligned_scores() -> None:
+    """A trained YOLO scores its objects near IoU x score (make detect's teacher: 0.11
+    anchors per view above 0.5, 3.69 above 0.1): a teacher whose best anchors score 0.3
+    has its boxes distilled at the default threshold, and had none at the old 0.5."""
+    model = _student()
+    head = model(_batch().images)
+    scores = torch.full_like(head["scores"], -8.0)  # background everywhere
+    scores[:, 2, :5] = float(torch.logit(torch.tensor(0.3)))  # five anchors, one class, 0.3
+    noise = torch.randn(head["boxes"].shape, generator=torch.Generator().manual_seed(3))
+    teacher = TeacherTargets.from_head({"scores": scores, "boxes": head["boxes"].detach() + noise})
+    default = DistillSettings().positive
+    assert default == 0.1
+    assert float(box_term(head["boxes"], teacher, 2.0, default)) > 0
+    assert float(box_term(head["boxes"], teacher, 2.0, 0.5)) == 0
+
+
 @pytest.mark.parametrize("architecture", ["yolo11n.yaml", "yolo26n.yaml"])
 def test_the_loss_without_a_teacher_is_ultralytics_own(architecture: str) -> None:
     from ultralytics.utils.loss import E2ELoss, v8DetectionLoss
