@@ -89,10 +89,10 @@ class DetectStudentConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 3.0  # linear warm-up, in epochs counted in batches (0: none)
     ema_decay: float = 0.9999  # the weights' moving average (0: none, the last weights saved)
-    alpha: float = 0.5
-    beta: float = 1.0
-    temperature: float = 2.0
-    positive: float = 0.1  # see DistillSettings
+    alpha: float = DistillSettings.alpha  # the distillation term's defaults are its own
+    beta: float = DistillSettings.beta
+    temperature: float = DistillSettings.temperature
+    positive: float = DistillSettings.positive
     seed: int = 0
     device: str = "cpu"
     overwrite: bool = False
