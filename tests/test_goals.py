@@ -25,7 +25,7 @@ def results(tmp_path: Path) -> Path:
     _rows(
         {
             "pct3-hard": [1800, 1810, 1790],
-            "pct3-soft": [1400, 1400, 1400],
+            "pct3-soft-views": [1400, 1400, 1400],
             "student-hard": [950, 960, 940],
         }
     ).to_csv(tmp_path / "hinton-3pct.csv", index=False)
@@ -47,7 +47,7 @@ def test_shares_are_hinton_s_from_the_means_and_paired_by_seed(results: Path) ->
     assert mnist["kdpipe"] == "16%" and mnist["reached"] == "no"
     assert mnist["kdpipe ÷ paper"] == f"{0.16 / (72 / 79):.2f}"
     assert mnist["per seed (paired against the baseline's seed)"] == "s0: +50, s1: +30, s2: +40"
-    pct = table.loc["3. 3 % of the data: soft against hard targets"]
+    pct = table.loc["3. 3 % of the data: soft targets on stored crops against hard labels"]
     assert pct["kdpipe"] == f"{400 / 850:.0%}" and pct["reached"] == "no"  # 47 % < 50 %
     omit = table.loc["4. Omitted class, after the bias"]
     assert omit["kdpipe"] == "96%" and omit["reached"] == "yes"
