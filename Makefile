@@ -254,17 +254,16 @@ $(H)/cnn-3pct-views.done: $(H)/teacher-cnn/model.json
 	$(KDPIPE) cache-teacher --teacher $(H)/teacher-cnn --temperature $(TEMPERATURE) --subset 0.03 $(PCT_VIEWS) --out $(H)/cnn-3pct-views.zarr $(COMMON)
 	touch $@
 
-$(H)/pct3-hard-s%/model.json: $(H)/cnn-3pct.done
-	$(KDPIPE) train-student $(PCT) --cache $(H)/cnn-3pct.zarr --alpha 1 --early-stopping $(PCT_PATIENCE) --seed $* --out $(@D)
+# $(call PCT_RULES,SUFFIX,CACHE): the hard-label and soft-target 3 % arms on one cache
+define PCT_RULES
+$(H)/pct3-hard$(1)-s%/model.json: $(H)/$(2).done
+	$(KDPIPE) train-student $(PCT) --cache $(H)/$(2).zarr --alpha 1 --early-stopping $(PCT_PATIENCE) --seed $$* --out $$(@D)
 
-$(H)/pct3-soft-s%/model.json: $(H)/cnn-3pct.done
-	$(KDPIPE) train-student $(PCT) --cache $(H)/cnn-3pct.zarr $(SOFT) --temperature $(PCT_T) --seed $* --out $(@D)
-
-$(H)/pct3-hard-views-s%/model.json: $(H)/cnn-3pct-views.done
-	$(KDPIPE) train-student $(PCT) --cache $(H)/cnn-3pct-views.zarr --alpha 1 --early-stopping $(PCT_PATIENCE) --seed $* --out $(@D)
-
-$(H)/pct3-soft-views-s%/model.json: $(H)/cnn-3pct-views.done
-	$(KDPIPE) train-student $(PCT) --cache $(H)/cnn-3pct-views.zarr $(SOFT) --temperature $(PCT_T) --seed $* --out $(@D)
+$(H)/pct3-soft$(1)-s%/model.json: $(H)/$(2).done
+	$(KDPIPE) train-student $(PCT) --cache $(H)/$(2).zarr $(SOFT) --temperature $(PCT_T) --seed $$* --out $$(@D)
+endef
+$(eval $(call PCT_RULES,,cnn-3pct))
+$(eval $(call PCT_RULES,-views,cnn-3pct-views))
 
 PCT_RUNS := $(foreach s,$(SEEDS),$(H)/pct3-hard-s$(s) $(H)/pct3-hard-views-s$(s) $(H)/pct3-soft-s$(s) \
 	$(H)/pct3-soft-views-s$(s) $(H)/student-hard-s$(s))
