@@ -248,25 +248,21 @@ SWEEP_RUNS := $(foreach s,$(SWEEP_SEEDS),$(H)/student-hard-s$(s) $(H)/student-fr
 	$(foreach s,$(SEEDS),$(H)/sweep30-hard-s$(s) $(foreach t,$(TEMPERATURES),$(H)/sweep30-T$(t)-s$(s)))
 
 # 3: the CNN teacher (trained on all the data) labels a random 3 % of the training split
-$(H)/cnn-3pct.done: $(H)/teacher-cnn/model.json
-	$(KDPIPE) cache-teacher --teacher $(H)/teacher-cnn --temperature $(TEMPERATURE) --subset 0.03 --out $(H)/cnn-3pct.zarr $(COMMON)
-	touch $@
-
-# the same rows (the same --subset and seed) in stored views, each labelled by the teacher
-$(H)/cnn-3pct-views.done: $(H)/teacher-cnn/model.json
-	$(KDPIPE) cache-teacher --teacher $(H)/teacher-cnn --temperature $(TEMPERATURE) --subset 0.03 $(PCT_VIEWS) --out $(H)/cnn-3pct-views.zarr $(COMMON)
-	touch $@
-
-# $(call PCT_RULES,SUFFIX,CACHE): the hard-label and soft-target 3 % arms on one cache
+# $(call PCT_RULES,SUFFIX,VIEWS): one 3 % transfer set (the same rows: the same --subset and
+# seed) cached with the view options VIEWS, and the hard-label and soft-target arms on it
 define PCT_RULES
-$(H)/pct3-hard$(1)-s%/model.json: $(H)/$(2).done
-	$(KDPIPE) train-student $(PCT) --cache $(H)/$(2).zarr --alpha 1 --early-stopping $(PCT_PATIENCE) --seed $$* --out $$(@D)
+$(H)/cnn-3pct$(1).done: $(H)/teacher-cnn/model.json
+	$(KDPIPE) cache-teacher --teacher $(H)/teacher-cnn --temperature $(TEMPERATURE) --subset 0.03 $(2) --out $(H)/cnn-3pct$(1).zarr $(COMMON)
+	touch $$@
 
-$(H)/pct3-soft$(1)-s%/model.json: $(H)/$(2).done
-	$(KDPIPE) train-student $(PCT) --cache $(H)/$(2).zarr $(SOFT) --temperature $(PCT_T) --seed $$* --out $$(@D)
+$(H)/pct3-hard$(1)-s%/model.json: $(H)/cnn-3pct$(1).done
+	$(KDPIPE) train-student $(PCT) --cache $(H)/cnn-3pct$(1).zarr --alpha 1 --early-stopping $(PCT_PATIENCE) --seed $$* --out $$(@D)
+
+$(H)/pct3-soft$(1)-s%/model.json: $(H)/cnn-3pct$(1).done
+	$(KDPIPE) train-student $(PCT) --cache $(H)/cnn-3pct$(1).zarr $(SOFT) --temperature $(PCT_T) --seed $$* --out $$(@D)
 endef
-$(eval $(call PCT_RULES,,cnn-3pct))
-$(eval $(call PCT_RULES,-views,cnn-3pct-views))
+$(eval $(call PCT_RULES,,))
+$(eval $(call PCT_RULES,-views,$(PCT_VIEWS)))
 
 PCT_RUNS := $(foreach s,$(SEEDS),$(H)/pct3-hard-s$(s) $(H)/pct3-hard-views-s$(s) $(H)/pct3-soft-s$(s) \
 	$(H)/pct3-soft-views-s$(s) $(H)/student-hard-s$(s))
