@@ -687,6 +687,9 @@ DETECT_VIEWS ?= 4
 # 24 of the 525 anchors at 128 px: 0.076 of dense's bytes per view (64 kept 0.200; docs/results.md)
 DETECT_TOPK ?= 24
 DETECT_KD ?= --alpha 0.5 --temperature 2
+# the caches' seed, which draws their views; the hard-label and online students draw theirs
+# from it too, so every arm of a seed sees the same pixels in the same order
+DETECT_VIEW_SEED ?= 0
 # the distillation settings were chosen on the val split (docs/results.md): the table reads test
 DETECT_SPLIT ?= test
 DETECT_YAML := $(DETECT_SET)/data.yaml
@@ -710,17 +713,17 @@ $(DT)/teacher/model.json: $(DETECT_SET)/RECIPE.json
 
 $(DT)/dense.zarr/zarr.json: $(DT)/teacher/model.json
 	$(KDPIPE) cache-teacher --teacher $(DT)/teacher --data $(DETECT_YAML) --views $(DETECT_VIEWS) \
-		--device cpu --out $(@D) --overwrite
+		--seed $(DETECT_VIEW_SEED) --device cpu --out $(@D) --overwrite
 
 $(DT)/topk.zarr/zarr.json: $(DT)/teacher/model.json
 	$(KDPIPE) cache-teacher --teacher $(DT)/teacher --data $(DETECT_YAML) --views $(DETECT_VIEWS) \
-		--top-k $(DETECT_TOPK) --device cpu --out $(@D) --overwrite
+		--top-k $(DETECT_TOPK) --seed $(DETECT_VIEW_SEED) --device cpu --out $(@D) --overwrite
 
 define DETECT_STUDENT
 $(DT)/$(1)-hard-s$(2)/model.json: $(DETECT_SET)/RECIPE.json
 	$(KDPIPE) train-student --model $(1).yaml --data $(DETECT_YAML) --hard-labels \
-		--image-size $(DETECT_SIZE) --views $(DETECT_VIEWS) --epochs $(DETECT_EPOCHS) --seed $(2) \
-		--device cpu --out $$(@D) --overwrite
+		--image-size $(DETECT_SIZE) --views $(DETECT_VIEWS) --view-seed $(DETECT_VIEW_SEED) \
+		--epochs $(DETECT_EPOCHS) --seed $(2) --device cpu --out $$(@D) --overwrite
 $(DT)/$(1)-dense-s$(2)/model.json: $(DT)/dense.zarr/zarr.json
 	$(KDPIPE) train-student --model $(1).yaml --data $(DETECT_YAML) --cache $(DT)/dense.zarr \
 		$(DETECT_KD) --epochs $(DETECT_EPOCHS) --seed $(2) --device cpu --out $$(@D) --overwrite
@@ -729,8 +732,8 @@ $(DT)/$(1)-topk-s$(2)/model.json: $(DT)/topk.zarr/zarr.json
 		$(DETECT_KD) --epochs $(DETECT_EPOCHS) --seed $(2) --device cpu --out $$(@D) --overwrite
 $(DT)/$(1)-online-s$(2)/model.json: $(DT)/teacher/model.json
 	$(KDPIPE) distill-online --model $(1).yaml --data $(DETECT_YAML) --teacher $(DT)/teacher \
-		$(DETECT_KD) --views $(DETECT_VIEWS) --epochs $(DETECT_EPOCHS) --seed $(2) --device cpu \
-		--out $$(@D) --overwrite
+		$(DETECT_KD) --views $(DETECT_VIEWS) --view-seed $(DETECT_VIEW_SEED) --epochs $(DETECT_EPOCHS) \
+		--seed $(2) --device cpu --out $$(@D) --overwrite
 endef
 $(foreach a,$(DETECT_STUDENTS),$(foreach s,$(DETECT_SEEDS),$(eval $(call DETECT_STUDENT,$(a),$(s)))))
 

@@ -185,6 +185,7 @@ def test_a_hard_label_run_writes_its_run_directory_and_repeats_exactly(
         card.kind == "student" and card.source["kind"] == "hard-labels" and card.image_size == SIZE
     )
     assert card.dataset["fingerprint"]["count"] == 12 and card.lineage == {}
+    assert card.source["view_seed"] == 3  # the run's own seed, not told another
     header, row = (hard_run / "metrics.csv").read_text().splitlines()
     assert header.split(",")[:5] == ["epoch", "seconds", "lr", "batches", "loss"]
     assert "yolo_box" in header and "kd_class" not in header and row.split(",")[3] == "2"
@@ -358,6 +359,25 @@ def test_a_cache_replays_the_online_students_pixels_and_teacher_outputs(
             torch.testing.assert_close(read.teacher.boxes, ran.teacher.boxes, atol=1e-4, rtol=0)
 
 
+def test_a_hard_label_source_given_the_caches_view_seed_renders_the_caches_views(
+    detect_set: Path, detect_cache: Path
+) -> None:
+    """A hard-label (or online) student of another seed than the cache's, told the cache's
+    seed as its view seed, renders the cached student's pixels and boxes in the same order:
+    the like-for-like reference. Without it, its views are its own seed's."""
+    from kdpipe.data.yolo import load_detection_split
+    from kdpipe.tasks.detect.cache import DetectionCache
+    from kdpipe.tasks.detect.sources import CachedBatches, ViewBatches
+
+    train = load_detection_split(detect_set, "train")
+    cached = list(CachedBatches(DetectionCache(detect_cache, train), 5, 4).epoch(2))
+    told = list(ViewBatches(train, SIZE, 5, 2, 4, view_seed=3).epoch(2))
+    own = list(ViewBatches(train, SIZE, 5, 2, 4).epoch(2))
+    for ran, read in zip(told, cached, strict=True):
+        assert torch.equal(ran.images, read.images) and torch.equal(ran.bboxes, read.bboxes)
+    assert not all(torch.equal(a.images, b.images) for a, b in zip(own, cached, strict=True))
+
+
 def test_train_student_distils_a_detection_student_from_a_cache_without_its_teacher(
     hard_run: Path, detect_set: Path, detect_cache: Path, tmp_path: Path
 ) -> None:
@@ -439,6 +459,8 @@ def test_a_cached_detection_student_refuses_what_does_not_match_before_writing(
     data = f"--data {detect_set}"
     fails(invoke("train-student", data, start, "--temperature 2 --views 3"),
           "--views does not apply to a cached detection student")  # fmt: skip
+    fails(invoke("train-student", data, start, "--temperature 2 --view-seed 0"),
+          "--view-seed does not apply to a cached detection student")  # fmt: skip
     fails(invoke("train-student", data, start), "Missing option --temperature")
     fails(invoke("train-student", data, start, "--temperature 2 --image-size 96"),
           "at 96 px has 189 anchors")  # fmt: skip

@@ -446,6 +446,14 @@ def detection_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "[default: 4].",
         ),
         click.option(
+            "--view-seed",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Detection, hard labels or online: the seed the views' parameters are drawn "
+            "from; a cache's --seed renders that cache's views (the same pixels, a like-for-like "
+            "reference) [default: --seed].",
+        ),
+        click.option(
             "--box-weight",
             type=click.FloatRange(min=0),
             default=None,
@@ -574,7 +582,7 @@ def start_or_resume(command: str, options: dict, log: Callable[[str], None]) -> 
     )
 
     context = click.get_current_context()
-    detection = ("views", "box_weight", "positive_score", "hard_labels", "ema_decay")
+    detection = ("views", "view_seed", "box_weight", "positive_score", "hard_labels", "ema_decay")
     if str(options.get("data") or "").endswith((".yaml", ".yml")):
         from kdpipe.tasks.detect.runs import teacher_from_options
         from kdpipe.tasks.detect.train import student_from_options

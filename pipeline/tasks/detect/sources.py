@@ -1,15 +1,16 @@
 """The three sources of :class:`DetectBatch`: hard labels, online distillation, a cache.
 
 The first two draw V views per training image once (:func:`kdpipe.tasks.detect.views.draw_views`,
-view 0 the plain letterbox) and, in epoch ``e``, give each row the view
-``views.policy.view_schedule`` picks for it (the schedule classification's cache uses, so
-V consecutive epochs use every view once), rows in an order drawn from the seed and the
-epoch. The views are rendered by :func:`kdpipe.tasks.detect.views.render`, the same pixels
-and boxes a cache stores and replays. Hard labels end there (``teacher`` None); online
-distillation runs the teacher on the rendered batch (:func:`yolo.head_outputs`), which is
-the cost a cache pays once. :class:`CachedBatches` replays a cache's stored views (drawn
-by the teacher pass from the cache's seed) with the same schedule and the same order of
-rows, so a cached student of the same seed and views sees the online student's pixels and
+view 0 the plain letterbox, parameters from the view seed: the run's seed unless told) and,
+in epoch ``e``, give each row the view ``views.policy.view_schedule`` picks for it (the
+schedule classification's cache uses, so V consecutive epochs use every view once), rows in
+an order drawn from the seed and the epoch. The views are rendered by
+:func:`kdpipe.tasks.detect.views.render`, the same pixels and boxes a cache stores and
+replays. Hard labels end there (``teacher`` None); online distillation runs the teacher on
+the rendered batch (:func:`yolo.head_outputs`), which is the cost a cache pays once.
+:class:`CachedBatches` replays a cache's stored views (drawn by the teacher pass from the
+cache's seed) with the same schedule and the same order of rows: a cached student sees the
+pixels of a hard-label or online student of its seed whose view seed is the cache's, and
 its teacher's outputs, read instead of computed.
 """
 
@@ -51,11 +52,13 @@ class ViewBatches:
     size: int
     batch_size: int
     views: int
-    seed: int
+    seed: int  # the order of rows and each epoch's view
     augment: DetectAugment = field(default_factory=DetectAugment)
+    view_seed: int | None = None  # the views' parameters (None: seed)
 
     def __post_init__(self) -> None:
-        table = draw_views(np.arange(len(self.split)), self.views, self.seed, self.augment)
+        seed = self.seed if self.view_seed is None else self.view_seed
+        table = draw_views(np.arange(len(self.split)), self.views, seed, self.augment)
         object.__setattr__(self, "table", table)
 
     def epoch(self, epoch: int) -> Iterator[DetectBatch]:

@@ -82,6 +82,7 @@ class DetectStudentConfig:
     image_size: int | None = None  # None: the teacher's or the cache's, else DEFAULT_SIZE
     batch_size: int = 16
     views: int = 4  # views per image; view 0 the plain letterbox (a cache: its own)
+    view_seed: int | None = None  # the seed the views are drawn from (None: seed; a cache: its own)
     opt: str = "auto"  # Ultralytics' rule: AdamW at a fitted lr for short runs (optimizer_choice)
     lr: float | None = None  # lr0 for sgd / adamw [0.01]; auto chooses its own
     final_lr: float = 0.01  # as a fraction of lr, reached linearly at the last epoch (lrf)
@@ -114,6 +115,9 @@ class DetectStudentConfig:
         if self.warmup_epochs < 0 or not 0 <= self.ema_decay < 1:
             raise UsageError(f"--warmup-epochs must be >= 0 and --ema-decay in [0, 1), not "
                              f"{self.warmup_epochs} and {self.ema_decay}")  # fmt: skip
+        if self.view_seed is not None and (self.cache is not None or self.view_seed < 0):
+            raise UsageError("--view-seed is a seed (>= 0) for a hard-label or online student; "
+                             "a cached student replays its cache's views")  # fmt: skip
         if self.teacher is not None and self.cache is not None:
             raise UsageError("a detection student learns from --teacher (online) or from "
                              "--cache, not both")  # fmt: skip
@@ -355,7 +359,9 @@ def train_detection_student(
     if cache is not None:
         source = CachedBatches(cache, config.batch_size, config.seed)
     else:
-        source = ViewBatches(train, size, config.batch_size, config.views, config.seed)
+        source = ViewBatches(
+            train, size, config.batch_size, config.views, config.seed, view_seed=config.view_seed
+        )
         if teacher is not None:
             source = OnlineBatches(source, teacher.to(device), device)
     rows = len(cache) if cache is not None else len(train)
@@ -369,8 +375,10 @@ def train_detection_student(
                    "teacher_id": cache.manifest.teacher_id,
                    "teacher_weights_sha256": cache.manifest.teacher["weights_sha256"]}  # fmt: skip
     kind = "online" if teacher is not None else "cache" if cache is not None else "hard-labels"
+    view_seed = (cache.manifest.seed if cache is not None
+                 else config.seed if config.view_seed is None else config.view_seed)  # fmt: skip
     record = {"kind": kind, "architecture": config.model, "epochs": config.epochs,
-              "seed": config.seed, "views": views}  # fmt: skip
+              "seed": config.seed, "views": views, "view_seed": view_seed}  # fmt: skip
     dataset = {"data_yaml": str(data.yaml_file), "split": "train",
                "fingerprint": train.fingerprint}  # fmt: skip
     card = card_for(model.cpu().eval(), kind="student", classes=list(data.names),
@@ -439,7 +447,8 @@ OPTION_FIELDS = {"model": "model", "data": "data", "out": "out", "epochs": "epoc
                  "lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
                  "seed": "seed", "device": "device", "overwrite": "overwrite",
                  "teacher": "teacher", "cache": "cache", "alpha": "alpha",
-                 "temperature": "temperature", "views": "views", "box_weight": "beta",
+                 "temperature": "temperature", "views": "views", "view_seed": "view_seed",
+                 "box_weight": "beta",
                  "positive_score": "positive", "warmup_epochs": "warmup_epochs",
                  "ema_decay": "ema_decay"}  # fmt: skip
 DISTILLATION = ("alpha", "temperature", "box_weight", "positive_score", "cache")
@@ -460,7 +469,7 @@ def student_from_options(command: str, given: dict, log: Callable[[str], None] =
                          "train split, from cache-teacher) or --hard-labels (the views' ground "
                          "truth alone)")  # fmt: skip
     unknown = [flag(k) for k in given if k not in OPTION_FIELDS or (hard and k in DISTILLATION)
-               or (cached and k == "views")]  # fmt: skip
+               or (cached and k in ("views", "view_seed"))]  # fmt: skip
     if unknown:
         what = (
             "a hard-label detection student"
