@@ -378,6 +378,24 @@ def test_a_hard_label_source_given_the_caches_view_seed_renders_the_caches_views
     assert not all(torch.equal(a.images, b.images) for a, b in zip(own, cached, strict=True))
 
 
+def test_a_float32_cached_student_is_the_online_student_of_its_seed_and_views(
+    hard_run: Path, detect_set: Path, detect_cache: Path, tmp_path: Path
+) -> None:
+    """Every arm of a seed on the cache's views: a student from the float32 cache ends with
+    the weights of the online student whose teacher ran on every batch (the targets read,
+    not computed); one of its own views' seed does not."""
+    from kdpipe.tasks.detect.runs import load_detection_run
+    from kdpipe.tasks.detect.train import train_detection_student
+
+    def weights(name: str, **changes: object) -> str:
+        config = _config(detect_set, tmp_path / name, seed=4, image_size=None, **changes)
+        return load_detection_run(train_detection_student(config))[1].weights_sha256
+
+    cached = weights("cached", cache=str(detect_cache))
+    assert weights("online", teacher=str(hard_run), view_seed=3) == cached
+    assert weights("own-views", teacher=str(hard_run)) != cached
+
+
 def test_train_student_distils_a_detection_student_from_a_cache_without_its_teacher(
     hard_run: Path, detect_set: Path, detect_cache: Path, tmp_path: Path
 ) -> None:
