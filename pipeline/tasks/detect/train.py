@@ -356,11 +356,14 @@ def train_detection_student(
         write_json(out / CONFIG_FILE, {"kind": config.kind, "task": "detect", **asdict(config),
                                        "image_size": size, "views": views})  # fmt: skip
     device = resolve_device(config.device)
+    # the seed that drew the views' parameters: the cache's, else told, else the run's own
+    view_seed = (cache.manifest.seed if cache is not None
+                 else config.seed if config.view_seed is None else config.view_seed)  # fmt: skip
     if cache is not None:
         source = CachedBatches(cache, config.batch_size, config.seed)
     else:
         source = ViewBatches(
-            train, size, config.batch_size, config.views, config.seed, view_seed=config.view_seed
+            train, size, config.batch_size, config.views, config.seed, view_seed=view_seed
         )
         if teacher is not None:
             source = OnlineBatches(source, teacher.to(device), device)
@@ -375,8 +378,6 @@ def train_detection_student(
                    "teacher_id": cache.manifest.teacher_id,
                    "teacher_weights_sha256": cache.manifest.teacher["weights_sha256"]}  # fmt: skip
     kind = "online" if teacher is not None else "cache" if cache is not None else "hard-labels"
-    view_seed = (cache.manifest.seed if cache is not None
-                 else config.seed if config.view_seed is None else config.view_seed)  # fmt: skip
     record = {"kind": kind, "architecture": config.model, "epochs": config.epochs,
               "seed": config.seed, "views": views, "view_seed": view_seed}  # fmt: skip
     dataset = {"data_yaml": str(data.yaml_file), "split": "train",
