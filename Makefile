@@ -285,7 +285,8 @@ $(H)/eval/%.csv: $(H)/%/model.json
 	mkdir -p $(@D) && $(KDPIPE) evaluate $(H)/$* --data fashion-mnist --data-root $(DATA_ROOT) --per-class --format csv --overwrite --output $@
 
 # 5: ten regularised 800-800 members (dropout MEMBER_DROPOUT; input jitter MEMBER_JITTER, off
-# by default: the paper's kind of model, not memorising their training set; ten as the paper's, three gained only 26 errors) as one
+# by default: the paper's kind of model, not memorising their training set; ten as the
+# paper's, three gained only 26 errors) as one
 # ensemble (Hinton's arithmetic mean of their distributions); the test-split cache measures
 # the ensemble itself
 $(H)/member-s%/model.json:
