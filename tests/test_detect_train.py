@@ -294,6 +294,31 @@ def test_a_student_saves_its_weights_average_which_does_not_change_its_training(
     pd.testing.assert_frame_equal(*losses)
 
 
+def test_the_weights_average_ramps_over_ema_tau_updates() -> None:
+    """--ema-tau is ModelEMA's tau: after update n the average keeps decay * (1 - exp(-n /
+    tau)) of itself. At Ultralytics' 2000 a short run's average is its last weights; a ramp
+    of a tenth of the run averages its later updates."""
+    import math
+
+    from kdpipe.tasks.detect.train import average_of
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    ends = {}
+    for tau in (2000.0, 5.0):
+        with torch.no_grad():
+            model.weight.fill_(0.0)
+        ema, expected = average_of(model, 0.9999, tau), 0.0
+        for n in range(1, 51):
+            with torch.no_grad():
+                model.weight.fill_(float(n))
+            ema.update(model)
+            keep = 0.9999 * (1 - math.exp(-n / tau))
+            expected = keep * expected + (1 - keep) * n
+        ends[tau] = float(ema.ema.weight)
+        assert ends[tau] == pytest.approx(expected, rel=1e-6)
+    assert ends[2000.0] > 49 and ends[5.0] < 46
+
+
 def test_a_detection_student_saved_before_the_warmup_and_average_resumes_as_it_began(
     detect_set: Path, tmp_path: Path
 ) -> None:
@@ -620,6 +645,10 @@ def test_detection_options_that_do_not_apply_are_one_line(
     fails(invoke("train-student --model kd_mlp_30x2 --data synthetic --epochs 1 --alpha 1 "
                  "--cache c --out o --ema-decay 0.9"),
           "--ema-decay is for detection", 2)  # fmt: skip
+    fails(invoke("train-student --model kd_mlp_30x2 --data synthetic --epochs 1 --alpha 1 "
+                 "--cache c --out o --ema-tau 100"),
+          "--ema-tau is for detection", 2)  # fmt: skip
+    fails(invoke("train-student --hard-labels --ema-tau 0", start), "--ema-tau", 2)
     fails(invoke("evaluate", hard_run, "--data", detect_set, "--per-class"),
           "are for classification runs", code=2)  # fmt: skip
     assert not (tmp_path / "x").exists() and snapshot(detect_set.parent) == before

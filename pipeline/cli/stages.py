@@ -470,6 +470,14 @@ def detection_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "[default: 0.9999].",
         ),
         click.option(
+            "--ema-tau",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            metavar="UPDATES",
+            help="Detection: the moving average's ramp, in updates (the tau above): a run of "
+            "fewer updates than it averages little [default: 2000, Ultralytics'].",
+        ),
+        click.option(
             "--positive-score",
             type=click.FloatRange(0, 1, max_open=True),
             default=None,
@@ -582,7 +590,8 @@ def start_or_resume(command: str, options: dict, log: Callable[[str], None]) -> 
     )
 
     context = click.get_current_context()
-    detection = ("views", "view_seed", "box_weight", "positive_score", "hard_labels", "ema_decay")
+    detection = ("views", "view_seed", "box_weight", "positive_score", "hard_labels", "ema_decay",
+                 "ema_tau")  # fmt: skip
     if str(options.get("data") or "").endswith((".yaml", ".yml")):
         from kdpipe.tasks.detect.runs import teacher_from_options
         from kdpipe.tasks.detect.train import student_from_options

@@ -65,7 +65,7 @@ DEFAULT_SIZE = 160
 NOMINAL_BATCH = 64  # nbs: "auto" counts iterations in batches of at least this size
 WARMUP_BIAS_LR = 0.1  # an SGD run's biases start here and fall to lr (auto: from 0)
 WARMUP_MOMENTUM = 0.8
-EMA_TAU = 2000  # ModelEMA's ramp: decay * (1 - exp(-updates / tau))
+EMA_TAU = 2000.0  # ModelEMA's ramp: decay * (1 - exp(-updates / tau))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +90,7 @@ class DetectStudentConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 3.0  # linear warm-up, in epochs counted in batches (0: none)
     ema_decay: float = 0.9999  # the weights' moving average (0: none, the last weights saved)
+    ema_tau: float = EMA_TAU  # its ramp, in updates: ~tau updates before it averages much
     alpha: float = DistillSettings.alpha  # the distillation term's defaults are its own
     beta: float = DistillSettings.beta
     temperature: float = DistillSettings.temperature
@@ -112,9 +113,10 @@ class DetectStudentConfig:
             raise UsageError("--lr and --momentum need --opt sgd or --opt adamw: --opt auto "
                              "(a detection student's default) chooses both, as Ultralytics' "
                              "trainer does")  # fmt: skip
-        if self.warmup_epochs < 0 or not 0 <= self.ema_decay < 1:
-            raise UsageError(f"--warmup-epochs must be >= 0 and --ema-decay in [0, 1), not "
-                             f"{self.warmup_epochs} and {self.ema_decay}")  # fmt: skip
+        if self.warmup_epochs < 0 or not 0 <= self.ema_decay < 1 or not self.ema_tau > 0:
+            raise UsageError(f"--warmup-epochs must be >= 0, --ema-decay in [0, 1) and --ema-tau "
+                             f"> 0, not {self.warmup_epochs}, {self.ema_decay} and "
+                             f"{self.ema_tau}")  # fmt: skip
         if self.view_seed is not None and (self.cache is not None or self.view_seed < 0):
             raise UsageError("--view-seed is a seed (>= 0) for a hard-label or online student; "
                              "a cached student replays its cache's views")  # fmt: skip
@@ -230,7 +232,7 @@ def fit_student(
     opt, lr, momentum = optimizer_choice(config, int(model.model[-1].nc), rows_per_epoch)
     optimizer = optimizer_for(model, opt, lr, momentum, config.weight_decay)
     schedule = Schedule.of(config, lr, momentum, math.ceil(rows_per_epoch / config.batch_size))
-    ema = average_of(model, config.ema_decay)
+    ema = average_of(model, config.ema_decay, config.ema_tau)
     state = model if ema is None else torch.nn.ModuleDict({"model": model, "ema": ema.ema})
     generator = torch.Generator().manual_seed(config.seed)  # the checkpoint's format keeps one
     rows: list[dict] = []
@@ -246,7 +248,8 @@ def fit_student(
     else:
         log(f"{opt} at lr {lr:g}, momentum {momentum:g}; warm-up {schedule.warmup_steps} "
             f"batches; " + ("no weight average" if ema is None else
-                            f"weight average at decay {config.ema_decay:g}"))  # fmt: skip
+                            f"weight average at decay {config.ema_decay:g}, ramp "
+                            f"{config.ema_tau:g} updates"))  # fmt: skip
     for epoch in range(done + 1, config.epochs + 1):
         row = _epoch(model, optimizer, loss_of, batches(epoch), config, epoch, device, schedule,
                      ema)  # fmt: skip
@@ -259,13 +262,15 @@ def fit_student(
     return model if ema is None else ema.ema
 
 
-def average_of(model: torch.nn.Module, decay: float):
-    """Ultralytics' ``ModelEMA`` of ``model`` (the detection room's own import), or None."""
+def average_of(model: torch.nn.Module, decay: float, tau: float = EMA_TAU):
+    """Ultralytics' ``ModelEMA`` of ``model`` (the detection room's own import), or None.
+    Its decay after ``n`` updates is ``decay * (1 - exp(-n / tau))``: at Ultralytics' tau of
+    2000 a run of a few hundred updates averages almost nothing (0.22 after 500)."""
     if decay == 0:
         return None
     from ultralytics.utils.torch_utils import ModelEMA
 
-    return ModelEMA(model, decay=decay, tau=EMA_TAU)
+    return ModelEMA(model, decay=decay, tau=tau)
 
 
 def _epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_of: StudentLoss,
@@ -451,7 +456,7 @@ OPTION_FIELDS = {"model": "model", "data": "data", "out": "out", "epochs": "epoc
                  "temperature": "temperature", "views": "views", "view_seed": "view_seed",
                  "box_weight": "beta",
                  "positive_score": "positive", "warmup_epochs": "warmup_epochs",
-                 "ema_decay": "ema_decay"}  # fmt: skip
+                 "ema_decay": "ema_decay", "ema_tau": "ema_tau"}  # fmt: skip
 DISTILLATION = ("alpha", "temperature", "box_weight", "positive_score", "cache")
 
 
