@@ -704,9 +704,13 @@ def test_bench_detect_times_every_arm_side_by_side_and_refuses_what_it_cannot_ti
     csv_file, page = tmp_path / "bench.csv", tmp_path / "bench.md"
     args = ("bench-detect --teacher", hard_run, "--data", detect_set, "--out",
             tmp_path / "work", "--views 2 --top-k 5 --epochs 2 --repeats 1 --batch-size 6",
-            "--csv", csv_file, "--markdown", page)  # fmt: skip
+            "--dtype float32", "--csv", csv_file, "--markdown", page)  # fmt: skip
     done = invoke(*args)
     assert done.exit_code == 0, done.output
+    from kdpipe.cache import read_detection_manifest
+
+    for cache in ("dense", "topk"):  # the caches in the dtype asked for, as make detect's
+        assert read_detection_manifest(tmp_path / "work" / f"{cache}.zarr").dtype == "float32"
     table = pd.read_csv(csv_file).set_index("name")["value"]
     for arm in ("hard", "dense", "topk", "online"):
         assert table[f"yolo11n_{arm}_epoch_s"] > 0

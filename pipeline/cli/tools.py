@@ -641,6 +641,8 @@ def bench_folder_command(
 @click.option("--views", type=click.IntRange(min=1), default=4, help="Views per image.")
 @click.option("--top-k", type=click.IntRange(min=1), default=24,
               help="Anchors per view of the top-K cache.")  # fmt: skip
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
+              show_default=True, help="The caches' values (cache-teacher --dtype).")  # fmt: skip
 @click.option(
     "--epochs",
     type=click.IntRange(min=2),

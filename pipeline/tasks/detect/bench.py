@@ -42,6 +42,7 @@ class DetectBenchConfig:
     students: tuple[str, ...] = ("yolo11n.yaml",)
     views: int = 4
     top_k: int = 24
+    dtype: str = "float16"  # the caches' values (cache-teacher --dtype)
     epochs: int = 3  # per student run; the first is not timed
     repeats: int = 2  # rounds of every arm, alternated; the fastest timed epoch counts
     batch_size: int = 16
@@ -60,7 +61,7 @@ class DetectBenchConfig:
         """The kdpipe bench-detect command line for this configuration."""
         parts = ["kdpipe bench-detect", f"--teacher {self.teacher}", f"--data {self.data}",
                  f"--students {','.join(self.students)}", f"--views {self.views}",
-                 f"--top-k {self.top_k}", f"--epochs {self.epochs}",
+                 f"--top-k {self.top_k}", f"--dtype {self.dtype}", f"--epochs {self.epochs}",
                  f"--repeats {self.repeats}", f"--batch-size {self.batch_size}",
                  f"--device {self.device}", f"--out {self.out}"]  # fmt: skip
         parts += [f"--markdown {markdown}"] if markdown else []
@@ -92,7 +93,8 @@ def run_detect_bench(config: DetectBenchConfig, log: Callable[[str], None] = pri
     for name, path in caches.items():
         cache_detection_teacher(DetectCacheConfig(
             teacher=config.teacher, data=config.data, out=str(path), views=config.views,
-            top_k=config.top_k if name == "topk" else None, device=config.device,
+            top_k=config.top_k if name == "topk" else None, dtype=config.dtype,
+            device=config.device,
         ), log=lambda _: None)  # fmt: skip
         stored = cache_record(path)
         size = stored["image_size"]

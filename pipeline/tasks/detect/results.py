@@ -34,7 +34,7 @@ def cache_record(path: Path) -> dict:
     seconds = (datetime.fromisoformat(done) - datetime.fromisoformat(started)).total_seconds()
     storage = manifest["storage"]
     return {"cache": path.name, "storage": storage["kind"] if storage["kind"] == "dense"
-            else f"top-{storage['k']}", "views": manifest["num_views"],
+            else f"top-{storage['k']}", "dtype": manifest["dtype"], "views": manifest["num_views"],
             "rows": manifest["num_samples"], "image_size": manifest["image_size"],
             "bytes_per_view": stored / (manifest["num_samples"] * manifest["num_views"]),
             "files": len(files),
