@@ -711,9 +711,11 @@ $(DETECT_SET)/RECIPE.json: | data
 
 # the teacher trains through kdpipe's own detection loop on the same stored views, hard labels
 # alone: yolo11s, 40 epochs, 11.0 mAP50-95 against Ultralytics' trainer's 6.43 at 60 epochs
-# (docs/results.md, "Detection"); `train-teacher` (Ultralytics' trainer) stays for users
+# (docs/results.md, "Detection"); `train-teacher` (Ultralytics' trainer) stays for users. One
+# thread whichever target reaches it (make bench-detect too): its weights repeat at one
+# thread (8e9c88e4...), a two-thread run gave others (252e54b7...)
 $(DT)/teacher/model.json: $(DETECT_SET)/RECIPE.json
-	$(KDPIPE) train-student --model $(DETECT_TEACHER).yaml --data $(DETECT_YAML) --hard-labels \
+	OMP_NUM_THREADS=1 $(KDPIPE) train-student --model $(DETECT_TEACHER).yaml --data $(DETECT_YAML) --hard-labels \
 		--image-size $(DETECT_SIZE) --views $(DETECT_VIEWS) --epochs $(DETECT_TEACHER_EPOCHS) \
 		--device cpu --out $(@D) --overwrite
 
