@@ -715,8 +715,8 @@ $(DETECT_SET)/RECIPE.json: | data
 # thread whichever target reaches it (make bench-detect too): its weights repeat at one
 # thread (8e9c88e4...), a two-thread run gave others (252e54b7...)
 $(DT)/teacher/model.json: $(DETECT_SET)/RECIPE.json
-	OMP_NUM_THREADS=1 $(KDPIPE) train-student --model $(DETECT_TEACHER).yaml --data $(DETECT_YAML) --hard-labels \
-		--image-size $(DETECT_SIZE) --views $(DETECT_VIEWS) --epochs $(DETECT_TEACHER_EPOCHS) \
+	OMP_NUM_THREADS=1 $(KDPIPE) train-student --model $(DETECT_TEACHER).yaml --data $(DETECT_YAML) \
+		--hard-labels --image-size $(DETECT_SIZE) --views $(DETECT_VIEWS) --epochs $(DETECT_TEACHER_EPOCHS) \
 		--device cpu --out $(@D) --overwrite
 
 $(DT)/dense.zarr/zarr.json: $(DT)/teacher/model.json

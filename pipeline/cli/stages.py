@@ -466,7 +466,7 @@ def detection_options(command: Callable[..., Any]) -> Callable[..., Any]:
             type=click.FloatRange(0, 1, max_open=True),
             default=None,
             help="Detection: the student saved is a moving average of its weights (Ultralytics' "
-            "ModelEMA: this decay times 1 - exp(-updates / 2000)); 0 saves the last weights "
+            "ModelEMA: this decay times 1 - exp(-updates / --ema-tau)); 0 saves the last weights "
             "[default: 0.9999].",
         ),
         click.option(
