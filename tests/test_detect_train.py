@@ -573,6 +573,60 @@ def test_map_of_the_ground_truth_itself_is_one_and_of_shifted_boxes_lower(detect
     assert moved["map50"] > 0.99 and 0 < moved["map50_95"] < exact["map50_95"]
 
 
+def test_the_one_to_one_heads_detections_are_scored_without_nms(detect_set: Path) -> None:
+    """``end2end``: a ``(B, max_det, 6)`` batch of detections (x1 y1 x2 y2, score, class) is
+    scored as it is, made from the labels: mAP 1, as the one-to-many layout is above."""
+    from kdpipe.data.yolo import load_detection_split
+    from kdpipe.tasks.detect.evaluate import mean_average_precision
+    from kdpipe.tasks.detect.sources import plain_views
+    from ultralytics.utils.ops import xywh2xyxy
+
+    split = load_detection_split(detect_set, "val")
+    truth = plain_views(split, np.arange(len(split)), SIZE)
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(images), 300, 6)
+        for n, (i, c, box) in enumerate(zip(truth.batch_idx.long(), truth.cls[:, 0],
+                                            truth.bboxes, strict=True)):  # fmt: skip
+            out[i, n] = torch.cat([xywh2xyxy(box) * SIZE, torch.tensor([0.9]), c[None]])
+        return out
+
+    classes = ["a", "b", "c", "d", "e"]
+    scored = mean_average_precision(predict, detect_set, "val", SIZE, classes, end2end=True)
+    assert scored["map50_95"] > 0.99 and scored["map50"] > 0.99
+
+
+def test_evaluate_scores_the_head_it_is_told_and_refuses_a_head_that_is_not_there(
+    hard_run: Path, detect_set: Path, tmp_path: Path
+) -> None:
+    """A YOLO26's one-to-many head silenced (every class logit -50) and its one-to-one head
+    told every class is there (+10): each predictor gives the head it names, the one-to-one
+    detections as Ultralytics' NMS-free layout (x1 y1 x2 y2, score, class), and nothing of
+    the silenced head passes the validator's 0.001."""
+    from kdpipe.tasks.detect.evaluate import head_predictor, mean_average_precision
+
+    model = _student("yolo26n.yaml").eval()
+    detect = model.model[-1]
+    for heads, bias in ((detect.cv3, -50.0), (detect.one2one_cv3, 10.0)):
+        for level in heads:
+            torch.nn.init.zeros_(level[-1].weight)
+            torch.nn.init.constant_(level[-1].bias, bias)
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        many = head_predictor(model, "one2many")(images)
+        one = head_predictor(model, "one2one")(images)
+    assert many.shape == (2, 4 + 5, 84) and float(many[:, 4:].max()) < 1e-20
+    assert one.shape == (2, 84, 6) and bool((one[..., 4] > 0.99).all())
+    assert bool((one[..., 2] > one[..., 0]).all() and (one[..., 3] > one[..., 1]).all())
+    silenced = mean_average_precision(head_predictor(model, "one2many"), detect_set, "val",
+                                      SIZE, ["a", "b", "c", "d", "e"])  # fmt: skip
+    assert silenced["recall"] == 0 and silenced["map50_95"] == 0
+    fails(invoke("evaluate", hard_run, "--data", detect_set, "--head one2one"),
+          "(yolo11n.yaml) has no one-to-one head: --head one2one is for end-to-end")  # fmt: skip
+    fails(invoke("evaluate", hard_run, "--data", detect_set, "--head one2two"),
+          "Invalid value for '--head'", code=2)  # fmt: skip
+
+
 def test_evaluate_and_export_give_the_same_map_for_pytorch_and_onnx_and_int8_evaluates(
     hard_run: Path, detect_set: Path, tmp_path: Path
 ) -> None:
@@ -584,6 +638,9 @@ def test_evaluate_and_export_give_the_same_map_for_pytorch_and_onnx_and_int8_eva
     assert fp32.record["task"] == "detect" and fp32.record["check"]["max_abs_difference"] < 1e-2
     onnx_row = evaluate_detection(fp32.path, detect_set, split="val").iloc[0]
     assert onnx_row["format"] == "onnx-fp32" and onnx_row["latency_ms"] > 0
+    assert onnx_row["head"] == torch_row["head"] == "one2many"
+    with pytest.raises(UsageError, match="an ONNX export, which holds the one-to-many head"):
+        evaluate_detection(fp32.path, detect_set, split="val", head="one2one")
     for column in ("map50_95", "map50", "precision", "recall"):
         assert 0 <= torch_row[column] <= 1
         assert onnx_row[column] == pytest.approx(torch_row[column], abs=1e-3)
@@ -628,7 +685,7 @@ def test_the_commands_train_evaluate_and_export_a_detection_student(
 
 
 def test_detection_options_that_do_not_apply_are_one_line(
-    hard_run: Path, detect_set: Path, tmp_path: Path
+    hard_run: Path, detect_set: Path, teacher_run: Path, tmp_path: Path
 ) -> None:
     before = snapshot(detect_set.parent)
     start = f"--model yolo11n.yaml --data {detect_set} --epochs 1 --out {tmp_path / 'x'}"
@@ -651,6 +708,8 @@ def test_detection_options_that_do_not_apply_are_one_line(
     fails(invoke("train-student --hard-labels --ema-tau 0", start), "--ema-tau", 2)
     fails(invoke("evaluate", hard_run, "--data", detect_set, "--per-class"),
           "are for classification runs", code=2)  # fmt: skip
+    fails(invoke("evaluate", teacher_run, "--data synthetic --head one2one"),
+          "--head is for detection runs", code=2)  # fmt: skip
     assert not (tmp_path / "x").exists() and snapshot(detect_set.parent) == before
 
 

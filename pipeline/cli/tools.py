@@ -55,6 +55,14 @@ from kdpipe.cli.base import (
     is_flag=True,
     help="Also each class's accuracy, columns class_<i>_accuracy (i: the class id).",
 )
+@click.option(
+    "--head",
+    type=click.Choice(["one2many", "one2one"]),
+    default="one2many",
+    show_default=True,
+    help="Detection: the head scored. A YOLO26 has both: one2many with NMS (Ultralytics' "
+    "default), or one2one, NMS-free, as such a model is deployed.",
+)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
 @click.option(
     "--output",
@@ -76,6 +84,7 @@ def evaluate_command(
     teachers: tuple[str, ...],
     cache: str | None,
     per_class: bool,
+    head: str,
     fmt: str,
     output: str | None,
     overwrite: bool,
@@ -94,6 +103,8 @@ def evaluate_command(
     detect = is_detection(run_dir)
     if detect and (teachers or cache or per_class):
         raise click.UsageError("--teacher, --cache and --per-class are for classification runs")
+    if not detect and head != "one2many":
+        raise click.UsageError("--head is for detection runs")
     if output:
         from kdpipe.base.outputs import EVALUATION, guard_output
 
@@ -106,7 +117,7 @@ def evaluate_command(
     card = Path(run_dir) / "model.json"  # a run's data is decoded as it was trained on
     recorded = json.loads(card.read_text()).get("dataset") if card.is_file() else None
     if detect:
-        frame = evaluate_detection(run_dir, data, split=split)
+        frame = evaluate_detection(run_dir, data, split=split, head=head)
     else:
         dataset = load_data(data, split, data_root, image_size, channels, resize, recorded,
                             run_dir)  # fmt: skip

@@ -8,6 +8,11 @@ ground truth at IoU 0.50:0.95 by its ``match_predictions``, scored by ``DetMetri
 (``ap_per_class``). Boxes are compared on the letterboxed canvas, where the ground truth is
 the rendered view's. A PyTorch run and its ONNX files take the same path, so their numbers
 compare; plus batch-1 latency (:func:`kdpipe.check.timing.stable_latency`) and size.
+
+A model with an NMS-free one-to-one head beside its one-to-many head (YOLO26) is scored
+through the one-to-many head with NMS by default, as Ultralytics 8.4's validator does unless
+``nms=False``; ``head="one2one"`` scores the one-to-one head instead, its top detections
+taken as they are (Ultralytics' ``nms=False``), the head such a model is deployed with.
 """
 
 from __future__ import annotations
@@ -44,9 +49,11 @@ def mean_average_precision(
     image_size: int,
     classes: list[str],
     batch_size: int = 16,
+    end2end: bool = False,
 ) -> dict:
     """``map50_95``, ``map50``, ``precision``, ``recall`` of ``predict`` (a float image batch
-    in [0, 1] to the decoded ``(B, 4 + nc, A)`` output of Ultralytics' head) on ``split``."""
+    in [0, 1] to the decoded ``(B, 4 + nc, A)`` output of Ultralytics' head, or with
+    ``end2end`` a one-to-one head's ``(B, max_det, 6)`` detections) on ``split``."""
     ultralytics()
     from ultralytics.models.yolo.detect import DetectionValidator
     from ultralytics.utils.metrics import DetMetrics
@@ -59,7 +66,7 @@ def mean_average_precision(
     images = load_detection_split(detection, split)
     with tempfile.TemporaryDirectory(prefix="kdpipe-val-") as work:
         validator = DetectionValidator(save_dir=Path(work), args={"plots": False})
-    validator.end2end, validator.nc = False, len(classes)
+    validator.end2end, validator.nc = end2end, len(classes)
     metrics = DetMetrics(names=dict(enumerate(classes)))
     for start in range(0, len(images), batch_size):
         rows = np.arange(start, min(start + batch_size, len(images)))
@@ -84,13 +91,42 @@ def mean_average_precision(
             "images": len(images), "objects": int(sum(len(b) for b in images.boxes))}  # fmt: skip
 
 
+HEADS = ("one2many", "one2one")
+
+
+def head_predictor(
+    model: torch.nn.Module, head: str = "one2many"
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` (a ``DetectionModel``) on CPU in eval mode, as a predict function over the
+    decoded output of ``head``: what :func:`mean_average_precision` scores (with ``end2end``
+    for the one-to-one head)."""
+    model = model.cpu().eval()
+    model.end2end = head == "one2one"  # Ultralytics' switch between a YOLO26's two heads
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        return model(images)[0]
+
+    return predict
+
+
 def evaluate_detection(
-    target: str | Path, data: str | Path, *, split: str = "val", latency: bool = True
+    target: str | Path,
+    data: str | Path,
+    *,
+    split: str = "val",
+    latency: bool = True,
+    head: str = "one2many",
 ) -> pd.DataFrame:
     """One row for a detection run directory or ``.onnx`` file on ``split`` of ``data``:
-    mAP50-95, mAP50, precision, recall, size and (``latency``) batch-1 CPU latency."""
+    mAP50-95, mAP50, precision, recall, size and (``latency``) batch-1 CPU latency, through
+    ``head`` (see the module docstring)."""
     target = Path(target)
+    if head not in HEADS:
+        raise UsageError(f"--head is one of {', '.join(HEADS)}, not {head!r}")
     if target.suffix == ".onnx":
+        if head != "one2many":
+            raise UsageError(f"{target} is an ONNX export, which holds the one-to-many head's "
+                             "output: --head one2one scores a run directory")  # fmt: skip
         from kdpipe.tasks.detect.export import onnx_detector
 
         predict, info = onnx_detector(target)
@@ -99,22 +135,22 @@ def evaluate_detection(
         from kdpipe.tasks.detect.runs import load_detection_run
 
         model, card = load_detection_run(target)
-        model = model.cpu().eval()
+        if head == "one2one" and not card.end2end:
+            raise UsageError(f"{target} ({card.architecture}) has no one-to-one head: --head "
+                             "one2one is for end-to-end (NMS-free) heads, as YOLO26's")  # fmt: skip
+        predict = head_predictor(model, head)
         info = {"format": "pytorch", "architecture": card.architecture, "kind": card.kind,
                 "classes": card.classes, "image_size": card.image_size,
                 "runtime": "pytorch eager"}  # fmt: skip
-
-        def predict(images: torch.Tensor) -> torch.Tensor:
-            return model(images)[0]
-
         size_bytes = (target / WEIGHTS_FILE).stat().st_size
     if split not in ("train", "val", "test"):
         raise UsageError(f"--split for detection is train, val or test, not {split!r}")
     size = info["image_size"]
     row = {"run": str(target), "kind": info["kind"], "format": info["format"],
            "architecture": info["architecture"], "data": str(data), "split": split,
-           "image_size": size,
-           **mean_average_precision(predict, data, split, size, list(info["classes"])),
+           "image_size": size, "head": head,
+           **mean_average_precision(predict, data, split, size, list(info["classes"]),
+                                    end2end=head == "one2one"),
            "size_mb": round(size_bytes / 2**20, 4), "runtime": info["runtime"],
            "threads": torch.get_num_threads()}  # fmt: skip
     if latency:
