@@ -17,6 +17,10 @@ SCHED_ON = ("update", "epoch")
 # element's value, or adaptive clipping (AGC, Brock et al. 2021: VALUE is the clip factor)
 CLIP_MODES = ("norm", "value", "agc")
 
+# the heads a detection model is scored through (evaluate --head): the one-to-many head with
+# NMS, or a YOLO26's NMS-free one-to-one head (Ultralytics' nms=False)
+DETECT_HEADS = ("one2many", "one2one")
+
 # the command that makes each kind of run directory
 COMMANDS = {
     "teacher": "train-teacher",

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 from kdpipe.base.errors import DatasetError, UsageError
+from kdpipe.base.flags import DETECT_HEADS
 from kdpipe.check.timing import stable_latency
 from kdpipe.data.yolo import load_detection_split, read_data_yaml
 from kdpipe.models.runs import WEIGHTS_FILE, is_detection_run
@@ -91,9 +92,6 @@ def mean_average_precision(
             "images": len(images), "objects": int(sum(len(b) for b in images.boxes))}  # fmt: skip
 
 
-HEADS = ("one2many", "one2one")
-
-
 def head_predictor(
     model: torch.nn.Module, head: str = "one2many"
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -121,8 +119,8 @@ def evaluate_detection(
     mAP50-95, mAP50, precision, recall, size and (``latency``) batch-1 CPU latency, through
     ``head`` (see the module docstring)."""
     target = Path(target)
-    if head not in HEADS:
-        raise UsageError(f"--head is one of {', '.join(HEADS)}, not {head!r}")
+    if head not in DETECT_HEADS:
+        raise UsageError(f"--head is one of {', '.join(DETECT_HEADS)}, not {head!r}")
     if target.suffix == ".onnx":
         if head != "one2many":
             raise UsageError(f"{target} is an ONNX export, which holds the one-to-many head's "

@@ -35,6 +35,7 @@ from kdpipe.cache import (
     read_detection_manifest,
     utc_now,
 )
+from kdpipe.cache.detection import DETECT_DTYPES
 from kdpipe.data.datasets import check_classes
 from kdpipe.data.yolo import DetectionSplit, is_data_yaml, load_detection_split, read_data_yaml
 from kdpipe.models.runs import is_detection_run
@@ -95,8 +96,8 @@ class DetectCacheConfig:
             raise UsageError(f"--top-k must be >= 1, not {self.top_k}")
         if self.batch_size < 1 or self.chunk_size < 1:
             raise UsageError("--batch-size and --chunk-size must be >= 1")
-        if self.dtype not in ("float16", "float32"):
-            raise UsageError(f"--dtype must be float16 or float32, not {self.dtype!r}")
+        if self.dtype not in DETECT_DTYPES:
+            raise UsageError(f"--dtype must be {' or '.join(DETECT_DTYPES)}, not {self.dtype!r}")
 
 
 def teacher_record(card: DetectionCard, model: torch.nn.Module, run_dir: str) -> dict:
