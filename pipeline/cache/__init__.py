@@ -13,6 +13,7 @@ from here, never from its modules. It knows nothing about models.
 """
 
 from kdpipe.cache.detection import (
+    DETECT_DTYPES,
     DETECT_FORMAT_VERSION,
     DETECT_VALUES,
     DETECT_VIEW_FIELDS,
@@ -103,6 +104,7 @@ from kdpipe.cache.stream import (
 __all__ = [
     "CHECKSUM_KEY",
     "COMBINE_RULES",
+    "DETECT_DTYPES",
     "DETECT_FORMAT_VERSION",
     "DETECT_VALUES",
     "DETECT_VIEW_FIELDS",

@@ -10,7 +10,6 @@ from typing import Any
 
 import click
 from kdpipe.base.flags import DETECT_HEADS
-from kdpipe.cache.detection import DETECT_DTYPES
 from kdpipe.cli.base import (
     ALPHA,
     CONTEXT,
@@ -654,7 +653,7 @@ def bench_folder_command(
 @click.option("--views", type=click.IntRange(min=1), default=4, help="Views per image.")
 @click.option("--top-k", type=click.IntRange(min=1), default=24,
               help="Anchors per view of the top-K cache.")  # fmt: skip
-@click.option("--dtype", type=click.Choice(DETECT_DTYPES), default="float16",
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="The caches' values (cache-teacher --dtype).")  # fmt: skip
 @click.option(
     "--epochs",

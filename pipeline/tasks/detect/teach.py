@@ -21,6 +21,7 @@ from kdpipe.base.distributed import current_world
 from kdpipe.base.errors import DatasetError, TeacherOutputError, UsageError
 from kdpipe.base.runtime import check_disjoint, quiet, resolve_device, software_versions
 from kdpipe.cache import (
+    DETECT_DTYPES,
     DETECT_FORMAT_VERSION,
     DETECT_VALUES,
     RANKING,
@@ -35,7 +36,6 @@ from kdpipe.cache import (
     read_detection_manifest,
     utc_now,
 )
-from kdpipe.cache.detection import DETECT_DTYPES
 from kdpipe.data.datasets import check_classes
 from kdpipe.data.yolo import DetectionSplit, is_data_yaml, load_detection_split, read_data_yaml
 from kdpipe.models.runs import is_detection_run
