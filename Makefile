@@ -702,7 +702,12 @@ DETECT_YAML := $(DETECT_SET)/data.yaml
 DETECT_ARMS := hard dense topk online
 DETECT_RUNS := $(foreach a,$(DETECT_STUDENTS),$(foreach m,$(DETECT_ARMS),$(foreach s,$(DETECT_SEEDS),$(a)-$(m)-s$(s))))
 DETECT_ONNX := $(firstword $(DETECT_STUDENTS))-dense-s$(firstword $(DETECT_SEEDS))
+# the students with an NMS-free one-to-one head beside the one-to-many one (YOLO26): their
+# runs are scored through both (`evaluate --head one2one`, the head such a model ships with)
+DETECT_NMS_FREE := $(filter yolo26%,$(DETECT_STUDENTS))
+DETECT_ONE2ONE := $(foreach a,$(DETECT_NMS_FREE),$(foreach m,$(DETECT_ARMS),$(foreach s,$(DETECT_SEEDS),$(a)-$(m)-s$(s))))
 DETECT_EVALS := $(DT)/eval/teacher.csv $(foreach r,$(DETECT_RUNS),$(DT)/eval/$(r).csv) \
+	$(foreach r,$(DETECT_ONE2ONE),$(DT)/eval/$(r).one2one.csv) \
 	$(DT)/eval/$(DETECT_ONNX).fp32.csv $(DT)/eval/$(DETECT_ONNX).int8.csv
 
 $(DETECT_SET)/RECIPE.json: | data
@@ -750,6 +755,11 @@ $(DT)/eval/%.csv: $(DT)/%/model.json
 	@mkdir -p $(@D)
 	$(KDPIPE) evaluate $(DT)/$* --data $(DETECT_YAML) --split $(DETECT_SPLIT) --format csv --output $@ \
 		--overwrite
+
+$(DT)/eval/%.one2one.csv: $(DT)/%/model.json
+	@mkdir -p $(@D)
+	$(KDPIPE) evaluate $(DT)/$* --data $(DETECT_YAML) --split $(DETECT_SPLIT) --head one2one \
+		--format csv --output $@ --overwrite
 
 $(DT)/onnx/%.fp32.onnx: $(DT)/%/model.json
 	@mkdir -p $(@D)

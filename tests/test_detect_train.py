@@ -746,6 +746,18 @@ def test_make_detects_tables_come_from_the_runs_own_files(
     lines = goals(runs, caches)
     assert any(line.startswith("- yolo11n.yaml: cached KD - hard labels = ") for line in lines)
     assert any("cached epoch / hard-label epoch = " for line in lines)
+    assert "map50_95_one2one" not in runs and "one-to-one" not in "\n".join(lines)
+    # a YOLO26's runs are scored through its NMS-free head too (NAME.one2one.csv, `evaluate
+    # --head one2one`): its figure goes into its own column and goal lines; the file's layout
+    # is evaluate's, its figure set here to one that says which file was read
+    for name, score in (("yolo11n-hard-s3", 0.02), ("yolo11n-dense-s3", 0.05)):
+        row = pd.read_csv(folder / "eval" / f"{name}.csv").assign(map50_95=score, head="one2one")
+        row.to_csv(folder / "eval" / f"{name}.one2one.csv", index=False)
+    runs, arms, caches = detection_tables(folder)
+    assert sorted(runs["map50_95_one2one"]) == [0.02, 0.05]
+    assert sorted(arms["map50_95_one2one"]) == [0.02, 0.05]
+    assert ("- yolo11n.yaml through its one-to-one (NMS-free) head: cached KD - hard labels = "
+            "+3.00 mAP50-95 points (s3: +3.00)") in "\n".join(goals(runs, caches))  # fmt: skip
     page = tmp_path / "results.md"
     page.write_text("# Results\n\nkept\n")
     main([str(folder), str(page)])
