@@ -384,6 +384,42 @@ def test_a_cache_replays_the_online_students_pixels_and_teacher_outputs(
             torch.testing.assert_close(read.teacher.boxes, ran.teacher.boxes, atol=1e-4, rtol=0)
 
 
+def test_a_cache_read_at_random_decodes_each_chunk_once_unless_its_memory_is_smaller(
+    hard_run: Path, detect_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A student draws rows at random: a reader that kept a few chunks decoded most of a
+    cache per epoch once it had more chunks than that (1,600 canvases: an epoch 2x slower).
+    By default every chunk is decoded once; --cache-memory bounds the chunks kept."""
+    import kdpipe.tasks.detect.cache as module
+    from kdpipe.tasks.detect.cache import DetectionCache
+
+    detect_cache = tmp_path / "c.zarr"  # a chunk per row: 12 chunks per array
+    done = invoke("cache-teacher --teacher", hard_run, "--data", detect_set, "--out",
+                  detect_cache, "--views 2 --chunk-size 1 --device cpu")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    decoded = []
+
+    def counted(*args: object) -> np.ndarray:
+        decoded.append(args[2:4])  # (array name, chunk index)
+        return real(*args)
+
+    real = module.read_chunk
+    monkeypatch.setattr(module, "read_chunk", counted)
+    order = np.random.default_rng(0).permutation(np.repeat(np.arange(12), 3))
+    whole = DetectionCache(detect_cache, str(detect_set))
+    expected = [whole.targets([(int(r), 1)]).scores for r in order]
+    assert len(decoded) == len(set(decoded)) == 12 * 2  # scores and boxes, each chunk once
+    chunk = whole._chunk("boxes", 0).nbytes  # the largest chunk's decoded bytes
+    decoded.clear()
+    small = DetectionCache(detect_cache, str(detect_set), memory=chunk)
+    again = [small.targets([(int(r), 1)]).scores for r in order]
+    assert all(torch.equal(a, b) for a, b in zip(again, expected, strict=True))
+    assert len(decoded) > 24 and small.decoded_bytes <= chunk  # re-read, within its budget
+    done = invoke("train-student --model yolo11n.yaml --data", detect_set, "--hard-labels "
+                  "--cache-memory 1M --epochs 1 --out", detect_set.parent / "x")  # fmt: skip
+    fails(done, "--cache-memory does not apply to a hard-label detection student")
+
+
 def test_a_hard_label_source_given_the_caches_view_seed_renders_the_caches_views(
     detect_set: Path, detect_cache: Path
 ) -> None:

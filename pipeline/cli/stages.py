@@ -515,8 +515,8 @@ def detection_options(command: Callable[..., Any]) -> Callable[..., Any]:
     callback=parse_bytes,
     metavar="SIZE",
     help="Memory budget for the cache (e.g. 512M, 2G): a cache larger than this, decoded, is "
-    "streamed: chunks in a shuffled order, rows shuffled within windows of chunks  "
-    "[default: read it whole].",
+    "streamed: chunks in a shuffled order, rows shuffled within windows of chunks; a detection "
+    "cache keeps the decoded chunks that fit, the last read  [default: read it whole].",
 )
 @feature_options
 @training_options

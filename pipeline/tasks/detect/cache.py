@@ -57,7 +57,7 @@ class DetectionCache:
 
     def __init__(
         self, path: str | Path | Location, data: str | Path | DetectionSplit | None = None,
-        *, chunks_kept: int = 8,
+        *, memory: int | None = None,
     ) -> None:  # fmt: skip
         self.path = Location(path)
         self.manifest, self.arrays = open_complete(self.path, detection=True)
@@ -69,8 +69,11 @@ class DetectionCache:
         check_flagged(self.path, self.arrays)
         self.positions = read_positions(self.path, self.manifest, self.arrays)
         self.indices = read_array(self.path, self.arrays["indices"], "indices", self.positions)
+        # decoded chunks, least recently read first: all of them (memory None, as classification
+        # reads a cache whole), else as many as fit in ``memory`` bytes. A student draws rows at
+        # random, so a cache of more chunks than are kept decodes about one chunk per row drawn
         self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
-        self.chunks_kept = max(1, chunks_kept)
+        self.memory, self.decoded_bytes = memory, 0
 
     def __len__(self) -> int:
         return self.manifest.num_samples
@@ -80,7 +83,7 @@ class DetectionCache:
         return self.manifest.num_views
 
     def _chunk(self, name: str, index: int) -> np.ndarray:
-        """Chunk ``index`` of ``name``, checked on its first read and kept for a while."""
+        """Chunk ``index`` of ``name``, checked when it is decoded, kept while it fits."""
         key = (name, index)
         if key in self._chunks:
             self._chunks.move_to_end(key)
@@ -89,8 +92,10 @@ class DetectionCache:
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             raise CacheError(f"{self.path}: NaN or Inf in chunk {index} of {name!r}")
         self._chunks[key] = values
-        if len(self._chunks) > self.chunks_kept * len(self.arrays):
-            self._chunks.popitem(last=False)
+        self.decoded_bytes += values.nbytes
+        budget = self.memory
+        while budget is not None and self.decoded_bytes > budget and len(self._chunks) > 1:
+            self.decoded_bytes -= self._chunks.popitem(last=False)[1].nbytes
         return values
 
     def stored(self, name: str, row: int, view: int) -> np.ndarray:

@@ -78,6 +78,7 @@ class DetectStudentConfig:
     out: str
     teacher: str | None = None  # a detection run directory, run on every batch
     cache: str | None = None  # a detection cache of the data's train split (cache-teacher)
+    cache_memory: int | None = None  # bytes of the cache's decoded chunks kept (None: all)
     epochs: int = 10
     image_size: int | None = None  # None: the teacher's or the cache's, else DEFAULT_SIZE
     batch_size: int = 16
@@ -109,6 +110,8 @@ class DetectStudentConfig:
                              f"not {self.opt!r}")  # fmt: skip
         if self.views < 1 or self.batch_size < 1:
             raise UsageError("--views and --batch-size must be >= 1")
+        if self.cache_memory is not None and self.cache_memory <= 0:
+            raise UsageError(f"--cache-memory must be > 0, not {self.cache_memory}")
         if self.opt == "auto" and (self.lr is not None or self.momentum is not None):
             raise UsageError("--lr and --momentum need --opt sgd or --opt adamw: --opt auto "
                              "(a detection student's default) chooses both, as Ultralytics' "
@@ -338,7 +341,7 @@ def train_detection_student(
         grid = Grid(f"the teacher {config.teacher}", teacher_card.strides, teacher_card.image_size,
                     teacher_card.reg_max, list(teacher_card.classes))  # fmt: skip
     elif config.cache is not None:
-        cache = DetectionCache(config.cache, train)
+        cache = DetectionCache(config.cache, train, memory=config.cache_memory)
         m = cache.manifest
         grid = Grid(f"the cache {config.cache}", m.strides, m.image_size, m.reg_max,
                     list(m.classes))  # fmt: skip
@@ -456,8 +459,9 @@ OPTION_FIELDS = {"model": "model", "data": "data", "out": "out", "epochs": "epoc
                  "temperature": "temperature", "views": "views", "view_seed": "view_seed",
                  "box_weight": "beta",
                  "positive_score": "positive", "warmup_epochs": "warmup_epochs",
-                 "ema_decay": "ema_decay", "ema_tau": "ema_tau"}  # fmt: skip
-DISTILLATION = ("alpha", "temperature", "box_weight", "positive_score", "cache")
+                 "ema_decay": "ema_decay", "ema_tau": "ema_tau",
+                 "cache_memory": "cache_memory"}  # fmt: skip
+DISTILLATION = ("alpha", "temperature", "box_weight", "positive_score", "cache", "cache_memory")
 
 
 def student_from_options(command: str, given: dict, log: Callable[[str], None] = quiet):
