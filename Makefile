@@ -705,7 +705,7 @@ DETECT_ONNX := $(firstword $(DETECT_STUDENTS))-dense-s$(firstword $(DETECT_SEEDS
 # the students with an NMS-free one-to-one head beside the one-to-many one (YOLO26): their
 # runs are scored through both (`evaluate --head one2one`, the head such a model ships with)
 DETECT_NMS_FREE := $(filter yolo26%,$(DETECT_STUDENTS))
-DETECT_ONE2ONE := $(foreach a,$(DETECT_NMS_FREE),$(foreach m,$(DETECT_ARMS),$(foreach s,$(DETECT_SEEDS),$(a)-$(m)-s$(s))))
+DETECT_ONE2ONE := $(filter $(addsuffix -%,$(DETECT_NMS_FREE)),$(DETECT_RUNS))
 DETECT_EVALS := $(DT)/eval/teacher.csv $(foreach r,$(DETECT_RUNS),$(DT)/eval/$(r).csv) \
 	$(foreach r,$(DETECT_ONE2ONE),$(DT)/eval/$(r).one2one.csv) \
 	$(DT)/eval/$(DETECT_ONNX).fp32.csv $(DT)/eval/$(DETECT_ONNX).int8.csv
