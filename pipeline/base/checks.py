@@ -1,4 +1,5 @@
-"""The values a distillation can be given (temperature T, weight α), checked in one place.
+"""The values a distillation can be given (temperature T, weight α, the cache's memory
+budget), checked in one place.
 
 The command line (its option callbacks), the library's configurations (``CacheConfig``,
 ``TrainConfig``, ``QatConfig``), the cache's readers and manifest parser, and the Python
@@ -36,6 +37,13 @@ def alpha_problem(value: object, option: str = "--alpha") -> str | None:
     weight outside [0, 1] makes one of the two terms count negatively."""
     if not (_number(value) and 0.0 <= value <= 1.0):  # type: ignore[operator]
         return f"{option} must be in [0, 1], not {value}"
+    return None
+
+
+def memory_problem(value: int | None, option: str = "--cache-memory") -> str | None:
+    """Why ``value`` cannot be a cache's memory budget in bytes (None: no budget), or None."""
+    if value is not None and value <= 0:
+        return f"{option} must be > 0, not {value}"
     return None
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kdpipe.base.checks import alpha_problem, temperature_problem
+from kdpipe.base.checks import alpha_problem, memory_problem, temperature_problem
 from kdpipe.base.errors import UsageError
 from kdpipe.base.flags import CLIP_MODES, SCHED_ON
 from kdpipe.data.datasets import ImageSet, load_dataset
@@ -131,10 +131,7 @@ class TrainConfig:
             (0.0 <= self.drop_rate < 1.0, f"--dropout must be in [0, 1), not {self.drop_rate}"),
             (self.jitter >= 0, f"--jitter must be >= 0, not {self.jitter}"),
             (self.workers >= 0, f"--workers must be >= 0, not {self.workers}"),
-            (
-                self.cache_memory is None or self.cache_memory > 0,
-                f"--cache-memory must be > 0, not {self.cache_memory}",
-            ),
+            (memory_problem(self.cache_memory) is None, memory_problem(self.cache_memory)),
             (
                 self.precision in PRECISION_CHOICES,
                 f"--precision must be one of {', '.join(PRECISION_CHOICES)}, "

@@ -65,6 +65,10 @@ def _arm(config: dict, caches: dict[str, dict]) -> str:
     return "online" if config.get("teacher") else "hard"
 
 
+# each head's mAP column, and how a goal line names it
+HEADS = {"map50_95": "", "map50_95_one2one": " through its one-to-one (NMS-free) head"}
+
+
 def detection_tables(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Per student run, per arm (mean over seeds) and per cache, from ``folder``'s files."""
     folder = Path(folder)
@@ -89,14 +93,11 @@ def detection_tables(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd
     if not runs.empty:
         if runs["map50_95_one2one"].isna().all():  # no NMS-free head among the students
             runs = runs.drop(columns=["map50_95_one2one"])
-        means = {c: (c, "mean") for c in ("map50_95", "map50_95_one2one") if c in runs}
+        means = {c: (c, "mean") for c in HEADS if c in runs}
         arms = (runs.groupby(["architecture", "arm"], sort=False)
                 .agg(seeds=("seed", "count"), **means, epoch_s=("epoch_s", "mean"))
                 .reset_index())  # fmt: skip
     return runs, arms, pd.DataFrame(list(caches.values()))
-
-
-HEADS = {"map50_95": "", "map50_95_one2one": " through its one-to-one (NMS-free) head"}
 
 
 def _map_goals(architecture: str, dense: pd.DataFrame, hard: pd.DataFrame,

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kdpipe.base.checks import memory_problem
 from kdpipe.base.errors import ManifestError, UsageError
 from kdpipe.base.runtime import kill_point, prepare_output, quiet, resolve_device
 from kdpipe.data.datasets import class_mismatch
@@ -110,8 +111,8 @@ class DetectStudentConfig:
                              f"not {self.opt!r}")  # fmt: skip
         if self.views < 1 or self.batch_size < 1:
             raise UsageError("--views and --batch-size must be >= 1")
-        if self.cache_memory is not None and self.cache_memory <= 0:
-            raise UsageError(f"--cache-memory must be > 0, not {self.cache_memory}")
+        if problem := memory_problem(self.cache_memory):
+            raise UsageError(problem)
         if self.opt == "auto" and (self.lr is not None or self.momentum is not None):
             raise UsageError("--lr and --momentum need --opt sgd or --opt adamw: --opt auto "
                              "(a detection student's default) chooses both, as Ultralytics' "
